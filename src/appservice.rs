@@ -1,0 +1,210 @@
+//! The HTTP edge: the application service API the homeserver calls, and `/health`.
+//!
+//! Every request is checked against `hs_token` in constant time; a transaction is handled once,
+//! and its ID is durable in the store before the 200 goes out.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post, put};
+use ruma::api::appservice::event::push_events;
+use ruma::api::appservice::ping::send_ping;
+use ruma::api::appservice::query::{query_room_alias, query_user_id};
+use ruma::api::auth_scheme::{AccessToken, AuthScheme};
+use ruma::api::error::{ErrorBody, ErrorKind, StandardErrorBody};
+use ruma::api::{IncomingRequest, OutgoingResponse};
+use ruma::api::client::discovery::get_supported_versions;
+use subtle::ConstantTimeEq;
+use tokio::sync::Mutex;
+
+use crate::bot::Bot;
+use crate::config::Secret;
+use crate::homeserver::{Homeserver, Retry};
+use crate::store::Store;
+
+/// Synapse sends at most 100 events (plus as many ephemeral ones) per transaction; 16 MiB is ample.
+pub const MAX_BODY: usize = 16 << 20;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub hs_token: Secret,
+    pub bot: Arc<Bot>,
+    pub store: Store,
+    pub hs: Homeserver,
+    /// One transaction at a time, so the same ID can't be handled twice concurrently.
+    pub txn_lock: Arc<Mutex<()>>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/_matrix/app/v1/transactions/{txn_id}", put(transaction))
+        .route("/_matrix/app/v1/users/{user_id}", get(query_user))
+        .route("/_matrix/app/v1/rooms/{room_alias}", get(query_alias))
+        .route("/_matrix/app/v1/ping", post(ping))
+        .route("/health", get(health))
+        .fallback(any(unrecognized))
+        .with_state(state)
+}
+
+fn matrix_error(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Response {
+    let error = ruma::api::error::Error::new(
+        status,
+        ErrorBody::Standard(StandardErrorBody::new(kind, message.into())),
+    );
+    ruma_response(error)
+}
+
+fn ruma_response(r: impl OutgoingResponse) -> Response {
+    match r.try_into_http_response::<Vec<u8>>() {
+        Ok(resp) => resp.map(Body::from).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialize a response");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// Reads the body (bounded) and checks the homeserver's token; `Err` is the response to send.
+async fn authenticated(state: &AppState, req: Request) -> Result<http::Request<Vec<u8>>, Response> {
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return Err(matrix_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorKind::TooLarge,
+                format!("request body larger than {MAX_BODY} bytes"),
+            ));
+        }
+    };
+    let req = http::Request::from_parts(parts, bytes.to_vec());
+    match AccessToken::extract_authentication(&req) {
+        Ok(token) => {
+            if bool::from(token.as_bytes().ct_eq(state.hs_token.expose().as_bytes())) {
+                Ok(req)
+            } else {
+                Err(matrix_error(StatusCode::FORBIDDEN, ErrorKind::Forbidden, "wrong hs_token"))
+            }
+        }
+        Err(_) => Err(matrix_error(
+            StatusCode::UNAUTHORIZED,
+            ErrorKind::Unauthorized,
+            "missing hs_token: send `Authorization: Bearer <hs_token>`",
+        )),
+    }
+}
+
+/// Parses an authenticated request into its ruma type, or answers `M_NOT_JSON` / `M_BAD_JSON`.
+fn parse<R: IncomingRequest>(req: http::Request<Vec<u8>>, path_args: &[&str]) -> Result<R, Response> {
+    let is_json = req.body().is_empty() || serde_json::from_slice::<serde_json::Value>(req.body()).is_ok();
+    R::try_from_http_request(req, path_args).map_err(|err| {
+        let (kind, what) = if is_json {
+            (ErrorKind::BadJson, "body is not a valid request")
+        } else {
+            (ErrorKind::NotJson, "body is not JSON")
+        };
+        matrix_error(StatusCode::BAD_REQUEST, kind, format!("{what}: {err}"))
+    })
+}
+
+async fn transaction(State(state): State<AppState>, Path(txn_id): Path<String>, req: Request) -> Response {
+    let req = match authenticated(&state, req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let txn: push_events::v1::Request = match parse(req, &[&txn_id]) {
+        Ok(t) => t,
+        Err(resp) => return resp,
+    };
+    let _one_at_a_time = state.txn_lock.lock().await;
+    match state.store.txn_seen(&txn_id) {
+        Ok(true) => {
+            tracing::debug!(txn_id, "transaction already handled");
+            return ruma_response(push_events::v1::Response::new());
+        }
+        Ok(false) => {}
+        Err(e) => return store_failure(e),
+    }
+    tracing::debug!(txn_id, events = txn.events.len(), "transaction");
+    for event in &txn.events {
+        state.bot.handle_event(event).await;
+    }
+    if let Err(e) = state.store.record_txn(&txn_id).await {
+        return store_failure(e);
+    }
+    ruma_response(push_events::v1::Response::new())
+}
+
+fn store_failure(e: crate::store::StoreError) -> Response {
+    tracing::error!(error = %e, "store failure while handling a transaction");
+    // A 5xx makes the homeserver retry the transaction later.
+    matrix_error(StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::Unknown, "storage failure, retry later")
+}
+
+async fn query_user(State(state): State<AppState>, Path(user_id): Path<String>, req: Request) -> Response {
+    let req = match authenticated(&state, req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let query: query_user_id::v1::Request = match parse(req, &[&user_id]) {
+        Ok(q) => q,
+        Err(resp) => return resp,
+    };
+    // The bot is registered at start-up; no other user lives in the exclusive namespace.
+    if query.user_id == state.bot.user_id() {
+        ruma_response(query_user_id::v1::Response::new())
+    } else {
+        matrix_error(StatusCode::NOT_FOUND, ErrorKind::NotFound, "no such user")
+    }
+}
+
+async fn query_alias(State(state): State<AppState>, Path(alias): Path<String>, req: Request) -> Response {
+    let req = match authenticated(&state, req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if let Err(resp) = parse::<query_room_alias::v1::Request>(req, &[&alias]) {
+        return resp;
+    }
+    matrix_error(StatusCode::NOT_FOUND, ErrorKind::NotFound, "handoff provides no room aliases")
+}
+
+async fn ping(State(state): State<AppState>, req: Request) -> Response {
+    let req = match authenticated(&state, req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if let Err(resp) = parse::<send_ping::v1::Request>(req, &[]) {
+        return resp;
+    }
+    tracing::debug!("ping from the homeserver");
+    ruma_response(send_ping::v1::Response::new())
+}
+
+/// 200 when the store answers and the homeserver is reachable; 503 naming what isn't.
+async fn health(State(state): State<AppState>) -> Response {
+    let store = state.store.check().map_err(|e| e.to_string());
+    let homeserver = state
+        .hs
+        .with_retry(Retry::NONE)
+        .send(get_supported_versions::Request::new())
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    let ok = store.is_ok() && homeserver.is_ok();
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else { "unhealthy" },
+        "store": store.err().unwrap_or_else(|| "ok".into()),
+        "homeserver": homeserver.err().unwrap_or_else(|| "ok".into()),
+    });
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn unrecognized() -> Response {
+    matrix_error(StatusCode::NOT_FOUND, ErrorKind::Unrecognized, "unrecognized request")
+}

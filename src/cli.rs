@@ -1,0 +1,101 @@
+//! The command line: `serve`, `generate-registration`, `sandbox`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "handoff", version, about = "Move your Matrix rooms, DMs, contacts, preferences and keys to another client or account.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the appservice: the bot, the transfer engine and the HTTP endpoints the homeserver calls.
+    Serve {
+        /// The config file.
+        #[arg(short, long, default_value = "bridge-config.yaml")]
+        config: PathBuf,
+    },
+    /// Fill `generate` tokens in the config and write the two registration files beside it.
+    GenerateRegistration {
+        /// The config file.
+        #[arg(short, long, default_value = "bridge-config.yaml")]
+        config: PathBuf,
+    },
+    /// Try handoff on this machine: set up a throwaway Synapse and run handoff against it.
+    Sandbox {
+        /// Where the sandbox keeps its homeserver, config and database (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(2, e),
+            };
+            if let Err(e) = init_logging(&config.logging.level, config.logging.format) {
+                return fail(2, e);
+            }
+            match runtime().block_on(crate::serve::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    fail(1, e)
+                }
+            }
+        }
+        Cmd::GenerateRegistration { config } => match crate::registration::generate(&config) {
+            Ok(g) => {
+                if g.tokens_generated > 0 {
+                    println!("Wrote {} new tokens into {}", g.tokens_generated, config.display());
+                }
+                println!("Wrote {}", g.main.display());
+                println!("Wrote {}", g.acting.display());
+                println!(
+                    "Add both files to app_service_config_files in the homeserver config, restart the homeserver, then run: handoff serve -c {}",
+                    config.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(2, e),
+        },
+        Cmd::Sandbox { dir } => {
+            let _ = init_logging("info", LogFormat::Pretty);
+            match runtime().block_on(crate::sandbox::run_interactive(dir)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, e),
+            }
+        }
+    }
+}
+
+fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("handoff: error: {e:#}");
+    ExitCode::from(code)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+}
+
+fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}

@@ -1,0 +1,622 @@
+//! `bridge-config.yaml`: the model, its defaults, and error messages that name the key.
+//!
+//! Loading goes through `serde_path_to_error` (so a bad value names its key) and
+//! `serde_ignored` (so a misspelt key is reported instead of silently ignored).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ruma::{OwnedMxcUri, OwnedServerName, OwnedUserId, UserId};
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+
+/// The value that `generate-registration` replaces with a fresh token.
+pub const PLACEHOLDER_TOKEN: &str = "generate";
+/// The domain of the example config: `serve` refuses to run with it.
+pub const EXAMPLE_DOMAIN: &str = "example.org";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub homeserver: HomeserverConfig,
+    #[serde(default)]
+    pub appservice: AppserviceConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub handoff: HandoffConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The directory of the config file; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HomeserverConfig {
+    pub address: HttpUrl,
+    pub domain: OwnedServerName,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AppserviceConfig {
+    pub address: HttpUrl,
+    pub hostname: String,
+    pub port: Port,
+    pub id: String,
+    pub bot: BotConfig,
+    pub as_token: Secret,
+    pub hs_token: Secret,
+    pub acting: ActingConfig,
+}
+
+impl Default for AppserviceConfig {
+    fn default() -> Self {
+        Self {
+            address: HttpUrl("http://127.0.0.1:29340".into()),
+            hostname: "127.0.0.1".into(),
+            port: Port(29340),
+            id: "handoff".into(),
+            bot: BotConfig::default(),
+            as_token: Secret::placeholder(),
+            hs_token: Secret::placeholder(),
+            acting: ActingConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct BotConfig {
+    pub username: String,
+    pub displayname: String,
+    #[serde(deserialize_with = "empty_as_none")]
+    pub avatar: Option<OwnedMxcUri>,
+}
+
+impl Default for BotConfig {
+    fn default() -> Self {
+        Self {
+            username: "handoff".into(),
+            displayname: "Handoff".into(),
+            avatar: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ActingConfig {
+    pub as_token: Secret,
+    pub hs_token: Secret,
+}
+
+impl Default for ActingConfig {
+    fn default() -> Self {
+        Self {
+            as_token: Secret::placeholder(),
+            hs_token: Secret::placeholder(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DatabaseConfig {
+    pub path: PathBuf,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("handoff.db"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HandoffConfig {
+    pub command_prefix: String,
+    #[serde(with = "humantime_duration")]
+    pub code_ttl: Duration,
+    pub permissions: BTreeMap<String, PermissionLevel>,
+    pub notify: NotifyConfig,
+    pub max_rooms: usize,
+    pub history_messages: usize,
+    pub concurrency: Concurrency,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        Self {
+            command_prefix: "!handoff".into(),
+            code_ttl: Duration::from_secs(15 * 60),
+            permissions: BTreeMap::new(),
+            notify: NotifyConfig::default(),
+            max_rooms: 1000,
+            history_messages: 50,
+            concurrency: Concurrency(4),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct NotifyConfig {
+    pub sender: NotifySender,
+    pub template: String,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self {
+            sender: NotifySender::Old,
+            template: "{old} has moved to {new}. Please use the new account from now on.".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifySender {
+    Old,
+    New,
+    Bot,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PermissionLevel {
+    None,
+    User,
+    Admin,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LoggingConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file. Every error names the file and the key.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        config.base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(config)
+    }
+
+    /// Parses config text. The error is one line: `key: what was wrong`.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let mut unknown = Vec::new();
+        let de = serde_norway::Deserializer::from_str(text);
+        let mut track = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+        let ignoring = serde_ignored::Deserializer::new(de, &mut track);
+        let config: Config = serde_path_to_error::deserialize(ignoring).map_err(|err| {
+            let key = err.path().to_string();
+            let inner = err.into_inner().to_string();
+            // serde_norway already names the key in some messages.
+            if key == "." || key.is_empty() || inner.starts_with(&format!("{key}: ")) {
+                inner
+            } else {
+                format!("{key}: {inner}")
+            }
+        })?;
+        if !unknown.is_empty() {
+            return Err(format!(
+                "unknown key{} {} (see the example bridge-config.yaml for the keys handoff reads)",
+                if unknown.len() > 1 { "s" } else { "" },
+                unknown.join(", ")
+            ));
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let bot = &self.appservice.bot.username;
+        if bot.is_empty()
+            || !bot
+                .chars()
+                .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '=' | '-' | '/'))
+        {
+            return Err(format!(
+                "appservice.bot.username: expected a user ID localpart (lower-case letters, digits, ._=-/), found {bot:?}"
+            ));
+        }
+        if self.appservice.id.is_empty() {
+            return Err("appservice.id: expected a non-empty registration ID".into());
+        }
+        if self.handoff.command_prefix.trim().is_empty() {
+            return Err("handoff.command_prefix: expected a non-empty prefix such as \"!handoff\"".into());
+        }
+        if self.handoff.code_ttl < Duration::from_secs(30) {
+            return Err(format!(
+                "handoff.code_ttl: expected at least 30s, found {}",
+                humantime::format_duration(self.handoff.code_ttl)
+            ));
+        }
+        if self.handoff.max_rooms == 0 {
+            return Err("handoff.max_rooms: expected at least 1".into());
+        }
+        for key in self.handoff.permissions.keys() {
+            if key != "*" && UserId::parse(key.as_str()).is_err() && <&ruma::ServerName>::try_from(key.as_str()).is_err() {
+                return Err(format!(
+                    "handoff.permissions: expected `*`, a server name or a user ID as key, found {key:?}"
+                ));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
+            return Err(format!(
+                "logging.level: expected error, warn, info, debug, trace or a tracing filter, found {:?}",
+                self.logging.level
+            ));
+        }
+        Ok(())
+    }
+
+    /// What `serve` needs beyond a well-formed file: real tokens and a real domain.
+    pub fn check_ready_to_serve(&self) -> Result<(), String> {
+        if self.homeserver.domain.as_str() == EXAMPLE_DOMAIN {
+            return Err(format!(
+                "homeserver.domain is still {EXAMPLE_DOMAIN:?}: set it to your homeserver's server name"
+            ));
+        }
+        for (key, token) in self.tokens() {
+            if token.is_placeholder() {
+                return Err(format!(
+                    "{key} is still {PLACEHOLDER_TOKEN:?}: run `handoff generate-registration -c CONFIG` first"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The four tokens, keyed by their config path.
+    pub fn tokens(&self) -> [(&'static str, &Secret); 4] {
+        [
+            ("appservice.as_token", &self.appservice.as_token),
+            ("appservice.hs_token", &self.appservice.hs_token),
+            ("appservice.acting.as_token", &self.appservice.acting.as_token),
+            ("appservice.acting.hs_token", &self.appservice.acting.hs_token),
+        ]
+    }
+
+    pub fn bot_user_id(&self) -> OwnedUserId {
+        UserId::parse_with_server_name(self.appservice.bot.username.as_str(), &self.homeserver.domain)
+            .expect("validated localpart and server name make a user ID")
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.base_dir.join(&self.database.path)
+    }
+
+    /// The level of `user`: the exact user ID wins over its server name, which wins over `*`.
+    pub fn permission(&self, user: &UserId) -> PermissionLevel {
+        let perms = &self.handoff.permissions;
+        if perms.is_empty() {
+            return if user.server_name() == self.homeserver.domain {
+                PermissionLevel::User
+            } else {
+                PermissionLevel::None
+            };
+        }
+        perms
+            .get(user.as_str())
+            .or_else(|| perms.get(user.server_name().as_str()))
+            .or_else(|| perms.get("*"))
+            .copied()
+            .unwrap_or(PermissionLevel::None)
+    }
+}
+
+/// A token from the config. Its `Debug` never shows the value, so it can't leak into logs.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+    fn placeholder() -> Self {
+        Secret(PLACEHOLDER_TOKEN.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_placeholder(&self) -> bool {
+        self.0.is_empty() || self.0 == PLACEHOLDER_TOKEN
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// An `http://` or `https://` URL without a trailing slash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl(String);
+
+impl HttpUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for HttpUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = ["http://", "https://"]
+            .iter()
+            .any(|scheme| s.starts_with(scheme) && s.len() > scheme.len())
+            && s.parse::<http::Uri>().is_ok();
+        if !ok {
+            return Err(de::Error::custom(format!(
+                "expected an http:// or https:// URL, found {s:?}"
+            )));
+        }
+        Ok(HttpUrl(s.trim_end_matches('/').to_owned()))
+    }
+}
+
+/// A TCP port, 1-65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Port(pub u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(RangeVisitor {
+            what: "a port number 1-65535",
+            min: 1,
+            max: 65535,
+        })
+        .map(|n| Port(n as u16))
+    }
+}
+
+/// How many rooms are worked on at once, 1-64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Concurrency(pub usize);
+
+impl<'de> Deserialize<'de> for Concurrency {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(RangeVisitor {
+            what: "a number of rooms 1-64",
+            min: 1,
+            max: 64,
+        })
+        .map(|n| Concurrency(n as usize))
+    }
+}
+
+/// Accepts an integer in `min..=max` and says, for anything else, what it expected and found.
+struct RangeVisitor {
+    what: &'static str,
+    min: u64,
+    max: u64,
+}
+
+impl RangeVisitor {
+    fn found<E: de::Error>(&self, found: impl fmt::Display) -> E {
+        E::custom(format!("expected {}, found {found}", self.what))
+    }
+}
+
+impl Visitor<'_> for RangeVisitor {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.what)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+        if (self.min..=self.max).contains(&v) {
+            Ok(v)
+        } else {
+            Err(self.found(v))
+        }
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(self.found(v)),
+        }
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+        Err(self.found(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+        Err(self.found(format_args!("{v:?}")))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<u64, E> {
+        Err(self.found(v))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<u64, E> {
+        Err(self.found("nothing"))
+    }
+}
+
+fn empty_as_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OwnedMxcUri>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    match s.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(s) => {
+            let uri = OwnedMxcUri::from(s);
+            if uri.validate().is_err() {
+                return Err(de::Error::custom(format!(
+                    "expected an mxc://server/media URI or \"\", found {s:?}"
+                )));
+            }
+            Ok(Some(uri))
+        }
+    }
+}
+
+mod humantime_duration {
+    use serde::{Deserialize, Deserializer, de};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|_| de::Error::custom(format!("expected a duration such as 15m or 1h, found {s:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../bridge-config.yaml");
+
+    #[test]
+    fn example_config_loads_with_defaults_and_is_not_ready() {
+        let config = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(config.appservice.port, Port(29340));
+        assert_eq!(config.handoff.code_ttl, Duration::from_secs(900));
+        assert_eq!(config.handoff.command_prefix, "!handoff");
+        let err = config.check_ready_to_serve().unwrap_err();
+        assert!(err.contains("homeserver.domain"), "{err}");
+    }
+
+    #[test]
+    fn bad_port_names_key_and_value() {
+        let text = EXAMPLE.replace("port: 29340", "port: abc");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(
+            err.starts_with("appservice.port: expected a port number 1-65535, found \"abc\""),
+            "{err}"
+        );
+        let text = EXAMPLE.replace("port: 29340", "port: 70000");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.contains("appservice.port: expected a port number 1-65535, found 70000"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_reported() {
+        let text = EXAMPLE.replace("    concurrency: 4", "    concurrency: 4\n    concurency: 3");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.contains("unknown key handoff.concurency"), "{err}");
+    }
+
+    #[test]
+    fn missing_homeserver_is_named() {
+        let err = Config::parse("database:\n  path: x\n").unwrap_err();
+        assert!(err.contains("homeserver"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_keys() {
+        for (from, to, key) in [
+            ("code_ttl: 15m", "code_ttl: soon", "handoff.code_ttl"),
+            ("sender: old", "sender: nobody", "handoff.notify.sender"),
+            ("address: http://127.0.0.1:8008", "address: localhost:8008", "homeserver.address"),
+            ("format: pretty", "format: xml", "logging.format"),
+            ("concurrency: 4", "concurrency: 0", "handoff.concurrency"),
+            ("\"example.org\": user", "\"example.org\": superuser", "handoff.permissions"),
+        ] {
+            let text = EXAMPLE.replace(from, to);
+            assert_ne!(text, EXAMPLE, "{from}");
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.starts_with(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn permissions_most_specific_wins() {
+        let text = EXAMPLE.replace(
+            "        \"example.org\": user\n",
+            "        \"*\": user\n        \"evil.org\": none\n        \"@boss:evil.org\": admin\n",
+        );
+        let config = Config::parse(&text).unwrap();
+        let level = |u: &str| config.permission(&UserId::parse(u).unwrap());
+        assert_eq!(level("@a:other.org"), PermissionLevel::User);
+        assert_eq!(level("@a:evil.org"), PermissionLevel::None);
+        assert_eq!(level("@boss:evil.org"), PermissionLevel::Admin);
+    }
+
+    #[test]
+    fn empty_permissions_mean_local_users() {
+        let text = EXAMPLE
+            .replace("        \"example.org\": user\n", "")
+            .replace("    permissions:\n", "    permissions: {}\n");
+        let config = Config::parse(&text).unwrap();
+        let level = |u: &str| config.permission(&UserId::parse(u).unwrap());
+        assert_eq!(level("@a:example.org"), PermissionLevel::User);
+        assert_eq!(level("@a:elsewhere.org"), PermissionLevel::None);
+    }
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let s = Secret::new("supersecret".into());
+        assert!(!format!("{s:?}").contains("supersecret"));
+    }
+}

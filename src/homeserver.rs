@@ -1,0 +1,218 @@
+//! The only client of the homeserver: typed ruma requests, acting as a user through the acting
+//! registration, and waiting out `M_LIMIT_EXCEEDED` and brief outages.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
+use ruma::api::client::discovery::get_supported_versions;
+use ruma::api::client::uiaa::UiaaResponse;
+use ruma::api::error::{ErrorKind, FromHttpResponseError};
+use ruma::api::{AppserviceUserIdentity, OutgoingRequest, SupportedVersions};
+use ruma::UserId;
+use ruma_client::{SupportedPathBuilder, TokenMode};
+
+type Client = ruma_client::Client<reqwest::Client>;
+
+/// What went wrong talking to the homeserver.
+#[derive(Debug, thiserror::Error)]
+pub enum HsError {
+    #[error("cannot reach the homeserver: {0}")]
+    Unreachable(String),
+    #[error("the homeserver answered {status} {errcode}: {message}")]
+    Matrix {
+        status: http::StatusCode,
+        kind: ErrorKind,
+        errcode: String,
+        message: String,
+    },
+    #[error("unexpected answer from the homeserver: {0}")]
+    Protocol(String),
+}
+
+impl HsError {
+    pub fn kind(&self) -> Option<&ErrorKind> {
+        match self {
+            HsError::Matrix { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+
+    /// Worth trying again later: the server was away, overloaded or rate-limiting.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HsError::Unreachable(_) => true,
+            HsError::Matrix { status, kind, .. } => {
+                matches!(kind, ErrorKind::LimitExceeded(_)) || status.is_server_error()
+            }
+            HsError::Protocol(_) => false,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        let HsError::Matrix { kind: ErrorKind::LimitExceeded(data), .. } = self else {
+            return None;
+        };
+        match data.retry_after.as_ref()? {
+            ruma::api::error::RetryAfter::Delay(d) => Some(*d),
+            ruma::api::error::RetryAfter::DateTime(t) => {
+                Some(t.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+            }
+        }
+    }
+}
+
+/// The error types of ruma's endpoints, seen as a Matrix error where there is one.
+pub trait EndpointError: ruma::api::EndpointError + std::fmt::Display {
+    fn matrix_error(&self) -> Option<&ruma::api::error::Error>;
+}
+
+impl EndpointError for ruma::api::error::Error {
+    fn matrix_error(&self) -> Option<&ruma::api::error::Error> {
+        Some(self)
+    }
+}
+
+impl EndpointError for UiaaResponse {
+    fn matrix_error(&self) -> Option<&ruma::api::error::Error> {
+        match self {
+            UiaaResponse::MatrixError(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl<E: EndpointError> From<ruma_client::Error<reqwest::Error, E>> for HsError {
+    fn from(err: ruma_client::Error<reqwest::Error, E>) -> Self {
+        match err {
+            ruma_client::Error::Response(e) => HsError::Unreachable(describe_reqwest(&e)),
+            ruma_client::Error::FromHttpResponse(FromHttpResponseError::Server(e)) => match e.matrix_error() {
+                Some(e) => {
+                    let (kind, message) = match &e.body {
+                        ruma::api::error::ErrorBody::Standard(b) => (b.kind.clone(), b.message.clone()),
+                        other => (ErrorKind::Unknown, format!("{other:?}")),
+                    };
+                    HsError::Matrix {
+                        status: e.status_code,
+                        errcode: kind.errcode().to_string(),
+                        kind,
+                        message,
+                    }
+                }
+                None => HsError::Protocol(e.to_string()),
+            },
+            other => HsError::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// reqwest's Display hides the cause ("error sending request"); show the root one.
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg = format!("{msg}: {s}");
+        source = s.source();
+    }
+    msg
+}
+
+/// How hard to try before giving up on a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// Attempts in all, including the first.
+    pub attempts: u32,
+    /// The first wait after a transient failure; doubles each time.
+    pub backoff: Duration,
+    /// No single wait is longer than this.
+    pub max_wait: Duration,
+}
+
+impl Retry {
+    /// For start-up checks: one attempt, so a wrong address fails at once.
+    pub const NONE: Retry = Retry { attempts: 1, backoff: Duration::ZERO, max_wait: Duration::ZERO };
+    /// For ordinary work such as bot replies.
+    pub const DEFAULT: Retry = Retry {
+        attempts: 6,
+        backoff: Duration::from_millis(250),
+        max_wait: Duration::from_secs(30),
+    };
+}
+
+/// A client of the homeserver holding one appservice token.
+#[derive(Clone)]
+pub struct Homeserver {
+    client: Client,
+    retry: Retry,
+}
+
+impl Homeserver {
+    /// Connects with `as_token`: asks `/versions` once, which also proves the address is right.
+    pub async fn connect(address: &str, as_token: &str, http: reqwest::Client) -> Result<Self, HsError> {
+        let empty = SupportedVersions::from_parts(&[], &BTreeMap::new());
+        let bootstrap: Client = ruma_client::Client::builder()
+            .homeserver_url(address.to_owned())
+            .supported_matrix_versions(empty)
+            .http_client(http.clone())
+            .await?;
+        let versions = bootstrap.send_request(get_supported_versions::Request::new()).await?;
+        let client = ruma_client::Client::builder()
+            .homeserver_url(address.to_owned())
+            .access_token(Some(as_token.to_owned()))
+            .token_mode(TokenMode::AppService)
+            .supported_matrix_versions(versions.as_supported_versions())
+            .http_client(http)
+            .await?;
+        Ok(Homeserver { client, retry: Retry::DEFAULT })
+    }
+
+    pub fn with_retry(&self, retry: Retry) -> Self {
+        Homeserver { client: self.client.clone(), retry }
+    }
+
+    /// Sends a request as the registration's own user (`sender_localpart`).
+    pub async fn send<R>(&self, request: R) -> Result<R::IncomingResponse, HsError>
+    where
+        R: OutgoingRequest + Clone,
+        R::EndpointError: EndpointError,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+        R::PathBuilder: SupportedPathBuilder,
+    {
+        self.retrying(|| self.client.send_request(request.clone())).await
+    }
+
+    /// Sends a request as `user` (identity assertion with `?user_id=`).
+    pub async fn send_as<R>(&self, user: &UserId, request: R) -> Result<R::IncomingResponse, HsError>
+    where
+        R: OutgoingRequest + Clone,
+        R::EndpointError: EndpointError,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+        R::PathBuilder: SupportedPathBuilder,
+    {
+        self.retrying(|| self.client.send_request_as(AppserviceUserIdentity::new(user), request.clone()))
+            .await
+    }
+
+    async fn retrying<T, E, F, Fut>(&self, mut attempt: F) -> Result<T, HsError>
+    where
+        E: EndpointError,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ruma_client::Error<reqwest::Error, E>>>,
+    {
+        let mut wait = self.retry.backoff;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match attempt().await.map_err(HsError::from) {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_transient() && tries < self.retry.attempts => {
+                    let delay = e.retry_after().unwrap_or(wait).min(self.retry.max_wait);
+                    tracing::debug!(error = %e, ?delay, "transient homeserver error, retrying");
+                    tokio::time::sleep(delay).await;
+                    wait = (wait * 2).min(self.retry.max_wait);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! handoff: move a Matrix account's rooms, DMs, contacts, preferences and keys to another client or
+//! account. See README.md for what it does and how to run it.
+//!
+//! Data flows one way: the homeserver pushes transactions to [`appservice`] (the HTTP edge), which
+//! hands events to the [`bot`]; the bot talks back through [`homeserver`], the only client of the
+//! homeserver; state lives in [`store`]. [`config`] and [`registration`] are the admin's side.
+
+pub mod appservice;
+pub mod bot;
+pub mod cli;
+pub mod config;
+pub mod homeserver;
+pub mod registration;
+pub mod sandbox;
+pub mod serve;
+pub mod store;

@@ -1,0 +1,332 @@
+//! A throwaway Synapse on loopback, for trying handoff (`handoff sandbox`) and for the end-to-end
+//! tests. Synapse comes from PyPI at a pinned version, installed once into a virtualenv under the
+//! cache folder and reused afterwards.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hmac::{Hmac, Mac};
+use ruma::{OwnedUserId, UserId};
+use serde::Deserialize;
+
+use crate::registration;
+
+pub const SYNAPSE_VERSION: &str = "1.163.2";
+pub const SERVER_NAME: &str = "localhost";
+pub const SHARED_SECRET: &str = "handoff-sandbox-shared-secret";
+
+/// The virtualenv holding Synapse: `$HANDOFF_SYNAPSE_VENV`, else `~/.cache/handoff/synapse-<version>`.
+pub fn venv_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HANDOFF_SYNAPSE_VENV") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("handoff").join(format!("synapse-{SYNAPSE_VERSION}"))
+}
+
+/// Installs Synapse into [`venv_dir`] unless it is there; returns the venv's python.
+/// Safe to call from many test processes at once: a file lock serialises the install.
+pub fn ensure_synapse_installed() -> Result<PathBuf> {
+    let venv = venv_dir();
+    let python = venv.join("bin").join("python");
+    let marker = venv.join(".handoff-installed");
+    if marker.exists() {
+        return Ok(python);
+    }
+    let parent = venv.parent().context("venv path has no parent")?;
+    std::fs::create_dir_all(parent)?;
+    let lock = File::create(parent.join(format!(".synapse-{SYNAPSE_VERSION}.lock")))?;
+    lock.lock().context("cannot lock the Synapse install")?;
+    if marker.exists() {
+        return Ok(python);
+    }
+    eprintln!(
+        "handoff: installing Synapse {SYNAPSE_VERSION} from PyPI into {} (once; takes a minute or two)",
+        venv.display()
+    );
+    let _ = std::fs::remove_dir_all(&venv);
+    let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    run(Command::new(&python3).args(["-m", "venv"]).arg(&venv), "create the Synapse virtualenv")?;
+    run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("matrix-synapse=={SYNAPSE_VERSION}")),
+        "install Synapse with pip",
+    )?;
+    std::fs::write(&marker, SYNAPSE_VERSION)?;
+    Ok(python)
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("cannot {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "cannot {what}: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A running Synapse. Dropping it kills the process.
+pub struct Synapse {
+    child: Option<Child>,
+    python: PathBuf,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub url: String,
+}
+
+impl Synapse {
+    /// Writes a homeserver config into `dir` with the given registrations and starts Synapse.
+    pub async fn start(dir: &Path, app_service_files: &[PathBuf]) -> Result<Synapse> {
+        Self::start_on(dir, free_port(), app_service_files).await
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = File::options().create(true).append(true).open(self.dir.join("synapse.log"))?;
+        let child = Command::new(&self.python)
+            .args(["-m", "synapse.app.homeserver", "-c"])
+            .arg(self.dir.join("homeserver.yaml"))
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start Synapse")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn wait_until_up(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let versions = format!("{}/_matrix/client/versions", self.url);
+        loop {
+            if let Ok(resp) = reqwest::get(&versions).await {
+                if resp.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("Synapse exited ({status}); see {}", self.dir.join("synapse.log").display());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("Synapse did not answer within 90 s; see {}", self.dir.join("synapse.log").display());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops Synapse (as an outage would); [`Synapse::restart`] brings it back on the same port.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn()?;
+        self.wait_until_up().await
+    }
+
+    /// Creates a user through the shared-secret registration API; returns its ID and access token.
+    pub async fn register_user(&self, localpart: &str, password: &str, admin: bool) -> Result<(OwnedUserId, String)> {
+        #[derive(Deserialize)]
+        struct Nonce {
+            nonce: String,
+        }
+        #[derive(Deserialize)]
+        struct Registered {
+            user_id: OwnedUserId,
+            access_token: String,
+        }
+        let http = reqwest::Client::new();
+        let endpoint = format!("{}/_synapse/admin/v1/register", self.url);
+        let Nonce { nonce } = http.get(&endpoint).send().await?.error_for_status()?.json().await?;
+        let mut mac = Hmac::<sha1::Sha1>::new_from_slice(SHARED_SECRET.as_bytes())?;
+        let role = if admin { "admin" } else { "notadmin" };
+        for (i, part) in [nonce.as_str(), localpart, password, role].iter().enumerate() {
+            if i > 0 {
+                mac.update(b"\0");
+            }
+            mac.update(part.as_bytes());
+        }
+        let mac: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        let resp = http
+            .post(&endpoint)
+            .json(&serde_json::json!({
+                "nonce": nonce, "username": localpart, "password": password, "admin": admin, "mac": mac,
+            }))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("cannot register {localpart}: {} {}", resp.status(), resp.text().await.unwrap_or_default());
+        }
+        let r: Registered = resp.json().await?;
+        Ok((r.user_id, r.access_token))
+    }
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn homeserver_yaml(dir: &Path, port: u16, app_service_files: &[PathBuf]) -> String {
+    let d = dir.display();
+    let files: Vec<String> = app_service_files.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
+    let unlimited = "{per_second: 10000, burst_count: 100000}";
+    format!(
+        r#"server_name: "{SERVER_NAME}"
+pid_file: "{d}/homeserver.pid"
+public_baseurl: "http://127.0.0.1:{port}/"
+report_stats: false
+listeners:
+  - port: {port}
+    bind_addresses: ["127.0.0.1"]
+    type: http
+    tls: false
+    x_forwarded: false
+    resources: [{{names: [client], compress: false}}]
+database: {{name: sqlite3, args: {{database: "{d}/homeserver.db"}}}}
+media_store_path: "{d}/media_store"
+signing_key_path: "{d}/signing.key"
+macaroon_secret_key: "sandbox-macaroon-secret"
+form_secret: "sandbox-form-secret"
+registration_shared_secret: "{SHARED_SECRET}"
+enable_registration: true
+enable_registration_without_verification: true
+trusted_key_servers: []
+suppress_key_server_warning: true
+federation_domain_whitelist: []
+presence: {{enabled: false}}
+app_service_config_files: [{files}]
+rc_message: {unlimited}
+rc_registration: {unlimited}
+rc_login: {{address: {unlimited}, account: {unlimited}, failed_attempts: {unlimited}}}
+rc_joins: {{local: {unlimited}, remote: {unlimited}}}
+rc_joins_per_room: {unlimited}
+rc_invites: {{per_room: {unlimited}, per_user: {unlimited}, per_issuer: {unlimited}}}
+rc_third_party_invite: {unlimited}
+rc_room_creation: {unlimited}
+rc_key_requests: {unlimited}
+rc_3pid_validation: {unlimited}
+rc_media_create: {unlimited}
+rc_profile: {unlimited}
+rc_presence: {{per_user: {unlimited}}}
+rc_delayed_event_mgmt: {unlimited}
+rc_user_directory: {unlimited}
+rc_reports: {unlimited}
+rc_admin_redaction: {unlimited}
+"#,
+        files = files.join(", ")
+    )
+}
+
+/// A sandbox directory holding a handoff config (with registrations) and a Synapse that loaded them.
+pub struct Sandbox {
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub handoff_port: u16,
+    pub synapse: Synapse,
+}
+
+impl Sandbox {
+    /// Writes `bridge-config.yaml` (from the example, pointed at loopback), generates the
+    /// registrations, and starts Synapse with them. `edit` may change the config text first.
+    pub async fn create(dir: &Path, edit: impl FnOnce(String) -> String) -> Result<Sandbox> {
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let handoff_port = free_port();
+        let synapse_port_placeholder = "SYNAPSE_URL";
+        let config = include_str!("../bridge-config.yaml")
+            .replace("address: http://127.0.0.1:8008", &format!("address: {synapse_port_placeholder}"))
+            .replace("domain: example.org", &format!("domain: {SERVER_NAME}"))
+            .replace("\"example.org\": user", &format!("\"{SERVER_NAME}\": user"))
+            .replace("http://127.0.0.1:29340", &format!("http://127.0.0.1:{handoff_port}"))
+            .replace("port: 29340", &format!("port: {handoff_port}"));
+        let config = edit(config);
+        let config_path = dir.join("bridge-config.yaml");
+        // Synapse's port is only known once it starts, and it must start with the registrations:
+        // reserve the port now and write it in.
+        let synapse_dir = dir.join("synapse");
+        let port = free_port();
+        let config = config.replace(synapse_port_placeholder, &format!("http://127.0.0.1:{port}"));
+        std::fs::write(&config_path, config)?;
+        registration::generate(&config_path)?;
+        let files = [dir.join(registration::MAIN_FILE), dir.join(registration::ACTING_FILE)];
+        let synapse = Synapse::start_on(&synapse_dir, port, &files).await?;
+        Ok(Sandbox { dir, config_path, handoff_port, synapse })
+    }
+}
+
+impl Synapse {
+    /// Like [`Synapse::start`], on a port chosen beforehand.
+    pub async fn start_on(dir: &Path, port: u16, app_service_files: &[PathBuf]) -> Result<Synapse> {
+        let python = ensure_synapse_installed()?;
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let url = format!("http://127.0.0.1:{port}");
+        let config_path = dir.join("homeserver.yaml");
+        std::fs::write(&config_path, homeserver_yaml(&dir, port, app_service_files))?;
+        run(
+            Command::new(&python)
+                .args(["-m", "synapse.app.homeserver", "-c"])
+                .arg(&config_path)
+                .arg("--generate-keys"),
+            "generate Synapse's signing key",
+        )?;
+        let mut synapse = Synapse { child: None, python, dir, port, url };
+        synapse.spawn()?;
+        synapse.wait_until_up().await?;
+        Ok(synapse)
+    }
+}
+
+/// `handoff sandbox`: a Synapse with two test accounts and handoff serving it, until Ctrl-C.
+pub async fn run_interactive(dir: Option<PathBuf>) -> Result<()> {
+    let dir = match dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("handoff-sandbox-{}", std::process::id())),
+    };
+    let sandbox = Sandbox::create(&dir, |c| c).await?;
+    let mut accounts = Vec::new();
+    for name in ["alice", "bob"] {
+        let (user, _) = sandbox.synapse.register_user(name, name, false).await?;
+        accounts.push(user);
+    }
+    let bot = UserId::parse(format!("@handoff:{SERVER_NAME}"))?;
+    println!();
+    println!("Sandbox ready in {}", sandbox.dir.display());
+    println!("  homeserver:  {} (server name {SERVER_NAME})", sandbox.synapse.url);
+    for user in &accounts {
+        println!("  account:     {user}  password: {}", user.localpart());
+    }
+    println!("  bot:         {bot}  (log in with any Matrix client, start a DM with it, send `help`)");
+    println!("  config:      {}", sandbox.config_path.display());
+    println!("Press Ctrl-C to stop.");
+    println!();
+    let config = crate::config::Config::load(&sandbox.config_path)?;
+    crate::serve::run(config).await
+}

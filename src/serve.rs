@@ -1,0 +1,151 @@
+//! `handoff serve`: start-up checks, the HTTP server, and a clean stop.
+//!
+//! Start-up, in order, each failure one line that says what to fix:
+//! config ready → store opens → homeserver reachable → bot registered (proves the homeserver
+//! knows our `as_token`) → profile set → listening → ping (proves the homeserver reaches us with
+//! the right `hs_token`).
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use ruma::api::client::account::register::{self, LoginType};
+use ruma::api::client::appservice::request_ping;
+use ruma::api::client::profile::set_profile_field;
+use ruma::profile::ProfileFieldValue;
+use ruma::api::error::ErrorKind;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+use crate::appservice::{self, AppState};
+use crate::bot::Bot;
+use crate::config::Config;
+use crate::homeserver::{Homeserver, HsError, Retry};
+use crate::registration;
+use crate::store::Store;
+
+pub async fn run(config: Config) -> Result<()> {
+    config.check_ready_to_serve().map_err(anyhow::Error::msg)?;
+    let config = Arc::new(config);
+    let store = Store::open(&config.database_path())?;
+
+    let address = config.homeserver.address.as_str();
+    let http = reqwest::Client::builder()
+        .user_agent(concat!("handoff/", env!("CARGO_PKG_VERSION")))
+        .timeout(std::time::Duration::from_secs(60))
+        .build()?;
+    let hs = Homeserver::connect(address, config.appservice.as_token.expose(), http.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (check homeserver.address = {address}, and that the homeserver is running)"))?;
+    let bot_user = config.bot_user_id();
+    register_bot(&hs, &config).await?;
+    set_bot_profile(&hs, &config).await;
+
+    let bind = (config.appservice.hostname.as_str(), config.appservice.port.0);
+    let listener = TcpListener::bind(bind).await.with_context(|| {
+        format!(
+            "cannot listen on {}:{} (check appservice.hostname and appservice.port)",
+            bind.0, bind.1
+        )
+    })?;
+
+    let bot = Arc::new(Bot::new(config.clone(), hs.clone(), store.clone()));
+    let state = AppState {
+        hs_token: config.appservice.hs_token.clone(),
+        bot,
+        store: store.clone(),
+        hs: hs.clone(),
+        txn_lock: Arc::new(Mutex::new(())),
+    };
+    let app = appservice::router(state);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await
+    });
+
+    if let Err(e) = ping(&hs, &config).await {
+        server.abort();
+        return Err(e);
+    }
+    tracing::info!(bot = %bot_user, listen = %format!("{}:{}", bind.0, bind.1), "handoff is running");
+
+    server.await.context("server task failed")??;
+    store.flush().await?;
+    tracing::info!("stopped cleanly; the store is flushed");
+    Ok(())
+}
+
+async fn register_bot(hs: &Homeserver, config: &Config) -> Result<()> {
+    let mut req = register::v3::Request::new();
+    req.username = Some(config.appservice.bot.username.clone());
+    req.login_type = Some(LoginType::ApplicationService);
+    req.inhibit_login = true;
+    match hs.with_retry(Retry::NONE).send(req).await {
+        Ok(_) => {
+            tracing::info!(bot = %config.bot_user_id(), "registered the bot user");
+            Ok(())
+        }
+        Err(e) if matches!(e.kind(), Some(ErrorKind::UserInUse)) => Ok(()),
+        Err(HsError::Matrix { kind: ErrorKind::UnknownToken(_), .. }) => bail!(
+            "the homeserver does not know appservice.as_token: add {} to app_service_config_files in the homeserver config and restart it (after generate-registration, both must hold the same tokens)",
+            registration::MAIN_FILE
+        ),
+        Err(e) => Err(anyhow::anyhow!("cannot register the bot user {}: {e}", config.bot_user_id())),
+    }
+}
+
+/// The display name and avatar are cosmetic: a failure is logged, not fatal.
+async fn set_bot_profile(hs: &Homeserver, config: &Config) {
+    let bot = config.bot_user_id();
+    let name = ProfileFieldValue::DisplayName(config.appservice.bot.displayname.clone());
+    if let Err(e) = hs.send(set_profile_field::v3::Request::new(bot.clone(), name)).await {
+        tracing::warn!(error = %e, "cannot set the bot's display name");
+    }
+    if let Some(avatar) = &config.appservice.bot.avatar {
+        let avatar = ProfileFieldValue::AvatarUrl(avatar.clone());
+        if let Err(e) = hs.send(set_profile_field::v3::Request::new(bot, avatar)).await {
+            tracing::warn!(error = %e, "cannot set the bot's avatar");
+        }
+    }
+}
+
+async fn ping(hs: &Homeserver, config: &Config) -> Result<()> {
+    let req = request_ping::v1::Request::new(config.appservice.id.clone());
+    match hs.with_retry(Retry::NONE).send(req).await {
+        Ok(resp) => {
+            tracing::info!(duration_ms = resp.duration.as_millis() as u64, "the homeserver reached handoff");
+            Ok(())
+        }
+        Err(e) => {
+            let advice = match e.kind() {
+                Some(ErrorKind::Forbidden) => format!(
+                    "the homeserver's registration for this as_token does not have id {:?}: check appservice.id against {}",
+                    config.appservice.id,
+                    registration::MAIN_FILE
+                ),
+                Some(ErrorKind::ConnectionFailed) | Some(ErrorKind::ConnectionTimeout) => format!(
+                    "the homeserver cannot reach handoff at {}: check appservice.address (it must be reachable from the homeserver) and appservice.hostname/port",
+                    config.appservice.address
+                ),
+                Some(ErrorKind::BadStatus(_)) => format!(
+                    "the homeserver reached handoff but was refused: appservice.hs_token differs from hs_token in the registration the homeserver loaded ({}); re-run generate-registration and restart the homeserver",
+                    registration::MAIN_FILE
+                ),
+                Some(ErrorKind::UrlNotSet) => format!(
+                    "the homeserver's registration has no url: set appservice.address and re-generate {}",
+                    registration::MAIN_FILE
+                ),
+                _ => "check the homeserver logs".to_owned(),
+            };
+            bail!("ping to the homeserver failed ({e}): {advice}")
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing the request in flight, then stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing the request in flight, then stopping"),
+    }
+}
