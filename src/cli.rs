@@ -45,6 +45,9 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(2, e),
             };
+            if let Err(e) = config.check_ready_to_serve() {
+                return fail(2, e);
+            }
             if let Err(e) = init_logging(&config.logging.level, config.logging.format) {
                 return fail(2, e);
             }

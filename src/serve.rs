@@ -24,7 +24,7 @@ use crate::registration;
 use crate::store::Store;
 
 pub async fn run(config: Config) -> Result<()> {
-    config.check_ready_to_serve().map_err(anyhow::Error::msg)?;
+    config.check_ready_to_serve().map_err(anyhow::Error::msg)?; // also checked by the CLI, for exit code 2
     let config = Arc::new(config);
     let store = Store::open(&config.database_path())?;
 

@@ -1,0 +1,259 @@
+//! End-to-end harness: a real Synapse (from `handoff::sandbox`), the real `handoff` binary
+//! serving it, and clients that act as users with their own access tokens.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use handoff::sandbox::{Sandbox, Synapse};
+use ruma::api::client::membership::{invite_user, join_room_by_id};
+use ruma::api::client::message::{get_message_events, send_message_event};
+use ruma::api::client::room::create_room;
+use ruma::api::client::state::get_state_event_for_key;
+use ruma::api::Direction;
+use ruma::events::room::message::RoomMessageEventContent;
+use ruma::events::{AnyTimelineEvent, StateEventType};
+use ruma::serde::Raw;
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde_json::Value;
+
+pub const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
+
+/// Synapse plus `handoff serve`, in a temporary directory removed at the end.
+pub struct Harness {
+    pub sandbox: Sandbox,
+    pub handoff: Option<Child>,
+    pub handoff_url: String,
+    pub bot: OwnedUserId,
+    _tmp: tempfile::TempDir,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::start_with(|c| c).await
+    }
+
+    /// `edit` may change the config text before registrations are generated.
+    pub async fn start_with(edit: impl FnOnce(String) -> String) -> Harness {
+        let tmp = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::create(tmp.path(), |c| {
+            edit(c.replace("level: info", "level: \"info,handoff=debug\""))
+        })
+        .await
+        .expect("sandbox starts");
+        let handoff_url = format!("http://127.0.0.1:{}", sandbox.handoff_port);
+        let mut h = Harness {
+            sandbox,
+            handoff: None,
+            handoff_url,
+            bot: UserId::parse("@handoff:localhost").unwrap(),
+            _tmp: tmp,
+        };
+        h.start_handoff().await;
+        h
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.sandbox.dir.join("handoff.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts `handoff serve` and waits until `/health` answers 200.
+    pub async fn start_handoff(&mut self) {
+        let log = std::fs::File::options().create(true).append(true).open(self.log_path()).unwrap();
+        let child = Command::new(HANDOFF)
+            .args(["serve", "-c"])
+            .arg(&self.sandbox.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("handoff starts");
+        self.handoff = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let health = format!("{}/health", self.handoff_url);
+        loop {
+            if let Ok(r) = reqwest::get(&health).await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Some(status) = self.handoff.as_mut().unwrap().try_wait().unwrap() {
+                panic!("handoff exited ({status}) at start-up:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "handoff not healthy in 30 s:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends `signal` (e.g. "TERM", "KILL") to handoff and waits for it to exit.
+    pub fn signal_handoff(&mut self, signal: &str) -> ExitStatus {
+        let mut child = self.handoff.take().expect("handoff running");
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+        child.wait().unwrap()
+    }
+
+    pub fn synapse(&self) -> &Synapse {
+        &self.sandbox.synapse
+    }
+
+    /// The config file's value for a dotted key such as `appservice.hs_token`.
+    pub fn config_value(&self, key: &str) -> String {
+        let text = std::fs::read_to_string(&self.sandbox.config_path).unwrap();
+        let yaml: Value = serde_norway::from_str(&text).unwrap();
+        let mut v = &yaml;
+        for part in key.split('.') {
+            v = &v[part];
+        }
+        v.as_str().unwrap_or_else(|| panic!("{key} in config")).to_owned()
+    }
+
+    /// Registers a user and returns a client acting with that user's own access token.
+    pub async fn user(&self, localpart: &str) -> User {
+        let (user_id, token) = self.synapse().register_user(localpart, "password", false).await.unwrap();
+        User::new(&self.synapse().url, user_id, token).await
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.handoff.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- handoff log ----\n{}", self.log());
+        }
+    }
+}
+
+/// A Matrix client acting as one user with its own access token.
+pub struct User {
+    pub id: OwnedUserId,
+    pub token: String,
+    client: ruma_client::Client<reqwest::Client>,
+    txn: std::sync::atomic::AtomicU64,
+}
+
+impl User {
+    pub async fn new(homeserver: &str, id: OwnedUserId, token: String) -> User {
+        let client = ruma_client::Client::builder()
+            .homeserver_url(homeserver.to_owned())
+            .access_token(Some(token.clone()))
+            .http_client(reqwest::Client::new())
+            .await
+            .unwrap();
+        User { id, token, client, txn: Default::default() }
+    }
+
+    /// Creates a DM (is_direct, trusted private chat) with `other` invited.
+    pub async fn create_dm(&self, other: &UserId) -> OwnedRoomId {
+        let mut req = create_room::v3::Request::new();
+        req.invite = vec![other.to_owned()];
+        req.is_direct = true;
+        req.preset = Some(create_room::v3::RoomPreset::TrustedPrivateChat);
+        self.client.send_request(req).await.unwrap().room_id
+    }
+
+    /// Creates a private group room named `name`.
+    pub async fn create_room(&self, name: &str) -> OwnedRoomId {
+        let mut req = create_room::v3::Request::new();
+        req.name = Some(name.to_owned());
+        req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
+        self.client.send_request(req).await.unwrap().room_id
+    }
+
+    pub async fn invite(&self, room: &RoomId, user: &UserId) {
+        let req = invite_user::v3::Request::new(
+            room.to_owned(),
+            invite_user::v3::InviteUserId::new(user.to_owned()).into(),
+        );
+        self.client.send_request(req).await.unwrap();
+    }
+
+    pub async fn join(&self, room: &RoomId) {
+        self.client.send_request(join_room_by_id::v3::Request::new(room.to_owned())).await.unwrap();
+    }
+
+    pub async fn send_text(&self, room: &RoomId, body: &str) {
+        let n = self.txn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let content = RoomMessageEventContent::text_plain(body);
+        let req = send_message_event::v3::Request::new(room.to_owned(), format!("t{n}").into(), &content).unwrap();
+        self.client.send_request(req).await.unwrap();
+    }
+
+    /// The room's timeline, oldest first, as JSON.
+    pub async fn timeline(&self, room: &RoomId) -> Vec<Value> {
+        let mut req = get_message_events::v3::Request::new(room.to_owned(), Direction::Backward);
+        req.limit = 200u32.into();
+        let resp = self.client.send_request(req).await.unwrap();
+        let mut events: Vec<Value> =
+            resp.chunk.iter().map(|e: &Raw<AnyTimelineEvent>| e.deserialize_as().unwrap()).collect();
+        events.reverse();
+        events
+    }
+
+    /// The `m.room.message` events `sender` sent into `room`, oldest first.
+    pub async fn messages_from(&self, room: &RoomId, sender: &UserId) -> Vec<Value> {
+        self.timeline(room)
+            .await
+            .into_iter()
+            .filter(|e| e["type"] == "m.room.message" && e["sender"] == sender.as_str())
+            .collect()
+    }
+
+    /// Waits until `sender` has sent at least `count` messages into `room`; returns them all.
+    pub async fn wait_for_messages(&self, room: &RoomId, sender: &UserId, count: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let msgs = self.messages_from(room, sender).await;
+            if msgs.len() >= count {
+                return msgs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited 30 s for {count} messages from {sender} in {room}, got {}: {msgs:#?}",
+                msgs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The content of `user`'s membership event in `room`.
+    pub async fn membership_of(&self, room: &RoomId, user: &UserId) -> Value {
+        let req = get_state_event_for_key::v3::Request::new(
+            room.to_owned(),
+            StateEventType::RoomMember,
+            user.to_string(),
+        );
+        let resp = self.client.send_request(req).await.unwrap();
+        serde_json::from_str(resp.event_or_content.get()).unwrap()
+    }
+}
+
+/// Waits until `f` returns `Some`, polling; panics with `what` after 30 s.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs the handoff binary with `args`; returns its exit status and stderr.
+pub fn run_handoff(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
+    let out = Command::new(HANDOFF).args(args).current_dir(cwd).output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
