@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "handoff", version, about = "Move your Matrix rooms, DMs, contacts, preferences and keys to another client or account.")]
+#[command(
+    name = "handoff",
+    version,
+    about = "Move your Matrix rooms, DMs, contacts, preferences and keys to another client or account."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -62,7 +66,11 @@ pub fn main() -> ExitCode {
         Cmd::GenerateRegistration { config } => match crate::registration::generate(&config) {
             Ok(g) => {
                 if g.tokens_generated > 0 {
-                    println!("Wrote {} new tokens into {}", g.tokens_generated, config.display());
+                    println!(
+                        "Wrote {} new tokens into {}",
+                        g.tokens_generated,
+                        config.display()
+                    );
                 }
                 println!("Wrote {}", g.main.display());
                 println!("Wrote {}", g.acting.display());
@@ -90,12 +98,17 @@ fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

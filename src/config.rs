@@ -289,7 +289,9 @@ impl Config {
             return Err("appservice.id: expected a non-empty registration ID".into());
         }
         if self.handoff.command_prefix.trim().is_empty() {
-            return Err("handoff.command_prefix: expected a non-empty prefix such as \"!handoff\"".into());
+            return Err(
+                "handoff.command_prefix: expected a non-empty prefix such as \"!handoff\"".into(),
+            );
         }
         if self.handoff.code_ttl < Duration::from_secs(30) {
             return Err(format!(
@@ -301,7 +303,10 @@ impl Config {
             return Err("handoff.max_rooms: expected at least 1".into());
         }
         for key in self.handoff.permissions.keys() {
-            if key != "*" && UserId::parse(key.as_str()).is_err() && <&ruma::ServerName>::try_from(key.as_str()).is_err() {
+            if key != "*"
+                && UserId::parse(key.as_str()).is_err()
+                && <&ruma::ServerName>::try_from(key.as_str()).is_err()
+            {
                 return Err(format!(
                     "handoff.permissions: expected `*`, a server name or a user ID as key, found {key:?}"
                 ));
@@ -338,14 +343,23 @@ impl Config {
         [
             ("appservice.as_token", &self.appservice.as_token),
             ("appservice.hs_token", &self.appservice.hs_token),
-            ("appservice.acting.as_token", &self.appservice.acting.as_token),
-            ("appservice.acting.hs_token", &self.appservice.acting.hs_token),
+            (
+                "appservice.acting.as_token",
+                &self.appservice.acting.as_token,
+            ),
+            (
+                "appservice.acting.hs_token",
+                &self.appservice.acting.hs_token,
+            ),
         ]
     }
 
     pub fn bot_user_id(&self) -> OwnedUserId {
-        UserId::parse_with_server_name(self.appservice.bot.username.as_str(), &self.homeserver.domain)
-            .expect("validated localpart and server name make a user ID")
+        UserId::parse_with_server_name(
+            self.appservice.bot.username.as_str(),
+            &self.homeserver.domain,
+        )
+        .expect("validated localpart and server name make a user ID")
     }
 
     pub fn database_path(&self) -> PathBuf {
@@ -526,8 +540,11 @@ mod humantime_duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|_| de::Error::custom(format!("expected a duration such as 15m or 1h, found {s:?}")))
+        humantime::parse_duration(&s).map_err(|_| {
+            de::Error::custom(format!(
+                "expected a duration such as 15m or 1h, found {s:?}"
+            ))
+        })
     }
 }
 
@@ -557,12 +574,18 @@ mod tests {
         );
         let text = EXAMPLE.replace("port: 29340", "port: 70000");
         let err = Config::parse(&text).unwrap_err();
-        assert!(err.contains("appservice.port: expected a port number 1-65535, found 70000"), "{err}");
+        assert!(
+            err.contains("appservice.port: expected a port number 1-65535, found 70000"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_keys_are_reported() {
-        let text = EXAMPLE.replace("    concurrency: 4", "    concurrency: 4\n    concurency: 3");
+        let text = EXAMPLE.replace(
+            "    concurrency: 4",
+            "    concurrency: 4\n    concurency: 3",
+        );
         let err = Config::parse(&text).unwrap_err();
         assert!(err.contains("unknown key handoff.concurency"), "{err}");
     }
@@ -578,10 +601,18 @@ mod tests {
         for (from, to, key) in [
             ("code_ttl: 15m", "code_ttl: soon", "handoff.code_ttl"),
             ("sender: old", "sender: nobody", "handoff.notify.sender"),
-            ("address: http://127.0.0.1:8008", "address: localhost:8008", "homeserver.address"),
+            (
+                "address: http://127.0.0.1:8008",
+                "address: localhost:8008",
+                "homeserver.address",
+            ),
             ("format: pretty", "format: xml", "logging.format"),
             ("concurrency: 4", "concurrency: 0", "handoff.concurrency"),
-            ("\"example.org\": user", "\"example.org\": superuser", "handoff.permissions"),
+            (
+                "\"example.org\": user",
+                "\"example.org\": superuser",
+                "handoff.permissions",
+            ),
         ] {
             let text = EXAMPLE.replace(from, to);
             assert_ne!(text, EXAMPLE, "{from}");

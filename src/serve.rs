@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail};
 use ruma::api::client::account::register::{self, LoginType};
 use ruma::api::client::appservice::request_ping;
 use ruma::api::client::profile::set_profile_field;
-use ruma::profile::ProfileFieldValue;
 use ruma::api::error::ErrorKind;
+use ruma::profile::ProfileFieldValue;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
@@ -35,12 +35,19 @@ pub async fn run(config: Config) -> Result<()> {
         .build()?;
     let hs = Homeserver::connect(address, config.appservice.as_token.expose(), http.clone())
         .await
-        .map_err(|e| anyhow::anyhow!("{e} (check homeserver.address = {address}, and that the homeserver is running)"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (check homeserver.address = {address}, and that the homeserver is running)"
+            )
+        })?;
     let bot_user = config.bot_user_id();
     register_bot(&hs, &config).await?;
     set_bot_profile(&hs, &config).await;
 
-    let bind = (config.appservice.hostname.as_str(), config.appservice.port.0);
+    let bind = (
+        config.appservice.hostname.as_str(),
+        config.appservice.port.0,
+    );
     let listener = TcpListener::bind(bind).await.with_context(|| {
         format!(
             "cannot listen on {}:{} (check appservice.hostname and appservice.port)",
@@ -58,7 +65,9 @@ pub async fn run(config: Config) -> Result<()> {
     };
     let app = appservice::router(state);
     let server = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
     });
 
     if let Err(e) = ping(&hs, &config).await {
@@ -84,11 +93,17 @@ async fn register_bot(hs: &Homeserver, config: &Config) -> Result<()> {
             Ok(())
         }
         Err(e) if matches!(e.kind(), Some(ErrorKind::UserInUse)) => Ok(()),
-        Err(HsError::Matrix { kind: ErrorKind::UnknownToken(_), .. }) => bail!(
+        Err(HsError::Matrix {
+            kind: ErrorKind::UnknownToken(_),
+            ..
+        }) => bail!(
             "the homeserver does not know appservice.as_token: add {} to app_service_config_files in the homeserver config and restart it (after generate-registration, both must hold the same tokens)",
             registration::MAIN_FILE
         ),
-        Err(e) => Err(anyhow::anyhow!("cannot register the bot user {}: {e}", config.bot_user_id())),
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot register the bot user {}: {e}",
+            config.bot_user_id()
+        )),
     }
 }
 
@@ -96,12 +111,18 @@ async fn register_bot(hs: &Homeserver, config: &Config) -> Result<()> {
 async fn set_bot_profile(hs: &Homeserver, config: &Config) {
     let bot = config.bot_user_id();
     let name = ProfileFieldValue::DisplayName(config.appservice.bot.displayname.clone());
-    if let Err(e) = hs.send(set_profile_field::v3::Request::new(bot.clone(), name)).await {
+    if let Err(e) = hs
+        .send(set_profile_field::v3::Request::new(bot.clone(), name))
+        .await
+    {
         tracing::warn!(error = %e, "cannot set the bot's display name");
     }
     if let Some(avatar) = &config.appservice.bot.avatar {
         let avatar = ProfileFieldValue::AvatarUrl(avatar.clone());
-        if let Err(e) = hs.send(set_profile_field::v3::Request::new(bot, avatar)).await {
+        if let Err(e) = hs
+            .send(set_profile_field::v3::Request::new(bot, avatar))
+            .await
+        {
             tracing::warn!(error = %e, "cannot set the bot's avatar");
         }
     }
@@ -111,7 +132,10 @@ async fn ping(hs: &Homeserver, config: &Config) -> Result<()> {
     let req = request_ping::v1::Request::new(config.appservice.id.clone());
     match hs.with_retry(Retry::NONE).send(req).await {
         Ok(resp) => {
-            tracing::info!(duration_ms = resp.duration.as_millis() as u64, "the homeserver reached handoff");
+            tracing::info!(
+                duration_ms = resp.duration.as_millis() as u64,
+                "the homeserver reached handoff"
+            );
             Ok(())
         }
         Err(e) => {

@@ -20,7 +20,9 @@ pub enum StoreError {
     Open { path: String, source: sled::Error },
     #[error("database error: {0}")]
     Sled(#[from] sled::Error),
-    #[error("the database at {path} has schema version {found}, this handoff knows version {SCHEMA_VERSION}")]
+    #[error(
+        "the database at {path} has schema version {found}, this handoff knows version {SCHEMA_VERSION}"
+    )]
     Schema { path: String, found: u32 },
 }
 
@@ -37,7 +39,10 @@ impl Store {
             .path(path)
             .cache_capacity(64 << 20)
             .open()
-            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
         let meta = db.open_tree("meta")?;
         match meta.get("schema_version")? {
             None => {
@@ -46,11 +51,18 @@ impl Store {
             Some(v) => {
                 let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0xff; 4]));
                 if found != SCHEMA_VERSION {
-                    return Err(StoreError::Schema { path: path.display().to_string(), found });
+                    return Err(StoreError::Schema {
+                        path: path.display().to_string(),
+                        found,
+                    });
                 }
             }
         }
-        Ok(Store { txns: db.open_tree("txns")?, dm_rooms: db.open_tree("dm_rooms")?, db })
+        Ok(Store {
+            txns: db.open_tree("txns")?,
+            dm_rooms: db.open_tree("dm_rooms")?,
+            db,
+        })
     }
 
     /// Whether this transaction ID was already handled.
@@ -76,10 +88,11 @@ impl Store {
 
     /// The user whose DM with the bot this room is, if it is one.
     pub fn dm_room_user(&self, room: &RoomId) -> Result<Option<OwnedUserId>, StoreError> {
-        Ok(self
-            .dm_rooms
-            .get(room.as_str())?
-            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| UserId::parse(s).ok())))
+        Ok(self.dm_rooms.get(room.as_str())?.and_then(|v| {
+            std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| UserId::parse(s).ok())
+        }))
     }
 
     pub fn remove_dm_room(&self, room: &RoomId) -> Result<(), StoreError> {
@@ -100,7 +113,10 @@ impl Store {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

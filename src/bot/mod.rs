@@ -9,15 +9,15 @@ use ruma::api::client::message::send_message_event;
 use ruma::events::room::member::{MembershipState, RoomMemberEventContent};
 use ruma::events::room::message::{MessageType, Relation, RoomMessageEventContent};
 use ruma::events::{
-    AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent, OriginalMessageLikeEvent,
-    OriginalStateEvent, StateEvent,
+    AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent,
+    OriginalMessageLikeEvent, OriginalStateEvent, StateEvent,
 };
 use ruma::serde::Raw;
 use ruma::{EventId, OwnedTransactionId, OwnedUserId, RoomId, UserId};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, PermissionLevel};
-use crate::homeserver::{HsError, Homeserver};
+use crate::homeserver::{Homeserver, HsError};
 use crate::store::Store;
 use commands::{Command, Place};
 
@@ -31,7 +31,12 @@ pub struct Bot {
 
 impl Bot {
     pub fn new(config: Arc<Config>, hs: Homeserver, store: Store) -> Self {
-        Bot { user_id: config.bot_user_id(), config, hs, store }
+        Bot {
+            user_id: config.bot_user_id(),
+            config,
+            hs,
+            store,
+        }
     }
 
     pub fn user_id(&self) -> &UserId {
@@ -51,9 +56,9 @@ impl Bot {
             AnyTimelineEvent::State(AnyStateEvent::RoomMember(StateEvent::Original(ev))) => {
                 self.on_member(ev).await
             }
-            AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(MessageLikeEvent::Original(ev))) => {
-                self.on_message(ev).await
-            }
+            AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(
+                MessageLikeEvent::Original(ev),
+            )) => self.on_message(ev).await,
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -61,7 +66,10 @@ impl Bot {
         }
     }
 
-    async fn on_member(&self, ev: &OriginalStateEvent<RoomMemberEventContent>) -> Result<(), HsError> {
+    async fn on_member(
+        &self,
+        ev: &OriginalStateEvent<RoomMemberEventContent>,
+    ) -> Result<(), HsError> {
         if ev.state_key != self.user_id {
             return Ok(());
         }
@@ -77,7 +85,10 @@ impl Bot {
         }
     }
 
-    async fn on_invite(&self, ev: &OriginalStateEvent<RoomMemberEventContent>) -> Result<(), HsError> {
+    async fn on_invite(
+        &self,
+        ev: &OriginalStateEvent<RoomMemberEventContent>,
+    ) -> Result<(), HsError> {
         let room = &ev.room_id;
         if self.config.permission(&ev.sender) < PermissionLevel::User {
             tracing::info!(room_id = %room, inviter = %ev.sender, "refusing an invite from a user without permission");
@@ -89,20 +100,34 @@ impl Bot {
             self.hs.send(leave).await?;
             return Ok(());
         }
-        self.hs.send(join_room_by_id::v3::Request::new(room.clone())).await?;
+        self.hs
+            .send(join_room_by_id::v3::Request::new(room.clone()))
+            .await?;
         tracing::info!(room_id = %room, inviter = %ev.sender, "joined on invite");
-        if ev.content.is_direct == Some(true) {
-            if let Err(e) = self.store.set_dm_room(room, &ev.sender) {
-                tracing::warn!(error = %e, "cannot record a DM room");
-            }
+        if ev.content.is_direct == Some(true)
+            && let Err(e) = self.store.set_dm_room(room, &ev.sender)
+        {
+            tracing::warn!(error = %e, "cannot record a DM room");
         }
         let (plain, html) = commands::help::text(&self.config.handoff.command_prefix);
         let greeting = format!("Hello {}! {plain}", ev.sender);
-        let html = format!("<p>Hello {}!</p>{html}", commands::help::escape(ev.sender.as_str()));
-        self.reply(room, &ev.event_id, 0, RoomMessageEventContent::notice_html(greeting, html)).await
+        let html = format!(
+            "<p>Hello {}!</p>{html}",
+            commands::help::escape(ev.sender.as_str())
+        );
+        self.reply(
+            room,
+            &ev.event_id,
+            0,
+            RoomMessageEventContent::notice_html(greeting, html),
+        )
+        .await
     }
 
-    async fn on_message(&self, ev: &OriginalMessageLikeEvent<RoomMessageEventContent>) -> Result<(), HsError> {
+    async fn on_message(
+        &self,
+        ev: &OriginalMessageLikeEvent<RoomMessageEventContent>,
+    ) -> Result<(), HsError> {
         if ev.sender == self.user_id {
             return Ok(());
         }
@@ -117,28 +142,52 @@ impl Bot {
             Ok(Some(owner)) if owner == ev.sender => Place::Dm,
             _ => Place::Group,
         };
-        let Some(parsed) = commands::parse(&text.body, place, &self.config.handoff.command_prefix) else {
+        let Some(parsed) = commands::parse(&text.body, place, &self.config.handoff.command_prefix)
+        else {
             return Ok(());
         };
         if self.config.permission(&ev.sender) < PermissionLevel::User {
             return self
-                .reply_text(&ev.room_id, &ev.event_id, format!("{} may not use handoff on this server.", ev.sender))
+                .reply_text(
+                    &ev.room_id,
+                    &ev.event_id,
+                    format!("{} may not use handoff on this server.", ev.sender),
+                )
                 .await;
         }
         tracing::info!(room_id = %ev.room_id, sender = %ev.sender, command = ?parsed.as_ref().ok(), "command");
         match parsed {
-            Err(e) => self.reply_text(&ev.room_id, &ev.event_id, e.to_string()).await,
+            Err(e) => {
+                self.reply_text(&ev.room_id, &ev.event_id, e.to_string())
+                    .await
+            }
             Ok(Command::Help) => {
                 let (plain, html) = commands::help::text(&self.config.handoff.command_prefix);
-                self.reply(&ev.room_id, &ev.event_id, 0, RoomMessageEventContent::notice_html(plain, html))
-                    .await
+                self.reply(
+                    &ev.room_id,
+                    &ev.event_id,
+                    0,
+                    RoomMessageEventContent::notice_html(plain, html),
+                )
+                .await
             }
         }
     }
 
-    async fn reply_text(&self, room: &RoomId, cause: &EventId, text: String) -> Result<(), HsError> {
+    async fn reply_text(
+        &self,
+        room: &RoomId,
+        cause: &EventId,
+        text: String,
+    ) -> Result<(), HsError> {
         let html = commands::help::escape(&text);
-        self.reply(room, cause, 0, RoomMessageEventContent::notice_html(text, html)).await
+        self.reply(
+            room,
+            cause,
+            0,
+            RoomMessageEventContent::notice_html(text, html),
+        )
+        .await
     }
 
     /// Sends a notice caused by `cause`. The transaction ID is derived from the cause, so a retried or
@@ -150,8 +199,9 @@ impl Bot {
         n: u32,
         content: RoomMessageEventContent,
     ) -> Result<(), HsError> {
-        let request = send_message_event::v3::Request::new(room.to_owned(), reply_txn_id(cause, n), &content)
-            .map_err(|e| HsError::Protocol(e.to_string()))?;
+        let request =
+            send_message_event::v3::Request::new(room.to_owned(), reply_txn_id(cause, n), &content)
+                .map_err(|e| HsError::Protocol(e.to_string()))?;
         self.hs.send(request).await?;
         Ok(())
     }

@@ -7,11 +7,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use handoff::sandbox::{Sandbox, Synapse};
+use ruma::api::Direction;
 use ruma::api::client::membership::{invite_user, join_room_by_id};
 use ruma::api::client::message::{get_message_events, send_message_event};
 use ruma::api::client::room::create_room;
 use ruma::api::client::state::get_state_event_for_key;
-use ruma::api::Direction;
 use ruma::events::room::message::RoomMessageEventContent;
 use ruma::events::{AnyTimelineEvent, StateEventType};
 use ruma::serde::Raw;
@@ -64,7 +64,11 @@ impl Harness {
 
     /// Starts `handoff serve` and waits until `/health` answers 200.
     pub async fn start_handoff(&mut self) {
-        let log = std::fs::File::options().create(true).append(true).open(self.log_path()).unwrap();
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let child = Command::new(HANDOFF)
             .args(["serve", "-c"])
             .arg(&self.sandbox.config_path)
@@ -77,15 +81,19 @@ impl Harness {
         let deadline = Instant::now() + Duration::from_secs(30);
         let health = format!("{}/health", self.handoff_url);
         loop {
-            if let Ok(r) = reqwest::get(&health).await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = reqwest::get(&health).await
+                && r.status().is_success()
+            {
+                return;
             }
             if let Some(status) = self.handoff.as_mut().unwrap().try_wait().unwrap() {
                 panic!("handoff exited ({status}) at start-up:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "handoff not healthy in 30 s:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "handoff not healthy in 30 s:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -93,7 +101,11 @@ impl Harness {
     /// Sends `signal` (e.g. "TERM", "KILL") to handoff and waits for it to exit.
     pub fn signal_handoff(&mut self, signal: &str) -> ExitStatus {
         let mut child = self.handoff.take().expect("handoff running");
-        let ok = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
         assert!(ok.success());
         child.wait().unwrap()
     }
@@ -110,12 +122,18 @@ impl Harness {
         for part in key.split('.') {
             v = &v[part];
         }
-        v.as_str().unwrap_or_else(|| panic!("{key} in config")).to_owned()
+        v.as_str()
+            .unwrap_or_else(|| panic!("{key} in config"))
+            .to_owned()
     }
 
     /// Registers a user and returns a client acting with that user's own access token.
     pub async fn user(&self, localpart: &str) -> User {
-        let (user_id, token) = self.synapse().register_user(localpart, "password", false).await.unwrap();
+        let (user_id, token) = self
+            .synapse()
+            .register_user(localpart, "password", false)
+            .await
+            .unwrap();
         User::new(&self.synapse().url, user_id, token).await
     }
 }
@@ -148,7 +166,12 @@ impl User {
             .http_client(reqwest::Client::new())
             .await
             .unwrap();
-        User { id, token, client, txn: Default::default() }
+        User {
+            id,
+            token,
+            client,
+            txn: Default::default(),
+        }
     }
 
     /// Creates a DM (is_direct, trusted private chat) with `other` invited.
@@ -177,13 +200,18 @@ impl User {
     }
 
     pub async fn join(&self, room: &RoomId) {
-        self.client.send_request(join_room_by_id::v3::Request::new(room.to_owned())).await.unwrap();
+        self.client
+            .send_request(join_room_by_id::v3::Request::new(room.to_owned()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_text(&self, room: &RoomId, body: &str) {
         let n = self.txn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let content = RoomMessageEventContent::text_plain(body);
-        let req = send_message_event::v3::Request::new(room.to_owned(), format!("t{n}").into(), &content).unwrap();
+        let req =
+            send_message_event::v3::Request::new(room.to_owned(), format!("t{n}").into(), &content)
+                .unwrap();
         self.client.send_request(req).await.unwrap();
     }
 
@@ -192,8 +220,11 @@ impl User {
         let mut req = get_message_events::v3::Request::new(room.to_owned(), Direction::Backward);
         req.limit = 200u32.into();
         let resp = self.client.send_request(req).await.unwrap();
-        let mut events: Vec<Value> =
-            resp.chunk.iter().map(|e: &Raw<AnyTimelineEvent>| e.deserialize_as().unwrap()).collect();
+        let mut events: Vec<Value> = resp
+            .chunk
+            .iter()
+            .map(|e: &Raw<AnyTimelineEvent>| e.deserialize_as().unwrap())
+            .collect();
         events.reverse();
         events
     }
@@ -208,7 +239,12 @@ impl User {
     }
 
     /// Waits until `sender` has sent at least `count` messages into `room`; returns them all.
-    pub async fn wait_for_messages(&self, room: &RoomId, sender: &UserId, count: usize) -> Vec<Value> {
+    pub async fn wait_for_messages(
+        &self,
+        room: &RoomId,
+        sender: &UserId,
+        count: usize,
+    ) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let msgs = self.messages_from(room, sender).await;
@@ -254,6 +290,13 @@ where
 
 /// Runs the handoff binary with `args`; returns its exit status and stderr.
 pub fn run_handoff(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
-    let out = Command::new(HANDOFF).args(args).current_dir(cwd).output().unwrap();
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(HANDOFF)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

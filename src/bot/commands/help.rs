@@ -32,7 +32,11 @@ pub fn text(prefix: &str) -> (String, String) {
     );
     for c in COMMANDS {
         plain.push_str(&format!("• {} — {}\n", c.usage, c.summary));
-        html.push_str(&format!("<li><code>{}</code> — {}</li>", escape(c.usage), escape(c.summary)));
+        html.push_str(&format!(
+            "<li><code>{}</code> — {}</li>",
+            escape(c.usage),
+            escape(c.summary)
+        ));
     }
     html.push_str("</ul>");
     (plain.trim_end().to_owned(), html)
@@ -40,5 +44,8 @@ pub fn text(prefix: &str) -> (String, String) {
 
 /// Escapes text for the HTML body of a message.
 pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }

@@ -26,8 +26,13 @@ pub const COMMANDS: &[Spec] = &[help::SPEC];
 /// Why a message that was meant as a command can't be run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
-    #[error("Unknown command `{given}`. Did you mean `{closest}`? Send `help` for the list of commands.")]
-    Unknown { given: String, closest: &'static str },
+    #[error(
+        "Unknown command `{given}`. Did you mean `{closest}`? Send `help` for the list of commands."
+    )]
+    Unknown {
+        given: String,
+        closest: &'static str,
+    },
     #[error("Empty command. Send `help` for the list of commands.")]
     Empty,
     #[error("Cannot read the command: {0}. Close your quotes, or escape them with a backslash.")]
@@ -68,7 +73,10 @@ fn parse_command(text: &str) -> Result<Command, CommandError> {
     let args = Args::new(rest.to_vec());
     match name.as_str() {
         "help" => help::parse(args),
-        _ => Err(CommandError::Unknown { closest: closest(&name), given: name }),
+        _ => Err(CommandError::Unknown {
+            closest: closest(&name),
+            given: name,
+        }),
     }
 }
 
@@ -87,10 +95,19 @@ mod tests {
 
     #[test]
     fn bare_in_dm_prefixed_elsewhere() {
-        assert_eq!(parse("help", Place::Dm, "!handoff"), Some(Ok(Command::Help)));
-        assert_eq!(parse("  !handoff help ", Place::Dm, "!handoff"), Some(Ok(Command::Help)));
+        assert_eq!(
+            parse("help", Place::Dm, "!handoff"),
+            Some(Ok(Command::Help))
+        );
+        assert_eq!(
+            parse("  !handoff help ", Place::Dm, "!handoff"),
+            Some(Ok(Command::Help))
+        );
         assert_eq!(parse("help", Place::Group, "!handoff"), None);
-        assert_eq!(parse("!handoff HELP", Place::Group, "!handoff"), Some(Ok(Command::Help)));
+        assert_eq!(
+            parse("!handoff HELP", Place::Group, "!handoff"),
+            Some(Ok(Command::Help))
+        );
         assert_eq!(parse("!handoffhelp", Place::Group, "!handoff"), None);
         assert_eq!(parse("hello everyone", Place::Group, "!handoff"), None);
     }
@@ -98,19 +115,34 @@ mod tests {
     #[test]
     fn unknown_command_names_the_closest() {
         let err = parse("hepl", Place::Dm, "!h").unwrap().unwrap_err();
-        assert_eq!(err, CommandError::Unknown { given: "hepl".into(), closest: "help" });
+        assert_eq!(
+            err,
+            CommandError::Unknown {
+                given: "hepl".into(),
+                closest: "help"
+            }
+        );
         assert!(err.to_string().contains("Did you mean `help`?"));
     }
 
     #[test]
     fn empty_and_badly_quoted() {
-        assert_eq!(parse("!h", Place::Group, "!h"), Some(Err(CommandError::Empty)));
-        assert!(matches!(parse("help \"open", Place::Dm, "!h"), Some(Err(CommandError::Quoting(_)))));
+        assert_eq!(
+            parse("!h", Place::Group, "!h"),
+            Some(Err(CommandError::Empty))
+        );
+        assert!(matches!(
+            parse("help \"open", Place::Dm, "!h"),
+            Some(Err(CommandError::Quoting(_)))
+        ));
     }
 
     #[test]
     fn help_takes_no_arguments() {
         let err = parse("help me", Place::Dm, "!h").unwrap().unwrap_err();
-        assert!(err.to_string().contains("unexpected argument `me`"), "{err}");
+        assert!(
+            err.to_string().contains("unexpected argument `me`"),
+            "{err}"
+        );
     }
 }
