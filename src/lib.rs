@@ -7,9 +7,12 @@
 
 pub mod appservice;
 pub mod bot;
+pub mod bundle;
+pub mod code;
 pub mod cli;
 pub mod config;
 pub mod homeserver;
+pub mod keys;
 pub mod registration;
 pub mod sandbox;
 pub mod serve;

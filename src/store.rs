@@ -3,12 +3,23 @@
 //! Trees, one per record kind:
 //! - `txns`: transaction IDs the homeserver pushed and that were handled (value: handled-at, ms).
 //! - `dm_rooms`: the bot's DM with each user (room ID -> user ID), so a bare command is understood there.
+//! - `bundles`: `owner \0 id` -> the bundle and its metadata, sealed with the store key.
+//! - `codes`: SHA-256 of a transfer code -> [`CodeRecord`] (the code itself is never stored).
 //! - `meta`: schema version.
+//!
+//! The store key (32 random bytes) is generated on first open and kept beside the database in
+//! `<database.path>.key`, mode 0600. Without it the sealed bundles can't be read.
 
-use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use ruma::{OwnedUserId, RoomId, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::Bundle;
+use crate::code::CodeHash;
 
 const SCHEMA_VERSION: u32 = 1;
 
@@ -24,6 +35,12 @@ pub enum StoreError {
         "the database at {path} has schema version {found}, this handoff knows version {SCHEMA_VERSION}"
     )]
     Schema { path: String, found: u32 },
+    #[error("the store key {path}: {message}")]
+    Key { path: String, message: String },
+    #[error("a sealed record does not open with the store key (was {0} replaced?)")]
+    Unseal(String),
+    #[error("a stored record is corrupt: {0}")]
+    Corrupt(String),
 }
 
 #[derive(Clone)]
@@ -31,6 +48,52 @@ pub struct Store {
     db: sled::Db,
     txns: sled::Tree,
     dm_rooms: sled::Tree,
+    bundles: sled::Tree,
+    codes: sled::Tree,
+    cipher: XChaCha20Poly1305,
+    key_path: PathBuf,
+}
+
+/// A stored bundle and who it belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredBundle {
+    pub owner: OwnedUserId,
+    pub created_at_ms: u64,
+    pub bundle: Bundle,
+}
+
+/// Identifies a stored bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleId(String);
+
+/// What the store keeps about a transfer code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRecord {
+    pub owner: OwnedUserId,
+    pub bundle: BundleId,
+    pub expires_at_ms: u64,
+    /// With `export --to`: only this account may redeem the code.
+    pub bound_to: Option<OwnedUserId>,
+    pub redeemed_by: Option<OwnedUserId>,
+}
+
+/// Why a code can't be redeemed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RedeemError {
+    /// Also what a code bound to another account looks like: nobody learns that it exists.
+    #[error("no such transfer code for this account")]
+    NotFound,
+    #[error("this transfer code has expired; ask for a new one with `export`")]
+    Expired,
+    #[error("this transfer code was already used; ask for a new one with `export`")]
+    Used,
+}
+
+/// What `forget` removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    pub bundles: usize,
+    pub codes: usize,
 }
 
 impl Store {
@@ -58,12 +121,19 @@ impl Store {
                 }
             }
         }
+        let key_path = key_path_for(path);
+        let cipher = XChaCha20Poly1305::new(&load_or_create_key(&key_path)?.into());
         Ok(Store {
             txns: db.open_tree("txns")?,
             dm_rooms: db.open_tree("dm_rooms")?,
+            bundles: db.open_tree("bundles")?,
+            codes: db.open_tree("codes")?,
             db,
+            cipher,
+            key_path,
         })
     }
+
 
     /// Whether this transaction ID was already handled.
     pub fn txn_seen(&self, txn_id: &str) -> Result<bool, StoreError> {
@@ -112,7 +182,203 @@ impl Store {
     }
 }
 
-fn now_ms() -> u64 {
+/// Bundles and codes.
+impl Store {
+    fn seal(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let mut out = nonce.to_vec();
+        out.extend(self.cipher.encrypt(&nonce, Payload { msg: plain, aad }).expect("encryption in memory"));
+        out
+    }
+
+    fn unseal(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
+        if sealed.len() < 24 {
+            return Err(StoreError::Corrupt("sealed record too short".into()));
+        }
+        let (nonce, ct) = sealed.split_at(24);
+        self.cipher
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
+            .map_err(|_| StoreError::Unseal(self.key_path.display().to_string()))
+    }
+
+    fn write_bundle(&self, id: &BundleId, record: &StoredBundle) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.bundles.insert(id.0.as_bytes(), self.seal(id.0.as_bytes(), &json))?;
+        Ok(())
+    }
+
+    /// Stores a bundle sealed with the store key; returns its ID.
+    pub async fn put_bundle(&self, owner: &UserId, bundle: &Bundle) -> Result<BundleId, StoreError> {
+        let id = BundleId(format!("{owner}\0{:020}", self.db.generate_id()?));
+        let record = StoredBundle { owner: owner.to_owned(), created_at_ms: now_ms(), bundle: bundle.clone() };
+        self.write_bundle(&id, &record)?;
+        self.db.flush_async().await?;
+        Ok(id)
+    }
+
+    pub fn get_bundle(&self, id: &BundleId) -> Result<Option<StoredBundle>, StoreError> {
+        let Some(sealed) = self.bundles.get(id.0.as_bytes())? else { return Ok(None) };
+        let json = self.unseal(id.0.as_bytes(), &sealed)?;
+        serde_json::from_slice(&json).map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Replaces a stored bundle's content (e.g. to attach keys), keeping its ID.
+    pub async fn update_bundle(&self, id: &BundleId, record: &StoredBundle) -> Result<(), StoreError> {
+        self.write_bundle(id, record)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// The owner's most recent bundle.
+    pub fn latest_bundle(&self, owner: &UserId) -> Result<Option<(BundleId, StoredBundle)>, StoreError> {
+        let Some((key, _)) = self.bundles.scan_prefix(owner_prefix(owner)).last().transpose()? else {
+            return Ok(None);
+        };
+        let id = BundleId(String::from_utf8_lossy(&key).into_owned());
+        Ok(self.get_bundle(&id)?.map(|b| (id, b)))
+    }
+
+    pub fn bundle_count(&self, owner: &UserId) -> usize {
+        self.bundles.scan_prefix(owner_prefix(owner)).count()
+    }
+
+    /// Records a new code for a stored bundle. Only the code's hash is kept.
+    pub async fn put_code(&self, hash: &CodeHash, record: &CodeRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.codes.insert(hash.0, json)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn code_record(&self, v: &[u8]) -> Result<CodeRecord, StoreError> {
+        serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Redeems a code for `redeemer`: it must exist, be unexpired, unused, and (if bound) bound to
+    /// `redeemer`. Marking it used is a compare-and-swap, so two redeemers can't both succeed.
+    pub async fn redeem_code(
+        &self,
+        hash: &CodeHash,
+        redeemer: &UserId,
+    ) -> Result<Result<CodeRecord, RedeemError>, StoreError> {
+        let now = now_ms();
+        loop {
+            let Some(current) = self.codes.get(hash.0)? else { return Ok(Err(RedeemError::NotFound)) };
+            let mut record = self.code_record(&current)?;
+            if record.bound_to.as_deref().is_some_and(|b| b != redeemer) {
+                return Ok(Err(RedeemError::NotFound));
+            }
+            if record.redeemed_by.is_some() {
+                return Ok(Err(RedeemError::Used));
+            }
+            if record.expires_at_ms <= now {
+                return Ok(Err(RedeemError::Expired));
+            }
+            record.redeemed_by = Some(redeemer.to_owned());
+            let new = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if self.codes.compare_and_swap(hash.0, Some(current), Some(new))?.is_ok() {
+                self.db.flush_async().await?;
+                return Ok(Ok(record));
+            }
+        }
+    }
+
+    /// The codes `owner` made.
+    pub fn codes_of(&self, owner: &UserId) -> Result<Vec<CodeRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.codes.iter() {
+            let (_, v) = item?;
+            let record = self.code_record(&v)?;
+            if record.owner == owner {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every bundle and code of `user` (codes they made or redeemed).
+    pub async fn forget(&self, user: &UserId) -> Result<Forgotten, StoreError> {
+        let mut gone = Forgotten::default();
+        for key in self.bundles.scan_prefix(owner_prefix(user)).keys() {
+            self.bundles.remove(key?)?;
+            gone.bundles += 1;
+        }
+        for item in self.codes.iter() {
+            let (k, v) = item?;
+            let record = self.code_record(&v)?;
+            if record.owner == user || record.redeemed_by.as_deref() == Some(user) {
+                self.codes.remove(k)?;
+                gone.codes += 1;
+            }
+        }
+        self.db.flush_async().await?;
+        Ok(gone)
+    }
+
+    /// Deletes bundles older than `retention`, and codes that expired before then.
+    pub async fn purge(&self, retention: Duration) -> Result<Forgotten, StoreError> {
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        let mut gone = Forgotten::default();
+        for item in self.bundles.iter() {
+            let (k, sealed) = item?;
+            let record = self.unseal(&k, &sealed).ok().and_then(|j| serde_json::from_slice::<StoredBundle>(&j).ok());
+            // An unreadable bundle is of no use to anybody.
+            if record.is_none_or(|b| b.created_at_ms < cutoff) {
+                self.bundles.remove(k)?;
+                gone.bundles += 1;
+            }
+        }
+        for item in self.codes.iter() {
+            let (k, v) = item?;
+            if self.code_record(&v).map_or(true, |r| r.expires_at_ms < cutoff) {
+                self.codes.remove(k)?;
+                gone.codes += 1;
+            }
+        }
+        if gone != Forgotten::default() {
+            self.db.flush_async().await?;
+        }
+        Ok(gone)
+    }
+
+    /// Every raw byte of the bundle tree, for tests that look for plaintext at rest.
+    pub fn raw_bundle_bytes(&self) -> Vec<u8> {
+        self.bundles.iter().flatten().flat_map(|(k, v)| [k.to_vec(), v.to_vec()].concat()).collect()
+    }
+}
+
+fn owner_prefix(owner: &UserId) -> Vec<u8> {
+    format!("{owner}\0").into_bytes()
+}
+
+pub fn key_path_for(db_path: &Path) -> PathBuf {
+    let mut name = db_path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".key");
+    db_path.with_file_name(name)
+}
+
+fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
+    let err = |message: String| StoreError::Key { path: path.display().to_string(), message };
+    match std::fs::read(path) {
+        Ok(bytes) => bytes.try_into().map_err(|b: Vec<u8>| err(format!("expected 32 bytes, found {}", b.len()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let key: [u8; 32] = XChaCha20Poly1305::generate_key(&mut OsRng).into();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| err(e.to_string()))?;
+            f.write_all(&key).and_then(|_| f.sync_all()).map_err(|e| err(e.to_string()))?;
+            Ok(key)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -145,6 +411,70 @@ mod tests {
         let _first = Store::open(&path).unwrap();
         let err = Store::open(&path).err().unwrap().to_string();
         assert!(err.contains("another `handoff serve`"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bundles_are_sealed_and_codes_redeem_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Store::open(&path).unwrap();
+        let owner = <&UserId>::try_from("@old:x.org").unwrap();
+        let newer = <&UserId>::try_from("@new:x.org").unwrap();
+        let bundle = crate::bundle::tests::sample();
+        let id = store.put_bundle(owner, &bundle).await.unwrap();
+        assert_eq!(store.get_bundle(&id).unwrap().unwrap().bundle.to_json(), bundle.to_json());
+        assert_eq!(store.latest_bundle(owner).unwrap().unwrap().0, id);
+        // Nothing readable at rest: not the display name, not a room ID.
+        let raw = store.raw_bundle_bytes();
+        for needle in ["Favourite", "!fav:example.org", "spam:evil.org"] {
+            assert!(!raw.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} readable at rest");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(key_path_for(&path)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let code = crate::code::TransferCode::generate();
+        let record = CodeRecord {
+            owner: owner.to_owned(),
+            bundle: id.clone(),
+            expires_at_ms: now_ms() + 60_000,
+            bound_to: Some(newer.to_owned()),
+            redeemed_by: None,
+        };
+        store.put_code(&code.hash(), &record).await.unwrap();
+        // Bound to @new: anyone else sees "no such code".
+        assert_eq!(store.redeem_code(&code.hash(), owner).await.unwrap(), Err(RedeemError::NotFound));
+        let redeemed = store.redeem_code(&code.hash(), newer).await.unwrap().unwrap();
+        assert_eq!(redeemed.bundle, id);
+        assert_eq!(store.redeem_code(&code.hash(), newer).await.unwrap(), Err(RedeemError::Used));
+        let other = crate::code::TransferCode::generate();
+        assert_eq!(store.redeem_code(&other.hash(), newer).await.unwrap(), Err(RedeemError::NotFound));
+        let expired = CodeRecord { expires_at_ms: now_ms() - 1, bound_to: None, ..record };
+        store.put_code(&other.hash(), &expired).await.unwrap();
+        assert_eq!(store.redeem_code(&other.hash(), newer).await.unwrap(), Err(RedeemError::Expired));
+
+        let gone = store.forget(owner).await.unwrap();
+        assert_eq!(gone, Forgotten { bundles: 1, codes: 2 });
+        assert!(store.latest_bundle(owner).unwrap().is_none());
+        assert!(store.codes_of(owner).unwrap().is_empty());
+        assert!(store.raw_bundle_bytes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn purge_drops_old_bundles_and_a_wrong_key_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let owner = <&UserId>::try_from("@old:x.org").unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            store.put_bundle(owner, &crate::bundle::tests::sample()).await.unwrap();
+            assert_eq!(store.purge(Duration::from_secs(3600)).await.unwrap().bundles, 0);
+        }
+        std::fs::write(key_path_for(&path), [7u8; 32]).unwrap();
+        let store = Store::open(&path).unwrap();
+        let err = store.latest_bundle(owner).unwrap_err().to_string();
+        assert!(err.contains("does not open with the store key"), "{err}");
+        assert_eq!(store.purge(Duration::ZERO).await.unwrap().bundles, 1);
     }
 
     #[test]

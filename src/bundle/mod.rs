@@ -1,0 +1,316 @@
+//! The client bundle: everything that makes an account "yours", as one versioned document.
+//!
+//! Built from ruma types. Unknown fields (from a newer handoff) are kept in `extra` maps and written
+//! back unchanged; a bundle of an unsupported version is refused with both versions named.
+
+pub mod capture;
+pub mod file;
+mod summary;
+
+use std::collections::BTreeMap;
+
+use ruma::events::room::history_visibility::HistoryVisibility;
+use ruma::events::room::join_rules::RoomJoinRulesEventContent;
+use ruma::events::room::message::RoomMessageEventContent;
+use ruma::events::tag::{TagName, Tags};
+use ruma::push::Ruleset;
+use ruma::{
+    Int, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedMxcUri, OwnedRoomAliasId, OwnedRoomId, OwnedServerName,
+    OwnedUserId, RoomVersionId,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as JsonValue;
+
+pub use summary::Summary;
+
+use crate::keys::KeyExport;
+
+/// The bundle format this handoff writes and reads.
+pub const BUNDLE_VERSION: u32 = 1;
+
+/// Fields a newer handoff added and this one doesn't know: kept verbatim.
+pub type Extra = BTreeMap<String, JsonValue>;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bundle {
+    pub version: u32,
+    pub source: Source,
+    pub rooms: Vec<RoomEntry>,
+    pub contacts: Vec<Contact>,
+    pub preferences: Preferences,
+    pub profile: Profile,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room_keys: Option<KeyExport>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// Who exported, from where: the second client needs the server identity to connect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Source {
+    pub user_id: OwnedUserId,
+    pub server_name: OwnedServerName,
+    /// The client-server API base URL of the exporting account's homeserver.
+    pub homeserver_url: String,
+    pub exported_at: MilliSecondsSinceUnixEpoch,
+    /// How the bundle was made (`handoff-bot`, `handoff-cli`), with the handoff version.
+    pub client: String,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoomKind {
+    Dm,
+    Group,
+    Space,
+}
+
+/// Derived from the tags: `m.favourite` is high, `m.lowpriority` low, everything else normal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub fn from_tags(tags: &Tags) -> Priority {
+        if tags.contains_key(&TagName::Favorite) {
+            Priority::High
+        } else if tags.contains_key(&TagName::LowPriority) {
+            Priority::Low
+        } else {
+            Priority::Normal
+        }
+    }
+}
+
+/// The account's rank in a room. Room version 12 creators outrank every power level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rank {
+    Creator,
+    #[serde(untagged)]
+    Level(Int),
+}
+
+/// The per-room notification setting, as clients show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomNotifications {
+    /// No room-specific rule: the account's defaults apply.
+    Default,
+    /// A `room` rule that notifies on every message.
+    AllMessages,
+    /// A `room` rule that doesn't notify: mentions and keywords only.
+    MentionsAndKeywords,
+    /// An `override` rule that doesn't notify: nothing at all.
+    Mute,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoomEntry {
+    pub room_id: OwnedRoomId,
+    /// Servers to join through: the ones with most joined members, as matrix.to links choose them.
+    pub via: Vec<OwnedServerName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canonical_alias: Option<OwnedRoomAliasId>,
+    pub kind: RoomKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dm_peer: Option<OwnedUserId>,
+    #[serde(default)]
+    pub tags: Tags,
+    pub priority: Priority,
+    pub rank: Rank,
+    pub notifications: RoomNotifications,
+    pub encrypted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_rules: Option<RoomJoinRulesEventContent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_visibility: Option<HistoryVisibility>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room_version: Option<RoomVersionId>,
+    /// For spaces: the rooms listed as children.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<OwnedRoomId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<History>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// The last messages of a room: unencrypted ones copied, encrypted ones only counted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct History {
+    pub messages: Vec<HistoryMessage>,
+    pub encrypted_count: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryMessage {
+    pub event_id: OwnedEventId,
+    pub sender: OwnedUserId,
+    pub origin_server_ts: MilliSecondsSinceUnixEpoch,
+    pub content: RoomMessageEventContent,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Contact {
+    pub user_id: OwnedUserId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_url: Option<OwnedMxcUri>,
+    pub dm_rooms: Vec<OwnedRoomId>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Preferences {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_rules: Option<Ruleset>,
+    #[serde(default)]
+    pub ignored_users: Vec<OwnedUserId>,
+    /// Client-settings account data, by event type (only types on [`capture::CLIENT_SETTINGS`]).
+    #[serde(default)]
+    pub client_settings: BTreeMap<String, JsonValue>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_url: Option<OwnedMxcUri>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleFormatError {
+    #[error(
+        "this bundle has format version {found}, and this handoff reads version {BUNDLE_VERSION}: upgrade handoff to open it"
+    )]
+    Version { found: u64 },
+    #[error("this is not a handoff bundle: {0}")]
+    Malformed(String),
+}
+
+impl Bundle {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a bundle always serialises")
+    }
+
+    /// Reads a bundle, refusing versions this handoff doesn't know.
+    pub fn from_json(bytes: &[u8]) -> Result<Bundle, BundleFormatError> {
+        let value: JsonValue =
+            serde_json::from_slice(bytes).map_err(|e| BundleFormatError::Malformed(e.to_string()))?;
+        match value.get("version").and_then(JsonValue::as_u64) {
+            Some(v) if v == u64::from(BUNDLE_VERSION) => {}
+            Some(found) => return Err(BundleFormatError::Version { found }),
+            None => return Err(BundleFormatError::Malformed("it has no version".into())),
+        }
+        serde_json::from_value(value).map_err(|e| BundleFormatError::Malformed(e.to_string()))
+    }
+
+    pub fn summary(&self) -> Summary {
+        Summary::of(self)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use ruma::events::tag::TagInfo;
+    use ruma::{owned_room_id, owned_server_name, owned_user_id};
+
+    pub fn sample() -> Bundle {
+        let mut tags = Tags::new();
+        let mut fav = TagInfo::new();
+        fav.order = Some(0.25);
+        tags.insert(TagName::Favorite, fav);
+        Bundle {
+            version: BUNDLE_VERSION,
+            source: Source {
+                user_id: owned_user_id!("@old:example.org"),
+                server_name: owned_server_name!("example.org"),
+                homeserver_url: "https://matrix.example.org".into(),
+                exported_at: MilliSecondsSinceUnixEpoch(1_700_000_000_000u64.try_into().unwrap()),
+                client: "handoff-bot 0.1.0".into(),
+                extra: Extra::new(),
+            },
+            rooms: vec![RoomEntry {
+                room_id: owned_room_id!("!fav:example.org"),
+                via: vec![owned_server_name!("example.org")],
+                name: Some("Favourite".into()),
+                canonical_alias: None,
+                kind: RoomKind::Group,
+                dm_peer: None,
+                priority: Priority::from_tags(&tags),
+                tags,
+                rank: Rank::Creator,
+                notifications: RoomNotifications::Default,
+                encrypted: true,
+                join_rules: None,
+                history_visibility: Some(HistoryVisibility::Shared),
+                room_version: Some(RoomVersionId::V12),
+                children: vec![],
+                history: None,
+                extra: Extra::new(),
+            }],
+            contacts: vec![],
+            preferences: Preferences {
+                push_rules: None,
+                ignored_users: vec![owned_user_id!("@spam:evil.org")],
+                client_settings: BTreeMap::new(),
+                extra: Extra::new(),
+            },
+            profile: Profile { display_name: Some("Old".into()), ..Default::default() },
+            room_keys: None,
+            extra: Extra::new(),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_derives_priority() {
+        let b = sample();
+        assert_eq!(b.rooms[0].priority, Priority::High);
+        let back = Bundle::from_json(&b.to_json()).unwrap();
+        assert_eq!(back.to_json(), b.to_json());
+    }
+
+    #[test]
+    fn rank_serialises_as_creator_or_number() {
+        assert_eq!(serde_json::to_string(&Rank::Creator).unwrap(), "\"creator\"");
+        assert_eq!(serde_json::to_string(&Rank::Level(Int::from(50u32))).unwrap(), "50");
+        assert_eq!(serde_json::from_str::<Rank>("100").unwrap(), Rank::Level(Int::from(100u32)));
+    }
+
+    #[test]
+    fn unknown_fields_survive_a_round_trip() {
+        let mut v: JsonValue = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["future_field"] = serde_json::json!({"a": 1});
+        v["rooms"][0]["room_colour"] = "blue".into();
+        let b = Bundle::from_json(&serde_json::to_vec(&v).unwrap()).unwrap();
+        let again: JsonValue = serde_json::from_slice(&b.to_json()).unwrap();
+        assert_eq!(again["future_field"], serde_json::json!({"a": 1}));
+        assert_eq!(again["rooms"][0]["room_colour"], "blue");
+    }
+
+    #[test]
+    fn other_versions_are_refused_naming_both() {
+        let mut v: JsonValue = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["version"] = 7.into();
+        let err = Bundle::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("version 7") && err.contains("version 1"), "{err}");
+        assert!(Bundle::from_json(b"{}").unwrap_err().to_string().contains("no version"));
+    }
+}

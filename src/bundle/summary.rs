@@ -1,0 +1,91 @@
+//! What a bundle holds, in counts: shown after `export`, by `keys` and by `handoff inspect`.
+
+use std::fmt;
+
+use super::{Bundle, Priority, RoomKind};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub user: String,
+    pub rooms: usize,
+    pub dms: usize,
+    pub groups: usize,
+    pub spaces: usize,
+    pub high: usize,
+    pub normal: usize,
+    pub low: usize,
+    pub contacts: usize,
+    pub push_rules: usize,
+    pub ignored_users: usize,
+    pub client_settings: usize,
+    pub history_messages: usize,
+    pub history_encrypted: usize,
+    pub has_profile: bool,
+    pub keys: Option<usize>,
+}
+
+impl Summary {
+    pub fn of(b: &Bundle) -> Summary {
+        let count = |f: &dyn Fn(&super::RoomEntry) -> bool| b.rooms.iter().filter(|r| f(r)).count();
+        let push_rules = b.preferences.push_rules.as_ref().map_or(0, |r| {
+            let user_rules = |ids: Vec<&str>| ids.into_iter().filter(|id| !id.starts_with('.')).count();
+            user_rules(r.override_.iter().map(|r| r.rule_id.as_str()).collect())
+                + user_rules(r.content.iter().map(|r| r.rule_id.as_str()).collect())
+                + user_rules(r.room.iter().map(|r| r.rule_id.as_str()).collect())
+                + user_rules(r.sender.iter().map(|r| r.rule_id.as_str()).collect())
+                + user_rules(r.underride.iter().map(|r| r.rule_id.as_str()).collect())
+        });
+        Summary {
+            user: b.source.user_id.to_string(),
+            rooms: b.rooms.len(),
+            dms: count(&|r| r.kind == RoomKind::Dm),
+            groups: count(&|r| r.kind == RoomKind::Group),
+            spaces: count(&|r| r.kind == RoomKind::Space),
+            high: count(&|r| r.priority == Priority::High),
+            normal: count(&|r| r.priority == Priority::Normal),
+            low: count(&|r| r.priority == Priority::Low),
+            contacts: b.contacts.len(),
+            push_rules,
+            ignored_users: b.preferences.ignored_users.len(),
+            client_settings: b.preferences.client_settings.len(),
+            history_messages: b.rooms.iter().filter_map(|r| r.history.as_ref()).map(|h| h.messages.len()).sum(),
+            history_encrypted: b.rooms.iter().filter_map(|r| r.history.as_ref()).map(|h| h.encrypted_count).sum(),
+            has_profile: b.profile.display_name.is_some() || b.profile.avatar_url.is_some(),
+            keys: b.room_keys.as_ref().map(|k| k.encrypted_len),
+        }
+    }
+
+    /// One line per topic, for chat and terminals.
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines = vec![
+            format!(
+                "Rooms: {} ({} DMs, {} group rooms, {} spaces)",
+                self.rooms, self.dms, self.groups, self.spaces
+            ),
+            format!("Priority: {} favourites, {} normal, {} low priority", self.high, self.normal, self.low),
+            format!("Contacts: {}", self.contacts),
+            format!(
+                "Preferences: {} custom push rules, {} ignored users, {} client settings",
+                self.push_rules, self.ignored_users, self.client_settings
+            ),
+            format!("Profile: {}", if self.has_profile { "display name and avatar" } else { "none set" }),
+        ];
+        if self.history_messages + self.history_encrypted > 0 {
+            lines.push(format!(
+                "History: {} messages copied, {} encrypted messages counted (not copied)",
+                self.history_messages, self.history_encrypted
+            ));
+        }
+        lines.push(match self.keys {
+            Some(len) => format!("Encryption keys: attached ({len} bytes, still encrypted with your passphrase)"),
+            None => "Encryption keys: none attached (send `keys` to see how)".to_owned(),
+        });
+        lines
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.lines().join("\n"))
+    }
+}
