@@ -32,6 +32,17 @@ enum Cmd {
         #[arg(short, long, default_value = "bridge-config.yaml")]
         config: PathBuf,
     },
+    /// Show what a bundle file holds (asks for the transfer code or passphrase).
+    Inspect {
+        /// The bundle file (`.age`), as the bot sent it with `export --file`.
+        file: PathBuf,
+        /// Read the code or passphrase from this file instead of asking.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// Print the whole bundle as JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Try handoff on this machine: set up a throwaway Synapse and run handoff against it.
     Sandbox {
         /// Where the sandbox keeps its homeserver, config and database (default: a new temporary directory).
@@ -82,6 +93,10 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(2, e),
         },
+        Cmd::Inspect { file, passphrase_file, json } => match inspect(&file, passphrase_file.as_deref(), json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, e),
+        },
         Cmd::Sandbox { dir } => {
             let _ = init_logging("info", LogFormat::Pretty);
             match runtime().block_on(crate::sandbox::run_interactive(dir)) {
@@ -90,6 +105,33 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn inspect(file: &std::path::Path, passphrase_file: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let passphrase = match passphrase_file {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        None => rpassword::prompt_password("Transfer code or passphrase: ")
+            .context("cannot ask for the passphrase (use --passphrase-file)")?,
+    };
+    // A transfer code may be typed in any case and spacing; a passphrase is used as it is.
+    let attempt = |p: &str| crate::bundle::file::open(&bytes, p);
+    let bundle = match crate::code::TransferCode::parse(&passphrase) {
+        Ok(code) => attempt(&code.display()).or_else(|_| attempt(&passphrase)),
+        Err(_) => attempt(&passphrase),
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    if json {
+        let value: serde_json::Value = serde_json::from_slice(&bundle.to_json())?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let s = &bundle.source;
+    println!("Bundle of {} from {} ({}), made {} by {}", s.user_id, s.server_name, s.homeserver_url,
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(s.exported_at.get().into())), s.client);
+    println!("{}", bundle.summary());
+    Ok(())
 }
 
 fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {

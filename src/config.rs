@@ -141,6 +141,9 @@ pub struct HandoffConfig {
     pub max_rooms: usize,
     pub history_messages: usize,
     pub concurrency: Concurrency,
+    /// How long a stored bundle is kept before it is deleted.
+    #[serde(with = "humantime_duration")]
+    pub bundle_retention: Duration,
 }
 
 impl Default for HandoffConfig {
@@ -153,6 +156,7 @@ impl Default for HandoffConfig {
             max_rooms: 1000,
             history_messages: 50,
             concurrency: Concurrency(4),
+            bundle_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use ruma::api::client::account::register::{self, LoginType};
+use ruma::api::client::account::whoami;
 use ruma::api::client::appservice::request_ping;
 use ruma::api::client::profile::set_profile_field;
 use ruma::api::error::ErrorKind;
@@ -55,7 +56,12 @@ pub async fn run(config: Config) -> Result<()> {
         )
     })?;
 
-    let bot = Arc::new(Bot::new(config.clone(), hs.clone(), store.clone()));
+    let acting = Homeserver::connect(address, config.appservice.acting.as_token.expose(), http.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (check homeserver.address = {address})"))?;
+    check_acting(&acting).await?;
+    let bot = Arc::new(Bot::new(config.clone(), hs.clone(), acting, store.clone()));
+    spawn_purge(store.clone(), config.handoff.bundle_retention);
     let state = AppState {
         hs_token: config.appservice.hs_token.clone(),
         bot,
@@ -80,6 +86,35 @@ pub async fn run(config: Config) -> Result<()> {
     store.flush().await?;
     tracing::info!("stopped cleanly; the store is flushed");
     Ok(())
+}
+
+/// The acting registration must be loaded too: ask who its token is.
+async fn check_acting(acting: &Homeserver) -> Result<()> {
+    match acting.with_retry(Retry::NONE).send(whoami::v3::Request::new()).await {
+        Ok(_) => Ok(()),
+        Err(HsError::Matrix { kind: ErrorKind::UnknownToken(_), .. }) => bail!(
+            "the homeserver does not know appservice.acting.as_token: add {} to app_service_config_files in the homeserver config and restart it",
+            registration::ACTING_FILE
+        ),
+        Err(e) => Err(anyhow::anyhow!("cannot check the acting registration: {e}")),
+    }
+}
+
+/// Deletes bundles past `handoff.bundle_retention`, at start-up and then hourly.
+fn spawn_purge(store: Store, retention: std::time::Duration) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            match store.purge(retention).await {
+                Ok(gone) if gone.bundles + gone.codes > 0 => {
+                    tracing::info!(bundles = gone.bundles, codes = gone.codes, "purged expired bundles and codes")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "purging old bundles failed"),
+            }
+        }
+    });
 }
 
 async fn register_bot(hs: &Homeserver, config: &Config) -> Result<()> {

@@ -1,6 +1,8 @@
 //! The bot: decides which pushed events are for it, runs commands, replies.
 
 pub mod commands;
+mod export;
+mod keys;
 
 use std::sync::Arc;
 
@@ -9,11 +11,11 @@ use ruma::api::client::message::send_message_event;
 use ruma::events::room::member::{MembershipState, RoomMemberEventContent};
 use ruma::events::room::message::{MessageType, Relation, RoomMessageEventContent};
 use ruma::events::{
-    AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent,
-    OriginalMessageLikeEvent, OriginalStateEvent, StateEvent,
+    AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent, OriginalMessageLikeEvent,
+    OriginalStateEvent, StateEvent,
 };
 use ruma::serde::Raw;
-use ruma::{EventId, OwnedTransactionId, OwnedUserId, RoomId, UserId};
+use ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, UserId};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, PermissionLevel};
@@ -26,17 +28,22 @@ pub struct Bot {
     user_id: OwnedUserId,
     /// The main registration's client: it acts as the bot.
     hs: Homeserver,
+    /// The acting registration's client: it acts as local users.
+    acting: Homeserver,
     store: Store,
 }
 
+/// The message a command or file came in.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub room_id: OwnedRoomId,
+    pub event_id: OwnedEventId,
+    pub sender: OwnedUserId,
+}
+
 impl Bot {
-    pub fn new(config: Arc<Config>, hs: Homeserver, store: Store) -> Self {
-        Bot {
-            user_id: config.bot_user_id(),
-            config,
-            hs,
-            store,
-        }
+    pub fn new(config: Arc<Config>, hs: Homeserver, acting: Homeserver, store: Store) -> Self {
+        Bot { user_id: config.bot_user_id(), config, hs, acting, store }
     }
 
     pub fn user_id(&self) -> &UserId {
@@ -44,7 +51,7 @@ impl Bot {
     }
 
     /// Handles one event the homeserver pushed. Errors are logged: one bad event must not stop a transaction.
-    pub async fn handle_event(&self, raw: &Raw<AnyTimelineEvent>) {
+    pub async fn handle_event(self: &Arc<Self>, raw: &Raw<AnyTimelineEvent>) {
         let event = match raw.deserialize() {
             Ok(e) => e,
             Err(e) => {
@@ -53,12 +60,10 @@ impl Bot {
             }
         };
         let result = match &event {
-            AnyTimelineEvent::State(AnyStateEvent::RoomMember(StateEvent::Original(ev))) => {
-                self.on_member(ev).await
+            AnyTimelineEvent::State(AnyStateEvent::RoomMember(StateEvent::Original(ev))) => self.on_member(ev).await,
+            AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(MessageLikeEvent::Original(ev))) => {
+                self.on_message(ev).await
             }
-            AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(
-                MessageLikeEvent::Original(ev),
-            )) => self.on_message(ev).await,
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -66,10 +71,7 @@ impl Bot {
         }
     }
 
-    async fn on_member(
-        &self,
-        ev: &OriginalStateEvent<RoomMemberEventContent>,
-    ) -> Result<(), HsError> {
+    async fn on_member(&self, ev: &OriginalStateEvent<RoomMemberEventContent>) -> Result<(), HsError> {
         if ev.state_key != self.user_id {
             return Ok(());
         }
@@ -85,24 +87,16 @@ impl Bot {
         }
     }
 
-    async fn on_invite(
-        &self,
-        ev: &OriginalStateEvent<RoomMemberEventContent>,
-    ) -> Result<(), HsError> {
+    async fn on_invite(&self, ev: &OriginalStateEvent<RoomMemberEventContent>) -> Result<(), HsError> {
         let room = &ev.room_id;
         if self.config.permission(&ev.sender) < PermissionLevel::User {
             tracing::info!(room_id = %room, inviter = %ev.sender, "refusing an invite from a user without permission");
             let mut leave = leave_room::v3::Request::new(room.clone());
-            leave.reason = Some(format!(
-                "{} may not use handoff on this server; ask the server admin for access",
-                ev.sender
-            ));
+            leave.reason = Some(format!("{} may not use handoff on this server; ask the server admin for access", ev.sender));
             self.hs.send(leave).await?;
             return Ok(());
         }
-        self.hs
-            .send(join_room_by_id::v3::Request::new(room.clone()))
-            .await?;
+        self.hs.send(join_room_by_id::v3::Request::new(room.clone())).await?;
         tracing::info!(room_id = %room, inviter = %ev.sender, "joined on invite");
         if ev.content.is_direct == Some(true)
             && let Err(e) = self.store.set_dm_room(room, &ev.sender)
@@ -111,23 +105,12 @@ impl Bot {
         }
         let (plain, html) = commands::help::text(&self.config.handoff.command_prefix);
         let greeting = format!("Hello {}! {plain}", ev.sender);
-        let html = format!(
-            "<p>Hello {}!</p>{html}",
-            commands::help::escape(ev.sender.as_str())
-        );
-        self.reply(
-            room,
-            &ev.event_id,
-            0,
-            RoomMessageEventContent::notice_html(greeting, html),
-        )
-        .await
+        let html = format!("<p>Hello {}!</p>{html}", escape(ev.sender.as_str()));
+        let ctx = Ctx { room_id: room.clone(), event_id: ev.event_id.clone(), sender: ev.sender.clone() };
+        self.send_notice(&ctx, 0, RoomMessageEventContent::notice_html(greeting, html)).await
     }
 
-    async fn on_message(
-        &self,
-        ev: &OriginalMessageLikeEvent<RoomMessageEventContent>,
-    ) -> Result<(), HsError> {
+    async fn on_message(self: &Arc<Self>, ev: &OriginalMessageLikeEvent<RoomMessageEventContent>) -> Result<(), HsError> {
         if ev.sender == self.user_id {
             return Ok(());
         }
@@ -135,80 +118,128 @@ impl Bot {
         if matches!(ev.content.relates_to, Some(Relation::Replacement(_))) {
             return Ok(());
         }
-        let MessageType::Text(text) = &ev.content.msgtype else {
-            return Ok(());
-        };
         let place = match self.store.dm_room_user(&ev.room_id) {
             Ok(Some(owner)) if owner == ev.sender => Place::Dm,
             _ => Place::Group,
         };
-        let Some(parsed) = commands::parse(&text.body, place, &self.config.handoff.command_prefix)
-        else {
+        let ctx = Ctx { room_id: ev.room_id.clone(), event_id: ev.event_id.clone(), sender: ev.sender.clone() };
+        let text = match &ev.content.msgtype {
+            MessageType::Text(text) => &text.body,
+            // A file dropped into the DM: perhaps a key export.
+            MessageType::File(file) if place == Place::Dm => {
+                if self.config.permission(&ev.sender) < PermissionLevel::User {
+                    return Ok(());
+                }
+                return keys::on_file(self, &ctx, file).await;
+            }
+            _ => return Ok(()),
+        };
+        let Some(parsed) = commands::parse(text, place, &self.config.handoff.command_prefix) else {
             return Ok(());
         };
         if self.config.permission(&ev.sender) < PermissionLevel::User {
-            return self
-                .reply_text(
-                    &ev.room_id,
-                    &ev.event_id,
-                    format!("{} may not use handoff on this server.", ev.sender),
-                )
-                .await;
+            return self.reply(&ctx, format!("{} may not use handoff on this server.", ev.sender)).await;
         }
-        tracing::info!(room_id = %ev.room_id, sender = %ev.sender, command = ?parsed.as_ref().ok(), "command");
+        tracing::info!(room_id = %ev.room_id, sender = %ev.sender, command = ?parsed.as_ref().map(command_name), "command");
         match parsed {
-            Err(e) => {
-                self.reply_text(&ev.room_id, &ev.event_id, e.to_string())
-                    .await
-            }
+            Err(e) => self.reply(&ctx, e.to_string()).await,
             Ok(Command::Help) => {
                 let (plain, html) = commands::help::text(&self.config.handoff.command_prefix);
-                self.reply(
-                    &ev.room_id,
-                    &ev.event_id,
-                    0,
-                    RoomMessageEventContent::notice_html(plain, html),
-                )
-                .await
+                self.send_notice(&ctx, 0, RoomMessageEventContent::notice_html(plain, html)).await
             }
+            Ok(Command::Export(args)) => {
+                // Capturing takes a while: don't hold up the homeserver's transaction.
+                let bot = Arc::clone(self);
+                tokio::spawn(async move {
+                    if let Err(e) = export::run(&bot, &ctx, args).await {
+                        tracing::warn!(error = %e, "export failed");
+                        let _ = bot.reply_n(&ctx, 9, format!("The export failed: {e}. Nothing was stored; try again.")).await;
+                    }
+                });
+                Ok(())
+            }
+            Ok(Command::Keys) => keys::show(self, &ctx).await,
+            Ok(Command::Forget) => self.forget(&ctx).await,
         }
     }
 
-    async fn reply_text(
-        &self,
-        room: &RoomId,
-        cause: &EventId,
-        text: String,
-    ) -> Result<(), HsError> {
-        let html = commands::help::escape(&text);
-        self.reply(
-            room,
-            cause,
-            0,
-            RoomMessageEventContent::notice_html(text, html),
-        )
-        .await
+    async fn forget(&self, ctx: &Ctx) -> Result<(), HsError> {
+        let text = match self.store.forget(&ctx.sender).await {
+            Ok(gone) => format!(
+                "Deleted {} bundle(s) and {} transfer code(s). handoff now holds nothing about you but the fact that this room is your DM with it.",
+                gone.bundles, gone.codes
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "forget failed");
+                "Deleting your data failed on the server's side; nothing was reported as deleted. Try again, or tell the server admin.".to_owned()
+            }
+        };
+        self.reply(ctx, text).await
     }
 
-    /// Sends a notice caused by `cause`. The transaction ID is derived from the cause, so a retried or
-    /// replayed event can't produce a second reply.
-    async fn reply(
-        &self,
-        room: &RoomId,
-        cause: &EventId,
-        n: u32,
-        content: RoomMessageEventContent,
-    ) -> Result<(), HsError> {
-        let request =
-            send_message_event::v3::Request::new(room.to_owned(), reply_txn_id(cause, n), &content)
-                .map_err(|e| HsError::Protocol(e.to_string()))?;
+    /// Replies with a notice; `backtick` spans become `<code>` in the HTML body.
+    pub(crate) async fn reply(&self, ctx: &Ctx, text: String) -> Result<(), HsError> {
+        self.reply_n(ctx, 0, text).await
+    }
+
+    /// The `n`th reply to the same message (each gets its own transaction ID).
+    pub(crate) async fn reply_n(&self, ctx: &Ctx, n: u32, text: String) -> Result<(), HsError> {
+        let html = to_html(&text);
+        self.send_notice(ctx, n, RoomMessageEventContent::notice_html(text, html)).await
+    }
+
+    /// Sends a message caused by `ctx.event_id`. The transaction ID is derived from the cause, so a
+    /// retried or replayed event can't produce a second reply.
+    pub(crate) async fn send_notice(&self, ctx: &Ctx, n: u32, content: RoomMessageEventContent) -> Result<(), HsError> {
+        let request = send_message_event::v3::Request::new(ctx.room_id.clone(), reply_txn_id(&ctx.event_id, n), &content)
+            .map_err(|e| HsError::Protocol(e.to_string()))?;
         self.hs.send(request).await?;
         Ok(())
     }
 }
 
-fn reply_txn_id(cause: &EventId, n: u32) -> OwnedTransactionId {
+fn command_name(c: &Command) -> &'static str {
+    match c {
+        Command::Help => "help",
+        Command::Export(_) => "export",
+        Command::Keys => "keys",
+        Command::Forget => "forget",
+    }
+}
+
+fn reply_txn_id(cause: &ruma::EventId, n: u32) -> OwnedTransactionId {
     let digest = Sha256::digest(cause.as_str().as_bytes());
     let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
     format!("handoff-{hex}-{n}").into()
+}
+
+/// Escapes text for the HTML body of a message.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Plain text to HTML: escaped, `code` spans as `<code>`, line breaks as `<br>`.
+pub fn to_html(text: &str) -> String {
+    let escaped = escape(text);
+    let mut out = String::with_capacity(escaped.len() + 16);
+    for (i, part) in escaped.split('`').enumerate() {
+        if i % 2 == 1 {
+            out.push_str("<code>");
+            out.push_str(part);
+            out.push_str("</code>");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out.replace('\n', "<br>")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_has_code_spans_and_breaks() {
+        assert_eq!(to_html("Send `help` <now>\nok"), "Send <code>help</code> &lt;now&gt;<br>ok");
+    }
 }

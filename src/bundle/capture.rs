@@ -97,12 +97,17 @@ pub async fn capture(
 
     let dm_peers: BTreeMap<&OwnedRoomId, &OwnedUserId> =
         account.direct.iter().flat_map(|(peer, rooms)| rooms.iter().map(move |r| (r, peer))).collect();
-    let rooms: Vec<RoomEntry> = stream::iter(joined.iter())
+    let push_rules = account.push_rules.as_ref();
+    let work: Vec<(OwnedRoomId, Tags, Option<OwnedUserId>)> = joined
+        .into_iter()
         .map(|room_id| {
-            let tags = account.tags.get(room_id).cloned().unwrap_or_default();
-            let peer = dm_peers.get(room_id).map(|p| (*p).clone());
-            room_entry(hs, user, room_id, tags, peer, account.push_rules.as_ref(), opts.history)
+            let tags = account.tags.get(&room_id).cloned().unwrap_or_default();
+            let peer = dm_peers.get(&room_id).map(|p| (*p).clone());
+            (room_id, tags, peer)
         })
+        .collect();
+    let rooms: Vec<RoomEntry> = stream::iter(work)
+        .map(|(room_id, tags, peer)| room_entry(hs, user, room_id, tags, peer, push_rules, opts.history))
         .buffer_unordered(concurrency)
         .try_collect()
         .await?;
@@ -233,13 +238,14 @@ async fn account_data(hs: &Homeserver, user: &UserId) -> Result<AccountData, HsE
 async fn room_entry(
     hs: &Homeserver,
     user: &UserId,
-    room_id: &OwnedRoomId,
+    room_id: OwnedRoomId,
     tags: Tags,
     dm_peer: Option<OwnedUserId>,
     push_rules: Option<&Ruleset>,
     history: usize,
 ) -> Result<RoomEntry, HsError> {
     let state = hs.send_as(user, get_state_events::v3::Request::new(room_id.clone())).await?.room_state;
+    let room_id = &room_id;
     let mut entry = RoomEntry {
         room_id: room_id.clone(),
         via: vec![],

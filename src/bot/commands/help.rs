@@ -1,6 +1,7 @@
 //! `help`: the commands, each with a one-line explanation.
 
 use super::{Args, COMMANDS, Command, CommandError, Spec};
+use crate::bot::escape;
 
 pub const SPEC: Spec = Spec {
     name: "help",
@@ -40,12 +41,4 @@ pub fn text(prefix: &str) -> (String, String) {
     }
     html.push_str("</ul>");
     (plain.trim_end().to_owned(), html)
-}
-
-/// Escapes text for the HTML body of a message.
-pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }

@@ -3,7 +3,10 @@
 //! One file per command (mini-redis style): each owns its parse and its help line.
 
 mod args;
+pub mod export;
+pub mod forget;
 pub mod help;
+pub mod keys;
 
 pub use args::Args;
 
@@ -11,6 +14,9 @@ pub use args::Args;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Help,
+    Export(export::Export),
+    Keys,
+    Forget,
 }
 
 /// A command that exists: its name, usage and one-line explanation, for `help`.
@@ -21,7 +27,7 @@ pub struct Spec {
 }
 
 /// Every command the bot understands, in the order `help` lists them.
-pub const COMMANDS: &[Spec] = &[help::SPEC];
+pub const COMMANDS: &[Spec] = &[help::SPEC, export::SPEC, keys::SPEC, forget::SPEC];
 
 /// Why a message that was meant as a command can't be run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,6 +79,9 @@ fn parse_command(text: &str) -> Result<Command, CommandError> {
     let args = Args::new(rest.to_vec());
     match name.as_str() {
         "help" => help::parse(args),
+        "export" => export::parse(args),
+        "keys" => keys::parse(args),
+        "forget" => forget::parse(args),
         _ => Err(CommandError::Unknown {
             closest: closest(&name),
             given: name,

@@ -1,0 +1,75 @@
+//! Key-export files dropped into the DM, and the `keys` command.
+
+use ruma::api::client::authenticated_media::get_content;
+use ruma::events::room::MediaSource;
+use ruma::events::room::message::FileMessageEventContent;
+
+use super::commands::keys::HOW_TO;
+use super::{Bot, Ctx};
+use crate::homeserver::HsError;
+use crate::keys;
+
+/// Key exports are small (a few hundred bytes per room key); anything bigger is not one.
+const MAX_FILE: u64 = 64 << 20;
+
+pub async fn on_file(bot: &Bot, ctx: &Ctx, file: &FileMessageEventContent) -> Result<(), HsError> {
+    let MediaSource::Plain(uri) = &file.source else {
+        return bot
+            .reply(ctx, "This file is end-to-end encrypted, and handoff can't read encrypted rooms yet. Send it in an unencrypted DM with the bot.".into())
+            .await;
+    };
+    if file.info.as_ref().and_then(|i| i.size).is_some_and(|s| u64::from(s) > MAX_FILE) {
+        return bot.reply(ctx, "This file is too large to be a key export.".into()).await;
+    }
+    let request = get_content::v1::Request::from_uri(uri).map_err(|e| HsError::Protocol(e.to_string()))?;
+    let bytes = bot.hs.send(request).await?.file;
+    let text = String::from_utf8_lossy(&bytes);
+    let export = match keys::validate(&text) {
+        Ok(k) => k,
+        Err(e) => return bot.reply(ctx, format!("{e}. Nothing was attached.")).await,
+    };
+    let latest = match bot.store.latest_bundle(&ctx.sender) {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            return bot
+                .reply(ctx, "This is a valid key export, but you have no bundle to attach it to: send `export` first, then drop the file again.".into())
+                .await;
+        }
+        Err(e) => return store_failure(bot, ctx, e).await,
+    };
+    let (id, mut record) = latest;
+    let size = export.encrypted_len;
+    let rounds = export.rounds;
+    record.bundle.room_keys = Some(export);
+    if let Err(e) = bot.store.update_bundle(&id, &record).await {
+        return store_failure(bot, ctx, e).await;
+    }
+    bot.reply(
+        ctx,
+        format!(
+            "Attached your key export ({size} bytes of encrypted keys, {rounds} PBKDF2 rounds) to your latest bundle. It stays encrypted with your passphrase: handoff cannot read it. The new account receives the file with instructions."
+        ),
+    )
+    .await
+}
+
+pub async fn show(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
+    let text = match bot.store.latest_bundle(&ctx.sender) {
+        Ok(Some((_, record))) => match &record.bundle.room_keys {
+            Some(k) => format!(
+                "Your latest bundle carries a key export: {} bytes of encrypted keys ({} PBKDF2 rounds).",
+                k.encrypted_len, k.rounds
+            ),
+            None => format!("Your latest bundle carries no key export. {HOW_TO}"),
+        },
+        Ok(None) => format!("You have no bundle yet: send `export` first. {HOW_TO}"),
+        Err(e) => return store_failure(bot, ctx, e).await,
+    };
+    bot.reply(ctx, text).await
+}
+
+async fn store_failure(bot: &Bot, ctx: &Ctx, e: crate::store::StoreError) -> Result<(), HsError> {
+    tracing::error!(error = %e, "store failure");
+    bot.reply(ctx, "The server could not read or write its store; nothing changed. Try again, or tell the server admin.".into())
+        .await
+}
