@@ -93,7 +93,11 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(2, e),
         },
-        Cmd::Inspect { file, passphrase_file, json } => match inspect(&file, passphrase_file.as_deref(), json) {
+        Cmd::Inspect {
+            file,
+            passphrase_file,
+            json,
+        } => match inspect(&file, passphrase_file.as_deref(), json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(1, e),
         },
@@ -107,11 +111,17 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn inspect(file: &std::path::Path, passphrase_file: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
+fn inspect(
+    file: &std::path::Path,
+    passphrase_file: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let passphrase = match passphrase_file {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?
+        }
         None => rpassword::prompt_password("Transfer code or passphrase: ")
             .context("cannot ask for the passphrase (use --passphrase-file)")?,
     };
@@ -128,8 +138,16 @@ fn inspect(file: &std::path::Path, passphrase_file: Option<&std::path::Path>, js
         return Ok(());
     }
     let s = &bundle.source;
-    println!("Bundle of {} from {} ({}), made {} by {}", s.user_id, s.server_name, s.homeserver_url,
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(s.exported_at.get().into())), s.client);
+    println!(
+        "Bundle of {} from {} ({}), made {} by {}",
+        s.user_id,
+        s.server_name,
+        s.homeserver_url,
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(s.exported_at.get().into())
+        ),
+        s.client
+    );
     println!("{}", bundle.summary());
     Ok(())
 }

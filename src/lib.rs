@@ -8,8 +8,8 @@
 pub mod appservice;
 pub mod bot;
 pub mod bundle;
-pub mod code;
 pub mod cli;
+pub mod code;
 pub mod config;
 pub mod homeserver;
 pub mod keys;

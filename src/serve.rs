@@ -56,9 +56,13 @@ pub async fn run(config: Config) -> Result<()> {
         )
     })?;
 
-    let acting = Homeserver::connect(address, config.appservice.acting.as_token.expose(), http.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("{e} (check homeserver.address = {address})"))?;
+    let acting = Homeserver::connect(
+        address,
+        config.appservice.acting.as_token.expose(),
+        http.clone(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e} (check homeserver.address = {address})"))?;
     check_acting(&acting).await?;
     let bot = Arc::new(Bot::new(config.clone(), hs.clone(), acting, store.clone()));
     spawn_purge(store.clone(), config.handoff.bundle_retention);
@@ -90,9 +94,16 @@ pub async fn run(config: Config) -> Result<()> {
 
 /// The acting registration must be loaded too: ask who its token is.
 async fn check_acting(acting: &Homeserver) -> Result<()> {
-    match acting.with_retry(Retry::NONE).send(whoami::v3::Request::new()).await {
+    match acting
+        .with_retry(Retry::NONE)
+        .send(whoami::v3::Request::new())
+        .await
+    {
         Ok(_) => Ok(()),
-        Err(HsError::Matrix { kind: ErrorKind::UnknownToken(_), .. }) => bail!(
+        Err(HsError::Matrix {
+            kind: ErrorKind::UnknownToken(_),
+            ..
+        }) => bail!(
             "the homeserver does not know appservice.acting.as_token: add {} to app_service_config_files in the homeserver config and restart it",
             registration::ACTING_FILE
         ),
@@ -108,7 +119,11 @@ fn spawn_purge(store: Store, retention: std::time::Duration) {
             every.tick().await;
             match store.purge(retention).await {
                 Ok(gone) if gone.bundles + gone.codes > 0 => {
-                    tracing::info!(bundles = gone.bundles, codes = gone.codes, "purged expired bundles and codes")
+                    tracing::info!(
+                        bundles = gone.bundles,
+                        codes = gone.codes,
+                        "purged expired bundles and codes"
+                    )
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "purging old bundles failed"),

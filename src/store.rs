@@ -134,7 +134,6 @@ impl Store {
         })
     }
 
-
     /// Whether this transaction ID was already handled.
     pub fn txn_seen(&self, txn_id: &str) -> Result<bool, StoreError> {
         Ok(self.txns.contains_key(txn_id)?)
@@ -165,6 +164,20 @@ impl Store {
         }))
     }
 
+    /// The rooms that are `user`'s DM with the bot.
+    pub fn dm_rooms_of(&self, user: &UserId) -> Result<Vec<ruma::OwnedRoomId>, StoreError> {
+        let mut rooms = Vec::new();
+        for item in self.dm_rooms.iter() {
+            let (k, v) = item?;
+            if v.as_ref() == user.as_str().as_bytes()
+                && let Ok(room) = ruma::OwnedRoomId::try_from(String::from_utf8_lossy(&k).as_ref())
+            {
+                rooms.push(room);
+            }
+        }
+        Ok(rooms)
+    }
+
     pub fn remove_dm_room(&self, room: &RoomId) -> Result<(), StoreError> {
         self.dm_rooms.remove(room.as_str())?;
         Ok(())
@@ -187,7 +200,11 @@ impl Store {
     fn seal(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
         let mut out = nonce.to_vec();
-        out.extend(self.cipher.encrypt(&nonce, Payload { msg: plain, aad }).expect("encryption in memory"));
+        out.extend(
+            self.cipher
+                .encrypt(&nonce, Payload { msg: plain, aad })
+                .expect("encryption in memory"),
+        );
         out
     }
 
@@ -203,35 +220,60 @@ impl Store {
 
     fn write_bundle(&self, id: &BundleId, record: &StoredBundle) -> Result<(), StoreError> {
         let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.bundles.insert(id.0.as_bytes(), self.seal(id.0.as_bytes(), &json))?;
+        self.bundles
+            .insert(id.0.as_bytes(), self.seal(id.0.as_bytes(), &json))?;
         Ok(())
     }
 
     /// Stores a bundle sealed with the store key; returns its ID.
-    pub async fn put_bundle(&self, owner: &UserId, bundle: &Bundle) -> Result<BundleId, StoreError> {
+    pub async fn put_bundle(
+        &self,
+        owner: &UserId,
+        bundle: &Bundle,
+    ) -> Result<BundleId, StoreError> {
         let id = BundleId(format!("{owner}\0{:020}", self.db.generate_id()?));
-        let record = StoredBundle { owner: owner.to_owned(), created_at_ms: now_ms(), bundle: bundle.clone() };
+        let record = StoredBundle {
+            owner: owner.to_owned(),
+            created_at_ms: now_ms(),
+            bundle: bundle.clone(),
+        };
         self.write_bundle(&id, &record)?;
         self.db.flush_async().await?;
         Ok(id)
     }
 
     pub fn get_bundle(&self, id: &BundleId) -> Result<Option<StoredBundle>, StoreError> {
-        let Some(sealed) = self.bundles.get(id.0.as_bytes())? else { return Ok(None) };
+        let Some(sealed) = self.bundles.get(id.0.as_bytes())? else {
+            return Ok(None);
+        };
         let json = self.unseal(id.0.as_bytes(), &sealed)?;
-        serde_json::from_slice(&json).map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
+        serde_json::from_slice(&json)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     /// Replaces a stored bundle's content (e.g. to attach keys), keeping its ID.
-    pub async fn update_bundle(&self, id: &BundleId, record: &StoredBundle) -> Result<(), StoreError> {
+    pub async fn update_bundle(
+        &self,
+        id: &BundleId,
+        record: &StoredBundle,
+    ) -> Result<(), StoreError> {
         self.write_bundle(id, record)?;
         self.db.flush_async().await?;
         Ok(())
     }
 
     /// The owner's most recent bundle.
-    pub fn latest_bundle(&self, owner: &UserId) -> Result<Option<(BundleId, StoredBundle)>, StoreError> {
-        let Some((key, _)) = self.bundles.scan_prefix(owner_prefix(owner)).last().transpose()? else {
+    pub fn latest_bundle(
+        &self,
+        owner: &UserId,
+    ) -> Result<Option<(BundleId, StoredBundle)>, StoreError> {
+        let Some((key, _)) = self
+            .bundles
+            .scan_prefix(owner_prefix(owner))
+            .last()
+            .transpose()?
+        else {
             return Ok(None);
         };
         let id = BundleId(String::from_utf8_lossy(&key).into_owned());
@@ -263,7 +305,9 @@ impl Store {
     ) -> Result<Result<CodeRecord, RedeemError>, StoreError> {
         let now = now_ms();
         loop {
-            let Some(current) = self.codes.get(hash.0)? else { return Ok(Err(RedeemError::NotFound)) };
+            let Some(current) = self.codes.get(hash.0)? else {
+                return Ok(Err(RedeemError::NotFound));
+            };
             let mut record = self.code_record(&current)?;
             if record.bound_to.as_deref().is_some_and(|b| b != redeemer) {
                 return Ok(Err(RedeemError::NotFound));
@@ -275,8 +319,13 @@ impl Store {
                 return Ok(Err(RedeemError::Expired));
             }
             record.redeemed_by = Some(redeemer.to_owned());
-            let new = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if self.codes.compare_and_swap(hash.0, Some(current), Some(new))?.is_ok() {
+            let new =
+                serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if self
+                .codes
+                .compare_and_swap(hash.0, Some(current), Some(new))?
+                .is_ok()
+            {
                 self.db.flush_async().await?;
                 return Ok(Ok(record));
             }
@@ -321,7 +370,10 @@ impl Store {
         let mut gone = Forgotten::default();
         for item in self.bundles.iter() {
             let (k, sealed) = item?;
-            let record = self.unseal(&k, &sealed).ok().and_then(|j| serde_json::from_slice::<StoredBundle>(&j).ok());
+            let record = self
+                .unseal(&k, &sealed)
+                .ok()
+                .and_then(|j| serde_json::from_slice::<StoredBundle>(&j).ok());
             // An unreadable bundle is of no use to anybody.
             if record.is_none_or(|b| b.created_at_ms < cutoff) {
                 self.bundles.remove(k)?;
@@ -330,7 +382,10 @@ impl Store {
         }
         for item in self.codes.iter() {
             let (k, v) = item?;
-            if self.code_record(&v).map_or(true, |r| r.expires_at_ms < cutoff) {
+            if self
+                .code_record(&v)
+                .map_or(true, |r| r.expires_at_ms < cutoff)
+            {
                 self.codes.remove(k)?;
                 gone.codes += 1;
             }
@@ -343,7 +398,11 @@ impl Store {
 
     /// Every raw byte of the bundle tree, for tests that look for plaintext at rest.
     pub fn raw_bundle_bytes(&self) -> Vec<u8> {
-        self.bundles.iter().flatten().flat_map(|(k, v)| [k.to_vec(), v.to_vec()].concat()).collect()
+        self.bundles
+            .iter()
+            .flatten()
+            .flat_map(|(k, v)| [k.to_vec(), v.to_vec()].concat())
+            .collect()
     }
 }
 
@@ -352,15 +411,23 @@ fn owner_prefix(owner: &UserId) -> Vec<u8> {
 }
 
 pub fn key_path_for(db_path: &Path) -> PathBuf {
-    let mut name = db_path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = db_path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".key");
     db_path.with_file_name(name)
 }
 
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
-    let err = |message: String| StoreError::Key { path: path.display().to_string(), message };
+    let err = |message: String| StoreError::Key {
+        path: path.display().to_string(),
+        message,
+    };
     match std::fs::read(path) {
-        Ok(bytes) => bytes.try_into().map_err(|b: Vec<u8>| err(format!("expected 32 bytes, found {}", b.len()))),
+        Ok(bytes) => bytes
+            .try_into()
+            .map_err(|b: Vec<u8>| err(format!("expected 32 bytes, found {}", b.len()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -371,7 +438,9 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
                 .mode(0o600)
                 .open(path)
                 .map_err(|e| err(e.to_string()))?;
-            f.write_all(&key).and_then(|_| f.sync_all()).map_err(|e| err(e.to_string()))?;
+            f.write_all(&key)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| err(e.to_string()))?;
             Ok(key)
         }
         Err(e) => Err(err(e.to_string())),
@@ -422,15 +491,24 @@ mod tests {
         let newer = <&UserId>::try_from("@new:x.org").unwrap();
         let bundle = crate::bundle::tests::sample();
         let id = store.put_bundle(owner, &bundle).await.unwrap();
-        assert_eq!(store.get_bundle(&id).unwrap().unwrap().bundle.to_json(), bundle.to_json());
+        assert_eq!(
+            store.get_bundle(&id).unwrap().unwrap().bundle.to_json(),
+            bundle.to_json()
+        );
         assert_eq!(store.latest_bundle(owner).unwrap().unwrap().0, id);
         // Nothing readable at rest: not the display name, not a room ID.
         let raw = store.raw_bundle_bytes();
         for needle in ["Favourite", "!fav:example.org", "spam:evil.org"] {
-            assert!(!raw.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} readable at rest");
+            assert!(
+                !raw.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{needle} readable at rest"
+            );
         }
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(key_path_for(&path)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(key_path_for(&path))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
 
         let code = crate::code::TransferCode::generate();
@@ -443,18 +521,44 @@ mod tests {
         };
         store.put_code(&code.hash(), &record).await.unwrap();
         // Bound to @new: anyone else sees "no such code".
-        assert_eq!(store.redeem_code(&code.hash(), owner).await.unwrap(), Err(RedeemError::NotFound));
-        let redeemed = store.redeem_code(&code.hash(), newer).await.unwrap().unwrap();
+        assert_eq!(
+            store.redeem_code(&code.hash(), owner).await.unwrap(),
+            Err(RedeemError::NotFound)
+        );
+        let redeemed = store
+            .redeem_code(&code.hash(), newer)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(redeemed.bundle, id);
-        assert_eq!(store.redeem_code(&code.hash(), newer).await.unwrap(), Err(RedeemError::Used));
+        assert_eq!(
+            store.redeem_code(&code.hash(), newer).await.unwrap(),
+            Err(RedeemError::Used)
+        );
         let other = crate::code::TransferCode::generate();
-        assert_eq!(store.redeem_code(&other.hash(), newer).await.unwrap(), Err(RedeemError::NotFound));
-        let expired = CodeRecord { expires_at_ms: now_ms() - 1, bound_to: None, ..record };
+        assert_eq!(
+            store.redeem_code(&other.hash(), newer).await.unwrap(),
+            Err(RedeemError::NotFound)
+        );
+        let expired = CodeRecord {
+            expires_at_ms: now_ms() - 1,
+            bound_to: None,
+            ..record
+        };
         store.put_code(&other.hash(), &expired).await.unwrap();
-        assert_eq!(store.redeem_code(&other.hash(), newer).await.unwrap(), Err(RedeemError::Expired));
+        assert_eq!(
+            store.redeem_code(&other.hash(), newer).await.unwrap(),
+            Err(RedeemError::Expired)
+        );
 
         let gone = store.forget(owner).await.unwrap();
-        assert_eq!(gone, Forgotten { bundles: 1, codes: 2 });
+        assert_eq!(
+            gone,
+            Forgotten {
+                bundles: 1,
+                codes: 2
+            }
+        );
         assert!(store.latest_bundle(owner).unwrap().is_none());
         assert!(store.codes_of(owner).unwrap().is_empty());
         assert!(store.raw_bundle_bytes().is_empty());
@@ -467,8 +571,18 @@ mod tests {
         let owner = <&UserId>::try_from("@old:x.org").unwrap();
         {
             let store = Store::open(&path).unwrap();
-            store.put_bundle(owner, &crate::bundle::tests::sample()).await.unwrap();
-            assert_eq!(store.purge(Duration::from_secs(3600)).await.unwrap().bundles, 0);
+            store
+                .put_bundle(owner, &crate::bundle::tests::sample())
+                .await
+                .unwrap();
+            assert_eq!(
+                store
+                    .purge(Duration::from_secs(3600))
+                    .await
+                    .unwrap()
+                    .bundles,
+                0
+            );
         }
         std::fs::write(key_path_for(&path), [7u8; 32]).unwrap();
         let store = Store::open(&path).unwrap();

@@ -18,10 +18,18 @@ pub async fn on_file(bot: &Bot, ctx: &Ctx, file: &FileMessageEventContent) -> Re
             .reply(ctx, "This file is end-to-end encrypted, and handoff can't read encrypted rooms yet. Send it in an unencrypted DM with the bot.".into())
             .await;
     };
-    if file.info.as_ref().and_then(|i| i.size).is_some_and(|s| u64::from(s) > MAX_FILE) {
-        return bot.reply(ctx, "This file is too large to be a key export.".into()).await;
+    if file
+        .info
+        .as_ref()
+        .and_then(|i| i.size)
+        .is_some_and(|s| u64::from(s) > MAX_FILE)
+    {
+        return bot
+            .reply(ctx, "This file is too large to be a key export.".into())
+            .await;
     }
-    let request = get_content::v1::Request::from_uri(uri).map_err(|e| HsError::Protocol(e.to_string()))?;
+    let request =
+        get_content::v1::Request::from_uri(uri).map_err(|e| HsError::Protocol(e.to_string()))?;
     let bytes = bot.hs.send(request).await?.file;
     let text = String::from_utf8_lossy(&bytes);
     let export = match keys::validate(&text) {

@@ -20,7 +20,8 @@ pub struct Summary {
     pub client_settings: usize,
     pub history_messages: usize,
     pub history_encrypted: usize,
-    pub has_profile: bool,
+    pub display_name: bool,
+    pub avatar: bool,
     pub keys: Option<usize>,
 }
 
@@ -28,7 +29,8 @@ impl Summary {
     pub fn of(b: &Bundle) -> Summary {
         let count = |f: &dyn Fn(&super::RoomEntry) -> bool| b.rooms.iter().filter(|r| f(r)).count();
         let push_rules = b.preferences.push_rules.as_ref().map_or(0, |r| {
-            let user_rules = |ids: Vec<&str>| ids.into_iter().filter(|id| !id.starts_with('.')).count();
+            let user_rules =
+                |ids: Vec<&str>| ids.into_iter().filter(|id| !id.starts_with('.')).count();
             user_rules(r.override_.iter().map(|r| r.rule_id.as_str()).collect())
                 + user_rules(r.content.iter().map(|r| r.rule_id.as_str()).collect())
                 + user_rules(r.room.iter().map(|r| r.rule_id.as_str()).collect())
@@ -48,9 +50,20 @@ impl Summary {
             push_rules,
             ignored_users: b.preferences.ignored_users.len(),
             client_settings: b.preferences.client_settings.len(),
-            history_messages: b.rooms.iter().filter_map(|r| r.history.as_ref()).map(|h| h.messages.len()).sum(),
-            history_encrypted: b.rooms.iter().filter_map(|r| r.history.as_ref()).map(|h| h.encrypted_count).sum(),
-            has_profile: b.profile.display_name.is_some() || b.profile.avatar_url.is_some(),
+            history_messages: b
+                .rooms
+                .iter()
+                .filter_map(|r| r.history.as_ref())
+                .map(|h| h.messages.len())
+                .sum(),
+            history_encrypted: b
+                .rooms
+                .iter()
+                .filter_map(|r| r.history.as_ref())
+                .map(|h| h.encrypted_count)
+                .sum(),
+            display_name: b.profile.display_name.is_some(),
+            avatar: b.profile.avatar_url.is_some(),
             keys: b.room_keys.as_ref().map(|k| k.encrypted_len),
         }
     }
@@ -62,13 +75,24 @@ impl Summary {
                 "Rooms: {} ({} DMs, {} group rooms, {} spaces)",
                 self.rooms, self.dms, self.groups, self.spaces
             ),
-            format!("Priority: {} favourites, {} normal, {} low priority", self.high, self.normal, self.low),
+            format!(
+                "Priority: {} favourites, {} normal, {} low priority",
+                self.high, self.normal, self.low
+            ),
             format!("Contacts: {}", self.contacts),
             format!(
                 "Preferences: {} custom push rules, {} ignored users, {} client settings",
                 self.push_rules, self.ignored_users, self.client_settings
             ),
-            format!("Profile: {}", if self.has_profile { "display name and avatar" } else { "none set" }),
+            format!(
+                "Profile: {}",
+                match (self.display_name, self.avatar) {
+                    (true, true) => "display name and avatar",
+                    (true, false) => "display name",
+                    (false, true) => "avatar",
+                    (false, false) => "none set",
+                }
+            ),
         ];
         if self.history_messages + self.history_encrypted > 0 {
             lines.push(format!(
@@ -77,7 +101,9 @@ impl Summary {
             ));
         }
         lines.push(match self.keys {
-            Some(len) => format!("Encryption keys: attached ({len} bytes, still encrypted with your passphrase)"),
+            Some(len) => format!(
+                "Encryption keys: attached ({len} bytes, still encrypted with your passphrase)"
+            ),
             None => "Encryption keys: none attached (send `keys` to see how)".to_owned(),
         });
         lines
