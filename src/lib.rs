@@ -17,3 +17,4 @@ pub mod registration;
 pub mod sandbox;
 pub mod serve;
 pub mod store;
+pub mod transfer;

@@ -1,0 +1,3 @@
+//! Transfers: moving a bundle into a second account. `plan` decides (pure), `run` executes.
+
+pub mod plan;
