@@ -5,11 +5,15 @@
 //! - `dm_rooms`: the bot's DM with each user (room ID -> user ID), so a bare command is understood there.
 //! - `bundles`: `owner \0 id` -> the bundle and its metadata, sealed with the store key.
 //! - `codes`: SHA-256 of a transfer code -> [`CodeRecord`] (the code itself is never stored).
+//! - `transfers`: transfer ID (u64, big-endian) -> [`Transfer`], sealed (it holds room names).
+//! - `journal`: transfer ID ++ room ID -> [`RoomStep`]: each room's progress, written before and
+//!   after every step.
 //! - `meta`: schema version.
 //!
 //! The store key (32 random bytes) is generated on first open and kept beside the database in
 //! `<database.path>.key`, mode 0600. Without it the sealed bundles can't be read.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
 use crate::code::CodeHash;
+use crate::transfer::{RoomStep, Transfer};
 
 const SCHEMA_VERSION: u32 = 1;
 
@@ -50,6 +55,8 @@ pub struct Store {
     dm_rooms: sled::Tree,
     bundles: sled::Tree,
     codes: sled::Tree,
+    transfers: sled::Tree,
+    journal: sled::Tree,
     cipher: XChaCha20Poly1305,
     key_path: PathBuf,
 }
@@ -94,6 +101,7 @@ pub enum RedeemError {
 pub struct Forgotten {
     pub bundles: usize,
     pub codes: usize,
+    pub transfers: usize,
 }
 
 impl Store {
@@ -128,6 +136,8 @@ impl Store {
             dm_rooms: db.open_tree("dm_rooms")?,
             bundles: db.open_tree("bundles")?,
             codes: db.open_tree("codes")?,
+            transfers: db.open_tree("transfers")?,
+            journal: db.open_tree("journal")?,
             db,
             cipher,
             key_path,
@@ -360,6 +370,15 @@ impl Store {
                 gone.codes += 1;
             }
         }
+        for t in self.transfers()? {
+            if t.old == user || t.new == user {
+                self.transfers.remove(t.id.to_be_bytes())?;
+                for key in self.journal.scan_prefix(t.id.to_be_bytes()).keys() {
+                    self.journal.remove(key?)?;
+                }
+                gone.transfers += 1;
+            }
+        }
         self.db.flush_async().await?;
         Ok(gone)
     }
@@ -394,6 +413,66 @@ impl Store {
             self.db.flush_async().await?;
         }
         Ok(gone)
+    }
+
+    pub fn new_transfer_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()? + 1)
+    }
+
+    /// Writes a transfer record and makes it durable.
+    pub async fn put_transfer(&self, t: &Transfer) -> Result<(), StoreError> {
+        let key = t.id.to_be_bytes();
+        let json = serde_json::to_vec(t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.transfers.insert(key, self.seal(&key, &json))?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    pub fn get_transfer(&self, id: u64) -> Result<Option<Transfer>, StoreError> {
+        let key = id.to_be_bytes();
+        let Some(sealed) = self.transfers.get(key)? else { return Ok(None) };
+        let json = self.unseal(&key, &sealed)?;
+        serde_json::from_slice(&json).map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Every transfer, oldest first.
+    pub fn transfers(&self) -> Result<Vec<Transfer>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.transfers.iter() {
+            let (k, sealed) = item?;
+            let json = self.unseal(&k, &sealed)?;
+            out.push(serde_json::from_slice(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// The latest transfer `user` takes part in (as the old or the new account).
+    pub fn latest_transfer_of(&self, user: &UserId) -> Result<Option<Transfer>, StoreError> {
+        Ok(self.transfers()?.into_iter().rev().find(|t| t.old == user || t.new == user))
+    }
+
+    fn journal_key(id: u64, room: &RoomId) -> Vec<u8> {
+        [&id.to_be_bytes()[..], room.as_bytes()].concat()
+    }
+
+    /// Journals a room's step and makes it durable before returning.
+    pub async fn set_room_step(&self, id: u64, room: &RoomId, step: &RoomStep) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(step).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.journal.insert(Self::journal_key(id, room), json)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Every room's journaled step in a transfer.
+    pub fn room_steps(&self, id: u64) -> Result<BTreeMap<ruma::OwnedRoomId, RoomStep>, StoreError> {
+        let mut out = BTreeMap::new();
+        for item in self.journal.scan_prefix(id.to_be_bytes()) {
+            let (k, v) = item?;
+            let room = ruma::OwnedRoomId::try_from(String::from_utf8_lossy(&k[8..]).as_ref())
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.insert(room, serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
     }
 
     /// Every raw byte of the bundle tree, for tests that look for plaintext at rest.

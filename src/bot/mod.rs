@@ -213,8 +213,8 @@ impl Bot {
     async fn forget(&self, ctx: &Ctx) -> Result<(), HsError> {
         let text = match self.store.forget(&ctx.sender).await {
             Ok(gone) => format!(
-                "Deleted {} bundle(s) and {} transfer code(s). handoff now holds nothing about you but the fact that this room is your DM with it.",
-                gone.bundles, gone.codes
+                "Deleted {} bundle(s), {} transfer code(s) and {} transfer record(s). handoff now holds nothing about you but the fact that this room is your DM with it.",
+                gone.bundles, gone.codes, gone.transfers
             ),
             Err(e) => {
                 tracing::error!(error = %e, "forget failed");

@@ -1,0 +1,833 @@
+//! Executing a transfer: a loop over the plan, each room's steps journaled before and after they
+//! run. On resume, a step that was started is re-checked against the room before it is done again,
+//! and sends use transaction IDs derived from the transfer, so nothing happens twice.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+use ruma::api::Direction;
+use ruma::api::client::config::{get_global_account_data, set_global_account_data};
+use ruma::api::client::media::create_content;
+use ruma::api::client::membership::{invite_user, join_room_by_id_or_alias};
+use ruma::api::client::message::{get_message_events, send_message_event};
+use ruma::api::client::profile::set_profile_field;
+use ruma::api::client::push::{set_pushrule, set_pushrule_enabled};
+use ruma::api::client::state::{get_state_event_for_key, send_state_event};
+use ruma::api::client::tag::create_tag;
+use ruma::api::error::ErrorKind;
+use ruma::events::direct::DirectEventContent;
+use ruma::events::ignored_user_list::{IgnoredUser, IgnoredUserListEventContent};
+use ruma::events::room::MediaSource;
+use ruma::events::room::member::MembershipState;
+use ruma::events::room::message::{
+    FileInfo, FileMessageEventContent, MessageType, ReplacementMetadata, RoomMessageEventContent,
+};
+use ruma::events::room::power_levels::RoomPowerLevelsEventContent;
+use ruma::events::{GlobalAccountDataEventType, MessageLikeEventType, StateEventType};
+use ruma::profile::ProfileFieldValue;
+use ruma::push::{
+    Action, AnyPushRuleRef, HighlightTweakValue, NewConditionalPushRule, NewPatternedPushRule, NewPushRule, NewSimplePushRule, PushCondition, RuleKind,
+    Ruleset, Tweak,
+};
+use ruma::serde::Raw;
+use ruma::{Int, OwnedEventId, OwnedRoomId, OwnedRoomOrAliasId, RoomId, UInt, UserId};
+use serde_json::{Value as JsonValue, json};
+
+use super::plan::{self, Action as PlanAction, Plan, RoomPlan};
+use super::{ClientProfile, RoomStep, StepOutcome, Transfer, TransferState, world};
+use crate::bot::to_html;
+use crate::bundle::Bundle;
+use crate::config::{Config, NotifySender};
+use crate::homeserver::{Homeserver, HsError, Retry};
+use crate::store::{Store, StoreError};
+
+/// Transient failures (homeserver away, rate limits) are waited out, however long it takes: the
+/// transfer completes when the homeserver is back.
+const PATIENT: Retry = Retry { attempts: u32::MAX, backoff: Duration::from_millis(250), max_wait: Duration::from_secs(15) };
+
+/// The field of move notices that clients and bots can read.
+pub const MOVE_FIELD: &str = "org.handoff.move";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Hs(#[from] HsError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("transfer {0} not found")]
+    Missing(u64),
+}
+
+/// Runs transfers: one task each, many at once, each with bounded concurrency over its rooms.
+pub struct Engine {
+    config: Arc<Config>,
+    /// The bot's client (progress, reports, files).
+    bot: Homeserver,
+    /// Acts as the old and (local) new accounts.
+    acting: Homeserver,
+    store: Store,
+    running: Mutex<HashSet<u64>>,
+}
+
+impl Engine {
+    pub fn new(config: Arc<Config>, bot: Homeserver, acting: Homeserver, store: Store) -> Arc<Self> {
+        Arc::new(Engine {
+            config,
+            bot: bot.with_retry(PATIENT),
+            acting: acting.with_retry(PATIENT),
+            store,
+            running: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Starts (or resumes) a transfer in the background, unless it is already running.
+    pub fn spawn(self: &Arc<Self>, id: u64) {
+        if !self.running.lock().expect("lock").insert(id) {
+            return;
+        }
+        let engine = Arc::clone(self);
+        tokio::spawn(async move {
+            let result = engine.run(id).await;
+            engine.running.lock().expect("lock").remove(&id);
+            if let Err(e) = result {
+                tracing::error!(transfer = id, error = %e, "transfer stopped with an error; it resumes at the next start");
+            }
+        });
+    }
+
+    /// Resumes every transfer that was running when the service stopped.
+    pub fn resume_all(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for t in self.store.transfers()? {
+            if matches!(t.state, TransferState::Running | TransferState::Cancelling) {
+                tracing::info!(transfer = t.id, old = %t.old, new = %t.new, "resuming transfer");
+                self.spawn(t.id);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.running.lock().expect("lock").contains(&id)
+    }
+
+    fn is_local(&self, user: &UserId) -> bool {
+        user.server_name() == self.config.homeserver.domain
+    }
+
+    async fn run(&self, id: u64) -> Result<(), RunError> {
+        let mut t = self.store.get_transfer(id)?.ok_or(RunError::Missing(id))?;
+        let Some(stored) = self.store.get_bundle(&t.bundle)? else {
+            t.state = TransferState::Cancelled;
+            self.store.put_transfer(&t).await?;
+            self.say(&t, "The bundle of this transfer is gone (deleted with `forget`, or past its retention). Nothing more will be done.".into()).await?;
+            return Ok(());
+        };
+        let bundle = stored.bundle;
+        if t.plan.is_none() {
+            let rooms: Vec<OwnedRoomId> = bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
+            let world = world::read(
+                &self.acting,
+                &t.old,
+                &t.new,
+                rooms,
+                self.config.handoff.concurrency.0 * 2,
+            )
+            .await?;
+            let plan = plan::plan(&bundle, &t.new, &t.requirements, &world);
+            t.plan = Some(plan);
+            self.store.put_transfer(&t).await?;
+        }
+        let plan = t.plan.clone().expect("planned above");
+        if t.status_event.is_none() {
+            let text = format!("Moving {} rooms from {} to {}…\n{}", plan.rooms.len(), t.old, t.new, progress_bar(0, plan.rooms.len()));
+            t.status_event = Some(self.post(&t.new_dm, &format!("status-{id}"), &text).await?);
+            self.store.put_transfer(&t).await?;
+        }
+
+        let steps = self.store.room_steps(id)?;
+        let todo: Vec<RoomPlan> =
+            plan.rooms.iter().filter(|r| !steps.get(&r.room_id).is_some_and(RoomStep::is_final)).cloned().collect();
+        let done_before = plan.rooms.len() - todo.len();
+        let progress = Progress { done: Mutex::new(done_before), last_edit: Mutex::new(Instant::now()) };
+        let (bundle_ref, t_ref, progress_ref, steps_ref, plan_ref) = (&bundle, &t, &progress, &steps, &plan);
+        let cancelled = stream::iter(todo)
+            .map(|room: RoomPlan| async move {
+                if self.cancel_requested(id) {
+                    return true;
+                }
+                let room = &room;
+                let start = steps_ref.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
+                let step = match self.move_room(t_ref, bundle_ref, room, start).await {
+                    Ok(step) => step,
+                    Err(e @ RunError::Store(_)) => RoomStep::Failed(e.to_string()),
+                    Err(e) => RoomStep::Failed(e.to_string()),
+                };
+                if let Err(e) = self.store.set_room_step(id, &room.room_id, &step).await {
+                    tracing::error!(error = %e, "cannot journal a room's outcome");
+                }
+                self.advance(t_ref, plan_ref, progress_ref).await;
+                false
+            })
+            .buffer_unordered(self.config.handoff.concurrency.0)
+            .collect::<Vec<bool>>()
+            .await
+            .contains(&true);
+
+        let mut t = self.store.get_transfer(id)?.ok_or(RunError::Missing(id))?;
+        if cancelled || t.state == TransferState::Cancelling {
+            t.state = TransferState::Cancelled;
+            self.store.put_transfer(&t).await?;
+            let report = self.report(&t, &bundle, &plan, true)?;
+            self.post_report(&t, &report).await?;
+            return Ok(());
+        }
+        self.account_steps(&mut t, &bundle, &plan).await?;
+        t.state = TransferState::Done;
+        self.store.put_transfer(&t).await?;
+        let report = self.report(&t, &bundle, &plan, false)?;
+        self.edit_status(&t, &format!("Done: {}", report.headline)).await?;
+        self.post_report(&t, &report).await?;
+        tracing::info!(transfer = id, "transfer done");
+        Ok(())
+    }
+
+    fn cancel_requested(&self, id: u64) -> bool {
+        self.store.get_transfer(id).ok().flatten().is_some_and(|t| t.state == TransferState::Cancelling)
+    }
+
+    /// Journals `Started(stage)` before a stage runs, so a resumed transfer knows to re-check.
+    async fn started(&self, t: &Transfer, room: &RoomId, stage: &str) -> Result<(), RunError> {
+        Ok(self.store.set_room_step(t.id, room, &RoomStep::Started(stage.into())).await?)
+    }
+
+    async fn finished(&self, t: &Transfer, room: &RoomId, step: RoomStep) -> Result<(), RunError> {
+        Ok(self.store.set_room_step(t.id, room, &step).await?)
+    }
+
+    /// Moves one room, from wherever its journal says it got to. Returns its final step.
+    async fn move_room(&self, t: &Transfer, bundle: &Bundle, room: &RoomPlan, from: RoomStep) -> Result<RoomStep, RunError> {
+        let rid = &room.room_id;
+        match room.action {
+            PlanAction::Blocked(b) => return Ok(RoomStep::Skipped(b.explain().into())),
+            PlanAction::Gone => {
+                return Ok(RoomStep::Skipped("the old account is no longer in this room, or it no longer exists".into()));
+            }
+            PlanAction::Join | PlanAction::AlreadyJoined => {}
+        }
+        let stage = stage_of(&from);
+        let local_new = self.is_local(&t.new);
+
+        // 1. Reserve: the old account invites the new one (checked against the room first).
+        if stage < 1 {
+            self.started(t, rid, "invite").await?;
+            let membership = self.membership(&t.old, rid, &t.new).await?;
+            match membership {
+                Some(MembershipState::Join) | Some(MembershipState::Invite) => {}
+                Some(MembershipState::Ban) => return Ok(RoomStep::Skipped(plan::Blocked::Banned.explain().into())),
+                _ => {
+                    let mut invitee = invite_user::v3::InviteUserId::new(t.new.clone());
+                    invitee.reason = Some(format!("{} is moving to this account (handoff)", t.old));
+                    let req = invite_user::v3::Request::new(rid.clone(), invitee.into());
+                    if let Err(e) = self.acting.send_as(&t.old, req).await {
+                        // A public room can be joined without the invite.
+                        let public = room.action == PlanAction::Join && matches!(e.kind(), Some(ErrorKind::Forbidden));
+                        if !public {
+                            return Ok(RoomStep::Failed(format!("the invite failed: {e}")));
+                        }
+                    }
+                }
+            }
+            self.finished(t, rid, RoomStep::Invited).await?;
+        }
+        // 2. Join: a local new account is joined by the service; a remote one accepts from its client.
+        if stage < 2 && local_new {
+            self.started(t, rid, "join").await?;
+            if self.membership(&t.old, rid, &t.new).await? != Some(MembershipState::Join) {
+                let mut req = join_room_by_id_or_alias::v3::Request::new(OwnedRoomOrAliasId::from(rid.clone()));
+                req.via = room.via.clone();
+                if let Err(e) = self.acting.send_as(&t.new, req).await {
+                    return Ok(RoomStep::Failed(format!("joining failed: {e}")));
+                }
+            }
+            self.finished(t, rid, RoomStep::Joined).await?;
+        }
+        // 3. Carry rank: re-read the power levels right before writing them.
+        if stage < 3
+            && let Some(level) = room.give_level
+        {
+            self.started(t, rid, "rank").await?;
+            if let Err(e) = self.carry_rank(&t.old, rid, &t.new, level).await {
+                tracing::warn!(room_id = %rid, error = %e, "carrying the rank failed");
+            }
+            self.finished(t, rid, RoomStep::RankCarried).await?;
+        }
+        // 4. Tags, on the new account (PUT is idempotent).
+        if stage < 4 && local_new {
+            if let Some(entry) = bundle.rooms.iter().find(|r| &r.room_id == rid) {
+                for (name, info) in &entry.tags {
+                    let req = create_tag::v3::Request::new(t.new.clone(), rid.clone(), name.to_string(), info.clone());
+                    self.acting.send_as(&t.new, req).await?;
+                }
+            }
+            self.finished(t, rid, RoomStep::Tagged).await?;
+        }
+        // 5. Notify: one notice per room, never two.
+        if stage < 5 {
+            self.started(t, rid, "notify").await?;
+            self.notify(t, rid, local_new).await?;
+            self.finished(t, rid, RoomStep::Notified).await?;
+        }
+        Ok(if local_new { RoomStep::Done } else { RoomStep::AwaitingAccept })
+    }
+
+    async fn membership(&self, reader: &UserId, room: &RoomId, user: &UserId) -> Result<Option<MembershipState>, RunError> {
+        let req = get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomMember, user.to_string());
+        match self.acting.send_as(reader, req).await {
+            Ok(resp) => {
+                let content: JsonValue = serde_json::from_str(resp.event_or_content.get()).unwrap_or_default();
+                Ok(content.get("membership").and_then(|m| serde_json::from_value(m.clone()).ok()))
+            }
+            Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn carry_rank(&self, old: &UserId, room: &RoomId, new: &UserId, level: Int) -> Result<(), RunError> {
+        let req = get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomPowerLevels, String::new());
+        let resp = self.acting.send_as(old, req).await?;
+        let mut content: RoomPowerLevelsEventContent = serde_json::from_str(resp.event_or_content.get())
+            .map_err(|e| HsError::Protocol(e.to_string()))?;
+        let current = content.users.get(new).copied().unwrap_or(content.users_default);
+        if current >= level {
+            return Ok(());
+        }
+        content.users.insert(new.to_owned(), level);
+        let req = send_state_event::v3::Request::new(room.to_owned(), &ruma::events::EmptyStateKey, &content)
+            .map_err(|e| HsError::Protocol(e.to_string()))?;
+        self.acting.send_as(old, req).await?;
+        Ok(())
+    }
+
+    /// Posts the move notice, unless one of this transfer is already in the room.
+    async fn notify(&self, t: &Transfer, room: &RoomId, local_new: bool) -> Result<(), RunError> {
+        let sender = match self.config.handoff.notify.sender {
+            NotifySender::New if local_new => t.new.clone(),
+            // The bot is not in the users' rooms, and a remote new account can't be acted for.
+            _ => t.old.clone(),
+        };
+        if self.notice_exists(&sender, room, t.id).await? {
+            return Ok(());
+        }
+        let text = self
+            .config
+            .handoff
+            .notify
+            .template
+            .replace("{old}", t.old.as_str())
+            .replace("{new}", t.new.as_str());
+        let mut content = serde_json::to_value(RoomMessageEventContent::notice_html(text.clone(), to_html(&text)))
+            .expect("content serialises");
+        content[MOVE_FIELD] = json!({
+            "transfer": t.id,
+            "from": t.old,
+            "to": t.new,
+            "profile": t.profile,
+        });
+        let raw = Raw::from_json(serde_json::value::to_raw_value(&content).expect("json"));
+        let req = send_message_event::v3::Request::new_raw(
+            room.to_owned(),
+            format!("handoff-move-{}", t.id).into(),
+            MessageLikeEventType::RoomMessage,
+            raw,
+        );
+        self.acting.send_as(&sender, req).await?;
+        Ok(())
+    }
+
+    async fn notice_exists(&self, sender: &UserId, room: &RoomId, transfer: u64) -> Result<bool, RunError> {
+        let mut req = get_message_events::v3::Request::new(room.to_owned(), Direction::Backward);
+        req.limit = UInt::from(50u32);
+        req.filter.types = Some(vec!["m.room.message".into()]);
+        req.filter.senders = Some(vec![sender.to_owned()]);
+        let chunk = match self.acting.send_as(sender, req).await {
+            Ok(r) => r.chunk,
+            Err(e) if !e.is_transient() => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(chunk.iter().any(|ev| {
+            ev.get_field::<JsonValue>("content")
+                .ok()
+                .flatten()
+                .and_then(|c| c.get(MOVE_FIELD)?.get("transfer")?.as_u64())
+                == Some(transfer)
+        }))
+    }
+
+    /// Account-level steps, each once (journaled in the transfer record).
+    async fn account_steps(&self, t: &mut Transfer, bundle: &Bundle, plan: &Plan) -> Result<(), RunError> {
+        if !self.is_local(&t.new) {
+            t.account_steps.insert(
+                "account".into(),
+                StepOutcome::Failed(format!(
+                    "{} is on another server: tags, DMs, ignored users, push rules, settings and profile are applied by that server's handoff or your client",
+                    t.new
+                )),
+            );
+            return Ok(());
+        }
+        let steps: [(&str, StepFn); 7] = [
+            ("direct", |e, t, b, p| Box::pin(e.merge_direct(t, b, p))),
+            ("ignored_users", |e, t, b, _| Box::pin(e.merge_ignored(t, b))),
+            ("push_rules", |e, t, b, _| Box::pin(e.apply_push_rules(t, b))),
+            ("client_settings", |e, t, b, _| Box::pin(e.apply_settings(t, b))),
+            ("profile", |e, t, b, _| Box::pin(e.apply_profile(t, b))),
+            ("old_mentions", |e, t, _, _| Box::pin(e.add_mention_rule(t))),
+            ("room_keys", |e, t, b, _| Box::pin(e.deliver_keys(t, b))),
+        ];
+        for (name, step) in steps {
+            if t.account_steps.contains_key(name) {
+                continue;
+            }
+            let outcome = match step(self, t, bundle, plan).await {
+                Ok(done) => StepOutcome::Done(done),
+                Err(RunError::Hs(e)) if !e.is_transient() => StepOutcome::Failed(e.to_string()),
+                Err(e) => return Err(e),
+            };
+            t.account_steps.insert(name.into(), outcome);
+            self.store.put_transfer(t).await?;
+        }
+        Ok(())
+    }
+
+    async fn global_data(&self, user: &UserId, kind: GlobalAccountDataEventType) -> Result<Option<JsonValue>, RunError> {
+        match self.acting.send_as(user, get_global_account_data::v3::Request::new(user.to_owned(), kind)).await {
+            Ok(r) => Ok(Some(r.account_data.deserialize_as().map_err(|e| HsError::Protocol(e.to_string()))?)),
+            Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn set_global_data(&self, user: &UserId, kind: &str, content: &JsonValue) -> Result<(), RunError> {
+        let raw = Raw::from_json(serde_json::value::to_raw_value(content).expect("json"));
+        let req = set_global_account_data::v3::Request::new_raw(user.to_owned(), kind.into(), raw);
+        self.acting.send_as(user, req).await?;
+        Ok(())
+    }
+
+    /// `m.direct` on the new account gains the moved DMs; nothing it had is removed.
+    async fn merge_direct(&self, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<String, RunError> {
+        let moved: BTreeSet<&OwnedRoomId> = self.moved_rooms(t, plan)?;
+        let current: DirectEventContent = self
+            .global_data(&t.new, GlobalAccountDataEventType::Direct)
+            .await?
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        let mut merged = current.clone();
+        let mut added = 0;
+        for contact in &bundle.contacts {
+            let rooms = merged.entry(contact.user_id.clone().into()).or_default();
+            for r in contact.dm_rooms.iter().filter(|r| moved.contains(r)) {
+                if !rooms.contains(r) {
+                    rooms.push(r.clone());
+                    added += 1;
+                }
+            }
+        }
+        merged.retain(|_, rooms| !rooms.is_empty());
+        if added > 0 {
+            let content = serde_json::to_value(&merged).expect("json");
+            self.set_global_data(&t.new, "m.direct", &content).await?;
+        }
+        Ok(format!("{added} DM room(s) marked as DMs"))
+    }
+
+    fn moved_rooms<'a>(&self, t: &Transfer, plan: &'a Plan) -> Result<BTreeSet<&'a OwnedRoomId>, RunError> {
+        let steps = self.store.room_steps(t.id)?;
+        Ok(plan
+            .rooms
+            .iter()
+            .map(|r| &r.room_id)
+            .filter(|r| matches!(steps.get(*r), Some(RoomStep::Done) | Some(RoomStep::AwaitingAccept)))
+            .collect())
+    }
+
+    async fn merge_ignored(&self, t: &Transfer, bundle: &Bundle) -> Result<String, RunError> {
+        let mut current: IgnoredUserListEventContent = self
+            .global_data(&t.new, GlobalAccountDataEventType::IgnoredUserList)
+            .await?
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_else(|| IgnoredUserListEventContent::new(Default::default()));
+        let before = current.ignored_users.len();
+        for user in &bundle.preferences.ignored_users {
+            current.ignored_users.entry(user.clone()).or_insert_with(IgnoredUser::new);
+        }
+        let added = current.ignored_users.len() - before;
+        if added > 0 {
+            let content = serde_json::to_value(&current).expect("json");
+            self.set_global_data(&t.new, "m.ignored_user_list", &content).await?;
+        }
+        Ok(format!("{added} ignored user(s) added"))
+    }
+
+    /// Non-default rules are added (where the new account lacks them); default rules' enabled flags
+    /// are mirrored.
+    async fn apply_push_rules(&self, t: &Transfer, bundle: &Bundle) -> Result<String, RunError> {
+        let Some(rules) = &bundle.preferences.push_rules else { return Ok("none in the bundle".into()) };
+        let current: Ruleset = self
+            .global_data(&t.new, GlobalAccountDataEventType::PushRules)
+            .await?
+            .and_then(|v| v.get("global").cloned())
+            .and_then(|g| serde_json::from_value(g).ok())
+            .unwrap_or_default();
+        let existing: BTreeMap<String, bool> =
+            current.iter().map(|r| (r.rule_id().to_owned(), r.enabled())).collect();
+        let (mut added, mut mirrored) = (0, 0);
+        for (new_rule, enabled) in new_rules(rules) {
+            let id = new_rule.rule_id().to_owned();
+            let kind = new_rule.kind();
+            if existing.contains_key(&id) {
+                continue;
+            }
+            self.acting.send_as(&t.new, set_pushrule::v3::Request::new(new_rule)).await?;
+            if !enabled {
+                self.acting.send_as(&t.new, set_pushrule_enabled::v3::Request::new(kind, id, false)).await?;
+            }
+            added += 1;
+        }
+        for rule in rules.iter().filter(|r| r.is_server_default()) {
+            let id = rule.rule_id();
+            if existing.get(id).is_some_and(|e| *e != rule.enabled()) {
+                let req = set_pushrule_enabled::v3::Request::new(kind_of(&rule), id.to_owned(), rule.enabled());
+                self.acting.send_as(&t.new, req).await?;
+                mirrored += 1;
+            }
+        }
+        Ok(format!("{added} push rule(s) added, {mirrored} default rule(s) switched to match"))
+    }
+
+    async fn apply_settings(&self, t: &Transfer, bundle: &Bundle) -> Result<String, RunError> {
+        let (mut set, mut conflicts) = (0, Vec::new());
+        for (kind, content) in &bundle.preferences.client_settings {
+            match self.global_data(&t.new, kind.as_str().into()).await? {
+                None => {
+                    self.set_global_data(&t.new, kind, content).await?;
+                    set += 1;
+                }
+                Some(existing) if &existing == content => {}
+                Some(_) => conflicts.push(kind.clone()),
+            }
+        }
+        let mut out = format!("{set} client setting(s) applied");
+        if !conflicts.is_empty() {
+            out.push_str(&format!("; kept the new account's own {} (it differs)", conflicts.join(", ")));
+        }
+        Ok(out)
+    }
+
+    async fn apply_profile(&self, t: &Transfer, bundle: &Bundle) -> Result<String, RunError> {
+        let mut done = vec![];
+        if let Some(name) = &bundle.profile.display_name {
+            let req = set_profile_field::v3::Request::new(t.new.clone(), ProfileFieldValue::DisplayName(name.clone()));
+            self.acting.send_as(&t.new, req).await?;
+            done.push("display name");
+        }
+        if let Some(avatar) = &bundle.profile.avatar_url {
+            let req = set_profile_field::v3::Request::new(t.new.clone(), ProfileFieldValue::AvatarUrl(avatar.clone()));
+            self.acting.send_as(&t.new, req).await?;
+            done.push("avatar");
+        }
+        Ok(if done.is_empty() { "nothing to set".into() } else { format!("{} set", done.join(" and ")) })
+    }
+
+    /// Mentions of the old user ID keep notifying the new account.
+    async fn add_mention_rule(&self, t: &Transfer) -> Result<String, RunError> {
+        let condition: PushCondition = serde_json::from_value(json!({
+            "kind": "event_property_contains",
+            "key": "content.m\\.mentions.user_ids",
+            "value": t.old,
+        }))
+        .map_err(|e| HsError::Protocol(e.to_string()))?;
+        let rule = NewConditionalPushRule::new(
+            "org.handoff.old_mentions".into(),
+            vec![condition],
+            vec![Action::Notify, Action::SetTweak(Tweak::Highlight(HighlightTweakValue::Yes)), Action::SetTweak(Tweak::Sound("default".into()))],
+        );
+        self.acting.send_as(&t.new, set_pushrule::v3::Request::new(NewPushRule::Override(rule))).await?;
+        Ok(format!("mentions of {} notify you", t.old))
+    }
+
+    /// The key export goes to the new account's DM, as a file, with instructions.
+    async fn deliver_keys(&self, t: &Transfer, bundle: &Bundle) -> Result<String, RunError> {
+        let Some(keys) = &bundle.room_keys else { return Ok("no key export in the bundle".into()) };
+        let name = "element-keys.txt";
+        let mut upload = create_content::v3::Request::new(keys.armored.clone().into_bytes());
+        upload.filename = Some(name.into());
+        upload.content_type = Some("text/plain".into());
+        let uri = self.bot.send(upload).await?.content_uri;
+        let mut info = FileInfo::new();
+        info.mimetype = Some("text/plain".into());
+        info.size = UInt::try_from(keys.armored.len()).ok();
+        let mut file = FileMessageEventContent::new(name.into(), MediaSource::Plain(uri));
+        file.filename = Some(name.into());
+        file.info = Some(Box::new(info));
+        self.send_bot(&t.new_dm, &format!("keys-{}", t.id), RoomMessageEventContent::new(MessageType::File(file))).await?;
+        self.post(
+            &t.new_dm,
+            &format!("keys-help-{}", t.id),
+            "That file holds the encryption keys of your old account, still encrypted with the passphrase you chose when you exported them. Import it in your client (Element: Settings → Encryption → Import keys) with that passphrase to read your encrypted history.",
+        )
+        .await?;
+        Ok("key export delivered".into())
+    }
+
+    /// Edits the status message at most every two seconds, and always for the last room.
+    async fn advance(&self, t: &Transfer, plan: &Plan, progress: &Progress) {
+        let done = {
+            let mut d = progress.done.lock().expect("lock");
+            *d += 1;
+            *d
+        };
+        let due = {
+            let mut last = progress.last_edit.lock().expect("lock");
+            let due = done == plan.rooms.len() || last.elapsed() >= Duration::from_secs(2);
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        if due {
+            let text = format!("Moving rooms from {} to {}: {done} of {}\n{}", t.old, t.new, plan.rooms.len(), progress_bar(done, plan.rooms.len()));
+            if let Err(e) = self.edit_status(t, &text).await {
+                tracing::warn!(error = %e, "cannot edit the status message");
+            }
+        }
+    }
+
+    async fn edit_status(&self, t: &Transfer, text: &str) -> Result<(), RunError> {
+        let Some(status) = &t.status_event else { return Ok(()) };
+        let content = RoomMessageEventContent::notice_html(text.to_owned(), to_html(text))
+            .make_replacement(ReplacementMetadata::new(status.clone(), None));
+        // Edits are not deduplicated on purpose: each carries newer progress.
+        let txn = format!("edit-{}-{}", t.id, rand::random::<u64>());
+        self.send_bot(&t.new_dm, &txn, content).await?;
+        Ok(())
+    }
+
+    /// Posts a notice as the bot; `key` makes the transaction ID, so a resumed transfer can't post twice.
+    pub async fn post(&self, room: &RoomId, key: &str, text: &str) -> Result<OwnedEventId, RunError> {
+        self.send_bot(room, key, RoomMessageEventContent::notice_html(text.to_owned(), to_html(text))).await
+    }
+
+    async fn send_bot(&self, room: &RoomId, key: &str, content: RoomMessageEventContent) -> Result<OwnedEventId, RunError> {
+        let req = send_message_event::v3::Request::new(room.to_owned(), format!("handoff-{key}").into(), &content)
+            .map_err(|e| HsError::Protocol(e.to_string()))?;
+        Ok(self.bot.send(req).await?.event_id)
+    }
+
+    async fn say(&self, t: &Transfer, text: String) -> Result<(), RunError> {
+        self.post(&t.new_dm, &format!("say-{}-{}", t.id, rand::random::<u64>()), &text).await?;
+        Ok(())
+    }
+
+    fn report(&self, t: &Transfer, bundle: &Bundle, plan: &Plan, cancelled: bool) -> Result<Report, RunError> {
+        let steps = self.store.room_steps(t.id)?;
+        Ok(Report::new(t, bundle, plan, &steps, cancelled))
+    }
+
+    async fn post_report(&self, t: &Transfer, report: &Report) -> Result<(), RunError> {
+        let content = match t.profile {
+            ClientProfile::Mobile => RoomMessageEventContent::notice_plain(report.digest()),
+            ClientProfile::Desktop => RoomMessageEventContent::notice_html(report.plain(), report.html()),
+        };
+        self.send_bot(&t.new_dm, &format!("report-{}", t.id), content).await?;
+        Ok(())
+    }
+}
+
+type StepFuture<'a> = std::pin::Pin<Box<dyn Future<Output = Result<String, RunError>> + Send + 'a>>;
+type StepFn = for<'a> fn(&'a Engine, &'a Transfer, &'a Bundle, &'a Plan) -> StepFuture<'a>;
+
+struct Progress {
+    done: Mutex<usize>,
+    last_edit: Mutex<Instant>,
+}
+
+/// How far a room got: 0 nothing, 1 invited, 2 joined, 3 rank carried, 4 tagged, 5 notified.
+fn stage_of(step: &RoomStep) -> u8 {
+    match step {
+        RoomStep::Pending => 0,
+        RoomStep::Started(s) => match s.as_str() {
+            "invite" => 0,
+            "join" => 1,
+            "rank" => 2,
+            "tags" => 3,
+            _ => 4, // "notify"
+        },
+        RoomStep::Invited => 1,
+        RoomStep::Joined => 2,
+        RoomStep::RankCarried => 3,
+        RoomStep::Tagged => 4,
+        RoomStep::Notified => 5,
+        _ => 5,
+    }
+}
+
+fn progress_bar(done: usize, total: usize) -> String {
+    let width = 20;
+    let filled = if total == 0 { width } else { done * width / total };
+    format!("[{}{}] {done}/{total}", "█".repeat(filled), "░".repeat(width - filled))
+}
+
+/// The bundle's push rules as rules to create, with their enabled flags. Server-default rules are
+/// not created (they exist everywhere): their flags are mirrored instead.
+fn new_rules(rules: &Ruleset) -> Vec<(NewPushRule, bool)> {
+    let mut out = Vec::new();
+    for r in rules.override_.iter().filter(|r| !r.default) {
+        out.push((NewPushRule::Override(NewConditionalPushRule::new(r.rule_id.clone(), r.conditions.clone(), r.actions.clone())), r.enabled));
+    }
+    for r in rules.content.iter().filter(|r| !r.default) {
+        out.push((NewPushRule::Content(NewPatternedPushRule::new(r.rule_id.clone(), r.pattern.clone(), r.actions.clone())), r.enabled));
+    }
+    for r in rules.room.iter().filter(|r| !r.default) {
+        out.push((NewPushRule::Room(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())), r.enabled));
+    }
+    for r in rules.sender.iter().filter(|r| !r.default) {
+        out.push((NewPushRule::Sender(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())), r.enabled));
+    }
+    for r in rules.underride.iter().filter(|r| !r.default) {
+        out.push((NewPushRule::Underride(NewConditionalPushRule::new(r.rule_id.clone(), r.conditions.clone(), r.actions.clone())), r.enabled));
+    }
+    out
+}
+
+fn kind_of(rule: &AnyPushRuleRef<'_>) -> RuleKind {
+    match rule {
+        AnyPushRuleRef::Override(_) => RuleKind::Override,
+        AnyPushRuleRef::Content(_) => RuleKind::Content,
+        AnyPushRuleRef::Room(_) => RuleKind::Room,
+        AnyPushRuleRef::Sender(_) => RuleKind::Sender,
+        AnyPushRuleRef::Underride(_) => RuleKind::Underride,
+        #[allow(unreachable_patterns)]
+        _ => RuleKind::Override,
+    }
+}
+
+/// The final report: counts, per-room outcomes, and what to do about skipped rooms.
+pub struct Report {
+    pub headline: String,
+    pub moved: usize,
+    pub awaiting: usize,
+    pub skipped: Vec<(String, String)>,
+    pub failed: Vec<(String, String)>,
+    pub warnings: Vec<(String, String)>,
+    pub account: Vec<(String, StepOutcome)>,
+    pub left_out: usize,
+    pub cancelled: bool,
+}
+
+impl Report {
+    fn new(t: &Transfer, _bundle: &Bundle, plan: &Plan, steps: &BTreeMap<OwnedRoomId, RoomStep>, cancelled: bool) -> Report {
+        let label = |r: &RoomPlan| r.name.clone().unwrap_or_else(|| r.room_id.to_string());
+        let (mut moved, mut awaiting, mut skipped, mut failed, mut warnings) = (0, 0, vec![], vec![], vec![]);
+        for r in &plan.rooms {
+            match steps.get(&r.room_id) {
+                Some(RoomStep::Done) => moved += 1,
+                Some(RoomStep::AwaitingAccept) => awaiting += 1,
+                Some(RoomStep::Skipped(why)) => skipped.push((label(r), why.clone())),
+                Some(RoomStep::Failed(why)) => failed.push((label(r), why.clone())),
+                _ => {}
+            }
+            for w in &r.warnings {
+                warnings.push((label(r), w.explain()));
+            }
+        }
+        let headline = format!(
+            "{}{moved} of {} rooms moved to {}{}{}{}",
+            if cancelled { "Cancelled. " } else { "" },
+            plan.rooms.len(),
+            t.new,
+            if awaiting > 0 { format!(", {awaiting} invites to accept") } else { String::new() },
+            if skipped.is_empty() { String::new() } else { format!(", {} skipped", skipped.len()) },
+            if failed.is_empty() { String::new() } else { format!(", {} failed", failed.len()) },
+        );
+        Report {
+            headline,
+            moved,
+            awaiting,
+            skipped,
+            failed,
+            warnings,
+            account: t.account_steps.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            left_out: plan.left_out,
+            cancelled,
+        }
+    }
+
+    /// For mobile: short, plain.
+    pub fn digest(&self) -> String {
+        let mut out = self.headline.clone();
+        for (room, why) in self.skipped.iter().chain(&self.failed) {
+            out.push_str(&format!("\n✗ {room}: {why}"));
+        }
+        if self.awaiting > 0 {
+            out.push_str("\nAccept the pending invites from your client.");
+        }
+        out
+    }
+
+    pub fn plain(&self) -> String {
+        let mut out = format!("{}.\n", self.headline);
+        let section = |out: &mut String, title: &str, items: &[(String, String)]| {
+            if !items.is_empty() {
+                out.push_str(&format!("\n{title}:\n"));
+                for (room, why) in items {
+                    out.push_str(&format!("• {room}: {why}\n"));
+                }
+            }
+        };
+        section(&mut out, "Skipped (what you can do)", &self.skipped);
+        section(&mut out, "Failed (run `import` again with a new code to retry)", &self.failed);
+        section(&mut out, "Warnings", &self.warnings);
+        if self.awaiting > 0 {
+            out.push_str(&format!("\n{} rooms wait for you to accept their invites from your new account's client.\n", self.awaiting));
+        }
+        if !self.account.is_empty() {
+            out.push_str("\nAccount:\n");
+            for (step, outcome) in &self.account {
+                let text = match outcome {
+                    StepOutcome::Done(d) => format!("✓ {step}: {d}"),
+                    StepOutcome::Failed(d) => format!("✗ {step}: {d}"),
+                };
+                out.push_str(&format!("{text}\n"));
+            }
+        }
+        if self.left_out > 0 {
+            out.push_str(&format!("\n{} room(s) of the bundle were left out by your import options.\n", self.left_out));
+        }
+        out.trim_end().to_owned()
+    }
+
+    pub fn html(&self) -> String {
+        to_html(&self.plain())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_follow_the_journal() {
+        assert_eq!(stage_of(&RoomStep::Pending), 0);
+        assert_eq!(stage_of(&RoomStep::Started("invite".into())), 0);
+        assert_eq!(stage_of(&RoomStep::Invited), 1);
+        assert_eq!(stage_of(&RoomStep::Started("join".into())), 1);
+        assert_eq!(stage_of(&RoomStep::Started("notify".into())), 4);
+        assert_eq!(stage_of(&RoomStep::Notified), 5);
+        assert_eq!(progress_bar(5, 10), format!("[{}{}] 5/10", "█".repeat(10), "░".repeat(10)));
+    }
+}
