@@ -635,7 +635,8 @@ mod tests {
             gone,
             Forgotten {
                 bundles: 1,
-                codes: 2
+                codes: 2,
+                transfers: 0
             }
         );
         assert!(store.latest_bundle(owner).unwrap().is_none());
