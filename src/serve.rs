@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::homeserver::{Homeserver, HsError, Retry};
 use crate::registration;
 use crate::store::Store;
+use crate::transfer::run::Engine;
 
 pub async fn run(config: Config) -> Result<()> {
     config.check_ready_to_serve().map_err(anyhow::Error::msg)?; // also checked by the CLI, for exit code 2
@@ -64,7 +65,14 @@ pub async fn run(config: Config) -> Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!("{e} (check homeserver.address = {address})"))?;
     check_acting(&acting).await?;
-    let bot = Arc::new(Bot::new(config.clone(), hs.clone(), acting, store.clone()));
+    let engine = Engine::new(config.clone(), hs.clone(), acting.clone(), store.clone());
+    let bot = Arc::new(Bot::new(
+        config.clone(),
+        hs.clone(),
+        acting,
+        store.clone(),
+        engine.clone(),
+    ));
     spawn_purge(store.clone(), config.handoff.bundle_retention);
     let state = AppState {
         hs_token: config.appservice.hs_token.clone(),
@@ -85,6 +93,11 @@ pub async fn run(config: Config) -> Result<()> {
         return Err(e);
     }
     tracing::info!(bot = %bot_user, listen = %format!("{}:{}", bind.0, bind.1), "handoff is running");
+    match engine.resume_all() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(transfers = n, "resumed unfinished transfers"),
+        Err(e) => tracing::error!(error = %e, "cannot read unfinished transfers"),
+    }
 
     server.await.context("server task failed")??;
     store.flush().await?;

@@ -306,6 +306,36 @@ impl Store {
         serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
+    /// Checks a code for `redeemer` without using it up (for `import --dry-run`).
+    pub fn peek_code(
+        &self,
+        hash: &CodeHash,
+        redeemer: &UserId,
+    ) -> Result<Result<CodeRecord, RedeemError>, StoreError> {
+        let Some(current) = self.codes.get(hash.0)? else {
+            return Ok(Err(RedeemError::NotFound));
+        };
+        let record = self.code_record(&current)?;
+        Ok(Self::check_code(record, redeemer, now_ms()))
+    }
+
+    fn check_code(
+        record: CodeRecord,
+        redeemer: &UserId,
+        now: u64,
+    ) -> Result<CodeRecord, RedeemError> {
+        if record.bound_to.as_deref().is_some_and(|b| b != redeemer) {
+            return Err(RedeemError::NotFound);
+        }
+        if record.redeemed_by.is_some() {
+            return Err(RedeemError::Used);
+        }
+        if record.expires_at_ms <= now {
+            return Err(RedeemError::Expired);
+        }
+        Ok(record)
+    }
+
     /// Redeems a code for `redeemer`: it must exist, be unexpired, unused, and (if bound) bound to
     /// `redeemer`. Marking it used is a compare-and-swap, so two redeemers can't both succeed.
     pub async fn redeem_code(
@@ -313,21 +343,15 @@ impl Store {
         hash: &CodeHash,
         redeemer: &UserId,
     ) -> Result<Result<CodeRecord, RedeemError>, StoreError> {
-        let now = now_ms();
         loop {
             let Some(current) = self.codes.get(hash.0)? else {
                 return Ok(Err(RedeemError::NotFound));
             };
-            let mut record = self.code_record(&current)?;
-            if record.bound_to.as_deref().is_some_and(|b| b != redeemer) {
-                return Ok(Err(RedeemError::NotFound));
-            }
-            if record.redeemed_by.is_some() {
-                return Ok(Err(RedeemError::Used));
-            }
-            if record.expires_at_ms <= now {
-                return Ok(Err(RedeemError::Expired));
-            }
+            let mut record = match Self::check_code(self.code_record(&current)?, redeemer, now_ms())
+            {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            };
             record.redeemed_by = Some(redeemer.to_owned());
             let new =
                 serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -430,9 +454,13 @@ impl Store {
 
     pub fn get_transfer(&self, id: u64) -> Result<Option<Transfer>, StoreError> {
         let key = id.to_be_bytes();
-        let Some(sealed) = self.transfers.get(key)? else { return Ok(None) };
+        let Some(sealed) = self.transfers.get(key)? else {
+            return Ok(None);
+        };
         let json = self.unseal(&key, &sealed)?;
-        serde_json::from_slice(&json).map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
+        serde_json::from_slice(&json)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     /// Every transfer, oldest first.
@@ -441,14 +469,20 @@ impl Store {
         for item in self.transfers.iter() {
             let (k, sealed) = item?;
             let json = self.unseal(&k, &sealed)?;
-            out.push(serde_json::from_slice(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            out.push(
+                serde_json::from_slice(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            );
         }
         Ok(out)
     }
 
     /// The latest transfer `user` takes part in (as the old or the new account).
     pub fn latest_transfer_of(&self, user: &UserId) -> Result<Option<Transfer>, StoreError> {
-        Ok(self.transfers()?.into_iter().rev().find(|t| t.old == user || t.new == user))
+        Ok(self
+            .transfers()?
+            .into_iter()
+            .rev()
+            .find(|t| t.old == user || t.new == user))
     }
 
     fn journal_key(id: u64, room: &RoomId) -> Vec<u8> {
@@ -456,7 +490,12 @@ impl Store {
     }
 
     /// Journals a room's step and makes it durable before returning.
-    pub async fn set_room_step(&self, id: u64, room: &RoomId, step: &RoomStep) -> Result<(), StoreError> {
+    pub async fn set_room_step(
+        &self,
+        id: u64,
+        room: &RoomId,
+        step: &RoomStep,
+    ) -> Result<(), StoreError> {
         let json = serde_json::to_vec(step).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.journal.insert(Self::journal_key(id, room), json)?;
         self.db.flush_async().await?;
@@ -470,7 +509,10 @@ impl Store {
             let (k, v) = item?;
             let room = ruma::OwnedRoomId::try_from(String::from_utf8_lossy(&k[8..]).as_ref())
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.insert(room, serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            out.insert(
+                room,
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            );
         }
         Ok(out)
     }

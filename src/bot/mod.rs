@@ -3,6 +3,7 @@
 pub mod commands;
 mod export;
 mod keys;
+mod transfer;
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{Config, PermissionLevel};
 use crate::homeserver::{Homeserver, HsError};
 use crate::store::Store;
+use crate::transfer::run::Engine;
 use commands::{Command, Place};
 
 pub struct Bot {
@@ -31,6 +33,8 @@ pub struct Bot {
     /// The acting registration's client: it acts as local users.
     acting: Homeserver,
     store: Store,
+    engine: Arc<Engine>,
+    wrong_codes: transfer::WrongCodes,
 }
 
 /// The message a command or file came in.
@@ -42,13 +46,21 @@ pub struct Ctx {
 }
 
 impl Bot {
-    pub fn new(config: Arc<Config>, hs: Homeserver, acting: Homeserver, store: Store) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        hs: Homeserver,
+        acting: Homeserver,
+        store: Store,
+        engine: Arc<Engine>,
+    ) -> Self {
         Bot {
             user_id: config.bot_user_id(),
             config,
             hs,
             acting,
             store,
+            engine,
+            wrong_codes: Default::default(),
         }
     }
 
@@ -207,6 +219,25 @@ impl Bot {
             }
             Ok(Command::Keys) => keys::show(self, &ctx).await,
             Ok(Command::Forget) => self.forget(&ctx).await,
+            Ok(Command::Import(args)) => {
+                let bot = Arc::clone(self);
+                tokio::spawn(async move {
+                    if let Err(e) = transfer::import(&bot, &ctx, args).await {
+                        tracing::warn!(error = %e, "import failed");
+                        let _ = bot
+                            .reply_n(&ctx, 9, format!("The import failed: {e}."))
+                            .await;
+                    }
+                });
+                Ok(())
+            }
+            Ok(Command::Approve) => transfer::approve(self, &ctx, true).await,
+            Ok(Command::Deny) => transfer::approve(self, &ctx, false).await,
+            Ok(Command::Status) => transfer::status(self, &ctx).await,
+            Ok(Command::Cancel) => transfer::cancel(self, &ctx).await,
+            Ok(Command::Finish { leave, advertise }) => {
+                transfer::finish(self, &ctx, leave, advertise).await
+            }
         }
     }
 
@@ -261,6 +292,12 @@ fn command_name(c: &Command) -> &'static str {
         Command::Export(_) => "export",
         Command::Keys => "keys",
         Command::Forget => "forget",
+        Command::Import(_) => "import",
+        Command::Approve => "approve",
+        Command::Deny => "deny",
+        Command::Status => "status",
+        Command::Cancel => "cancel",
+        Command::Finish { .. } => "finish",
     }
 }
 

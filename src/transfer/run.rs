@@ -28,8 +28,8 @@ use ruma::events::room::power_levels::RoomPowerLevelsEventContent;
 use ruma::events::{GlobalAccountDataEventType, MessageLikeEventType, StateEventType};
 use ruma::profile::ProfileFieldValue;
 use ruma::push::{
-    Action, AnyPushRuleRef, HighlightTweakValue, NewConditionalPushRule, NewPatternedPushRule, NewPushRule, NewSimplePushRule, PushCondition, RuleKind,
-    Ruleset, Tweak,
+    Action, AnyPushRuleRef, HighlightTweakValue, NewConditionalPushRule, NewPatternedPushRule,
+    NewPushRule, NewSimplePushRule, PushCondition, RuleKind, Ruleset, Tweak,
 };
 use ruma::serde::Raw;
 use ruma::{Int, OwnedEventId, OwnedRoomId, OwnedRoomOrAliasId, RoomId, UInt, UserId};
@@ -45,7 +45,11 @@ use crate::store::{Store, StoreError};
 
 /// Transient failures (homeserver away, rate limits) are waited out, however long it takes: the
 /// transfer completes when the homeserver is back.
-const PATIENT: Retry = Retry { attempts: u32::MAX, backoff: Duration::from_millis(250), max_wait: Duration::from_secs(15) };
+const PATIENT: Retry = Retry {
+    attempts: u32::MAX,
+    backoff: Duration::from_millis(250),
+    max_wait: Duration::from_secs(15),
+};
 
 /// The field of move notices that clients and bots can read.
 pub const MOVE_FIELD: &str = "org.handoff.move";
@@ -72,7 +76,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(config: Arc<Config>, bot: Homeserver, acting: Homeserver, store: Store) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        bot: Homeserver,
+        acting: Homeserver,
+        store: Store,
+    ) -> Arc<Self> {
         Arc::new(Engine {
             config,
             bot: bot.with_retry(PATIENT),
@@ -143,24 +152,41 @@ impl Engine {
         }
         let plan = t.plan.clone().expect("planned above");
         if t.status_event.is_none() {
-            let text = format!("Moving {} rooms from {} to {}…\n{}", plan.rooms.len(), t.old, t.new, progress_bar(0, plan.rooms.len()));
+            let text = format!(
+                "Moving {} rooms from {} to {}…\n{}",
+                plan.rooms.len(),
+                t.old,
+                t.new,
+                progress_bar(0, plan.rooms.len())
+            );
             t.status_event = Some(self.post(&t.new_dm, &format!("status-{id}"), &text).await?);
             self.store.put_transfer(&t).await?;
         }
 
         let steps = self.store.room_steps(id)?;
-        let todo: Vec<RoomPlan> =
-            plan.rooms.iter().filter(|r| !steps.get(&r.room_id).is_some_and(RoomStep::is_final)).cloned().collect();
+        let todo: Vec<RoomPlan> = plan
+            .rooms
+            .iter()
+            .filter(|r| !steps.get(&r.room_id).is_some_and(RoomStep::is_final))
+            .cloned()
+            .collect();
         let done_before = plan.rooms.len() - todo.len();
-        let progress = Progress { done: Mutex::new(done_before), last_edit: Mutex::new(Instant::now()) };
-        let (bundle_ref, t_ref, progress_ref, steps_ref, plan_ref) = (&bundle, &t, &progress, &steps, &plan);
+        let progress = Progress {
+            done: Mutex::new(done_before),
+            last_edit: Mutex::new(Instant::now()),
+        };
+        let (bundle_ref, t_ref, progress_ref, steps_ref, plan_ref) =
+            (&bundle, &t, &progress, &steps, &plan);
         let cancelled = stream::iter(todo)
             .map(|room: RoomPlan| async move {
                 if self.cancel_requested(id) {
                     return true;
                 }
                 let room = &room;
-                let start = steps_ref.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
+                let start = steps_ref
+                    .get(&room.room_id)
+                    .cloned()
+                    .unwrap_or(RoomStep::Pending);
                 let step = match self.move_room(t_ref, bundle_ref, room, start).await {
                     Ok(step) => step,
                     Err(e @ RunError::Store(_)) => RoomStep::Failed(e.to_string()),
@@ -189,19 +215,27 @@ impl Engine {
         t.state = TransferState::Done;
         self.store.put_transfer(&t).await?;
         let report = self.report(&t, &bundle, &plan, false)?;
-        self.edit_status(&t, &format!("Done: {}", report.headline)).await?;
+        self.edit_status(&t, &format!("Done: {}", report.headline))
+            .await?;
         self.post_report(&t, &report).await?;
         tracing::info!(transfer = id, "transfer done");
         Ok(())
     }
 
     fn cancel_requested(&self, id: u64) -> bool {
-        self.store.get_transfer(id).ok().flatten().is_some_and(|t| t.state == TransferState::Cancelling)
+        self.store
+            .get_transfer(id)
+            .ok()
+            .flatten()
+            .is_some_and(|t| t.state == TransferState::Cancelling)
     }
 
     /// Journals `Started(stage)` before a stage runs, so a resumed transfer knows to re-check.
     async fn started(&self, t: &Transfer, room: &RoomId, stage: &str) -> Result<(), RunError> {
-        Ok(self.store.set_room_step(t.id, room, &RoomStep::Started(stage.into())).await?)
+        Ok(self
+            .store
+            .set_room_step(t.id, room, &RoomStep::Started(stage.into()))
+            .await?)
     }
 
     async fn finished(&self, t: &Transfer, room: &RoomId, step: RoomStep) -> Result<(), RunError> {
@@ -209,12 +243,20 @@ impl Engine {
     }
 
     /// Moves one room, from wherever its journal says it got to. Returns its final step.
-    async fn move_room(&self, t: &Transfer, bundle: &Bundle, room: &RoomPlan, from: RoomStep) -> Result<RoomStep, RunError> {
+    async fn move_room(
+        &self,
+        t: &Transfer,
+        bundle: &Bundle,
+        room: &RoomPlan,
+        from: RoomStep,
+    ) -> Result<RoomStep, RunError> {
         let rid = &room.room_id;
         match room.action {
             PlanAction::Blocked(b) => return Ok(RoomStep::Skipped(b.explain().into())),
             PlanAction::Gone => {
-                return Ok(RoomStep::Skipped("the old account is no longer in this room, or it no longer exists".into()));
+                return Ok(RoomStep::Skipped(
+                    "the old account is no longer in this room, or it no longer exists".into(),
+                ));
             }
             PlanAction::Join | PlanAction::AlreadyJoined => {}
         }
@@ -227,14 +269,17 @@ impl Engine {
             let membership = self.membership(&t.old, rid, &t.new).await?;
             match membership {
                 Some(MembershipState::Join) | Some(MembershipState::Invite) => {}
-                Some(MembershipState::Ban) => return Ok(RoomStep::Skipped(plan::Blocked::Banned.explain().into())),
+                Some(MembershipState::Ban) => {
+                    return Ok(RoomStep::Skipped(plan::Blocked::Banned.explain().into()));
+                }
                 _ => {
                     let mut invitee = invite_user::v3::InviteUserId::new(t.new.clone());
                     invitee.reason = Some(format!("{} is moving to this account (handoff)", t.old));
                     let req = invite_user::v3::Request::new(rid.clone(), invitee.into());
                     if let Err(e) = self.acting.send_as(&t.old, req).await {
                         // A public room can be joined without the invite.
-                        let public = room.action == PlanAction::Join && matches!(e.kind(), Some(ErrorKind::Forbidden));
+                        let public = room.action == PlanAction::Join
+                            && matches!(e.kind(), Some(ErrorKind::Forbidden));
                         if !public {
                             return Ok(RoomStep::Failed(format!("the invite failed: {e}")));
                         }
@@ -247,7 +292,9 @@ impl Engine {
         if stage < 2 && local_new {
             self.started(t, rid, "join").await?;
             if self.membership(&t.old, rid, &t.new).await? != Some(MembershipState::Join) {
-                let mut req = join_room_by_id_or_alias::v3::Request::new(OwnedRoomOrAliasId::from(rid.clone()));
+                let mut req = join_room_by_id_or_alias::v3::Request::new(OwnedRoomOrAliasId::from(
+                    rid.clone(),
+                ));
                 req.via = room.via.clone();
                 if let Err(e) = self.acting.send_as(&t.new, req).await {
                     return Ok(RoomStep::Failed(format!("joining failed: {e}")));
@@ -269,7 +316,12 @@ impl Engine {
         if stage < 4 && local_new {
             if let Some(entry) = bundle.rooms.iter().find(|r| &r.room_id == rid) {
                 for (name, info) in &entry.tags {
-                    let req = create_tag::v3::Request::new(t.new.clone(), rid.clone(), name.to_string(), info.clone());
+                    let req = create_tag::v3::Request::new(
+                        t.new.clone(),
+                        rid.clone(),
+                        name.to_string(),
+                        info.clone(),
+                    );
                     self.acting.send_as(&t.new, req).await?;
                 }
             }
@@ -281,33 +333,68 @@ impl Engine {
             self.notify(t, rid, local_new).await?;
             self.finished(t, rid, RoomStep::Notified).await?;
         }
-        Ok(if local_new { RoomStep::Done } else { RoomStep::AwaitingAccept })
+        Ok(if local_new {
+            RoomStep::Done
+        } else {
+            RoomStep::AwaitingAccept
+        })
     }
 
-    async fn membership(&self, reader: &UserId, room: &RoomId, user: &UserId) -> Result<Option<MembershipState>, RunError> {
-        let req = get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomMember, user.to_string());
+    async fn membership(
+        &self,
+        reader: &UserId,
+        room: &RoomId,
+        user: &UserId,
+    ) -> Result<Option<MembershipState>, RunError> {
+        let req = get_state_event_for_key::v3::Request::new(
+            room.to_owned(),
+            StateEventType::RoomMember,
+            user.to_string(),
+        );
         match self.acting.send_as(reader, req).await {
             Ok(resp) => {
-                let content: JsonValue = serde_json::from_str(resp.event_or_content.get()).unwrap_or_default();
-                Ok(content.get("membership").and_then(|m| serde_json::from_value(m.clone()).ok()))
+                let content: JsonValue =
+                    serde_json::from_str(resp.event_or_content.get()).unwrap_or_default();
+                Ok(content
+                    .get("membership")
+                    .and_then(|m| serde_json::from_value(m.clone()).ok()))
             }
             Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    async fn carry_rank(&self, old: &UserId, room: &RoomId, new: &UserId, level: Int) -> Result<(), RunError> {
-        let req = get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomPowerLevels, String::new());
+    async fn carry_rank(
+        &self,
+        old: &UserId,
+        room: &RoomId,
+        new: &UserId,
+        level: Int,
+    ) -> Result<(), RunError> {
+        let req = get_state_event_for_key::v3::Request::new(
+            room.to_owned(),
+            StateEventType::RoomPowerLevels,
+            String::new(),
+        );
         let resp = self.acting.send_as(old, req).await?;
-        let mut content: RoomPowerLevelsEventContent = serde_json::from_str(resp.event_or_content.get())
-            .map_err(|e| HsError::Protocol(e.to_string()))?;
-        let current = content.users.get(new).copied().unwrap_or(content.users_default);
+        let mut content: RoomPowerLevelsEventContent =
+            serde_json::from_str(resp.event_or_content.get())
+                .map_err(|e| HsError::Protocol(e.to_string()))?;
+        let current = content
+            .users
+            .get(new)
+            .copied()
+            .unwrap_or(content.users_default);
         if current >= level {
             return Ok(());
         }
         content.users.insert(new.to_owned(), level);
-        let req = send_state_event::v3::Request::new(room.to_owned(), &ruma::events::EmptyStateKey, &content)
-            .map_err(|e| HsError::Protocol(e.to_string()))?;
+        let req = send_state_event::v3::Request::new(
+            room.to_owned(),
+            &ruma::events::EmptyStateKey,
+            &content,
+        )
+        .map_err(|e| HsError::Protocol(e.to_string()))?;
         self.acting.send_as(old, req).await?;
         Ok(())
     }
@@ -329,8 +416,11 @@ impl Engine {
             .template
             .replace("{old}", t.old.as_str())
             .replace("{new}", t.new.as_str());
-        let mut content = serde_json::to_value(RoomMessageEventContent::notice_html(text.clone(), to_html(&text)))
-            .expect("content serialises");
+        let mut content = serde_json::to_value(RoomMessageEventContent::notice_html(
+            text.clone(),
+            to_html(&text),
+        ))
+        .expect("content serialises");
         content[MOVE_FIELD] = json!({
             "transfer": t.id,
             "from": t.old,
@@ -348,7 +438,12 @@ impl Engine {
         Ok(())
     }
 
-    async fn notice_exists(&self, sender: &UserId, room: &RoomId, transfer: u64) -> Result<bool, RunError> {
+    async fn notice_exists(
+        &self,
+        sender: &UserId,
+        room: &RoomId,
+        transfer: u64,
+    ) -> Result<bool, RunError> {
         let mut req = get_message_events::v3::Request::new(room.to_owned(), Direction::Backward);
         req.limit = UInt::from(50u32);
         req.filter.types = Some(vec!["m.room.message".into()]);
@@ -368,7 +463,12 @@ impl Engine {
     }
 
     /// Account-level steps, each once (journaled in the transfer record).
-    async fn account_steps(&self, t: &mut Transfer, bundle: &Bundle, plan: &Plan) -> Result<(), RunError> {
+    async fn account_steps(
+        &self,
+        t: &mut Transfer,
+        bundle: &Bundle,
+        plan: &Plan,
+    ) -> Result<(), RunError> {
         if !self.is_local(&t.new) {
             t.account_steps.insert(
                 "account".into(),
@@ -381,9 +481,15 @@ impl Engine {
         }
         let steps: [(&str, StepFn); 7] = [
             ("direct", |e, t, b, p| Box::pin(e.merge_direct(t, b, p))),
-            ("ignored_users", |e, t, b, _| Box::pin(e.merge_ignored(t, b))),
-            ("push_rules", |e, t, b, _| Box::pin(e.apply_push_rules(t, b))),
-            ("client_settings", |e, t, b, _| Box::pin(e.apply_settings(t, b))),
+            ("ignored_users", |e, t, b, _| {
+                Box::pin(e.merge_ignored(t, b))
+            }),
+            ("push_rules", |e, t, b, _| {
+                Box::pin(e.apply_push_rules(t, b))
+            }),
+            ("client_settings", |e, t, b, _| {
+                Box::pin(e.apply_settings(t, b))
+            }),
             ("profile", |e, t, b, _| Box::pin(e.apply_profile(t, b))),
             ("old_mentions", |e, t, _, _| Box::pin(e.add_mention_rule(t))),
             ("room_keys", |e, t, b, _| Box::pin(e.deliver_keys(t, b))),
@@ -403,15 +509,35 @@ impl Engine {
         Ok(())
     }
 
-    async fn global_data(&self, user: &UserId, kind: GlobalAccountDataEventType) -> Result<Option<JsonValue>, RunError> {
-        match self.acting.send_as(user, get_global_account_data::v3::Request::new(user.to_owned(), kind)).await {
-            Ok(r) => Ok(Some(r.account_data.deserialize_as().map_err(|e| HsError::Protocol(e.to_string()))?)),
+    async fn global_data(
+        &self,
+        user: &UserId,
+        kind: GlobalAccountDataEventType,
+    ) -> Result<Option<JsonValue>, RunError> {
+        match self
+            .acting
+            .send_as(
+                user,
+                get_global_account_data::v3::Request::new(user.to_owned(), kind),
+            )
+            .await
+        {
+            Ok(r) => Ok(Some(
+                r.account_data
+                    .deserialize_as()
+                    .map_err(|e| HsError::Protocol(e.to_string()))?,
+            )),
             Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    async fn set_global_data(&self, user: &UserId, kind: &str, content: &JsonValue) -> Result<(), RunError> {
+    async fn set_global_data(
+        &self,
+        user: &UserId,
+        kind: &str,
+        content: &JsonValue,
+    ) -> Result<(), RunError> {
         let raw = Raw::from_json(serde_json::value::to_raw_value(content).expect("json"));
         let req = set_global_account_data::v3::Request::new_raw(user.to_owned(), kind.into(), raw);
         self.acting.send_as(user, req).await?;
@@ -419,7 +545,12 @@ impl Engine {
     }
 
     /// `m.direct` on the new account gains the moved DMs; nothing it had is removed.
-    async fn merge_direct(&self, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<String, RunError> {
+    async fn merge_direct(
+        &self,
+        t: &Transfer,
+        bundle: &Bundle,
+        plan: &Plan,
+    ) -> Result<String, RunError> {
         let moved: BTreeSet<&OwnedRoomId> = self.moved_rooms(t, plan)?;
         let current: DirectEventContent = self
             .global_data(&t.new, GlobalAccountDataEventType::Direct)
@@ -445,13 +576,22 @@ impl Engine {
         Ok(format!("{added} DM room(s) marked as DMs"))
     }
 
-    fn moved_rooms<'a>(&self, t: &Transfer, plan: &'a Plan) -> Result<BTreeSet<&'a OwnedRoomId>, RunError> {
+    fn moved_rooms<'a>(
+        &self,
+        t: &Transfer,
+        plan: &'a Plan,
+    ) -> Result<BTreeSet<&'a OwnedRoomId>, RunError> {
         let steps = self.store.room_steps(t.id)?;
         Ok(plan
             .rooms
             .iter()
             .map(|r| &r.room_id)
-            .filter(|r| matches!(steps.get(*r), Some(RoomStep::Done) | Some(RoomStep::AwaitingAccept)))
+            .filter(|r| {
+                matches!(
+                    steps.get(*r),
+                    Some(RoomStep::Done) | Some(RoomStep::AwaitingAccept)
+                )
+            })
             .collect())
     }
 
@@ -463,12 +603,16 @@ impl Engine {
             .unwrap_or_else(|| IgnoredUserListEventContent::new(Default::default()));
         let before = current.ignored_users.len();
         for user in &bundle.preferences.ignored_users {
-            current.ignored_users.entry(user.clone()).or_insert_with(IgnoredUser::new);
+            current
+                .ignored_users
+                .entry(user.clone())
+                .or_insert_with(IgnoredUser::new);
         }
         let added = current.ignored_users.len() - before;
         if added > 0 {
             let content = serde_json::to_value(&current).expect("json");
-            self.set_global_data(&t.new, "m.ignored_user_list", &content).await?;
+            self.set_global_data(&t.new, "m.ignored_user_list", &content)
+                .await?;
         }
         Ok(format!("{added} ignored user(s) added"))
     }
@@ -476,15 +620,19 @@ impl Engine {
     /// Non-default rules are added (where the new account lacks them); default rules' enabled flags
     /// are mirrored.
     async fn apply_push_rules(&self, t: &Transfer, bundle: &Bundle) -> Result<String, RunError> {
-        let Some(rules) = &bundle.preferences.push_rules else { return Ok("none in the bundle".into()) };
+        let Some(rules) = &bundle.preferences.push_rules else {
+            return Ok("none in the bundle".into());
+        };
         let current: Ruleset = self
             .global_data(&t.new, GlobalAccountDataEventType::PushRules)
             .await?
             .and_then(|v| v.get("global").cloned())
             .and_then(|g| serde_json::from_value(g).ok())
             .unwrap_or_default();
-        let existing: BTreeMap<String, bool> =
-            current.iter().map(|r| (r.rule_id().to_owned(), r.enabled())).collect();
+        let existing: BTreeMap<String, bool> = current
+            .iter()
+            .map(|r| (r.rule_id().to_owned(), r.enabled()))
+            .collect();
         let (mut added, mut mirrored) = (0, 0);
         for (new_rule, enabled) in new_rules(rules) {
             let id = new_rule.rule_id().to_owned();
@@ -492,21 +640,34 @@ impl Engine {
             if existing.contains_key(&id) {
                 continue;
             }
-            self.acting.send_as(&t.new, set_pushrule::v3::Request::new(new_rule)).await?;
+            self.acting
+                .send_as(&t.new, set_pushrule::v3::Request::new(new_rule))
+                .await?;
             if !enabled {
-                self.acting.send_as(&t.new, set_pushrule_enabled::v3::Request::new(kind, id, false)).await?;
+                self.acting
+                    .send_as(
+                        &t.new,
+                        set_pushrule_enabled::v3::Request::new(kind, id, false),
+                    )
+                    .await?;
             }
             added += 1;
         }
         for rule in rules.iter().filter(|r| r.is_server_default()) {
             let id = rule.rule_id();
             if existing.get(id).is_some_and(|e| *e != rule.enabled()) {
-                let req = set_pushrule_enabled::v3::Request::new(kind_of(&rule), id.to_owned(), rule.enabled());
+                let req = set_pushrule_enabled::v3::Request::new(
+                    kind_of(&rule),
+                    id.to_owned(),
+                    rule.enabled(),
+                );
                 self.acting.send_as(&t.new, req).await?;
                 mirrored += 1;
             }
         }
-        Ok(format!("{added} push rule(s) added, {mirrored} default rule(s) switched to match"))
+        Ok(format!(
+            "{added} push rule(s) added, {mirrored} default rule(s) switched to match"
+        ))
     }
 
     async fn apply_settings(&self, t: &Transfer, bundle: &Bundle) -> Result<String, RunError> {
@@ -523,7 +684,10 @@ impl Engine {
         }
         let mut out = format!("{set} client setting(s) applied");
         if !conflicts.is_empty() {
-            out.push_str(&format!("; kept the new account's own {} (it differs)", conflicts.join(", ")));
+            out.push_str(&format!(
+                "; kept the new account's own {} (it differs)",
+                conflicts.join(", ")
+            ));
         }
         Ok(out)
     }
@@ -531,16 +695,26 @@ impl Engine {
     async fn apply_profile(&self, t: &Transfer, bundle: &Bundle) -> Result<String, RunError> {
         let mut done = vec![];
         if let Some(name) = &bundle.profile.display_name {
-            let req = set_profile_field::v3::Request::new(t.new.clone(), ProfileFieldValue::DisplayName(name.clone()));
+            let req = set_profile_field::v3::Request::new(
+                t.new.clone(),
+                ProfileFieldValue::DisplayName(name.clone()),
+            );
             self.acting.send_as(&t.new, req).await?;
             done.push("display name");
         }
         if let Some(avatar) = &bundle.profile.avatar_url {
-            let req = set_profile_field::v3::Request::new(t.new.clone(), ProfileFieldValue::AvatarUrl(avatar.clone()));
+            let req = set_profile_field::v3::Request::new(
+                t.new.clone(),
+                ProfileFieldValue::AvatarUrl(avatar.clone()),
+            );
             self.acting.send_as(&t.new, req).await?;
             done.push("avatar");
         }
-        Ok(if done.is_empty() { "nothing to set".into() } else { format!("{} set", done.join(" and ")) })
+        Ok(if done.is_empty() {
+            "nothing to set".into()
+        } else {
+            format!("{} set", done.join(" and "))
+        })
     }
 
     /// Mentions of the old user ID keep notifying the new account.
@@ -554,15 +728,26 @@ impl Engine {
         let rule = NewConditionalPushRule::new(
             "org.handoff.old_mentions".into(),
             vec![condition],
-            vec![Action::Notify, Action::SetTweak(Tweak::Highlight(HighlightTweakValue::Yes)), Action::SetTweak(Tweak::Sound("default".into()))],
+            vec![
+                Action::Notify,
+                Action::SetTweak(Tweak::Highlight(HighlightTweakValue::Yes)),
+                Action::SetTweak(Tweak::Sound("default".into())),
+            ],
         );
-        self.acting.send_as(&t.new, set_pushrule::v3::Request::new(NewPushRule::Override(rule))).await?;
+        self.acting
+            .send_as(
+                &t.new,
+                set_pushrule::v3::Request::new(NewPushRule::Override(rule)),
+            )
+            .await?;
         Ok(format!("mentions of {} notify you", t.old))
     }
 
     /// The key export goes to the new account's DM, as a file, with instructions.
     async fn deliver_keys(&self, t: &Transfer, bundle: &Bundle) -> Result<String, RunError> {
-        let Some(keys) = &bundle.room_keys else { return Ok("no key export in the bundle".into()) };
+        let Some(keys) = &bundle.room_keys else {
+            return Ok("no key export in the bundle".into());
+        };
         let name = "element-keys.txt";
         let mut upload = create_content::v3::Request::new(keys.armored.clone().into_bytes());
         upload.filename = Some(name.into());
@@ -574,7 +759,12 @@ impl Engine {
         let mut file = FileMessageEventContent::new(name.into(), MediaSource::Plain(uri));
         file.filename = Some(name.into());
         file.info = Some(Box::new(info));
-        self.send_bot(&t.new_dm, &format!("keys-{}", t.id), RoomMessageEventContent::new(MessageType::File(file))).await?;
+        self.send_bot(
+            &t.new_dm,
+            &format!("keys-{}", t.id),
+            RoomMessageEventContent::new(MessageType::File(file)),
+        )
+        .await?;
         self.post(
             &t.new_dm,
             &format!("keys-help-{}", t.id),
@@ -600,7 +790,13 @@ impl Engine {
             due
         };
         if due {
-            let text = format!("Moving rooms from {} to {}: {done} of {}\n{}", t.old, t.new, plan.rooms.len(), progress_bar(done, plan.rooms.len()));
+            let text = format!(
+                "Moving rooms from {} to {}: {done} of {}\n{}",
+                t.old,
+                t.new,
+                plan.rooms.len(),
+                progress_bar(done, plan.rooms.len())
+            );
             if let Err(e) = self.edit_status(t, &text).await {
                 tracing::warn!(error = %e, "cannot edit the status message");
             }
@@ -608,7 +804,9 @@ impl Engine {
     }
 
     async fn edit_status(&self, t: &Transfer, text: &str) -> Result<(), RunError> {
-        let Some(status) = &t.status_event else { return Ok(()) };
+        let Some(status) = &t.status_event else {
+            return Ok(());
+        };
         let content = RoomMessageEventContent::notice_html(text.to_owned(), to_html(text))
             .make_replacement(ReplacementMetadata::new(status.clone(), None));
         // Edits are not deduplicated on purpose: each carries newer progress.
@@ -618,22 +816,52 @@ impl Engine {
     }
 
     /// Posts a notice as the bot; `key` makes the transaction ID, so a resumed transfer can't post twice.
-    pub async fn post(&self, room: &RoomId, key: &str, text: &str) -> Result<OwnedEventId, RunError> {
-        self.send_bot(room, key, RoomMessageEventContent::notice_html(text.to_owned(), to_html(text))).await
+    pub async fn post(
+        &self,
+        room: &RoomId,
+        key: &str,
+        text: &str,
+    ) -> Result<OwnedEventId, RunError> {
+        self.send_bot(
+            room,
+            key,
+            RoomMessageEventContent::notice_html(text.to_owned(), to_html(text)),
+        )
+        .await
     }
 
-    async fn send_bot(&self, room: &RoomId, key: &str, content: RoomMessageEventContent) -> Result<OwnedEventId, RunError> {
-        let req = send_message_event::v3::Request::new(room.to_owned(), format!("handoff-{key}").into(), &content)
-            .map_err(|e| HsError::Protocol(e.to_string()))?;
+    async fn send_bot(
+        &self,
+        room: &RoomId,
+        key: &str,
+        content: RoomMessageEventContent,
+    ) -> Result<OwnedEventId, RunError> {
+        let req = send_message_event::v3::Request::new(
+            room.to_owned(),
+            format!("handoff-{key}").into(),
+            &content,
+        )
+        .map_err(|e| HsError::Protocol(e.to_string()))?;
         Ok(self.bot.send(req).await?.event_id)
     }
 
     async fn say(&self, t: &Transfer, text: String) -> Result<(), RunError> {
-        self.post(&t.new_dm, &format!("say-{}-{}", t.id, rand::random::<u64>()), &text).await?;
+        self.post(
+            &t.new_dm,
+            &format!("say-{}-{}", t.id, rand::random::<u64>()),
+            &text,
+        )
+        .await?;
         Ok(())
     }
 
-    fn report(&self, t: &Transfer, bundle: &Bundle, plan: &Plan, cancelled: bool) -> Result<Report, RunError> {
+    fn report(
+        &self,
+        t: &Transfer,
+        bundle: &Bundle,
+        plan: &Plan,
+        cancelled: bool,
+    ) -> Result<Report, RunError> {
         let steps = self.store.room_steps(t.id)?;
         Ok(Report::new(t, bundle, plan, &steps, cancelled))
     }
@@ -641,9 +869,12 @@ impl Engine {
     async fn post_report(&self, t: &Transfer, report: &Report) -> Result<(), RunError> {
         let content = match t.profile {
             ClientProfile::Mobile => RoomMessageEventContent::notice_plain(report.digest()),
-            ClientProfile::Desktop => RoomMessageEventContent::notice_html(report.plain(), report.html()),
+            ClientProfile::Desktop => {
+                RoomMessageEventContent::notice_html(report.plain(), report.html())
+            }
         };
-        self.send_bot(&t.new_dm, &format!("report-{}", t.id), content).await?;
+        self.send_bot(&t.new_dm, &format!("report-{}", t.id), content)
+            .await?;
         Ok(())
     }
 }
@@ -678,8 +909,16 @@ fn stage_of(step: &RoomStep) -> u8 {
 
 fn progress_bar(done: usize, total: usize) -> String {
     let width = 20;
-    let filled = if total == 0 { width } else { done * width / total };
-    format!("[{}{}] {done}/{total}", "█".repeat(filled), "░".repeat(width - filled))
+    let filled = if total == 0 {
+        width
+    } else {
+        done * width / total
+    };
+    format!(
+        "[{}{}] {done}/{total}",
+        "█".repeat(filled),
+        "░".repeat(width - filled)
+    )
 }
 
 /// The bundle's push rules as rules to create, with their enabled flags. Server-default rules are
@@ -687,19 +926,46 @@ fn progress_bar(done: usize, total: usize) -> String {
 fn new_rules(rules: &Ruleset) -> Vec<(NewPushRule, bool)> {
     let mut out = Vec::new();
     for r in rules.override_.iter().filter(|r| !r.default) {
-        out.push((NewPushRule::Override(NewConditionalPushRule::new(r.rule_id.clone(), r.conditions.clone(), r.actions.clone())), r.enabled));
+        out.push((
+            NewPushRule::Override(NewConditionalPushRule::new(
+                r.rule_id.clone(),
+                r.conditions.clone(),
+                r.actions.clone(),
+            )),
+            r.enabled,
+        ));
     }
     for r in rules.content.iter().filter(|r| !r.default) {
-        out.push((NewPushRule::Content(NewPatternedPushRule::new(r.rule_id.clone(), r.pattern.clone(), r.actions.clone())), r.enabled));
+        out.push((
+            NewPushRule::Content(NewPatternedPushRule::new(
+                r.rule_id.clone(),
+                r.pattern.clone(),
+                r.actions.clone(),
+            )),
+            r.enabled,
+        ));
     }
     for r in rules.room.iter().filter(|r| !r.default) {
-        out.push((NewPushRule::Room(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())), r.enabled));
+        out.push((
+            NewPushRule::Room(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())),
+            r.enabled,
+        ));
     }
     for r in rules.sender.iter().filter(|r| !r.default) {
-        out.push((NewPushRule::Sender(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())), r.enabled));
+        out.push((
+            NewPushRule::Sender(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())),
+            r.enabled,
+        ));
     }
     for r in rules.underride.iter().filter(|r| !r.default) {
-        out.push((NewPushRule::Underride(NewConditionalPushRule::new(r.rule_id.clone(), r.conditions.clone(), r.actions.clone())), r.enabled));
+        out.push((
+            NewPushRule::Underride(NewConditionalPushRule::new(
+                r.rule_id.clone(),
+                r.conditions.clone(),
+                r.actions.clone(),
+            )),
+            r.enabled,
+        ));
     }
     out
 }
@@ -730,9 +996,16 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(t: &Transfer, _bundle: &Bundle, plan: &Plan, steps: &BTreeMap<OwnedRoomId, RoomStep>, cancelled: bool) -> Report {
+    fn new(
+        t: &Transfer,
+        _bundle: &Bundle,
+        plan: &Plan,
+        steps: &BTreeMap<OwnedRoomId, RoomStep>,
+        cancelled: bool,
+    ) -> Report {
         let label = |r: &RoomPlan| r.name.clone().unwrap_or_else(|| r.room_id.to_string());
-        let (mut moved, mut awaiting, mut skipped, mut failed, mut warnings) = (0, 0, vec![], vec![], vec![]);
+        let (mut moved, mut awaiting, mut skipped, mut failed, mut warnings) =
+            (0, 0, vec![], vec![], vec![]);
         for r in &plan.rooms {
             match steps.get(&r.room_id) {
                 Some(RoomStep::Done) => moved += 1,
@@ -750,9 +1023,21 @@ impl Report {
             if cancelled { "Cancelled. " } else { "" },
             plan.rooms.len(),
             t.new,
-            if awaiting > 0 { format!(", {awaiting} invites to accept") } else { String::new() },
-            if skipped.is_empty() { String::new() } else { format!(", {} skipped", skipped.len()) },
-            if failed.is_empty() { String::new() } else { format!(", {} failed", failed.len()) },
+            if awaiting > 0 {
+                format!(", {awaiting} invites to accept")
+            } else {
+                String::new()
+            },
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(", {} skipped", skipped.len())
+            },
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!(", {} failed", failed.len())
+            },
         );
         Report {
             headline,
@@ -761,7 +1046,11 @@ impl Report {
             skipped,
             failed,
             warnings,
-            account: t.account_steps.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            account: t
+                .account_steps
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             left_out: plan.left_out,
             cancelled,
         }
@@ -790,10 +1079,17 @@ impl Report {
             }
         };
         section(&mut out, "Skipped (what you can do)", &self.skipped);
-        section(&mut out, "Failed (run `import` again with a new code to retry)", &self.failed);
+        section(
+            &mut out,
+            "Failed (run `import` again with a new code to retry)",
+            &self.failed,
+        );
         section(&mut out, "Warnings", &self.warnings);
         if self.awaiting > 0 {
-            out.push_str(&format!("\n{} rooms wait for you to accept their invites from your new account's client.\n", self.awaiting));
+            out.push_str(&format!(
+                "\n{} rooms wait for you to accept their invites from your new account's client.\n",
+                self.awaiting
+            ));
         }
         if !self.account.is_empty() {
             out.push_str("\nAccount:\n");
@@ -806,7 +1102,10 @@ impl Report {
             }
         }
         if self.left_out > 0 {
-            out.push_str(&format!("\n{} room(s) of the bundle were left out by your import options.\n", self.left_out));
+            out.push_str(&format!(
+                "\n{} room(s) of the bundle were left out by your import options.\n",
+                self.left_out
+            ));
         }
         out.trim_end().to_owned()
     }
@@ -828,6 +1127,9 @@ mod tests {
         assert_eq!(stage_of(&RoomStep::Started("join".into())), 1);
         assert_eq!(stage_of(&RoomStep::Started("notify".into())), 4);
         assert_eq!(stage_of(&RoomStep::Notified), 5);
-        assert_eq!(progress_bar(5, 10), format!("[{}{}] 5/10", "█".repeat(10), "░".repeat(10)));
+        assert_eq!(
+            progress_bar(5, 10),
+            format!("[{}{}] 5/10", "█".repeat(10), "░".repeat(10))
+        );
     }
 }

@@ -4,9 +4,12 @@
 
 mod args;
 pub mod export;
+pub mod finish;
 pub mod forget;
 pub mod help;
+pub mod import;
 pub mod keys;
+pub mod simple;
 
 pub use args::Args;
 
@@ -17,6 +20,12 @@ pub enum Command {
     Export(export::Export),
     Keys,
     Forget,
+    Import(import::Import),
+    Approve,
+    Deny,
+    Status,
+    Cancel,
+    Finish { leave: bool, advertise: bool },
 }
 
 /// A command that exists: its name, usage and one-line explanation, for `help`.
@@ -27,7 +36,18 @@ pub struct Spec {
 }
 
 /// Every command the bot understands, in the order `help` lists them.
-pub const COMMANDS: &[Spec] = &[help::SPEC, export::SPEC, keys::SPEC, forget::SPEC];
+pub const COMMANDS: &[Spec] = &[
+    help::SPEC,
+    export::SPEC,
+    keys::SPEC,
+    import::SPEC,
+    simple::APPROVE,
+    simple::DENY,
+    simple::STATUS,
+    simple::CANCEL,
+    finish::SPEC,
+    forget::SPEC,
+];
 
 /// Why a message that was meant as a command can't be run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +102,12 @@ fn parse_command(text: &str) -> Result<Command, CommandError> {
         "export" => export::parse(args),
         "keys" => keys::parse(args),
         "forget" => forget::parse(args),
+        "import" => import::parse(args),
+        "approve" => simple::parse(&simple::APPROVE, Command::Approve, args),
+        "deny" => simple::parse(&simple::DENY, Command::Deny, args),
+        "status" => simple::parse(&simple::STATUS, Command::Status, args),
+        "cancel" => simple::parse(&simple::CANCEL, Command::Cancel, args),
+        "finish" => finish::parse(args),
         _ => Err(CommandError::Unknown {
             closest: closest(&name),
             given: name,

@@ -1,0 +1,408 @@
+//! Running `import`, `approve`/`deny`, `status`, `cancel` and `finish`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ruma::api::client::membership::leave_room;
+use ruma::api::client::profile::{get_profile, set_profile_field};
+use ruma::events::room::member::MembershipState;
+use ruma::profile::ProfileFieldValue;
+use ruma::{OwnedUserId, RoomId, UserId};
+use serde_json::Value as JsonValue;
+
+use super::commands::import::Import;
+use super::{Bot, Ctx};
+use crate::homeserver::HsError;
+use crate::store::{RedeemError, StoreError, now_ms};
+use crate::transfer::plan::{self, Requirements};
+use crate::transfer::{RoomStep, Transfer, TransferState, world};
+
+/// Wrong codes allowed per user in [`WRONG_CODE_WINDOW`] before `import` is refused for a while.
+const WRONG_CODE_LIMIT: usize = 5;
+const WRONG_CODE_WINDOW: Duration = Duration::from_secs(600);
+
+/// Remembers each user's recent wrong codes.
+#[derive(Default)]
+pub struct WrongCodes(Mutex<HashMap<OwnedUserId, Vec<Instant>>>);
+
+impl WrongCodes {
+    fn recent(&self, user: &UserId) -> usize {
+        let mut map = self.0.lock().expect("lock");
+        let list = map.entry(user.to_owned()).or_default();
+        list.retain(|t| t.elapsed() < WRONG_CODE_WINDOW);
+        list.len()
+    }
+    fn record(&self, user: &UserId) {
+        self.0
+            .lock()
+            .expect("lock")
+            .entry(user.to_owned())
+            .or_default()
+            .push(Instant::now());
+    }
+}
+
+fn store_err(e: StoreError) -> HsError {
+    tracing::error!(error = %e, "store failure");
+    HsError::Protocol("the server could not read or write its store".into())
+}
+
+pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
+    let new = &ctx.sender;
+    if bot.wrong_codes.recent(new) >= WRONG_CODE_LIMIT {
+        return bot
+            .reply(
+                ctx,
+                "Too many wrong codes: wait ten minutes before trying again.".into(),
+            )
+            .await;
+    }
+    let hash = args.code.hash();
+    let checked = if args.dry_run {
+        bot.store.peek_code(&hash, new)
+    } else {
+        bot.store.redeem_code(&hash, new).await
+    }
+    .map_err(store_err)?;
+    let record = match checked {
+        Ok(r) => r,
+        Err(e) => {
+            if e == RedeemError::NotFound {
+                bot.wrong_codes.record(new);
+            }
+            return bot.reply(ctx, format!("{e}.")).await;
+        }
+    };
+    let old = record.owner.clone();
+    if &old == new {
+        return bot
+            .reply(ctx, "That code belongs to this same account: its rooms and settings are already here. A new client of the same account only needs to log in.".into())
+            .await;
+    }
+    let Some(stored) = bot.store.get_bundle(&record.bundle).map_err(store_err)? else {
+        return bot.reply(ctx, "The bundle of this code is gone (deleted with `forget`, or past its retention). Ask for a new one with `export`.".into()).await;
+    };
+    let requirements = Requirements {
+        only: args.only.map(Into::into),
+        max_rooms: args.max_rooms,
+    };
+    if args.dry_run {
+        let rooms: Vec<_> = stored
+            .bundle
+            .rooms
+            .iter()
+            .map(|r| r.room_id.clone())
+            .collect();
+        let world = world::read(
+            &bot.acting,
+            &old,
+            new,
+            rooms,
+            bot.config.handoff.concurrency.0 * 2,
+        )
+        .await?;
+        let plan = plan::plan(&stored.bundle, new, &requirements, &world);
+        let text = format!(
+            "Dry run: nothing was changed, and the code is still valid.\n{}\n{} to join, {} already joined, {} blocked, {} gone.",
+            plan.table(),
+            plan.count(|a| *a == plan::Action::Join),
+            plan.count(|a| *a == plan::Action::AlreadyJoined),
+            plan.count(|a| matches!(a, plan::Action::Blocked(_))),
+            plan.count(|a| *a == plan::Action::Gone),
+        );
+        return bot.reply(ctx, text).await;
+    }
+    let approved = record.bound_to.as_deref() == Some(new.as_ref());
+    let old_dm = bot
+        .store
+        .dm_rooms_of(&old)
+        .map_err(store_err)?
+        .into_iter()
+        .next();
+    let t = Transfer {
+        id: bot.store.new_transfer_id().map_err(store_err)?,
+        old: old.clone(),
+        new: new.clone(),
+        bundle: record.bundle,
+        requirements,
+        profile: args.profile,
+        state: if approved {
+            TransferState::Running
+        } else {
+            TransferState::AwaitingApproval
+        },
+        plan: None,
+        new_dm: ctx.room_id.clone(),
+        old_dm: old_dm.clone(),
+        status_event: None,
+        account_steps: Default::default(),
+        created_at_ms: now_ms(),
+    };
+    bot.store.put_transfer(&t).await.map_err(store_err)?;
+    if approved {
+        bot.reply(
+            ctx,
+            format!(
+                "The code is good. Moving {} rooms from {old} here; progress follows.",
+                stored.bundle.rooms.len()
+            ),
+        )
+        .await?;
+        bot.engine.spawn(t.id);
+        return Ok(());
+    }
+    let Some(old_dm) = old_dm else {
+        return bot
+            .reply(ctx, format!("{old} must approve this import, but has no DM with the handoff bot. Ask them to start one and export again with `export --to {new}`."))
+            .await;
+    };
+    let prompt = format!(
+        "{new} wants to import your bundle (client profile: {}). Send `approve` to let it go ahead, or `deny` to refuse.",
+        t.profile
+    );
+    let prompt_ctx = Ctx {
+        room_id: old_dm,
+        event_id: ctx.event_id.clone(),
+        sender: old.clone(),
+    };
+    bot.reply_n(&prompt_ctx, 5, prompt).await?;
+    bot.reply(
+        ctx,
+        format!(
+            "The code is good. {old} has been asked to approve; the move starts as soon as they do."
+        ),
+    )
+    .await
+}
+
+/// The latest transfer of `user` as the old account that waits for approval.
+fn pending_for(bot: &Bot, user: &UserId) -> Result<Option<Transfer>, HsError> {
+    Ok(bot
+        .store
+        .transfers()
+        .map_err(store_err)?
+        .into_iter()
+        .rev()
+        .find(|t| t.old == user && t.state == TransferState::AwaitingApproval))
+}
+
+pub async fn approve(bot: &Bot, ctx: &Ctx, yes: bool) -> Result<(), HsError> {
+    let Some(mut t) = pending_for(bot, &ctx.sender)? else {
+        return bot
+            .reply(ctx, "No import is waiting for your approval.".into())
+            .await;
+    };
+    t.state = if yes {
+        TransferState::Running
+    } else {
+        TransferState::Denied
+    };
+    bot.store.put_transfer(&t).await.map_err(store_err)?;
+    let to_new = Ctx {
+        room_id: t.new_dm.clone(),
+        event_id: ctx.event_id.clone(),
+        sender: t.new.clone(),
+    };
+    if yes {
+        bot.reply_n(
+            &to_new,
+            6,
+            format!(
+                "{} approved the import. Moving rooms now; progress follows.",
+                t.old
+            ),
+        )
+        .await?;
+        bot.engine.spawn(t.id);
+        bot.reply(ctx, format!("Approved: moving your rooms to {}.", t.new))
+            .await
+    } else {
+        bot.reply_n(
+            &to_new,
+            6,
+            format!("{} refused the import. Nothing was changed.", t.old),
+        )
+        .await?;
+        bot.reply(ctx, format!("Refused: nothing goes to {}.", t.new))
+            .await
+    }
+}
+
+pub async fn status(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
+    let Some(t) = bot
+        .store
+        .latest_transfer_of(&ctx.sender)
+        .map_err(store_err)?
+    else {
+        return bot.reply(ctx, "You have no transfer yet. Start one with `export` on the old account and `import CODE` on the new one.".into()).await;
+    };
+    let steps = bot.store.room_steps(t.id).map_err(store_err)?;
+    let mut text = format!("Transfer {} → {}: {}", t.old, t.new, state_text(t.state));
+    if let Some(plan) = &t.plan {
+        let count = |f: &dyn Fn(&RoomStep) -> bool| {
+            plan.rooms
+                .iter()
+                .filter(|r| steps.get(&r.room_id).is_some_and(f))
+                .count()
+        };
+        let done = count(&|s| *s == RoomStep::Done);
+        let awaiting = count(&|s| *s == RoomStep::AwaitingAccept);
+        let skipped = count(&|s| matches!(s, RoomStep::Skipped(_)));
+        let failed = count(&|s| matches!(s, RoomStep::Failed(_)));
+        let pending = plan.rooms.len() - done - awaiting - skipped - failed;
+        text.push_str(&format!(
+            "\n{} rooms: {done} moved, {awaiting} awaiting accept, {skipped} skipped, {failed} failed, {pending} to do",
+            plan.rooms.len()
+        ));
+        for r in &plan.rooms {
+            let label = r.name.clone().unwrap_or_else(|| r.room_id.to_string());
+            let state = match steps.get(&r.room_id) {
+                None | Some(RoomStep::Pending) => "to do".to_owned(),
+                Some(RoomStep::Done) => "moved".to_owned(),
+                Some(RoomStep::AwaitingAccept) => "invited: accept it from your client".to_owned(),
+                Some(RoomStep::Skipped(w)) => format!("skipped: {w}"),
+                Some(RoomStep::Failed(w)) => format!("failed: {w}"),
+                Some(other) => format!("in progress ({other:?})"),
+            };
+            text.push_str(&format!("\n• {label}: {state}"));
+        }
+    }
+    bot.reply(ctx, text).await
+}
+
+fn state_text(s: TransferState) -> &'static str {
+    match s {
+        TransferState::AwaitingApproval => "waiting for the old account to approve",
+        TransferState::Denied => "refused by the old account",
+        TransferState::Running => "running",
+        TransferState::Cancelling => "stopping after the rooms in flight",
+        TransferState::Cancelled => "cancelled",
+        TransferState::Done => "done",
+    }
+}
+
+pub async fn cancel(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
+    let Some(mut t) = bot
+        .store
+        .latest_transfer_of(&ctx.sender)
+        .map_err(store_err)?
+    else {
+        return bot
+            .reply(ctx, "You have no transfer to cancel.".into())
+            .await;
+    };
+    match t.state {
+        TransferState::Running => {
+            t.state = TransferState::Cancelling;
+            bot.store.put_transfer(&t).await.map_err(store_err)?;
+            bot.reply(
+                ctx,
+                "Stopping after the rooms in flight. What is done stays done.".into(),
+            )
+            .await
+        }
+        TransferState::AwaitingApproval => {
+            t.state = TransferState::Cancelled;
+            bot.store.put_transfer(&t).await.map_err(store_err)?;
+            bot.reply(
+                ctx,
+                "Cancelled before it started: nothing was changed.".into(),
+            )
+            .await
+        }
+        other => {
+            bot.reply(
+                ctx,
+                format!("Your last transfer is already {}.", state_text(other)),
+            )
+            .await
+        }
+    }
+}
+
+pub async fn finish(bot: &Bot, ctx: &Ctx, leave: bool, advertise: bool) -> Result<(), HsError> {
+    let old = &ctx.sender;
+    let latest = bot
+        .store
+        .transfers()
+        .map_err(store_err)?
+        .into_iter()
+        .rev()
+        .find(|t| &t.old == old && t.state == TransferState::Done);
+    let Some(t) = latest else {
+        return bot
+            .reply(
+                ctx,
+                "`finish` is for the old account after a completed transfer; there is none.".into(),
+            )
+            .await;
+    };
+    let mut lines = Vec::new();
+    if leave {
+        let steps = bot.store.room_steps(t.id).map_err(store_err)?;
+        let (mut left, mut kept) = (0, Vec::new());
+        for (room, step) in &steps {
+            if *step != RoomStep::Done {
+                continue;
+            }
+            match safe_to_leave(bot, room, old, &t.new).await {
+                Ok(true) => {
+                    let mut req = leave_room::v3::Request::new(room.clone());
+                    req.reason = Some(format!("moved to {}", t.new));
+                    bot.acting.send_as(old, req).await?;
+                    left += 1;
+                }
+                Ok(false) => kept.push(room.to_string()),
+                Err(e) => kept.push(format!("{room} ({e})")),
+            }
+        }
+        lines.push(format!("Left {left} room(s)."));
+        if !kept.is_empty() {
+            lines.push(format!(
+                "Stayed in {} room(s) where {} is not joined with at least the same rank: {}",
+                kept.len(),
+                t.new,
+                kept.join(", ")
+            ));
+        }
+    }
+    if advertise {
+        let profile = bot
+            .acting
+            .send_as(old, get_profile::v3::Request::new(old.clone()))
+            .await?;
+        let name = profile
+            .get("displayname")
+            .and_then(JsonValue::as_str)
+            .unwrap_or(old.localpart())
+            .to_owned();
+        let base = name.split(" (moved to ").next().unwrap_or(&name).to_owned();
+        let new_name = format!("{base} (moved to {})", t.new);
+        let req = set_profile_field::v3::Request::new(
+            old.clone(),
+            ProfileFieldValue::DisplayName(new_name.clone()),
+        );
+        bot.acting.send_as(old, req).await?;
+        lines.push(format!("Your display name is now “{new_name}”."));
+    }
+    bot.reply(ctx, lines.join("\n")).await
+}
+
+/// The new account is joined and holds at least the old account's rank (a room-version-12
+/// creator's rank can't be matched, so its creator stays).
+async fn safe_to_leave(
+    bot: &Bot,
+    room: &RoomId,
+    old: &UserId,
+    new: &UserId,
+) -> Result<bool, HsError> {
+    let Some(facts) = world::room_facts(&bot.acting, old, new, &room.to_owned()).await? else {
+        return Ok(false);
+    };
+    if facts.new_membership != Some(MembershipState::Join) {
+        return Ok(false);
+    }
+    let pl = facts.power_levels();
+    Ok(pl.for_user(new) >= pl.for_user(old))
+}
