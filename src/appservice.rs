@@ -54,10 +54,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 fn matrix_error(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Response {
-    let error = ruma::api::error::Error::new(
-        status,
-        ErrorBody::Standard(StandardErrorBody::new(kind, message.into())),
-    );
+    let error = ruma::api::error::Error::new(status, ErrorBody::Standard(StandardErrorBody::new(kind, message.into())));
     ruma_response(error)
 }
 
@@ -90,11 +87,7 @@ async fn authenticated(state: &AppState, req: Request) -> Result<http::Request<V
             if bool::from(token.as_bytes().ct_eq(state.hs_token.expose().as_bytes())) {
                 Ok(req)
             } else {
-                Err(matrix_error(
-                    StatusCode::FORBIDDEN,
-                    ErrorKind::Forbidden,
-                    "wrong hs_token",
-                ))
+                Err(matrix_error(StatusCode::FORBIDDEN, ErrorKind::Forbidden, "wrong hs_token"))
             }
         }
         Err(_) => Err(matrix_error(
@@ -106,12 +99,8 @@ async fn authenticated(state: &AppState, req: Request) -> Result<http::Request<V
 }
 
 /// Parses an authenticated request into its ruma type, or answers `M_NOT_JSON` / `M_BAD_JSON`.
-fn parse<R: IncomingRequest>(
-    req: http::Request<Vec<u8>>,
-    path_args: &[&str],
-) -> Result<R, Response> {
-    let is_json =
-        req.body().is_empty() || serde_json::from_slice::<serde_json::Value>(req.body()).is_ok();
+fn parse<R: IncomingRequest>(req: http::Request<Vec<u8>>, path_args: &[&str]) -> Result<R, Response> {
+    let is_json = req.body().is_empty() || serde_json::from_slice::<serde_json::Value>(req.body()).is_ok();
     R::try_from_http_request(req, path_args).map_err(|err| {
         let (kind, what) = if is_json {
             (ErrorKind::BadJson, "body is not a valid request")
@@ -122,11 +111,7 @@ fn parse<R: IncomingRequest>(
     })
 }
 
-async fn transaction(
-    State(state): State<AppState>,
-    Path(txn_id): Path<String>,
-    req: Request,
-) -> Response {
+async fn transaction(State(state): State<AppState>, Path(txn_id): Path<String>, req: Request) -> Response {
     let req = match authenticated(&state, req).await {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -157,18 +142,10 @@ async fn transaction(
 fn store_failure(e: crate::store::StoreError) -> Response {
     tracing::error!(error = %e, "store failure while handling a transaction");
     // A 5xx makes the homeserver retry the transaction later.
-    matrix_error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorKind::Unknown,
-        "storage failure, retry later",
-    )
+    matrix_error(StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::Unknown, "storage failure, retry later")
 }
 
-async fn query_user(
-    State(state): State<AppState>,
-    Path(user_id): Path<String>,
-    req: Request,
-) -> Response {
+async fn query_user(State(state): State<AppState>, Path(user_id): Path<String>, req: Request) -> Response {
     let req = match authenticated(&state, req).await {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -185,11 +162,7 @@ async fn query_user(
     }
 }
 
-async fn query_alias(
-    State(state): State<AppState>,
-    Path(alias): Path<String>,
-    req: Request,
-) -> Response {
+async fn query_alias(State(state): State<AppState>, Path(alias): Path<String>, req: Request) -> Response {
     let req = match authenticated(&state, req).await {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -197,11 +170,7 @@ async fn query_alias(
     if let Err(resp) = parse::<query_room_alias::v1::Request>(req, &[&alias]) {
         return resp;
     }
-    matrix_error(
-        StatusCode::NOT_FOUND,
-        ErrorKind::NotFound,
-        "handoff provides no room aliases",
-    )
+    matrix_error(StatusCode::NOT_FOUND, ErrorKind::NotFound, "handoff provides no room aliases")
 }
 
 async fn ping(State(state): State<AppState>, req: Request) -> Response {
@@ -232,18 +201,10 @@ async fn health(State(state): State<AppState>) -> Response {
         "store": store.err().unwrap_or_else(|| "ok".into()),
         "homeserver": homeserver.err().unwrap_or_else(|| "ok".into()),
     });
-    let status = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()
 }
 
 async fn unrecognized() -> Response {
-    matrix_error(
-        StatusCode::NOT_FOUND,
-        ErrorKind::Unrecognized,
-        "unrecognized request",
-    )
+    matrix_error(StatusCode::NOT_FOUND, ErrorKind::Unrecognized, "unrecognized request")
 }

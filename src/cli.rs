@@ -77,11 +77,7 @@ pub fn main() -> ExitCode {
         Cmd::GenerateRegistration { config } => match crate::registration::generate(&config) {
             Ok(g) => {
                 if g.tokens_generated > 0 {
-                    println!(
-                        "Wrote {} new tokens into {}",
-                        g.tokens_generated,
-                        config.display()
-                    );
+                    println!("Wrote {} new tokens into {}", g.tokens_generated, config.display());
                 }
                 println!("Wrote {}", g.main.display());
                 println!("Wrote {}", g.acting.display());
@@ -93,11 +89,7 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(2, e),
         },
-        Cmd::Inspect {
-            file,
-            passphrase_file,
-            json,
-        } => match inspect(&file, passphrase_file.as_deref(), json) {
+        Cmd::Inspect { file, passphrase_file, json } => match inspect(&file, passphrase_file.as_deref(), json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(1, e),
         },
@@ -111,17 +103,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn inspect(
-    file: &std::path::Path,
-    passphrase_file: Option<&std::path::Path>,
-    json: bool,
-) -> anyhow::Result<()> {
+fn inspect(file: &std::path::Path, passphrase_file: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
     use anyhow::Context;
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let passphrase = match passphrase_file {
-        Some(p) => {
-            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?
-        }
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
         None => rpassword::prompt_password("Transfer code or passphrase: ")
             .context("cannot ask for the passphrase (use --passphrase-file)")?,
     };
@@ -158,17 +144,12 @@ fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
 }
 
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -22,9 +22,7 @@ pub struct CodeHash(pub [u8; 32]);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodeFormatError {
-    #[error(
-        "a transfer code has {SYMBOLS} letters and digits 2-7 (like 7KQM-2XD9-…); this one has {0}"
-    )]
+    #[error("a transfer code has {SYMBOLS} letters and digits 2-7 (like 7KQM-2XD9-…); this one has {0}")]
     Length(usize),
     #[error("a transfer code has only letters A-Z and digits 2-7; `{0}` is not one of them")]
     Symbol(char),
@@ -33,11 +31,7 @@ pub enum CodeFormatError {
 impl TransferCode {
     pub fn generate() -> Self {
         let mut rng = rand::rng();
-        TransferCode(
-            (0..SYMBOLS)
-                .map(|_| ALPHABET[rng.random_range(0..32)] as char)
-                .collect(),
-        )
+        TransferCode((0..SYMBOLS).map(|_| ALPHABET[rng.random_range(0..32)] as char).collect())
     }
 
     /// Reads a code as a person may type it: any case, with or without hyphens and spaces.
@@ -62,12 +56,7 @@ impl TransferCode {
 
     /// The grouped form shown to users; also the passphrase of bundle files.
     pub fn display(&self) -> String {
-        self.0
-            .as_bytes()
-            .chunks(GROUP)
-            .map(|g| std::str::from_utf8(g).expect("ASCII"))
-            .collect::<Vec<_>>()
-            .join("-")
+        self.0.as_bytes().chunks(GROUP).map(|g| std::str::from_utf8(g).expect("ASCII")).collect::<Vec<_>>().join("-")
     }
 }
 
@@ -87,11 +76,7 @@ mod tests {
         let shown = code.display();
         assert_eq!(shown.len(), SYMBOLS + SYMBOLS / GROUP - 1);
         assert!(shown.split('-').all(|g| g.len() == GROUP));
-        assert!(
-            shown
-                .chars()
-                .all(|c| c == '-' || ALPHABET.contains(&(c as u8)))
-        );
+        assert!(shown.chars().all(|c| c == '-' || ALPHABET.contains(&(c as u8))));
         assert_ne!(code, TransferCode::generate());
         assert!(!format!("{code:?}").contains(&shown));
     }
@@ -100,13 +85,9 @@ mod tests {
     fn typed_variations_parse_to_the_same_code() {
         let code = TransferCode::generate();
         let shown = code.display();
-        for typed in [
-            shown.clone(),
-            shown.to_lowercase(),
-            shown.replace('-', " "),
-            shown.replace('-', ""),
-            format!("{shown}\n"),
-        ] {
+        for typed in
+            [shown.clone(), shown.to_lowercase(), shown.replace('-', " "), shown.replace('-', ""), format!("{shown}\n")]
+        {
             let parsed = TransferCode::parse(&typed).unwrap();
             assert_eq!(parsed, code);
             assert_eq!(parsed.hash(), code.hash());
@@ -115,13 +96,7 @@ mod tests {
 
     #[test]
     fn malformed_codes_say_why() {
-        assert_eq!(
-            TransferCode::parse("ABCD-EFGH"),
-            Err(CodeFormatError::Length(8))
-        );
-        assert_eq!(
-            TransferCode::parse("ABC1"),
-            Err(CodeFormatError::Symbol('1'))
-        );
+        assert_eq!(TransferCode::parse("ABCD-EFGH"), Err(CodeFormatError::Length(8)));
+        assert_eq!(TransferCode::parse("ABC1"), Err(CodeFormatError::Symbol('1')));
     }
 }

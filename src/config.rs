@@ -21,10 +21,7 @@ pub const EXAMPLE_DOMAIN: &str = "example.org";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -92,11 +89,7 @@ pub struct BotConfig {
 
 impl Default for BotConfig {
     fn default() -> Self {
-        Self {
-            username: "handoff".into(),
-            displayname: "Handoff".into(),
-            avatar: None,
-        }
+        Self { username: "handoff".into(), displayname: "Handoff".into(), avatar: None }
     }
 }
 
@@ -109,10 +102,7 @@ pub struct ActingConfig {
 
 impl Default for ActingConfig {
     fn default() -> Self {
-        Self {
-            as_token: Secret::placeholder(),
-            hs_token: Secret::placeholder(),
-        }
+        Self { as_token: Secret::placeholder(), hs_token: Secret::placeholder() }
     }
 }
 
@@ -124,9 +114,7 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self {
-            path: PathBuf::from("handoff.db"),
-        }
+        Self { path: PathBuf::from("handoff.db") }
     }
 }
 
@@ -202,10 +190,7 @@ pub struct LoggingConfig {
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-            format: LogFormat::Pretty,
-        }
+        Self { level: "info".into(), format: LogFormat::Pretty }
     }
 }
 
@@ -225,24 +210,17 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self {
-            enabled: false,
-            listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
-        }
+        Self { enabled: false, listen: SocketAddr::from(([127, 0, 0, 1], 8001)) }
     }
 }
 
 impl Config {
     /// Reads and validates a config file. Every error names the file and the key.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut config = Self::parse(&text).map_err(|message| ConfigError::Invalid {
-            path: path.to_owned(),
-            message,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut config =
+            Self::parse(&text).map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })?;
         config.base_dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -280,11 +258,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), String> {
         let bot = &self.appservice.bot.username;
-        if bot.is_empty()
-            || !bot
-                .chars()
-                .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '=' | '-' | '/'))
-        {
+        if bot.is_empty() || !bot.chars().all(|c| matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '=' | '-' | '/')) {
             return Err(format!(
                 "appservice.bot.username: expected a user ID localpart (lower-case letters, digits, ._=-/), found {bot:?}"
             ));
@@ -293,9 +267,7 @@ impl Config {
             return Err("appservice.id: expected a non-empty registration ID".into());
         }
         if self.handoff.command_prefix.trim().is_empty() {
-            return Err(
-                "handoff.command_prefix: expected a non-empty prefix such as \"!handoff\"".into(),
-            );
+            return Err("handoff.command_prefix: expected a non-empty prefix such as \"!handoff\"".into());
         }
         if self.handoff.code_ttl < Duration::from_secs(30) {
             return Err(format!(
@@ -347,23 +319,14 @@ impl Config {
         [
             ("appservice.as_token", &self.appservice.as_token),
             ("appservice.hs_token", &self.appservice.hs_token),
-            (
-                "appservice.acting.as_token",
-                &self.appservice.acting.as_token,
-            ),
-            (
-                "appservice.acting.hs_token",
-                &self.appservice.acting.hs_token,
-            ),
+            ("appservice.acting.as_token", &self.appservice.acting.as_token),
+            ("appservice.acting.hs_token", &self.appservice.acting.hs_token),
         ]
     }
 
     pub fn bot_user_id(&self) -> OwnedUserId {
-        UserId::parse_with_server_name(
-            self.appservice.bot.username.as_str(),
-            &self.homeserver.domain,
-        )
-        .expect("validated localpart and server name make a user ID")
+        UserId::parse_with_server_name(self.appservice.bot.username.as_str(), &self.homeserver.domain)
+            .expect("validated localpart and server name make a user ID")
     }
 
     pub fn database_path(&self) -> PathBuf {
@@ -434,14 +397,10 @@ impl fmt::Display for HttpUrl {
 impl<'de> Deserialize<'de> for HttpUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let ok = ["http://", "https://"]
-            .iter()
-            .any(|scheme| s.starts_with(scheme) && s.len() > scheme.len())
+        let ok = ["http://", "https://"].iter().any(|scheme| s.starts_with(scheme) && s.len() > scheme.len())
             && s.parse::<http::Uri>().is_ok();
         if !ok {
-            return Err(de::Error::custom(format!(
-                "expected an http:// or https:// URL, found {s:?}"
-            )));
+            return Err(de::Error::custom(format!("expected an http:// or https:// URL, found {s:?}")));
         }
         Ok(HttpUrl(s.trim_end_matches('/').to_owned()))
     }
@@ -453,12 +412,7 @@ pub struct Port(pub u16);
 
 impl<'de> Deserialize<'de> for Port {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(RangeVisitor {
-            what: "a port number 1-65535",
-            min: 1,
-            max: 65535,
-        })
-        .map(|n| Port(n as u16))
+        d.deserialize_any(RangeVisitor { what: "a port number 1-65535", min: 1, max: 65535 }).map(|n| Port(n as u16))
     }
 }
 
@@ -468,12 +422,8 @@ pub struct Concurrency(pub usize);
 
 impl<'de> Deserialize<'de> for Concurrency {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(RangeVisitor {
-            what: "a number of rooms 1-64",
-            min: 1,
-            max: 64,
-        })
-        .map(|n| Concurrency(n as usize))
+        d.deserialize_any(RangeVisitor { what: "a number of rooms 1-64", min: 1, max: 64 })
+            .map(|n| Concurrency(n as usize))
     }
 }
 
@@ -496,11 +446,7 @@ impl Visitor<'_> for RangeVisitor {
         f.write_str(self.what)
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
-        if (self.min..=self.max).contains(&v) {
-            Ok(v)
-        } else {
-            Err(self.found(v))
-        }
+        if (self.min..=self.max).contains(&v) { Ok(v) } else { Err(self.found(v)) }
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
         match u64::try_from(v) {
@@ -529,9 +475,7 @@ fn empty_as_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OwnedMxcUri>,
         Some(s) => {
             let uri = OwnedMxcUri::from(s);
             if uri.validate().is_err() {
-                return Err(de::Error::custom(format!(
-                    "expected an mxc://server/media URI or \"\", found {s:?}"
-                )));
+                return Err(de::Error::custom(format!("expected an mxc://server/media URI or \"\", found {s:?}")));
             }
             Ok(Some(uri))
         }
@@ -544,11 +488,8 @@ mod humantime_duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|_| {
-            de::Error::custom(format!(
-                "expected a duration such as 15m or 1h, found {s:?}"
-            ))
-        })
+        humantime::parse_duration(&s)
+            .map_err(|_| de::Error::custom(format!("expected a duration such as 15m or 1h, found {s:?}")))
     }
 }
 
@@ -572,24 +513,15 @@ mod tests {
     fn bad_port_names_key_and_value() {
         let text = EXAMPLE.replace("port: 29340", "port: abc");
         let err = Config::parse(&text).unwrap_err();
-        assert!(
-            err.starts_with("appservice.port: expected a port number 1-65535, found \"abc\""),
-            "{err}"
-        );
+        assert!(err.starts_with("appservice.port: expected a port number 1-65535, found \"abc\""), "{err}");
         let text = EXAMPLE.replace("port: 29340", "port: 70000");
         let err = Config::parse(&text).unwrap_err();
-        assert!(
-            err.contains("appservice.port: expected a port number 1-65535, found 70000"),
-            "{err}"
-        );
+        assert!(err.contains("appservice.port: expected a port number 1-65535, found 70000"), "{err}");
     }
 
     #[test]
     fn unknown_keys_are_reported() {
-        let text = EXAMPLE.replace(
-            "    concurrency: 4",
-            "    concurrency: 4\n    concurency: 3",
-        );
+        let text = EXAMPLE.replace("    concurrency: 4", "    concurrency: 4\n    concurency: 3");
         let err = Config::parse(&text).unwrap_err();
         assert!(err.contains("unknown key handoff.concurency"), "{err}");
     }
@@ -605,18 +537,10 @@ mod tests {
         for (from, to, key) in [
             ("code_ttl: 15m", "code_ttl: soon", "handoff.code_ttl"),
             ("sender: old", "sender: nobody", "handoff.notify.sender"),
-            (
-                "address: http://127.0.0.1:8008",
-                "address: localhost:8008",
-                "homeserver.address",
-            ),
+            ("address: http://127.0.0.1:8008", "address: localhost:8008", "homeserver.address"),
             ("format: pretty", "format: xml", "logging.format"),
             ("concurrency: 4", "concurrency: 0", "handoff.concurrency"),
-            (
-                "\"example.org\": user",
-                "\"example.org\": superuser",
-                "handoff.permissions",
-            ),
+            ("\"example.org\": user", "\"example.org\": superuser", "handoff.permissions"),
         ] {
             let text = EXAMPLE.replace(from, to);
             assert_ne!(text, EXAMPLE, "{from}");

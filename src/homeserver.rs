@@ -20,12 +20,7 @@ pub enum HsError {
     #[error("cannot reach the homeserver: {0}")]
     Unreachable(String),
     #[error("the homeserver answered {status} {errcode}: {message}")]
-    Matrix {
-        status: http::StatusCode,
-        kind: ErrorKind,
-        errcode: String,
-        message: String,
-    },
+    Matrix { status: http::StatusCode, kind: ErrorKind, errcode: String, message: String },
     #[error("unexpected answer from the homeserver: {0}")]
     Protocol(String),
 }
@@ -50,19 +45,14 @@ impl HsError {
     }
 
     fn retry_after(&self) -> Option<Duration> {
-        let HsError::Matrix {
-            kind: ErrorKind::LimitExceeded(data),
-            ..
-        } = self
-        else {
+        let HsError::Matrix { kind: ErrorKind::LimitExceeded(data), .. } = self else {
             return None;
         };
         match data.retry_after.as_ref()? {
             ruma::api::error::RetryAfter::Delay(d) => Some(*d),
-            ruma::api::error::RetryAfter::DateTime(t) => Some(
-                t.duration_since(std::time::SystemTime::now())
-                    .unwrap_or_default(),
-            ),
+            ruma::api::error::RetryAfter::DateTime(t) => {
+                Some(t.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+            }
         }
     }
 }
@@ -91,25 +81,16 @@ impl<E: EndpointError> From<ruma_client::Error<reqwest::Error, E>> for HsError {
     fn from(err: ruma_client::Error<reqwest::Error, E>) -> Self {
         match err {
             ruma_client::Error::Response(e) => HsError::Unreachable(describe_reqwest(&e)),
-            ruma_client::Error::FromHttpResponse(FromHttpResponseError::Server(e)) => {
-                match e.matrix_error() {
-                    Some(e) => {
-                        let (kind, message) = match &e.body {
-                            ruma::api::error::ErrorBody::Standard(b) => {
-                                (b.kind.clone(), b.message.clone())
-                            }
-                            other => (ErrorKind::Unknown, format!("{other:?}")),
-                        };
-                        HsError::Matrix {
-                            status: e.status_code,
-                            errcode: kind.errcode().to_string(),
-                            kind,
-                            message,
-                        }
-                    }
-                    None => HsError::Protocol(e.to_string()),
+            ruma_client::Error::FromHttpResponse(FromHttpResponseError::Server(e)) => match e.matrix_error() {
+                Some(e) => {
+                    let (kind, message) = match &e.body {
+                        ruma::api::error::ErrorBody::Standard(b) => (b.kind.clone(), b.message.clone()),
+                        other => (ErrorKind::Unknown, format!("{other:?}")),
+                    };
+                    HsError::Matrix { status: e.status_code, errcode: kind.errcode().to_string(), kind, message }
                 }
-            }
+                None => HsError::Protocol(e.to_string()),
+            },
             other => HsError::Protocol(other.to_string()),
         }
     }
@@ -139,17 +120,10 @@ pub struct Retry {
 
 impl Retry {
     /// For start-up checks: one attempt, so a wrong address fails at once.
-    pub const NONE: Retry = Retry {
-        attempts: 1,
-        backoff: Duration::ZERO,
-        max_wait: Duration::ZERO,
-    };
+    pub const NONE: Retry = Retry { attempts: 1, backoff: Duration::ZERO, max_wait: Duration::ZERO };
     /// For ordinary work such as bot replies.
-    pub const DEFAULT: Retry = Retry {
-        attempts: 6,
-        backoff: Duration::from_millis(250),
-        max_wait: Duration::from_secs(30),
-    };
+    pub const DEFAULT: Retry =
+        Retry { attempts: 6, backoff: Duration::from_millis(250), max_wait: Duration::from_secs(30) };
 }
 
 /// A client of the homeserver holding one appservice token.
@@ -161,20 +135,14 @@ pub struct Homeserver {
 
 impl Homeserver {
     /// Connects with `as_token`: asks `/versions` once, which also proves the address is right.
-    pub async fn connect(
-        address: &str,
-        as_token: &str,
-        http: reqwest::Client,
-    ) -> Result<Self, HsError> {
+    pub async fn connect(address: &str, as_token: &str, http: reqwest::Client) -> Result<Self, HsError> {
         let empty = SupportedVersions::from_parts(&[], &BTreeMap::new());
         let bootstrap: Client = ruma_client::Client::builder()
             .homeserver_url(address.to_owned())
             .supported_matrix_versions(empty)
             .http_client(http.clone())
             .await?;
-        let versions = bootstrap
-            .send_request(get_supported_versions::Request::new())
-            .await?;
+        let versions = bootstrap.send_request(get_supported_versions::Request::new()).await?;
         let client = ruma_client::Client::builder()
             .homeserver_url(address.to_owned())
             .access_token(Some(as_token.to_owned()))
@@ -182,17 +150,11 @@ impl Homeserver {
             .supported_matrix_versions(versions.as_supported_versions())
             .http_client(http)
             .await?;
-        Ok(Homeserver {
-            client,
-            retry: Retry::DEFAULT,
-        })
+        Ok(Homeserver { client, retry: Retry::DEFAULT })
     }
 
     pub fn with_retry(&self, retry: Retry) -> Self {
-        Homeserver {
-            client: self.client.clone(),
-            retry,
-        }
+        Homeserver { client: self.client.clone(), retry }
     }
 
     /// Sends a request as the registration's own user (`sender_localpart`).
@@ -203,27 +165,18 @@ impl Homeserver {
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
         R::PathBuilder: SupportedPathBuilder,
     {
-        self.retrying(|| self.client.send_request(request.clone()))
-            .await
+        self.retrying(|| self.client.send_request(request.clone())).await
     }
 
     /// Sends a request as `user` (identity assertion with `?user_id=`).
-    pub async fn send_as<R>(
-        &self,
-        user: &UserId,
-        request: R,
-    ) -> Result<R::IncomingResponse, HsError>
+    pub async fn send_as<R>(&self, user: &UserId, request: R) -> Result<R::IncomingResponse, HsError>
     where
         R: OutgoingRequest + Clone,
         R::EndpointError: EndpointError,
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
         R::PathBuilder: SupportedPathBuilder,
     {
-        self.retrying(|| {
-            self.client
-                .send_request_as(AppserviceUserIdentity::new(user), request.clone())
-        })
-        .await
+        self.retrying(|| self.client.send_request_as(AppserviceUserIdentity::new(user), request.clone())).await
     }
 
     async fn retrying<T, E, F, Fut>(&self, mut attempt: F) -> Result<T, HsError>

@@ -70,9 +70,7 @@ pub fn validate(text: &str) -> Result<KeyExport, KeyExportError> {
         return Err(KeyExportError::NoTrailer);
     }
     let body: String = body.chars().filter(|c| !c.is_whitespace()).collect();
-    let bytes = LENIENT
-        .decode(&body)
-        .map_err(|e| KeyExportError::BadBase64(e.to_string()))?;
+    let bytes = LENIENT.decode(&body).map_err(|e| KeyExportError::BadBase64(e.to_string()))?;
     if bytes.len() < MIN_LEN {
         return Err(KeyExportError::TooShort(bytes.len()));
     }
@@ -85,11 +83,7 @@ pub fn validate(text: &str) -> Result<KeyExport, KeyExportError> {
     }
     let start = text.find(HEADER).expect("header found above");
     let end = text.find(TRAILER).expect("trailer found above") + TRAILER.len();
-    Ok(KeyExport {
-        armored: format!("{}\n", &text[start..end]),
-        rounds,
-        encrypted_len: bytes.len() - MIN_LEN,
-    })
+    Ok(KeyExport { armored: format!("{}\n", &text[start..end]), rounds, encrypted_len: bytes.len() - MIN_LEN })
 }
 
 /// Standard base64, for tests and tools that build exports.
@@ -126,16 +120,9 @@ mod tests {
     #[test]
     fn element_negative_cases_get_their_own_errors() {
         assert_eq!(validate("-----"), Err(KeyExportError::NoHeader));
-        assert_eq!(
-            validate(&format!("{HEADER}\n-----")),
-            Err(KeyExportError::NoTrailer)
-        );
+        assert_eq!(validate(&format!("{HEADER}\n-----")), Err(KeyExportError::NoTrailer));
         let cut = VECTOR_1.replace("cissyYBxjsfsAndErh065A8=", "cissyYBxjsfsAn");
-        assert!(
-            matches!(validate(&cut), Err(KeyExportError::TooShort(_))),
-            "{:?}",
-            validate(&cut)
-        );
+        assert!(matches!(validate(&cut), Err(KeyExportError::TooShort(_))), "{:?}", validate(&cut));
         let bad = VECTOR_1.replace("AXNh", "AX!h");
         assert!(matches!(validate(&bad), Err(KeyExportError::BadBase64(_))));
         let v2 = VECTOR_1.replacen("AXNh", "AnNh", 1);

@@ -19,11 +19,7 @@ pub const ACTING_FILE: &str = "handoff-acting-registration.yaml";
 
 /// 64 characters from a CSPRNG (rand's `ThreadRng` is a CSPRNG seeded from the OS).
 pub fn generate_token() -> String {
-    rand::rng()
-        .sample_iter(&Alphanumeric)
-        .take(64)
-        .map(char::from)
-        .collect()
+    rand::rng().sample_iter(&Alphanumeric).take(64).map(char::from).collect()
 }
 
 pub fn acting_id(config: &Config) -> String {
@@ -50,11 +46,7 @@ pub fn main_registration(config: &Config) -> Registration {
     let mut namespaces = Namespaces::new();
     namespaces.users.push(Namespace::new(
         true,
-        format!(
-            "@{}:{}$",
-            regex_escape(&config.appservice.bot.username),
-            domain_regex(config)
-        ),
+        format!("@{}:{}$", regex_escape(&config.appservice.bot.username), domain_regex(config)),
     ));
     let mut reg: Registration = RegistrationInit {
         id: config.appservice.id.clone(),
@@ -73,10 +65,7 @@ pub fn main_registration(config: &Config) -> Registration {
 
 pub fn acting_registration(config: &Config) -> Registration {
     let mut namespaces = Namespaces::new();
-    namespaces.users.push(Namespace::new(
-        false,
-        format!("@.*:{}$", domain_regex(config)),
-    ));
+    namespaces.users.push(Namespace::new(false, format!("@.*:{}$", domain_regex(config))));
     RegistrationInit {
         id: acting_id(config),
         url: None,
@@ -106,12 +95,9 @@ pub fn generate(config_path: &Path) -> Result<Generated> {
     Config::parse(&text).map_err(|m| anyhow::anyhow!("{}: {m}", config_path.display()))?;
     let mut text = text;
     let mut tokens_generated = 0;
-    for key in [
-        "appservice.as_token",
-        "appservice.hs_token",
-        "appservice.acting.as_token",
-        "appservice.acting.hs_token",
-    ] {
+    for key in
+        ["appservice.as_token", "appservice.hs_token", "appservice.acting.as_token", "appservice.acting.hs_token"]
+    {
         match set_yaml_value(&text, key, PLACEHOLDER_TOKEN, &generate_token()) {
             Some(new) => {
                 text = new;
@@ -129,25 +115,12 @@ pub fn generate(config_path: &Path) -> Result<Generated> {
     if tokens_generated > 0 {
         write_private(config_path, &text)?;
     }
-    let dir = config_path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = config_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let main = dir.join(MAIN_FILE);
     let acting = dir.join(ACTING_FILE);
-    write_private(
-        &main,
-        &serde_norway::to_string(&main_registration(&config))?,
-    )?;
-    write_private(
-        &acting,
-        &serde_norway::to_string(&acting_registration(&config))?,
-    )?;
-    Ok(Generated {
-        main,
-        acting,
-        tokens_generated,
-    })
+    write_private(&main, &serde_norway::to_string(&main_registration(&config))?)?;
+    write_private(&acting, &serde_norway::to_string(&acting_registration(&config))?)?;
+    Ok(Generated { main, acting, tokens_generated })
 }
 
 /// Writes a file that holds secrets with mode 0600.
@@ -190,33 +163,16 @@ fn key_lines(text: &str) -> Vec<(usize, Line<'_>)> {
         let Some(colon) = trimmed.find(':') else {
             continue;
         };
-        let key = trimmed[..colon]
-            .trim()
-            .trim_matches('"')
-            .trim_matches('\'')
-            .to_owned();
+        let key = trimmed[..colon].trim().trim_matches('"').trim_matches('\'').to_owned();
         while stack.last().is_some_and(|(i, _)| *i >= indent) {
             stack.pop();
         }
-        let path = stack
-            .iter()
-            .map(|(_, k)| k.as_str())
-            .chain([key.as_str()])
-            .collect::<Vec<_>>()
-            .join(".");
+        let path = stack.iter().map(|(_, k)| k.as_str()).chain([key.as_str()]).collect::<Vec<_>>().join(".");
         let after = &trimmed[colon + 1..];
         let value = after.split(" #").next().unwrap_or("").trim();
         let value_start = indent + colon + 1 + (after.len() - after.trim_start().len());
         stack.push((indent, key));
-        out.push((
-            n,
-            Line {
-                path,
-                indent,
-                value,
-                value_start,
-            },
-        ));
+        out.push((n, Line { path, indent, value, value_start }));
     }
     out
 }
@@ -226,10 +182,7 @@ fn unquote(v: &str) -> &str {
 }
 
 fn yaml_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    key_lines(text)
-        .into_iter()
-        .find(|(_, l)| l.path == key)
-        .map(|(_, l)| unquote(l.value))
+    key_lines(text).into_iter().find(|(_, l)| l.path == key).map(|(_, l)| unquote(l.value))
 }
 
 /// Replaces the value of `key` if it currently equals `expect`; `None` if the key is absent or differs.
@@ -246,11 +199,7 @@ fn set_yaml_value(text: &str, key: &str, expect: &str, value: &str) -> Option<St
         if n == line_no {
             let rest = &raw[start..];
             let comment = rest.find(" #").map(|i| &rest[i..]).unwrap_or("");
-            let newline = if raw.ends_with('\n') && !comment.ends_with('\n') {
-                "\n"
-            } else {
-                ""
-            };
+            let newline = if raw.ends_with('\n') && !comment.ends_with('\n') { "\n" } else { "" };
             out.push_str(&raw[..start]);
             out.push_str(value);
             out.push_str(comment);
@@ -324,13 +273,8 @@ mod tests {
         // The main hs_token is untouched, and so is every comment.
         assert!(out.contains("    hs_token: generate\n"));
         assert_eq!(
-            out.lines()
-                .filter(|l| l.trim_start().starts_with('#'))
-                .count(),
-            EXAMPLE
-                .lines()
-                .filter(|l| l.trim_start().starts_with('#'))
-                .count()
+            out.lines().filter(|l| l.trim_start().starts_with('#')).count(),
+            EXAMPLE.lines().filter(|l| l.trim_start().starts_with('#')).count()
         );
         assert!(set_yaml_value(&out, "appservice.acting.hs_token", "generate", "ABC").is_none());
     }

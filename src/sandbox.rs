@@ -27,9 +27,7 @@ pub fn venv_dir() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
-    cache
-        .join("handoff")
-        .join(format!("synapse-{SYNAPSE_VERSION}"))
+    cache.join("handoff").join(format!("synapse-{SYNAPSE_VERSION}"))
 }
 
 /// Installs Synapse into [`venv_dir`] unless it is there; returns the venv's python.
@@ -54,19 +52,10 @@ pub fn ensure_synapse_installed() -> Result<PathBuf> {
     );
     let _ = std::fs::remove_dir_all(&venv);
     let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    run(
-        Command::new(&python3).args(["-m", "venv"]).arg(&venv),
-        "create the Synapse virtualenv",
-    )?;
+    run(Command::new(&python3).args(["-m", "venv"]).arg(&venv), "create the Synapse virtualenv")?;
     run(
         Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
             .arg(format!("matrix-synapse=={SYNAPSE_VERSION}")),
         "install Synapse with pip",
     )?;
@@ -111,10 +100,7 @@ impl Synapse {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("synapse.log"))?;
+        let log = File::options().create(true).append(true).open(self.dir.join("synapse.log"))?;
         let child = Command::new(&self.python)
             .args(["-m", "synapse.app.homeserver", "-c"])
             .arg(self.dir.join("homeserver.yaml"))
@@ -144,10 +130,7 @@ impl Synapse {
                 bail!("Synapse exited ({status}); see {}", log.display());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "Synapse did not answer within 90 s; see {}",
-                    self.dir.join("synapse.log").display()
-                );
+                bail!("Synapse did not answer within 90 s; see {}", self.dir.join("synapse.log").display());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -168,12 +151,7 @@ impl Synapse {
     }
 
     /// Creates a user through the shared-secret registration API; returns its ID and access token.
-    pub async fn register_user(
-        &self,
-        localpart: &str,
-        password: &str,
-        admin: bool,
-    ) -> Result<(OwnedUserId, String)> {
+    pub async fn register_user(&self, localpart: &str, password: &str, admin: bool) -> Result<(OwnedUserId, String)> {
         #[derive(Deserialize)]
         struct Nonce {
             nonce: String,
@@ -185,30 +163,16 @@ impl Synapse {
         }
         let http = reqwest::Client::new();
         let endpoint = format!("{}/_synapse/admin/v1/register", self.url);
-        let Nonce { nonce } = http
-            .get(&endpoint)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let Nonce { nonce } = http.get(&endpoint).send().await?.error_for_status()?.json().await?;
         let mut mac = Hmac::<sha1::Sha1>::new_from_slice(SHARED_SECRET.as_bytes())?;
         let role = if admin { "admin" } else { "notadmin" };
-        for (i, part) in [nonce.as_str(), localpart, password, role]
-            .iter()
-            .enumerate()
-        {
+        for (i, part) in [nonce.as_str(), localpart, password, role].iter().enumerate() {
             if i > 0 {
                 mac.update(b"\0");
             }
             mac.update(part.as_bytes());
         }
-        let mac: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let mac: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
         let resp = http
             .post(&endpoint)
             .json(&serde_json::json!({
@@ -217,11 +181,7 @@ impl Synapse {
             .send()
             .await?;
         if !resp.status().is_success() {
-            bail!(
-                "cannot register {localpart}: {} {}",
-                resp.status(),
-                resp.text().await.unwrap_or_default()
-            );
+            bail!("cannot register {localpart}: {} {}", resp.status(), resp.text().await.unwrap_or_default());
         }
         let r: Registered = resp.json().await?;
         Ok((r.user_id, r.access_token))
@@ -236,10 +196,7 @@ impl Drop for Synapse {
 
 fn homeserver_yaml(dir: &Path, port: u16, app_service_files: &[PathBuf]) -> String {
     let d = dir.display();
-    let files: Vec<String> = app_service_files
-        .iter()
-        .map(|p| format!("{:?}", p.display().to_string()))
-        .collect();
+    let files: Vec<String> = app_service_files.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
     let unlimited = "{per_second: 10000, burst_count: 100000}";
     format!(
         r#"server_name: "{SERVER_NAME}"
@@ -305,16 +262,10 @@ impl Sandbox {
         let handoff_port = free_port();
         let synapse_port_placeholder = "SYNAPSE_URL";
         let config = include_str!("../bridge-config.yaml")
-            .replace(
-                "address: http://127.0.0.1:8008",
-                &format!("address: {synapse_port_placeholder}"),
-            )
+            .replace("address: http://127.0.0.1:8008", &format!("address: {synapse_port_placeholder}"))
             .replace("domain: example.org", &format!("domain: {SERVER_NAME}"))
             .replace("\"example.org\": user", &format!("\"{SERVER_NAME}\": user"))
-            .replace(
-                "http://127.0.0.1:29340",
-                &format!("http://127.0.0.1:{handoff_port}"),
-            )
+            .replace("http://127.0.0.1:29340", &format!("http://127.0.0.1:{handoff_port}"))
             .replace("port: 29340", &format!("port: {handoff_port}"));
         let config = edit(config);
         let config_path = dir.join("bridge-config.yaml");
@@ -322,23 +273,12 @@ impl Sandbox {
         // reserve the port now and write it in.
         let synapse_dir = dir.join("synapse");
         let port = free_port();
-        let config = config.replace(
-            synapse_port_placeholder,
-            &format!("http://127.0.0.1:{port}"),
-        );
+        let config = config.replace(synapse_port_placeholder, &format!("http://127.0.0.1:{port}"));
         std::fs::write(&config_path, config)?;
         registration::generate(&config_path)?;
-        let files = [
-            dir.join(registration::MAIN_FILE),
-            dir.join(registration::ACTING_FILE),
-        ];
+        let files = [dir.join(registration::MAIN_FILE), dir.join(registration::ACTING_FILE)];
         let synapse = Synapse::start_on(&synapse_dir, port, &files).await?;
-        Ok(Sandbox {
-            dir,
-            config_path,
-            handoff_port,
-            synapse,
-        })
+        Ok(Sandbox { dir, config_path, handoff_port, synapse })
     }
 }
 
@@ -352,19 +292,10 @@ impl Synapse {
         let config_path = dir.join("homeserver.yaml");
         std::fs::write(&config_path, homeserver_yaml(&dir, port, app_service_files))?;
         run(
-            Command::new(&python)
-                .args(["-m", "synapse.app.homeserver", "-c"])
-                .arg(&config_path)
-                .arg("--generate-keys"),
+            Command::new(&python).args(["-m", "synapse.app.homeserver", "-c"]).arg(&config_path).arg("--generate-keys"),
             "generate Synapse's signing key",
         )?;
-        let mut synapse = Synapse {
-            child: None,
-            python,
-            dir,
-            port,
-            url,
-        };
+        let mut synapse = Synapse { child: None, python, dir, port, url };
         synapse.spawn()?;
         synapse.wait_until_up().await?;
         Ok(synapse)
@@ -386,16 +317,11 @@ pub async fn run_interactive(dir: Option<PathBuf>) -> Result<()> {
     let bot = UserId::parse(format!("@handoff:{SERVER_NAME}"))?;
     println!();
     println!("Sandbox ready in {}", sandbox.dir.display());
-    println!(
-        "  homeserver:  {} (server name {SERVER_NAME})",
-        sandbox.synapse.url
-    );
+    println!("  homeserver:  {} (server name {SERVER_NAME})", sandbox.synapse.url);
     for user in &accounts {
         println!("  account:     {user}  password: {}", user.localpart());
     }
-    println!(
-        "  bot:         {bot}  (log in with any Matrix client, start a DM with it, send `help`)"
-    );
+    println!("  bot:         {bot}  (log in with any Matrix client, start a DM with it, send `help`)");
     println!("  config:      {}", sandbox.config_path.display());
     println!("Press Ctrl-C to stop.");
     println!();

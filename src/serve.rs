@@ -35,44 +35,24 @@ pub async fn run(config: Config) -> Result<()> {
         .user_agent(concat!("handoff/", env!("CARGO_PKG_VERSION")))
         .timeout(std::time::Duration::from_secs(60))
         .build()?;
-    let hs = Homeserver::connect(address, config.appservice.as_token.expose(), http.clone())
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "{e} (check homeserver.address = {address}, and that the homeserver is running)"
-            )
-        })?;
+    let hs = Homeserver::connect(address, config.appservice.as_token.expose(), http.clone()).await.map_err(|e| {
+        anyhow::anyhow!("{e} (check homeserver.address = {address}, and that the homeserver is running)")
+    })?;
     let bot_user = config.bot_user_id();
     register_bot(&hs, &config).await?;
     set_bot_profile(&hs, &config).await;
 
-    let bind = (
-        config.appservice.hostname.as_str(),
-        config.appservice.port.0,
-    );
+    let bind = (config.appservice.hostname.as_str(), config.appservice.port.0);
     let listener = TcpListener::bind(bind).await.with_context(|| {
-        format!(
-            "cannot listen on {}:{} (check appservice.hostname and appservice.port)",
-            bind.0, bind.1
-        )
+        format!("cannot listen on {}:{} (check appservice.hostname and appservice.port)", bind.0, bind.1)
     })?;
 
-    let acting = Homeserver::connect(
-        address,
-        config.appservice.acting.as_token.expose(),
-        http.clone(),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e} (check homeserver.address = {address})"))?;
+    let acting = Homeserver::connect(address, config.appservice.acting.as_token.expose(), http.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (check homeserver.address = {address})"))?;
     check_acting(&acting).await?;
     let engine = Engine::new(config.clone(), hs.clone(), acting.clone(), store.clone());
-    let bot = Arc::new(Bot::new(
-        config.clone(),
-        hs.clone(),
-        acting,
-        store.clone(),
-        engine.clone(),
-    ));
+    let bot = Arc::new(Bot::new(config.clone(), hs.clone(), acting, store.clone(), engine.clone()));
     spawn_purge(store.clone(), config.handoff.bundle_retention);
     let state = AppState {
         hs_token: config.appservice.hs_token.clone(),
@@ -82,11 +62,8 @@ pub async fn run(config: Config) -> Result<()> {
         txn_lock: Arc::new(Mutex::new(())),
     };
     let app = appservice::router(state);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-    });
+    let server =
+        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await });
 
     if let Err(e) = ping(&hs, &config).await {
         server.abort();
@@ -107,16 +84,9 @@ pub async fn run(config: Config) -> Result<()> {
 
 /// The acting registration must be loaded too: ask who its token is.
 async fn check_acting(acting: &Homeserver) -> Result<()> {
-    match acting
-        .with_retry(Retry::NONE)
-        .send(whoami::v3::Request::new())
-        .await
-    {
+    match acting.with_retry(Retry::NONE).send(whoami::v3::Request::new()).await {
         Ok(_) => Ok(()),
-        Err(HsError::Matrix {
-            kind: ErrorKind::UnknownToken(_),
-            ..
-        }) => bail!(
+        Err(HsError::Matrix { kind: ErrorKind::UnknownToken(_), .. }) => bail!(
             "the homeserver does not know appservice.acting.as_token: add {} to app_service_config_files in the homeserver config and restart it",
             registration::ACTING_FILE
         ),
@@ -132,11 +102,7 @@ fn spawn_purge(store: Store, retention: std::time::Duration) {
             every.tick().await;
             match store.purge(retention).await {
                 Ok(gone) if gone.bundles + gone.codes > 0 => {
-                    tracing::info!(
-                        bundles = gone.bundles,
-                        codes = gone.codes,
-                        "purged expired bundles and codes"
-                    )
+                    tracing::info!(bundles = gone.bundles, codes = gone.codes, "purged expired bundles and codes")
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "purging old bundles failed"),
@@ -156,17 +122,11 @@ async fn register_bot(hs: &Homeserver, config: &Config) -> Result<()> {
             Ok(())
         }
         Err(e) if matches!(e.kind(), Some(ErrorKind::UserInUse)) => Ok(()),
-        Err(HsError::Matrix {
-            kind: ErrorKind::UnknownToken(_),
-            ..
-        }) => bail!(
+        Err(HsError::Matrix { kind: ErrorKind::UnknownToken(_), .. }) => bail!(
             "the homeserver does not know appservice.as_token: add {} to app_service_config_files in the homeserver config and restart it (after generate-registration, both must hold the same tokens)",
             registration::MAIN_FILE
         ),
-        Err(e) => Err(anyhow::anyhow!(
-            "cannot register the bot user {}: {e}",
-            config.bot_user_id()
-        )),
+        Err(e) => Err(anyhow::anyhow!("cannot register the bot user {}: {e}", config.bot_user_id())),
     }
 }
 
@@ -174,18 +134,12 @@ async fn register_bot(hs: &Homeserver, config: &Config) -> Result<()> {
 async fn set_bot_profile(hs: &Homeserver, config: &Config) {
     let bot = config.bot_user_id();
     let name = ProfileFieldValue::DisplayName(config.appservice.bot.displayname.clone());
-    if let Err(e) = hs
-        .send(set_profile_field::v3::Request::new(bot.clone(), name))
-        .await
-    {
+    if let Err(e) = hs.send(set_profile_field::v3::Request::new(bot.clone(), name)).await {
         tracing::warn!(error = %e, "cannot set the bot's display name");
     }
     if let Some(avatar) = &config.appservice.bot.avatar {
         let avatar = ProfileFieldValue::AvatarUrl(avatar.clone());
-        if let Err(e) = hs
-            .send(set_profile_field::v3::Request::new(bot, avatar))
-            .await
-        {
+        if let Err(e) = hs.send(set_profile_field::v3::Request::new(bot, avatar)).await {
             tracing::warn!(error = %e, "cannot set the bot's avatar");
         }
     }
@@ -195,10 +149,7 @@ async fn ping(hs: &Homeserver, config: &Config) -> Result<()> {
     let req = request_ping::v1::Request::new(config.appservice.id.clone());
     match hs.with_retry(Retry::NONE).send(req).await {
         Ok(resp) => {
-            tracing::info!(
-                duration_ms = resp.duration.as_millis() as u64,
-                "the homeserver reached handoff"
-            );
+            tracing::info!(duration_ms = resp.duration.as_millis() as u64, "the homeserver reached handoff");
             Ok(())
         }
         Err(e) => {

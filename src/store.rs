@@ -30,15 +30,11 @@ const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error(
-        "cannot open the database at {path}: {source} (is another `handoff serve` using it? check database.path)"
-    )]
+    #[error("cannot open the database at {path}: {source} (is another `handoff serve` using it? check database.path)")]
     Open { path: String, source: sled::Error },
     #[error("database error: {0}")]
     Sled(#[from] sled::Error),
-    #[error(
-        "the database at {path} has schema version {found}, this handoff knows version {SCHEMA_VERSION}"
-    )]
+    #[error("the database at {path} has schema version {found}, this handoff knows version {SCHEMA_VERSION}")]
     Schema { path: String, found: u32 },
     #[error("the store key {path}: {message}")]
     Key { path: String, message: String },
@@ -110,10 +106,7 @@ impl Store {
             .path(path)
             .cache_capacity(64 << 20)
             .open()
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         let meta = db.open_tree("meta")?;
         match meta.get("schema_version")? {
             None => {
@@ -122,10 +115,7 @@ impl Store {
             Some(v) => {
                 let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0xff; 4]));
                 if found != SCHEMA_VERSION {
-                    return Err(StoreError::Schema {
-                        path: path.display().to_string(),
-                        found,
-                    });
+                    return Err(StoreError::Schema { path: path.display().to_string(), found });
                 }
             }
         }
@@ -167,11 +157,10 @@ impl Store {
 
     /// The user whose DM with the bot this room is, if it is one.
     pub fn dm_room_user(&self, room: &RoomId) -> Result<Option<OwnedUserId>, StoreError> {
-        Ok(self.dm_rooms.get(room.as_str())?.and_then(|v| {
-            std::str::from_utf8(&v)
-                .ok()
-                .and_then(|s| UserId::parse(s).ok())
-        }))
+        Ok(self
+            .dm_rooms
+            .get(room.as_str())?
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| UserId::parse(s).ok())))
     }
 
     /// The rooms that are `user`'s DM with the bot.
@@ -210,11 +199,7 @@ impl Store {
     fn seal(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
         let mut out = nonce.to_vec();
-        out.extend(
-            self.cipher
-                .encrypt(&nonce, Payload { msg: plain, aad })
-                .expect("encryption in memory"),
-        );
+        out.extend(self.cipher.encrypt(&nonce, Payload { msg: plain, aad }).expect("encryption in memory"));
         out
     }
 
@@ -230,23 +215,14 @@ impl Store {
 
     fn write_bundle(&self, id: &BundleId, record: &StoredBundle) -> Result<(), StoreError> {
         let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.bundles
-            .insert(id.0.as_bytes(), self.seal(id.0.as_bytes(), &json))?;
+        self.bundles.insert(id.0.as_bytes(), self.seal(id.0.as_bytes(), &json))?;
         Ok(())
     }
 
     /// Stores a bundle sealed with the store key; returns its ID.
-    pub async fn put_bundle(
-        &self,
-        owner: &UserId,
-        bundle: &Bundle,
-    ) -> Result<BundleId, StoreError> {
+    pub async fn put_bundle(&self, owner: &UserId, bundle: &Bundle) -> Result<BundleId, StoreError> {
         let id = BundleId(format!("{owner}\0{:020}", self.db.generate_id()?));
-        let record = StoredBundle {
-            owner: owner.to_owned(),
-            created_at_ms: now_ms(),
-            bundle: bundle.clone(),
-        };
+        let record = StoredBundle { owner: owner.to_owned(), created_at_ms: now_ms(), bundle: bundle.clone() };
         self.write_bundle(&id, &record)?;
         self.db.flush_async().await?;
         Ok(id)
@@ -257,33 +233,19 @@ impl Store {
             return Ok(None);
         };
         let json = self.unseal(id.0.as_bytes(), &sealed)?;
-        serde_json::from_slice(&json)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
+        serde_json::from_slice(&json).map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     /// Replaces a stored bundle's content (e.g. to attach keys), keeping its ID.
-    pub async fn update_bundle(
-        &self,
-        id: &BundleId,
-        record: &StoredBundle,
-    ) -> Result<(), StoreError> {
+    pub async fn update_bundle(&self, id: &BundleId, record: &StoredBundle) -> Result<(), StoreError> {
         self.write_bundle(id, record)?;
         self.db.flush_async().await?;
         Ok(())
     }
 
     /// The owner's most recent bundle.
-    pub fn latest_bundle(
-        &self,
-        owner: &UserId,
-    ) -> Result<Option<(BundleId, StoredBundle)>, StoreError> {
-        let Some((key, _)) = self
-            .bundles
-            .scan_prefix(owner_prefix(owner))
-            .last()
-            .transpose()?
-        else {
+    pub fn latest_bundle(&self, owner: &UserId) -> Result<Option<(BundleId, StoredBundle)>, StoreError> {
+        let Some((key, _)) = self.bundles.scan_prefix(owner_prefix(owner)).last().transpose()? else {
             return Ok(None);
         };
         let id = BundleId(String::from_utf8_lossy(&key).into_owned());
@@ -307,11 +269,7 @@ impl Store {
     }
 
     /// Checks a code for `redeemer` without using it up (for `import --dry-run`).
-    pub fn peek_code(
-        &self,
-        hash: &CodeHash,
-        redeemer: &UserId,
-    ) -> Result<Result<CodeRecord, RedeemError>, StoreError> {
+    pub fn peek_code(&self, hash: &CodeHash, redeemer: &UserId) -> Result<Result<CodeRecord, RedeemError>, StoreError> {
         let Some(current) = self.codes.get(hash.0)? else {
             return Ok(Err(RedeemError::NotFound));
         };
@@ -319,11 +277,7 @@ impl Store {
         Ok(Self::check_code(record, redeemer, now_ms()))
     }
 
-    fn check_code(
-        record: CodeRecord,
-        redeemer: &UserId,
-        now: u64,
-    ) -> Result<CodeRecord, RedeemError> {
+    fn check_code(record: CodeRecord, redeemer: &UserId, now: u64) -> Result<CodeRecord, RedeemError> {
         if record.bound_to.as_deref().is_some_and(|b| b != redeemer) {
             return Err(RedeemError::NotFound);
         }
@@ -347,19 +301,13 @@ impl Store {
             let Some(current) = self.codes.get(hash.0)? else {
                 return Ok(Err(RedeemError::NotFound));
             };
-            let mut record = match Self::check_code(self.code_record(&current)?, redeemer, now_ms())
-            {
+            let mut record = match Self::check_code(self.code_record(&current)?, redeemer, now_ms()) {
                 Ok(r) => r,
                 Err(e) => return Ok(Err(e)),
             };
             record.redeemed_by = Some(redeemer.to_owned());
-            let new =
-                serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if self
-                .codes
-                .compare_and_swap(hash.0, Some(current), Some(new))?
-                .is_ok()
-            {
+            let new = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if self.codes.compare_and_swap(hash.0, Some(current), Some(new))?.is_ok() {
                 self.db.flush_async().await?;
                 return Ok(Ok(record));
             }
@@ -413,10 +361,7 @@ impl Store {
         let mut gone = Forgotten::default();
         for item in self.bundles.iter() {
             let (k, sealed) = item?;
-            let record = self
-                .unseal(&k, &sealed)
-                .ok()
-                .and_then(|j| serde_json::from_slice::<StoredBundle>(&j).ok());
+            let record = self.unseal(&k, &sealed).ok().and_then(|j| serde_json::from_slice::<StoredBundle>(&j).ok());
             // An unreadable bundle is of no use to anybody.
             if record.is_none_or(|b| b.created_at_ms < cutoff) {
                 self.bundles.remove(k)?;
@@ -425,10 +370,7 @@ impl Store {
         }
         for item in self.codes.iter() {
             let (k, v) = item?;
-            if self
-                .code_record(&v)
-                .map_or(true, |r| r.expires_at_ms < cutoff)
-            {
+            if self.code_record(&v).map_or(true, |r| r.expires_at_ms < cutoff) {
                 self.codes.remove(k)?;
                 gone.codes += 1;
             }
@@ -458,9 +400,7 @@ impl Store {
             return Ok(None);
         };
         let json = self.unseal(&key, &sealed)?;
-        serde_json::from_slice(&json)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
+        serde_json::from_slice(&json).map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     /// Every transfer, oldest first.
@@ -469,20 +409,14 @@ impl Store {
         for item in self.transfers.iter() {
             let (k, sealed) = item?;
             let json = self.unseal(&k, &sealed)?;
-            out.push(
-                serde_json::from_slice(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            );
+            out.push(serde_json::from_slice(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
         Ok(out)
     }
 
     /// The latest transfer `user` takes part in (as the old or the new account).
     pub fn latest_transfer_of(&self, user: &UserId) -> Result<Option<Transfer>, StoreError> {
-        Ok(self
-            .transfers()?
-            .into_iter()
-            .rev()
-            .find(|t| t.old == user || t.new == user))
+        Ok(self.transfers()?.into_iter().rev().find(|t| t.old == user || t.new == user))
     }
 
     fn journal_key(id: u64, room: &RoomId) -> Vec<u8> {
@@ -490,12 +424,7 @@ impl Store {
     }
 
     /// Journals a room's step and makes it durable before returning.
-    pub async fn set_room_step(
-        &self,
-        id: u64,
-        room: &RoomId,
-        step: &RoomStep,
-    ) -> Result<(), StoreError> {
+    pub async fn set_room_step(&self, id: u64, room: &RoomId, step: &RoomStep) -> Result<(), StoreError> {
         let json = serde_json::to_vec(step).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.journal.insert(Self::journal_key(id, room), json)?;
         self.db.flush_async().await?;
@@ -509,21 +438,14 @@ impl Store {
             let (k, v) = item?;
             let room = ruma::OwnedRoomId::try_from(String::from_utf8_lossy(&k[8..]).as_ref())
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.insert(
-                room,
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            );
+            out.insert(room, serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
         Ok(out)
     }
 
     /// Every raw byte of the bundle tree, for tests that look for plaintext at rest.
     pub fn raw_bundle_bytes(&self) -> Vec<u8> {
-        self.bundles
-            .iter()
-            .flatten()
-            .flat_map(|(k, v)| [k.to_vec(), v.to_vec()].concat())
-            .collect()
+        self.bundles.iter().flatten().flat_map(|(k, v)| [k.to_vec(), v.to_vec()].concat()).collect()
     }
 }
 
@@ -532,23 +454,15 @@ fn owner_prefix(owner: &UserId) -> Vec<u8> {
 }
 
 pub fn key_path_for(db_path: &Path) -> PathBuf {
-    let mut name = db_path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = db_path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".key");
     db_path.with_file_name(name)
 }
 
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
-    let err = |message: String| StoreError::Key {
-        path: path.display().to_string(),
-        message,
-    };
+    let err = |message: String| StoreError::Key { path: path.display().to_string(), message };
     match std::fs::read(path) {
-        Ok(bytes) => bytes
-            .try_into()
-            .map_err(|b: Vec<u8>| err(format!("expected 32 bytes, found {}", b.len()))),
+        Ok(bytes) => bytes.try_into().map_err(|b: Vec<u8>| err(format!("expected 32 bytes, found {}", b.len()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -559,9 +473,7 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
                 .mode(0o600)
                 .open(path)
                 .map_err(|e| err(e.to_string()))?;
-            f.write_all(&key)
-                .and_then(|_| f.sync_all())
-                .map_err(|e| err(e.to_string()))?;
+            f.write_all(&key).and_then(|_| f.sync_all()).map_err(|e| err(e.to_string()))?;
             Ok(key)
         }
         Err(e) => Err(err(e.to_string())),
@@ -569,10 +481,7 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -612,24 +521,15 @@ mod tests {
         let newer = <&UserId>::try_from("@new:x.org").unwrap();
         let bundle = crate::bundle::tests::sample();
         let id = store.put_bundle(owner, &bundle).await.unwrap();
-        assert_eq!(
-            store.get_bundle(&id).unwrap().unwrap().bundle.to_json(),
-            bundle.to_json()
-        );
+        assert_eq!(store.get_bundle(&id).unwrap().unwrap().bundle.to_json(), bundle.to_json());
         assert_eq!(store.latest_bundle(owner).unwrap().unwrap().0, id);
         // Nothing readable at rest: not the display name, not a room ID.
         let raw = store.raw_bundle_bytes();
         for needle in ["Favourite", "!fav:example.org", "spam:evil.org"] {
-            assert!(
-                !raw.windows(needle.len()).any(|w| w == needle.as_bytes()),
-                "{needle} readable at rest"
-            );
+            assert!(!raw.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} readable at rest");
         }
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(key_path_for(&path))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(key_path_for(&path)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
         let code = crate::code::TransferCode::generate();
@@ -642,45 +542,18 @@ mod tests {
         };
         store.put_code(&code.hash(), &record).await.unwrap();
         // Bound to @new: anyone else sees "no such code".
-        assert_eq!(
-            store.redeem_code(&code.hash(), owner).await.unwrap(),
-            Err(RedeemError::NotFound)
-        );
-        let redeemed = store
-            .redeem_code(&code.hash(), newer)
-            .await
-            .unwrap()
-            .unwrap();
+        assert_eq!(store.redeem_code(&code.hash(), owner).await.unwrap(), Err(RedeemError::NotFound));
+        let redeemed = store.redeem_code(&code.hash(), newer).await.unwrap().unwrap();
         assert_eq!(redeemed.bundle, id);
-        assert_eq!(
-            store.redeem_code(&code.hash(), newer).await.unwrap(),
-            Err(RedeemError::Used)
-        );
+        assert_eq!(store.redeem_code(&code.hash(), newer).await.unwrap(), Err(RedeemError::Used));
         let other = crate::code::TransferCode::generate();
-        assert_eq!(
-            store.redeem_code(&other.hash(), newer).await.unwrap(),
-            Err(RedeemError::NotFound)
-        );
-        let expired = CodeRecord {
-            expires_at_ms: now_ms() - 1,
-            bound_to: None,
-            ..record
-        };
+        assert_eq!(store.redeem_code(&other.hash(), newer).await.unwrap(), Err(RedeemError::NotFound));
+        let expired = CodeRecord { expires_at_ms: now_ms() - 1, bound_to: None, ..record };
         store.put_code(&other.hash(), &expired).await.unwrap();
-        assert_eq!(
-            store.redeem_code(&other.hash(), newer).await.unwrap(),
-            Err(RedeemError::Expired)
-        );
+        assert_eq!(store.redeem_code(&other.hash(), newer).await.unwrap(), Err(RedeemError::Expired));
 
         let gone = store.forget(owner).await.unwrap();
-        assert_eq!(
-            gone,
-            Forgotten {
-                bundles: 1,
-                codes: 2,
-                transfers: 0
-            }
-        );
+        assert_eq!(gone, Forgotten { bundles: 1, codes: 2, transfers: 0 });
         assert!(store.latest_bundle(owner).unwrap().is_none());
         assert!(store.codes_of(owner).unwrap().is_empty());
         assert!(store.raw_bundle_bytes().is_empty());
@@ -693,18 +566,8 @@ mod tests {
         let owner = <&UserId>::try_from("@old:x.org").unwrap();
         {
             let store = Store::open(&path).unwrap();
-            store
-                .put_bundle(owner, &crate::bundle::tests::sample())
-                .await
-                .unwrap();
-            assert_eq!(
-                store
-                    .purge(Duration::from_secs(3600))
-                    .await
-                    .unwrap()
-                    .bundles,
-                0
-            );
+            store.put_bundle(owner, &crate::bundle::tests::sample()).await.unwrap();
+            assert_eq!(store.purge(Duration::from_secs(3600)).await.unwrap().bundles, 0);
         }
         std::fs::write(key_path_for(&path), [7u8; 32]).unwrap();
         let store = Store::open(&path).unwrap();

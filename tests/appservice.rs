@@ -10,10 +10,8 @@ use serde_json::{Value, json};
 
 /// A config where one local user is explicitly not permitted.
 fn with_mallory_refused(config: String) -> String {
-    config.replace(
-        "        \"localhost\": user\n",
-        "        \"localhost\": user\n        \"@mallory:localhost\": none\n",
-    )
+    config
+        .replace("        \"localhost\": user\n", "        \"localhost\": user\n        \"@mallory:localhost\": none\n")
 }
 
 fn body(event: &Value) -> &str {
@@ -30,17 +28,9 @@ async fn bot_greets_in_dm_answers_help_and_refuses_strangers() {
     let greeting = alice.wait_for_messages(&dm, &h.bot, 1).await.remove(0);
     assert_eq!(greeting["content"]["msgtype"], "m.notice");
     assert!(body(&greeting).contains("help"), "{greeting}");
-    assert!(
-        body(&greeting).starts_with("Hello @alice:localhost"),
-        "{greeting}"
-    );
+    assert!(body(&greeting).starts_with("Hello @alice:localhost"), "{greeting}");
     assert_eq!(greeting["content"]["format"], "org.matrix.custom.html");
-    assert!(
-        greeting["content"]["formatted_body"]
-            .as_str()
-            .unwrap()
-            .contains("<code>help</code>")
-    );
+    assert!(greeting["content"]["formatted_body"].as_str().unwrap().contains("<code>help</code>"));
     let joined = alice.membership_of(&dm, &h.bot).await;
     assert_eq!(joined["membership"], "join");
 
@@ -50,22 +40,12 @@ async fn bot_greets_in_dm_answers_help_and_refuses_strangers() {
     let help = &replies[1];
     assert_eq!(help["content"]["msgtype"], "m.notice");
     assert!(body(help).contains("• help — show the commands"), "{help}");
-    assert!(
-        help["content"]["formatted_body"]
-            .as_str()
-            .unwrap()
-            .contains("<li>"),
-        "{help}"
-    );
+    assert!(help["content"]["formatted_body"].as_str().unwrap().contains("<li>"), "{help}");
 
     // A typo gets an error naming the closest command.
     alice.send_text(&dm, "hepl").await;
     let replies = alice.wait_for_messages(&dm, &h.bot, 3).await;
-    assert!(
-        body(&replies[2]).contains("Unknown command `hepl`. Did you mean `help`?"),
-        "{}",
-        replies[2]
-    );
+    assert!(body(&replies[2]).contains("Unknown command `hepl`. Did you mean `help`?"), "{}", replies[2]);
 
     // Its own notices and other people's chatter in a group room are not commands; the prefix is.
     let group = alice.create_room("team").await;
@@ -76,11 +56,7 @@ async fn bot_greets_in_dm_answers_help_and_refuses_strangers() {
     let replies = alice.wait_for_messages(&group, &h.bot, 2).await;
     assert!(body(&replies[1]).contains("• help — "), "{}", replies[1]);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        alice.messages_from(&group, &h.bot).await.len(),
-        2,
-        "exactly one reply, to the prefixed command"
-    );
+    assert_eq!(alice.messages_from(&group, &h.bot).await.len(), 2, "exactly one reply, to the prefixed command");
 
     // A user the config refuses: the bot rejects the invite and says why.
     let mallory = h.user("mallory").await;
@@ -91,31 +67,18 @@ async fn bot_greets_in_dm_answers_help_and_refuses_strangers() {
     })
     .await;
     let reason = member["reason"].as_str().unwrap_or("");
-    assert!(
-        reason.contains("@mallory:localhost may not use handoff"),
-        "{member}"
-    );
+    assert!(reason.contains("@mallory:localhost may not use handoff"), "{member}");
     assert!(mallory.messages_from(&room, &h.bot).await.is_empty());
 
     // No token ever reaches the log.
     let log = h.log();
-    for key in [
-        "appservice.as_token",
-        "appservice.hs_token",
-        "appservice.acting.as_token",
-    ] {
-        assert!(
-            !log.contains(&h.config_value(key)),
-            "{key} leaked into the log"
-        );
+    for key in ["appservice.as_token", "appservice.hs_token", "appservice.acting.as_token"] {
+        assert!(!log.contains(&h.config_value(key)), "{key} leaked into the log");
     }
 }
 
 fn txn_body(room: &str, sender: &str, event_id: &str, text: &str) -> Value {
-    let ts = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
     json!({ "events": [{
         "type": "m.room.message",
         "event_id": event_id,
@@ -137,44 +100,21 @@ async fn transaction_endpoint_checks_tokens_rejects_bad_bodies_and_handles_each_
 
     // Authentication: missing → 401 M_UNAUTHORIZED, wrong → 403 M_FORBIDDEN (header or query).
     let empty = json!({"events": []});
-    let r = http
-        .put(url("/_matrix/app/v1/transactions/a1"))
-        .json(&empty)
-        .send()
-        .await
-        .unwrap();
+    let r = http.put(url("/_matrix/app/v1/transactions/a1")).json(&empty).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(errcode(r.json().await.unwrap()), "M_UNAUTHORIZED");
-    let r = http
-        .put(url("/_matrix/app/v1/transactions/a1"))
-        .bearer_auth("wrong-token")
-        .json(&empty)
-        .send()
-        .await
-        .unwrap();
+    let r =
+        http.put(url("/_matrix/app/v1/transactions/a1")).bearer_auth("wrong-token").json(&empty).send().await.unwrap();
     assert_eq!(r.status(), 403);
     assert_eq!(errcode(r.json().await.unwrap()), "M_FORBIDDEN");
-    let r = http
-        .put(url("/_matrix/app/v1/transactions/a1?access_token=wrong"))
-        .json(&empty)
-        .send()
-        .await
-        .unwrap();
+    let r = http.put(url("/_matrix/app/v1/transactions/a1?access_token=wrong")).json(&empty).send().await.unwrap();
     assert_eq!(r.status(), 403);
     let almost = format!("{}x", &hs_token[..hs_token.len() - 1]);
-    let r = http
-        .put(url("/_matrix/app/v1/transactions/a1"))
-        .bearer_auth(almost)
-        .json(&empty)
-        .send()
-        .await
-        .unwrap();
+    let r = http.put(url("/_matrix/app/v1/transactions/a1")).bearer_auth(almost).json(&empty).send().await.unwrap();
     assert_eq!(r.status(), 403);
     // The legacy query parameter with the right token is accepted.
     let r = http
-        .put(url(&format!(
-            "/_matrix/app/v1/transactions/a2?access_token={hs_token}"
-        )))
+        .put(url(&format!("/_matrix/app/v1/transactions/a2?access_token={hs_token}")))
         .json(&empty)
         .send()
         .await
@@ -182,18 +122,11 @@ async fn transaction_endpoint_checks_tokens_rejects_bad_bodies_and_handles_each_
     assert_eq!(r.status(), 200);
 
     // Bad bodies: not JSON, JSON of the wrong shape, too large; unknown endpoints.
-    let put = |id: &str| {
-        http.put(url(&format!("/_matrix/app/v1/transactions/{id}")))
-            .bearer_auth(&hs_token)
-    };
+    let put = |id: &str| http.put(url(&format!("/_matrix/app/v1/transactions/{id}"))).bearer_auth(&hs_token);
     let r = put("b1").body("{not json").send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(errcode(r.json().await.unwrap()), "M_NOT_JSON");
-    let r = put("b2")
-        .json(&json!({"events": "nope"}))
-        .send()
-        .await
-        .unwrap();
+    let r = put("b2").json(&json!({"events": "nope"})).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(errcode(r.json().await.unwrap()), "M_BAD_JSON");
     // On a connection of its own: the server answers before reading it all, then closes it.
@@ -206,44 +139,18 @@ async fn transaction_endpoint_checks_tokens_rejects_bad_bodies_and_handles_each_
         .unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(errcode(r.json().await.unwrap()), "M_TOO_LARGE");
-    let r = http
-        .get(url("/_matrix/app/v1/nothing"))
-        .bearer_auth(&hs_token)
-        .send()
-        .await
-        .unwrap();
+    let r = http.get(url("/_matrix/app/v1/nothing")).bearer_auth(&hs_token).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(errcode(r.json().await.unwrap()), "M_UNRECOGNIZED");
 
     // The user query knows the bot and nobody else; ping answers with the right token only.
-    let r = http
-        .get(url("/_matrix/app/v1/users/@handoff:localhost"))
-        .bearer_auth(&hs_token)
-        .send()
-        .await
-        .unwrap();
+    let r = http.get(url("/_matrix/app/v1/users/@handoff:localhost")).bearer_auth(&hs_token).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let r = http
-        .get(url("/_matrix/app/v1/users/@someone:localhost"))
-        .bearer_auth(&hs_token)
-        .send()
-        .await
-        .unwrap();
+    let r = http.get(url("/_matrix/app/v1/users/@someone:localhost")).bearer_auth(&hs_token).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    let r = http
-        .post(url("/_matrix/app/v1/ping"))
-        .bearer_auth(&hs_token)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let r = http.post(url("/_matrix/app/v1/ping")).bearer_auth(&hs_token).json(&json!({})).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let r = http
-        .post(url("/_matrix/app/v1/ping"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let r = http.post(url("/_matrix/app/v1/ping")).json(&json!({})).send().await.unwrap();
     assert_eq!(r.status(), 401);
 
     // After all that the service still serves: health and a real conversation.
@@ -254,11 +161,7 @@ async fn transaction_endpoint_checks_tokens_rejects_bad_bodies_and_handles_each_
     alice.wait_for_messages(&dm, &h.bot, 1).await;
 
     // A transaction handled once: the same txn ID again, even carrying another command, does nothing.
-    let help_replies = |msgs: &[Value]| {
-        msgs.iter()
-            .filter(|m| body(m).contains("• help — "))
-            .count()
-    };
+    let help_replies = |msgs: &[Value]| msgs.iter().filter(|m| body(m).contains("• help — ")).count();
     let first = txn_body(dm.as_str(), alice.id.as_str(), "$replay-1", "help");
     let r = put("replay").json(&first).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -272,27 +175,16 @@ async fn transaction_endpoint_checks_tokens_rejects_bad_bodies_and_handles_each_
 
     // The record is durable: after a restart the replay is still recognised.
     let status = h.signal_handoff("TERM");
-    assert!(
-        status.success(),
-        "SIGTERM stops cleanly: {status}\n{}",
-        h.log()
-    );
+    assert!(status.success(), "SIGTERM stops cleanly: {status}\n{}", h.log());
     assert!(h.log().contains("stopped cleanly"));
     h.start_handoff().await;
     let r = put("replay").json(&other).send().await.unwrap();
     assert_eq!(r.status(), 200);
     // A new transaction is handled: its reply arrives, and only then do we count.
     let fresh = txn_body(dm.as_str(), alice.id.as_str(), "$fresh-1", "hepl");
-    assert_eq!(
-        put("fresh").json(&fresh).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(put("fresh").json(&fresh).send().await.unwrap().status(), 200);
     let msgs = alice.wait_for_messages(&dm, &h.bot, 3).await;
-    assert_eq!(
-        msgs.len(),
-        3,
-        "greeting, one help reply, one reply to the fresh txn: {msgs:#?}"
-    );
+    assert_eq!(msgs.len(), 3, "greeting, one help reply, one reply to the fresh txn: {msgs:#?}");
     assert!(body(&msgs[2]).contains("Did you mean `help`"));
 }
 
@@ -303,10 +195,9 @@ async fn startup_failures_say_what_to_fix() {
     let config = dir.path().join("bridge-config.yaml");
     let original = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
     let set = |from: &str, to: &str| {
-        let text = original.replace(from, to).replace(
-            "path: handoff.db",
-            &format!("path: {}", dir.path().join("db").display()),
-        );
+        let text = original
+            .replace(from, to)
+            .replace("path: handoff.db", &format!("path: {}", dir.path().join("db").display()));
         std::fs::write(&config, text).unwrap();
     };
     let serve = || run_handoff(&["serve", "-c", config.to_str().unwrap()], dir.path());
@@ -340,10 +231,7 @@ async fn startup_failures_say_what_to_fix() {
     set(&as_token, "generate");
     let (status, err) = serve();
     assert_eq!(status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("appservice.as_token is still \"generate\""),
-        "{err}"
-    );
+    assert!(err.contains("appservice.as_token is still \"generate\""), "{err}");
     assert!(err.contains("generate-registration"), "{err}");
 }
 
@@ -353,21 +241,9 @@ fn bad_config_gives_the_documented_message() {
     let config = dir.path().join("bridge-config.yaml");
     let example = include_str!("../bridge-config.yaml");
     let cases = [
-        (
-            "port: 29340",
-            "port: abc",
-            "appservice.port: expected a port number 1-65535, found \"abc\"",
-        ),
-        (
-            "    concurrency: 4",
-            "    concurrency: 4\n    concurency: 2",
-            "unknown key handoff.concurency",
-        ),
-        (
-            "format: pretty",
-            "format: xml",
-            "logging.format: unknown variant `xml`",
-        ),
+        ("port: 29340", "port: abc", "appservice.port: expected a port number 1-65535, found \"abc\""),
+        ("    concurrency: 4", "    concurrency: 4\n    concurency: 2", "unknown key handoff.concurency"),
+        ("format: pretty", "format: xml", "logging.format: unknown variant `xml`"),
     ];
     for (from, to, expected) in cases {
         std::fs::write(&config, example.replace(from, to)).unwrap();
@@ -378,10 +254,7 @@ fn bad_config_gives_the_documented_message() {
     }
     let (status, err) = run_handoff(&["serve", "-c", "does-not-exist.yaml"], dir.path());
     assert_eq!(status.code(), Some(2));
-    assert!(
-        err.contains("cannot read config does-not-exist.yaml"),
-        "{err}"
-    );
+    assert!(err.contains("cannot read config does-not-exist.yaml"), "{err}");
 }
 
 #[test]
@@ -390,28 +263,19 @@ fn generate_registration_fills_tokens_and_keeps_comments() {
     let config = dir.path().join("bridge-config.yaml");
     let example = include_str!("../bridge-config.yaml").replace("example.org", "my.example");
     std::fs::write(&config, &example).unwrap();
-    let (status, err) = run_handoff(
-        &["generate-registration", "-c", "bridge-config.yaml"],
-        dir.path(),
-    );
+    let (status, err) = run_handoff(&["generate-registration", "-c", "bridge-config.yaml"], dir.path());
     assert!(status.success(), "{err}");
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(!text.contains("as_token: generate"));
     assert!(!text.contains("hs_token: generate"));
-    let comments = |t: &str| {
-        t.lines()
-            .filter(|l| l.trim_start().starts_with('#'))
-            .count()
-    };
+    let comments = |t: &str| t.lines().filter(|l| l.trim_start().starts_with('#')).count();
     assert_eq!(comments(&text), comments(&example));
-    let main: Value = serde_norway::from_str(
-        &std::fs::read_to_string(dir.path().join("handoff-registration.yaml")).unwrap(),
-    )
-    .unwrap();
-    let acting: Value = serde_norway::from_str(
-        &std::fs::read_to_string(dir.path().join("handoff-acting-registration.yaml")).unwrap(),
-    )
-    .unwrap();
+    let main: Value =
+        serde_norway::from_str(&std::fs::read_to_string(dir.path().join("handoff-registration.yaml")).unwrap())
+            .unwrap();
+    let acting: Value =
+        serde_norway::from_str(&std::fs::read_to_string(dir.path().join("handoff-acting-registration.yaml")).unwrap())
+            .unwrap();
     let cfg: Value = serde_norway::from_str(&text).unwrap();
     assert_eq!(main["as_token"], cfg["appservice"]["as_token"]);
     assert_eq!(main["hs_token"], cfg["appservice"]["hs_token"]);
@@ -419,26 +283,14 @@ fn generate_registration_fills_tokens_and_keeps_comments() {
     assert_eq!(main["as_token"].as_str().unwrap().len(), 64);
     assert_ne!(main["as_token"], acting["as_token"]);
     assert_eq!(acting["url"], Value::Null);
-    assert_eq!(
-        main["namespaces"]["users"][0]["regex"],
-        "@handoff:my\\.example$"
-    );
-    assert_eq!(
-        acting["namespaces"]["users"][0]["regex"],
-        "@.*:my\\.example$"
-    );
+    assert_eq!(main["namespaces"]["users"][0]["regex"], "@handoff:my\\.example$");
+    assert_eq!(acting["namespaces"]["users"][0]["regex"], "@.*:my\\.example$");
     assert_eq!(acting["namespaces"]["users"][0]["exclusive"], false);
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.path().join("handoff-registration.yaml"))
-        .unwrap()
-        .permissions()
-        .mode();
+    let mode = std::fs::metadata(dir.path().join("handoff-registration.yaml")).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "registration readable by others: {mode:o}");
     // Running it again keeps the tokens.
-    let (status, _) = run_handoff(
-        &["generate-registration", "-c", "bridge-config.yaml"],
-        dir.path(),
-    );
+    let (status, _) = run_handoff(&["generate-registration", "-c", "bridge-config.yaml"], dir.path());
     assert!(status.success());
     assert_eq!(std::fs::read_to_string(&config).unwrap(), text);
 }

@@ -5,9 +5,7 @@ use std::time::{Duration, SystemTime};
 use ruma::UInt;
 use ruma::api::client::media::create_content;
 use ruma::events::room::MediaSource;
-use ruma::events::room::message::{
-    FileInfo, FileMessageEventContent, MessageType, RoomMessageEventContent,
-};
+use ruma::events::room::message::{FileInfo, FileMessageEventContent, MessageType, RoomMessageEventContent};
 
 use super::commands::export::Export;
 use super::{Bot, Ctx, escape, to_html};
@@ -37,8 +35,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
             .reply(ctx, format!("`--history` can be at most {max_history} on this server (handoff.history_messages)."))
             .await;
     }
-    bot.reply_n(ctx, 0, "Capturing your account…".into())
-        .await?;
+    bot.reply_n(ctx, 0, "Capturing your account…".into()).await?;
 
     let opts = CaptureOptions {
         only: args.only,
@@ -48,23 +45,13 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
         concurrency: config.handoff.concurrency.0 * 2,
         client: format!("handoff-bot {}", env!("CARGO_PKG_VERSION")),
     };
-    let bundle = capture::capture(
-        &bot.acting,
-        &ctx.sender,
-        config.homeserver.address.as_str(),
-        &opts,
-    )
-    .await?;
+    let bundle = capture::capture(&bot.acting, &ctx.sender, config.homeserver.address.as_str(), &opts).await?;
     let summary = bundle.summary();
     let store_err = |e: crate::store::StoreError| {
         tracing::error!(error = %e, "cannot store a bundle");
         HsError::Protocol("the server could not store the bundle".into())
     };
-    let id = bot
-        .store
-        .put_bundle(&ctx.sender, &bundle)
-        .await
-        .map_err(store_err)?;
+    let id = bot.store.put_bundle(&ctx.sender, &bundle).await.map_err(store_err)?;
     let code = TransferCode::generate();
     let ttl = config.handoff.code_ttl;
     let record = CodeRecord {
@@ -74,10 +61,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
         bound_to: args.to.clone(),
         redeemed_by: None,
     };
-    bot.store
-        .put_code(&code.hash(), &record)
-        .await
-        .map_err(store_err)?;
+    bot.store.put_code(&code.hash(), &record).await.map_err(store_err)?;
     tracing::info!(user = %ctx.sender, rooms = summary.rooms, "bundle captured and stored");
 
     let expires = humantime::format_rfc3339_seconds(SystemTime::now() + ttl);
@@ -93,26 +77,19 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
     );
     let html = format!(
         "<p>Captured your account.</p><ul>{}</ul><p>Your transfer code (one use, expires in {} at {expires}):</p><pre><code>{}</code></pre><p>{} On the new account, send <code>import CODE</code> to the handoff bot.</p>",
-        summary
-            .lines()
-            .iter()
-            .map(|l| format!("<li>{}</li>", to_html(l)))
-            .collect::<String>(),
+        summary.lines().iter().map(|l| format!("<li>{}</li>", to_html(l))).collect::<String>(),
         humantime::format_duration(Duration::from_secs(ttl.as_secs())),
         code.display(),
         escape(&bound),
     );
-    bot.send_notice(ctx, 1, RoomMessageEventContent::notice_html(plain, html))
-        .await?;
+    bot.send_notice(ctx, 1, RoomMessageEventContent::notice_html(plain, html)).await?;
 
     if args.file {
         let sealed = file::seal(&bundle, &code.display());
         let filename = format!(
             "handoff-{}-{}.age",
             ctx.sender.localpart(),
-            humantime::format_rfc3339_seconds(SystemTime::now())
-                .to_string()
-                .replace(':', "")
+            humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "")
         );
         let mut upload = create_content::v3::Request::new(sealed.clone());
         upload.filename = Some(filename.clone());
@@ -124,12 +101,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
         let mut content = FileMessageEventContent::new(filename.clone(), MediaSource::Plain(uri));
         content.filename = Some(filename);
         content.info = Some(Box::new(info));
-        bot.send_notice(
-            ctx,
-            2,
-            RoomMessageEventContent::new(MessageType::File(content)),
-        )
-        .await?;
+        bot.send_notice(ctx, 2, RoomMessageEventContent::new(MessageType::File(content))).await?;
         bot.reply_n(
             ctx,
             3,

@@ -18,18 +18,10 @@ pub async fn on_file(bot: &Bot, ctx: &Ctx, file: &FileMessageEventContent) -> Re
             .reply(ctx, "This file is end-to-end encrypted, and handoff can't read encrypted rooms yet. Send it in an unencrypted DM with the bot.".into())
             .await;
     };
-    if file
-        .info
-        .as_ref()
-        .and_then(|i| i.size)
-        .is_some_and(|s| u64::from(s) > MAX_FILE)
-    {
-        return bot
-            .reply(ctx, "This file is too large to be a key export.".into())
-            .await;
+    if file.info.as_ref().and_then(|i| i.size).is_some_and(|s| u64::from(s) > MAX_FILE) {
+        return bot.reply(ctx, "This file is too large to be a key export.".into()).await;
     }
-    let request =
-        get_content::v1::Request::from_uri(uri).map_err(|e| HsError::Protocol(e.to_string()))?;
+    let request = get_content::v1::Request::from_uri(uri).map_err(|e| HsError::Protocol(e.to_string()))?;
     let bytes = bot.hs.send(request).await?.file;
     let text = String::from_utf8_lossy(&bytes);
     let export = match keys::validate(&text) {
@@ -78,6 +70,9 @@ pub async fn show(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
 
 async fn store_failure(bot: &Bot, ctx: &Ctx, e: crate::store::StoreError) -> Result<(), HsError> {
     tracing::error!(error = %e, "store failure");
-    bot.reply(ctx, "The server could not read or write its store; nothing changed. Try again, or tell the server admin.".into())
-        .await
+    bot.reply(
+        ctx,
+        "The server could not read or write its store; nothing changed. Try again, or tell the server admin.".into(),
+    )
+    .await
 }

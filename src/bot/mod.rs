@@ -12,8 +12,8 @@ use ruma::api::client::message::send_message_event;
 use ruma::events::room::member::{MembershipState, RoomMemberEventContent};
 use ruma::events::room::message::{MessageType, Relation, RoomMessageEventContent};
 use ruma::events::{
-    AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent,
-    OriginalMessageLikeEvent, OriginalStateEvent, StateEvent,
+    AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent, OriginalMessageLikeEvent,
+    OriginalStateEvent, StateEvent,
 };
 use ruma::serde::Raw;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, UserId};
@@ -46,22 +46,8 @@ pub struct Ctx {
 }
 
 impl Bot {
-    pub fn new(
-        config: Arc<Config>,
-        hs: Homeserver,
-        acting: Homeserver,
-        store: Store,
-        engine: Arc<Engine>,
-    ) -> Self {
-        Bot {
-            user_id: config.bot_user_id(),
-            config,
-            hs,
-            acting,
-            store,
-            engine,
-            wrong_codes: Default::default(),
-        }
+    pub fn new(config: Arc<Config>, hs: Homeserver, acting: Homeserver, store: Store, engine: Arc<Engine>) -> Self {
+        Bot { user_id: config.bot_user_id(), config, hs, acting, store, engine, wrong_codes: Default::default() }
     }
 
     pub fn user_id(&self) -> &UserId {
@@ -78,12 +64,10 @@ impl Bot {
             }
         };
         let result = match &event {
-            AnyTimelineEvent::State(AnyStateEvent::RoomMember(StateEvent::Original(ev))) => {
-                self.on_member(ev).await
+            AnyTimelineEvent::State(AnyStateEvent::RoomMember(StateEvent::Original(ev))) => self.on_member(ev).await,
+            AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(MessageLikeEvent::Original(ev))) => {
+                self.on_message(ev).await
             }
-            AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(
-                MessageLikeEvent::Original(ev),
-            )) => self.on_message(ev).await,
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -91,10 +75,7 @@ impl Bot {
         }
     }
 
-    async fn on_member(
-        &self,
-        ev: &OriginalStateEvent<RoomMemberEventContent>,
-    ) -> Result<(), HsError> {
+    async fn on_member(&self, ev: &OriginalStateEvent<RoomMemberEventContent>) -> Result<(), HsError> {
         if ev.state_key != self.user_id {
             return Ok(());
         }
@@ -110,24 +91,17 @@ impl Bot {
         }
     }
 
-    async fn on_invite(
-        &self,
-        ev: &OriginalStateEvent<RoomMemberEventContent>,
-    ) -> Result<(), HsError> {
+    async fn on_invite(&self, ev: &OriginalStateEvent<RoomMemberEventContent>) -> Result<(), HsError> {
         let room = &ev.room_id;
         if self.config.permission(&ev.sender) < PermissionLevel::User {
             tracing::info!(room_id = %room, inviter = %ev.sender, "refusing an invite from a user without permission");
             let mut leave = leave_room::v3::Request::new(room.clone());
-            leave.reason = Some(format!(
-                "{} may not use handoff on this server; ask the server admin for access",
-                ev.sender
-            ));
+            leave.reason =
+                Some(format!("{} may not use handoff on this server; ask the server admin for access", ev.sender));
             self.hs.send(leave).await?;
             return Ok(());
         }
-        self.hs
-            .send(join_room_by_id::v3::Request::new(room.clone()))
-            .await?;
+        self.hs.send(join_room_by_id::v3::Request::new(room.clone())).await?;
         tracing::info!(room_id = %room, inviter = %ev.sender, "joined on invite");
         if ev.content.is_direct == Some(true)
             && let Err(e) = self.store.set_dm_room(room, &ev.sender)
@@ -137,17 +111,8 @@ impl Bot {
         let (plain, html) = commands::help::text(&self.config.handoff.command_prefix);
         let greeting = format!("Hello {}! {plain}", ev.sender);
         let html = format!("<p>Hello {}!</p>{html}", escape(ev.sender.as_str()));
-        let ctx = Ctx {
-            room_id: room.clone(),
-            event_id: ev.event_id.clone(),
-            sender: ev.sender.clone(),
-        };
-        self.send_notice(
-            &ctx,
-            0,
-            RoomMessageEventContent::notice_html(greeting, html),
-        )
-        .await
+        let ctx = Ctx { room_id: room.clone(), event_id: ev.event_id.clone(), sender: ev.sender.clone() };
+        self.send_notice(&ctx, 0, RoomMessageEventContent::notice_html(greeting, html)).await
     }
 
     async fn on_message(
@@ -165,11 +130,7 @@ impl Bot {
             Ok(Some(owner)) if owner == ev.sender => Place::Dm,
             _ => Place::Group,
         };
-        let ctx = Ctx {
-            room_id: ev.room_id.clone(),
-            event_id: ev.event_id.clone(),
-            sender: ev.sender.clone(),
-        };
+        let ctx = Ctx { room_id: ev.room_id.clone(), event_id: ev.event_id.clone(), sender: ev.sender.clone() };
         let text = match &ev.content.msgtype {
             MessageType::Text(text) => &text.body,
             // A file dropped into the DM: perhaps a key export.
@@ -185,20 +146,14 @@ impl Bot {
             return Ok(());
         };
         if self.config.permission(&ev.sender) < PermissionLevel::User {
-            return self
-                .reply(
-                    &ctx,
-                    format!("{} may not use handoff on this server.", ev.sender),
-                )
-                .await;
+            return self.reply(&ctx, format!("{} may not use handoff on this server.", ev.sender)).await;
         }
         tracing::info!(room_id = %ev.room_id, sender = %ev.sender, command = ?parsed.as_ref().map(command_name), "command");
         match parsed {
             Err(e) => self.reply(&ctx, e.to_string()).await,
             Ok(Command::Help) => {
                 let (plain, html) = commands::help::text(&self.config.handoff.command_prefix);
-                self.send_notice(&ctx, 0, RoomMessageEventContent::notice_html(plain, html))
-                    .await
+                self.send_notice(&ctx, 0, RoomMessageEventContent::notice_html(plain, html)).await
             }
             Ok(Command::Export(args)) => {
                 // Capturing takes a while: don't hold up the homeserver's transaction.
@@ -207,11 +162,7 @@ impl Bot {
                     if let Err(e) = export::run(&bot, &ctx, args).await {
                         tracing::warn!(error = %e, "export failed");
                         let _ = bot
-                            .reply_n(
-                                &ctx,
-                                9,
-                                format!("The export failed: {e}. Nothing was stored; try again."),
-                            )
+                            .reply_n(&ctx, 9, format!("The export failed: {e}. Nothing was stored; try again."))
                             .await;
                     }
                 });
@@ -224,9 +175,7 @@ impl Bot {
                 tokio::spawn(async move {
                     if let Err(e) = transfer::import(&bot, &ctx, args).await {
                         tracing::warn!(error = %e, "import failed");
-                        let _ = bot
-                            .reply_n(&ctx, 9, format!("The import failed: {e}."))
-                            .await;
+                        let _ = bot.reply_n(&ctx, 9, format!("The import failed: {e}.")).await;
                     }
                 });
                 Ok(())
@@ -235,9 +184,7 @@ impl Bot {
             Ok(Command::Deny) => transfer::approve(self, &ctx, false).await,
             Ok(Command::Status) => transfer::status(self, &ctx).await,
             Ok(Command::Cancel) => transfer::cancel(self, &ctx).await,
-            Ok(Command::Finish { leave, advertise }) => {
-                transfer::finish(self, &ctx, leave, advertise).await
-            }
+            Ok(Command::Finish { leave, advertise }) => transfer::finish(self, &ctx, leave, advertise).await,
         }
     }
 
@@ -263,24 +210,15 @@ impl Bot {
     /// The `n`th reply to the same message (each gets its own transaction ID).
     pub(crate) async fn reply_n(&self, ctx: &Ctx, n: u32, text: String) -> Result<(), HsError> {
         let html = to_html(&text);
-        self.send_notice(ctx, n, RoomMessageEventContent::notice_html(text, html))
-            .await
+        self.send_notice(ctx, n, RoomMessageEventContent::notice_html(text, html)).await
     }
 
     /// Sends a message caused by `ctx.event_id`. The transaction ID is derived from the cause, so a
     /// retried or replayed event can't produce a second reply.
-    pub(crate) async fn send_notice(
-        &self,
-        ctx: &Ctx,
-        n: u32,
-        content: RoomMessageEventContent,
-    ) -> Result<(), HsError> {
-        let request = send_message_event::v3::Request::new(
-            ctx.room_id.clone(),
-            reply_txn_id(&ctx.event_id, n),
-            &content,
-        )
-        .map_err(|e| HsError::Protocol(e.to_string()))?;
+    pub(crate) async fn send_notice(&self, ctx: &Ctx, n: u32, content: RoomMessageEventContent) -> Result<(), HsError> {
+        let request =
+            send_message_event::v3::Request::new(ctx.room_id.clone(), reply_txn_id(&ctx.event_id, n), &content)
+                .map_err(|e| HsError::Protocol(e.to_string()))?;
         self.hs.send(request).await?;
         Ok(())
     }
@@ -309,10 +247,7 @@ fn reply_txn_id(cause: &ruma::EventId, n: u32) -> OwnedTransactionId {
 
 /// Escapes text for the HTML body of a message.
 pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 /// Plain text to HTML: escaped, `code` spans as `<code>`, line breaks as `<br>`.
@@ -337,9 +272,6 @@ mod tests {
 
     #[test]
     fn html_has_code_spans_and_breaks() {
-        assert_eq!(
-            to_html("Send `help` <now>\nok"),
-            "Send <code>help</code> &lt;now&gt;<br>ok"
-        );
+        assert_eq!(to_html("Send `help` <now>\nok"), "Send <code>help</code> &lt;now&gt;<br>ok");
     }
 }

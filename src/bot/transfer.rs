@@ -34,12 +34,7 @@ impl WrongCodes {
         list.len()
     }
     fn record(&self, user: &UserId) {
-        self.0
-            .lock()
-            .expect("lock")
-            .entry(user.to_owned())
-            .or_default()
-            .push(Instant::now());
+        self.0.lock().expect("lock").entry(user.to_owned()).or_default().push(Instant::now());
     }
 }
 
@@ -51,20 +46,11 @@ fn store_err(e: StoreError) -> HsError {
 pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
     let new = &ctx.sender;
     if bot.wrong_codes.recent(new) >= WRONG_CODE_LIMIT {
-        return bot
-            .reply(
-                ctx,
-                "Too many wrong codes: wait ten minutes before trying again.".into(),
-            )
-            .await;
+        return bot.reply(ctx, "Too many wrong codes: wait ten minutes before trying again.".into()).await;
     }
     let hash = args.code.hash();
-    let checked = if args.dry_run {
-        bot.store.peek_code(&hash, new)
-    } else {
-        bot.store.redeem_code(&hash, new).await
-    }
-    .map_err(store_err)?;
+    let checked = if args.dry_run { bot.store.peek_code(&hash, new) } else { bot.store.redeem_code(&hash, new).await }
+        .map_err(store_err)?;
     let record = match checked {
         Ok(r) => r,
         Err(e) => {
@@ -83,25 +69,10 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
     let Some(stored) = bot.store.get_bundle(&record.bundle).map_err(store_err)? else {
         return bot.reply(ctx, "The bundle of this code is gone (deleted with `forget`, or past its retention). Ask for a new one with `export`.".into()).await;
     };
-    let requirements = Requirements {
-        only: args.only.map(Into::into),
-        max_rooms: args.max_rooms,
-    };
+    let requirements = Requirements { only: args.only.map(Into::into), max_rooms: args.max_rooms };
     if args.dry_run {
-        let rooms: Vec<_> = stored
-            .bundle
-            .rooms
-            .iter()
-            .map(|r| r.room_id.clone())
-            .collect();
-        let world = world::read(
-            &bot.acting,
-            &old,
-            new,
-            rooms,
-            bot.config.handoff.concurrency.0 * 2,
-        )
-        .await?;
+        let rooms: Vec<_> = stored.bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
+        let world = world::read(&bot.acting, &old, new, rooms, bot.config.handoff.concurrency.0 * 2).await?;
         let plan = plan::plan(&stored.bundle, new, &requirements, &world);
         let text = format!(
             "Dry run: nothing was changed, and the code is still valid.\n{}\n{} to join, {} already joined, {} blocked, {} gone.",
@@ -114,12 +85,7 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
         return bot.reply(ctx, text).await;
     }
     let approved = record.bound_to.as_deref() == Some(new.as_ref());
-    let old_dm = bot
-        .store
-        .dm_rooms_of(&old)
-        .map_err(store_err)?
-        .into_iter()
-        .next();
+    let old_dm = bot.store.dm_rooms_of(&old).map_err(store_err)?.into_iter().next();
     let t = Transfer {
         id: bot.store.new_transfer_id().map_err(store_err)?,
         old: old.clone(),
@@ -127,11 +93,7 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
         bundle: record.bundle,
         requirements,
         profile: args.profile,
-        state: if approved {
-            TransferState::Running
-        } else {
-            TransferState::AwaitingApproval
-        },
+        state: if approved { TransferState::Running } else { TransferState::AwaitingApproval },
         plan: None,
         new_dm: ctx.room_id.clone(),
         old_dm: old_dm.clone(),
@@ -143,10 +105,7 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
     if approved {
         bot.reply(
             ctx,
-            format!(
-                "The code is good. Moving {} rooms from {old} here; progress follows.",
-                stored.bundle.rooms.len()
-            ),
+            format!("The code is good. Moving {} rooms from {old} here; progress follows.", stored.bundle.rooms.len()),
         )
         .await?;
         bot.engine.spawn(t.id);
@@ -161,19 +120,10 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
         "{new} wants to import your bundle (client profile: {}). Send `approve` to let it go ahead, or `deny` to refuse.",
         t.profile
     );
-    let prompt_ctx = Ctx {
-        room_id: old_dm,
-        event_id: ctx.event_id.clone(),
-        sender: old.clone(),
-    };
+    let prompt_ctx = Ctx { room_id: old_dm, event_id: ctx.event_id.clone(), sender: old.clone() };
     bot.reply_n(&prompt_ctx, 5, prompt).await?;
-    bot.reply(
-        ctx,
-        format!(
-            "The code is good. {old} has been asked to approve; the move starts as soon as they do."
-        ),
-    )
-    .await
+    bot.reply(ctx, format!("The code is good. {old} has been asked to approve; the move starts as soon as they do."))
+        .await
 }
 
 /// The latest transfer of `user` as the old account that waits for approval.
@@ -189,63 +139,30 @@ fn pending_for(bot: &Bot, user: &UserId) -> Result<Option<Transfer>, HsError> {
 
 pub async fn approve(bot: &Bot, ctx: &Ctx, yes: bool) -> Result<(), HsError> {
     let Some(mut t) = pending_for(bot, &ctx.sender)? else {
-        return bot
-            .reply(ctx, "No import is waiting for your approval.".into())
-            .await;
+        return bot.reply(ctx, "No import is waiting for your approval.".into()).await;
     };
-    t.state = if yes {
-        TransferState::Running
-    } else {
-        TransferState::Denied
-    };
+    t.state = if yes { TransferState::Running } else { TransferState::Denied };
     bot.store.put_transfer(&t).await.map_err(store_err)?;
-    let to_new = Ctx {
-        room_id: t.new_dm.clone(),
-        event_id: ctx.event_id.clone(),
-        sender: t.new.clone(),
-    };
+    let to_new = Ctx { room_id: t.new_dm.clone(), event_id: ctx.event_id.clone(), sender: t.new.clone() };
     if yes {
-        bot.reply_n(
-            &to_new,
-            6,
-            format!(
-                "{} approved the import. Moving rooms now; progress follows.",
-                t.old
-            ),
-        )
-        .await?;
+        bot.reply_n(&to_new, 6, format!("{} approved the import. Moving rooms now; progress follows.", t.old)).await?;
         bot.engine.spawn(t.id);
-        bot.reply(ctx, format!("Approved: moving your rooms to {}.", t.new))
-            .await
+        bot.reply(ctx, format!("Approved: moving your rooms to {}.", t.new)).await
     } else {
-        bot.reply_n(
-            &to_new,
-            6,
-            format!("{} refused the import. Nothing was changed.", t.old),
-        )
-        .await?;
-        bot.reply(ctx, format!("Refused: nothing goes to {}.", t.new))
-            .await
+        bot.reply_n(&to_new, 6, format!("{} refused the import. Nothing was changed.", t.old)).await?;
+        bot.reply(ctx, format!("Refused: nothing goes to {}.", t.new)).await
     }
 }
 
 pub async fn status(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
-    let Some(t) = bot
-        .store
-        .latest_transfer_of(&ctx.sender)
-        .map_err(store_err)?
-    else {
+    let Some(t) = bot.store.latest_transfer_of(&ctx.sender).map_err(store_err)? else {
         return bot.reply(ctx, "You have no transfer yet. Start one with `export` on the old account and `import CODE` on the new one.".into()).await;
     };
     let steps = bot.store.room_steps(t.id).map_err(store_err)?;
     let mut text = format!("Transfer {} → {}: {}", t.old, t.new, state_text(t.state));
     if let Some(plan) = &t.plan {
-        let count = |f: &dyn Fn(&RoomStep) -> bool| {
-            plan.rooms
-                .iter()
-                .filter(|r| steps.get(&r.room_id).is_some_and(f))
-                .count()
-        };
+        let count =
+            |f: &dyn Fn(&RoomStep) -> bool| plan.rooms.iter().filter(|r| steps.get(&r.room_id).is_some_and(f)).count();
         let done = count(&|s| *s == RoomStep::Done);
         let awaiting = count(&|s| *s == RoomStep::AwaitingAccept);
         let skipped = count(&|s| matches!(s, RoomStep::Skipped(_)));
@@ -283,41 +200,21 @@ fn state_text(s: TransferState) -> &'static str {
 }
 
 pub async fn cancel(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
-    let Some(mut t) = bot
-        .store
-        .latest_transfer_of(&ctx.sender)
-        .map_err(store_err)?
-    else {
-        return bot
-            .reply(ctx, "You have no transfer to cancel.".into())
-            .await;
+    let Some(mut t) = bot.store.latest_transfer_of(&ctx.sender).map_err(store_err)? else {
+        return bot.reply(ctx, "You have no transfer to cancel.".into()).await;
     };
     match t.state {
         TransferState::Running => {
             t.state = TransferState::Cancelling;
             bot.store.put_transfer(&t).await.map_err(store_err)?;
-            bot.reply(
-                ctx,
-                "Stopping after the rooms in flight. What is done stays done.".into(),
-            )
-            .await
+            bot.reply(ctx, "Stopping after the rooms in flight. What is done stays done.".into()).await
         }
         TransferState::AwaitingApproval => {
             t.state = TransferState::Cancelled;
             bot.store.put_transfer(&t).await.map_err(store_err)?;
-            bot.reply(
-                ctx,
-                "Cancelled before it started: nothing was changed.".into(),
-            )
-            .await
+            bot.reply(ctx, "Cancelled before it started: nothing was changed.".into()).await
         }
-        other => {
-            bot.reply(
-                ctx,
-                format!("Your last transfer is already {}.", state_text(other)),
-            )
-            .await
-        }
+        other => bot.reply(ctx, format!("Your last transfer is already {}.", state_text(other))).await,
     }
 }
 
@@ -332,10 +229,7 @@ pub async fn finish(bot: &Bot, ctx: &Ctx, leave: bool, advertise: bool) -> Resul
         .find(|t| &t.old == old && t.state == TransferState::Done);
     let Some(t) = latest else {
         return bot
-            .reply(
-                ctx,
-                "`finish` is for the old account after a completed transfer; there is none.".into(),
-            )
+            .reply(ctx, "`finish` is for the old account after a completed transfer; there is none.".into())
             .await;
     };
     let mut lines = Vec::new();
@@ -368,21 +262,11 @@ pub async fn finish(bot: &Bot, ctx: &Ctx, leave: bool, advertise: bool) -> Resul
         }
     }
     if advertise {
-        let profile = bot
-            .acting
-            .send_as(old, get_profile::v3::Request::new(old.clone()))
-            .await?;
-        let name = profile
-            .get("displayname")
-            .and_then(JsonValue::as_str)
-            .unwrap_or(old.localpart())
-            .to_owned();
+        let profile = bot.acting.send_as(old, get_profile::v3::Request::new(old.clone())).await?;
+        let name = profile.get("displayname").and_then(JsonValue::as_str).unwrap_or(old.localpart()).to_owned();
         let base = name.split(" (moved to ").next().unwrap_or(&name).to_owned();
         let new_name = format!("{base} (moved to {})", t.new);
-        let req = set_profile_field::v3::Request::new(
-            old.clone(),
-            ProfileFieldValue::DisplayName(new_name.clone()),
-        );
+        let req = set_profile_field::v3::Request::new(old.clone(), ProfileFieldValue::DisplayName(new_name.clone()));
         bot.acting.send_as(old, req).await?;
         lines.push(format!("Your display name is now “{new_name}”."));
     }
@@ -391,12 +275,7 @@ pub async fn finish(bot: &Bot, ctx: &Ctx, leave: bool, advertise: bool) -> Resul
 
 /// The new account is joined and holds at least the old account's rank (a room-version-12
 /// creator's rank can't be matched, so its creator stays).
-async fn safe_to_leave(
-    bot: &Bot,
-    room: &RoomId,
-    old: &UserId,
-    new: &UserId,
-) -> Result<bool, HsError> {
+async fn safe_to_leave(bot: &Bot, room: &RoomId, old: &UserId, new: &UserId) -> Result<bool, HsError> {
     let Some(facts) = world::room_facts(&bot.acting, old, new, &room.to_owned()).await? else {
         return Ok(false);
     };

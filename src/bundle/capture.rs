@@ -19,19 +19,14 @@ use ruma::events::ignored_user_list::IgnoredUserListEventContent;
 use ruma::events::push_rules::PushRulesEventContent;
 use ruma::events::room::member::MembershipState;
 use ruma::events::tag::{TagEventContent, Tags};
-use ruma::events::{
-    AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent, StateEvent,
-};
+use ruma::events::{AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent, StateEvent};
 use ruma::push::{Action, Ruleset};
-use ruma::{
-    Int, MilliSecondsSinceUnixEpoch, OwnedMxcUri, OwnedRoomId, OwnedServerName, OwnedUserId, UInt,
-    UserId,
-};
+use ruma::{Int, MilliSecondsSinceUnixEpoch, OwnedMxcUri, OwnedRoomId, OwnedServerName, OwnedUserId, UInt, UserId};
 use serde_json::Value as JsonValue;
 
 use super::{
-    BUNDLE_VERSION, Bundle, Contact, Extra, History, HistoryMessage, Preferences, Priority,
-    Profile, Rank, RoomEntry, RoomKind, RoomNotifications, Source,
+    BUNDLE_VERSION, Bundle, Contact, Extra, History, HistoryMessage, Preferences, Priority, Profile, Rank, RoomEntry,
+    RoomKind, RoomNotifications, Source,
 };
 use crate::homeserver::{Homeserver, HsError};
 
@@ -47,13 +42,7 @@ pub const CLIENT_SETTINGS: &[&str] = &[
 ];
 
 pub fn is_client_setting(event_type: &str) -> bool {
-    CLIENT_SETTINGS.iter().any(|s| {
-        if s.ends_with('.') {
-            event_type.starts_with(s)
-        } else {
-            event_type == *s
-        }
-    })
+    CLIENT_SETTINGS.iter().any(|s| if s.ends_with('.') { event_type.starts_with(s) } else { event_type == *s })
 }
 
 /// Which part of the account to capture.
@@ -71,9 +60,7 @@ impl std::str::FromStr for Only {
             "favourites" | "favorites" => Ok(Only::Favourites),
             "dms" => Ok(Only::Dms),
             "rooms" => Ok(Only::Rooms),
-            other => Err(format!(
-                "`--only` takes favourites, dms or rooms, not `{other}`"
-            )),
+            other => Err(format!("`--only` takes favourites, dms or rooms, not `{other}`")),
         }
     }
 }
@@ -101,18 +88,12 @@ pub async fn capture(
     opts: &CaptureOptions,
 ) -> Result<Bundle, HsError> {
     let concurrency = opts.concurrency.max(1);
-    let mut joined = hs
-        .send_as(user, joined_rooms::v3::Request::new())
-        .await?
-        .joined_rooms;
+    let mut joined = hs.send_as(user, joined_rooms::v3::Request::new()).await?.joined_rooms;
     joined.retain(|r| !opts.skip.contains(r));
     let account = account_data(hs, user).await?;
 
-    let dm_peers: BTreeMap<&OwnedRoomId, &OwnedUserId> = account
-        .direct
-        .iter()
-        .flat_map(|(peer, rooms)| rooms.iter().map(move |r| (r, peer)))
-        .collect();
+    let dm_peers: BTreeMap<&OwnedRoomId, &OwnedUserId> =
+        account.direct.iter().flat_map(|(peer, rooms)| rooms.iter().map(move |r| (r, peer))).collect();
     let push_rules = account.push_rules.as_ref();
     let work: Vec<(OwnedRoomId, Tags, Option<OwnedUserId>)> = joined
         .into_iter()
@@ -123,9 +104,7 @@ pub async fn capture(
         })
         .collect();
     let rooms: Vec<RoomEntry> = stream::iter(work)
-        .map(|(room_id, tags, peer)| {
-            room_entry(hs, user, room_id, tags, peer, push_rules, opts.history)
-        })
+        .map(|(room_id, tags, peer)| room_entry(hs, user, room_id, tags, peer, push_rules, opts.history))
         .buffer_unordered(concurrency)
         .try_collect()
         .await?;
@@ -136,22 +115,13 @@ pub async fn capture(
     let mut contact_rooms: BTreeMap<OwnedUserId, Vec<OwnedRoomId>> = BTreeMap::new();
     for room in &rooms {
         if let Some(peer) = &room.dm_peer {
-            contact_rooms
-                .entry(peer.clone())
-                .or_default()
-                .push(room.room_id.clone());
+            contact_rooms.entry(peer.clone()).or_default().push(room.room_id.clone());
         }
     }
     let contacts: Vec<Contact> = stream::iter(contact_rooms)
         .map(|(peer, dm_rooms)| async move {
             let (display_name, avatar_url) = profile_of(hs, user, &peer).await?;
-            Ok::<_, HsError>(Contact {
-                user_id: peer,
-                display_name,
-                avatar_url,
-                dm_rooms,
-                extra: Extra::new(),
-            })
+            Ok::<_, HsError>(Contact { user_id: peer, display_name, avatar_url, dm_rooms, extra: Extra::new() })
         })
         .buffer_unordered(concurrency)
         .try_collect()
@@ -178,24 +148,17 @@ pub async fn capture(
             client_settings: account.client_settings,
             extra: Extra::new(),
         },
-        profile: Profile {
-            display_name,
-            avatar_url,
-            extra: Extra::new(),
-        },
+        profile: Profile { display_name, avatar_url, extra: Extra::new() },
         room_keys: None,
         extra: Extra::new(),
     })
 }
 
 fn selected(room: &RoomEntry, opts: &CaptureOptions) -> bool {
-    let excluded = opts.exclude.iter().any(|e| {
-        room.room_id.as_str() == e
-            || room
-                .canonical_alias
-                .as_ref()
-                .is_some_and(|a| a.as_str() == e)
-    });
+    let excluded = opts
+        .exclude
+        .iter()
+        .any(|e| room.room_id.as_str() == e || room.canonical_alias.as_ref().is_some_and(|a| a.as_str() == e));
     let wanted = match opts.only {
         None => true,
         Some(Only::Favourites) => room.priority == Priority::High,
@@ -234,27 +197,18 @@ async fn account_data(hs: &Homeserver, user: &UserId) -> Result<AccountData, HsE
         let Ok(Some(kind)) = raw.get_field::<String>("type") else {
             continue;
         };
-        let content = || {
-            raw.get_field::<JsonValue>("content")
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        };
+        let content = || raw.get_field::<JsonValue>("content").ok().flatten().unwrap_or_default();
         match kind.as_str() {
             "m.direct" => {
                 if let Ok(c) = serde_json::from_value::<DirectEventContent>(content()) {
                     data.direct =
                         c.0.into_iter()
-                            .filter_map(|(k, v)| {
-                                OwnedUserId::try_from(k.to_string()).ok().map(|u| (u, v))
-                            })
+                            .filter_map(|(k, v)| OwnedUserId::try_from(k.to_string()).ok().map(|u| (u, v)))
                             .collect();
                 }
             }
             "m.push_rules" => {
-                data.push_rules = serde_json::from_value::<PushRulesEventContent>(content())
-                    .ok()
-                    .map(|c| c.global)
+                data.push_rules = serde_json::from_value::<PushRulesEventContent>(content()).ok().map(|c| c.global)
             }
             "m.ignored_user_list" => {
                 if let Ok(c) = serde_json::from_value::<IgnoredUserListEventContent>(content()) {
@@ -289,21 +243,14 @@ async fn room_entry(
     push_rules: Option<&Ruleset>,
     history: usize,
 ) -> Result<RoomEntry, HsError> {
-    let state = hs
-        .send_as(user, get_state_events::v3::Request::new(room_id.clone()))
-        .await?
-        .room_state;
+    let state = hs.send_as(user, get_state_events::v3::Request::new(room_id.clone())).await?.room_state;
     let room_id = &room_id;
     let mut entry = RoomEntry {
         room_id: room_id.clone(),
         via: vec![],
         name: None,
         canonical_alias: None,
-        kind: if dm_peer.is_some() {
-            RoomKind::Dm
-        } else {
-            RoomKind::Group
-        },
+        kind: if dm_peer.is_some() { RoomKind::Dm } else { RoomKind::Group },
         dm_peer,
         priority: Priority::from_tags(&tags),
         tags,
@@ -330,11 +277,8 @@ async fn room_entry(
                 if ev.content.room_type == Some(ruma::room::RoomType::Space) {
                     entry.kind = RoomKind::Space;
                 }
-                privileged_creators = ev
-                    .content
-                    .room_version
-                    .rules()
-                    .is_some_and(|r| r.authorization.explicitly_privilege_room_creators);
+                privileged_creators =
+                    ev.content.room_version.rules().is_some_and(|r| r.authorization.explicitly_privilege_room_creators);
                 creators.insert(ev.sender.clone());
                 creators.extend(ev.content.additional_creators.iter().cloned());
                 entry.room_version = Some(ev.content.room_version);
@@ -342,19 +286,13 @@ async fn room_entry(
             AnyStateEvent::RoomName(StateEvent::Original(ev)) => {
                 entry.name = Some(ev.content.name).filter(|n| !n.is_empty())
             }
-            AnyStateEvent::RoomCanonicalAlias(StateEvent::Original(ev)) => {
-                entry.canonical_alias = ev.content.alias
-            }
-            AnyStateEvent::RoomJoinRules(StateEvent::Original(ev)) => {
-                entry.join_rules = Some(ev.content)
-            }
+            AnyStateEvent::RoomCanonicalAlias(StateEvent::Original(ev)) => entry.canonical_alias = ev.content.alias,
+            AnyStateEvent::RoomJoinRules(StateEvent::Original(ev)) => entry.join_rules = Some(ev.content),
             AnyStateEvent::RoomHistoryVisibility(StateEvent::Original(ev)) => {
                 entry.history_visibility = Some(ev.content.history_visibility)
             }
             AnyStateEvent::RoomEncryption(StateEvent::Original(_)) => entry.encrypted = true,
-            AnyStateEvent::RoomPowerLevels(StateEvent::Original(ev)) => {
-                power_levels = Some(ev.content)
-            }
+            AnyStateEvent::RoomPowerLevels(StateEvent::Original(ev)) => power_levels = Some(ev.content),
             AnyStateEvent::RoomMember(StateEvent::Original(ev)) => {
                 if ev.content.membership == MembershipState::Join
                     && let Ok(member) = <&UserId>::try_from(ev.state_key.as_str())
@@ -402,53 +340,36 @@ fn notifications(room_id: &OwnedRoomId, rules: Option<&Ruleset>) -> RoomNotifica
         return RoomNotifications::Default;
     };
     let notifies = |actions: &[Action]| actions.iter().any(|a| matches!(a, Action::Notify));
-    if let Some(rule) = rules
-        .override_
-        .iter()
-        .find(|r| r.rule_id == room_id.as_str() && r.enabled)
+    if let Some(rule) = rules.override_.iter().find(|r| r.rule_id == room_id.as_str() && r.enabled)
         && !notifies(&rule.actions)
     {
         return RoomNotifications::Mute;
     }
-    match rules
-        .room
-        .iter()
-        .find(|r| r.rule_id == *room_id && r.enabled)
-    {
+    match rules.room.iter().find(|r| r.rule_id == *room_id && r.enabled) {
         Some(rule) if notifies(&rule.actions) => RoomNotifications::AllMessages,
         Some(_) => RoomNotifications::MentionsAndKeywords,
         None => RoomNotifications::Default,
     }
 }
 
-async fn recent_messages(
-    hs: &Homeserver,
-    user: &UserId,
-    room_id: &OwnedRoomId,
-    n: usize,
-) -> Result<History, HsError> {
+async fn recent_messages(hs: &Homeserver, user: &UserId, room_id: &OwnedRoomId, n: usize) -> Result<History, HsError> {
     let mut req = get_message_events::v3::Request::new(room_id.clone(), Direction::Backward);
     req.limit = UInt::try_from(n).unwrap_or(UInt::MAX);
     // Only messages: state changes are not history a person reads.
     req.filter.types = Some(vec!["m.room.message".into(), "m.room.encrypted".into()]);
     let chunk = hs.send_as(user, req).await?.chunk;
-    let mut history = History {
-        messages: vec![],
-        encrypted_count: 0,
-    };
+    let mut history = History { messages: vec![], encrypted_count: 0 };
     for raw in chunk.iter().rev() {
         match raw.deserialize() {
-            Ok(AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(
-                MessageLikeEvent::Original(ev),
-            ))) => history.messages.push(HistoryMessage {
-                event_id: ev.event_id,
-                sender: ev.sender,
-                origin_server_ts: ev.origin_server_ts,
-                content: ev.content,
-            }),
-            Ok(AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomEncrypted(_))) => {
-                history.encrypted_count += 1
+            Ok(AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(MessageLikeEvent::Original(ev)))) => {
+                history.messages.push(HistoryMessage {
+                    event_id: ev.event_id,
+                    sender: ev.sender,
+                    origin_server_ts: ev.origin_server_ts,
+                    content: ev.content,
+                })
             }
+            Ok(AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomEncrypted(_))) => history.encrypted_count += 1,
             _ => {}
         }
     }
@@ -462,19 +383,10 @@ async fn profile_of(
     acting: &UserId,
     whose: &UserId,
 ) -> Result<(Option<String>, Option<OwnedMxcUri>), HsError> {
-    match hs
-        .send_as(acting, get_profile::v3::Request::new(whose.to_owned()))
-        .await
-    {
+    match hs.send_as(acting, get_profile::v3::Request::new(whose.to_owned())).await {
         Ok(p) => {
-            let name = p
-                .get("displayname")
-                .and_then(JsonValue::as_str)
-                .map(str::to_owned);
-            let avatar = p
-                .get("avatar_url")
-                .and_then(JsonValue::as_str)
-                .map(OwnedMxcUri::from);
+            let name = p.get("displayname").and_then(JsonValue::as_str).map(str::to_owned);
+            let avatar = p.get("avatar_url").and_then(JsonValue::as_str).map(OwnedMxcUri::from);
             Ok((name, avatar))
         }
         Err(e) if e.is_transient() => Err(e),

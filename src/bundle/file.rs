@@ -21,9 +21,7 @@ pub enum FileError {
     NotAgeFile,
     #[error("the bundle file is damaged or cut short: {0}")]
     Damaged(String),
-    #[error(
-        "this file is encrypted to a key, not a passphrase: handoff bundle files use a passphrase"
-    )]
+    #[error("this file is encrypted to a key, not a passphrase: handoff bundle files use a passphrase")]
     NotPassphrase,
     #[error("{0}")]
     Format(#[from] BundleFormatError),
@@ -33,14 +31,11 @@ pub enum FileError {
 pub fn seal(bundle: &Bundle, passphrase: &str) -> Vec<u8> {
     let mut recipient = age::scrypt::Recipient::new(SecretString::from(passphrase.to_owned()));
     recipient.set_work_factor(CODE_WORK_FACTOR);
-    let encryptor =
-        age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
-            .expect("one passphrase recipient is always valid");
+    let encryptor = age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
+        .expect("one passphrase recipient is always valid");
     let mut out = Vec::new();
     let mut writer = encryptor.wrap_output(&mut out).expect("writing to memory");
-    writer
-        .write_all(&bundle.to_json())
-        .expect("writing to memory");
+    writer.write_all(&bundle.to_json()).expect("writing to memory");
     writer.finish().expect("writing to memory");
     out
 }
@@ -75,9 +70,7 @@ pub fn open(bytes: &[u8], passphrase: &str) -> Result<Bundle, FileError> {
         Err(e) => return Err(FileError::Damaged(e.to_string())),
     };
     let mut json = Vec::new();
-    reader
-        .read_to_end(&mut json)
-        .map_err(|e| FileError::Damaged(e.to_string()))?;
+    reader.read_to_end(&mut json).map_err(|e| FileError::Damaged(e.to_string()))?;
     Ok(Bundle::from_json(&json)?)
 }
 
@@ -91,31 +84,14 @@ mod tests {
         let bundle = sample();
         let sealed = seal(&bundle, "ABCD-EFGH");
         assert!(sealed.starts_with(b"age-encryption.org/v1"));
-        assert_eq!(
-            open(&sealed, "ABCD-EFGH").unwrap().to_json(),
-            bundle.to_json()
-        );
-        assert!(
-            matches!(open(&sealed, "WRONG"), Err(FileError::WrongPassphrase)),
-            "{:?}",
-            open(&sealed, "WRONG")
-        );
-        assert!(matches!(
-            open(b"hello world", "x"),
-            Err(FileError::NotAgeFile)
-        ));
+        assert_eq!(open(&sealed, "ABCD-EFGH").unwrap().to_json(), bundle.to_json());
+        assert!(matches!(open(&sealed, "WRONG"), Err(FileError::WrongPassphrase)), "{:?}", open(&sealed, "WRONG"));
+        assert!(matches!(open(b"hello world", "x"), Err(FileError::NotAgeFile)));
         let cut = &sealed[..sealed.len() - 20];
-        assert!(
-            matches!(open(cut, "ABCD-EFGH"), Err(FileError::Damaged(_))),
-            "{:?}",
-            open(cut, "ABCD-EFGH")
-        );
+        assert!(matches!(open(cut, "ABCD-EFGH"), Err(FileError::Damaged(_))), "{:?}", open(cut, "ABCD-EFGH"));
         let mut tampered = sealed.clone();
         let n = tampered.len() - 40;
         tampered[n] ^= 1;
-        assert!(matches!(
-            open(&tampered, "ABCD-EFGH"),
-            Err(FileError::Damaged(_))
-        ));
+        assert!(matches!(open(&tampered, "ABCD-EFGH"), Err(FileError::Damaged(_))));
     }
 }

@@ -15,8 +15,8 @@ use ruma::events::room::message::RoomMessageEventContent;
 use ruma::events::tag::{TagName, Tags};
 use ruma::push::Ruleset;
 use ruma::{
-    Int, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedMxcUri, OwnedRoomAliasId, OwnedRoomId,
-    OwnedServerName, OwnedUserId, RoomVersionId,
+    Int, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedMxcUri, OwnedRoomAliasId, OwnedRoomId, OwnedServerName,
+    OwnedUserId, RoomVersionId,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value as JsonValue;
@@ -211,8 +211,8 @@ impl Bundle {
 
     /// Reads a bundle, refusing versions this handoff doesn't know.
     pub fn from_json(bytes: &[u8]) -> Result<Bundle, BundleFormatError> {
-        let value: JsonValue = serde_json::from_slice(bytes)
-            .map_err(|e| BundleFormatError::Malformed(e.to_string()))?;
+        let value: JsonValue =
+            serde_json::from_slice(bytes).map_err(|e| BundleFormatError::Malformed(e.to_string()))?;
         match value.get("version").and_then(JsonValue::as_u64) {
             Some(v) if v == u64::from(BUNDLE_VERSION) => {}
             Some(found) => return Err(BundleFormatError::Version { found }),
@@ -273,10 +273,7 @@ pub(crate) mod tests {
                 client_settings: BTreeMap::new(),
                 extra: Extra::new(),
             },
-            profile: Profile {
-                display_name: Some("Old".into()),
-                ..Default::default()
-            },
+            profile: Profile { display_name: Some("Old".into()), ..Default::default() },
             room_keys: None,
             extra: Extra::new(),
         }
@@ -292,18 +289,9 @@ pub(crate) mod tests {
 
     #[test]
     fn rank_serialises_as_creator_or_number() {
-        assert_eq!(
-            serde_json::to_string(&Rank::Creator).unwrap(),
-            "\"creator\""
-        );
-        assert_eq!(
-            serde_json::to_string(&Rank::Level(Int::from(50u32))).unwrap(),
-            "50"
-        );
-        assert_eq!(
-            serde_json::from_str::<Rank>("100").unwrap(),
-            Rank::Level(Int::from(100u32))
-        );
+        assert_eq!(serde_json::to_string(&Rank::Creator).unwrap(), "\"creator\"");
+        assert_eq!(serde_json::to_string(&Rank::Level(Int::from(50u32))).unwrap(), "50");
+        assert_eq!(serde_json::from_str::<Rank>("100").unwrap(), Rank::Level(Int::from(100u32)));
     }
 
     #[test]
@@ -321,18 +309,8 @@ pub(crate) mod tests {
     fn other_versions_are_refused_naming_both() {
         let mut v: JsonValue = serde_json::from_slice(&sample().to_json()).unwrap();
         v["version"] = 7.into();
-        let err = Bundle::from_json(&serde_json::to_vec(&v).unwrap())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("version 7") && err.contains("version 1"),
-            "{err}"
-        );
-        assert!(
-            Bundle::from_json(b"{}")
-                .unwrap_err()
-                .to_string()
-                .contains("no version")
-        );
+        let err = Bundle::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("version 7") && err.contains("version 1"), "{err}");
+        assert!(Bundle::from_json(b"{}").unwrap_err().to_string().contains("no version"));
     }
 }

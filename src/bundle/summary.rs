@@ -29,8 +29,7 @@ impl Summary {
     pub fn of(b: &Bundle) -> Summary {
         let count = |f: &dyn Fn(&super::RoomEntry) -> bool| b.rooms.iter().filter(|r| f(r)).count();
         let push_rules = b.preferences.push_rules.as_ref().map_or(0, |r| {
-            let user_rules =
-                |ids: Vec<&str>| ids.into_iter().filter(|id| !id.starts_with('.')).count();
+            let user_rules = |ids: Vec<&str>| ids.into_iter().filter(|id| !id.starts_with('.')).count();
             user_rules(r.override_.iter().map(|r| r.rule_id.as_str()).collect())
                 + user_rules(r.content.iter().map(|r| r.rule_id.as_str()).collect())
                 + user_rules(r.room.iter().map(|r| r.rule_id.as_str()).collect())
@@ -50,18 +49,8 @@ impl Summary {
             push_rules,
             ignored_users: b.preferences.ignored_users.len(),
             client_settings: b.preferences.client_settings.len(),
-            history_messages: b
-                .rooms
-                .iter()
-                .filter_map(|r| r.history.as_ref())
-                .map(|h| h.messages.len())
-                .sum(),
-            history_encrypted: b
-                .rooms
-                .iter()
-                .filter_map(|r| r.history.as_ref())
-                .map(|h| h.encrypted_count)
-                .sum(),
+            history_messages: b.rooms.iter().filter_map(|r| r.history.as_ref()).map(|h| h.messages.len()).sum(),
+            history_encrypted: b.rooms.iter().filter_map(|r| r.history.as_ref()).map(|h| h.encrypted_count).sum(),
             display_name: b.profile.display_name.is_some(),
             avatar: b.profile.avatar_url.is_some(),
             keys: b.room_keys.as_ref().map(|k| k.encrypted_len),
@@ -71,14 +60,8 @@ impl Summary {
     /// One line per topic, for chat and terminals.
     pub fn lines(&self) -> Vec<String> {
         let mut lines = vec![
-            format!(
-                "Rooms: {} ({} DMs, {} group rooms, {} spaces)",
-                self.rooms, self.dms, self.groups, self.spaces
-            ),
-            format!(
-                "Priority: {} favourites, {} normal, {} low priority",
-                self.high, self.normal, self.low
-            ),
+            format!("Rooms: {} ({} DMs, {} group rooms, {} spaces)", self.rooms, self.dms, self.groups, self.spaces),
+            format!("Priority: {} favourites, {} normal, {} low priority", self.high, self.normal, self.low),
             format!("Contacts: {}", self.contacts),
             format!(
                 "Preferences: {} custom push rules, {} ignored users, {} client settings",
@@ -101,9 +84,7 @@ impl Summary {
             ));
         }
         lines.push(match self.keys {
-            Some(len) => format!(
-                "Encryption keys: attached ({len} bytes, still encrypted with your passphrase)"
-            ),
+            Some(len) => format!("Encryption keys: attached ({len} bytes, still encrypted with your passphrase)"),
             None => "Encryption keys: none attached (send `keys` to see how)".to_owned(),
         });
         lines

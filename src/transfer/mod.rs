@@ -33,9 +33,7 @@ impl std::str::FromStr for ClientProfile {
         match s {
             "mobile" => Ok(ClientProfile::Mobile),
             "desktop" => Ok(ClientProfile::Desktop),
-            other => Err(format!(
-                "`--profile` takes mobile or desktop, not `{other}`"
-            )),
+            other => Err(format!("`--profile` takes mobile or desktop, not `{other}`")),
         }
     }
 }
@@ -64,10 +62,7 @@ pub enum TransferState {
 
 impl TransferState {
     pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            TransferState::Denied | TransferState::Cancelled | TransferState::Done
-        )
+        matches!(self, TransferState::Denied | TransferState::Cancelled | TransferState::Done)
     }
 }
 
@@ -122,10 +117,7 @@ pub enum RoomStep {
 
 impl RoomStep {
     pub fn is_final(&self) -> bool {
-        matches!(
-            self,
-            RoomStep::Done | RoomStep::AwaitingAccept | RoomStep::Skipped(_) | RoomStep::Failed(_)
-        )
+        matches!(self, RoomStep::Done | RoomStep::AwaitingAccept | RoomStep::Skipped(_) | RoomStep::Failed(_))
     }
 }
 

@@ -8,9 +8,7 @@ use ruma::events::room::create::RoomCreateEventContent;
 use ruma::events::room::history_visibility::HistoryVisibility;
 use ruma::events::room::join_rules::RoomJoinRulesEventContent;
 use ruma::events::room::member::MembershipState;
-use ruma::events::room::power_levels::{
-    RoomPowerLevels, RoomPowerLevelsEventContent, UserPowerLevel,
-};
+use ruma::events::room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, UserPowerLevel};
 use ruma::events::room::server_acl::RoomServerAclEventContent;
 use ruma::events::tag::TagName;
 use ruma::room::{AllowRule, JoinRule};
@@ -61,9 +59,7 @@ impl RoomFacts {
     }
 
     fn join_rule(&self) -> JoinRule {
-        self.join_rules
-            .as_ref()
-            .map_or(JoinRule::Invite, |j| j.join_rule.clone())
+        self.join_rules.as_ref().map_or(JoinRule::Invite, |j| j.join_rule.clone())
     }
 }
 
@@ -151,9 +147,7 @@ impl Blocked {
             Blocked::Banned => "the new account is banned there: ask a moderator to unban it",
             Blocked::ServerAcl => "the room's server ACL excludes the new account's server",
             Blocked::NoFederation => "the room is limited to the old account's server",
-            Blocked::CannotInvite => {
-                "the old account may not invite there: ask a moderator to invite the new account"
-            }
+            Blocked::CannotInvite => "the old account may not invite there: ask a moderator to invite the new account",
         }
     }
 }
@@ -171,22 +165,13 @@ impl Warning {
     pub fn explain(&self) -> String {
         match self {
             Warning::HistoryHidden { visibility } => {
-                format!(
-                    "history visibility is `{visibility}`: the new account won't see earlier messages"
-                )
+                format!("history visibility is `{visibility}`: the new account won't see earlier messages")
             }
-            Warning::RankNotCarried {
-                had,
-                gives: Some(l),
-            } => {
-                format!(
-                    "the old account's rank ({had}) can't be given; the new account gets power level {l}"
-                )
+            Warning::RankNotCarried { had, gives: Some(l) } => {
+                format!("the old account's rank ({had}) can't be given; the new account gets power level {l}")
             }
             Warning::RankNotCarried { had, gives: None } => {
-                format!(
-                    "the old account's rank ({had}) can't be given: it may not change power levels"
-                )
+                format!("the old account's rank ({had}) can't be given: it may not change power levels")
             }
         }
     }
@@ -203,26 +188,14 @@ pub fn plan(bundle: &Bundle, new: &UserId, req: &Requirements, world: &World) ->
     };
     let mut rooms: Vec<&RoomEntry> = bundle.rooms.iter().filter(wanted).collect();
     let selected = rooms.len();
-    rooms.sort_by(|a, b| {
-        order_key(a)
-            .partial_cmp(&order_key(b))
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
+    rooms.sort_by(|a, b| order_key(a).partial_cmp(&order_key(b)).unwrap_or(std::cmp::Ordering::Equal));
     let mut rooms = dependencies_first(rooms, world);
     if let Some(max) = req.max_rooms {
         rooms.truncate(max);
     }
     let left_out = bundle.rooms.len() - selected + (selected - rooms.len());
-    let rooms = rooms
-        .into_iter()
-        .map(|r| plan_room(r, old, new, world.rooms.get(&r.room_id)))
-        .collect();
-    Plan {
-        old: old.clone(),
-        new: new.to_owned(),
-        rooms,
-        left_out,
-    }
+    let rooms = rooms.into_iter().map(|r| plan_room(r, old, new, world.rooms.get(&r.room_id))).collect();
+    Plan { old: old.clone(), new: new.to_owned(), rooms, left_out }
 }
 
 /// Priority first; favourites by tag order (untagged order last); then by name, then ID, so
@@ -239,12 +212,7 @@ fn order_key(r: &RoomEntry) -> (u8, f64, String, String) {
         Priority::Normal => None,
     };
     let order = tag.and_then(|t| t.order).unwrap_or(f64::INFINITY);
-    (
-        bucket,
-        order,
-        r.name.clone().unwrap_or_default(),
-        r.room_id.to_string(),
-    )
+    (bucket, order, r.name.clone().unwrap_or_default(), r.room_id.to_string())
 }
 
 /// The rooms a restricted room's `allow` rules name (those that are in the plan too).
@@ -259,10 +227,7 @@ fn depends_on<'a>(room: &RoomEntry, world: &'a World) -> Vec<&'a RoomId> {
             .allow
             .iter()
             .filter_map(|a| match a {
-                AllowRule::RoomMembership(m) => world
-                    .rooms
-                    .get_key_value(&m.room_id)
-                    .map(|(k, _)| k.as_ref()),
+                AllowRule::RoomMembership(m) => world.rooms.get_key_value(&m.room_id).map(|(k, _)| k.as_ref()),
                 _ => None,
             })
             .collect(),
@@ -278,9 +243,7 @@ fn dependencies_first<'a>(rooms: Vec<&'a RoomEntry>, world: &World) -> Vec<&'a R
     let mut waiting: Vec<&RoomEntry> = Vec::new();
     for room in rooms {
         let ready = |r: &RoomEntry, placed: &BTreeSet<&RoomId>| {
-            depends_on(r, world)
-                .iter()
-                .all(|d| !ids.contains(d) || placed.contains(d) || *d == r.room_id)
+            depends_on(r, world).iter().all(|d| !ids.contains(d) || placed.contains(d) || *d == r.room_id)
         };
         if ready(room, &placed) {
             placed.insert(&room.room_id);
@@ -318,16 +281,10 @@ fn plan_room(r: &RoomEntry, old: &UserId, new: &UserId, facts: Option<&RoomFacts
     plan.action = match facts.new_membership {
         Some(MembershipState::Join) => Action::AlreadyJoined,
         Some(MembershipState::Ban) => Action::Blocked(Blocked::Banned),
-        _ if facts
-            .server_acl
-            .as_ref()
-            .is_some_and(|acl| !acl.is_allowed(new.server_name())) =>
-        {
+        _ if facts.server_acl.as_ref().is_some_and(|acl| !acl.is_allowed(new.server_name())) => {
             Action::Blocked(Blocked::ServerAcl)
         }
-        _ if !facts.create.federate && new.server_name() != old.server_name() => {
-            Action::Blocked(Blocked::NoFederation)
-        }
+        _ if !facts.create.federate && new.server_name() != old.server_name() => Action::Blocked(Blocked::NoFederation),
         _ if facts.join_rule() != JoinRule::Public && !pl.user_can_invite(old) => {
             Action::Blocked(Blocked::CannotInvite)
         }
@@ -339,9 +296,7 @@ fn plan_room(r: &RoomEntry, old: &UserId, new: &UserId, facts: Option<&RoomFacts
     if let Some(v) = &facts.history_visibility
         && matches!(v, HistoryVisibility::Joined | HistoryVisibility::Invited)
     {
-        plan.warnings.push(Warning::HistoryHidden {
-            visibility: v.clone(),
-        });
+        plan.warnings.push(Warning::HistoryHidden { visibility: v.clone() });
     }
     // Carry rank: the old account's level, or for a creator the highest level it can grant.
     let current_new = pl.users.get(new).copied().unwrap_or(pl.users_default);
@@ -352,33 +307,20 @@ fn plan_room(r: &RoomEntry, old: &UserId, new: &UserId, facts: Option<&RoomFacts
             let highest = pl
                 .events
                 .values()
-                .chain([
-                    &pl.ban,
-                    &pl.kick,
-                    &pl.redact,
-                    &pl.invite,
-                    &pl.state_default,
-                    &pl.events_default,
-                ])
+                .chain([&pl.ban, &pl.kick, &pl.redact, &pl.invite, &pl.state_default, &pl.events_default])
                 .chain(pl.users.values())
                 .copied()
                 .max()
                 .unwrap_or_default();
             let gives = can_change.then(|| highest.max(Int::from(100u32)));
             plan.give_level = gives.filter(|g| *g > current_new);
-            plan.warnings.push(Warning::RankNotCarried {
-                had: "room creator".into(),
-                gives,
-            });
+            plan.warnings.push(Warning::RankNotCarried { had: "room creator".into(), gives });
         }
         UserPowerLevel::Int(level) if level > current_new => {
             if can_change {
                 plan.give_level = Some(level);
             } else {
-                plan.warnings.push(Warning::RankNotCarried {
-                    had: format!("power level {level}"),
-                    gives: None,
-                });
+                plan.warnings.push(Warning::RankNotCarried { had: format!("power level {level}"), gives: None });
             }
         }
         _ => {}
@@ -401,27 +343,14 @@ impl Plan {
             };
             let mut notes: Vec<String> = r.warnings.iter().map(Warning::explain).collect();
             if let Some(l) = r.give_level
-                && !r
-                    .warnings
-                    .iter()
-                    .any(|w| matches!(w, Warning::RankNotCarried { .. }))
+                && !r.warnings.iter().any(|w| matches!(w, Warning::RankNotCarried { .. }))
             {
                 notes.push(format!("gets power level {l}"));
             }
-            out.push_str(&format!(
-                "{:>3} | {} | {:?} | {} | {}\n",
-                i + 1,
-                label,
-                r.priority,
-                action,
-                notes.join("; ")
-            ));
+            out.push_str(&format!("{:>3} | {} | {:?} | {} | {}\n", i + 1, label, r.priority, action, notes.join("; ")));
         }
         if self.left_out > 0 {
-            out.push_str(&format!(
-                "{} more room(s) of the bundle left out by the options.\n",
-                self.left_out
-            ));
+            out.push_str(&format!("{} more room(s) of the bundle left out by the options.\n", self.left_out));
         }
         out
     }
@@ -472,12 +401,7 @@ mod tests {
     }
 
     fn world(rooms: Vec<(&str, RoomFacts)>) -> World {
-        World {
-            rooms: rooms
-                .into_iter()
-                .map(|(id, f)| (OwnedRoomId::try_from(id).unwrap(), f))
-                .collect(),
-        }
+        World { rooms: rooms.into_iter().map(|(id, f)| (OwnedRoomId::try_from(id).unwrap(), f)).collect() }
     }
 
     fn new() -> OwnedUserId {
@@ -489,43 +413,22 @@ mod tests {
         let b = bundle(vec![
             room("!low:o", "Low", json!({"m.lowpriority": {}}), "group"),
             room("!n:o", "Normal", json!({}), "group"),
-            room(
-                "!f2:o",
-                "Fav2",
-                json!({"m.favourite": {"order": 0.2}}),
-                "group",
-            ),
-            room(
-                "!f1:o",
-                "Fav1",
-                json!({"m.favourite": {"order": 0.1}}),
-                "group",
-            ),
+            room("!f2:o", "Fav2", json!({"m.favourite": {"order": 0.2}}), "group"),
+            room("!f1:o", "Fav1", json!({"m.favourite": {"order": 0.1}}), "group"),
             room("!f3:o", "FavNoOrder", json!({"m.favourite": {}}), "dm"),
         ]);
-        let w = world(
-            b.rooms
-                .iter()
-                .map(|r| (r.room_id.as_str(), facts(json!({}))))
-                .collect(),
-        );
+        let w = world(b.rooms.iter().map(|r| (r.room_id.as_str(), facts(json!({})))).collect());
         let p = plan(&b, &new(), &Requirements::default(), &w);
         let order: Vec<_> = p.rooms.iter().map(|r| r.name.clone().unwrap()).collect();
         assert_eq!(order, ["Fav1", "Fav2", "FavNoOrder", "Normal", "Low"]);
         assert!(p.rooms.iter().all(|r| r.action == Action::Join));
         assert_eq!(p.rooms[0].give_level, Some(Int::from(50u32)));
 
-        let only = Requirements {
-            only: Some(OnlyRooms::Dms),
-            max_rooms: None,
-        };
+        let only = Requirements { only: Some(OnlyRooms::Dms), max_rooms: None };
         let p = plan(&b, &new(), &only, &w);
         assert_eq!(p.rooms.len(), 1);
         assert_eq!(p.left_out, 4);
-        let max = Requirements {
-            only: None,
-            max_rooms: Some(2),
-        };
+        let max = Requirements { only: None, max_rooms: Some(2) };
         let p = plan(&b, &new(), &max, &w);
         assert_eq!(p.rooms.len(), 2);
         assert_eq!(p.left_out, 3);
@@ -534,20 +437,12 @@ mod tests {
     #[test]
     fn restricted_rooms_follow_the_rooms_they_depend_on() {
         let b = bundle(vec![
-            room(
-                "!a-restricted:o",
-                "A restricted",
-                json!({"m.favourite": {"order": 0.1}}),
-                "group",
-            ),
+            room("!a-restricted:o", "A restricted", json!({"m.favourite": {"order": 0.1}}), "group"),
             room("!space:o", "Space", json!({}), "space"),
         ]);
         let restricted = facts(json!({"join_rules": {"join_rule": "restricted",
             "allow": [{"type": "m.room_membership", "room_id": "!space:o"}]}}));
-        let w = world(vec![
-            ("!a-restricted:o", restricted),
-            ("!space:o", facts(json!({}))),
-        ]);
+        let w = world(vec![("!a-restricted:o", restricted), ("!space:o", facts(json!({})))]);
         let p = plan(&b, &new(), &Requirements::default(), &w);
         let order: Vec<_> = p.rooms.iter().map(|r| r.room_id.as_str()).collect();
         assert_eq!(order, ["!space:o", "!a-restricted:o"]);
@@ -566,36 +461,17 @@ mod tests {
         ]);
         let w = world(vec![
             ("!banned:o", facts(json!({"new_membership": "ban"}))),
-            (
-                "!acl:o",
-                facts(
-                    json!({"server_acl": {"allow": ["old.org"], "deny": [], "allow_ip_literals": false}}),
-                ),
-            ),
-            (
-                "!local:o",
-                facts(json!({"create": {"room_version": "11", "m.federate": false}})),
-            ),
-            (
-                "!noinvite:o",
-                facts(json!({"power_levels": {"users": {"@old:old.org": 0}, "invite": 50}})),
-            ),
+            ("!acl:o", facts(json!({"server_acl": {"allow": ["old.org"], "deny": [], "allow_ip_literals": false}}))),
+            ("!local:o", facts(json!({"create": {"room_version": "11", "m.federate": false}}))),
+            ("!noinvite:o", facts(json!({"power_levels": {"users": {"@old:old.org": 0}, "invite": 50}}))),
             (
                 "!public:o",
-                facts(
-                    json!({"power_levels": {"users": {}, "invite": 50}, "join_rules": {"join_rule": "public"}}),
-                ),
+                facts(json!({"power_levels": {"users": {}, "invite": 50}, "join_rules": {"join_rule": "public"}})),
             ),
             ("!joined:o", facts(json!({"new_membership": "join"}))),
         ]);
         let p = plan(&b, &new(), &Requirements::default(), &w);
-        let action = |name: &str| {
-            p.rooms
-                .iter()
-                .find(|r| r.name.as_deref() == Some(name))
-                .unwrap()
-                .action
-        };
+        let action = |name: &str| p.rooms.iter().find(|r| r.name.as_deref() == Some(name)).unwrap().action;
         assert_eq!(action("Banned"), Action::Blocked(Blocked::Banned));
         assert_eq!(action("Acl"), Action::Blocked(Blocked::ServerAcl));
         assert_eq!(action("Local"), Action::Blocked(Blocked::NoFederation));
@@ -603,10 +479,7 @@ mod tests {
         assert_eq!(action("Public"), Action::Join);
         assert_eq!(action("Gone"), Action::Gone);
         assert_eq!(action("Joined"), Action::AlreadyJoined);
-        assert!(
-            p.table()
-                .contains("blocked: the new account is banned there")
-        );
+        assert!(p.table().contains("blocked: the new account is banned there"));
     }
 
     #[test]
@@ -618,34 +491,18 @@ mod tests {
             "power_levels": {"users": {}, "events": {"m.room.tombstone": 150}},
             "history_visibility": "joined",
         }));
-        let p = plan(
-            &b,
-            &new(),
-            &Requirements::default(),
-            &world(vec![("!v12:o", f)]),
-        );
+        let p = plan(&b, &new(), &Requirements::default(), &world(vec![("!v12:o", f)]));
         let r = &p.rooms[0];
         assert_eq!(r.action, Action::Join);
         assert_eq!(r.give_level, Some(Int::from(150u32)));
-        assert!(r.warnings.contains(&Warning::HistoryHidden {
-            visibility: HistoryVisibility::Joined
-        }));
-        assert!(
-            r.warnings
-                .iter()
-                .any(|w| matches!(w, Warning::RankNotCarried { .. }))
-        );
+        assert!(r.warnings.contains(&Warning::HistoryHidden { visibility: HistoryVisibility::Joined }));
+        assert!(r.warnings.iter().any(|w| matches!(w, Warning::RankNotCarried { .. })));
     }
 
     #[test]
     fn a_plan_is_serialisable() {
         let b = bundle(vec![room("!a:o", "A", json!({}), "group")]);
-        let p = plan(
-            &b,
-            &new(),
-            &Requirements::default(),
-            &world(vec![("!a:o", facts(json!({})))]),
-        );
+        let p = plan(&b, &new(), &Requirements::default(), &world(vec![("!a:o", facts(json!({})))]));
         let back: Plan = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back.rooms[0].action, Action::Join);
     }

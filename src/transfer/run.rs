@@ -28,8 +28,8 @@ use ruma::events::room::power_levels::RoomPowerLevelsEventContent;
 use ruma::events::{GlobalAccountDataEventType, MessageLikeEventType, StateEventType};
 use ruma::profile::ProfileFieldValue;
 use ruma::push::{
-    Action, AnyPushRuleRef, HighlightTweakValue, NewConditionalPushRule, NewPatternedPushRule,
-    NewPushRule, NewSimplePushRule, PushCondition, RuleKind, Ruleset, Tweak,
+    Action, AnyPushRuleRef, HighlightTweakValue, NewConditionalPushRule, NewPatternedPushRule, NewPushRule,
+    NewSimplePushRule, PushCondition, RuleKind, Ruleset, Tweak,
 };
 use ruma::serde::Raw;
 use ruma::{Int, OwnedEventId, OwnedRoomId, OwnedRoomOrAliasId, RoomId, UInt, UserId};
@@ -45,11 +45,8 @@ use crate::store::{Store, StoreError};
 
 /// Transient failures (homeserver away, rate limits) are waited out, however long it takes: the
 /// transfer completes when the homeserver is back.
-const PATIENT: Retry = Retry {
-    attempts: u32::MAX,
-    backoff: Duration::from_millis(250),
-    max_wait: Duration::from_secs(15),
-};
+const PATIENT: Retry =
+    Retry { attempts: u32::MAX, backoff: Duration::from_millis(250), max_wait: Duration::from_secs(15) };
 
 /// The field of move notices that clients and bots can read.
 pub const MOVE_FIELD: &str = "org.handoff.move";
@@ -76,12 +73,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(
-        config: Arc<Config>,
-        bot: Homeserver,
-        acting: Homeserver,
-        store: Store,
-    ) -> Arc<Self> {
+    pub fn new(config: Arc<Config>, bot: Homeserver, acting: Homeserver, store: Store) -> Arc<Self> {
         Arc::new(Engine {
             config,
             bot: bot.with_retry(PATIENT),
@@ -138,14 +130,7 @@ impl Engine {
         let bundle = stored.bundle;
         if t.plan.is_none() {
             let rooms: Vec<OwnedRoomId> = bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
-            let world = world::read(
-                &self.acting,
-                &t.old,
-                &t.new,
-                rooms,
-                self.config.handoff.concurrency.0 * 2,
-            )
-            .await?;
+            let world = world::read(&self.acting, &t.old, &t.new, rooms, self.config.handoff.concurrency.0 * 2).await?;
             let plan = plan::plan(&bundle, &t.new, &t.requirements, &world);
             t.plan = Some(plan);
             self.store.put_transfer(&t).await?;
@@ -163,30 +148,20 @@ impl Engine {
             self.store.put_transfer(&t).await?;
         }
 
+        self.profile_step(&mut t, &bundle, &plan).await?;
         let steps = self.store.room_steps(id)?;
-        let todo: Vec<RoomPlan> = plan
-            .rooms
-            .iter()
-            .filter(|r| !steps.get(&r.room_id).is_some_and(RoomStep::is_final))
-            .cloned()
-            .collect();
+        let todo: Vec<RoomPlan> =
+            plan.rooms.iter().filter(|r| !steps.get(&r.room_id).is_some_and(RoomStep::is_final)).cloned().collect();
         let done_before = plan.rooms.len() - todo.len();
-        let progress = Progress {
-            done: Mutex::new(done_before),
-            last_edit: Mutex::new(Instant::now()),
-        };
-        let (bundle_ref, t_ref, progress_ref, steps_ref, plan_ref) =
-            (&bundle, &t, &progress, &steps, &plan);
+        let progress = Progress { done: Mutex::new(done_before), last_edit: Mutex::new(Instant::now()) };
+        let (bundle_ref, t_ref, progress_ref, steps_ref, plan_ref) = (&bundle, &t, &progress, &steps, &plan);
         let cancelled = stream::iter(todo)
             .map(|room: RoomPlan| async move {
                 if self.cancel_requested(id) {
                     return true;
                 }
                 let room = &room;
-                let start = steps_ref
-                    .get(&room.room_id)
-                    .cloned()
-                    .unwrap_or(RoomStep::Pending);
+                let start = steps_ref.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
                 let step = match self.move_room(t_ref, bundle_ref, room, start).await {
                     Ok(step) => step,
                     Err(e @ RunError::Store(_)) => RoomStep::Failed(e.to_string()),
@@ -215,27 +190,19 @@ impl Engine {
         t.state = TransferState::Done;
         self.store.put_transfer(&t).await?;
         let report = self.report(&t, &bundle, &plan, false)?;
-        self.edit_status(&t, &format!("Done: {}", report.headline))
-            .await?;
+        self.edit_status(&t, &format!("Done: {}", report.headline)).await?;
         self.post_report(&t, &report).await?;
         tracing::info!(transfer = id, "transfer done");
         Ok(())
     }
 
     fn cancel_requested(&self, id: u64) -> bool {
-        self.store
-            .get_transfer(id)
-            .ok()
-            .flatten()
-            .is_some_and(|t| t.state == TransferState::Cancelling)
+        self.store.get_transfer(id).ok().flatten().is_some_and(|t| t.state == TransferState::Cancelling)
     }
 
     /// Journals `Started(stage)` before a stage runs, so a resumed transfer knows to re-check.
     async fn started(&self, t: &Transfer, room: &RoomId, stage: &str) -> Result<(), RunError> {
-        Ok(self
-            .store
-            .set_room_step(t.id, room, &RoomStep::Started(stage.into()))
-            .await?)
+        Ok(self.store.set_room_step(t.id, room, &RoomStep::Started(stage.into())).await?)
     }
 
     async fn finished(&self, t: &Transfer, room: &RoomId, step: RoomStep) -> Result<(), RunError> {
@@ -278,8 +245,7 @@ impl Engine {
                     let req = invite_user::v3::Request::new(rid.clone(), invitee.into());
                     if let Err(e) = self.acting.send_as(&t.old, req).await {
                         // A public room can be joined without the invite.
-                        let public = room.action == PlanAction::Join
-                            && matches!(e.kind(), Some(ErrorKind::Forbidden));
+                        let public = room.action == PlanAction::Join && matches!(e.kind(), Some(ErrorKind::Forbidden));
                         if !public {
                             return Ok(RoomStep::Failed(format!("the invite failed: {e}")));
                         }
@@ -292,9 +258,7 @@ impl Engine {
         if stage < 2 && local_new {
             self.started(t, rid, "join").await?;
             if self.membership(&t.old, rid, &t.new).await? != Some(MembershipState::Join) {
-                let mut req = join_room_by_id_or_alias::v3::Request::new(OwnedRoomOrAliasId::from(
-                    rid.clone(),
-                ));
+                let mut req = join_room_by_id_or_alias::v3::Request::new(OwnedRoomOrAliasId::from(rid.clone()));
                 req.via = room.via.clone();
                 if let Err(e) = self.acting.send_as(&t.new, req).await {
                     return Ok(RoomStep::Failed(format!("joining failed: {e}")));
@@ -316,12 +280,7 @@ impl Engine {
         if stage < 4 && local_new {
             if let Some(entry) = bundle.rooms.iter().find(|r| &r.room_id == rid) {
                 for (name, info) in &entry.tags {
-                    let req = create_tag::v3::Request::new(
-                        t.new.clone(),
-                        rid.clone(),
-                        name.to_string(),
-                        info.clone(),
-                    );
+                    let req = create_tag::v3::Request::new(t.new.clone(), rid.clone(), name.to_string(), info.clone());
                     self.acting.send_as(&t.new, req).await?;
                 }
             }
@@ -333,11 +292,7 @@ impl Engine {
             self.notify(t, rid, local_new).await?;
             self.finished(t, rid, RoomStep::Notified).await?;
         }
-        Ok(if local_new {
-            RoomStep::Done
-        } else {
-            RoomStep::AwaitingAccept
-        })
+        Ok(if local_new { RoomStep::Done } else { RoomStep::AwaitingAccept })
     }
 
     async fn membership(
@@ -346,55 +301,31 @@ impl Engine {
         room: &RoomId,
         user: &UserId,
     ) -> Result<Option<MembershipState>, RunError> {
-        let req = get_state_event_for_key::v3::Request::new(
-            room.to_owned(),
-            StateEventType::RoomMember,
-            user.to_string(),
-        );
+        let req =
+            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomMember, user.to_string());
         match self.acting.send_as(reader, req).await {
             Ok(resp) => {
-                let content: JsonValue =
-                    serde_json::from_str(resp.event_or_content.get()).unwrap_or_default();
-                Ok(content
-                    .get("membership")
-                    .and_then(|m| serde_json::from_value(m.clone()).ok()))
+                let content: JsonValue = serde_json::from_str(resp.event_or_content.get()).unwrap_or_default();
+                Ok(content.get("membership").and_then(|m| serde_json::from_value(m.clone()).ok()))
             }
             Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    async fn carry_rank(
-        &self,
-        old: &UserId,
-        room: &RoomId,
-        new: &UserId,
-        level: Int,
-    ) -> Result<(), RunError> {
-        let req = get_state_event_for_key::v3::Request::new(
-            room.to_owned(),
-            StateEventType::RoomPowerLevels,
-            String::new(),
-        );
+    async fn carry_rank(&self, old: &UserId, room: &RoomId, new: &UserId, level: Int) -> Result<(), RunError> {
+        let req =
+            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomPowerLevels, String::new());
         let resp = self.acting.send_as(old, req).await?;
         let mut content: RoomPowerLevelsEventContent =
-            serde_json::from_str(resp.event_or_content.get())
-                .map_err(|e| HsError::Protocol(e.to_string()))?;
-        let current = content
-            .users
-            .get(new)
-            .copied()
-            .unwrap_or(content.users_default);
+            serde_json::from_str(resp.event_or_content.get()).map_err(|e| HsError::Protocol(e.to_string()))?;
+        let current = content.users.get(new).copied().unwrap_or(content.users_default);
         if current >= level {
             return Ok(());
         }
         content.users.insert(new.to_owned(), level);
-        let req = send_state_event::v3::Request::new(
-            room.to_owned(),
-            &ruma::events::EmptyStateKey,
-            &content,
-        )
-        .map_err(|e| HsError::Protocol(e.to_string()))?;
+        let req = send_state_event::v3::Request::new(room.to_owned(), &ruma::events::EmptyStateKey, &content)
+            .map_err(|e| HsError::Protocol(e.to_string()))?;
         self.acting.send_as(old, req).await?;
         Ok(())
     }
@@ -409,18 +340,10 @@ impl Engine {
         if self.notice_exists(&sender, room, t.id).await? {
             return Ok(());
         }
-        let text = self
-            .config
-            .handoff
-            .notify
-            .template
-            .replace("{old}", t.old.as_str())
-            .replace("{new}", t.new.as_str());
-        let mut content = serde_json::to_value(RoomMessageEventContent::notice_html(
-            text.clone(),
-            to_html(&text),
-        ))
-        .expect("content serialises");
+        let text =
+            self.config.handoff.notify.template.replace("{old}", t.old.as_str()).replace("{new}", t.new.as_str());
+        let mut content = serde_json::to_value(RoomMessageEventContent::notice_html(text.clone(), to_html(&text)))
+            .expect("content serialises");
         content[MOVE_FIELD] = json!({
             "transfer": t.id,
             "from": t.old,
@@ -438,12 +361,7 @@ impl Engine {
         Ok(())
     }
 
-    async fn notice_exists(
-        &self,
-        sender: &UserId,
-        room: &RoomId,
-        transfer: u64,
-    ) -> Result<bool, RunError> {
+    async fn notice_exists(&self, sender: &UserId, room: &RoomId, transfer: u64) -> Result<bool, RunError> {
         let mut req = get_message_events::v3::Request::new(room.to_owned(), Direction::Backward);
         req.limit = UInt::from(50u32);
         req.filter.types = Some(vec!["m.room.message".into()]);
@@ -463,12 +381,7 @@ impl Engine {
     }
 
     /// Account-level steps, each once (journaled in the transfer record).
-    async fn account_steps(
-        &self,
-        t: &mut Transfer,
-        bundle: &Bundle,
-        plan: &Plan,
-    ) -> Result<(), RunError> {
+    async fn account_steps(&self, t: &mut Transfer, bundle: &Bundle, plan: &Plan) -> Result<(), RunError> {
         if !self.is_local(&t.new) {
             t.account_steps.insert(
                 "account".into(),
@@ -479,22 +392,34 @@ impl Engine {
             );
             return Ok(());
         }
-        let steps: [(&str, StepFn); 7] = [
+        let steps: [(&str, StepFn); 6] = [
             ("direct", |e, t, b, p| Box::pin(e.merge_direct(t, b, p))),
-            ("ignored_users", |e, t, b, _| {
-                Box::pin(e.merge_ignored(t, b))
-            }),
-            ("push_rules", |e, t, b, _| {
-                Box::pin(e.apply_push_rules(t, b))
-            }),
-            ("client_settings", |e, t, b, _| {
-                Box::pin(e.apply_settings(t, b))
-            }),
-            ("profile", |e, t, b, _| Box::pin(e.apply_profile(t, b))),
+            ("ignored_users", |e, t, b, _| Box::pin(e.merge_ignored(t, b))),
+            ("push_rules", |e, t, b, _| Box::pin(e.apply_push_rules(t, b))),
+            ("client_settings", |e, t, b, _| Box::pin(e.apply_settings(t, b))),
             ("old_mentions", |e, t, _, _| Box::pin(e.add_mention_rule(t))),
             ("room_keys", |e, t, b, _| Box::pin(e.deliver_keys(t, b))),
         ];
-        for (name, step) in steps {
+        self.account_step_list(t, bundle, plan, &steps).await
+    }
+
+    /// The profile goes first: set after the joins, it would add a member event to every room.
+    async fn profile_step(&self, t: &mut Transfer, bundle: &Bundle, plan: &Plan) -> Result<(), RunError> {
+        if !self.is_local(&t.new) {
+            return Ok(());
+        }
+        let steps: [(&str, StepFn); 1] = [("profile", |e, t, b, _| Box::pin(e.apply_profile(t, b)))];
+        self.account_step_list(t, bundle, plan, &steps).await
+    }
+
+    async fn account_step_list(
+        &self,
+        t: &mut Transfer,
+        bundle: &Bundle,
+        plan: &Plan,
+        steps: &[(&str, StepFn)],
+    ) -> Result<(), RunError> {
+        for &(name, step) in steps {
             if t.account_steps.contains_key(name) {
                 continue;
             }
@@ -514,30 +439,14 @@ impl Engine {
         user: &UserId,
         kind: GlobalAccountDataEventType,
     ) -> Result<Option<JsonValue>, RunError> {
-        match self
-            .acting
-            .send_as(
-                user,
-                get_global_account_data::v3::Request::new(user.to_owned(), kind),
-            )
-            .await
-        {
-            Ok(r) => Ok(Some(
-                r.account_data
-                    .deserialize_as()
-                    .map_err(|e| HsError::Protocol(e.to_string()))?,
-            )),
+        match self.acting.send_as(user, get_global_account_data::v3::Request::new(user.to_owned(), kind)).await {
+            Ok(r) => Ok(Some(r.account_data.deserialize_as().map_err(|e| HsError::Protocol(e.to_string()))?)),
             Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    async fn set_global_data(
-        &self,
-        user: &UserId,
-        kind: &str,
-        content: &JsonValue,
-    ) -> Result<(), RunError> {
+    async fn set_global_data(&self, user: &UserId, kind: &str, content: &JsonValue) -> Result<(), RunError> {
         let raw = Raw::from_json(serde_json::value::to_raw_value(content).expect("json"));
         let req = set_global_account_data::v3::Request::new_raw(user.to_owned(), kind.into(), raw);
         self.acting.send_as(user, req).await?;
@@ -545,12 +454,7 @@ impl Engine {
     }
 
     /// `m.direct` on the new account gains the moved DMs; nothing it had is removed.
-    async fn merge_direct(
-        &self,
-        t: &Transfer,
-        bundle: &Bundle,
-        plan: &Plan,
-    ) -> Result<String, RunError> {
+    async fn merge_direct(&self, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<String, RunError> {
         let moved: BTreeSet<&OwnedRoomId> = self.moved_rooms(t, plan)?;
         let current: DirectEventContent = self
             .global_data(&t.new, GlobalAccountDataEventType::Direct)
@@ -576,22 +480,13 @@ impl Engine {
         Ok(format!("{added} DM room(s) marked as DMs"))
     }
 
-    fn moved_rooms<'a>(
-        &self,
-        t: &Transfer,
-        plan: &'a Plan,
-    ) -> Result<BTreeSet<&'a OwnedRoomId>, RunError> {
+    fn moved_rooms<'a>(&self, t: &Transfer, plan: &'a Plan) -> Result<BTreeSet<&'a OwnedRoomId>, RunError> {
         let steps = self.store.room_steps(t.id)?;
         Ok(plan
             .rooms
             .iter()
             .map(|r| &r.room_id)
-            .filter(|r| {
-                matches!(
-                    steps.get(*r),
-                    Some(RoomStep::Done) | Some(RoomStep::AwaitingAccept)
-                )
-            })
+            .filter(|r| matches!(steps.get(*r), Some(RoomStep::Done) | Some(RoomStep::AwaitingAccept)))
             .collect())
     }
 
@@ -603,16 +498,12 @@ impl Engine {
             .unwrap_or_else(|| IgnoredUserListEventContent::new(Default::default()));
         let before = current.ignored_users.len();
         for user in &bundle.preferences.ignored_users {
-            current
-                .ignored_users
-                .entry(user.clone())
-                .or_insert_with(IgnoredUser::new);
+            current.ignored_users.entry(user.clone()).or_insert_with(IgnoredUser::new);
         }
         let added = current.ignored_users.len() - before;
         if added > 0 {
             let content = serde_json::to_value(&current).expect("json");
-            self.set_global_data(&t.new, "m.ignored_user_list", &content)
-                .await?;
+            self.set_global_data(&t.new, "m.ignored_user_list", &content).await?;
         }
         Ok(format!("{added} ignored user(s) added"))
     }
@@ -629,10 +520,7 @@ impl Engine {
             .and_then(|v| v.get("global").cloned())
             .and_then(|g| serde_json::from_value(g).ok())
             .unwrap_or_default();
-        let existing: BTreeMap<String, bool> = current
-            .iter()
-            .map(|r| (r.rule_id().to_owned(), r.enabled()))
-            .collect();
+        let existing: BTreeMap<String, bool> = current.iter().map(|r| (r.rule_id().to_owned(), r.enabled())).collect();
         let (mut added, mut mirrored) = (0, 0);
         for (new_rule, enabled) in new_rules(rules) {
             let id = new_rule.rule_id().to_owned();
@@ -640,34 +528,21 @@ impl Engine {
             if existing.contains_key(&id) {
                 continue;
             }
-            self.acting
-                .send_as(&t.new, set_pushrule::v3::Request::new(new_rule))
-                .await?;
+            self.acting.send_as(&t.new, set_pushrule::v3::Request::new(new_rule)).await?;
             if !enabled {
-                self.acting
-                    .send_as(
-                        &t.new,
-                        set_pushrule_enabled::v3::Request::new(kind, id, false),
-                    )
-                    .await?;
+                self.acting.send_as(&t.new, set_pushrule_enabled::v3::Request::new(kind, id, false)).await?;
             }
             added += 1;
         }
         for rule in rules.iter().filter(|r| r.is_server_default()) {
             let id = rule.rule_id();
             if existing.get(id).is_some_and(|e| *e != rule.enabled()) {
-                let req = set_pushrule_enabled::v3::Request::new(
-                    kind_of(&rule),
-                    id.to_owned(),
-                    rule.enabled(),
-                );
+                let req = set_pushrule_enabled::v3::Request::new(kind_of(&rule), id.to_owned(), rule.enabled());
                 self.acting.send_as(&t.new, req).await?;
                 mirrored += 1;
             }
         }
-        Ok(format!(
-            "{added} push rule(s) added, {mirrored} default rule(s) switched to match"
-        ))
+        Ok(format!("{added} push rule(s) added, {mirrored} default rule(s) switched to match"))
     }
 
     async fn apply_settings(&self, t: &Transfer, bundle: &Bundle) -> Result<String, RunError> {
@@ -684,10 +559,7 @@ impl Engine {
         }
         let mut out = format!("{set} client setting(s) applied");
         if !conflicts.is_empty() {
-            out.push_str(&format!(
-                "; kept the new account's own {} (it differs)",
-                conflicts.join(", ")
-            ));
+            out.push_str(&format!("; kept the new account's own {} (it differs)", conflicts.join(", ")));
         }
         Ok(out)
     }
@@ -695,26 +567,16 @@ impl Engine {
     async fn apply_profile(&self, t: &Transfer, bundle: &Bundle) -> Result<String, RunError> {
         let mut done = vec![];
         if let Some(name) = &bundle.profile.display_name {
-            let req = set_profile_field::v3::Request::new(
-                t.new.clone(),
-                ProfileFieldValue::DisplayName(name.clone()),
-            );
+            let req = set_profile_field::v3::Request::new(t.new.clone(), ProfileFieldValue::DisplayName(name.clone()));
             self.acting.send_as(&t.new, req).await?;
             done.push("display name");
         }
         if let Some(avatar) = &bundle.profile.avatar_url {
-            let req = set_profile_field::v3::Request::new(
-                t.new.clone(),
-                ProfileFieldValue::AvatarUrl(avatar.clone()),
-            );
+            let req = set_profile_field::v3::Request::new(t.new.clone(), ProfileFieldValue::AvatarUrl(avatar.clone()));
             self.acting.send_as(&t.new, req).await?;
             done.push("avatar");
         }
-        Ok(if done.is_empty() {
-            "nothing to set".into()
-        } else {
-            format!("{} set", done.join(" and "))
-        })
+        Ok(if done.is_empty() { "nothing to set".into() } else { format!("{} set", done.join(" and ")) })
     }
 
     /// Mentions of the old user ID keep notifying the new account.
@@ -734,12 +596,7 @@ impl Engine {
                 Action::SetTweak(Tweak::Sound("default".into())),
             ],
         );
-        self.acting
-            .send_as(
-                &t.new,
-                set_pushrule::v3::Request::new(NewPushRule::Override(rule)),
-            )
-            .await?;
+        self.acting.send_as(&t.new, set_pushrule::v3::Request::new(NewPushRule::Override(rule))).await?;
         Ok(format!("mentions of {} notify you", t.old))
     }
 
@@ -759,12 +616,8 @@ impl Engine {
         let mut file = FileMessageEventContent::new(name.into(), MediaSource::Plain(uri));
         file.filename = Some(name.into());
         file.info = Some(Box::new(info));
-        self.send_bot(
-            &t.new_dm,
-            &format!("keys-{}", t.id),
-            RoomMessageEventContent::new(MessageType::File(file)),
-        )
-        .await?;
+        self.send_bot(&t.new_dm, &format!("keys-{}", t.id), RoomMessageEventContent::new(MessageType::File(file)))
+            .await?;
         self.post(
             &t.new_dm,
             &format!("keys-help-{}", t.id),
@@ -816,18 +669,8 @@ impl Engine {
     }
 
     /// Posts a notice as the bot; `key` makes the transaction ID, so a resumed transfer can't post twice.
-    pub async fn post(
-        &self,
-        room: &RoomId,
-        key: &str,
-        text: &str,
-    ) -> Result<OwnedEventId, RunError> {
-        self.send_bot(
-            room,
-            key,
-            RoomMessageEventContent::notice_html(text.to_owned(), to_html(text)),
-        )
-        .await
+    pub async fn post(&self, room: &RoomId, key: &str, text: &str) -> Result<OwnedEventId, RunError> {
+        self.send_bot(room, key, RoomMessageEventContent::notice_html(text.to_owned(), to_html(text))).await
     }
 
     async fn send_bot(
@@ -836,32 +679,17 @@ impl Engine {
         key: &str,
         content: RoomMessageEventContent,
     ) -> Result<OwnedEventId, RunError> {
-        let req = send_message_event::v3::Request::new(
-            room.to_owned(),
-            format!("handoff-{key}").into(),
-            &content,
-        )
-        .map_err(|e| HsError::Protocol(e.to_string()))?;
+        let req = send_message_event::v3::Request::new(room.to_owned(), format!("handoff-{key}").into(), &content)
+            .map_err(|e| HsError::Protocol(e.to_string()))?;
         Ok(self.bot.send(req).await?.event_id)
     }
 
     async fn say(&self, t: &Transfer, text: String) -> Result<(), RunError> {
-        self.post(
-            &t.new_dm,
-            &format!("say-{}-{}", t.id, rand::random::<u64>()),
-            &text,
-        )
-        .await?;
+        self.post(&t.new_dm, &format!("say-{}-{}", t.id, rand::random::<u64>()), &text).await?;
         Ok(())
     }
 
-    fn report(
-        &self,
-        t: &Transfer,
-        bundle: &Bundle,
-        plan: &Plan,
-        cancelled: bool,
-    ) -> Result<Report, RunError> {
+    fn report(&self, t: &Transfer, bundle: &Bundle, plan: &Plan, cancelled: bool) -> Result<Report, RunError> {
         let steps = self.store.room_steps(t.id)?;
         Ok(Report::new(t, bundle, plan, &steps, cancelled))
     }
@@ -869,12 +697,9 @@ impl Engine {
     async fn post_report(&self, t: &Transfer, report: &Report) -> Result<(), RunError> {
         let content = match t.profile {
             ClientProfile::Mobile => RoomMessageEventContent::notice_plain(report.digest()),
-            ClientProfile::Desktop => {
-                RoomMessageEventContent::notice_html(report.plain(), report.html())
-            }
+            ClientProfile::Desktop => RoomMessageEventContent::notice_html(report.plain(), report.html()),
         };
-        self.send_bot(&t.new_dm, &format!("report-{}", t.id), content)
-            .await?;
+        self.send_bot(&t.new_dm, &format!("report-{}", t.id), content).await?;
         Ok(())
     }
 }
@@ -909,16 +734,8 @@ fn stage_of(step: &RoomStep) -> u8 {
 
 fn progress_bar(done: usize, total: usize) -> String {
     let width = 20;
-    let filled = if total == 0 {
-        width
-    } else {
-        done * width / total
-    };
-    format!(
-        "[{}{}] {done}/{total}",
-        "█".repeat(filled),
-        "░".repeat(width - filled)
-    )
+    let filled = if total == 0 { width } else { done * width / total };
+    format!("[{}{}] {done}/{total}", "█".repeat(filled), "░".repeat(width - filled))
 }
 
 /// The bundle's push rules as rules to create, with their enabled flags. Server-default rules are
@@ -937,25 +754,15 @@ fn new_rules(rules: &Ruleset) -> Vec<(NewPushRule, bool)> {
     }
     for r in rules.content.iter().filter(|r| !r.default) {
         out.push((
-            NewPushRule::Content(NewPatternedPushRule::new(
-                r.rule_id.clone(),
-                r.pattern.clone(),
-                r.actions.clone(),
-            )),
+            NewPushRule::Content(NewPatternedPushRule::new(r.rule_id.clone(), r.pattern.clone(), r.actions.clone())),
             r.enabled,
         ));
     }
     for r in rules.room.iter().filter(|r| !r.default) {
-        out.push((
-            NewPushRule::Room(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())),
-            r.enabled,
-        ));
+        out.push((NewPushRule::Room(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())), r.enabled));
     }
     for r in rules.sender.iter().filter(|r| !r.default) {
-        out.push((
-            NewPushRule::Sender(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())),
-            r.enabled,
-        ));
+        out.push((NewPushRule::Sender(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())), r.enabled));
     }
     for r in rules.underride.iter().filter(|r| !r.default) {
         out.push((
@@ -1004,8 +811,7 @@ impl Report {
         cancelled: bool,
     ) -> Report {
         let label = |r: &RoomPlan| r.name.clone().unwrap_or_else(|| r.room_id.to_string());
-        let (mut moved, mut awaiting, mut skipped, mut failed, mut warnings) =
-            (0, 0, vec![], vec![], vec![]);
+        let (mut moved, mut awaiting, mut skipped, mut failed, mut warnings) = (0, 0, vec![], vec![], vec![]);
         for r in &plan.rooms {
             match steps.get(&r.room_id) {
                 Some(RoomStep::Done) => moved += 1,
@@ -1023,21 +829,9 @@ impl Report {
             if cancelled { "Cancelled. " } else { "" },
             plan.rooms.len(),
             t.new,
-            if awaiting > 0 {
-                format!(", {awaiting} invites to accept")
-            } else {
-                String::new()
-            },
-            if skipped.is_empty() {
-                String::new()
-            } else {
-                format!(", {} skipped", skipped.len())
-            },
-            if failed.is_empty() {
-                String::new()
-            } else {
-                format!(", {} failed", failed.len())
-            },
+            if awaiting > 0 { format!(", {awaiting} invites to accept") } else { String::new() },
+            if skipped.is_empty() { String::new() } else { format!(", {} skipped", skipped.len()) },
+            if failed.is_empty() { String::new() } else { format!(", {} failed", failed.len()) },
         );
         Report {
             headline,
@@ -1046,11 +840,7 @@ impl Report {
             skipped,
             failed,
             warnings,
-            account: t
-                .account_steps
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            account: t.account_steps.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             left_out: plan.left_out,
             cancelled,
         }
@@ -1079,11 +869,7 @@ impl Report {
             }
         };
         section(&mut out, "Skipped (what you can do)", &self.skipped);
-        section(
-            &mut out,
-            "Failed (run `import` again with a new code to retry)",
-            &self.failed,
-        );
+        section(&mut out, "Failed (run `import` again with a new code to retry)", &self.failed);
         section(&mut out, "Warnings", &self.warnings);
         if self.awaiting > 0 {
             out.push_str(&format!(
@@ -1102,10 +888,7 @@ impl Report {
             }
         }
         if self.left_out > 0 {
-            out.push_str(&format!(
-                "\n{} room(s) of the bundle were left out by your import options.\n",
-                self.left_out
-            ));
+            out.push_str(&format!("\n{} room(s) of the bundle were left out by your import options.\n", self.left_out));
         }
         out.trim_end().to_owned()
     }
@@ -1127,9 +910,6 @@ mod tests {
         assert_eq!(stage_of(&RoomStep::Started("join".into())), 1);
         assert_eq!(stage_of(&RoomStep::Started("notify".into())), 4);
         assert_eq!(stage_of(&RoomStep::Notified), 5);
-        assert_eq!(
-            progress_bar(5, 10),
-            format!("[{}{}] 5/10", "█".repeat(10), "░".repeat(10))
-        );
+        assert_eq!(progress_bar(5, 10), format!("[{}{}] 5/10", "█".repeat(10), "░".repeat(10)));
     }
 }

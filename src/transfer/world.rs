@@ -33,9 +33,7 @@ pub async fn read(
         .buffer_unordered(concurrency.max(1))
         .try_collect()
         .await?;
-    Ok(World {
-        rooms: facts.into_iter().flatten().collect(),
-    })
+    Ok(World { rooms: facts.into_iter().flatten().collect() })
 }
 
 /// One room's facts, or `None` if its state lacks a create event (not a usable room).
@@ -45,29 +43,17 @@ pub async fn room_facts(
     new: &UserId,
     room: &OwnedRoomId,
 ) -> Result<Option<RoomFacts>, HsError> {
-    let state = hs
-        .send_as(old, get_state_events::v3::Request::new(room.clone()))
-        .await?
-        .room_state;
+    let state = hs.send_as(old, get_state_events::v3::Request::new(room.clone())).await?.room_state;
     let mut create = None;
-    let (
-        mut power_levels,
-        mut join_rules,
-        mut server_acl,
-        mut history_visibility,
-        mut new_membership,
-    ) = (None, None, None, None, None);
+    let (mut power_levels, mut join_rules, mut server_acl, mut history_visibility, mut new_membership) =
+        (None, None, None, None, None);
     for raw in &state {
         let Ok(event) = raw.deserialize() else {
             continue;
         };
         match event {
-            AnyStateEvent::RoomCreate(StateEvent::Original(ev)) => {
-                create = Some((ev.sender, ev.content))
-            }
-            AnyStateEvent::RoomPowerLevels(StateEvent::Original(ev)) => {
-                power_levels = Some(ev.content)
-            }
+            AnyStateEvent::RoomCreate(StateEvent::Original(ev)) => create = Some((ev.sender, ev.content)),
+            AnyStateEvent::RoomPowerLevels(StateEvent::Original(ev)) => power_levels = Some(ev.content),
             AnyStateEvent::RoomJoinRules(StateEvent::Original(ev)) => join_rules = Some(ev.content),
             AnyStateEvent::RoomServerAcl(StateEvent::Original(ev)) => server_acl = Some(ev.content),
             AnyStateEvent::RoomHistoryVisibility(StateEvent::Original(ev)) => {

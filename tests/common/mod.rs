@@ -37,11 +37,9 @@ impl Harness {
     /// `edit` may change the config text before registrations are generated.
     pub async fn start_with(edit: impl FnOnce(String) -> String) -> Harness {
         let tmp = tempfile::tempdir().unwrap();
-        let sandbox = Sandbox::create(tmp.path(), |c| {
-            edit(c.replace("level: info", "level: \"info,handoff=debug\""))
-        })
-        .await
-        .expect("sandbox starts");
+        let sandbox = Sandbox::create(tmp.path(), |c| edit(c.replace("level: info", "level: \"info,handoff=debug\"")))
+            .await
+            .expect("sandbox starts");
         let handoff_url = format!("http://127.0.0.1:{}", sandbox.handoff_port);
         let mut h = Harness {
             sandbox,
@@ -64,11 +62,7 @@ impl Harness {
 
     /// Starts `handoff serve` and waits until `/health` answers 200.
     pub async fn start_handoff(&mut self) {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
+        let log = std::fs::File::options().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(HANDOFF)
             .args(["serve", "-c"])
             .arg(&self.sandbox.config_path)
@@ -89,11 +83,7 @@ impl Harness {
             if let Some(status) = self.handoff.as_mut().unwrap().try_wait().unwrap() {
                 panic!("handoff exited ({status}) at start-up:\n{}", self.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "handoff not healthy in 30 s:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "handoff not healthy in 30 s:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -101,11 +91,7 @@ impl Harness {
     /// Sends `signal` (e.g. "TERM", "KILL") to handoff and waits for it to exit.
     pub fn signal_handoff(&mut self, signal: &str) -> ExitStatus {
         let mut child = self.handoff.take().expect("handoff running");
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
         assert!(ok.success());
         child.wait().unwrap()
     }
@@ -122,18 +108,12 @@ impl Harness {
         for part in key.split('.') {
             v = &v[part];
         }
-        v.as_str()
-            .unwrap_or_else(|| panic!("{key} in config"))
-            .to_owned()
+        v.as_str().unwrap_or_else(|| panic!("{key} in config")).to_owned()
     }
 
     /// Registers a user and returns a client acting with that user's own access token.
     pub async fn user(&self, localpart: &str) -> User {
-        let (user_id, token) = self
-            .synapse()
-            .register_user(localpart, "password", false)
-            .await
-            .unwrap();
+        let (user_id, token) = self.synapse().register_user(localpart, "password", false).await.unwrap();
         User::new(&self.synapse().url, user_id, token).await
     }
 }
@@ -166,12 +146,7 @@ impl User {
             .http_client(reqwest::Client::new())
             .await
             .unwrap();
-        User {
-            id,
-            token,
-            client,
-            txn: Default::default(),
-        }
+        User { id, token, client, txn: Default::default() }
     }
 
     /// Creates a DM (is_direct, trusted private chat) with `other` invited.
@@ -192,26 +167,19 @@ impl User {
     }
 
     pub async fn invite(&self, room: &RoomId, user: &UserId) {
-        let req = invite_user::v3::Request::new(
-            room.to_owned(),
-            invite_user::v3::InviteUserId::new(user.to_owned()).into(),
-        );
+        let req =
+            invite_user::v3::Request::new(room.to_owned(), invite_user::v3::InviteUserId::new(user.to_owned()).into());
         self.client.send_request(req).await.unwrap();
     }
 
     pub async fn join(&self, room: &RoomId) {
-        self.client
-            .send_request(join_room_by_id::v3::Request::new(room.to_owned()))
-            .await
-            .unwrap();
+        self.client.send_request(join_room_by_id::v3::Request::new(room.to_owned())).await.unwrap();
     }
 
     pub async fn send_text(&self, room: &RoomId, body: &str) {
         let n = self.txn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let content = RoomMessageEventContent::text_plain(body);
-        let req =
-            send_message_event::v3::Request::new(room.to_owned(), format!("t{n}").into(), &content)
-                .unwrap();
+        let req = send_message_event::v3::Request::new(room.to_owned(), format!("t{n}").into(), &content).unwrap();
         self.client.send_request(req).await.unwrap();
     }
 
@@ -220,31 +188,25 @@ impl User {
         let mut req = get_message_events::v3::Request::new(room.to_owned(), Direction::Backward);
         req.limit = 200u32.into();
         let resp = self.client.send_request(req).await.unwrap();
-        let mut events: Vec<Value> = resp
-            .chunk
-            .iter()
-            .map(|e: &Raw<AnyTimelineEvent>| e.deserialize_as().unwrap())
-            .collect();
+        let mut events: Vec<Value> =
+            resp.chunk.iter().map(|e: &Raw<AnyTimelineEvent>| e.deserialize_as().unwrap()).collect();
         events.reverse();
         events
     }
 
-    /// The `m.room.message` events `sender` sent into `room`, oldest first.
+    /// The `m.room.message` events `sender` sent into `room`, oldest first, without edits (an edit
+    /// changes a message, as a client shows it; it is not a new one).
     pub async fn messages_from(&self, room: &RoomId, sender: &UserId) -> Vec<Value> {
         self.timeline(room)
             .await
             .into_iter()
             .filter(|e| e["type"] == "m.room.message" && e["sender"] == sender.as_str())
+            .filter(|e| e["content"]["m.relates_to"]["rel_type"] != "m.replace")
             .collect()
     }
 
     /// Waits until `sender` has sent at least `count` messages into `room`; returns them all.
-    pub async fn wait_for_messages(
-        &self,
-        room: &RoomId,
-        sender: &UserId,
-        count: usize,
-    ) -> Vec<Value> {
+    pub async fn wait_for_messages(&self, room: &RoomId, sender: &UserId, count: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let msgs = self.messages_from(room, sender).await;
@@ -262,11 +224,8 @@ impl User {
 
     /// The content of `user`'s membership event in `room`.
     pub async fn membership_of(&self, room: &RoomId, user: &UserId) -> Value {
-        let req = get_state_event_for_key::v3::Request::new(
-            room.to_owned(),
-            StateEventType::RoomMember,
-            user.to_string(),
-        );
+        let req =
+            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomMember, user.to_string());
         let resp = self.client.send_request(req).await.unwrap();
         serde_json::from_str(resp.event_or_content.get()).unwrap()
     }
@@ -290,13 +249,6 @@ where
 
 /// Runs the handoff binary with `args`; returns its exit status and stderr.
 pub fn run_handoff(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
-    let out = Command::new(HANDOFF)
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Command::new(HANDOFF).args(args).current_dir(cwd).output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
 }

@@ -60,10 +60,7 @@ impl Args {
 
     /// Takes the next positional word.
     pub fn positional(&mut self) -> Option<String> {
-        let i = self
-            .words
-            .iter()
-            .position(|w| w.as_deref().is_some_and(|w| !w.starts_with("--")))?;
+        let i = self.words.iter().position(|w| w.as_deref().is_some_and(|w| !w.starts_with("--")))?;
         self.words[i].take()
     }
 

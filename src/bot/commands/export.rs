@@ -22,49 +22,28 @@ pub struct Export {
 }
 
 pub fn parse(mut args: Args) -> Result<Command, CommandError> {
-    let usage = |message: String| CommandError::Usage {
-        command: SPEC.name,
-        usage: SPEC.usage,
-        message,
-    };
+    let usage = |message: String| CommandError::Usage { command: SPEC.name, usage: SPEC.usage, message };
     let to = match args.option("--to").map_err(usage)? {
-        Some(t) => Some(OwnedUserId::try_from(t.as_str()).map_err(|_| {
-            usage(format!(
-                "`--to` takes a full user ID such as @you:example.org, not `{t}`"
-            ))
-        })?),
+        Some(t) => Some(
+            OwnedUserId::try_from(t.as_str())
+                .map_err(|_| usage(format!("`--to` takes a full user ID such as @you:example.org, not `{t}`")))?,
+        ),
         None => None,
     };
-    let only = args
-        .option("--only")
-        .map_err(usage)?
-        .map(|o| o.parse())
-        .transpose()
-        .map_err(usage)?;
+    let only = args.option("--only").map_err(usage)?.map(|o| o.parse()).transpose().map_err(usage)?;
     let exclude = args.options("--exclude").map_err(usage)?;
     for e in &exclude {
         if !e.starts_with('!') && !e.starts_with('#') {
-            return Err(usage(format!(
-                "`--exclude` takes a room ID (!…) or alias (#…), not `{e}`"
-            )));
+            return Err(usage(format!("`--exclude` takes a room ID (!…) or alias (#…), not `{e}`")));
         }
     }
     let history = match args.option("--history").map_err(usage)? {
-        Some(n) => Some(
-            n.parse::<usize>()
-                .map_err(|_| usage(format!("`--history` takes a number, not `{n}`")))?,
-        ),
+        Some(n) => Some(n.parse::<usize>().map_err(|_| usage(format!("`--history` takes a number, not `{n}`")))?),
         None => None,
     };
     let file = args.flag("--file");
     args.finish().map_err(usage)?;
-    Ok(Command::Export(Export {
-        to,
-        only,
-        exclude,
-        history,
-        file,
-    }))
+    Ok(Command::Export(Export { to, only, exclude, history, file }))
 }
 
 #[cfg(test)]
@@ -82,10 +61,7 @@ mod tests {
 
     #[test]
     fn options_parse() {
-        let e = export(
-            "export --to @new:b.org --only dms --exclude !a:b --exclude '#x:b' --history 5 --file",
-        )
-        .unwrap();
+        let e = export("export --to @new:b.org --only dms --exclude !a:b --exclude '#x:b' --history 5 --file").unwrap();
         assert_eq!(e.to.unwrap().as_str(), "@new:b.org");
         assert_eq!(e.only, Some(Only::Dms));
         assert_eq!(e.exclude, vec!["!a:b", "#x:b"]);
@@ -96,30 +72,10 @@ mod tests {
 
     #[test]
     fn bad_options_say_what_is_expected() {
-        assert!(
-            export("export --to bob")
-                .unwrap_err()
-                .contains("full user ID")
-        );
-        assert!(
-            export("export --only cats")
-                .unwrap_err()
-                .contains("favourites, dms or rooms")
-        );
-        assert!(
-            export("export --history lots")
-                .unwrap_err()
-                .contains("takes a number")
-        );
-        assert!(
-            export("export --exclude general")
-                .unwrap_err()
-                .contains("room ID")
-        );
-        assert!(
-            export("export --force")
-                .unwrap_err()
-                .contains("unknown option `--force`")
-        );
+        assert!(export("export --to bob").unwrap_err().contains("full user ID"));
+        assert!(export("export --only cats").unwrap_err().contains("favourites, dms or rooms"));
+        assert!(export("export --history lots").unwrap_err().contains("takes a number"));
+        assert!(export("export --exclude general").unwrap_err().contains("room ID"));
+        assert!(export("export --force").unwrap_err().contains("unknown option `--force`"));
     }
 }

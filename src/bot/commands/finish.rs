@@ -11,11 +11,7 @@ pub const SPEC: Spec = Spec {
 pub fn parse(mut args: Args) -> Result<Command, CommandError> {
     let leave = args.flag("--leave");
     let advertise = args.flag("--advertise");
-    args.finish().map_err(|message| CommandError::Usage {
-        command: SPEC.name,
-        usage: SPEC.usage,
-        message,
-    })?;
+    args.finish().map_err(|message| CommandError::Usage { command: SPEC.name, usage: SPEC.usage, message })?;
     if !leave && !advertise {
         return Err(CommandError::Usage {
             command: SPEC.name,

@@ -3,18 +3,10 @@
 use super::{Args, COMMANDS, Command, CommandError, Spec};
 use crate::bot::escape;
 
-pub const SPEC: Spec = Spec {
-    name: "help",
-    usage: "help",
-    summary: "show the commands and what they do",
-};
+pub const SPEC: Spec = Spec { name: "help", usage: "help", summary: "show the commands and what they do" };
 
 pub fn parse(args: Args) -> Result<Command, CommandError> {
-    args.finish().map_err(|message| CommandError::Usage {
-        command: SPEC.name,
-        usage: SPEC.usage,
-        message,
-    })?;
+    args.finish().map_err(|message| CommandError::Usage { command: SPEC.name, usage: SPEC.usage, message })?;
     Ok(Command::Help)
 }
 
@@ -33,11 +25,7 @@ pub fn text(prefix: &str) -> (String, String) {
     );
     for c in COMMANDS {
         plain.push_str(&format!("• {} — {}\n", c.usage, c.summary));
-        html.push_str(&format!(
-            "<li><code>{}</code> — {}</li>",
-            escape(c.usage),
-            escape(c.summary)
-        ));
+        html.push_str(&format!("<li><code>{}</code> — {}</li>", escape(c.usage), escape(c.summary)));
     }
     html.push_str("</ul>");
     (plain.trim_end().to_owned(), html)

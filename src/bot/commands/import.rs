@@ -22,30 +22,18 @@ pub struct Import {
 }
 
 pub fn parse(mut args: Args) -> Result<Command, CommandError> {
-    let usage = |message: String| CommandError::Usage {
-        command: SPEC.name,
-        usage: SPEC.usage,
-        message,
+    let usage = |message: String| CommandError::Usage { command: SPEC.name, usage: SPEC.usage, message };
+    let only = args.option("--only").map_err(usage)?.map(|o| o.parse()).transpose().map_err(usage)?;
+    let max_rooms = match args.option("--max-rooms").map_err(usage)? {
+        Some(n) => Some(
+            n.parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| usage(format!("`--max-rooms` takes a number above 0, not `{n}`")))?,
+        ),
+        None => None,
     };
-    let only = args
-        .option("--only")
-        .map_err(usage)?
-        .map(|o| o.parse())
-        .transpose()
-        .map_err(usage)?;
-    let max_rooms =
-        match args.option("--max-rooms").map_err(usage)? {
-            Some(n) => Some(n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                usage(format!("`--max-rooms` takes a number above 0, not `{n}`"))
-            })?),
-            None => None,
-        };
-    let profile = args
-        .option("--profile")
-        .map_err(usage)?
-        .map(|p| p.parse())
-        .transpose()
-        .map_err(usage)?;
+    let profile = args.option("--profile").map_err(usage)?.map(|p| p.parse()).transpose().map_err(usage)?;
     let dry_run = args.flag("--dry-run");
     // The code may have been pasted with spaces between its groups: take every remaining word.
     let mut words = Vec::new();
@@ -54,16 +42,8 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
     }
     args.finish().map_err(usage)?;
     if words.is_empty() {
-        return Err(usage(
-            "give the transfer code that `export` showed on the old account".into(),
-        ));
+        return Err(usage("give the transfer code that `export` showed on the old account".into()));
     }
     let code = TransferCode::parse(&words.join("")).map_err(|e| usage(e.to_string()))?;
-    Ok(Command::Import(Import {
-        code,
-        only,
-        max_rooms,
-        profile: profile.unwrap_or_default(),
-        dry_run,
-    }))
+    Ok(Command::Import(Import { code, only, max_rooms, profile: profile.unwrap_or_default(), dry_run }))
 }

@@ -10,11 +10,7 @@ pub const SPEC: Spec = Spec {
 };
 
 pub fn parse(args: Args) -> Result<Command, CommandError> {
-    args.finish().map_err(|message| CommandError::Usage {
-        command: SPEC.name,
-        usage: SPEC.usage,
-        message,
-    })?;
+    args.finish().map_err(|message| CommandError::Usage { command: SPEC.name, usage: SPEC.usage, message })?;
     Ok(Command::Keys)
 }
 

@@ -52,23 +52,14 @@ pub const COMMANDS: &[Spec] = &[
 /// Why a message that was meant as a command can't be run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
-    #[error(
-        "Unknown command `{given}`. Did you mean `{closest}`? Send `help` for the list of commands."
-    )]
-    Unknown {
-        given: String,
-        closest: &'static str,
-    },
+    #[error("Unknown command `{given}`. Did you mean `{closest}`? Send `help` for the list of commands.")]
+    Unknown { given: String, closest: &'static str },
     #[error("Empty command. Send `help` for the list of commands.")]
     Empty,
     #[error("Cannot read the command: {0}. Close your quotes, or escape them with a backslash.")]
     Quoting(String),
     #[error("{command}: {message}. Usage: `{usage}`")]
-    Usage {
-        command: &'static str,
-        usage: &'static str,
-        message: String,
-    },
+    Usage { command: &'static str, usage: &'static str, message: String },
 }
 
 /// Where a message was sent: in the user's DM with the bot commands are bare, elsewhere they need the prefix.
@@ -108,10 +99,7 @@ fn parse_command(text: &str) -> Result<Command, CommandError> {
         "status" => simple::parse(&simple::STATUS, Command::Status, args),
         "cancel" => simple::parse(&simple::CANCEL, Command::Cancel, args),
         "finish" => finish::parse(args),
-        _ => Err(CommandError::Unknown {
-            closest: closest(&name),
-            given: name,
-        }),
+        _ => Err(CommandError::Unknown { closest: closest(&name), given: name }),
     }
 }
 
@@ -130,19 +118,10 @@ mod tests {
 
     #[test]
     fn bare_in_dm_prefixed_elsewhere() {
-        assert_eq!(
-            parse("help", Place::Dm, "!handoff"),
-            Some(Ok(Command::Help))
-        );
-        assert_eq!(
-            parse("  !handoff help ", Place::Dm, "!handoff"),
-            Some(Ok(Command::Help))
-        );
+        assert_eq!(parse("help", Place::Dm, "!handoff"), Some(Ok(Command::Help)));
+        assert_eq!(parse("  !handoff help ", Place::Dm, "!handoff"), Some(Ok(Command::Help)));
         assert_eq!(parse("help", Place::Group, "!handoff"), None);
-        assert_eq!(
-            parse("!handoff HELP", Place::Group, "!handoff"),
-            Some(Ok(Command::Help))
-        );
+        assert_eq!(parse("!handoff HELP", Place::Group, "!handoff"), Some(Ok(Command::Help)));
         assert_eq!(parse("!handoffhelp", Place::Group, "!handoff"), None);
         assert_eq!(parse("hello everyone", Place::Group, "!handoff"), None);
     }
@@ -150,34 +129,19 @@ mod tests {
     #[test]
     fn unknown_command_names_the_closest() {
         let err = parse("hepl", Place::Dm, "!h").unwrap().unwrap_err();
-        assert_eq!(
-            err,
-            CommandError::Unknown {
-                given: "hepl".into(),
-                closest: "help"
-            }
-        );
+        assert_eq!(err, CommandError::Unknown { given: "hepl".into(), closest: "help" });
         assert!(err.to_string().contains("Did you mean `help`?"));
     }
 
     #[test]
     fn empty_and_badly_quoted() {
-        assert_eq!(
-            parse("!h", Place::Group, "!h"),
-            Some(Err(CommandError::Empty))
-        );
-        assert!(matches!(
-            parse("help \"open", Place::Dm, "!h"),
-            Some(Err(CommandError::Quoting(_)))
-        ));
+        assert_eq!(parse("!h", Place::Group, "!h"), Some(Err(CommandError::Empty)));
+        assert!(matches!(parse("help \"open", Place::Dm, "!h"), Some(Err(CommandError::Quoting(_)))));
     }
 
     #[test]
     fn help_takes_no_arguments() {
         let err = parse("help me", Place::Dm, "!h").unwrap().unwrap_err();
-        assert!(
-            err.to_string().contains("unexpected argument `me`"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("unexpected argument `me`"), "{err}");
     }
 }

@@ -1,0 +1,251 @@
+//! Transfers against a real Synapse: codes and consent, crash (SIGKILL) and homeserver outages in
+//! the middle of a transfer, and that nothing is ever done twice.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Harness, User, eventually};
+use ruma::{OwnedRoomId, RoomId, UserId};
+use serde_json::Value;
+
+fn body(event: &Value) -> &str {
+    event["content"]["body"].as_str().unwrap_or("")
+}
+
+/// The code on a line of its own in the bot's export answer.
+fn code_in(text: &str) -> Option<String> {
+    text.lines()
+        .map(str::trim)
+        .find(|l| {
+            l.len() == 34
+                && l.split('-').count() == 7
+                && l.chars().all(|c| c == '-' || c.is_ascii_uppercase() || ('2'..='7').contains(&c))
+        })
+        .map(str::to_owned)
+}
+
+/// Opens a DM with the bot and waits for the greeting.
+async fn dm_with_bot(h: &Harness, user: &User) -> OwnedRoomId {
+    let dm = user.create_dm(&h.bot).await;
+    user.wait_for_messages(&dm, &h.bot, 1).await;
+    dm
+}
+
+/// Sends `command` and waits for a bot message containing `expect`; returns its body.
+async fn ask(h: &Harness, user: &User, dm: &RoomId, command: &str, expect: &str) -> String {
+    let before = user.messages_from(dm, &h.bot).await.len();
+    user.send_text(dm, command).await;
+    eventually(&format!("a reply to `{command}` containing {expect:?}"), || async {
+        let msgs = user.messages_from(dm, &h.bot).await;
+        msgs[before.min(msgs.len())..].iter().map(|m| body(m).to_owned()).find(|b| b.contains(expect))
+    })
+    .await
+}
+
+async fn export(h: &Harness, old: &User, dm: &RoomId, args: &str) -> String {
+    let answer = ask(h, old, dm, &format!("export {args}"), "Your transfer code").await;
+    code_in(&answer).unwrap_or_else(|| panic!("no code in {answer}"))
+}
+
+/// Creates `n` rooms named `room N` as `owner`; returns them in creation order.
+async fn rooms(owner: &User, n: usize) -> Vec<OwnedRoomId> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(owner.create_room(&format!("room {i:02}")).await);
+    }
+    out
+}
+
+/// The membership changes of `user` in `room`, in order ("invite", "join", …). A profile change
+/// (join after join) is not a membership change.
+async fn memberships(reader: &User, room: &RoomId, user: &UserId) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in reader.timeline(room).await {
+        if e["type"] == "m.room.member" && e["state_key"] == user.as_str() {
+            let m = e["content"]["membership"].as_str().unwrap_or("").to_owned();
+            if out.last() != Some(&m) {
+                out.push(m);
+            }
+        }
+    }
+    out
+}
+
+async fn move_notices(reader: &User, room: &RoomId) -> usize {
+    reader.timeline(room).await.iter().filter(|e| !e["content"]["org.handoff.move"].is_null()).count()
+}
+
+/// Asserts each room holds exactly one invite and one join of `new`, and exactly one move notice.
+async fn assert_moved_once(old: &User, new: &User, rooms: &[OwnedRoomId]) {
+    for room in rooms {
+        let m = memberships(old, room, &new.id).await;
+        assert_eq!(m, ["invite", "join"], "{room}: {m:?}");
+        assert_eq!(move_notices(old, room).await, 1, "{room}: move notices");
+    }
+}
+
+#[tokio::test]
+async fn bound_code_moves_rooms_and_cannot_be_used_twice() {
+    let h = Harness::start().await;
+    let (alice, bob, carol) = (h.user("alice").await, h.user("bob").await, h.user("carol").await);
+    let rooms = rooms(&alice, 4).await;
+    let (adm, bdm, cdm) = (dm_with_bot(&h, &alice).await, dm_with_bot(&h, &bob).await, dm_with_bot(&h, &carol).await);
+    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
+
+    // Bound to bob: carol is told there is no such code (nothing reveals that it exists).
+    let refused = ask(&h, &carol, &cdm, &format!("import {code}"), "no such transfer code").await;
+    assert!(!refused.contains("alice"), "{refused}");
+
+    // A dry run shows the plan and changes nothing; the code stays good.
+    let plan = ask(&h, &bob, &bdm, &format!("import {} --dry-run", code.to_lowercase()), "Dry run").await;
+    assert!(plan.contains("4 to join"), "{plan}");
+    assert!(memberships(&alice, &rooms[0], &bob.id).await.is_empty(), "dry run changed nothing");
+
+    let report = ask(&h, &bob, &bdm, &format!("import {code}"), "rooms moved to @bob:localhost").await;
+    assert!(report.starts_with("4 of 4 rooms moved"), "{report}");
+    assert_moved_once(&alice, &bob, &rooms).await;
+    let notice =
+        alice.timeline(&rooms[0]).await.into_iter().find(|e| !e["content"]["org.handoff.move"].is_null()).unwrap();
+    assert_eq!(notice["sender"], "@alice:localhost");
+    assert_eq!(notice["content"]["msgtype"], "m.notice");
+    assert_eq!(notice["content"]["org.handoff.move"]["from"], "@alice:localhost");
+    assert_eq!(notice["content"]["org.handoff.move"]["to"], "@bob:localhost");
+    assert_eq!(notice["content"]["org.handoff.move"]["profile"], "desktop");
+
+    // The same code a second time: refused.
+    let again = ask(&h, &bob, &bdm, &format!("import {code}"), "already used").await;
+    assert!(again.contains("export"), "{again}");
+    // `status` on either side tells the outcome.
+    let status = ask(&h, &alice, &adm, "status", "Transfer").await;
+    assert!(status.contains("done") && status.contains("4 moved"), "{status}");
+}
+
+#[tokio::test]
+async fn unbound_code_waits_for_approval_and_deny_changes_nothing() {
+    let h = Harness::start().await;
+    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+    let rooms = rooms(&alice, 2).await;
+    let (adm, bdm) = (dm_with_bot(&h, &alice).await, dm_with_bot(&h, &bob).await);
+
+    let code = export(&h, &alice, &adm, "").await;
+    ask(&h, &bob, &bdm, &format!("import {code} --profile mobile"), "has been asked to approve").await;
+    let prompt = eventually("the approval prompt", || async {
+        alice
+            .messages_from(&adm, &h.bot)
+            .await
+            .into_iter()
+            .map(|m| body(&m).to_owned())
+            .find(|b| b.contains("wants to import"))
+    })
+    .await;
+    assert!(prompt.contains("@bob:localhost") && prompt.contains("mobile"), "{prompt}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(memberships(&alice, &rooms[0], &bob.id).await.is_empty(), "nothing before approval");
+    ask(&h, &alice, &adm, "deny", "Refused").await;
+    eventually("bob to hear of the refusal", || async {
+        bob.messages_from(&bdm, &h.bot).await.iter().any(|m| body(m).contains("refused the import")).then_some(())
+    })
+    .await;
+    assert!(memberships(&alice, &rooms[0], &bob.id).await.is_empty());
+
+    // A fresh code, approved this time: the mobile profile gets the compact digest.
+    let code = export(&h, &alice, &adm, "").await;
+    ask(&h, &bob, &bdm, &format!("import {code} --profile mobile"), "asked to approve").await;
+    eventually("the second prompt", || async {
+        (alice.messages_from(&adm, &h.bot).await.iter().filter(|m| body(m).contains("wants to import")).count() == 2)
+            .then_some(())
+    })
+    .await;
+    ask(&h, &alice, &adm, "approve", "Approved").await;
+    let digest = eventually("the report", || async {
+        bob.messages_from(&bdm, &h.bot).await.into_iter().find(|m| body(m).starts_with("2 of 2 rooms moved"))
+    })
+    .await;
+    assert!(digest["content"]["formatted_body"].is_null(), "mobile gets plain text: {digest}");
+    assert_moved_once(&alice, &bob, &rooms).await;
+}
+
+#[tokio::test]
+async fn wrong_codes_are_rate_limited_and_malformed_ones_explained() {
+    let h = Harness::start().await;
+    let bob = h.user("bob").await;
+    let bdm = dm_with_bot(&h, &bob).await;
+    let malformed = ask(&h, &bob, &bdm, "import ABCD-EFGH", "has 28 letters").await;
+    assert!(malformed.contains("Usage"), "{malformed}");
+    for _ in 0..5 {
+        ask(&h, &bob, &bdm, "import AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA", "no such transfer code").await;
+    }
+    ask(&h, &bob, &bdm, "import AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAB", "Too many wrong codes").await;
+}
+
+/// Waits until `new` has joined at least `n` of `rooms`.
+async fn joined_at_least(old: &User, new: &User, rooms: &[OwnedRoomId], n: usize) {
+    eventually(&format!("{n} rooms joined"), || async {
+        let mut joined = 0;
+        for r in rooms {
+            if memberships(old, r, &new.id).await.last().map(String::as_str) == Some("join") {
+                joined += 1;
+            }
+        }
+        (joined >= n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
+    // One room at a time, so the kills land mid-transfer.
+    let mut h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
+    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+    let rooms = rooms(&alice, 24).await;
+    let (adm, bdm) = (dm_with_bot(&h, &alice).await, dm_with_bot(&h, &bob).await);
+    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
+    bob.send_text(&bdm, &format!("import {code}")).await;
+
+    for at in [3, 10] {
+        joined_at_least(&alice, &bob, &rooms, at).await;
+        let status = h.signal_handoff("KILL");
+        assert!(!status.success());
+        h.start_handoff().await;
+    }
+    let report = eventually("the report after restarts", || async {
+        bob.messages_from(&bdm, &h.bot)
+            .await
+            .into_iter()
+            .map(|m| body(&m).to_owned())
+            .find(|b| b.contains("rooms moved to"))
+    })
+    .await;
+    assert!(report.starts_with("24 of 24 rooms moved"), "{report}");
+    assert!(h.log().contains("resuming transfer"));
+    assert_moved_once(&alice, &bob, &rooms).await;
+    let reports = bob.messages_from(&bdm, &h.bot).await.iter().filter(|m| body(m).contains("rooms moved to")).count();
+    assert_eq!(reports, 1, "one report");
+}
+
+#[tokio::test]
+async fn homeserver_outage_mid_transfer_is_waited_out() {
+    let mut h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
+    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+    let rooms = rooms(&alice, 16).await;
+    let (adm, bdm) = (dm_with_bot(&h, &alice).await, dm_with_bot(&h, &bob).await);
+    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
+    bob.send_text(&bdm, &format!("import {code}")).await;
+    joined_at_least(&alice, &bob, &rooms, 4).await;
+
+    h.sandbox.synapse.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    h.sandbox.synapse.restart().await.unwrap();
+
+    let report = eventually("the report after the outage", || async {
+        bob.messages_from(&bdm, &h.bot)
+            .await
+            .into_iter()
+            .map(|m| body(&m).to_owned())
+            .find(|b| b.contains("rooms moved to"))
+    })
+    .await;
+    assert!(report.starts_with("16 of 16 rooms moved"), "{report}");
+    assert_moved_once(&alice, &bob, &rooms).await;
+}
