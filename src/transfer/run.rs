@@ -233,7 +233,12 @@ impl Engine {
         // 1. Reserve: the old account invites the new one (checked against the room first).
         if stage < 1 {
             self.started(t, rid, "invite").await?;
-            let membership = self.membership(&t.old, rid, &t.new).await?;
+            // Fresh rooms were read when planning; a resumed step re-checks the room first.
+            let membership = match (&from, room.action) {
+                (RoomStep::Started(_), _) => self.membership(&t.old, rid, &t.new).await?,
+                (_, PlanAction::AlreadyJoined) => Some(MembershipState::Join),
+                _ => None,
+            };
             match membership {
                 Some(MembershipState::Join) | Some(MembershipState::Invite) => {}
                 Some(MembershipState::Ban) => {
@@ -257,7 +262,8 @@ impl Engine {
         // 2. Join: a local new account is joined by the service; a remote one accepts from its client.
         if stage < 2 && local_new {
             self.started(t, rid, "join").await?;
-            if self.membership(&t.old, rid, &t.new).await? != Some(MembershipState::Join) {
+            let resumed = matches!(from, RoomStep::Started(_));
+            if !resumed || self.membership(&t.old, rid, &t.new).await? != Some(MembershipState::Join) {
                 let mut req = join_room_by_id_or_alias::v3::Request::new(OwnedRoomOrAliasId::from(rid.clone()));
                 req.via = room.via.clone();
                 if let Err(e) = self.acting.send_as(&t.new, req).await {
@@ -289,7 +295,7 @@ impl Engine {
         // 5. Notify: one notice per room, never two.
         if stage < 5 {
             self.started(t, rid, "notify").await?;
-            self.notify(t, rid, local_new).await?;
+            self.notify(t, rid, local_new, matches!(from, RoomStep::Started(_))).await?;
             self.finished(t, rid, RoomStep::Notified).await?;
         }
         Ok(if local_new { RoomStep::Done } else { RoomStep::AwaitingAccept })
@@ -330,14 +336,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Posts the move notice, unless one of this transfer is already in the room.
-    async fn notify(&self, t: &Transfer, room: &RoomId, local_new: bool) -> Result<(), RunError> {
+    /// Posts the move notice. A resumed step first looks for one of this transfer in the room.
+    async fn notify(&self, t: &Transfer, room: &RoomId, local_new: bool, resumed: bool) -> Result<(), RunError> {
         let sender = match self.config.handoff.notify.sender {
             NotifySender::New if local_new => t.new.clone(),
             // The bot is not in the users' rooms, and a remote new account can't be acted for.
             _ => t.old.clone(),
         };
-        if self.notice_exists(&sender, room, t.id).await? {
+        if resumed && self.notice_exists(&sender, room, t.id).await? {
             return Ok(());
         }
         let text =
