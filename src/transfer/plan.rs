@@ -249,10 +249,7 @@ fn dependencies_first<'a>(rooms: Vec<&'a RoomEntry>, world: &World) -> Vec<&'a R
             placed.insert(&room.room_id);
             out.push(room);
             // Anything waiting on what was just placed may go now.
-            loop {
-                let Some(i) = waiting.iter().position(|w| ready(w, &placed)) else {
-                    break;
-                };
+            while let Some(i) = waiting.iter().position(|w| ready(w, &placed)) {
                 let w = waiting.remove(i);
                 placed.insert(&w.room_id);
                 out.push(w);

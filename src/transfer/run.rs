@@ -18,7 +18,7 @@ use ruma::api::client::state::{get_state_event_for_key, send_state_event};
 use ruma::api::client::tag::create_tag;
 use ruma::api::error::ErrorKind;
 use ruma::events::direct::DirectEventContent;
-use ruma::events::ignored_user_list::{IgnoredUser, IgnoredUserListEventContent};
+use ruma::events::ignored_user_list::IgnoredUserListEventContent;
 use ruma::events::room::MediaSource;
 use ruma::events::room::member::MembershipState;
 use ruma::events::room::message::{
@@ -504,7 +504,7 @@ impl Engine {
             .unwrap_or_else(|| IgnoredUserListEventContent::new(Default::default()));
         let before = current.ignored_users.len();
         for user in &bundle.preferences.ignored_users {
-            current.ignored_users.entry(user.clone()).or_insert_with(IgnoredUser::new);
+            current.ignored_users.entry(user.clone()).or_default();
         }
         let added = current.ignored_users.len() - before;
         if added > 0 {
@@ -740,7 +740,7 @@ fn stage_of(step: &RoomStep) -> u8 {
 
 fn progress_bar(done: usize, total: usize) -> String {
     let width = 20;
-    let filled = if total == 0 { width } else { done * width / total };
+    let filled = (done * width).checked_div(total).unwrap_or(width);
     format!("[{}{}] {done}/{total}", "█".repeat(filled), "░".repeat(width - filled))
 }
 

@@ -88,6 +88,11 @@ impl Harness {
         }
     }
 
+    /// The process ID of the running `handoff serve`.
+    pub fn handoff_pid(&self) -> u32 {
+        self.handoff.as_ref().expect("handoff running").id()
+    }
+
     /// Sends `signal` (e.g. "TERM", "KILL") to handoff and waits for it to exit.
     pub fn signal_handoff(&mut self, signal: &str) -> ExitStatus {
         let mut child = self.handoff.take().expect("handoff running");
@@ -156,6 +161,18 @@ impl User {
         req.is_direct = true;
         req.preset = Some(create_room::v3::RoomPreset::TrustedPrivateChat);
         self.client.send_request(req).await.unwrap().room_id
+    }
+
+    /// Sends any request with this user's token.
+    pub async fn send<R>(&self, request: R) -> R::IncomingResponse
+    where
+        R: ruma::api::OutgoingRequest<EndpointError = ruma::api::error::Error> + Clone + std::fmt::Debug,
+        for<'a> R::Authentication:
+            ruma::api::auth_scheme::AuthScheme<Input<'a> = ruma::api::auth_scheme::SendAccessToken<'a>>,
+        R::PathBuilder: ruma_client::SupportedPathBuilder,
+    {
+        let debug = format!("{request:?}");
+        self.client.send_request(request).await.unwrap_or_else(|e| panic!("{debug}: {e}"))
     }
 
     /// Creates a private group room named `name`.

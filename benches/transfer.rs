@@ -1,0 +1,194 @@
+//! Benchmarks against a real Synapse on loopback, each figure next to a baseline from the same run:
+//!
+//! - capture: `export` of an account with N rooms, against the minimum requests a capture needs
+//!   (joined rooms, one account-data sync, each room's state) sent directly at the best concurrency;
+//! - transfer: `import` of N rooms at the default concurrency and at concurrency 1 (one room at a
+//!   time, as today's migration tools do), against the homeserver's ceiling: the same invites and
+//!   joins sent directly at the best concurrency; plus the service's own CPU time per room moved
+//!   and its peak memory.
+//!
+//! Run: `cargo bench --bench transfer` (N = 500; `HANDOFF_BENCH_ROOMS=100` for a quicker run).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Harness, User};
+use futures_util::stream::{self, StreamExt};
+use ruma::api::client::filter::{FilterDefinition, RoomEventFilter, RoomFilter};
+use ruma::api::client::membership::{invite_user, join_room_by_id, joined_rooms};
+use ruma::api::client::room::create_room;
+use ruma::api::client::state::get_state_events;
+use ruma::api::client::sync::sync_events;
+use ruma::{OwnedRoomId, RoomId};
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(run());
+}
+
+fn rooms_n() -> usize {
+    std::env::var("HANDOFF_BENCH_ROOMS").ok().and_then(|v| v.parse().ok()).unwrap_or(500)
+}
+
+/// Waits (up to 15 minutes) for a bot message in `dm` containing `text`, after `before` messages.
+async fn wait_reply(h: &Harness, user: &User, dm: &RoomId, before: usize, text: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let msgs = user.messages_from(dm, &h.bot).await;
+        if let Some(m) =
+            msgs.iter().skip(before).find(|m| m["content"]["body"].as_str().is_some_and(|b| b.contains(text)))
+        {
+            return m["content"]["body"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no reply containing {text:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends a command and times it until the bot's reply containing `text`.
+async fn timed_command(h: &Harness, user: &User, dm: &RoomId, command: &str, text: &str) -> (Duration, String) {
+    let before = user.messages_from(dm, &h.bot).await.len();
+    let start = Instant::now();
+    user.send_text(dm, command).await;
+    let reply = wait_reply(h, user, dm, before, text).await;
+    (start.elapsed(), reply)
+}
+
+fn code_in(text: &str) -> String {
+    text.lines().map(str::trim).find(|l| l.len() == 34 && l.split('-').count() == 7).expect("a code").to_owned()
+}
+
+/// utime + stime of a process, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10) // CLK_TCK is 100 on Linux
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 =
+        status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb / 1024.0
+}
+
+async fn create_rooms(owner: &User, n: usize) -> Vec<OwnedRoomId> {
+    stream::iter(0..n)
+        .map(|i| async move {
+            let mut req = create_room::v3::Request::new();
+            req.name = Some(format!("bench room {i:03}"));
+            owner.send(req).await.room_id
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await
+}
+
+/// The minimum requests of a capture, sent directly: joined rooms, one account-data sync, each room's state.
+async fn direct_capture(owner: &User, concurrency: usize) -> Duration {
+    let start = Instant::now();
+    let rooms = owner.send(joined_rooms::v3::Request::new()).await.joined_rooms;
+    let mut filter = FilterDefinition::ignore_all();
+    filter.account_data = Default::default();
+    filter.room = RoomFilter::ignore_all();
+    filter.room.rooms = None;
+    filter.room.account_data = RoomEventFilter::empty();
+    let mut sync = sync_events::v3::Request::new();
+    sync.filter = Some(sync_events::v3::Filter::FilterDefinition(filter));
+    owner.send(sync).await;
+    stream::iter(rooms)
+        .map(|r| owner.send(get_state_events::v3::Request::new(r)))
+        .buffer_unordered(concurrency)
+        .count()
+        .await;
+    start.elapsed()
+}
+
+/// The homeserver's ceiling: invite + join for every room, sent directly with `concurrency` in flight.
+async fn direct_moves(old: &User, new: &User, rooms: &[OwnedRoomId], concurrency: usize) -> Duration {
+    let start = Instant::now();
+    stream::iter(rooms)
+        .map(|r| async move {
+            old.send(invite_user::v3::Request::new(
+                r.clone(),
+                invite_user::v3::InviteUserId::new(new.id.clone()).into(),
+            ))
+            .await;
+            new.send(join_room_by_id::v3::Request::new(r.clone())).await;
+        })
+        .buffer_unordered(concurrency)
+        .count()
+        .await;
+    start.elapsed()
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+async fn run() {
+    let n = rooms_n();
+    println!("handoff benchmark: {n} rooms, Synapse {} on loopback", handoff::sandbox::SYNAPSE_VERSION);
+    let mut h = Harness::start_with(|c| c.replace("level: \"info,handoff=debug\"", "level: warn")).await;
+    let alice = h.user("alice").await;
+    let targets = [h.user("ceiling4").await, h.user("ceiling16").await, h.user("bob").await, h.user("carol").await];
+    let t = Instant::now();
+    let rooms = create_rooms(&alice, n).await;
+    println!("setup: created {n} rooms in {:.1} s", t.elapsed().as_secs_f64());
+    let adm = alice.create_dm(&h.bot).await;
+    alice.wait_for_messages(&adm, &h.bot, 1).await;
+
+    // Capture.
+    let direct = {
+        let c4 = direct_capture(&alice, 4).await;
+        let c16 = direct_capture(&alice, 16).await;
+        c4.min(c16)
+    };
+    let (capture, _) = timed_command(&h, &alice, &adm, "export", "Your transfer code").await;
+    println!("\ncapture ({n} rooms)");
+    println!("  minimum requests, direct:  {:>7.2} s", direct.as_secs_f64());
+    println!("  handoff export (end to end, incl. storing and answering): {:>7.2} s", capture.as_secs_f64());
+    println!("  ratio export / direct:     {:>7.2}", capture.as_secs_f64() / direct.as_secs_f64());
+
+    // The homeserver's ceiling for invite + join.
+    let c4 = direct_moves(&alice, &targets[0], &rooms, 4).await;
+    let c16 = direct_moves(&alice, &targets[1], &rooms, 16).await;
+    let ceiling = rate(n, c4).max(rate(n, c16));
+    println!("\ntransfer ({n} rooms)");
+    println!("  ceiling, direct invite+join: {:.1} rooms/s at 4 in flight, {:.1} at 16", rate(n, c4), rate(n, c16));
+
+    // The engine at its default concurrency, then at 1.
+    let mut results = Vec::new();
+    for (target, concurrency) in [(&targets[2], None), (&targets[3], Some(1))] {
+        if let Some(c) = concurrency {
+            h.signal_handoff("TERM");
+            let config = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
+            std::fs::write(&h.sandbox.config_path, config.replace("concurrency: 4", &format!("concurrency: {c}")))
+                .unwrap();
+            h.start_handoff().await;
+        }
+        let code = code_in(
+            &timed_command(&h, &alice, &adm, &format!("export --to {}", target.id), "Your transfer code").await.1,
+        );
+        let tdm = target.create_dm(&h.bot).await;
+        target.wait_for_messages(&tdm, &h.bot, 1).await;
+        let pid = h.handoff_pid();
+        let cpu_before = cpu_time(pid);
+        let (took, report) = timed_command(&h, target, &tdm, &format!("import {code}"), "rooms moved to").await;
+        let cpu = cpu_time(pid) - cpu_before;
+        assert!(report.starts_with(&format!("{n} of {n} rooms moved")), "{report}");
+        results.push((concurrency.unwrap_or(4), rate(n, took), cpu, peak_rss_mib(pid)));
+    }
+    for (c, r, cpu, rss) in &results {
+        println!(
+            "  handoff at concurrency {c}: {r:.1} rooms/s = {:.2} of the ceiling; service CPU {:.1} ms per room; peak RSS {rss:.0} MiB",
+            r / ceiling,
+            cpu.as_secs_f64() * 1000.0 / n as f64
+        );
+    }
+    println!("  default / one-at-a-time:   {:.2}x", results[0].1 / results[1].1);
+}
