@@ -194,9 +194,12 @@ impl User {
     }
 
     pub async fn send_text(&self, room: &RoomId, body: &str) {
+        self.send_content(room, &RoomMessageEventContent::text_plain(body)).await;
+    }
+
+    pub async fn send_content(&self, room: &RoomId, content: &RoomMessageEventContent) {
         let n = self.txn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let content = RoomMessageEventContent::text_plain(body);
-        let req = send_message_event::v3::Request::new(room.to_owned(), format!("t{n}").into(), &content).unwrap();
+        let req = send_message_event::v3::Request::new(room.to_owned(), format!("t{n}").into(), content).unwrap();
         self.client.send_request(req).await.unwrap();
     }
 

@@ -1,0 +1,206 @@
+//! Bundles against a real Synapse: export through the bot, the bundle file and `handoff inspect`,
+//! key-export files, `--only`/`--exclude`, `forget`, and what is left in the store.
+
+mod common;
+
+use common::{Harness, User, eventually, run_handoff};
+use handoff::bundle::{Bundle, RoomKind};
+use ruma::api::client::authenticated_media::get_content;
+use ruma::api::client::media::create_content;
+use ruma::events::room::MediaSource;
+use ruma::events::room::message::{FileMessageEventContent, MessageType, RoomMessageEventContent};
+use ruma::events::tag::TagInfo;
+use ruma::{OwnedMxcUri, OwnedRoomId, RoomId};
+use serde_json::Value;
+
+fn body(event: &Value) -> &str {
+    event["content"]["body"].as_str().unwrap_or("")
+}
+
+fn code_in(text: &str) -> Option<String> {
+    text.lines().map(str::trim).find(|l| l.len() == 34 && l.split('-').count() == 7).map(str::to_owned)
+}
+
+async fn dm_with_bot(h: &Harness, user: &User) -> OwnedRoomId {
+    let dm = user.create_dm(&h.bot).await;
+    user.wait_for_messages(&dm, &h.bot, 1).await;
+    dm
+}
+
+/// Sends `command`; waits for a new bot message containing `expect`; returns it.
+async fn ask(h: &Harness, user: &User, dm: &RoomId, command: &str, expect: &str) -> Value {
+    let before = user.messages_from(dm, &h.bot).await.len();
+    user.send_text(dm, command).await;
+    eventually(&format!("a reply to `{command}` containing {expect:?}"), || async {
+        let msgs = user.messages_from(dm, &h.bot).await;
+        msgs.into_iter().skip(before).find(|m| body(m).contains(expect))
+    })
+    .await
+}
+
+/// `export --file ARGS`: returns the code and the bundle file's bytes, downloaded as the user.
+async fn export_file(h: &Harness, user: &User, dm: &RoomId, args: &str) -> (String, Vec<u8>) {
+    let before = user.messages_from(dm, &h.bot).await.len();
+    let answer = ask(h, user, dm, &format!("export --file {args}"), "Your transfer code").await;
+    let code = code_in(body(&answer)).expect("a code on a line of its own");
+    let file = eventually("the bundle file", || async {
+        user.messages_from(dm, &h.bot).await.into_iter().skip(before).find(|m| m["content"]["msgtype"] == "m.file")
+    })
+    .await;
+    let uri = OwnedMxcUri::from(file["content"]["url"].as_str().unwrap());
+    let bytes = user.send(get_content::v1::Request::from_uri(&uri).unwrap()).await.file;
+    (code, bytes)
+}
+
+fn open(bytes: &[u8], code: &str) -> Bundle {
+    handoff::bundle::file::open(bytes, code).expect("the file opens with the code")
+}
+
+async fn tagged_room(user: &User, name: &str, tag: &str, order: Option<f64>) -> OwnedRoomId {
+    let room = user.create_room(name).await;
+    let mut info = TagInfo::new();
+    info.order = order;
+    let req = ruma::api::client::tag::create_tag::v3::Request::new(user.id.clone(), room.clone(), tag.into(), info);
+    user.send(req).await;
+    room
+}
+
+#[tokio::test]
+async fn export_file_inspect_only_exclude_keys_and_forget() {
+    let mut h = Harness::start().await;
+    let alice = h.user("alice").await;
+    let fav = tagged_room(&alice, "Fav", "m.favourite", Some(0.3)).await;
+    let low = tagged_room(&alice, "Low", "m.lowpriority", None).await;
+    let plain = alice.create_room("Plain").await;
+    let peer = h.user("peer").await;
+    let dm_room = alice.create_dm(&peer.id).await;
+    peer.join(&dm_room).await;
+    let direct = serde_json::json!({ "@peer:localhost": [dm_room] });
+    let raw = ruma::serde::Raw::from_json(serde_json::value::to_raw_value(&direct).unwrap());
+    alice
+        .send(ruma::api::client::config::set_global_account_data::v3::Request::new_raw(
+            alice.id.clone(),
+            "m.direct".into(),
+            raw,
+        ))
+        .await;
+    let dm = dm_with_bot(&h, &alice).await;
+
+    // The whole account, as a file that opens with the code; the bot's own DM is not part of it.
+    let (code, file) = export_file(&h, &alice, &dm, "").await;
+    let bundle = open(&file, &code);
+    let ids: Vec<_> = bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
+    for room in [&fav, &low, &plain, &dm_room] {
+        assert!(ids.contains(room), "{room} missing from {ids:?}");
+    }
+    assert!(!ids.contains(&dm), "the DM with the bot is not exported");
+    let entry = |id: &OwnedRoomId| bundle.rooms.iter().find(|r| &r.room_id == id).unwrap().clone();
+    assert_eq!(entry(&fav).priority, handoff::bundle::Priority::High);
+    assert_eq!(entry(&fav).tags.get(&ruma::events::tag::TagName::Favorite).unwrap().order, Some(0.3));
+    assert_eq!(entry(&low).priority, handoff::bundle::Priority::Low);
+    assert_eq!(entry(&dm_room).kind, RoomKind::Dm);
+    assert_eq!(entry(&dm_room).dm_peer.as_deref(), Some(peer.id.as_ref()));
+    assert_eq!(entry(&plain).via, vec![ruma::OwnedServerName::try_from("localhost").unwrap()]);
+    assert_eq!(bundle.contacts.len(), 1);
+    assert_eq!(bundle.contacts[0].dm_rooms, vec![dm_room.clone()]);
+    assert_eq!(bundle.source.user_id, alice.id);
+    assert_eq!(bundle.source.homeserver_url, h.synapse().url);
+
+    // `handoff inspect` with the code (typed in lower case), then a wrong code and a tampered file.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bundle.age");
+    std::fs::write(&path, &file).unwrap();
+    let pass = dir.path().join("code.txt");
+    std::fs::write(&pass, code.to_lowercase()).unwrap();
+    let out = std::process::Command::new(common::HANDOFF)
+        .args(["inspect", path.to_str().unwrap(), "--passphrase-file", pass.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("Bundle of @alice:localhost"), "{stdout}");
+    assert!(stdout.contains(&format!("Rooms: {}", bundle.rooms.len())), "{stdout}");
+    let json = std::process::Command::new(common::HANDOFF)
+        .args(["inspect", path.to_str().unwrap(), "--passphrase-file", pass.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let parsed: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(parsed["version"], 1);
+    std::fs::write(&pass, "AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA").unwrap();
+    let (status, err) =
+        run_handoff(&["inspect", path.to_str().unwrap(), "--passphrase-file", pass.to_str().unwrap()], dir.path());
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("wrong code or passphrase"), "{err}");
+    std::fs::write(&pass, &code).unwrap();
+    let mut tampered = file.clone();
+    let at = tampered.len() - 30;
+    tampered[at] ^= 0x55;
+    std::fs::write(&path, &tampered).unwrap();
+    let (status, err) =
+        run_handoff(&["inspect", path.to_str().unwrap(), "--passphrase-file", pass.to_str().unwrap()], dir.path());
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("damaged"), "{err}");
+    std::fs::write(&path, &file[..file.len() / 2]).unwrap();
+    let (_, err) =
+        run_handoff(&["inspect", path.to_str().unwrap(), "--passphrase-file", pass.to_str().unwrap()], dir.path());
+    assert!(err.contains("damaged or cut short"), "{err}");
+
+    // --only and --exclude select.
+    let (code, file) = export_file(&h, &alice, &dm, "--only favourites").await;
+    let only_fav: Vec<_> = open(&file, &code).rooms.into_iter().map(|r| r.room_id).collect();
+    assert_eq!(only_fav, vec![fav.clone()]);
+    let (code, file) = export_file(&h, &alice, &dm, "--only dms").await;
+    let only_dms = open(&file, &code);
+    assert_eq!(only_dms.rooms.iter().map(|r| &r.room_id).collect::<Vec<_>>(), vec![&dm_room]);
+    let (code, file) = export_file(&h, &alice, &dm, &format!("--only rooms --exclude {plain}")).await;
+    let rooms: Vec<_> = open(&file, &code).rooms.into_iter().map(|r| r.room_id).collect();
+    assert!(rooms.contains(&fav) && rooms.contains(&low));
+    assert!(!rooms.contains(&plain) && !rooms.contains(&dm_room), "{rooms:?}");
+
+    // A key export is attached to the latest bundle; a file that isn't one is refused, saying why.
+    let element_vector = "-----BEGIN MEGOLM SESSION DATA-----\nAXNhbHRzYWx0c2FsdHNhbHSIiIiIiIiIiIiIiIiIiIiIAAAACmIRUW2OjZ3L2l6j9h0lHlV3M2dx\ncissyYBxjsfsAndErh065A8=\n-----END MEGOLM SESSION DATA-----\n";
+    let reply = send_file(&h, &alice, &dm, "notes.txt", b"just some notes", "Nothing was attached").await;
+    assert!(body(&reply).contains("header"), "{reply}");
+    let reply = send_file(&h, &alice, &dm, "element-keys.txt", element_vector.as_bytes(), "Attached").await;
+    assert!(body(&reply).contains("10 PBKDF2 rounds"), "{reply}");
+    let shown = ask(&h, &alice, &dm, "keys", "key export").await;
+    assert!(body(&shown).contains("carries a key export"), "{shown}");
+
+    // Everything is sealed at rest; `forget` leaves nothing about alice behind.
+    h.signal_handoff("TERM");
+    let db = h.sandbox.dir.join("handoff.db");
+    {
+        let store = handoff::store::Store::open(&db).unwrap();
+        let raw = store.raw_bundle_bytes();
+        for needle in ["Fav", "Plain", "@peer:localhost", fav.as_str()] {
+            assert!(!raw.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} readable at rest");
+        }
+        let latest = store.latest_bundle(&alice.id).unwrap().unwrap().1;
+        assert_eq!(latest.bundle.room_keys.unwrap().armored, element_vector);
+        assert_eq!(store.bundle_count(&alice.id), 4);
+        assert_eq!(store.codes_of(&alice.id).unwrap().len(), 4);
+    }
+    h.start_handoff().await;
+    let forgot = ask(&h, &alice, &dm, "forget", "Deleted").await;
+    assert!(body(&forgot).contains("Deleted 4 bundle(s), 4 transfer code(s)"), "{forgot}");
+    h.signal_handoff("TERM");
+    let store = handoff::store::Store::open(&db).unwrap();
+    assert_eq!(store.bundle_count(&alice.id), 0);
+    assert!(store.codes_of(&alice.id).unwrap().is_empty());
+    assert!(store.raw_bundle_bytes().is_empty());
+}
+
+/// Uploads `bytes` as `user` and sends it as a file message; waits for the bot's reply containing `expect`.
+async fn send_file(h: &Harness, user: &User, dm: &RoomId, name: &str, bytes: &[u8], expect: &str) -> Value {
+    let before = user.messages_from(dm, &h.bot).await.len();
+    let uri = user.send(create_content::v3::Request::new(bytes.to_vec())).await.content_uri;
+    let content = RoomMessageEventContent::new(MessageType::File(FileMessageEventContent::new(
+        name.into(),
+        MediaSource::Plain(uri),
+    )));
+    user.send_content(dm, &content).await;
+    eventually(&format!("a reply to {name}"), || async {
+        user.messages_from(dm, &h.bot).await.into_iter().skip(before).find(|m| body(m).contains(expect))
+    })
+    .await
+}
