@@ -54,6 +54,7 @@ pub async fn run(config: Config) -> Result<()> {
     let engine = Engine::new(config.clone(), hs.clone(), acting.clone(), store.clone());
     let bot = Arc::new(Bot::new(config.clone(), hs.clone(), acting, store.clone(), engine.clone()));
     spawn_purge(store.clone(), config.handoff.bundle_retention);
+    bot.watch_auto_starts();
     let state = AppState {
         hs_token: config.appservice.hs_token.clone(),
         bot,

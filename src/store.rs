@@ -8,6 +8,7 @@
 //! - `transfers`: transfer ID (u64, big-endian) -> [`Transfer`], sealed (it holds room names).
 //! - `journal`: transfer ID ++ room ID -> [`RoomStep`]: each room's progress, written before and
 //!   after every step.
+//! - `auto`: new account -> [`AutoStart`]: transfers that start when that account becomes active.
 //! - `meta`: schema version.
 //!
 //! The store key (32 random bytes) is generated on first open and kept beside the database in
@@ -15,6 +16,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
@@ -53,6 +56,8 @@ pub struct Store {
     codes: sled::Tree,
     transfers: sled::Tree,
     journal: sled::Tree,
+    auto: sled::Tree,
+    commit: Arc<GroupCommit>,
     cipher: XChaCha20Poly1305,
     key_path: PathBuf,
 }
@@ -92,6 +97,16 @@ pub enum RedeemError {
     Used,
 }
 
+/// `export --to NEW --auto`: the transfer starts when NEW first becomes active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoStart {
+    pub old: OwnedUserId,
+    pub new: OwnedUserId,
+    /// The hash of the (bound) code that the start redeems.
+    pub code_hash: [u8; 32],
+    pub expires_at_ms: u64,
+}
+
 /// What `forget` removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Forgotten {
@@ -128,6 +143,8 @@ impl Store {
             codes: db.open_tree("codes")?,
             transfers: db.open_tree("transfers")?,
             journal: db.open_tree("journal")?,
+            auto: db.open_tree("auto")?,
+            commit: Arc::new(GroupCommit::default()),
             db,
             cipher,
             key_path,
@@ -142,7 +159,7 @@ impl Store {
     /// Records a handled transaction and makes it durable before returning.
     pub async fn record_txn(&self, txn_id: &str) -> Result<(), StoreError> {
         self.txns.insert(txn_id, &now_ms().to_be_bytes())?;
-        self.db.flush_async().await?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -189,7 +206,7 @@ impl Store {
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        self.durable().await?;
         Ok(())
     }
 }
@@ -224,7 +241,7 @@ impl Store {
         let id = BundleId(format!("{owner}\0{:020}", self.db.generate_id()?));
         let record = StoredBundle { owner: owner.to_owned(), created_at_ms: now_ms(), bundle: bundle.clone() };
         self.write_bundle(&id, &record)?;
-        self.db.flush_async().await?;
+        self.durable().await?;
         Ok(id)
     }
 
@@ -239,7 +256,7 @@ impl Store {
     /// Replaces a stored bundle's content (e.g. to attach keys), keeping its ID.
     pub async fn update_bundle(&self, id: &BundleId, record: &StoredBundle) -> Result<(), StoreError> {
         self.write_bundle(id, record)?;
-        self.db.flush_async().await?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -260,7 +277,7 @@ impl Store {
     pub async fn put_code(&self, hash: &CodeHash, record: &CodeRecord) -> Result<(), StoreError> {
         let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.codes.insert(hash.0, json)?;
-        self.db.flush_async().await?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -308,7 +325,7 @@ impl Store {
             record.redeemed_by = Some(redeemer.to_owned());
             let new = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             if self.codes.compare_and_swap(hash.0, Some(current), Some(new))?.is_ok() {
-                self.db.flush_async().await?;
+                self.durable().await?;
                 return Ok(Ok(record));
             }
         }
@@ -342,6 +359,11 @@ impl Store {
                 gone.codes += 1;
             }
         }
+        for auto in self.autos()? {
+            if auto.old == user || auto.new == user {
+                self.auto.remove(auto.new.as_bytes())?;
+            }
+        }
         for t in self.transfers()? {
             if t.old == user || t.new == user {
                 self.transfers.remove(t.id.to_be_bytes())?;
@@ -351,7 +373,7 @@ impl Store {
                 gone.transfers += 1;
             }
         }
-        self.db.flush_async().await?;
+        self.durable().await?;
         Ok(gone)
     }
 
@@ -376,7 +398,7 @@ impl Store {
             }
         }
         if gone != Forgotten::default() {
-            self.db.flush_async().await?;
+            self.durable().await?;
         }
         Ok(gone)
     }
@@ -390,7 +412,7 @@ impl Store {
         let key = t.id.to_be_bytes();
         let json = serde_json::to_vec(t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.transfers.insert(key, self.seal(&key, &json))?;
-        self.db.flush_async().await?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -427,7 +449,7 @@ impl Store {
     pub async fn set_room_step(&self, id: u64, room: &RoomId, step: &RoomStep) -> Result<(), StoreError> {
         let json = serde_json::to_vec(step).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.journal.insert(Self::journal_key(id, room), json)?;
-        self.db.flush_async().await?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -443,9 +465,58 @@ impl Store {
         Ok(out)
     }
 
+    pub async fn put_auto(&self, auto: &AutoStart) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(auto).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.auto.insert(auto.new.as_bytes(), json)?;
+        self.durable().await?;
+        Ok(())
+    }
+
+    /// Takes (removes) the pending automatic start for `new`, if any.
+    pub async fn take_auto(&self, new: &UserId) -> Result<Option<AutoStart>, StoreError> {
+        let Some(v) = self.auto.remove(new.as_bytes())? else { return Ok(None) };
+        self.durable().await?;
+        serde_json::from_slice(&v).map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Every pending automatic start.
+    pub fn autos(&self) -> Result<Vec<AutoStart>, StoreError> {
+        self.auto
+            .iter()
+            .values()
+            .map(|v| serde_json::from_slice(&v?).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect()
+    }
+
     /// Every raw byte of the bundle tree, for tests that look for plaintext at rest.
     pub fn raw_bundle_bytes(&self) -> Vec<u8> {
         self.bundles.iter().flatten().flat_map(|(k, v)| [k.to_vec(), v.to_vec()].concat()).collect()
+    }
+}
+
+/// Group commit: writers that wait for durability at the same time share one flush.
+#[derive(Default)]
+struct GroupCommit {
+    /// Writes that asked to be durable, numbered.
+    requested: AtomicU64,
+    /// The highest number a completed flush covered.
+    flushed: AtomicU64,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Store {
+    /// Makes every write done so far durable. Concurrent callers share one flush: while one
+    /// flushes, the others queue; the next one flushes for all of them at once.
+    async fn durable(&self) -> Result<(), StoreError> {
+        let mine = self.commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _turn = self.commit.lock.lock().await;
+        if self.commit.flushed.load(Ordering::SeqCst) >= mine {
+            return Ok(());
+        }
+        let upto = self.commit.requested.load(Ordering::SeqCst);
+        self.db.flush_async().await?;
+        self.commit.flushed.fetch_max(upto, Ordering::SeqCst);
+        Ok(())
     }
 }
 

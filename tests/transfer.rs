@@ -249,3 +249,23 @@ async fn homeserver_outage_mid_transfer_is_waited_out() {
     assert!(report.starts_with("16 of 16 rooms moved"), "{report}");
     assert_moved_once(&alice, &bob, &rooms).await;
 }
+
+#[tokio::test]
+async fn auto_export_starts_when_the_new_account_first_signs_in() {
+    let h = Harness::start().await;
+    let alice = h.user("alice").await;
+    let rooms = rooms(&alice, 3).await;
+    let adm = dm_with_bot(&h, &alice).await;
+    let answer = ask(&h, &alice, &adm, "export --to @newbie:localhost --auto", "Your transfer code").await;
+    assert!(answer.contains("starts by itself"), "{answer}");
+    // The new account is created (and signs in) only now.
+    let newbie = h.user("newbie").await;
+    joined_at_least(&alice, &newbie, &rooms, 3).await;
+    let status = eventually("the automatic transfer to finish", || async {
+        let s = ask(&h, &alice, &adm, "status", "Transfer").await;
+        s.contains("done").then_some(s)
+    })
+    .await;
+    assert!(status.contains("3 moved"), "{status}");
+    assert_moved_once(&alice, &newbie, &rooms).await;
+}

@@ -13,7 +13,7 @@ use crate::bundle::capture::{self, CaptureOptions};
 use crate::bundle::file;
 use crate::code::TransferCode;
 use crate::homeserver::HsError;
-use crate::store::{CodeRecord, now_ms};
+use crate::store::{AutoStart, CodeRecord, now_ms};
 
 pub async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
     let config = &bot.config;
@@ -62,10 +62,24 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
         redeemed_by: None,
     };
     bot.store.put_code(&code.hash(), &record).await.map_err(store_err)?;
+    if args.auto
+        && let Some(to) = &args.to
+    {
+        let auto = AutoStart {
+            old: ctx.sender.clone(),
+            new: to.clone(),
+            code_hash: code.hash().0,
+            expires_at_ms: record.expires_at_ms,
+        };
+        bot.store.put_auto(&auto).await.map_err(store_err)?;
+    }
     tracing::info!(user = %ctx.sender, rooms = summary.rooms, "bundle captured and stored");
 
     let expires = humantime::format_rfc3339_seconds(SystemTime::now() + ttl);
     let bound = match &args.to {
+        Some(to) if args.auto => format!(
+            "Only {to} can use it, and the move starts by itself as soon as {to} is first active (signs in, or writes to the handoff bot)."
+        ),
         Some(to) => format!("Only {to} can use it."),
         None => "Any account can use it; you will be asked to approve the import.".to_owned(),
     };

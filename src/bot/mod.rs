@@ -46,6 +46,11 @@ pub struct Ctx {
 }
 
 impl Bot {
+    /// Starts the background watch for `export --auto` transfers.
+    pub fn watch_auto_starts(self: &Arc<Self>) {
+        transfer::spawn_auto_watch(Arc::clone(self));
+    }
+
     pub fn new(config: Arc<Config>, hs: Homeserver, acting: Homeserver, store: Store, engine: Arc<Engine>) -> Self {
         Bot { user_id: config.bot_user_id(), config, hs, acting, store, engine, wrong_codes: Default::default() }
     }
@@ -108,6 +113,9 @@ impl Bot {
         {
             tracing::warn!(error = %e, "cannot record a DM room");
         }
+        if let Err(e) = transfer::auto_start(self, &ev.sender, Some(room.clone())).await {
+            tracing::warn!(error = %e, "automatic start failed");
+        }
         let (plain, html) = commands::help::text(&self.config.handoff.command_prefix);
         let greeting = format!("Hello {}! {plain}", ev.sender);
         let html = format!("<p>Hello {}!</p>{html}", escape(ev.sender.as_str()));
@@ -131,6 +139,11 @@ impl Bot {
             _ => Place::Group,
         };
         let ctx = Ctx { room_id: ev.room_id.clone(), event_id: ev.event_id.clone(), sender: ev.sender.clone() };
+        if place == Place::Dm
+            && let Err(e) = transfer::auto_start(self, &ev.sender, Some(ev.room_id.clone())).await
+        {
+            tracing::warn!(error = %e, "automatic start failed");
+        }
         let text = match &ev.content.msgtype {
             MessageType::Text(text) => &text.body,
             // A file dropped into the DM: perhaps a key export.

@@ -11,8 +11,15 @@ use ruma::profile::ProfileFieldValue;
 use ruma::{OwnedUserId, RoomId, UserId};
 use serde_json::Value as JsonValue;
 
+use std::sync::Arc;
+
+use ruma::OwnedRoomId;
+use ruma::api::client::device::get_devices;
+use ruma::api::client::room::create_room;
+
 use super::commands::import::Import;
 use super::{Bot, Ctx};
+use crate::code::CodeHash;
 use crate::homeserver::HsError;
 use crate::store::{RedeemError, StoreError, now_ms};
 use crate::transfer::plan::{self, Requirements};
@@ -207,6 +214,7 @@ pub async fn cancel(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
         TransferState::Running => {
             t.state = TransferState::Cancelling;
             bot.store.put_transfer(&t).await.map_err(store_err)?;
+            bot.engine.cancel(t.id);
             bot.reply(ctx, "Stopping after the rooms in flight. What is done stays done.".into()).await
         }
         TransferState::AwaitingApproval => {
@@ -284,4 +292,87 @@ async fn safe_to_leave(bot: &Bot, room: &RoomId, old: &UserId, new: &UserId) -> 
     }
     let pl = facts.power_levels();
     Ok(pl.for_user(new) >= pl.for_user(old))
+}
+
+/// `export --to NEW --auto`: starts the transfer the first time NEW is active. `dm` is NEW's DM
+/// with the bot if the activity happened there; otherwise the bot opens one.
+pub async fn auto_start(bot: &Bot, new: &UserId, dm: Option<OwnedRoomId>) -> Result<bool, HsError> {
+    let Some(auto) = bot.store.take_auto(new).await.map_err(store_err)? else { return Ok(false) };
+    let record = match bot.store.redeem_code(&CodeHash(auto.code_hash), new).await.map_err(store_err)? {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(new = %new, error = %e, "automatic start dropped");
+            return Ok(false);
+        }
+    };
+    let dm = match dm {
+        Some(dm) => dm,
+        None => {
+            let mut req = create_room::v3::Request::new();
+            req.invite = vec![new.to_owned()];
+            req.is_direct = true;
+            req.preset = Some(create_room::v3::RoomPreset::TrustedPrivateChat);
+            let room = bot.hs.send(req).await?.room_id;
+            bot.store.set_dm_room(&room, new).map_err(store_err)?;
+            room
+        }
+    };
+    let t = Transfer {
+        id: bot.store.new_transfer_id().map_err(store_err)?,
+        old: auto.old.clone(),
+        new: new.to_owned(),
+        bundle: record.bundle,
+        requirements: Requirements::default(),
+        profile: Default::default(),
+        state: TransferState::Running,
+        plan: None,
+        new_dm: dm.clone(),
+        old_dm: bot.store.dm_rooms_of(&auto.old).map_err(store_err)?.into_iter().next(),
+        status_event: None,
+        account_steps: Default::default(),
+        created_at_ms: now_ms(),
+    };
+    bot.store.put_transfer(&t).await.map_err(store_err)?;
+    let ctx = Ctx {
+        room_id: dm,
+        event_id: ruma::OwnedEventId::try_from(format!("$auto-{}", t.id)).expect("valid event ID"),
+        sender: new.to_owned(),
+    };
+    bot.reply_n(&ctx, 7, format!("Welcome, {new}! {} asked handoff to move their rooms and settings here as soon as you were active. Starting now; progress follows.", auto.old)).await?;
+    bot.engine.spawn(t.id);
+    tracing::info!(transfer = t.id, old = %auto.old, new = %new, "automatic transfer started");
+    Ok(true)
+}
+
+/// Watches pending automatic starts: a local account that has a device (has signed in) is active.
+pub fn spawn_auto_watch(bot: Arc<Bot>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            let autos = match bot.store.autos() {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read pending automatic starts");
+                    continue;
+                }
+            };
+            for auto in autos {
+                if auto.expires_at_ms < now_ms() {
+                    let _ = bot.store.take_auto(&auto.new).await;
+                    continue;
+                }
+                if auto.new.server_name() != bot.config.homeserver.domain {
+                    continue; // remote accounts start it by writing to the bot
+                }
+                let active = match bot.acting.send_as(&auto.new, get_devices::v3::Request::new()).await {
+                    Ok(r) => !r.devices.is_empty(),
+                    Err(_) => false, // not registered yet
+                };
+                if active && let Err(e) = auto_start(&bot, &auto.new, None).await {
+                    tracing::warn!(error = %e, "automatic start failed");
+                }
+            }
+        }
+    });
 }

@@ -93,19 +93,16 @@ pub struct Transfer {
     pub created_at_ms: u64,
 }
 
-/// The journal entry of one room: the last step that completed, or how it ended.
+/// The journal entry of one room. `Started(stage)` is written before each stage runs, so it also
+/// records that the stages before it completed; a final step is written when the room is done.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "step", content = "detail")]
 pub enum RoomStep {
     /// Nothing done yet.
     Pending,
-    /// A step was started; what follows re-checks the room before acting again.
+    /// `invite`, `join`, `rank`, `tags` or `notify` was started; a resumed transfer re-checks the
+    /// room before doing it again.
     Started(String),
-    Invited,
-    Joined,
-    RankCarried,
-    Tagged,
-    Notified,
     /// Everything done.
     Done,
     /// Left invited: a remote new account accepts the invite from its own client.

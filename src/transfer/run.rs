@@ -70,6 +70,8 @@ pub struct Engine {
     acting: Homeserver,
     store: Store,
     running: Mutex<HashSet<u64>>,
+    /// Transfers asked to stop (also persisted as `Cancelling`, for a restart).
+    cancelling: Mutex<HashSet<u64>>,
 }
 
 impl Engine {
@@ -80,6 +82,7 @@ impl Engine {
             acting: acting.with_retry(PATIENT),
             store,
             running: Mutex::new(HashSet::new()),
+            cancelling: Mutex::new(HashSet::new()),
         })
     }
 
@@ -121,6 +124,9 @@ impl Engine {
 
     async fn run(&self, id: u64) -> Result<(), RunError> {
         let mut t = self.store.get_transfer(id)?.ok_or(RunError::Missing(id))?;
+        if t.state == TransferState::Cancelling {
+            self.cancel(id);
+        }
         let Some(stored) = self.store.get_bundle(&t.bundle)? else {
             t.state = TransferState::Cancelled;
             self.store.put_transfer(&t).await?;
@@ -196,17 +202,19 @@ impl Engine {
         Ok(())
     }
 
-    fn cancel_requested(&self, id: u64) -> bool {
-        self.store.get_transfer(id).ok().flatten().is_some_and(|t| t.state == TransferState::Cancelling)
+    /// Asks a running transfer to stop after the rooms in flight.
+    pub fn cancel(&self, id: u64) {
+        self.cancelling.lock().expect("lock").insert(id);
     }
 
-    /// Journals `Started(stage)` before a stage runs, so a resumed transfer knows to re-check.
+    fn cancel_requested(&self, id: u64) -> bool {
+        self.cancelling.lock().expect("lock").contains(&id)
+    }
+
+    /// Journals `Started(stage)` before a stage runs: the record of the previous stage's end, and
+    /// what tells a resumed transfer to re-check the room before acting again.
     async fn started(&self, t: &Transfer, room: &RoomId, stage: &str) -> Result<(), RunError> {
         Ok(self.store.set_room_step(t.id, room, &RoomStep::Started(stage.into())).await?)
-    }
-
-    async fn finished(&self, t: &Transfer, room: &RoomId, step: RoomStep) -> Result<(), RunError> {
-        Ok(self.store.set_room_step(t.id, room, &step).await?)
     }
 
     /// Moves one room, from wherever its journal says it got to. Returns its final step.
@@ -257,7 +265,6 @@ impl Engine {
                     }
                 }
             }
-            self.finished(t, rid, RoomStep::Invited).await?;
         }
         // 2. Join: a local new account is joined by the service; a remote one accepts from its client.
         if stage < 2 && local_new {
@@ -270,7 +277,6 @@ impl Engine {
                     return Ok(RoomStep::Failed(format!("joining failed: {e}")));
                 }
             }
-            self.finished(t, rid, RoomStep::Joined).await?;
         }
         // 3. Carry rank: re-read the power levels right before writing them.
         if stage < 3
@@ -280,23 +286,22 @@ impl Engine {
             if let Err(e) = self.carry_rank(&t.old, rid, &t.new, level).await {
                 tracing::warn!(room_id = %rid, error = %e, "carrying the rank failed");
             }
-            self.finished(t, rid, RoomStep::RankCarried).await?;
         }
         // 4. Tags, on the new account (PUT is idempotent).
-        if stage < 4 && local_new {
-            if let Some(entry) = bundle.rooms.iter().find(|r| &r.room_id == rid) {
-                for (name, info) in &entry.tags {
-                    let req = create_tag::v3::Request::new(t.new.clone(), rid.clone(), name.to_string(), info.clone());
-                    self.acting.send_as(&t.new, req).await?;
-                }
+        if stage < 4
+            && local_new
+            && let Some(entry) = bundle.rooms.iter().find(|r| &r.room_id == rid && !r.tags.is_empty())
+        {
+            self.started(t, rid, "tags").await?;
+            for (name, info) in &entry.tags {
+                let req = create_tag::v3::Request::new(t.new.clone(), rid.clone(), name.to_string(), info.clone());
+                self.acting.send_as(&t.new, req).await?;
             }
-            self.finished(t, rid, RoomStep::Tagged).await?;
         }
         // 5. Notify: one notice per room, never two.
         if stage < 5 {
             self.started(t, rid, "notify").await?;
             self.notify(t, rid, local_new, matches!(from, RoomStep::Started(_))).await?;
-            self.finished(t, rid, RoomStep::Notified).await?;
         }
         Ok(if local_new { RoomStep::Done } else { RoomStep::AwaitingAccept })
     }
@@ -718,7 +723,7 @@ struct Progress {
     last_edit: Mutex<Instant>,
 }
 
-/// How far a room got: 0 nothing, 1 invited, 2 joined, 3 rank carried, 4 tagged, 5 notified.
+/// How many stages a room completed: 0 nothing, 1 invite, 2 join, 3 rank, 4 tags, 5 notify.
 fn stage_of(step: &RoomStep) -> u8 {
     match step {
         RoomStep::Pending => 0,
@@ -729,11 +734,6 @@ fn stage_of(step: &RoomStep) -> u8 {
             "tags" => 3,
             _ => 4, // "notify"
         },
-        RoomStep::Invited => 1,
-        RoomStep::Joined => 2,
-        RoomStep::RankCarried => 3,
-        RoomStep::Tagged => 4,
-        RoomStep::Notified => 5,
         _ => 5,
     }
 }
@@ -912,10 +912,9 @@ mod tests {
     fn stages_follow_the_journal() {
         assert_eq!(stage_of(&RoomStep::Pending), 0);
         assert_eq!(stage_of(&RoomStep::Started("invite".into())), 0);
-        assert_eq!(stage_of(&RoomStep::Invited), 1);
         assert_eq!(stage_of(&RoomStep::Started("join".into())), 1);
         assert_eq!(stage_of(&RoomStep::Started("notify".into())), 4);
-        assert_eq!(stage_of(&RoomStep::Notified), 5);
+        assert_eq!(stage_of(&RoomStep::Done), 5);
         assert_eq!(progress_bar(5, 10), format!("[{}{}] 5/10", "█".repeat(10), "░".repeat(10)));
     }
 }

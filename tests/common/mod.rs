@@ -175,6 +175,17 @@ impl User {
         self.client.send_request(request).await.unwrap_or_else(|e| panic!("{debug}: {e}"))
     }
 
+    /// Sends any request with this user's token; the homeserver's error is returned, not a panic.
+    pub async fn try_send<R>(&self, request: R) -> Result<R::IncomingResponse, String>
+    where
+        R: ruma::api::OutgoingRequest<EndpointError = ruma::api::error::Error> + Clone,
+        for<'a> R::Authentication:
+            ruma::api::auth_scheme::AuthScheme<Input<'a> = ruma::api::auth_scheme::SendAccessToken<'a>>,
+        R::PathBuilder: ruma_client::SupportedPathBuilder,
+    {
+        self.client.send_request(request).await.map_err(|e| e.to_string())
+    }
+
     /// Creates a private group room named `name`.
     pub async fn create_room(&self, name: &str) -> OwnedRoomId {
         let mut req = create_room::v3::Request::new();

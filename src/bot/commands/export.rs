@@ -8,7 +8,7 @@ use crate::bundle::capture::Only;
 
 pub const SPEC: Spec = Spec {
     name: "export",
-    usage: "export [--to @new:server] [--only favourites|dms|rooms] [--exclude ROOM]… [--history N] [--file]",
+    usage: "export [--to @new:server [--auto]] [--only favourites|dms|rooms] [--exclude ROOM]… [--history N] [--file]",
     summary: "capture this account (rooms, DMs, contacts, preferences, profile) and get a one-time transfer code",
 };
 
@@ -19,6 +19,8 @@ pub struct Export {
     pub exclude: Vec<String>,
     pub history: Option<usize>,
     pub file: bool,
+    /// Start the transfer as soon as the `--to` account becomes active.
+    pub auto: bool,
 }
 
 pub fn parse(mut args: Args) -> Result<Command, CommandError> {
@@ -42,8 +44,12 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
         None => None,
     };
     let file = args.flag("--file");
+    let auto = args.flag("--auto");
     args.finish().map_err(usage)?;
-    Ok(Command::Export(Export { to, only, exclude, history, file }))
+    if auto && to.is_none() {
+        return Err(usage("`--auto` needs `--to`: the account whose first activity starts the transfer".into()));
+    }
+    Ok(Command::Export(Export { to, only, exclude, history, file, auto }))
 }
 
 #[cfg(test)]
@@ -77,5 +83,7 @@ mod tests {
         assert!(export("export --history lots").unwrap_err().contains("takes a number"));
         assert!(export("export --exclude general").unwrap_err().contains("room ID"));
         assert!(export("export --force").unwrap_err().contains("unknown option `--force`"));
+        assert!(export("export --auto").unwrap_err().contains("`--auto` needs `--to`"));
+        assert!(export("export --to @n:b.org --auto").unwrap().auto);
     }
 }

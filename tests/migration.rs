@@ -1,0 +1,428 @@
+//! A whole account moved, against a real Synapse: 30+ rooms of every kind, blocked rooms, push
+//! rules, settings, profile, DMs; the bundle captured field by field, the new account checked field
+//! by field, the old account untouched until `finish`.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{Harness, User, eventually};
+use handoff::bundle::{Bundle, Priority, Rank, RoomKind, RoomNotifications};
+use ruma::api::client::config::{get_global_account_data, set_global_account_data};
+use ruma::api::client::membership::{ban_user, joined_rooms};
+use ruma::api::client::profile::{get_profile, set_profile_field};
+use ruma::api::client::push::{get_pushrules_all, set_pushrule, set_pushrule_enabled};
+use ruma::api::client::room::create_room;
+use ruma::api::client::state::{get_state_event_for_key, send_state_event};
+use ruma::api::client::tag::{create_tag, get_tags};
+use ruma::events::StateEventType;
+use ruma::events::tag::{TagInfo, TagName};
+use ruma::profile::ProfileFieldValue;
+use ruma::push::{Action, NewPatternedPushRule, NewPushRule, NewSimplePushRule, RuleKind};
+use ruma::serde::Raw;
+use ruma::{Int, OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde_json::{Value, json};
+
+fn raw<T>(v: Value) -> Raw<T> {
+    Raw::from_json(serde_json::value::to_raw_value(&v).unwrap())
+}
+
+fn body(event: &Value) -> &str {
+    event["content"]["body"].as_str().unwrap_or("")
+}
+
+async fn room(user: &User, name: &str, extra: impl FnOnce(&mut create_room::v3::Request)) -> OwnedRoomId {
+    let mut req = create_room::v3::Request::new();
+    req.name = Some(name.into());
+    req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
+    extra(&mut req);
+    user.send(req).await.room_id
+}
+
+async fn tag(user: &User, room: &RoomId, tag: &str, order: Option<f64>) {
+    let mut info = TagInfo::new();
+    info.order = order;
+    user.send(create_tag::v3::Request::new(user.id.clone(), room.to_owned(), tag.into(), info)).await;
+}
+
+async fn set_data(user: &User, kind: &str, content: Value) {
+    user.send(set_global_account_data::v3::Request::new_raw(user.id.clone(), kind.into(), raw(content))).await;
+}
+
+async fn get_data(user: &User, kind: &str) -> Option<Value> {
+    let req = get_global_account_data::v3::Request::new(user.id.clone(), kind.into());
+    user.try_send(req).await.ok().map(|r| r.account_data.deserialize_as().unwrap())
+}
+
+async fn state(user: &User, room: &RoomId, kind: &str, key: &str) -> Value {
+    let req = get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::from(kind), key.into());
+    serde_json::from_str(user.send(req).await.event_or_content.get()).unwrap()
+}
+
+async fn power_of(reader: &User, room: &RoomId, user: &UserId) -> Option<i64> {
+    state(reader, room, "m.room.power_levels", "").await["users"][user.as_str()].as_i64()
+}
+
+/// Everything the old account was given, to compare with.
+struct Setup {
+    favourites: Vec<OwnedRoomId>,
+    low: Vec<OwnedRoomId>,
+    work: OwnedRoomId,
+    dms: BTreeMap<OwnedUserId, OwnedRoomId>,
+    space: OwnedRoomId,
+    children: Vec<OwnedRoomId>,
+    restricted: OwnedRoomId,
+    encrypted: OwnedRoomId,
+    public: OwnedRoomId,
+    peer_room: OwnedRoomId,
+    no_invite: OwnedRoomId,
+    banned: OwnedRoomId,
+    joined_history: OwnedRoomId,
+    mentions_only: OwnedRoomId,
+    muted: OwnedRoomId,
+    history_room: OwnedRoomId,
+    all: Vec<OwnedRoomId>,
+}
+
+async fn populate(h: &Harness, alice: &User, bob: &User) -> Setup {
+    let mut all = Vec::new();
+    let mut favourites = Vec::new();
+    for (i, order) in [0.1, 0.2, 0.3].into_iter().enumerate() {
+        let r = room(alice, &format!("Fav {i}"), |_| {}).await;
+        tag(alice, &r, "m.favourite", Some(order)).await;
+        favourites.push(r);
+    }
+    let mut low = Vec::new();
+    for (i, order) in [Some(0.5), None].into_iter().enumerate() {
+        let r = room(alice, &format!("Low {i}"), |_| {}).await;
+        tag(alice, &r, "m.lowpriority", order).await;
+        low.push(r);
+    }
+    let work = room(alice, "Work", |_| {}).await;
+    tag(alice, &work, "u.work", Some(0.7)).await;
+
+    let mut dms = BTreeMap::new();
+    for i in 1..=4 {
+        let peer = h.user(&format!("peer{i}")).await;
+        peer.send(set_profile_field::v3::Request::new(
+            peer.id.clone(),
+            ProfileFieldValue::DisplayName(format!("Peer {i}")),
+        ))
+        .await;
+        let avatar = OwnedMxcUri::from(format!("mxc://localhost/peer{i}"));
+        peer.send(set_profile_field::v3::Request::new(peer.id.clone(), ProfileFieldValue::AvatarUrl(avatar))).await;
+        let dm = alice.create_dm(&peer.id).await;
+        peer.join(&dm).await;
+        dms.insert(peer.id.clone(), dm);
+    }
+    let direct: BTreeMap<_, _> = dms.iter().map(|(p, r)| (p.to_string(), vec![r.to_string()])).collect();
+    set_data(alice, "m.direct", json!(direct)).await;
+
+    let space = room(alice, "Space", |r| r.creation_content = Some(raw(json!({"type": "m.space"})))).await;
+    let mut children = Vec::new();
+    for i in 0..2 {
+        let child = room(alice, &format!("Child {i}"), |_| {}).await;
+        let req = send_state_event::v3::Request::new_raw(
+            space.clone(),
+            StateEventType::SpaceChild,
+            child.to_string(),
+            raw(json!({"via": ["localhost"]})),
+        );
+        alice.send(req).await;
+        children.push(child);
+    }
+    children.sort();
+    let restricted = room(alice, "Restricted", |r| {
+        r.initial_state = vec![raw(json!({"type": "m.room.join_rules", "state_key": "",
+            "content": {"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": space}]}}))];
+    })
+    .await;
+    let encrypted = room(alice, "Encrypted", |r| {
+        r.initial_state = vec![raw(json!({"type": "m.room.encryption", "state_key": "",
+            "content": {"algorithm": "m.megolm.v1.aes-sha2"}}))];
+    })
+    .await;
+    let public = room(alice, "Public", |r| {
+        r.preset = Some(create_room::v3::RoomPreset::PublicChat);
+        r.room_alias_name = Some("alicepublic".into());
+    })
+    .await;
+
+    // A room created by someone else, where alice has power level 50 and may invite.
+    let host = h.user("host").await;
+    let peer_room = room(&host, "Hosted", |r| {
+        r.invite = vec![alice.id.clone()];
+        r.power_level_content_override =
+            Some(raw(json!({"users": {alice.id.as_str(): 50}, "invite": 0, "events": {"m.room.power_levels": 50}})));
+    })
+    .await;
+    alice.join(&peer_room).await;
+    // One where alice may not invite.
+    let no_invite = room(&host, "No invites", |r| {
+        r.invite = vec![alice.id.clone()];
+        r.power_level_content_override = Some(raw(json!({"users": {}, "invite": 100})));
+    })
+    .await;
+    alice.join(&no_invite).await;
+    // One where bob is banned.
+    let banned = room(alice, "Banned", |_| {}).await;
+    alice.send(ban_user::v3::Request::new(banned.clone(), bob.id.clone())).await;
+    let joined_history = room(alice, "Joined history", |r| {
+        r.initial_state = vec![raw(json!({"type": "m.room.history_visibility", "state_key": "",
+            "content": {"history_visibility": "joined"}}))];
+    })
+    .await;
+    let mentions_only = room(alice, "Mentions only", |_| {}).await;
+    alice
+        .send(set_pushrule::v3::Request::new(NewPushRule::Room(NewSimplePushRule::new(mentions_only.clone(), vec![]))))
+        .await;
+    let muted = room(alice, "Muted", |_| {}).await;
+    let mute: ruma::push::NewConditionalPushRule = serde_json::from_value(json!({"rule_id": muted, "actions": [],
+        "conditions": [{"kind": "event_match", "key": "room_id", "pattern": muted}]}))
+    .unwrap();
+    alice.send(set_pushrule::v3::Request::new(NewPushRule::Override(mute))).await;
+    let history_room = room(alice, "Chatty", |_| {}).await;
+    for i in 1..=3 {
+        alice.send_text(&history_room, &format!("hello {i}")).await;
+    }
+    let mut fillers = Vec::new();
+    for i in 0..10 {
+        fillers.push(room(alice, &format!("Filler {i:02}"), |_| {}).await);
+    }
+
+    let content_rule = NewPatternedPushRule::new(
+        "handoff-test-keyword".into(),
+        "deploy".into(),
+        vec![Action::Notify, Action::SetTweak(ruma::push::Tweak::Sound("default".into()))],
+    );
+    alice.send(set_pushrule::v3::Request::new(NewPushRule::Content(content_rule))).await;
+    alice
+        .send(set_pushrule_enabled::v3::Request::new(RuleKind::Override, ".m.rule.suppress_notices".into(), false))
+        .await;
+    set_data(
+        alice,
+        "m.ignored_user_list",
+        json!({"ignored_users": {"@spammer:example.com": {}, "@troll:localhost": {}}}),
+    )
+    .await;
+    set_data(alice, "im.vector.setting.breadcrumbs", json!({"recent_rooms": [favourites[0], work]})).await;
+    set_data(alice, "im.vector.setting.integration_provisioning", json!({"enabled": false})).await;
+    set_data(alice, "org.example.private", json!({"secret": true})).await;
+    alice
+        .send(set_profile_field::v3::Request::new(alice.id.clone(), ProfileFieldValue::DisplayName("Alice A.".into())))
+        .await;
+    let avatar = OwnedMxcUri::from("mxc://localhost/aliceavatar");
+    alice.send(set_profile_field::v3::Request::new(alice.id.clone(), ProfileFieldValue::AvatarUrl(avatar))).await;
+
+    all.extend(favourites.iter().cloned());
+    all.extend(low.iter().cloned());
+    all.push(work.clone());
+    all.extend(dms.values().cloned());
+    all.push(space.clone());
+    all.extend(children.iter().cloned());
+    all.extend([restricted.clone(), encrypted.clone(), public.clone(), peer_room.clone(), no_invite.clone()]);
+    all.extend([banned.clone(), joined_history.clone(), mentions_only.clone(), muted.clone(), history_room.clone()]);
+    all.extend(fillers);
+    Setup {
+        favourites,
+        low,
+        work,
+        dms,
+        space,
+        children,
+        restricted,
+        encrypted,
+        public,
+        peer_room,
+        no_invite,
+        banned,
+        joined_history,
+        mentions_only,
+        muted,
+        history_room,
+        all,
+    }
+}
+
+fn code_in(text: &str) -> String {
+    text.lines().map(str::trim).find(|l| l.len() == 34 && l.split('-').count() == 7).expect("a code").to_owned()
+}
+
+async fn ask(h: &Harness, user: &User, dm: &RoomId, command: &str, expect: &str) -> Value {
+    let before = user.messages_from(dm, &h.bot).await.len();
+    user.send_text(dm, command).await;
+    eventually(&format!("a reply to `{command}` containing {expect:?}"), || async {
+        user.messages_from(dm, &h.bot).await.into_iter().skip(before).find(|m| body(m).contains(expect))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_whole_account_is_captured_and_moved_field_by_field() {
+    let h = Harness::start().await;
+    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+    let s = populate(&h, &alice, &bob).await;
+    assert!(s.all.len() >= 30, "{} rooms", s.all.len());
+    // The new account already has data of its own, which must survive.
+    let own = h.user("bobsfriend").await;
+    let own_dm = bob.create_dm(&own.id).await;
+    set_data(&bob, "m.direct", json!({own.id.as_str(): [own_dm]})).await;
+    set_data(&bob, "m.ignored_user_list", json!({"ignored_users": {"@bobsenemy:localhost": {}}})).await;
+
+    let adm = alice.create_dm(&h.bot).await;
+    alice.wait_for_messages(&adm, &h.bot, 1).await;
+    let bdm = bob.create_dm(&h.bot).await;
+    bob.wait_for_messages(&bdm, &h.bot, 1).await;
+
+    // Capture, field by field (from the bundle file, opened with the code).
+    let before = alice.messages_from(&adm, &h.bot).await.len();
+    let answer = ask(&h, &alice, &adm, "export --to @bob:localhost --file --history 5", "Your transfer code").await;
+    let code = code_in(body(&answer));
+    let file = eventually("the bundle file", || async {
+        alice.messages_from(&adm, &h.bot).await.into_iter().skip(before).find(|m| m["content"]["msgtype"] == "m.file")
+    })
+    .await;
+    let uri = OwnedMxcUri::from(file["content"]["url"].as_str().unwrap());
+    let bytes = alice
+        .send(ruma::api::client::authenticated_media::get_content::v1::Request::from_uri(&uri).unwrap())
+        .await
+        .file;
+    let bundle: Bundle = handoff::bundle::file::open(&bytes, &code).unwrap();
+    check_bundle(&bundle, &s, &alice);
+
+    // The move.
+    let report = ask(&h, &bob, &bdm, &format!("import {code}"), "rooms moved to @bob:localhost").await;
+    let report = body(&report).to_owned();
+    let blocked = 2; // banned, no invites
+    let moved = s.all.len() - blocked;
+    assert!(report.starts_with(&format!("{moved} of {} rooms moved", s.all.len())), "{report}");
+    assert!(report.contains("No invites: the old account may not invite there"), "{report}");
+    assert!(report.contains("Banned: the new account is banned there"), "{report}");
+    assert!(report.contains("Joined history: history visibility is `joined`"), "{report}");
+
+    // Joined everywhere it could be; exactly one notice per moved room.
+    let joined: Vec<OwnedRoomId> = bob.send(joined_rooms::v3::Request::new()).await.joined_rooms;
+    for r in s.all.iter().filter(|r| **r != s.banned && **r != s.no_invite) {
+        assert!(joined.contains(r), "bob not in {r}");
+        let notices: Vec<Value> =
+            alice.timeline(r).await.into_iter().filter(|e| !e["content"]["org.handoff.move"].is_null()).collect();
+        assert_eq!(notices.len(), 1, "{r}");
+        assert_eq!(notices[0]["content"]["org.handoff.move"]["to"], "@bob:localhost");
+    }
+    assert!(!joined.contains(&s.banned) && !joined.contains(&s.no_invite));
+
+    // Tags, with their order.
+    for (r, t, order) in [
+        (&s.favourites[0], "m.favourite", Some(0.1)),
+        (&s.low[1], "m.lowpriority", None),
+        (&s.work, "u.work", Some(0.7)),
+    ] {
+        let tags = bob.send(get_tags::v3::Request::new(bob.id.clone(), r.clone())).await.tags;
+        let info = tags.get(&TagName::from(t)).unwrap_or_else(|| panic!("{t} on {r}: {tags:?}"));
+        assert_eq!(info.order, order, "{t}");
+    }
+    // m.direct and ignored users merged, never overwritten.
+    let direct = get_data(&bob, "m.direct").await.unwrap();
+    assert_eq!(direct[own.id.as_str()], json!([own_dm]), "bob's own DM kept");
+    for (peer, dm) in &s.dms {
+        assert_eq!(direct[peer.as_str()], json!([dm]), "{peer}");
+    }
+    let ignored = get_data(&bob, "m.ignored_user_list").await.unwrap();
+    for u in ["@bobsenemy:localhost", "@spammer:example.com", "@troll:localhost"] {
+        assert!(ignored["ignored_users"].get(u).is_some(), "{u} in {ignored}");
+    }
+    // Push rules: the keyword, the per-room settings, the default rule switched off, old mentions.
+    let rules = bob.send(get_pushrules_all::v3::Request::new()).await.global;
+    assert!(rules.content.iter().any(|r| r.rule_id == "handoff-test-keyword" && r.pattern == "deploy"));
+    assert!(rules.room.iter().any(|r| r.rule_id == s.mentions_only && r.actions.is_empty()));
+    assert!(rules.override_.iter().any(|r| r.rule_id == s.muted.as_str()));
+    assert!(rules.override_.iter().any(|r| r.rule_id == ".m.rule.suppress_notices" && !r.enabled));
+    let mention = rules.override_.iter().find(|r| r.rule_id == "org.handoff.old_mentions").expect("old mentions rule");
+    assert!(serde_json::to_string(&mention.conditions).unwrap().contains("@alice:localhost"));
+    // Client settings on the allow-list only.
+    assert_eq!(get_data(&bob, "im.vector.setting.integration_provisioning").await, Some(json!({"enabled": false})));
+    assert!(get_data(&bob, "im.vector.setting.breadcrumbs").await.is_some());
+    assert_eq!(get_data(&bob, "org.example.private").await, None);
+    // Profile.
+    let profile = bob.send(get_profile::v3::Request::new(bob.id.clone())).await;
+    assert_eq!(profile.get("displayname"), Some(&json!("Alice A.")));
+    assert_eq!(profile.get("avatar_url"), Some(&json!("mxc://localhost/aliceavatar")));
+    // Rank: 50 where alice had 50; where alice is a v12 creator, the highest level she can give.
+    assert_eq!(power_of(&alice, &s.peer_room, &bob.id).await, Some(50));
+    assert_eq!(power_of(&alice, &s.favourites[0], &bob.id).await, Some(150));
+
+    // The old account is untouched: still in every room, its tags and data as they were.
+    let still: Vec<OwnedRoomId> = alice.send(joined_rooms::v3::Request::new()).await.joined_rooms;
+    for r in &s.all {
+        assert!(still.contains(r), "alice left {r} before finish");
+    }
+    let tags = alice.send(get_tags::v3::Request::new(alice.id.clone(), s.favourites[0].clone())).await.tags;
+    assert!(tags.contains_key(&TagName::Favorite));
+
+    // finish: leave where bob has at least the same rank (not where alice is a v12 creator).
+    let fin = ask(&h, &alice, &adm, "finish --leave --advertise", "Left").await;
+    let fin = body(&fin).to_owned();
+    // Only the hosted room: everywhere else alice is the creator (v12), or bob is not there.
+    assert!(fin.contains("Left 1 room(s)"), "{fin}");
+    let still: Vec<OwnedRoomId> = alice.send(joined_rooms::v3::Request::new()).await.joined_rooms;
+    assert!(!still.contains(&s.peer_room), "left the hosted room");
+    assert!(still.contains(&s.favourites[0]), "stays where it is the creator");
+    assert!(still.contains(&s.no_invite), "stays where nothing moved");
+    let name = alice.send(get_profile::v3::Request::new(alice.id.clone())).await;
+    assert_eq!(name.get("displayname"), Some(&json!("Alice A. (moved to @bob:localhost)")));
+}
+
+fn check_bundle(b: &Bundle, s: &Setup, alice: &User) {
+    let entry =
+        |r: &OwnedRoomId| b.rooms.iter().find(|e| &e.room_id == r).unwrap_or_else(|| panic!("{r} not captured"));
+    assert_eq!(b.rooms.len(), s.all.len(), "every joined room but the bot's DM");
+    assert_eq!(b.source.user_id, alice.id);
+    for (i, r) in s.favourites.iter().enumerate() {
+        let e = entry(r);
+        assert_eq!(e.priority, Priority::High);
+        assert_eq!(e.tags[&TagName::Favorite].order, Some([0.1, 0.2, 0.3][i]));
+    }
+    assert_eq!(entry(&s.low[0]).priority, Priority::Low);
+    assert_eq!(entry(&s.low[0]).tags[&TagName::LowPriority].order, Some(0.5));
+    assert_eq!(entry(&s.low[1]).tags[&TagName::LowPriority].order, None);
+    assert_eq!(entry(&s.work).tags[&TagName::from("u.work")].order, Some(0.7));
+    assert_eq!(entry(&s.work).priority, Priority::Normal);
+    for (peer, dm) in &s.dms {
+        let e = entry(dm);
+        assert_eq!(e.kind, RoomKind::Dm);
+        assert_eq!(e.dm_peer.as_ref(), Some(peer));
+        let c = b.contacts.iter().find(|c| &c.user_id == peer).expect("contact");
+        assert_eq!(c.dm_rooms, vec![dm.clone()]);
+        let n = &peer.localpart()[4..];
+        assert_eq!(c.display_name.as_deref(), Some(format!("Peer {n}").as_str()));
+        assert_eq!(c.avatar_url.as_ref().map(|a| a.as_str().to_owned()), Some(format!("mxc://localhost/peer{n}")));
+    }
+    assert_eq!(b.contacts.len(), 4);
+    assert_eq!(entry(&s.space).kind, RoomKind::Space);
+    assert_eq!(entry(&s.space).children, s.children);
+    assert!(matches!(entry(&s.restricted).join_rules.as_ref().unwrap().join_rule, ruma::room::JoinRule::Restricted(_)));
+    assert!(entry(&s.encrypted).encrypted);
+    assert!(!entry(&s.work).encrypted);
+    assert_eq!(entry(&s.public).canonical_alias.as_ref().map(|a| a.as_str()), Some("#alicepublic:localhost"));
+    assert!(matches!(entry(&s.public).join_rules.as_ref().unwrap().join_rule, ruma::room::JoinRule::Public));
+    assert_eq!(entry(&s.peer_room).rank, Rank::Level(Int::from(50u32)));
+    assert_eq!(entry(&s.favourites[0]).rank, Rank::Creator);
+    assert_eq!(entry(&s.joined_history).history_visibility.as_ref().map(|v| v.as_str()), Some("joined"));
+    assert_eq!(entry(&s.mentions_only).notifications, RoomNotifications::MentionsAndKeywords);
+    assert_eq!(entry(&s.muted).notifications, RoomNotifications::Mute);
+    assert_eq!(entry(&s.work).notifications, RoomNotifications::Default);
+    assert_eq!(entry(&s.work).via, vec![ruma::OwnedServerName::try_from("localhost").unwrap()]);
+    let history = entry(&s.history_room).history.as_ref().unwrap();
+    let texts: Vec<&str> = history.messages.iter().map(|m| m.content.body()).collect();
+    assert_eq!(texts, ["hello 1", "hello 2", "hello 3"]);
+    let rules = b.preferences.push_rules.as_ref().unwrap();
+    assert!(rules.content.iter().any(|r| r.rule_id == "handoff-test-keyword"));
+    assert!(rules.override_.iter().any(|r| r.rule_id == ".m.rule.suppress_notices" && !r.enabled));
+    let mut ignored: Vec<&str> = b.preferences.ignored_users.iter().map(|u| u.as_str()).collect();
+    ignored.sort();
+    assert_eq!(ignored, ["@spammer:example.com", "@troll:localhost"]);
+    let settings: Vec<&str> = b.preferences.client_settings.keys().map(String::as_str).collect();
+    assert_eq!(settings, ["im.vector.setting.breadcrumbs", "im.vector.setting.integration_provisioning"]);
+    assert_eq!(b.profile.display_name.as_deref(), Some("Alice A."));
+    assert_eq!(b.profile.avatar_url.as_ref().map(|a| a.as_str()), Some("mxc://localhost/aliceavatar"));
+}
