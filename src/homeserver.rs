@@ -202,3 +202,81 @@ impl Homeserver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Error paths a real homeserver can't produce on demand (the acting registration is exempt from
+    //! rate limits), against a small mock on loopback.
+    use super::*;
+    use axum::Json;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    use ruma::api::client::account::whoami;
+    use serde_json::json;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    /// A homeserver whose `whoami` answers with `script[n]` on its n-th call, then 200.
+    async fn mock(script: Vec<(u16, serde_json::Value)>) -> (String, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let script = Arc::new(script);
+        let app = axum::Router::new()
+            .route("/_matrix/client/versions", get(|| async { Json(json!({"versions": ["v1.11"]})) }))
+            .route(
+                "/_matrix/client/v3/account/whoami",
+                get(move || {
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    let script = script.clone();
+                    async move {
+                        match script.get(n) {
+                            Some((status, body)) => (StatusCode::from_u16(*status).unwrap(), Json(body.clone())),
+                            None => (StatusCode::OK, Json(json!({"user_id": "@a:x.org"}))),
+                        }
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), calls)
+    }
+
+    #[tokio::test]
+    async fn limit_exceeded_waits_retry_after_ms_then_succeeds() {
+        let limited = json!({"errcode": "M_LIMIT_EXCEEDED", "error": "slow down", "retry_after_ms": 400});
+        let (url, calls) = mock(vec![(429, limited)]).await;
+        let hs = Homeserver::connect(&url, "token", reqwest::Client::new()).await.unwrap();
+        let start = Instant::now();
+        let who = hs.send(whoami::v3::Request::new()).await.unwrap();
+        assert_eq!(who.user_id, "@a:x.org");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(start.elapsed() >= Duration::from_millis(400), "waited {:?}", start.elapsed());
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_retried_and_client_errors_are_not() {
+        let oops = json!({"errcode": "M_UNKNOWN", "error": "oops"});
+        let (url, calls) = mock(vec![(502, oops.clone()), (503, oops)]).await;
+        let hs = Homeserver::connect(&url, "token", reqwest::Client::new()).await.unwrap();
+        assert!(hs.send(whoami::v3::Request::new()).await.is_ok());
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        let forbidden = json!({"errcode": "M_FORBIDDEN", "error": "no"});
+        let (url, calls) = mock(vec![(403, forbidden)]).await;
+        let hs = Homeserver::connect(&url, "token", reqwest::Client::new()).await.unwrap();
+        let err = hs.send(whoami::v3::Request::new()).await.unwrap_err();
+        assert!(matches!(err.kind(), Some(ErrorKind::Forbidden)), "{err}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_homeserver_says_so() {
+        let port = crate::sandbox::free_port();
+        let err =
+            Homeserver::connect(&format!("http://127.0.0.1:{port}"), "t", reqwest::Client::new()).await.err().unwrap();
+        assert!(matches!(err, HsError::Unreachable(_)), "{err}");
+        assert!(err.to_string().contains("Connection refused"), "{err}");
+    }
+}

@@ -291,8 +291,18 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     check_bundle(&bundle, &s, &alice);
 
     // The move.
-    let report = ask(&h, &bob, &bdm, &format!("import {code}"), "rooms moved to @bob:localhost").await;
+    let report = ask(&h, &bob, &bdm, &format!("import {code} --history 2"), "rooms moved to @bob:localhost").await;
     let report = body(&report).to_owned();
+    // The history portion asked for: the last two messages of the chatty room, as an HTML file.
+    let file =
+        bob.messages_from(&bdm, &h.bot).await.into_iter().find(|m| body(m) == "history.html").expect("history file");
+    let uri = OwnedMxcUri::from(file["content"]["url"].as_str().unwrap());
+    let html =
+        bob.send(ruma::api::client::authenticated_media::get_content::v1::Request::from_uri(&uri).unwrap()).await.file;
+    let html = String::from_utf8(html).unwrap();
+    assert!(html.contains("<h2>Chatty</h2>") && html.contains("hello 2") && html.contains("hello 3"), "{html}");
+    assert!(!html.contains("hello 1"), "only the last two: {html}");
+    assert!(report.contains("history: 2 message(s) from 1 room(s) delivered as history.html"), "{report}");
     let blocked = 2; // banned, no invites
     let moved = s.all.len() - blocked;
     assert!(report.starts_with(&format!("{moved} of {} rooms moved", s.all.len())), "{report}");

@@ -269,3 +269,37 @@ async fn auto_export_starts_when_the_new_account_first_signs_in() {
     assert!(status.contains("3 moved"), "{status}");
     assert_moved_once(&alice, &newbie, &rooms).await;
 }
+
+#[tokio::test]
+async fn cancel_stops_after_the_rooms_in_flight_and_keeps_what_is_done() {
+    let h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
+    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+    let rooms = rooms(&alice, 30).await;
+    let (adm, bdm) = (dm_with_bot(&h, &alice).await, dm_with_bot(&h, &bob).await);
+    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
+    bob.send_text(&bdm, &format!("import {code}")).await;
+    joined_at_least(&alice, &bob, &rooms, 2).await;
+    ask(&h, &bob, &bdm, "cancel", "Stopping after the rooms in flight").await;
+    let report = eventually("the cancelled report", || async {
+        bob.messages_from(&bdm, &h.bot)
+            .await
+            .into_iter()
+            .map(|m| body(&m).to_owned())
+            .find(|b| b.starts_with("Cancelled."))
+    })
+    .await;
+    let mut joined = 0;
+    for r in &rooms {
+        let m = memberships(&alice, r, &bob.id).await;
+        if m.last().map(String::as_str) == Some("join") {
+            joined += 1;
+            assert_eq!(move_notices(&alice, r).await, 1, "a moved room has its notice");
+        } else {
+            assert!(m.is_empty(), "{r}: nothing started after the cancel: {m:?}");
+        }
+    }
+    assert!(joined >= 2 && joined < rooms.len(), "{joined} rooms moved before the cancel");
+    assert!(report.contains(&format!("{joined} of {} rooms moved", rooms.len())), "{report}");
+    let status = ask(&h, &alice, &adm, "status", "Transfer").await;
+    assert!(status.contains("cancelled"), "{status}");
+}

@@ -76,7 +76,8 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
     let Some(stored) = bot.store.get_bundle(&record.bundle).map_err(store_err)? else {
         return bot.reply(ctx, "The bundle of this code is gone (deleted with `forget`, or past its retention). Ask for a new one with `export`.".into()).await;
     };
-    let requirements = Requirements { only: args.only.map(Into::into), max_rooms: args.max_rooms };
+    let requirements =
+        Requirements { only: args.only.map(Into::into), max_rooms: args.max_rooms, history: args.history };
     if args.dry_run {
         let rooms: Vec<_> = stored.bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
         let world = world::read(&bot.acting, &old, new, rooms, bot.config.handoff.concurrency.0 * 2).await?;

@@ -68,6 +68,9 @@ impl RoomFacts {
 pub struct Requirements {
     pub only: Option<OnlyRooms>,
     pub max_rooms: Option<usize>,
+    /// How many captured messages per room to deliver to the new account (0: none).
+    #[serde(default)]
+    pub history: usize,
 }
 
 /// [`Only`], serialisable.
@@ -421,11 +424,11 @@ mod tests {
         assert!(p.rooms.iter().all(|r| r.action == Action::Join));
         assert_eq!(p.rooms[0].give_level, Some(Int::from(50u32)));
 
-        let only = Requirements { only: Some(OnlyRooms::Dms), max_rooms: None };
+        let only = Requirements { only: Some(OnlyRooms::Dms), max_rooms: None, history: 0 };
         let p = plan(&b, &new(), &only, &w);
         assert_eq!(p.rooms.len(), 1);
         assert_eq!(p.left_out, 4);
-        let max = Requirements { only: None, max_rooms: Some(2) };
+        let max = Requirements { only: None, max_rooms: Some(2), history: 0 };
         let p = plan(&b, &new(), &max, &w);
         assert_eq!(p.rooms.len(), 2);
         assert_eq!(p.left_out, 3);

@@ -403,13 +403,14 @@ impl Engine {
             );
             return Ok(());
         }
-        let steps: [(&str, StepFn); 6] = [
+        let steps: [(&str, StepFn); 7] = [
             ("direct", |e, t, b, p| Box::pin(e.merge_direct(t, b, p))),
             ("ignored_users", |e, t, b, _| Box::pin(e.merge_ignored(t, b))),
             ("push_rules", |e, t, b, _| Box::pin(e.apply_push_rules(t, b))),
             ("client_settings", |e, t, b, _| Box::pin(e.apply_settings(t, b))),
             ("old_mentions", |e, t, _, _| Box::pin(e.add_mention_rule(t))),
             ("room_keys", |e, t, b, _| Box::pin(e.deliver_keys(t, b))),
+            ("history", |e, t, b, p| Box::pin(e.deliver_history(t, b, p))),
         ];
         self.account_step_list(t, bundle, plan, &steps).await
     }
@@ -617,17 +618,7 @@ impl Engine {
             return Ok("no key export in the bundle".into());
         };
         let name = "element-keys.txt";
-        let mut upload = create_content::v3::Request::new(keys.armored.clone().into_bytes());
-        upload.filename = Some(name.into());
-        upload.content_type = Some("text/plain".into());
-        let uri = self.bot.send(upload).await?.content_uri;
-        let mut info = FileInfo::new();
-        info.mimetype = Some("text/plain".into());
-        info.size = UInt::try_from(keys.armored.len()).ok();
-        let mut file = FileMessageEventContent::new(name.into(), MediaSource::Plain(uri));
-        file.filename = Some(name.into());
-        file.info = Some(Box::new(info));
-        self.send_bot(&t.new_dm, &format!("keys-{}", t.id), RoomMessageEventContent::new(MessageType::File(file)))
+        self.send_file(&t.new_dm, &format!("keys-{}", t.id), name, "text/plain", keys.armored.clone().into_bytes())
             .await?;
         self.post(
             &t.new_dm,
@@ -636,6 +627,90 @@ impl Engine {
         )
         .await?;
         Ok("key export delivered".into())
+    }
+
+    /// With `import --history N`: the last N captured messages of each moved room, as one file in
+    /// the new account's DM (HTML for desktop clients, plain text for mobile ones).
+    async fn deliver_history(&self, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<String, RunError> {
+        let n = t.requirements.history;
+        if n == 0 {
+            return Ok("not asked for (import --history N)".into());
+        }
+        let html = t.profile == ClientProfile::Desktop;
+        let (mut text, mut messages, mut rooms) = (String::new(), 0, 0);
+        for r in &plan.rooms {
+            let Some(entry) = bundle.rooms.iter().find(|e| e.room_id == r.room_id) else { continue };
+            let Some(history) = &entry.history else { continue };
+            let recent = &history.messages[history.messages.len().saturating_sub(n)..];
+            if recent.is_empty() && history.encrypted_count == 0 {
+                continue;
+            }
+            rooms += 1;
+            let title = entry.name.clone().unwrap_or_else(|| entry.room_id.to_string());
+            text.push_str(&if html {
+                format!("<h2>{}</h2>\n<ul>\n", crate::bot::escape(&title))
+            } else {
+                format!("== {title} ==\n")
+            });
+            for m in recent {
+                let when = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_millis(m.origin_server_ts.get().into()),
+                );
+                let line = format!("[{when}] {}: {}", m.sender, m.content.body());
+                text.push_str(&if html {
+                    format!("<li>{}</li>\n", crate::bot::escape(&line))
+                } else {
+                    format!("{line}\n")
+                });
+                messages += 1;
+            }
+            if history.encrypted_count > 0 {
+                let note = format!(
+                    "({} encrypted messages are not copied: import your keys to read them in the room)",
+                    history.encrypted_count
+                );
+                text.push_str(&if html { format!("<li><em>{note}</em></li>\n") } else { format!("{note}\n") });
+            }
+            if html {
+                text.push_str("</ul>\n");
+            }
+        }
+        if rooms == 0 {
+            return Ok("the bundle carries no history (export --history N)".into());
+        }
+        let (name, mime) = if html { ("history.html", "text/html") } else { ("history.txt", "text/plain") };
+        if html {
+            text = format!(
+                "<!doctype html><meta charset=utf-8><title>History from {}</title>\n{text}",
+                crate::bot::escape(t.old.as_str())
+            );
+        }
+        self.send_file(&t.new_dm, &format!("history-{}", t.id), name, mime, text.into_bytes()).await?;
+        Ok(format!("{messages} message(s) from {rooms} room(s) delivered as {name}"))
+    }
+
+    /// Uploads `bytes` as the bot and posts them as a file message.
+    async fn send_file(
+        &self,
+        room: &RoomId,
+        key: &str,
+        name: &str,
+        mime: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), RunError> {
+        let size = bytes.len();
+        let mut upload = create_content::v3::Request::new(bytes);
+        upload.filename = Some(name.into());
+        upload.content_type = Some(mime.into());
+        let uri = self.bot.send(upload).await?.content_uri;
+        let mut info = FileInfo::new();
+        info.mimetype = Some(mime.into());
+        info.size = UInt::try_from(size).ok();
+        let mut file = FileMessageEventContent::new(name.into(), MediaSource::Plain(uri));
+        file.filename = Some(name.into());
+        file.info = Some(Box::new(info));
+        self.send_bot(room, key, RoomMessageEventContent::new(MessageType::File(file))).await?;
+        Ok(())
     }
 
     /// Edits the status message at most every two seconds, and always for the last room.

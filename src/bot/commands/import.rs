@@ -8,7 +8,7 @@ use crate::transfer::ClientProfile;
 
 pub const SPEC: Spec = Spec {
     name: "import",
-    usage: "import CODE [--only favourites|dms|rooms] [--max-rooms N] [--profile mobile|desktop] [--dry-run]",
+    usage: "import CODE [--only favourites|dms|rooms] [--max-rooms N] [--history N] [--profile mobile|desktop] [--dry-run]",
     summary: "on the new account: move the bundle of a transfer code here (--dry-run shows the plan and changes nothing)",
 };
 
@@ -17,6 +17,8 @@ pub struct Import {
     pub code: TransferCode,
     pub only: Option<Only>,
     pub max_rooms: Option<usize>,
+    /// Deliver up to N captured messages per room (as a file in the DM).
+    pub history: usize,
     pub profile: ClientProfile,
     pub dry_run: bool,
 }
@@ -33,6 +35,10 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
         ),
         None => None,
     };
+    let history = match args.option("--history").map_err(usage)? {
+        Some(n) => n.parse::<usize>().map_err(|_| usage(format!("`--history` takes a number, not `{n}`")))?,
+        None => 0,
+    };
     let profile = args.option("--profile").map_err(usage)?.map(|p| p.parse()).transpose().map_err(usage)?;
     let dry_run = args.flag("--dry-run");
     // The code may have been pasted with spaces between its groups: take every remaining word.
@@ -45,5 +51,5 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
         return Err(usage("give the transfer code that `export` showed on the old account".into()));
     }
     let code = TransferCode::parse(&words.join("")).map_err(|e| usage(e.to_string()))?;
-    Ok(Command::Import(Import { code, only, max_rooms, profile: profile.unwrap_or_default(), dry_run }))
+    Ok(Command::Import(Import { code, only, max_rooms, history, profile: profile.unwrap_or_default(), dry_run }))
 }
