@@ -2,10 +2,10 @@
 //!
 //! - capture: `export` of an account with N rooms, against the minimum requests a capture needs
 //!   (joined rooms, one account-data sync, each room's state) sent directly at the best concurrency;
-//! - transfer: `import` of N rooms at the default concurrency and at concurrency 1 (one room at a
-//!   time, as today's migration tools do), against the homeserver's ceiling: the same invites and
-//!   joins sent directly at the best concurrency; plus the service's own CPU time per room moved
-//!   and its peak memory.
+//! - transfer: `import` of N rooms at the default concurrency, at 16 and at 1 (one room at a time,
+//!   as today's migration tools do), against two ceilings: the same invites and joins sent directly
+//!   at the best concurrency, and the same work as the engine (invite, join, power level, notice)
+//!   sent directly; plus the service's own CPU time per room moved and its peak memory.
 //!
 //! Run: `cargo bench --bench transfer` (N = 500; `HANDOFF_BENCH_ROOMS=100` for a quicker run).
 
@@ -18,9 +18,13 @@ use common::{Harness, User};
 use futures_util::stream::{self, StreamExt};
 use ruma::api::client::filter::{FilterDefinition, RoomEventFilter, RoomFilter};
 use ruma::api::client::membership::{invite_user, join_room_by_id, joined_rooms};
+use ruma::api::client::message::send_message_event;
 use ruma::api::client::room::create_room;
-use ruma::api::client::state::get_state_events;
+use ruma::api::client::state::{get_state_event_for_key, get_state_events, send_state_event};
 use ruma::api::client::sync::sync_events;
+use ruma::events::StateEventType;
+use ruma::events::room::message::RoomMessageEventContent;
+use ruma::serde::Raw;
 use ruma::{OwnedRoomId, RoomId};
 
 fn main() {
@@ -126,6 +130,40 @@ async fn direct_moves(old: &User, new: &User, rooms: &[OwnedRoomId], concurrency
     start.elapsed()
 }
 
+/// The same work as the engine per room, sent directly: invite, join, re-read and raise the power
+/// level, one notice. What the engine adds on top of this is its own overhead.
+async fn direct_full_moves(old: &User, new: &User, rooms: &[OwnedRoomId], concurrency: usize) -> Duration {
+    let start = Instant::now();
+    stream::iter(rooms.iter().enumerate())
+        .map(|(i, r)| async move {
+            old.send(invite_user::v3::Request::new(
+                r.clone(),
+                invite_user::v3::InviteUserId::new(new.id.clone()).into(),
+            ))
+            .await;
+            new.send(join_room_by_id::v3::Request::new(r.clone())).await;
+            let req =
+                get_state_event_for_key::v3::Request::new(r.clone(), StateEventType::RoomPowerLevels, String::new());
+            let mut pl: serde_json::Value = serde_json::from_str(old.send(req).await.event_or_content.get()).unwrap();
+            pl["users"][new.id.as_str()] = 150.into();
+            let raw = Raw::from_json(serde_json::value::to_raw_value(&pl).unwrap());
+            old.send(send_state_event::v3::Request::new_raw(
+                r.clone(),
+                StateEventType::RoomPowerLevels,
+                String::new(),
+                raw,
+            ))
+            .await;
+            let notice = RoomMessageEventContent::notice_plain(format!("{} has moved to {}", old.id, new.id));
+            let req = send_message_event::v3::Request::new(r.clone(), format!("bench-{i}").into(), &notice).unwrap();
+            old.send(req).await;
+        })
+        .buffer_unordered(concurrency)
+        .count()
+        .await;
+    start.elapsed()
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -135,13 +173,10 @@ async fn run() {
     println!("handoff benchmark: {n} rooms, Synapse {} on loopback", handoff::sandbox::SYNAPSE_VERSION);
     let mut h = Harness::start_with(|c| c.replace("level: \"info,handoff=debug\"", "level: warn")).await;
     let alice = h.user("alice").await;
-    let targets = [
-        h.user("ceiling4").await,
-        h.user("ceiling16").await,
-        h.user("bob").await,
-        h.user("carol").await,
-        h.user("dave").await,
-    ];
+    let mut targets = Vec::new();
+    for name in ["ceiling4", "ceiling16", "bob", "carol", "dave", "full4", "full16"] {
+        targets.push(h.user(name).await);
+    }
     let t = Instant::now();
     let rooms = create_rooms(&alice, n).await;
     println!("setup: created {n} rooms in {:.1} s", t.elapsed().as_secs_f64());
@@ -154,9 +189,26 @@ async fn run() {
         let c16 = direct_capture(&alice, 16).await;
         c4.min(c16)
     };
+    let acting = handoff::homeserver::Homeserver::connect(
+        &h.synapse().url,
+        &h.config_value("appservice.acting.as_token"),
+        reqwest::Client::new(),
+    )
+    .await
+    .unwrap();
+    let opts = handoff::bundle::capture::CaptureOptions { concurrency: 8, ..Default::default() };
+    let start = Instant::now();
+    let bundle = handoff::bundle::capture::capture(&acting, &alice.id, &h.synapse().url, &opts).await.unwrap();
+    let library = start.elapsed();
+    assert_eq!(bundle.rooms.len(), n + 1, "every room and the bot's DM");
     let (capture, _) = timed_command(&h, &alice, &adm, "export", "Your transfer code").await;
     println!("\ncapture ({n} rooms)");
     println!("  minimum requests, direct:  {:>7.2} s", direct.as_secs_f64());
+    println!(
+        "  capture() itself:          {:>7.2} s = {:.2}x the minimum requests",
+        library.as_secs_f64(),
+        library.as_secs_f64() / direct.as_secs_f64()
+    );
     println!("  handoff export (end to end, incl. storing and answering): {:>7.2} s", capture.as_secs_f64());
     println!("  ratio export / direct:     {:>7.2}", capture.as_secs_f64() / direct.as_secs_f64());
 
@@ -166,6 +218,14 @@ async fn run() {
     let ceiling = rate(n, c4).max(rate(n, c16));
     println!("\ntransfer ({n} rooms)");
     println!("  ceiling, direct invite+join: {:.1} rooms/s at 4 in flight, {:.1} at 16", rate(n, c4), rate(n, c16));
+    let f4 = direct_full_moves(&alice, &targets[5], &rooms, 4).await;
+    let f16 = direct_full_moves(&alice, &targets[6], &rooms, 16).await;
+    let same_work = rate(n, f4).max(rate(n, f16));
+    println!(
+        "  same work as the engine, direct (invite, join, power level, notice): {:.1} rooms/s at 4, {:.1} at 16",
+        rate(n, f4),
+        rate(n, f16)
+    );
 
     // The engine at its default concurrency, then at 16, then at 1.
     let default = handoff::config::HandoffConfig::default().concurrency.0;
@@ -194,8 +254,9 @@ async fn run() {
     }
     for (c, r, cpu, rss) in &results {
         println!(
-            "  handoff at concurrency {c}: {r:.1} rooms/s = {:.2} of the ceiling; service CPU {:.1} ms per room; peak RSS {rss:.0} MiB",
+            "  handoff at concurrency {c}: {r:.1} rooms/s = {:.2} of the invite+join ceiling, {:.2} of the same work sent directly; service CPU {:.1} ms per room; peak RSS {rss:.0} MiB",
             r / ceiling,
+            r / same_work,
             cpu.as_secs_f64() * 1000.0 / n as f64
         );
     }

@@ -113,6 +113,9 @@ async fn bound_code_moves_rooms_and_cannot_be_used_twice() {
     assert_eq!(notice["content"]["org.handoff.move"]["to"], "@bob:localhost");
     assert_eq!(notice["content"]["org.handoff.move"]["profile"], "desktop");
 
+    // Neither the code nor a token reaches the log.
+    assert!(!h.log().contains(&code), "the transfer code leaked into the log");
+
     // The same code a second time: refused.
     let again = ask(&h, &bob, &bdm, &format!("import {code}"), "already used").await;
     assert!(again.contains("export"), "{again}");

@@ -180,7 +180,19 @@ pub async fn status(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
             "\n{} rooms: {done} moved, {awaiting} awaiting accept, {skipped} skipped, {failed} failed, {pending} to do",
             plan.rooms.len()
         ));
-        for r in &plan.rooms {
+        // Rooms that need attention first; a long list is cut, `status` is a summary.
+        let mut rooms: Vec<_> = plan.rooms.iter().collect();
+        rooms.sort_by_key(|r| match steps.get(&r.room_id) {
+            Some(RoomStep::Failed(_)) | Some(RoomStep::Skipped(_)) => 0,
+            Some(RoomStep::AwaitingAccept) => 1,
+            Some(RoomStep::Done) => 3,
+            _ => 2,
+        });
+        const SHOWN: usize = 40;
+        if rooms.len() > SHOWN {
+            text.push_str(&format!("\n(the first {SHOWN} of {} rooms, those that need attention first)", rooms.len()));
+        }
+        for r in rooms.into_iter().take(SHOWN) {
             let label = r.name.clone().unwrap_or_else(|| r.room_id.to_string());
             let state = match steps.get(&r.room_id) {
                 None | Some(RoomStep::Pending) => "to do".to_owned(),

@@ -951,7 +951,23 @@ impl Report {
         };
         section(&mut out, "Skipped (what you can do)", &self.skipped);
         section(&mut out, "Failed (run `import` again with a new code to retry)", &self.failed);
-        section(&mut out, "Warnings", &self.warnings);
+        // The same warning in many rooms (a creator's rank, say) is said once, with the rooms.
+        let mut grouped: Vec<(String, Vec<&str>)> = Vec::new();
+        for (room, why) in &self.warnings {
+            match grouped.iter_mut().find(|(w, _)| w == why) {
+                Some((_, rooms)) => rooms.push(room),
+                None => grouped.push((why.clone(), vec![room])),
+            }
+        }
+        let grouped: Vec<(String, String)> = grouped
+            .into_iter()
+            .map(|(why, rooms)| {
+                let shown = rooms.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+                let more = if rooms.len() > 5 { format!(" and {} more", rooms.len() - 5) } else { String::new() };
+                (format!("{shown}{more}"), why)
+            })
+            .collect();
+        section(&mut out, "Warnings", &grouped);
         if self.awaiting > 0 {
             out.push_str(&format!(
                 "\n{} rooms wait for you to accept their invites from your new account's client.\n",
