@@ -5,17 +5,13 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Harness, eventually, run_handoff};
+use common::{Harness, body, eventually, run_handoff};
 use serde_json::{Value, json};
 
 /// A config where one local user is explicitly not permitted.
 fn with_mallory_refused(config: String) -> String {
     config
         .replace("        \"localhost\": user\n", "        \"localhost\": user\n        \"@mallory:localhost\": none\n")
-}
-
-fn body(event: &Value) -> &str {
-    event["content"]["body"].as_str().unwrap_or("")
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Harness, User, eventually, run_handoff};
+use common::{Harness, User, body, code_in, eventually, run_handoff};
 use handoff::bundle::{Bundle, RoomKind};
 use ruma::api::client::authenticated_media::get_content;
 use ruma::api::client::media::create_content;
@@ -13,36 +13,11 @@ use ruma::events::tag::TagInfo;
 use ruma::{OwnedMxcUri, OwnedRoomId, RoomId};
 use serde_json::Value;
 
-fn body(event: &Value) -> &str {
-    event["content"]["body"].as_str().unwrap_or("")
-}
-
-fn code_in(text: &str) -> Option<String> {
-    text.lines().map(str::trim).find(|l| l.len() == 34 && l.split('-').count() == 7).map(str::to_owned)
-}
-
-async fn dm_with_bot(h: &Harness, user: &User) -> OwnedRoomId {
-    let dm = user.create_dm(&h.bot).await;
-    user.wait_for_messages(&dm, &h.bot, 1).await;
-    dm
-}
-
-/// Sends `command`; waits for a new bot message containing `expect`; returns it.
-async fn ask(h: &Harness, user: &User, dm: &RoomId, command: &str, expect: &str) -> Value {
-    let before = user.messages_from(dm, &h.bot).await.len();
-    user.send_text(dm, command).await;
-    eventually(&format!("a reply to `{command}` containing {expect:?}"), || async {
-        let msgs = user.messages_from(dm, &h.bot).await;
-        msgs.into_iter().skip(before).find(|m| body(m).contains(expect))
-    })
-    .await
-}
-
 /// `export --file ARGS`: returns the code and the bundle file's bytes, downloaded as the user.
 async fn export_file(h: &Harness, user: &User, dm: &RoomId, args: &str) -> (String, Vec<u8>) {
     let before = user.messages_from(dm, &h.bot).await.len();
-    let answer = ask(h, user, dm, &format!("export --file {args}"), "Your transfer code").await;
-    let code = code_in(body(&answer)).expect("a code on a line of its own");
+    let answer = h.ask(user, dm, &format!("export --file {args}"), "Your transfer code").await;
+    let code = code_in(&answer).expect("a code on a line of its own");
     let file = eventually("the bundle file", || async {
         user.messages_from(dm, &h.bot).await.into_iter().skip(before).find(|m| m["content"]["msgtype"] == "m.file")
     })
@@ -84,7 +59,7 @@ async fn export_file_inspect_only_exclude_keys_and_forget() {
             raw,
         ))
         .await;
-    let dm = dm_with_bot(&h, &alice).await;
+    let dm = h.dm_with_bot(&alice).await;
 
     // The whole account, as a file that opens with the code; the bot's own DM is not part of it.
     let (code, file) = export_file(&h, &alice, &dm, "").await;
@@ -163,8 +138,8 @@ async fn export_file_inspect_only_exclude_keys_and_forget() {
     assert!(body(&reply).contains("header"), "{reply}");
     let reply = send_file(&h, &alice, &dm, "element-keys.txt", element_vector.as_bytes(), "Attached").await;
     assert!(body(&reply).contains("10 PBKDF2 rounds"), "{reply}");
-    let shown = ask(&h, &alice, &dm, "keys", "key export").await;
-    assert!(body(&shown).contains("carries a key export"), "{shown}");
+    let shown = h.ask(&alice, &dm, "keys", "key export").await;
+    assert!(shown.contains("carries a key export"), "{shown}");
 
     // Everything is sealed at rest; `forget` leaves nothing about alice behind.
     h.signal_handoff("TERM");
@@ -181,8 +156,8 @@ async fn export_file_inspect_only_exclude_keys_and_forget() {
         assert_eq!(store.codes_of(&alice.id).unwrap().len(), 4);
     }
     h.start_handoff().await;
-    let forgot = ask(&h, &alice, &dm, "forget", "Deleted").await;
-    assert!(body(&forgot).contains("Deleted 4 bundle(s), 4 transfer code(s)"), "{forgot}");
+    let forgot = h.ask(&alice, &dm, "forget", "Deleted").await;
+    assert!(forgot.contains("Deleted 4 bundle(s), 4 transfer code(s)"), "{forgot}");
     h.signal_handoff("TERM");
     let store = handoff::store::Store::open(&db).unwrap();
     assert_eq!(store.bundle_count(&alice.id), 0);

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Harness, User, eventually};
+use common::{Harness, User, body, code_in, eventually};
 use handoff::bundle::{Bundle, Priority, Rank, RoomKind, RoomNotifications};
 use ruma::api::client::config::{get_global_account_data, set_global_account_data};
 use ruma::api::client::membership::{ban_user, joined_rooms};
@@ -25,10 +25,6 @@ use serde_json::{Value, json};
 
 fn raw<T>(v: Value) -> Raw<T> {
     Raw::from_json(serde_json::value::to_raw_value(&v).unwrap())
-}
-
-fn body(event: &Value) -> &str {
-    event["content"]["body"].as_str().unwrap_or("")
 }
 
 async fn room(user: &User, name: &str, extra: impl FnOnce(&mut create_room::v3::Request)) -> OwnedRoomId {
@@ -244,19 +240,6 @@ async fn populate(h: &Harness, alice: &User, bob: &User) -> Setup {
     }
 }
 
-fn code_in(text: &str) -> String {
-    text.lines().map(str::trim).find(|l| l.len() == 34 && l.split('-').count() == 7).expect("a code").to_owned()
-}
-
-async fn ask(h: &Harness, user: &User, dm: &RoomId, command: &str, expect: &str) -> Value {
-    let before = user.messages_from(dm, &h.bot).await.len();
-    user.send_text(dm, command).await;
-    eventually(&format!("a reply to `{command}` containing {expect:?}"), || async {
-        user.messages_from(dm, &h.bot).await.into_iter().skip(before).find(|m| body(m).contains(expect))
-    })
-    .await
-}
-
 #[tokio::test]
 async fn a_whole_account_is_captured_and_moved_field_by_field() {
     let h = Harness::start().await;
@@ -276,8 +259,8 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
 
     // Capture, field by field (from the bundle file, opened with the code).
     let before = alice.messages_from(&adm, &h.bot).await.len();
-    let answer = ask(&h, &alice, &adm, "export --to @bob:localhost --file --history 5", "Your transfer code").await;
-    let code = code_in(body(&answer));
+    let answer = h.ask(&alice, &adm, "export --to @bob:localhost --file --history 5", "Your transfer code").await;
+    let code = code_in(&answer).expect("a code");
     let file = eventually("the bundle file", || async {
         alice.messages_from(&adm, &h.bot).await.into_iter().skip(before).find(|m| m["content"]["msgtype"] == "m.file")
     })
@@ -291,8 +274,7 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     check_bundle(&bundle, &s, &alice);
 
     // The move.
-    let report = ask(&h, &bob, &bdm, &format!("import {code} --history 2"), "rooms moved to @bob:localhost").await;
-    let report = body(&report).to_owned();
+    let report = h.ask(&bob, &bdm, &format!("import {code} --history 2"), "rooms moved to @bob:localhost").await;
     // The history portion asked for: the last two messages of the chatty room, as an HTML file.
     let file =
         bob.messages_from(&bdm, &h.bot).await.into_iter().find(|m| body(m) == "history.html").expect("history file");
@@ -370,8 +352,7 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     assert!(tags.contains_key(&TagName::Favorite));
 
     // finish: leave where bob has at least the same rank (not where alice is a v12 creator).
-    let fin = ask(&h, &alice, &adm, "finish --leave --advertise", "Left").await;
-    let fin = body(&fin).to_owned();
+    let fin = h.ask(&alice, &adm, "finish --leave --advertise", "Left").await;
     // Only the hosted room: everywhere else alice is the creator (v12), or bob is not there.
     assert!(fin.contains("Left 1 room(s)"), "{fin}");
     let still: Vec<OwnedRoomId> = alice.send(joined_rooms::v3::Request::new()).await.joined_rooms;

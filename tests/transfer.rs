@@ -5,46 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, User, eventually};
+use common::{Harness, User, body, code_in, eventually};
 use ruma::{OwnedRoomId, RoomId, UserId};
-use serde_json::Value;
-
-fn body(event: &Value) -> &str {
-    event["content"]["body"].as_str().unwrap_or("")
-}
-
-/// The code on a line of its own in the bot's export answer.
-fn code_in(text: &str) -> Option<String> {
-    text.lines()
-        .map(str::trim)
-        .find(|l| {
-            l.len() == 34
-                && l.split('-').count() == 7
-                && l.chars().all(|c| c == '-' || c.is_ascii_uppercase() || ('2'..='7').contains(&c))
-        })
-        .map(str::to_owned)
-}
-
-/// Opens a DM with the bot and waits for the greeting.
-async fn dm_with_bot(h: &Harness, user: &User) -> OwnedRoomId {
-    let dm = user.create_dm(&h.bot).await;
-    user.wait_for_messages(&dm, &h.bot, 1).await;
-    dm
-}
-
-/// Sends `command` and waits for a bot message containing `expect`; returns its body.
-async fn ask(h: &Harness, user: &User, dm: &RoomId, command: &str, expect: &str) -> String {
-    let before = user.messages_from(dm, &h.bot).await.len();
-    user.send_text(dm, command).await;
-    eventually(&format!("a reply to `{command}` containing {expect:?}"), || async {
-        let msgs = user.messages_from(dm, &h.bot).await;
-        msgs[before.min(msgs.len())..].iter().map(|m| body(m).to_owned()).find(|b| b.contains(expect))
-    })
-    .await
-}
 
 async fn export(h: &Harness, old: &User, dm: &RoomId, args: &str) -> String {
-    let answer = ask(h, old, dm, &format!("export {args}"), "Your transfer code").await;
+    let answer = h.ask(old, dm, &format!("export {args}"), "Your transfer code").await;
     code_in(&answer).unwrap_or_else(|| panic!("no code in {answer}"))
 }
 
@@ -90,19 +55,19 @@ async fn bound_code_moves_rooms_and_cannot_be_used_twice() {
     let h = Harness::start().await;
     let (alice, bob, carol) = (h.user("alice").await, h.user("bob").await, h.user("carol").await);
     let rooms = rooms(&alice, 4).await;
-    let (adm, bdm, cdm) = (dm_with_bot(&h, &alice).await, dm_with_bot(&h, &bob).await, dm_with_bot(&h, &carol).await);
+    let (adm, bdm, cdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await, h.dm_with_bot(&carol).await);
     let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
 
     // Bound to bob: carol is told there is no such code (nothing reveals that it exists).
-    let refused = ask(&h, &carol, &cdm, &format!("import {code}"), "no such transfer code").await;
+    let refused = h.ask(&carol, &cdm, &format!("import {code}"), "no such transfer code").await;
     assert!(!refused.contains("alice"), "{refused}");
 
     // A dry run shows the plan and changes nothing; the code stays good.
-    let plan = ask(&h, &bob, &bdm, &format!("import {} --dry-run", code.to_lowercase()), "Dry run").await;
+    let plan = h.ask(&bob, &bdm, &format!("import {} --dry-run", code.to_lowercase()), "Dry run").await;
     assert!(plan.contains("4 to join"), "{plan}");
     assert!(memberships(&alice, &rooms[0], &bob.id).await.is_empty(), "dry run changed nothing");
 
-    let report = ask(&h, &bob, &bdm, &format!("import {code}"), "rooms moved to @bob:localhost").await;
+    let report = h.ask(&bob, &bdm, &format!("import {code}"), "rooms moved to @bob:localhost").await;
     assert!(report.starts_with("4 of 4 rooms moved"), "{report}");
     assert_moved_once(&alice, &bob, &rooms).await;
     let notice =
@@ -117,10 +82,10 @@ async fn bound_code_moves_rooms_and_cannot_be_used_twice() {
     assert!(!h.log().contains(&code), "the transfer code leaked into the log");
 
     // The same code a second time: refused.
-    let again = ask(&h, &bob, &bdm, &format!("import {code}"), "already used").await;
+    let again = h.ask(&bob, &bdm, &format!("import {code}"), "already used").await;
     assert!(again.contains("export"), "{again}");
     // `status` on either side tells the outcome.
-    let status = ask(&h, &alice, &adm, "status", "Transfer").await;
+    let status = h.ask(&alice, &adm, "status", "Transfer").await;
     assert!(status.contains("done") && status.contains("4 moved"), "{status}");
 }
 
@@ -129,10 +94,10 @@ async fn unbound_code_waits_for_approval_and_deny_changes_nothing() {
     let h = Harness::start().await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     let rooms = rooms(&alice, 2).await;
-    let (adm, bdm) = (dm_with_bot(&h, &alice).await, dm_with_bot(&h, &bob).await);
+    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
 
     let code = export(&h, &alice, &adm, "").await;
-    ask(&h, &bob, &bdm, &format!("import {code} --profile mobile"), "has been asked to approve").await;
+    h.ask(&bob, &bdm, &format!("import {code} --profile mobile"), "has been asked to approve").await;
     let prompt = eventually("the approval prompt", || async {
         alice
             .messages_from(&adm, &h.bot)
@@ -145,7 +110,7 @@ async fn unbound_code_waits_for_approval_and_deny_changes_nothing() {
     assert!(prompt.contains("@bob:localhost") && prompt.contains("mobile"), "{prompt}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(memberships(&alice, &rooms[0], &bob.id).await.is_empty(), "nothing before approval");
-    ask(&h, &alice, &adm, "deny", "Refused").await;
+    h.ask(&alice, &adm, "deny", "Refused").await;
     eventually("bob to hear of the refusal", || async {
         bob.messages_from(&bdm, &h.bot).await.iter().any(|m| body(m).contains("refused the import")).then_some(())
     })
@@ -154,13 +119,13 @@ async fn unbound_code_waits_for_approval_and_deny_changes_nothing() {
 
     // A fresh code, approved this time: the mobile profile gets the compact digest.
     let code = export(&h, &alice, &adm, "").await;
-    ask(&h, &bob, &bdm, &format!("import {code} --profile mobile"), "asked to approve").await;
+    h.ask(&bob, &bdm, &format!("import {code} --profile mobile"), "asked to approve").await;
     eventually("the second prompt", || async {
         (alice.messages_from(&adm, &h.bot).await.iter().filter(|m| body(m).contains("wants to import")).count() == 2)
             .then_some(())
     })
     .await;
-    ask(&h, &alice, &adm, "approve", "Approved").await;
+    h.ask(&alice, &adm, "approve", "Approved").await;
     let digest = eventually("the report", || async {
         bob.messages_from(&bdm, &h.bot).await.into_iter().find(|m| body(m).starts_with("2 of 2 rooms moved"))
     })
@@ -173,13 +138,13 @@ async fn unbound_code_waits_for_approval_and_deny_changes_nothing() {
 async fn wrong_codes_are_rate_limited_and_malformed_ones_explained() {
     let h = Harness::start().await;
     let bob = h.user("bob").await;
-    let bdm = dm_with_bot(&h, &bob).await;
-    let malformed = ask(&h, &bob, &bdm, "import ABCD-EFGH", "has 28 letters").await;
+    let bdm = h.dm_with_bot(&bob).await;
+    let malformed = h.ask(&bob, &bdm, "import ABCD-EFGH", "has 28 letters").await;
     assert!(malformed.contains("Usage"), "{malformed}");
     for _ in 0..5 {
-        ask(&h, &bob, &bdm, "import AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA", "no such transfer code").await;
+        h.ask(&bob, &bdm, "import AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAA", "no such transfer code").await;
     }
-    ask(&h, &bob, &bdm, "import AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAB", "Too many wrong codes").await;
+    h.ask(&bob, &bdm, "import AAAA-AAAA-AAAA-AAAA-AAAA-AAAA-AAAB", "Too many wrong codes").await;
 }
 
 /// Waits until `new` has joined at least `n` of `rooms`.
@@ -202,7 +167,7 @@ async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
     let mut h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     let rooms = rooms(&alice, 24).await;
-    let (adm, bdm) = (dm_with_bot(&h, &alice).await, dm_with_bot(&h, &bob).await);
+    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
     let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
     bob.send_text(&bdm, &format!("import {code}")).await;
 
@@ -212,14 +177,7 @@ async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
         assert!(!status.success());
         h.start_handoff().await;
     }
-    let report = eventually("the report after restarts", || async {
-        bob.messages_from(&bdm, &h.bot)
-            .await
-            .into_iter()
-            .map(|m| body(&m).to_owned())
-            .find(|b| b.contains("rooms moved to"))
-    })
-    .await;
+    let report = h.bot_says(&bob, &bdm, 0, "the report after restarts", |b| b.contains("rooms moved to")).await;
     assert!(report.starts_with("24 of 24 rooms moved"), "{report}");
     assert!(h.log().contains("resuming transfer"));
     assert_moved_once(&alice, &bob, &rooms).await;
@@ -232,7 +190,7 @@ async fn homeserver_outage_mid_transfer_is_waited_out() {
     let mut h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     let rooms = rooms(&alice, 16).await;
-    let (adm, bdm) = (dm_with_bot(&h, &alice).await, dm_with_bot(&h, &bob).await);
+    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
     let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
     bob.send_text(&bdm, &format!("import {code}")).await;
     joined_at_least(&alice, &bob, &rooms, 4).await;
@@ -241,14 +199,7 @@ async fn homeserver_outage_mid_transfer_is_waited_out() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     h.sandbox.synapse.restart().await.unwrap();
 
-    let report = eventually("the report after the outage", || async {
-        bob.messages_from(&bdm, &h.bot)
-            .await
-            .into_iter()
-            .map(|m| body(&m).to_owned())
-            .find(|b| b.contains("rooms moved to"))
-    })
-    .await;
+    let report = h.bot_says(&bob, &bdm, 0, "the report after the outage", |b| b.contains("rooms moved to")).await;
     assert!(report.starts_with("16 of 16 rooms moved"), "{report}");
     assert_moved_once(&alice, &bob, &rooms).await;
 }
@@ -258,14 +209,14 @@ async fn auto_export_starts_when_the_new_account_first_signs_in() {
     let h = Harness::start().await;
     let alice = h.user("alice").await;
     let rooms = rooms(&alice, 3).await;
-    let adm = dm_with_bot(&h, &alice).await;
-    let answer = ask(&h, &alice, &adm, "export --to @newbie:localhost --auto", "Your transfer code").await;
+    let adm = h.dm_with_bot(&alice).await;
+    let answer = h.ask(&alice, &adm, "export --to @newbie:localhost --auto", "Your transfer code").await;
     assert!(answer.contains("starts by itself"), "{answer}");
     // The new account is created (and signs in) only now.
     let newbie = h.user("newbie").await;
     joined_at_least(&alice, &newbie, &rooms, 3).await;
     let status = eventually("the automatic transfer to finish", || async {
-        let s = ask(&h, &alice, &adm, "status", "Transfer").await;
+        let s = h.ask(&alice, &adm, "status", "Transfer").await;
         s.contains("done").then_some(s)
     })
     .await;
@@ -278,19 +229,12 @@ async fn cancel_stops_after_the_rooms_in_flight_and_keeps_what_is_done() {
     let h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     let rooms = rooms(&alice, 30).await;
-    let (adm, bdm) = (dm_with_bot(&h, &alice).await, dm_with_bot(&h, &bob).await);
+    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
     let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
     bob.send_text(&bdm, &format!("import {code}")).await;
     joined_at_least(&alice, &bob, &rooms, 2).await;
-    ask(&h, &bob, &bdm, "cancel", "Stopping after the rooms in flight").await;
-    let report = eventually("the cancelled report", || async {
-        bob.messages_from(&bdm, &h.bot)
-            .await
-            .into_iter()
-            .map(|m| body(&m).to_owned())
-            .find(|b| b.starts_with("Cancelled."))
-    })
-    .await;
+    h.ask(&bob, &bdm, "cancel", "Stopping after the rooms in flight").await;
+    let report = h.bot_says(&bob, &bdm, 0, "the cancelled report", |b| b.starts_with("Cancelled.")).await;
     let mut joined = 0;
     for r in &rooms {
         let m = memberships(&alice, r, &bob.id).await;
@@ -303,6 +247,6 @@ async fn cancel_stops_after_the_rooms_in_flight_and_keeps_what_is_done() {
     }
     assert!(joined >= 2 && joined < rooms.len(), "{joined} rooms moved before the cancel");
     assert!(report.contains(&format!("{joined} of {} rooms moved", rooms.len())), "{report}");
-    let status = ask(&h, &alice, &adm, "status", "Transfer").await;
+    let status = h.ask(&alice, &adm, "status", "Transfer").await;
     assert!(status.contains("cancelled"), "{status}");
 }

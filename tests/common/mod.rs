@@ -278,6 +278,58 @@ where
     }
 }
 
+/// The text of a message event.
+pub fn body(event: &Value) -> &str {
+    event["content"]["body"].as_str().unwrap_or("")
+}
+
+/// The transfer code on a line of its own in the bot's `export` answer (`XXXX-XXXX-…`, 7 groups).
+pub fn code_in(text: &str) -> Option<String> {
+    text.lines()
+        .map(str::trim)
+        .find(|l| {
+            l.len() == 34
+                && l.split('-').all(|g| g.len() == 4)
+                && l.chars().all(|c| c == '-' || c.is_ascii_uppercase() || ('2'..='7').contains(&c))
+        })
+        .map(str::to_owned)
+}
+
+impl Harness {
+    /// Opens a DM with the bot as `user` and waits for the greeting.
+    pub async fn dm_with_bot(&self, user: &User) -> OwnedRoomId {
+        let dm = user.create_dm(&self.bot).await;
+        user.wait_for_messages(&dm, &self.bot, 1).await;
+        dm
+    }
+
+    /// Sends `command` and waits for a new bot message containing `expect`; returns its text.
+    pub async fn ask(&self, user: &User, dm: &RoomId, command: &str, expect: &str) -> String {
+        let before = user.messages_from(dm, &self.bot).await.len();
+        user.send_text(dm, command).await;
+        self.bot_says(user, dm, before, &format!("a reply to `{command}` containing {expect:?}"), |b| {
+            b.contains(expect)
+        })
+        .await
+    }
+
+    /// Waits for a bot message in `dm`, after the first `skip`, whose text satisfies `matches`.
+    pub async fn bot_says(
+        &self,
+        user: &User,
+        dm: &RoomId,
+        skip: usize,
+        what: &str,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
+        eventually(what, || async {
+            let msgs = user.messages_from(dm, &self.bot).await;
+            msgs.iter().skip(skip).map(|m| body(m).to_owned()).find(|b| matches(b))
+        })
+        .await
+    }
+}
+
 /// Runs the handoff binary with `args`; returns its exit status and stderr.
 pub fn run_handoff(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
     let out = Command::new(HANDOFF).args(args).current_dir(cwd).output().unwrap();
