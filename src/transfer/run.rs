@@ -170,7 +170,6 @@ impl Engine {
                 let start = steps_ref.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
                 let step = match self.move_room(t_ref, bundle_ref, room, start).await {
                     Ok(step) => step,
-                    Err(e @ RunError::Store(_)) => RoomStep::Failed(e.to_string()),
                     Err(e) => RoomStep::Failed(e.to_string()),
                 };
                 if let Err(e) = self.store.set_room_step(id, &room.room_id, &step).await {
@@ -188,14 +187,14 @@ impl Engine {
         if cancelled || t.state == TransferState::Cancelling {
             t.state = TransferState::Cancelled;
             self.store.put_transfer(&t).await?;
-            let report = self.report(&t, &bundle, &plan, true)?;
+            let report = self.report(&t, &plan, true)?;
             self.post_report(&t, &report).await?;
             return Ok(());
         }
         self.account_steps(&mut t, &bundle, &plan).await?;
         t.state = TransferState::Done;
         self.store.put_transfer(&t).await?;
-        let report = self.report(&t, &bundle, &plan, false)?;
+        let report = self.report(&t, &plan, false)?;
         self.edit_status(&t, &format!("Done: {}", report.headline)).await?;
         self.post_report(&t, &report).await?;
         tracing::info!(transfer = id, "transfer done");
@@ -775,9 +774,9 @@ impl Engine {
         Ok(())
     }
 
-    fn report(&self, t: &Transfer, bundle: &Bundle, plan: &Plan, cancelled: bool) -> Result<Report, RunError> {
+    fn report(&self, t: &Transfer, plan: &Plan, cancelled: bool) -> Result<Report, RunError> {
         let steps = self.store.room_steps(t.id)?;
-        Ok(Report::new(t, bundle, plan, &steps, cancelled))
+        Ok(Report::new(t, plan, &steps, cancelled))
     }
 
     async fn post_report(&self, t: &Transfer, report: &Report) -> Result<(), RunError> {
@@ -884,13 +883,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(
-        t: &Transfer,
-        _bundle: &Bundle,
-        plan: &Plan,
-        steps: &BTreeMap<OwnedRoomId, RoomStep>,
-        cancelled: bool,
-    ) -> Report {
+    fn new(t: &Transfer, plan: &Plan, steps: &BTreeMap<OwnedRoomId, RoomStep>, cancelled: bool) -> Report {
         let label = |r: &RoomPlan| r.name.clone().unwrap_or_else(|| r.room_id.to_string());
         let (mut moved, mut awaiting, mut skipped, mut failed, mut warnings) = (0, 0, vec![], vec![], vec![]);
         for r in &plan.rooms {

@@ -20,6 +20,10 @@ use serde_json::Value;
 
 pub const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
 
+/// How long a test waits for something that should happen. Generous: tests run in parallel, each
+/// with its own Synapse, on a 2-core machine.
+pub const PATIENCE: Duration = Duration::from_secs(90);
+
 /// Synapse plus `handoff serve`, in a temporary directory removed at the end.
 pub struct Harness {
     pub sandbox: Sandbox,
@@ -72,7 +76,7 @@ impl Harness {
             .spawn()
             .expect("handoff starts");
         self.handoff = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + PATIENCE;
         let health = format!("{}/health", self.handoff_url);
         loop {
             if let Ok(r) = reqwest::get(&health).await
@@ -83,7 +87,7 @@ impl Harness {
             if let Some(status) = self.handoff.as_mut().unwrap().try_wait().unwrap() {
                 panic!("handoff exited ({status}) at start-up:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "handoff not healthy in 30 s:\n{}", self.log());
+            assert!(Instant::now() < deadline, "handoff not healthy in {PATIENCE:?}:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -238,7 +242,7 @@ impl User {
 
     /// Waits until `sender` has sent at least `count` messages into `room`; returns them all.
     pub async fn wait_for_messages(&self, room: &RoomId, sender: &UserId, count: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + PATIENCE;
         loop {
             let msgs = self.messages_from(room, sender).await;
             if msgs.len() >= count {
@@ -246,7 +250,7 @@ impl User {
             }
             assert!(
                 Instant::now() < deadline,
-                "waited 30 s for {count} messages from {sender} in {room}, got {}: {msgs:#?}",
+                "waited {PATIENCE:?} for {count} messages from {sender} in {room}, got {}: {msgs:#?}",
                 msgs.len()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -262,13 +266,13 @@ impl User {
     }
 }
 
-/// Waits until `f` returns `Some`, polling; panics with `what` after 30 s.
+/// Waits until `f` returns `Some`, polling; panics with `what` after [`PATIENCE`].
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + PATIENCE;
     loop {
         if let Some(v) = f().await {
             return v;
