@@ -165,6 +165,40 @@ async fn direct_full_moves(old: &User, new: &User, rooms: &[OwnedRoomId], concur
     start.elapsed()
 }
 
+/// The same work again, through the acting registration (`?user_id=`), as the engine sends it.
+async fn direct_full_moves_as(
+    hs: &handoff::homeserver::Homeserver,
+    old: &User,
+    new: &User,
+    rooms: &[OwnedRoomId],
+    concurrency: usize,
+) -> Duration {
+    let start = Instant::now();
+    stream::iter(rooms.iter().enumerate())
+        .map(|(i, r)| async move {
+            let invite =
+                invite_user::v3::Request::new(r.clone(), invite_user::v3::InviteUserId::new(new.id.clone()).into());
+            hs.send_as(&old.id, invite).await.unwrap();
+            hs.send_as(&new.id, join_room_by_id::v3::Request::new(r.clone())).await.unwrap();
+            let req =
+                get_state_event_for_key::v3::Request::new(r.clone(), StateEventType::RoomPowerLevels, String::new());
+            let resp = hs.send_as(&old.id, req).await.unwrap();
+            let mut pl: serde_json::Value = serde_json::from_str(resp.event_or_content.get()).unwrap();
+            pl["users"][new.id.as_str()] = 150.into();
+            let raw = Raw::from_json(serde_json::value::to_raw_value(&pl).unwrap());
+            let req =
+                send_state_event::v3::Request::new_raw(r.clone(), StateEventType::RoomPowerLevels, String::new(), raw);
+            hs.send_as(&old.id, req).await.unwrap();
+            let notice = RoomMessageEventContent::notice_plain(format!("{} has moved to {}", old.id, new.id));
+            let req = send_message_event::v3::Request::new(r.clone(), format!("bench-as-{i}").into(), &notice).unwrap();
+            hs.send_as(&old.id, req).await.unwrap();
+        })
+        .buffer_unordered(concurrency)
+        .count()
+        .await;
+    start.elapsed()
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -172,10 +206,12 @@ fn rate(n: usize, d: Duration) -> f64 {
 async fn run() {
     let n = rooms_n();
     println!("handoff benchmark: {n} rooms, Synapse {} on loopback", handoff::sandbox::SYNAPSE_VERSION);
-    let mut h = Harness::start_with(|c| c.replace("level: \"info,handoff=debug\"", "level: warn")).await;
+    let mut h =
+        Harness::start_with(|c| c.replace("level: \"info,handoff=debug\"", "level: \"warn,handoff::transfer=info\""))
+            .await;
     let alice = h.user("alice").await;
     let mut targets = Vec::new();
-    for name in ["ceiling4", "ceiling16", "bob", "carol", "dave", "full4", "full16"] {
+    for name in ["ceiling4", "ceiling16", "bob", "carol", "dave", "full4", "full16", "fullas16"] {
         targets.push(h.user(name).await);
     }
     let t = Instant::now();
@@ -227,6 +263,8 @@ async fn run() {
         rate(n, f4),
         rate(n, f16)
     );
+    let fas = direct_full_moves_as(&acting, &alice, &targets[7], &rooms, 16).await;
+    println!("  the same work through the acting registration (?user_id=): {:.1} rooms/s at 16", rate(n, fas));
 
     // The engine at its default concurrency, then at 16, then at 1.
     let default = handoff::config::HandoffConfig::default().concurrency.0;
@@ -262,4 +300,10 @@ async fn run() {
         );
     }
     println!("  default ({default}) / one-at-a-time: {:.2}x", results[0].1 / results[2].1);
+    println!("\nengine phases (from the service's log):");
+    for line in
+        h.log().lines().filter(|l| l.contains("planned") || l.contains("rooms done") || l.contains("transfer done"))
+    {
+        println!("  {}", line.split_once("handoff::transfer::run:").map_or(line, |(_, rest)| rest.trim()));
+    }
 }

@@ -123,6 +123,7 @@ impl Engine {
     }
 
     async fn run(&self, id: u64) -> Result<(), RunError> {
+        let started = Instant::now();
         let mut t = self.store.get_transfer(id)?.ok_or(RunError::Missing(id))?;
         if t.state == TransferState::Cancelling {
             self.cancel(id);
@@ -138,6 +139,12 @@ impl Engine {
             let rooms: Vec<OwnedRoomId> = bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
             let world = world::read(&self.acting, &t.old, &t.new, rooms, self.config.handoff.concurrency.0 * 2).await?;
             let plan = plan::plan(&bundle, &t.new, &t.requirements, &world);
+            tracing::info!(
+                transfer = id,
+                rooms = plan.rooms.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "planned"
+            );
             t.plan = Some(plan);
             self.store.put_transfer(&t).await?;
         }
@@ -191,13 +198,14 @@ impl Engine {
             self.post_report(&t, &report).await?;
             return Ok(());
         }
+        tracing::info!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "rooms done");
         self.account_steps(&mut t, &bundle, &plan).await?;
         t.state = TransferState::Done;
         self.store.put_transfer(&t).await?;
         let report = self.report(&t, &plan, false)?;
         self.edit_status(&t, &format!("Done: {}", report.headline)).await?;
         self.post_report(&t, &report).await?;
-        tracing::info!(transfer = id, "transfer done");
+        tracing::info!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "transfer done");
         Ok(())
     }
 
