@@ -8,7 +8,7 @@ use ruma::events::room::MediaSource;
 use ruma::events::room::message::{FileInfo, FileMessageEventContent, MessageType, RoomMessageEventContent};
 
 use super::commands::export::Export;
-use super::{Bot, Ctx, escape, to_html};
+use super::{Bot, Ctx, escape, store_err, to_html};
 use crate::bundle::capture::{self, CaptureOptions};
 use crate::bundle::file;
 use crate::code::TransferCode;
@@ -47,10 +47,6 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
     };
     let bundle = capture::capture(&bot.acting, &ctx.sender, config.homeserver.address.as_str(), &opts).await?;
     let summary = bundle.summary();
-    let store_err = |e: crate::store::StoreError| {
-        tracing::error!(error = %e, "cannot store a bundle");
-        HsError::Protocol("the server could not store the bundle".into())
-    };
     let id = bot.store.put_bundle(&ctx.sender, &bundle).await.map_err(store_err)?;
     let code = TransferCode::generate();
     let ttl = config.handoff.code_ttl;

@@ -237,6 +237,12 @@ impl Bot {
     }
 }
 
+/// A store failure, logged in full, told to the user without internals.
+pub(crate) fn store_err(e: crate::store::StoreError) -> HsError {
+    tracing::error!(error = %e, "store failure");
+    HsError::Protocol("the server could not read or write its store".into())
+}
+
 fn command_name(c: &Command) -> &'static str {
     match c {
         Command::Help => "help",

@@ -1,27 +1,23 @@
 //! Running `import`, `approve`/`deny`, `status`, `cancel` and `finish`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ruma::api::client::device::get_devices;
 use ruma::api::client::membership::leave_room;
 use ruma::api::client::profile::{get_profile, set_profile_field};
+use ruma::api::client::room::create_room;
 use ruma::events::room::member::MembershipState;
 use ruma::profile::ProfileFieldValue;
-use ruma::{OwnedUserId, RoomId, UserId};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::Value as JsonValue;
 
-use std::sync::Arc;
-
-use ruma::OwnedRoomId;
-use ruma::api::client::device::get_devices;
-use ruma::api::client::room::create_room;
-
 use super::commands::import::Import;
-use super::{Bot, Ctx};
+use super::{Bot, Ctx, store_err};
 use crate::code::CodeHash;
 use crate::homeserver::HsError;
-use crate::store::{RedeemError, StoreError, now_ms};
+use crate::store::{RedeemError, now_ms};
 use crate::transfer::plan::{self, Requirements};
 use crate::transfer::{RoomStep, Transfer, TransferState, world};
 
@@ -45,20 +41,14 @@ impl WrongCodes {
     }
 }
 
-fn store_err(e: StoreError) -> HsError {
-    tracing::error!(error = %e, "store failure");
-    HsError::Protocol("the server could not read or write its store".into())
-}
-
 pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
     let new = &ctx.sender;
     if bot.wrong_codes.recent(new) >= WRONG_CODE_LIMIT {
         return bot.reply(ctx, "Too many wrong codes: wait ten minutes before trying again.".into()).await;
     }
     let hash = args.code.hash();
-    let checked = if args.dry_run { bot.store.peek_code(&hash, new) } else { bot.store.redeem_code(&hash, new).await }
-        .map_err(store_err)?;
-    let record = match checked {
+    // Look before using the code up: a dry run, or the same account, leaves it valid.
+    let record = match bot.store.peek_code(&hash, new).map_err(store_err)? {
         Ok(r) => r,
         Err(e) => {
             if e == RedeemError::NotFound {
@@ -73,6 +63,15 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
             .reply(ctx, "That code belongs to this same account: its rooms and settings are already here. A new client of the same account only needs to log in.".into())
             .await;
     }
+    let record = if args.dry_run {
+        record
+    } else {
+        match bot.store.redeem_code(&hash, new).await.map_err(store_err)? {
+            Ok(r) => r,
+            // Redeemed by a concurrent import in between.
+            Err(e) => return bot.reply(ctx, format!("{e}.")).await,
+        }
+    };
     let Some(stored) = bot.store.get_bundle(&record.bundle).map_err(store_err)? else {
         return bot.reply(ctx, "The bundle of this code is gone (deleted with `forget`, or past its retention). Ask for a new one with `export`.".into()).await;
     };
