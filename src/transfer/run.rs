@@ -10,7 +10,7 @@ use futures_util::stream::{self, StreamExt};
 use ruma::api::Direction;
 use ruma::api::client::config::{get_global_account_data, set_global_account_data};
 use ruma::api::client::media::create_content;
-use ruma::api::client::membership::{invite_user, join_room_by_id_or_alias};
+use ruma::api::client::membership::{invite_user, join_room_by_id};
 use ruma::api::client::message::{get_message_events, send_message_event};
 use ruma::api::client::profile::set_profile_field;
 use ruma::api::client::push::{set_pushrule, set_pushrule_enabled};
@@ -32,7 +32,7 @@ use ruma::push::{
     NewSimplePushRule, PushCondition, RuleKind, Ruleset, Tweak,
 };
 use ruma::serde::Raw;
-use ruma::{Int, OwnedEventId, OwnedRoomId, OwnedRoomOrAliasId, RoomId, UInt, UserId};
+use ruma::{Int, OwnedEventId, OwnedRoomId, RoomId, UInt, UserId};
 use serde_json::{Value as JsonValue, json};
 
 use super::plan::{self, Action as PlanAction, Plan, RoomPlan};
@@ -278,9 +278,8 @@ impl Engine {
             self.started(t, rid, "join").await?;
             let resumed = matches!(from, RoomStep::Started(_));
             if !resumed || self.membership(&t.old, rid, &t.new).await? != Some(MembershipState::Join) {
-                let mut req = join_room_by_id_or_alias::v3::Request::new(OwnedRoomOrAliasId::from(rid.clone()));
-                req.via = room.via.clone();
-                if let Err(e) = self.acting.send_as(&t.new, req).await {
+                // The old account is local and in the room, so this server is too: no via servers needed.
+                if let Err(e) = self.acting.send_as(&t.new, join_room_by_id::v3::Request::new(rid.clone())).await {
                     return Ok(RoomStep::Failed(format!("joining failed: {e}")));
                 }
             }
