@@ -166,7 +166,7 @@ async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
     // One room at a time, so the kills land mid-transfer.
     let mut h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
-    let rooms = rooms(&alice, 24).await;
+    let rooms = rooms(&alice, 40).await;
     let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
     let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
     bob.send_text(&bdm, &format!("import {code}")).await;
@@ -178,8 +178,8 @@ async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
         h.start_handoff().await;
     }
     let report = h.bot_says(&bob, &bdm, 0, "the report after restarts", |b| b.contains("rooms moved to")).await;
-    assert!(report.starts_with("24 of 24 rooms moved"), "{report}");
-    assert!(h.log().contains("resuming transfer"));
+    assert!(report.starts_with("40 of 40 rooms moved"), "{report}");
+    assert!(h.log().contains("resuming transfer"), "a kill landed mid-transfer");
     assert_moved_once(&alice, &bob, &rooms).await;
     let reports = bob.messages_from(&bdm, &h.bot).await.iter().filter(|m| body(m).contains("rooms moved to")).count();
     assert_eq!(reports, 1, "one report");
@@ -189,7 +189,7 @@ async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
 async fn homeserver_outage_mid_transfer_is_waited_out() {
     let mut h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
-    let rooms = rooms(&alice, 16).await;
+    let rooms = rooms(&alice, 30).await;
     let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
     let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
     bob.send_text(&bdm, &format!("import {code}")).await;
@@ -200,7 +200,8 @@ async fn homeserver_outage_mid_transfer_is_waited_out() {
     h.sandbox.synapse.restart().await.unwrap();
 
     let report = h.bot_says(&bob, &bdm, 0, "the report after the outage", |b| b.contains("rooms moved to")).await;
-    assert!(report.starts_with("16 of 16 rooms moved"), "{report}");
+    assert!(report.starts_with("30 of 30 rooms moved"), "{report}");
+    assert!(h.log().contains("transient homeserver error, retrying"), "the outage landed mid-transfer");
     assert_moved_once(&alice, &bob, &rooms).await;
 }
 
