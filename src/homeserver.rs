@@ -131,6 +131,9 @@ impl Retry {
 pub struct Homeserver {
     client: Client,
     retry: Retry,
+    address: String,
+    http: reqwest::Client,
+    versions: SupportedVersions,
 }
 
 impl Homeserver {
@@ -142,19 +145,33 @@ impl Homeserver {
             .supported_matrix_versions(empty)
             .http_client(http.clone())
             .await?;
-        let versions = bootstrap.send_request(get_supported_versions::Request::new()).await?;
+        let versions = bootstrap.send_request(get_supported_versions::Request::new()).await?.as_supported_versions();
+        Self::build(address, as_token, http, versions).await
+    }
+
+    /// The same homeserver with another appservice token (no second `/versions`).
+    pub async fn with_token(&self, as_token: &str) -> Result<Self, HsError> {
+        Self::build(&self.address, as_token, self.http.clone(), self.versions.clone()).await
+    }
+
+    async fn build(
+        address: &str,
+        as_token: &str,
+        http: reqwest::Client,
+        versions: SupportedVersions,
+    ) -> Result<Self, HsError> {
         let client = ruma_client::Client::builder()
             .homeserver_url(address.to_owned())
             .access_token(Some(as_token.to_owned()))
             .token_mode(TokenMode::AppService)
-            .supported_matrix_versions(versions.as_supported_versions())
-            .http_client(http)
+            .supported_matrix_versions(versions.clone())
+            .http_client(http.clone())
             .await?;
-        Ok(Homeserver { client, retry: Retry::DEFAULT })
+        Ok(Homeserver { client, retry: Retry::DEFAULT, address: address.to_owned(), http, versions })
     }
 
     pub fn with_retry(&self, retry: Retry) -> Self {
-        Homeserver { client: self.client.clone(), retry }
+        Homeserver { retry, ..self.clone() }
     }
 
     /// Sends a request as the registration's own user (`sender_localpart`).

@@ -47,9 +47,7 @@ pub async fn run(config: Config) -> Result<()> {
         format!("cannot listen on {}:{} (check appservice.hostname and appservice.port)", bind.0, bind.1)
     })?;
 
-    let acting = Homeserver::connect(address, config.appservice.acting.as_token.expose(), http.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("{e} (check homeserver.address = {address})"))?;
+    let acting = hs.with_token(config.appservice.acting.as_token.expose()).await?;
     check_acting(&acting).await?;
     let engine = Engine::new(config.clone(), hs.clone(), acting.clone(), store.clone());
     let bot = Arc::new(Bot::new(config.clone(), hs.clone(), acting, store.clone(), engine.clone()));
