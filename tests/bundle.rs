@@ -179,3 +179,17 @@ async fn send_file(h: &Harness, user: &User, dm: &RoomId, name: &str, bytes: &[u
     })
     .await
 }
+
+#[tokio::test]
+async fn an_expired_code_is_refused() {
+    let h = Harness::start_with(|c| c.replace("code_ttl: 15m", "code_ttl: 30s")).await;
+    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+    alice.create_room("Something").await;
+    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
+    let answer = h.ask(&alice, &adm, "export --to @bob:localhost", "Your transfer code").await;
+    assert!(answer.contains("expires in 30s"), "{answer}");
+    let code = code_in(&answer).unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(31)).await;
+    let refused = h.ask(&bob, &bdm, &format!("import {code}"), "expired").await;
+    assert!(refused.contains("ask for a new one with `export`"), "{refused}");
+}
