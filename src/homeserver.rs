@@ -196,6 +196,29 @@ impl Homeserver {
         self.retrying(|| self.client.send_request_as(AppserviceUserIdentity::new(user), request.clone())).await
     }
 
+    /// Uploads a file (as this registration's user) and returns the `m.file` message that shows it.
+    pub async fn upload_file(
+        &self,
+        name: &str,
+        mime: &str,
+        bytes: Vec<u8>,
+    ) -> Result<ruma::events::room::message::RoomMessageEventContent, HsError> {
+        use ruma::events::room::MediaSource;
+        use ruma::events::room::message::{FileInfo, FileMessageEventContent, MessageType, RoomMessageEventContent};
+        let size = bytes.len();
+        let mut upload = ruma::api::client::media::create_content::v3::Request::new(bytes);
+        upload.filename = Some(name.into());
+        upload.content_type = Some(mime.into());
+        let uri = self.send(upload).await?.content_uri;
+        let mut info = FileInfo::new();
+        info.mimetype = Some(mime.into());
+        info.size = ruma::UInt::try_from(size).ok();
+        let mut file = FileMessageEventContent::new(name.into(), MediaSource::Plain(uri));
+        file.filename = Some(name.into());
+        file.info = Some(Box::new(info));
+        Ok(RoomMessageEventContent::new(MessageType::File(file)))
+    }
+
     async fn retrying<T, E, F, Fut>(&self, mut attempt: F) -> Result<T, HsError>
     where
         E: EndpointError,

@@ -2,10 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use ruma::UInt;
-use ruma::api::client::media::create_content;
-use ruma::events::room::MediaSource;
-use ruma::events::room::message::{FileInfo, FileMessageEventContent, MessageType, RoomMessageEventContent};
+use ruma::events::room::message::RoomMessageEventContent;
 
 use super::commands::export::Export;
 use super::{Bot, Ctx, escape, store_err, to_html};
@@ -101,17 +98,8 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
             ctx.sender.localpart(),
             humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "")
         );
-        let mut upload = create_content::v3::Request::new(sealed.clone());
-        upload.filename = Some(filename.clone());
-        upload.content_type = Some("application/octet-stream".into());
-        let uri = bot.hs.send(upload).await?.content_uri;
-        let mut info = FileInfo::new();
-        info.mimetype = Some("application/octet-stream".into());
-        info.size = UInt::try_from(sealed.len()).ok();
-        let mut content = FileMessageEventContent::new(filename.clone(), MediaSource::Plain(uri));
-        content.filename = Some(filename);
-        content.info = Some(Box::new(info));
-        bot.send_notice(ctx, 2, RoomMessageEventContent::new(MessageType::File(content))).await?;
+        let content = bot.hs.upload_file(&filename, "application/octet-stream", sealed).await?;
+        bot.send_notice(ctx, 2, content).await?;
         bot.reply_n(
             ctx,
             3,

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{self, StreamExt};
 use ruma::api::Direction;
 use ruma::api::client::config::{get_global_account_data, set_global_account_data};
-use ruma::api::client::media::create_content;
 use ruma::api::client::membership::{invite_user, join_room_by_id};
 use ruma::api::client::message::{get_message_events, send_message_event};
 use ruma::api::client::profile::set_profile_field;
@@ -19,11 +18,8 @@ use ruma::api::client::tag::create_tag;
 use ruma::api::error::ErrorKind;
 use ruma::events::direct::DirectEventContent;
 use ruma::events::ignored_user_list::IgnoredUserListEventContent;
-use ruma::events::room::MediaSource;
 use ruma::events::room::member::MembershipState;
-use ruma::events::room::message::{
-    FileInfo, FileMessageEventContent, MessageType, ReplacementMetadata, RoomMessageEventContent,
-};
+use ruma::events::room::message::{ReplacementMetadata, RoomMessageEventContent};
 use ruma::events::room::power_levels::RoomPowerLevelsEventContent;
 use ruma::events::{GlobalAccountDataEventType, MessageLikeEventType, StateEventType};
 use ruma::profile::ProfileFieldValue;
@@ -704,18 +700,8 @@ impl Engine {
         mime: &str,
         bytes: Vec<u8>,
     ) -> Result<(), RunError> {
-        let size = bytes.len();
-        let mut upload = create_content::v3::Request::new(bytes);
-        upload.filename = Some(name.into());
-        upload.content_type = Some(mime.into());
-        let uri = self.bot.send(upload).await?.content_uri;
-        let mut info = FileInfo::new();
-        info.mimetype = Some(mime.into());
-        info.size = UInt::try_from(size).ok();
-        let mut file = FileMessageEventContent::new(name.into(), MediaSource::Plain(uri));
-        file.filename = Some(name.into());
-        file.info = Some(Box::new(info));
-        self.send_bot(room, key, RoomMessageEventContent::new(MessageType::File(file))).await?;
+        let content = self.bot.upload_file(name, mime, bytes).await?;
+        self.send_bot(room, key, content).await?;
         Ok(())
     }
 
