@@ -203,29 +203,28 @@ fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
+/// A fresh old account with `n` rooms and a DM with the bot, so every run sees rooms of the same
+/// shape (earlier runs would otherwise have added members to the rooms of later ones).
+async fn old_account(h: &Harness, name: &str, n: usize) -> (User, Vec<OwnedRoomId>, OwnedRoomId) {
+    let old = h.user(name).await;
+    let rooms = create_rooms(&old, n).await;
+    let dm = old.create_dm(&h.bot).await;
+    old.wait_for_messages(&dm, &h.bot, 1).await;
+    (old, rooms, dm)
+}
+
 async fn run() {
     let n = rooms_n();
     println!("handoff benchmark: {n} rooms, Synapse {} on loopback", handoff::sandbox::SYNAPSE_VERSION);
     let mut h =
         Harness::start_with(|c| c.replace("level: \"info,handoff=debug\"", "level: \"warn,handoff::transfer=info\""))
             .await;
-    let alice = h.user("alice").await;
-    let mut targets = Vec::new();
-    for name in ["ceiling4", "ceiling16", "bob", "carol", "dave", "full4", "full16", "fullas16"] {
-        targets.push(h.user(name).await);
-    }
     let t = Instant::now();
-    let rooms = create_rooms(&alice, n).await;
+    let (alice, _, adm) = old_account(&h, "alice", n).await;
     println!("setup: created {n} rooms in {:.1} s", t.elapsed().as_secs_f64());
-    let adm = alice.create_dm(&h.bot).await;
-    alice.wait_for_messages(&adm, &h.bot, 1).await;
 
-    // Capture.
-    let direct = {
-        let c4 = direct_capture(&alice, 4).await;
-        let c16 = direct_capture(&alice, 16).await;
-        c4.min(c16)
-    };
+    // Capture: the minimum requests at their best concurrency, capture() itself, and `export`.
+    let direct = direct_capture(&alice, 4).await.min(direct_capture(&alice, 16).await);
     let acting = handoff::homeserver::Homeserver::connect(
         &h.synapse().url,
         &h.config_value("appservice.acting.as_token"),
@@ -246,32 +245,29 @@ async fn run() {
         library.as_secs_f64(),
         library.as_secs_f64() / direct.as_secs_f64()
     );
-    println!("  handoff export (end to end, incl. storing and answering): {:>7.2} s", capture.as_secs_f64());
-    println!("  ratio export / direct:     {:>7.2}", capture.as_secs_f64() / direct.as_secs_f64());
-
-    // The homeserver's ceiling for invite + join.
-    let c4 = direct_moves(&alice, &targets[0], &rooms, 4).await;
-    let c16 = direct_moves(&alice, &targets[1], &rooms, 16).await;
-    let ceiling = rate(n, c4).max(rate(n, c16));
-    println!("\ntransfer ({n} rooms)");
-    println!("  ceiling, direct invite+join: {:.1} rooms/s at 4 in flight, {:.1} at 16", rate(n, c4), rate(n, c16));
-    let f4 = direct_full_moves(&alice, &targets[5], &rooms, 4).await;
-    let f16 = direct_full_moves(&alice, &targets[6], &rooms, 16).await;
-    let same_work = rate(n, f4).max(rate(n, f16));
     println!(
-        "  same work as the engine, direct (invite, join, power level, notice): {:.1} rooms/s at 4, {:.1} at 16",
-        rate(n, f4),
-        rate(n, f16)
+        "  handoff export (end to end, incl. storing and answering): {:>7.2} s = {:.2}x",
+        capture.as_secs_f64(),
+        capture.as_secs_f64() / direct.as_secs_f64()
     );
-    let fas = direct_full_moves_as(&acting, &alice, &targets[7], &rooms, 16).await;
-    let same_work_as = rate(n, fas);
-    println!("  the same work through the acting registration (?user_id=): {same_work_as:.1} rooms/s at 16");
+
+    // Baselines, each on its own fresh account and rooms.
+    println!("\ntransfer ({n} rooms, each run on fresh rooms)");
+    let (old, rooms, _) = old_account(&h, "old-ceiling", n).await;
+    let ceiling = rate(n, direct_moves(&old, &h.user("new-ceiling").await, &rooms, 16).await);
+    println!("  ceiling, direct invite+join at 16 in flight: {ceiling:.1} rooms/s");
+    let (old, rooms, _) = old_account(&h, "old-same", n).await;
+    let same_work = rate(n, direct_full_moves(&old, &h.user("new-same").await, &rooms, 16).await);
+    println!("  same work as the engine (invite, join, power level, notice), direct at 16: {same_work:.1} rooms/s");
+    let (old, rooms, _) = old_account(&h, "old-same-as", n).await;
+    let same_work_as = rate(n, direct_full_moves_as(&acting, &old, &h.user("new-same-as").await, &rooms, 16).await);
+    println!("  the same work through the acting registration (?user_id=) at 16: {same_work_as:.1} rooms/s");
 
     // The engine at its default concurrency, then at 16, then at 1.
     let default = handoff::config::HandoffConfig::default().concurrency.0;
     let mut results = Vec::new();
     let mut current = default;
-    for (target, c) in [(&targets[2], default), (&targets[3], 16), (&targets[4], 1)] {
+    for c in [default, 16, 1] {
         if c != current {
             h.signal_handoff("TERM");
             let config = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
@@ -280,14 +276,16 @@ async fn run() {
             h.start_handoff().await;
             current = c;
         }
+        let (old, _, odm) = old_account(&h, &format!("old-engine{c}"), n).await;
+        let target = h.user(&format!("new-engine{c}")).await;
         let code = code_in(
-            &timed_command(&h, &alice, &adm, &format!("export --to {}", target.id), "Your transfer code").await.1,
+            &timed_command(&h, &old, &odm, &format!("export --to {}", target.id), "Your transfer code").await.1,
         );
         let tdm = target.create_dm(&h.bot).await;
         target.wait_for_messages(&tdm, &h.bot, 1).await;
         let pid = h.handoff_pid();
         let cpu_before = cpu_time(pid);
-        let (took, report) = timed_command(&h, target, &tdm, &format!("import {code}"), "rooms moved to").await;
+        let (took, report) = timed_command(&h, &target, &tdm, &format!("import {code}"), "rooms moved to").await;
         let cpu = cpu_time(pid) - cpu_before;
         assert!(report.starts_with(&format!("{n} of {n} rooms moved")), "{report}");
         results.push((c, rate(n, took), cpu, peak_rss_mib(pid)));
