@@ -54,6 +54,19 @@ async fn bot_greets_in_dm_answers_help_and_refuses_strangers() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(alice.messages_from(&group, &h.bot).await.len(), 2, "exactly one reply, to the prefixed command");
 
+    // An encrypted DM: the bot can't read it, and says so instead of greeting with commands.
+    let mut req = ruma::api::client::room::create_room::v3::Request::new();
+    req.invite = vec![h.bot.clone()];
+    req.is_direct = true;
+    req.initial_state = vec![ruma::serde::Raw::from_json(
+        serde_json::value::to_raw_value(&json!({"type": "m.room.encryption", "state_key": "",
+            "content": {"algorithm": "m.megolm.v1.aes-sha2"}}))
+        .unwrap(),
+    )];
+    let encrypted = alice.send(req).await.room_id;
+    let warning = alice.wait_for_messages(&encrypted, &h.bot, 1).await.remove(0);
+    assert!(body(&warning).contains("can't read encrypted messages"), "{warning}");
+
     // A user the config refuses: the bot rejects the invite and says why.
     let mallory = h.user("mallory").await;
     let room = mallory.create_dm(&h.bot).await;

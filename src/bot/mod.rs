@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use ruma::api::client::membership::{join_room_by_id, leave_room};
 use ruma::api::client::message::send_message_event;
+use ruma::api::client::state::get_state_event_for_key;
+use ruma::events::StateEventType;
 use ruma::events::room::member::{MembershipState, RoomMemberEventContent};
 use ruma::events::room::message::{MessageType, Relation, RoomMessageEventContent};
 use ruma::events::{
@@ -116,11 +118,26 @@ impl Bot {
         if let Err(e) = transfer::auto_start(self, &ev.sender, Some(room.clone())).await {
             tracing::warn!(error = %e, "automatic start failed");
         }
+        let ctx = Ctx { room_id: room.clone(), event_id: ev.event_id.clone(), sender: ev.sender.clone() };
+        if self.is_encrypted(room).await {
+            // The bot has no end-to-end encryption: it would never see a command here.
+            let text = format!(
+                "Hello {}! This room is end-to-end encrypted, and handoff can't read encrypted messages yet, so it would not see your commands here. Please start a new DM with {} with encryption turned off (in Element: untick \"Enable end-to-end encryption\" when you create it).",
+                ev.sender, self.user_id
+            );
+            return self.reply(&ctx, text).await;
+        }
         let (plain, html) = commands::help::text(&self.config.handoff.command_prefix);
         let greeting = format!("Hello {}! {plain}", ev.sender);
         let html = format!("<p>Hello {}!</p>{html}", escape(ev.sender.as_str()));
-        let ctx = Ctx { room_id: room.clone(), event_id: ev.event_id.clone(), sender: ev.sender.clone() };
         self.send_notice(&ctx, 0, RoomMessageEventContent::notice_html(greeting, html)).await
+    }
+
+    /// Whether the room has `m.room.encryption` (read as the bot, which has just joined).
+    async fn is_encrypted(&self, room: &ruma::RoomId) -> bool {
+        let req =
+            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomEncryption, String::new());
+        self.hs.send(req).await.is_ok()
     }
 
     async fn on_message(
