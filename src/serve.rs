@@ -27,6 +27,11 @@ use crate::transfer::run::Engine;
 
 pub async fn run(config: Config) -> Result<()> {
     config.check_ready_to_serve().map_err(anyhow::Error::msg)?; // also checked by the CLI, for exit code 2
+    if config.metrics.enabled {
+        tracing::warn!(
+            "metrics.enabled is set, but this handoff does not serve /metrics yet; /health is on the appservice port"
+        );
+    }
     let config = Arc::new(config);
     let store = Store::open(&config.database_path())?;
 
