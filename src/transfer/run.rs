@@ -814,40 +814,33 @@ fn progress_bar(done: usize, total: usize) -> String {
 /// The bundle's push rules as rules to create, with their enabled flags. Server-default rules are
 /// not created (they exist everywhere): their flags are mirrored instead.
 fn new_rules(rules: &Ruleset) -> Vec<(NewPushRule, bool)> {
-    let mut out = Vec::new();
-    for r in rules.override_.iter().filter(|r| !r.default) {
-        out.push((
-            NewPushRule::Override(NewConditionalPushRule::new(
-                r.rule_id.clone(),
-                r.conditions.clone(),
-                r.actions.clone(),
-            )),
-            r.enabled,
-        ));
-    }
-    for r in rules.content.iter().filter(|r| !r.default) {
-        out.push((
-            NewPushRule::Content(NewPatternedPushRule::new(r.rule_id.clone(), r.pattern.clone(), r.actions.clone())),
-            r.enabled,
-        ));
-    }
-    for r in rules.room.iter().filter(|r| !r.default) {
-        out.push((NewPushRule::Room(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())), r.enabled));
-    }
-    for r in rules.sender.iter().filter(|r| !r.default) {
-        out.push((NewPushRule::Sender(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone())), r.enabled));
-    }
-    for r in rules.underride.iter().filter(|r| !r.default) {
-        out.push((
-            NewPushRule::Underride(NewConditionalPushRule::new(
-                r.rule_id.clone(),
-                r.conditions.clone(),
-                r.actions.clone(),
-            )),
-            r.enabled,
-        ));
-    }
-    out
+    let conditional = |r: &ruma::push::ConditionalPushRule| {
+        NewConditionalPushRule::new(r.rule_id.clone(), r.conditions.clone(), r.actions.clone())
+    };
+    rules
+        .iter()
+        .filter(|r| !r.is_server_default())
+        .filter_map(|rule| {
+            let new = match rule {
+                AnyPushRuleRef::Override(r) => NewPushRule::Override(conditional(r)),
+                AnyPushRuleRef::Content(r) => NewPushRule::Content(NewPatternedPushRule::new(
+                    r.rule_id.clone(),
+                    r.pattern.clone(),
+                    r.actions.clone(),
+                )),
+                AnyPushRuleRef::Room(r) => {
+                    NewPushRule::Room(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone()))
+                }
+                AnyPushRuleRef::Sender(r) => {
+                    NewPushRule::Sender(NewSimplePushRule::new(r.rule_id.clone(), r.actions.clone()))
+                }
+                AnyPushRuleRef::Underride(r) => NewPushRule::Underride(conditional(r)),
+                #[allow(unreachable_patterns)]
+                _ => return None, // kinds behind unstable features
+            };
+            Some((new, rule.enabled()))
+        })
+        .collect()
 }
 
 fn kind_of(rule: &AnyPushRuleRef<'_>) -> RuleKind {
