@@ -161,15 +161,31 @@ async fn joined_at_least(old: &User, new: &User, rooms: &[OwnedRoomId], n: usize
     .await;
 }
 
-#[tokio::test]
-async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
-    // One room at a time, so the kills land mid-transfer.
-    let mut h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
+/// A transfer of `n` rooms from alice to bob that has just been started, one room at a time, so a
+/// test can interrupt it midway.
+struct Interruptible {
+    h: Harness,
+    alice: User,
+    bob: User,
+    rooms: Vec<OwnedRoomId>,
+    adm: OwnedRoomId,
+    bdm: OwnedRoomId,
+}
+
+async fn interruptible_transfer(n: usize) -> Interruptible {
+    let h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
-    let rooms = rooms(&alice, 40).await;
+    let rooms = rooms(&alice, n).await;
     let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
     let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
     bob.send_text(&bdm, &format!("import {code}")).await;
+    Interruptible { h, alice, bob, rooms, adm, bdm }
+}
+
+#[tokio::test]
+async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
+    // One room at a time, so the kills land mid-transfer.
+    let Interruptible { mut h, alice, bob, rooms, bdm, .. } = interruptible_transfer(40).await;
 
     for at in [3, 10] {
         joined_at_least(&alice, &bob, &rooms, at).await;
@@ -187,12 +203,7 @@ async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
 
 #[tokio::test]
 async fn homeserver_outage_mid_transfer_is_waited_out() {
-    let mut h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
-    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
-    let rooms = rooms(&alice, 30).await;
-    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
-    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
-    bob.send_text(&bdm, &format!("import {code}")).await;
+    let Interruptible { mut h, alice, bob, rooms, bdm, .. } = interruptible_transfer(30).await;
     joined_at_least(&alice, &bob, &rooms, 4).await;
 
     h.sandbox.synapse.stop();
@@ -227,12 +238,7 @@ async fn auto_export_starts_when_the_new_account_first_signs_in() {
 
 #[tokio::test]
 async fn cancel_stops_after_the_rooms_in_flight_and_keeps_what_is_done() {
-    let h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
-    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
-    let rooms = rooms(&alice, 30).await;
-    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
-    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
-    bob.send_text(&bdm, &format!("import {code}")).await;
+    let Interruptible { h, alice, bob, rooms, adm, bdm } = interruptible_transfer(30).await;
     joined_at_least(&alice, &bob, &rooms, 2).await;
     h.ask(&bob, &bdm, "cancel", "Stopping after the rooms in flight").await;
     let report = h.bot_says(&bob, &bdm, 0, "the cancelled report", |b| b.starts_with("Cancelled.")).await;
