@@ -173,7 +173,7 @@ struct Interruptible {
 }
 
 async fn interruptible_transfer(n: usize) -> Interruptible {
-    let h = Harness::start_with(|c| c.replace("concurrency: 4", "concurrency: 1")).await;
+    let h = Harness::start_with(|c| c.replace("concurrency: 8", "concurrency: 1")).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     let rooms = rooms(&alice, n).await;
     let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);

@@ -57,7 +57,7 @@ pub enum RunError {
     Missing(u64),
 }
 
-/// Runs transfers: one task each, many at once, each with bounded concurrency over its rooms.
+/// Runs transfers: one task each, many at once, their rooms drawing on one bounded pool.
 pub struct Engine {
     config: Arc<Config>,
     /// The bot's client (progress, reports, files).
@@ -68,17 +68,22 @@ pub struct Engine {
     running: Mutex<HashSet<u64>>,
     /// Transfers asked to stop (also persisted as `Cancelling`, for a restart).
     cancelling: Mutex<HashSet<u64>>,
+    /// Rooms in flight across every transfer (`handoff.concurrency`): what the homeserver sees
+    /// stays bounded however many users move at once. Waiters are served in turn, so a small
+    /// transfer is not starved by a large one.
+    rooms_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Engine {
     pub fn new(config: Arc<Config>, bot: Homeserver, acting: Homeserver, store: Store) -> Arc<Self> {
         Arc::new(Engine {
-            config,
             bot: bot.with_retry(PATIENT),
             acting: acting.with_retry(PATIENT),
             store,
             running: Mutex::new(HashSet::new()),
             cancelling: Mutex::new(HashSet::new()),
+            rooms_in_flight: Arc::new(tokio::sync::Semaphore::new(config.handoff.concurrency.0)),
+            config,
         })
     }
 
@@ -166,6 +171,7 @@ impl Engine {
         let (bundle_ref, t_ref, progress_ref, steps_ref, plan_ref) = (&bundle, &t, &progress, &steps, &plan);
         let cancelled = stream::iter(todo)
             .map(|room: RoomPlan| async move {
+                let _slot = self.rooms_in_flight.acquire().await.expect("the pool is never closed");
                 if self.cancel_requested(id) {
                     return true;
                 }
