@@ -2,7 +2,7 @@
 //!
 //! - capture: `export` of an account with N rooms, against the minimum requests a capture needs
 //!   (joined rooms, one account-data sync, each room's state) sent directly at the best concurrency;
-//! - transfer: `import` of N rooms at the default concurrency, at 4, at 16 and at 1 (one room at a
+//! - transfer: `import` of N rooms at the default concurrency (16), at 4, 8 and 1 (one room at a
 //!   time, as today's migration tools do), against the homeserver's ceiling (the same invites and
 //!   joins sent directly at the best concurrency), against the bound set by the four writes the
 //!   engine must make per room (invite, join, power level, notice; each measured on its own), and
@@ -244,6 +244,13 @@ async fn per_step_costs(old: &User, new: &User, rooms: &[OwnedRoomId], concurren
     [invite, join, power, notice]
 }
 
+/// `elapsed_ms` of the last log line containing `phase`.
+fn last_elapsed_ms(log: &str, phase: &str) -> u64 {
+    let line = log.lines().rev().find(|l| l.contains(phase)).unwrap_or_else(|| panic!("no {phase:?} in the log"));
+    let value = line.split_once("elapsed_ms=").expect("elapsed_ms").1;
+    value.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -258,119 +265,183 @@ async fn old_account(h: &Harness, name: &str, n: usize) -> (User, Vec<OwnedRoomI
     (old, rooms, dm)
 }
 
+fn default_concurrency() -> usize {
+    handoff::config::HandoffConfig::default().concurrency.0
+}
+
+/// A fresh Synapse and handoff for each measurement: every figure is taken on a homeserver in
+/// the same state (a database grown by earlier measurements would slow the later ones).
+async fn fresh(concurrency: usize) -> Harness {
+    Harness::start_with(|c| {
+        c.replace("level: \"info,handoff=debug\"", "level: \"warn,handoff::transfer=info\"")
+            .replace(&format!("concurrency: {}", default_concurrency()), &format!("concurrency: {concurrency}"))
+    })
+    .await
+}
+
+async fn acting(h: &Harness) -> handoff::homeserver::Homeserver {
+    let token = h.config_value("appservice.acting.as_token");
+    handoff::homeserver::Homeserver::connect(&h.synapse().url, &token, reqwest::Client::new()).await.unwrap()
+}
+
+/// One engine run: `export --to`, then `import`, timed to every room joined and to the report.
+struct EngineRun {
+    concurrency: usize,
+    whole: f64,
+    joined: f64,
+    cpu: Duration,
+    rss: f64,
+}
+
+async fn engine_run(n: usize, c: usize) -> EngineRun {
+    let h = fresh(c).await;
+    let (old, _, odm) = old_account(&h, "old", n).await;
+    let target = h.user("new").await;
+    let code =
+        code_in(&timed_command(&h, &old, &odm, &format!("export --to {}", target.id), "Your transfer code").await.1);
+    let tdm = target.create_dm(&h.bot).await;
+    target.wait_for_messages(&tdm, &h.bot, 1).await;
+    let pid = h.handoff_pid();
+    let cpu_before = cpu_time(pid);
+    let (took, report) = timed_command(&h, &target, &tdm, &format!("import {code}"), "rooms moved to").await;
+    let cpu = cpu_time(pid) - cpu_before;
+    assert!(report.starts_with(&format!("{n} of {n} rooms moved")), "{report}");
+    // The engine logs when every room is joined (pass 1) and when it is done; the time from the
+    // command to the last join is the command's time less what came after that log line.
+    let log = h.log();
+    let after_joins = last_elapsed_ms(&log, "transfer done") - last_elapsed_ms(&log, "rooms joined");
+    for line in
+        log.lines().filter(|l| ["planned", "rooms joined", "rooms done", "transfer done"].iter().any(|p| l.contains(p)))
+    {
+        println!("      {}", line.split_once("handoff::transfer::run:").map_or(line, |(_, rest)| rest.trim()));
+    }
+    EngineRun {
+        concurrency: c,
+        whole: rate(n, took),
+        joined: rate(n, took - Duration::from_millis(after_joins)),
+        cpu,
+        rss: peak_rss_mib(pid),
+    }
+}
+
 async fn run() {
     let n = rooms_n();
-    println!("handoff benchmark: {n} rooms, Synapse {} on loopback", handoff::sandbox::SYNAPSE_VERSION);
-    let mut h =
-        Harness::start_with(|c| c.replace("level: \"info,handoff=debug\"", "level: \"warn,handoff::transfer=info\""))
-            .await;
-    let t = Instant::now();
-    let (alice, _, adm) = old_account(&h, "alice", n).await;
-    println!("setup: created {n} rooms in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "handoff benchmark: {n} rooms, Synapse {} on loopback, a fresh homeserver for each figure",
+        handoff::sandbox::SYNAPSE_VERSION
+    );
 
     // Capture: the minimum requests at their best concurrency, capture() itself, and `export`.
-    let direct = direct_capture(&alice, 4).await.min(direct_capture(&alice, 16).await);
-    let acting = handoff::homeserver::Homeserver::connect(
-        &h.synapse().url,
-        &h.config_value("appservice.acting.as_token"),
-        reqwest::Client::new(),
-    )
-    .await
-    .unwrap();
-    let opts = handoff::bundle::capture::CaptureOptions { concurrency: 8, ..Default::default() };
-    let start = Instant::now();
-    let bundle = handoff::bundle::capture::capture(&acting, &alice.id, &h.synapse().url, &opts).await.unwrap();
-    let library = start.elapsed();
-    assert_eq!(bundle.rooms.len(), n + 1, "every room and the bot's DM");
-    let (capture, _) = timed_command(&h, &alice, &adm, "export", "Your transfer code").await;
-    println!("\ncapture ({n} rooms)");
-    println!("  minimum requests, direct:  {:>7.2} s", direct.as_secs_f64());
-    println!(
-        "  capture() itself:          {:>7.2} s = {:.2}x the minimum requests",
-        library.as_secs_f64(),
-        library.as_secs_f64() / direct.as_secs_f64()
-    );
-    println!(
-        "  handoff export (end to end, incl. storing and answering): {:>7.2} s = {:.2}x",
-        capture.as_secs_f64(),
-        capture.as_secs_f64() / direct.as_secs_f64()
-    );
-
-    // Baselines, each on its own fresh account and rooms.
-    println!("\ntransfer ({n} rooms, each run on fresh rooms)");
-    let (old, rooms, _) = old_account(&h, "old-ceiling", n).await;
-    let ceiling = rate(n, direct_moves(&old, &h.user("new-ceiling").await, &rooms, 16).await);
-    println!("  ceiling, direct invite+join at 16 in flight: {ceiling:.1} rooms/s");
-    let (old, rooms, _) = old_account(&h, "old-same", n).await;
-    let same_work = rate(n, direct_full_moves(&old, &h.user("new-same").await, &rooms, 16).await);
-    println!("  same work as the engine (invite, join, power level, notice), direct at 16: {same_work:.1} rooms/s");
-    let (old, rooms, _) = old_account(&h, "old-steps", n).await;
-    let costs = per_step_costs(&old, &h.user("new-steps").await, &rooms, 16).await;
-    let total: Duration = costs.iter().sum();
-    let bound = rate(n, total);
-    println!(
-        "  each write on its own, direct at 16: together {bound:.1} rooms/s = {:.2} of the invite+join ceiling, the most a mover that does all four can reach",
-        bound / ceiling
-    );
-    for (name, d) in ["invite", "join", "power level", "notice"].iter().zip(costs) {
+    {
+        let h = fresh(default_concurrency()).await;
+        let t = Instant::now();
+        let (alice, _, adm) = old_account(&h, "alice", n).await;
+        println!("setup: created {n} rooms in {:.1} s", t.elapsed().as_secs_f64());
+        let direct = direct_capture(&alice, 4).await.min(direct_capture(&alice, 16).await);
+        let acting = acting(&h).await;
+        let opts = handoff::bundle::capture::CaptureOptions { concurrency: 8, ..Default::default() };
+        let start = Instant::now();
+        let bundle = handoff::bundle::capture::capture(&acting, &alice.id, &h.synapse().url, &opts).await.unwrap();
+        let library = start.elapsed();
+        assert_eq!(bundle.rooms.len(), n + 1, "every room and the bot's DM");
+        let (capture, _) = timed_command(&h, &alice, &adm, "export", "Your transfer code").await;
+        println!("\ncapture ({n} rooms)");
+        println!("  minimum requests, direct:  {:>7.2} s", direct.as_secs_f64());
         println!(
-            "    {name:<12} {:>6.1} rooms/s  {:>3.0} %",
-            rate(n, d),
-            100.0 * d.as_secs_f64() / total.as_secs_f64()
+            "  capture() itself:          {:>7.2} s = {:.2}x the minimum requests",
+            library.as_secs_f64(),
+            library.as_secs_f64() / direct.as_secs_f64()
+        );
+        println!(
+            "  handoff export (end to end, incl. storing and answering): {:>7.2} s = {:.2}x",
+            capture.as_secs_f64(),
+            capture.as_secs_f64() / direct.as_secs_f64()
         );
     }
-    let (old, rooms, _) = old_account(&h, "old-same-as", n).await;
-    let same_work_as = rate(n, direct_full_moves_as(&acting, &old, &h.user("new-same-as").await, &rooms, 16).await);
-    println!("  the same work through the acting registration (?user_id=) at 16: {same_work_as:.1} rooms/s");
 
-    // The engine at its default concurrency, then at 16, then at 1.
-    let default = handoff::config::HandoffConfig::default().concurrency.0;
-    let mut results = Vec::new();
-    let mut current = default;
+    println!("\ntransfer ({n} rooms)");
+    let mut ceiling: f64 = 0.0;
+    for c in [4, 8, 16, 32] {
+        let h = fresh(default_concurrency()).await;
+        let (old, rooms, _) = old_account(&h, "old", n).await;
+        let r = rate(n, direct_moves(&old, &h.user("new").await, &rooms, c).await);
+        println!("  direct invite+join at {c} in flight: {r:.1} rooms/s");
+        ceiling = ceiling.max(r);
+    }
+    println!("  ceiling (the best of these): {ceiling:.1} rooms/s");
+
+    let bound = {
+        let h = fresh(default_concurrency()).await;
+        let (old, rooms, _) = old_account(&h, "old", n).await;
+        let costs = per_step_costs(&old, &h.user("new").await, &rooms, 16).await;
+        let total: Duration = costs.iter().sum();
+        let bound = rate(n, total);
+        println!(
+            "  the four writes of a move, each on its own at 16 in flight: together {bound:.1} rooms/s = {:.2} of the ceiling, the most a mover that makes all four can reach",
+            bound / ceiling
+        );
+        for (name, d) in ["invite", "join", "power level", "notice"].iter().zip(costs) {
+            println!(
+                "    {name:<12} {:>6.1} rooms/s  {:>3.0} %",
+                rate(n, d),
+                100.0 * d.as_secs_f64() / total.as_secs_f64()
+            );
+        }
+        bound
+    };
+    let same_work = {
+        let h = fresh(default_concurrency()).await;
+        let (old, rooms, _) = old_account(&h, "old", n).await;
+        rate(n, direct_full_moves(&old, &h.user("new").await, &rooms, 16).await)
+    };
+    println!("  the same four writes room by room, direct at 16: {same_work:.1} rooms/s");
+    let same_work_as = {
+        let h = fresh(default_concurrency()).await;
+        let (old, rooms, _) = old_account(&h, "old", n).await;
+        let acting = acting(&h).await;
+        rate(n, direct_full_moves_as(&acting, &old, &h.user("new").await, &rooms, 16).await)
+    };
+    println!("  the same through the acting registration (?user_id=) at 16: {same_work_as:.1} rooms/s");
+
+    // The engine at its default concurrency, then at 4, 16 and 1.
+    let default = default_concurrency();
     let mut levels = vec![];
-    for c in [default, 4, 16, 1] {
+    for c in [default, 4, 8, 16, 1] {
         if !levels.contains(&c) {
             levels.push(c);
         }
     }
+    let mut results = Vec::new();
     for c in levels {
-        if c != current {
-            h.signal_handoff("TERM");
-            let config = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
-            let config = config.replace(&format!("concurrency: {current}"), &format!("concurrency: {c}"));
-            std::fs::write(&h.sandbox.config_path, config).unwrap();
-            h.start_handoff().await;
-            current = c;
-        }
-        let (old, _, odm) = old_account(&h, &format!("old-engine{c}"), n).await;
-        let target = h.user(&format!("new-engine{c}")).await;
-        let code = code_in(
-            &timed_command(&h, &old, &odm, &format!("export --to {}", target.id), "Your transfer code").await.1,
-        );
-        let tdm = target.create_dm(&h.bot).await;
-        target.wait_for_messages(&tdm, &h.bot, 1).await;
-        let pid = h.handoff_pid();
-        let cpu_before = cpu_time(pid);
-        let (took, report) = timed_command(&h, &target, &tdm, &format!("import {code}"), "rooms moved to").await;
-        let cpu = cpu_time(pid) - cpu_before;
-        assert!(report.starts_with(&format!("{n} of {n} rooms moved")), "{report}");
-        results.push((c, rate(n, took), cpu, peak_rss_mib(pid)));
+        println!("  handoff at concurrency {c}:");
+        results.push(engine_run(n, c).await);
     }
-    for (c, r, cpu, rss) in &results {
+    println!("  every room joined (pass 1 of the engine: the same invites and joins as the ceiling):");
+    for r in &results {
         println!(
-            "  handoff at concurrency {c}: {r:.1} rooms/s = {:.2} of the invite+join ceiling, {:.2} of the four writes' bound, {:.2} of the same work sent directly, {:.2} of it through the acting registration; service CPU {:.1} ms per room; peak RSS {rss:.0} MiB",
-            r / ceiling,
-            r / bound,
-            r / same_work,
-            r / same_work_as,
-            cpu.as_secs_f64() * 1000.0 / n as f64
+            "    handoff at concurrency {}: {:.1} rooms/s = {:.2} of the invite+join ceiling",
+            r.concurrency,
+            r.joined,
+            r.joined / ceiling
         );
     }
-    println!("  default ({default}) / one-at-a-time: {:.2}x", results[0].1 / results.last().unwrap().1);
-    println!("\nengine phases (from the service's log):");
-    for line in
-        h.log().lines().filter(|l| l.contains("planned") || l.contains("rooms done") || l.contains("transfer done"))
-    {
-        println!("  {}", line.split_once("handoff::transfer::run:").map_or(line, |(_, rest)| rest.trim()));
+    println!("  the whole transfer (joins, then rank, tags and a notice in each room, then the account):");
+    for r in &results {
+        println!(
+            "    handoff at concurrency {}: {:.1} rooms/s = {:.2} of the invite+join ceiling, {:.2} of the four writes' bound, {:.2} of the same writes sent directly, {:.2} of them through the acting registration; service CPU {:.1} ms per room; peak RSS {:.0} MiB",
+            r.concurrency,
+            r.whole,
+            r.whole / ceiling,
+            r.whole / bound,
+            r.whole / same_work,
+            r.whole / same_work_as,
+            r.cpu.as_secs_f64() * 1000.0 / n as f64,
+            r.rss
+        );
     }
+    println!(
+        "  default ({default}) / one-at-a-time: {:.2}x to every room joined, {:.2}x to the end",
+        results[0].joined / results.last().unwrap().joined,
+        results[0].whole / results.last().unwrap().whole
+    );
 }

@@ -143,7 +143,7 @@ impl Default for HandoffConfig {
             notify: NotifyConfig::default(),
             max_rooms: 1000,
             history_messages: 50,
-            concurrency: Concurrency(8),
+            concurrency: Concurrency(16),
             bundle_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
@@ -521,7 +521,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_reported() {
-        let text = EXAMPLE.replace("    concurrency: 8", "    concurrency: 8\n    concurency: 3");
+        let text = EXAMPLE.replace("    concurrency: 16", "    concurrency: 16\n    concurency: 3");
         let err = Config::parse(&text).unwrap_err();
         assert!(err.contains("unknown key handoff.concurency"), "{err}");
     }
@@ -539,7 +539,7 @@ mod tests {
             ("sender: old", "sender: nobody", "handoff.notify.sender"),
             ("address: http://127.0.0.1:8008", "address: localhost:8008", "homeserver.address"),
             ("format: pretty", "format: xml", "logging.format"),
-            ("concurrency: 8", "concurrency: 0", "handoff.concurrency"),
+            ("concurrency: 16", "concurrency: 0", "handoff.concurrency"),
             ("\"example.org\": user", "\"example.org\": superuser", "handoff.permissions"),
         ] {
             let text = EXAMPLE.replace(from, to);

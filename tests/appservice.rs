@@ -253,7 +253,7 @@ fn bad_config_gives_the_documented_message() {
     let example = include_str!("../bridge-config.yaml");
     let cases = [
         ("port: 29340", "port: abc", "appservice.port: expected a port number 1-65535, found \"abc\""),
-        ("    concurrency: 8", "    concurrency: 8\n    concurency: 2", "unknown key handoff.concurency"),
+        ("    concurrency: 16", "    concurrency: 16\n    concurency: 2", "unknown key handoff.concurency"),
         ("format: pretty", "format: xml", "logging.format: unknown variant `xml`"),
     ];
     for (from, to, expected) in cases {

@@ -302,6 +302,25 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
         assert_eq!(notices[0]["content"]["org.handoff.move"]["to"], "@bob:localhost");
     }
     assert!(!joined.contains(&s.banned) && !joined.contains(&s.no_invite));
+    // Highest priority first: every favourite was joined before either low-priority room.
+    let join_ts = |room: OwnedRoomId| {
+        let alice = &alice;
+        let bob = bob.id.clone();
+        async move {
+            let timeline = alice.timeline(&room).await;
+            let join = timeline.iter().find(|e| {
+                e["type"] == "m.room.member" && e["state_key"] == bob.as_str() && e["content"]["membership"] == "join"
+            });
+            join.and_then(|e| e["origin_server_ts"].as_u64()).unwrap_or_else(|| panic!("no join of bob in {room}"))
+        }
+    };
+    let mut last_favourite = 0;
+    for r in &s.favourites {
+        last_favourite = last_favourite.max(join_ts(r.clone()).await);
+    }
+    for r in &s.low {
+        assert!(join_ts(r.clone()).await >= last_favourite, "{r} (low priority) joined before a favourite");
+    }
 
     // Tags, with their order.
     for (r, t, order) in [

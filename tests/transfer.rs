@@ -78,6 +78,17 @@ async fn bound_code_moves_rooms_and_cannot_be_used_twice() {
     assert_eq!(notice["content"]["org.handoff.move"]["to"], "@bob:localhost");
     assert_eq!(notice["content"]["org.handoff.move"]["profile"], "desktop");
 
+    // One status message, edited as the rooms went: its last edits count the four rooms and say done.
+    let edits: Vec<String> = bob
+        .timeline(&bdm)
+        .await
+        .iter()
+        .filter(|e| e["sender"] == h.bot.as_str() && e["content"]["m.relates_to"]["rel_type"] == "m.replace")
+        .map(|e| e["content"]["m.new_content"]["body"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(edits.iter().any(|e| e.contains("4 joined, 4 of 4 finished")), "{edits:?}");
+    assert!(edits.last().is_some_and(|e| e.starts_with("Done: 4 of 4 rooms moved")), "{edits:?}");
+
     // Neither the code nor a token reaches the log.
     assert!(!h.log().contains(&code), "the transfer code leaked into the log");
 
@@ -173,7 +184,7 @@ struct Interruptible {
 }
 
 async fn interruptible_transfer(n: usize) -> Interruptible {
-    let h = Harness::start_with(|c| c.replace("concurrency: 8", "concurrency: 1")).await;
+    let h = Harness::start_with(|c| c.replace("concurrency: 16", "concurrency: 1")).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     let rooms = rooms(&alice, n).await;
     let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
@@ -187,15 +198,21 @@ async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
     // One room at a time, so the kills land mid-transfer.
     let Interruptible { mut h, alice, bob, rooms, bdm, .. } = interruptible_transfer(40).await;
 
+    // Twice while the rooms are joined (pass 1), once while they are announced (pass 2).
     for at in [3, 10] {
         joined_at_least(&alice, &bob, &rooms, at).await;
         let status = h.signal_handoff("KILL");
         assert!(!status.success());
         h.start_handoff().await;
     }
+    // As soon as the engine logs that every room is joined: pass 2 has begun.
+    eventually("pass 1 to end", || async { h.log().contains("rooms joined").then_some(()) }).await;
+    assert!(!h.signal_handoff("KILL").success());
+    assert!(!h.log().contains("rooms done"), "the kill landed before the rooms were finished");
+    h.start_handoff().await;
     let report = h.bot_says(&bob, &bdm, 0, "the report after restarts", |b| b.contains("rooms moved to")).await;
     assert!(report.starts_with("40 of 40 rooms moved"), "{report}");
-    assert!(h.log().contains("resuming transfer"), "a kill landed mid-transfer");
+    assert_eq!(h.log().matches("resuming transfer").count(), 3, "every kill landed mid-transfer");
     assert_moved_once(&alice, &bob, &rooms).await;
     let reports = bob.messages_from(&bdm, &h.bot).await.iter().filter(|m| body(m).contains("rooms moved to")).count();
     assert_eq!(reports, 1, "one report");

@@ -3,6 +3,7 @@
 //! and sends use transaction IDs derived from the transfer, so nothing happens twice.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,19 @@ use crate::store::{Store, StoreError};
 /// transfer completes when the homeserver is back.
 const PATIENT: Retry =
     Retry { attempts: u32::MAX, backoff: Duration::from_millis(250), max_wait: Duration::from_secs(15) };
+
+/// The journal's mark for a room whose pass 1 (invite, join) is complete.
+const JOINED: &str = "joined";
+
+/// How pass 1 left a room.
+enum Seat {
+    /// Seated (its index in the plan, and its step): pass 2 finishes it.
+    Taken(usize, RoomStep),
+    /// Skipped or failed, journaled as such.
+    Ended,
+    /// Not started: the transfer was cancelled first.
+    NotStarted,
+}
 
 /// The field of move notices that clients and bots can read.
 pub const MOVE_FIELD: &str = "org.handoff.move";
@@ -164,33 +178,75 @@ impl Engine {
 
         self.profile_step(&mut t, &bundle, &plan).await?;
         let steps = self.store.room_steps(id)?;
-        let todo: Vec<RoomPlan> =
-            plan.rooms.iter().filter(|r| !steps.get(&r.room_id).is_some_and(RoomStep::is_final)).cloned().collect();
-        let done_before = plan.rooms.len() - todo.len();
-        let progress = Progress { done: Mutex::new(done_before), last_edit: Mutex::new(Instant::now()) };
+        let todo: Vec<(usize, RoomPlan)> = plan
+            .rooms
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !steps.get(&r.room_id).is_some_and(RoomStep::is_final))
+            .map(|(i, r)| (i, r.clone()))
+            .collect();
+        let progress = Progress::new(&plan, &steps);
         let (bundle_ref, t_ref, progress_ref, steps_ref, plan_ref) = (&bundle, &t, &progress, &steps, &plan);
-        let cancelled = stream::iter(todo)
-            .map(|room: RoomPlan| async move {
+
+        // Pass 1, seats: every room's invite and join, highest priority first, so the new account
+        // is in its rooms as early as the homeserver allows.
+        let seats: Vec<Seat> = stream::iter(todo)
+            .map(|(index, room): (usize, RoomPlan)| async move {
                 let _slot = self.rooms_in_flight.acquire().await.expect("the pool is never closed");
-                if self.cancel_requested(id) {
-                    return true;
-                }
                 let room = &room;
-                let start = steps_ref.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
-                let step = match self.move_room(t_ref, bundle_ref, room, start).await {
+                let from = steps_ref.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
+                if stage_of(&from) >= 2 {
+                    return Seat::Taken(index, from);
+                }
+                if self.cancel_requested(id) {
+                    return Seat::NotStarted;
+                }
+                let ended = match self.take_seat(t_ref, room, &from).await {
+                    Ok(None) => {
+                        progress_ref.seated.fetch_add(1, Ordering::Relaxed);
+                        self.advance(t_ref, plan_ref, progress_ref).await;
+                        return Seat::Taken(index, RoomStep::Started(JOINED.into()));
+                    }
+                    Ok(Some(step)) => step,
+                    Err(e) => RoomStep::Failed(e.to_string()),
+                };
+                self.end_room(t_ref, plan_ref, progress_ref, room, &ended).await;
+                Seat::Ended
+            })
+            .buffer_unordered(self.config.handoff.concurrency.0)
+            .collect()
+            .await;
+        let cancelled = seats.iter().any(|s| matches!(s, Seat::NotStarted));
+        let mut seated: Vec<(usize, RoomStep)> = seats
+            .into_iter()
+            .filter_map(|s| match s {
+                Seat::Taken(index, from) => Some((index, from)),
+                _ => None,
+            })
+            .collect();
+        seated.sort_by_key(|(index, _)| *index);
+        tracing::info!(
+            transfer = id,
+            seated = seated.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "rooms joined"
+        );
+
+        // Pass 2: rank, tags and the notice of every seated room, in the same order. A cancel does
+        // not stop it: every room the new account was joined to is finished and announced.
+        stream::iter(seated)
+            .map(|(index, from): (usize, RoomStep)| async move {
+                let _slot = self.rooms_in_flight.acquire().await.expect("the pool is never closed");
+                let room = &plan_ref.rooms[index];
+                let step = match self.finish_room(t_ref, bundle_ref, room, &from).await {
                     Ok(step) => step,
                     Err(e) => RoomStep::Failed(e.to_string()),
                 };
-                if let Err(e) = self.store.set_room_step(id, &room.room_id, &step).await {
-                    tracing::error!(error = %e, "cannot journal a room's outcome");
-                }
-                self.advance(t_ref, plan_ref, progress_ref).await;
-                false
+                self.end_room(t_ref, plan_ref, progress_ref, room, &step).await;
             })
             .buffer_unordered(self.config.handoff.concurrency.0)
-            .collect::<Vec<bool>>()
-            .await
-            .contains(&true);
+            .collect::<Vec<()>>()
+            .await;
 
         let mut t = self.store.get_transfer(id)?.ok_or(RunError::Missing(id))?;
         if cancelled || t.state == TransferState::Cancelling {
@@ -226,32 +282,37 @@ impl Engine {
         Ok(self.store.set_room_step(t.id, room, &RoomStep::Started(stage.into())).await?)
     }
 
-    /// Moves one room, from wherever its journal says it got to. Returns its final step.
-    async fn move_room(
-        &self,
-        t: &Transfer,
-        bundle: &Bundle,
-        room: &RoomPlan,
-        from: RoomStep,
-    ) -> Result<RoomStep, RunError> {
+    /// Journals a room's final step and counts it in the status message.
+    async fn end_room(&self, t: &Transfer, plan: &Plan, progress: &Progress, room: &RoomPlan, step: &RoomStep) {
+        if let Err(e) = self.store.set_room_step(t.id, &room.room_id, step).await {
+            tracing::error!(error = %e, "cannot journal a room's outcome");
+        }
+        progress.done.fetch_add(1, Ordering::Relaxed);
+        self.advance(t, plan, progress).await;
+    }
+
+    /// Pass 1 for one room, from wherever its journal says it got to: reserve (the old account
+    /// invites) and join. `None` when the new account has its seat (joined, or invited if it is on
+    /// another server) and the room goes on to pass 2; otherwise the room's final step.
+    async fn take_seat(&self, t: &Transfer, room: &RoomPlan, from: &RoomStep) -> Result<Option<RoomStep>, RunError> {
         let rid = &room.room_id;
         match room.action {
-            PlanAction::Blocked(b) => return Ok(RoomStep::Skipped(b.explain().into())),
+            PlanAction::Blocked(b) => return Ok(Some(RoomStep::Skipped(b.explain().into()))),
             PlanAction::Gone => {
-                return Ok(RoomStep::Skipped(
+                return Ok(Some(RoomStep::Skipped(
                     "the old account is no longer in this room, or it no longer exists".into(),
-                ));
+                )));
             }
             PlanAction::Join | PlanAction::AlreadyJoined => {}
         }
-        let stage = stage_of(&from);
+        let stage = stage_of(from);
         let local_new = self.is_local(&t.new);
 
         // 1. Reserve: the old account invites the new one (checked against the room first).
         if stage < 1 {
             self.started(t, rid, "invite").await?;
             // Fresh rooms were read when planning; a resumed step re-checks the room first.
-            let membership = match (&from, room.action) {
+            let membership = match (from, room.action) {
                 (RoomStep::Started(_), _) => self.membership(&t.old, rid, &t.new).await?,
                 (_, PlanAction::AlreadyJoined) => Some(MembershipState::Join),
                 _ => None,
@@ -259,7 +320,7 @@ impl Engine {
             match membership {
                 Some(MembershipState::Join) | Some(MembershipState::Invite) => {}
                 Some(MembershipState::Ban) => {
-                    return Ok(RoomStep::Skipped(plan::Blocked::Banned.explain().into()));
+                    return Ok(Some(RoomStep::Skipped(plan::Blocked::Banned.explain().into())));
                 }
                 _ => {
                     let mut invitee = invite_user::v3::InviteUserId::new(t.new.clone());
@@ -269,7 +330,7 @@ impl Engine {
                         // A public room can be joined without the invite.
                         let public = room.action == PlanAction::Join && matches!(e.kind(), Some(ErrorKind::Forbidden));
                         if !public {
-                            return Ok(RoomStep::Failed(format!("the invite failed: {e}")));
+                            return Ok(Some(RoomStep::Failed(format!("the invite failed: {e}"))));
                         }
                     }
                 }
@@ -282,10 +343,26 @@ impl Engine {
             if !resumed || self.membership(&t.old, rid, &t.new).await? != Some(MembershipState::Join) {
                 // The old account is local and in the room, so this server is too: no via servers needed.
                 if let Err(e) = self.acting.send_as(&t.new, join_room_by_id::v3::Request::new(rid.clone())).await {
-                    return Ok(RoomStep::Failed(format!("joining failed: {e}")));
+                    return Ok(Some(RoomStep::Failed(format!("joining failed: {e}"))));
                 }
             }
         }
+        // The end of pass 1, and what a restart resumes from.
+        self.started(t, rid, JOINED).await?;
+        Ok(None)
+    }
+
+    /// Pass 2 for a seated room: carry rank, tags, notify. Returns the room's final step.
+    async fn finish_room(
+        &self,
+        t: &Transfer,
+        bundle: &Bundle,
+        room: &RoomPlan,
+        from: &RoomStep,
+    ) -> Result<RoomStep, RunError> {
+        let rid = &room.room_id;
+        let stage = stage_of(from);
+        let local_new = self.is_local(&t.new);
         // 3. Carry rank: re-read the power levels right before writing them.
         if stage < 3
             && let Some(level) = room.give_level
@@ -309,7 +386,9 @@ impl Engine {
         // 5. Notify: one notice per room, never two.
         if stage < 5 {
             self.started(t, rid, "notify").await?;
-            self.notify(t, rid, local_new, matches!(from, RoomStep::Started(_))).await?;
+            // Only a notify step that was started may have posted its notice already.
+            let resumed = matches!(from, RoomStep::Started(s) if s == "notify");
+            self.notify(t, rid, local_new, resumed).await?;
         }
         Ok(if local_new { RoomStep::Done } else { RoomStep::AwaitingAccept })
     }
@@ -713,14 +792,11 @@ impl Engine {
 
     /// Edits the status message at most every two seconds, and always for the last room.
     async fn advance(&self, t: &Transfer, plan: &Plan, progress: &Progress) {
-        let done = {
-            let mut d = progress.done.lock().expect("lock");
-            *d += 1;
-            *d
-        };
+        let (seated, done, total) =
+            (progress.seated.load(Ordering::Relaxed), progress.done.load(Ordering::Relaxed), plan.rooms.len());
         let due = {
             let mut last = progress.last_edit.lock().expect("lock");
-            let due = done == plan.rooms.len() || last.elapsed() >= Duration::from_secs(2);
+            let due = done == total || last.elapsed() >= Duration::from_secs(2);
             if due {
                 *last = Instant::now();
             }
@@ -728,11 +804,10 @@ impl Engine {
         };
         if due {
             let text = format!(
-                "Moving rooms from {} to {}: {done} of {}\n{}",
+                "Moving rooms from {} to {}: {seated} joined, {done} of {total} finished\n{}",
                 t.old,
                 t.new,
-                plan.rooms.len(),
-                progress_bar(done, plan.rooms.len())
+                progress_bar(done, total)
             );
             if let Err(e) = self.edit_status(t, &text).await {
                 tracing::warn!(error = %e, "cannot edit the status message");
@@ -792,18 +867,36 @@ type StepFuture<'a> = std::pin::Pin<Box<dyn Future<Output = Result<String, RunEr
 type StepFn = for<'a> fn(&'a Engine, &'a Transfer, &'a Bundle, &'a Plan) -> StepFuture<'a>;
 
 struct Progress {
-    done: Mutex<usize>,
+    /// Rooms the new account has its seat in (pass 1 done).
+    seated: AtomicUsize,
+    /// Rooms with their final step (moved, skipped or failed).
+    done: AtomicUsize,
     last_edit: Mutex<Instant>,
 }
 
-/// How many stages a room completed: 0 nothing, 1 invite, 2 join, 3 rank, 4 tags, 5 notify.
+impl Progress {
+    /// Counts what the journal says was done before this run.
+    fn new(plan: &Plan, steps: &BTreeMap<OwnedRoomId, RoomStep>) -> Progress {
+        let step = |r: &RoomPlan| steps.get(&r.room_id).cloned().unwrap_or(RoomStep::Pending);
+        let seated = plan.rooms.iter().filter(|r| matches!(step(r), RoomStep::Started(_)) && stage_of(&step(r)) >= 2);
+        let done = plan.rooms.iter().filter(|r| step(r).is_final());
+        Progress {
+            seated: AtomicUsize::new(seated.count()),
+            done: AtomicUsize::new(done.count()),
+            last_edit: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+/// How many stages a room completed: 0 nothing, 1 invite, 2 join (pass 1 ends), 3 rank, 4 tags,
+/// 5 notify.
 fn stage_of(step: &RoomStep) -> u8 {
     match step {
         RoomStep::Pending => 0,
         RoomStep::Started(s) => match s.as_str() {
             "invite" => 0,
             "join" => 1,
-            "rank" => 2,
+            JOINED | "rank" => 2,
             "tags" => 3,
             _ => 4, // "notify"
         },
