@@ -878,7 +878,12 @@ impl Progress {
     /// Counts what the journal says was done before this run.
     fn new(plan: &Plan, steps: &BTreeMap<OwnedRoomId, RoomStep>) -> Progress {
         let step = |r: &RoomPlan| steps.get(&r.room_id).cloned().unwrap_or(RoomStep::Pending);
-        let seated = plan.rooms.iter().filter(|r| matches!(step(r), RoomStep::Started(_)) && stage_of(&step(r)) >= 2);
+        // Seated: past pass 1, whether finished since or not (skipped and failed rooms never were).
+        let seated = plan.rooms.iter().filter(|r| match step(r) {
+            RoomStep::Done | RoomStep::AwaitingAccept => true,
+            s @ RoomStep::Started(_) => stage_of(&s) >= 2,
+            _ => false,
+        });
         let done = plan.rooms.iter().filter(|r| step(r).is_final());
         Progress {
             seated: AtomicUsize::new(seated.count()),
@@ -1082,6 +1087,9 @@ mod tests {
         assert_eq!(stage_of(&RoomStep::Pending), 0);
         assert_eq!(stage_of(&RoomStep::Started("invite".into())), 0);
         assert_eq!(stage_of(&RoomStep::Started("join".into())), 1);
+        // The end of pass 1: pass 2 starts at the rank.
+        assert_eq!(stage_of(&RoomStep::Started(JOINED.into())), 2);
+        assert_eq!(stage_of(&RoomStep::Started("rank".into())), 2);
         assert_eq!(stage_of(&RoomStep::Started("notify".into())), 4);
         assert_eq!(stage_of(&RoomStep::Done), 5);
         assert_eq!(progress_bar(5, 10), format!("[{}{}] 5/10", "█".repeat(10), "░".repeat(10)));
