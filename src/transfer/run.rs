@@ -1,5 +1,7 @@
-//! Executing a transfer: a loop over the plan, each room's steps journaled before and after they
-//! run. On resume, a step that was started is re-checked against the room before it is done again,
+//! Executing a transfer: two passes over the plan, highest priority first (pass 1 invites and
+//! joins every room, pass 2 carries rank, applies tags and posts the notice), each room's steps
+//! journaled before and after they run, with all transfers' rooms drawing on one bounded pool.
+//! On resume, a step that was started is re-checked against the room before it is done again,
 //! and sends use transaction IDs derived from the transfer, so nothing happens twice.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
