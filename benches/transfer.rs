@@ -117,6 +117,17 @@ async fn direct_capture(owner: &User, concurrency: usize) -> Duration {
     start.elapsed()
 }
 
+/// Re-reads the room's power levels and gives `new` the level the engine gives in rooms the old
+/// account created (150: a room version 12 creator's highest grantable level).
+async fn raise_power(old: &User, new: &User, room: &OwnedRoomId) {
+    let req = get_state_event_for_key::v3::Request::new(room.clone(), StateEventType::RoomPowerLevels, String::new());
+    let mut pl: serde_json::Value = serde_json::from_str(old.send(req).await.event_or_content.get()).unwrap();
+    pl["users"][new.id.as_str()] = 150.into();
+    let raw = Raw::from_json(serde_json::value::to_raw_value(&pl).unwrap());
+    old.send(send_state_event::v3::Request::new_raw(room.clone(), StateEventType::RoomPowerLevels, String::new(), raw))
+        .await;
+}
+
 /// The homeserver's ceiling: invite + join for every room, sent directly with `concurrency` in flight.
 async fn direct_moves(old: &User, new: &User, rooms: &[OwnedRoomId], concurrency: usize) -> Duration {
     let start = Instant::now();
@@ -169,18 +180,7 @@ async fn direct_full_moves(old: &User, new: &User, rooms: &[OwnedRoomId], concur
             ))
             .await;
             new.send(join_room_by_id::v3::Request::new(r.clone())).await;
-            let req =
-                get_state_event_for_key::v3::Request::new(r.clone(), StateEventType::RoomPowerLevels, String::new());
-            let mut pl: serde_json::Value = serde_json::from_str(old.send(req).await.event_or_content.get()).unwrap();
-            pl["users"][new.id.as_str()] = 150.into();
-            let raw = Raw::from_json(serde_json::value::to_raw_value(&pl).unwrap());
-            old.send(send_state_event::v3::Request::new_raw(
-                r.clone(),
-                StateEventType::RoomPowerLevels,
-                String::new(),
-                raw,
-            ))
-            .await;
+            raise_power(old, new, r).await;
             let notice = RoomMessageEventContent::notice_plain(format!("{} has moved to {}", old.id, new.id));
             let req = send_message_event::v3::Request::new(r.clone(), format!("bench-{i}").into(), &notice).unwrap();
             old.send(req).await;
@@ -247,17 +247,7 @@ async fn per_step_costs(old: &User, new: &User, rooms: &[OwnedRoomId], concurren
     })
     .await;
     let power = phase(rooms, concurrency, |_, r| async move {
-        let req = get_state_event_for_key::v3::Request::new(r.clone(), StateEventType::RoomPowerLevels, String::new());
-        let mut pl: serde_json::Value = serde_json::from_str(old.send(req).await.event_or_content.get()).unwrap();
-        pl["users"][new.id.as_str()] = 100.into();
-        let raw = Raw::from_json(serde_json::value::to_raw_value(&pl).unwrap());
-        old.send(send_state_event::v3::Request::new_raw(
-            r.clone(),
-            StateEventType::RoomPowerLevels,
-            String::new(),
-            raw,
-        ))
-        .await;
+        raise_power(old, new, r).await;
     })
     .await;
     let notice = phase(rooms, concurrency, |i, r| async move {
