@@ -128,22 +128,49 @@ async fn raise_power(old: &User, new: &User, room: &OwnedRoomId) {
         .await;
 }
 
+/// Runs `step` for every room (with its index), `concurrency` rooms in flight; returns how long it took.
+async fn timed_over_rooms<'a, F: std::future::Future<Output = ()> + 'a>(
+    rooms: &'a [OwnedRoomId],
+    concurrency: usize,
+    step: impl Fn(usize, &'a OwnedRoomId) -> F,
+) -> Duration {
+    let start = Instant::now();
+    stream::iter(rooms.iter().enumerate()).map(|(i, r)| step(i, r)).buffer_unordered(concurrency).count().await;
+    start.elapsed()
+}
+
+/// The old account invites the new one, which joins: with the users' own tokens.
+async fn seat(old: &User, new: &User, room: &OwnedRoomId) {
+    let who = invite_user::v3::InviteUserId::new(new.id.clone()).into();
+    old.send(invite_user::v3::Request::new(room.clone(), who)).await;
+    new.send(join_room_by_id::v3::Request::new(room.clone())).await;
+}
+
+/// The same invite and join through the acting registration (`?user_id=`), as the engine sends them.
+async fn seat_as(hs: &handoff::homeserver::Homeserver, old: &User, new: &User, room: &OwnedRoomId) {
+    let who = invite_user::v3::InviteUserId::new(new.id.clone()).into();
+    hs.send_as(&old.id, invite_user::v3::Request::new(room.clone(), who)).await.unwrap();
+    hs.send_as(&new.id, join_room_by_id::v3::Request::new(room.clone())).await.unwrap();
+}
+
+/// `raise_power` through the acting registration.
+async fn raise_power_as(hs: &handoff::homeserver::Homeserver, old: &User, new: &User, room: &OwnedRoomId) {
+    let req = get_state_event_for_key::v3::Request::new(room.clone(), StateEventType::RoomPowerLevels, String::new());
+    let resp = hs.send_as(&old.id, req).await.unwrap();
+    let mut pl: serde_json::Value = serde_json::from_str(resp.event_or_content.get()).unwrap();
+    pl["users"][new.id.as_str()] = 150.into();
+    let raw = Raw::from_json(serde_json::value::to_raw_value(&pl).unwrap());
+    let req = send_state_event::v3::Request::new_raw(room.clone(), StateEventType::RoomPowerLevels, String::new(), raw);
+    hs.send_as(&old.id, req).await.unwrap();
+}
+
+fn move_notice(old: &User, new: &User) -> RoomMessageEventContent {
+    RoomMessageEventContent::notice_plain(format!("{} has moved to {}", old.id, new.id))
+}
+
 /// The homeserver's ceiling: invite + join for every room, sent directly with `concurrency` in flight.
 async fn direct_moves(old: &User, new: &User, rooms: &[OwnedRoomId], concurrency: usize) -> Duration {
-    let start = Instant::now();
-    stream::iter(rooms)
-        .map(|r| async move {
-            old.send(invite_user::v3::Request::new(
-                r.clone(),
-                invite_user::v3::InviteUserId::new(new.id.clone()).into(),
-            ))
-            .await;
-            new.send(join_room_by_id::v3::Request::new(r.clone())).await;
-        })
-        .buffer_unordered(concurrency)
-        .count()
-        .await;
-    start.elapsed()
+    timed_over_rooms(rooms, concurrency, |_, r| seat(old, new, r)).await
 }
 
 /// Invite + join for every room through the acting registration (`?user_id=`), as the engine sends them.
@@ -154,41 +181,19 @@ async fn direct_moves_as(
     rooms: &[OwnedRoomId],
     concurrency: usize,
 ) -> Duration {
-    let start = Instant::now();
-    stream::iter(rooms)
-        .map(|r| async move {
-            let invite =
-                invite_user::v3::Request::new(r.clone(), invite_user::v3::InviteUserId::new(new.id.clone()).into());
-            hs.send_as(&old.id, invite).await.unwrap();
-            hs.send_as(&new.id, join_room_by_id::v3::Request::new(r.clone())).await.unwrap();
-        })
-        .buffer_unordered(concurrency)
-        .count()
-        .await;
-    start.elapsed()
+    timed_over_rooms(rooms, concurrency, |_, r| seat_as(hs, old, new, r)).await
 }
 
 /// The same work as the engine per room, sent directly: invite, join, re-read and raise the power
 /// level, one notice. What the engine adds on top of this is its own overhead.
 async fn direct_full_moves(old: &User, new: &User, rooms: &[OwnedRoomId], concurrency: usize) -> Duration {
-    let start = Instant::now();
-    stream::iter(rooms.iter().enumerate())
-        .map(|(i, r)| async move {
-            old.send(invite_user::v3::Request::new(
-                r.clone(),
-                invite_user::v3::InviteUserId::new(new.id.clone()).into(),
-            ))
-            .await;
-            new.send(join_room_by_id::v3::Request::new(r.clone())).await;
-            raise_power(old, new, r).await;
-            let notice = RoomMessageEventContent::notice_plain(format!("{} has moved to {}", old.id, new.id));
-            let req = send_message_event::v3::Request::new(r.clone(), format!("bench-{i}").into(), &notice).unwrap();
-            old.send(req).await;
-        })
-        .buffer_unordered(concurrency)
-        .count()
-        .await;
-    start.elapsed()
+    timed_over_rooms(rooms, concurrency, |i, r| async move {
+        seat(old, new, r).await;
+        raise_power(old, new, r).await;
+        let req = send_message_event::v3::Request::new(r.clone(), format!("bench-{i}").into(), &move_notice(old, new));
+        old.send(req.unwrap()).await;
+    })
+    .await
 }
 
 /// The same work again, through the acting registration (`?user_id=`), as the engine sends it.
@@ -199,60 +204,32 @@ async fn direct_full_moves_as(
     rooms: &[OwnedRoomId],
     concurrency: usize,
 ) -> Duration {
-    let start = Instant::now();
-    stream::iter(rooms.iter().enumerate())
-        .map(|(i, r)| async move {
-            let invite =
-                invite_user::v3::Request::new(r.clone(), invite_user::v3::InviteUserId::new(new.id.clone()).into());
-            hs.send_as(&old.id, invite).await.unwrap();
-            hs.send_as(&new.id, join_room_by_id::v3::Request::new(r.clone())).await.unwrap();
-            let req =
-                get_state_event_for_key::v3::Request::new(r.clone(), StateEventType::RoomPowerLevels, String::new());
-            let resp = hs.send_as(&old.id, req).await.unwrap();
-            let mut pl: serde_json::Value = serde_json::from_str(resp.event_or_content.get()).unwrap();
-            pl["users"][new.id.as_str()] = 150.into();
-            let raw = Raw::from_json(serde_json::value::to_raw_value(&pl).unwrap());
-            let req =
-                send_state_event::v3::Request::new_raw(r.clone(), StateEventType::RoomPowerLevels, String::new(), raw);
-            hs.send_as(&old.id, req).await.unwrap();
-            let notice = RoomMessageEventContent::notice_plain(format!("{} has moved to {}", old.id, new.id));
-            let req = send_message_event::v3::Request::new(r.clone(), format!("bench-as-{i}").into(), &notice).unwrap();
-            hs.send_as(&old.id, req).await.unwrap();
-        })
-        .buffer_unordered(concurrency)
-        .count()
-        .await;
-    start.elapsed()
+    timed_over_rooms(rooms, concurrency, |i, r| async move {
+        seat_as(hs, old, new, r).await;
+        raise_power_as(hs, old, new, r).await;
+        let req =
+            send_message_event::v3::Request::new(r.clone(), format!("bench-as-{i}").into(), &move_notice(old, new));
+        hs.send_as(&old.id, req.unwrap()).await.unwrap();
+    })
+    .await
 }
 
 /// What each of the engine's writes costs the homeserver on its own: every room's invite, then every
 /// join, then every power-level change, then every notice, each phase with `concurrency` in flight.
 async fn per_step_costs(old: &User, new: &User, rooms: &[OwnedRoomId], concurrency: usize) -> [Duration; 4] {
-    async fn phase<'a, F: std::future::Future<Output = ()> + 'a>(
-        rooms: &'a [OwnedRoomId],
-        concurrency: usize,
-        step: impl Fn(usize, &'a OwnedRoomId) -> F,
-    ) -> Duration {
-        let start = Instant::now();
-        stream::iter(rooms.iter().enumerate()).map(|(i, r)| step(i, r)).buffer_unordered(concurrency).count().await;
-        start.elapsed()
-    }
-    let invite = phase(rooms, concurrency, |_, r| async move {
+    let invite = timed_over_rooms(rooms, concurrency, |_, r| async move {
         let who = invite_user::v3::InviteUserId::new(new.id.clone()).into();
         old.send(invite_user::v3::Request::new(r.clone(), who)).await;
     })
     .await;
-    let join = phase(rooms, concurrency, |_, r| async move {
+    let join = timed_over_rooms(rooms, concurrency, |_, r| async move {
         new.send(join_room_by_id::v3::Request::new(r.clone())).await;
     })
     .await;
-    let power = phase(rooms, concurrency, |_, r| async move {
-        raise_power(old, new, r).await;
-    })
-    .await;
-    let notice = phase(rooms, concurrency, |i, r| async move {
-        let notice = RoomMessageEventContent::notice_plain(format!("{} has moved to {}", old.id, new.id));
-        old.send(send_message_event::v3::Request::new(r.clone(), format!("step-{i}").into(), &notice).unwrap()).await;
+    let power = timed_over_rooms(rooms, concurrency, |_, r| raise_power(old, new, r)).await;
+    let notice = timed_over_rooms(rooms, concurrency, |i, r| async move {
+        let req = send_message_event::v3::Request::new(r.clone(), format!("step-{i}").into(), &move_notice(old, new));
+        old.send(req.unwrap()).await;
     })
     .await;
     [invite, join, power, notice]
