@@ -180,12 +180,9 @@ impl Engine {
 
         self.profile_step(&mut t, &bundle, &plan).await?;
         let steps = self.store.room_steps(id)?;
-        let todo: Vec<(usize, RoomPlan)> = plan
-            .rooms
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| !steps.get(&r.room_id).is_some_and(RoomStep::is_final))
-            .map(|(i, r)| (i, r.clone()))
+        // Plan indices of the rooms left to do (indices, not references, keep the futures `Send`).
+        let todo: Vec<usize> = (0..plan.rooms.len())
+            .filter(|&i| !steps.get(&plan.rooms[i].room_id).is_some_and(RoomStep::is_final))
             .collect();
         let progress = Progress::new(&plan, &steps);
         let (bundle_ref, t_ref, progress_ref, steps_ref, plan_ref) = (&bundle, &t, &progress, &steps, &plan);
@@ -193,13 +190,14 @@ impl Engine {
         // Pass 1, seats: every room's invite and join, highest priority first, so the new account
         // is in its rooms as early as the homeserver allows.
         let seats: Vec<Seat> = stream::iter(todo)
-            .map(|(index, room): (usize, RoomPlan)| async move {
-                let _slot = self.rooms_in_flight.acquire().await.expect("the pool is never closed");
-                let room = &room;
+            .map(|index: usize| async move {
+                let room = &plan_ref.rooms[index];
                 let from = steps_ref.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
+                // Seated before a restart: straight to pass 2, without taking a slot.
                 if stage_of(&from) >= 2 {
                     return Seat::Taken(index, from);
                 }
+                let _slot = self.rooms_in_flight.acquire().await.expect("the pool is never closed");
                 if self.cancel_requested(id) {
                     return Seat::NotStarted;
                 }
