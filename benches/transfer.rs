@@ -391,9 +391,18 @@ async fn run() {
         println!("setup: created {n} rooms in {:.1} s", t.elapsed().as_secs_f64());
         let direct = direct_capture(&alice, 4).await.min(direct_capture(&alice, 16).await);
         let acting = acting(&h).await;
-        let opts = handoff::bundle::capture::CaptureOptions { concurrency: 8, ..Default::default() };
+        let opts = handoff::bundle::capture::CaptureOptions {
+            only: None,
+            exclude: vec![],
+            skip: vec![],
+            history: 0,
+            pool: std::sync::Arc::new(tokio::sync::Semaphore::new(8)),
+            max_rooms: usize::MAX,
+            client: "bench".into(),
+        };
         let start = Instant::now();
-        let bundle = handoff::bundle::capture::capture(&acting, &alice.id, &h.synapse().url, &opts).await.unwrap();
+        let bundle =
+            handoff::bundle::capture::capture(&acting, &alice.id, &h.synapse().url, &opts).await.unwrap().bundle;
         let library = start.elapsed();
         assert_eq!(bundle.rooms.len(), n + 1, "every room and the bot's DM");
         let (capture, _) = timed_command(&h, &alice, &adm, "export", "Your transfer code").await;

@@ -1,7 +1,9 @@
 //! The HTTP edge: the application service API the homeserver calls, and `/health`.
 //!
-//! Every request is checked against `hs_token` in constant time; a transaction is handled once,
-//! and its ID is durable in the store before the 200 goes out.
+//! Every request is checked against `hs_token` in constant time before its body is read; a
+//! transaction's events are durable in the store (with its ID, so it is handled once) before the
+//! 200 goes out, and are handled afterwards in each sender's own queue: one user's commands never
+//! hold up the homeserver's stream, nor anyone else's commands.
 
 // Early returns carry an axum `Response`; boxing it would buy nothing on this path.
 #![allow(clippy::result_large_err)]
@@ -22,7 +24,6 @@ use ruma::api::client::discovery::get_supported_versions;
 use ruma::api::error::{ErrorBody, ErrorKind, StandardErrorBody};
 use ruma::api::{IncomingRequest, OutgoingResponse};
 use subtle::ConstantTimeEq;
-use tokio::sync::Mutex;
 
 use crate::bot::Bot;
 use crate::config::Secret;
@@ -38,8 +39,6 @@ pub struct AppState {
     pub bot: Arc<Bot>,
     pub store: Store,
     pub hs: Homeserver,
-    /// One transaction at a time, so the same ID can't be handled twice concurrently.
-    pub txn_lock: Arc<Mutex<()>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -68,9 +67,23 @@ fn ruma_response(r: impl OutgoingResponse) -> Response {
     }
 }
 
-/// Reads the body (bounded) and checks the homeserver's token; `Err` is the response to send.
+/// Checks the homeserver's token, then reads the body (bounded); `Err` is the response to send.
+/// The token comes first: an unauthenticated caller can't make the service read 16 MiB.
 async fn authenticated(state: &AppState, req: Request) -> Result<http::Request<Vec<u8>>, Response> {
     let (parts, body) = req.into_parts();
+    let head = http::Request::from_parts(parts, Vec::new());
+    match AccessToken::extract_authentication(&head) {
+        Ok(token) if bool::from(token.as_bytes().ct_eq(state.hs_token.expose().as_bytes())) => {}
+        Ok(_) => return Err(matrix_error(StatusCode::FORBIDDEN, ErrorKind::Forbidden, "wrong hs_token")),
+        Err(_) => {
+            return Err(matrix_error(
+                StatusCode::UNAUTHORIZED,
+                ErrorKind::Unauthorized,
+                "missing hs_token: send `Authorization: Bearer <hs_token>`",
+            ));
+        }
+    }
+    let (parts, _) = head.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(_) => {
@@ -81,21 +94,7 @@ async fn authenticated(state: &AppState, req: Request) -> Result<http::Request<V
             ));
         }
     };
-    let req = http::Request::from_parts(parts, bytes.to_vec());
-    match AccessToken::extract_authentication(&req) {
-        Ok(token) => {
-            if bool::from(token.as_bytes().ct_eq(state.hs_token.expose().as_bytes())) {
-                Ok(req)
-            } else {
-                Err(matrix_error(StatusCode::FORBIDDEN, ErrorKind::Forbidden, "wrong hs_token"))
-            }
-        }
-        Err(_) => Err(matrix_error(
-            StatusCode::UNAUTHORIZED,
-            ErrorKind::Unauthorized,
-            "missing hs_token: send `Authorization: Bearer <hs_token>`",
-        )),
-    }
+    Ok(http::Request::from_parts(parts, bytes.to_vec()))
 }
 
 /// Parses an authenticated request into its ruma type, or answers `M_NOT_JSON` / `M_BAD_JSON`.
@@ -120,23 +119,10 @@ async fn transaction(State(state): State<AppState>, Path(txn_id): Path<String>, 
         Ok(t) => t,
         Err(resp) => return resp,
     };
-    let _one_at_a_time = state.txn_lock.lock().await;
-    match state.store.txn_seen(&txn_id) {
-        Ok(true) => {
-            tracing::debug!(txn_id, "transaction already handled");
-            return ruma_response(push_events::v1::Response::new());
-        }
-        Ok(false) => {}
-        Err(e) => return store_failure(e),
+    match state.bot.accept(&txn_id, &txn.events).await {
+        Ok(()) => ruma_response(push_events::v1::Response::new()),
+        Err(e) => store_failure(e),
     }
-    tracing::debug!(txn_id, events = txn.events.len(), "transaction");
-    for event in &txn.events {
-        state.bot.handle_event(event).await;
-    }
-    if let Err(e) = state.store.record_txn(&txn_id).await {
-        return store_failure(e);
-    }
-    ruma_response(push_events::v1::Response::new())
 }
 
 fn store_failure(e: crate::store::StoreError) -> Response {

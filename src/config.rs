@@ -333,6 +333,17 @@ impl Config {
         self.base_dir.join(&self.database.path)
     }
 
+    /// Whether any user of `homeserver.domain` may use the bot: an admin who changed only the
+    /// domain of the example config (which names `example.org`) gets a bot that refuses everyone.
+    pub fn lets_in_local_users(&self) -> bool {
+        let domain = &self.homeserver.domain;
+        let anyone = UserId::parse_with_server_name("someone", domain).expect("a valid user ID");
+        self.permission(&anyone) >= PermissionLevel::User
+            || self.handoff.permissions.iter().any(|(key, level)| {
+                *level >= PermissionLevel::User && UserId::parse(key.as_str()).is_ok_and(|u| u.server_name() == domain)
+            })
+    }
+
     /// The level of `user`: the exact user ID wins over its server name, which wins over `*`.
     pub fn permission(&self, user: &UserId) -> PermissionLevel {
         let perms = &self.handoff.permissions;

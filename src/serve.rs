@@ -15,7 +15,6 @@ use ruma::api::client::profile::set_profile_field;
 use ruma::api::error::ErrorKind;
 use ruma::profile::ProfileFieldValue;
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
 
 use crate::appservice::{self, AppState};
 use crate::bot::Bot;
@@ -27,6 +26,13 @@ use crate::transfer::run::Engine;
 
 pub async fn run(config: Config) -> Result<()> {
     config.check_ready_to_serve().map_err(anyhow::Error::msg)?; // also checked by the CLI, for exit code 2
+    if !config.lets_in_local_users() {
+        tracing::warn!(
+            domain = %config.homeserver.domain,
+            "handoff.permissions lets no user of homeserver.domain in: the bot will refuse everyone here (add `\"{}\": user`)",
+            config.homeserver.domain
+        );
+    }
     if config.metrics.enabled {
         tracing::warn!(
             "metrics.enabled is set, but this handoff does not serve /metrics yet; /health is on the appservice port"
@@ -57,14 +63,14 @@ pub async fn run(config: Config) -> Result<()> {
     let engine = Engine::new(config.clone(), hs.clone(), acting.clone(), store.clone());
     let bot = Arc::new(Bot::new(config.clone(), hs.clone(), acting, store.clone(), engine.clone()));
     spawn_purge(store.clone(), config.handoff.bundle_retention);
+    match bot.sweep_revoked().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(dropped = n, "dropped offers and pending imports of users no longer permitted"),
+        Err(e) => tracing::warn!(error = %e, "cannot check pending offers against the permissions"),
+    }
     bot.watch_auto_starts();
-    let state = AppState {
-        hs_token: config.appservice.hs_token.clone(),
-        bot,
-        store: store.clone(),
-        hs: hs.clone(),
-        txn_lock: Arc::new(Mutex::new(())),
-    };
+    let replay = Arc::clone(&bot);
+    let state = AppState { hs_token: config.appservice.hs_token.clone(), bot, store: store.clone(), hs: hs.clone() };
     let app = appservice::router(state);
     let server =
         tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await });
@@ -78,6 +84,11 @@ pub async fn run(config: Config) -> Result<()> {
         Ok(0) => {}
         Ok(n) => tracing::info!(transfers = n, "resumed unfinished transfers"),
         Err(e) => tracing::error!(error = %e, "cannot read unfinished transfers"),
+    }
+    match replay.replay_inbox() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(events = n, "handling events accepted before the last stop"),
+        Err(e) => tracing::error!(error = %e, "cannot read the inbox"),
     }
 
     server.await.context("server task failed")??;

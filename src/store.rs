@@ -8,8 +8,13 @@
 //! - `transfers`: transfer ID (u64, big-endian) -> [`Transfer`], sealed (it holds room names).
 //! - `journal`: transfer ID ++ room ID -> [`RoomStep`]: each room's progress, written before and
 //!   after every step.
-//! - `auto`: new account -> [`AutoStart`]: transfers that start when that account becomes active.
+//! - `auto`: new account -> [`AutoStart`]: moves offered to that account when it becomes active.
+//! - `inbox`: events accepted from the homeserver and not handled yet (sealed: they hold
+//!   commands, and commands hold codes), so an acknowledged transaction survives a crash.
 //! - `meta`: schema version.
+//!
+//! Retention ([`Store::purge`]) bounds every tree: old bundles, expired codes and offers,
+//! finished transfers with their journals, and transaction IDs all go.
 //!
 //! The store key (32 random bytes) is generated on first open and kept beside the database in
 //! `<database.path>.key`, mode 0600. Without it the sealed bundles can't be read.
@@ -27,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
 use crate::code::CodeHash;
-use crate::transfer::{RoomStep, Transfer};
+use crate::transfer::{RoomStep, Transfer, TransferState};
 
 const SCHEMA_VERSION: u32 = 1;
 
@@ -57,6 +62,7 @@ pub struct Store {
     transfers: sled::Tree,
     journal: sled::Tree,
     auto: sled::Tree,
+    inbox: sled::Tree,
     commit: Arc<GroupCommit>,
     cipher: XChaCha20Poly1305,
     key_path: PathBuf,
@@ -97,14 +103,18 @@ pub enum RedeemError {
     Used,
 }
 
-/// `export --to NEW --auto`: the transfer starts when NEW first becomes active.
+/// `export --to NEW --auto`: when NEW first becomes active, the bot offers NEW the move in a DM;
+/// the transfer starts only when NEW answers `accept` there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AutoStart {
     pub old: OwnedUserId,
     pub new: OwnedUserId,
-    /// The hash of the (bound) code that the start redeems.
+    /// The hash of the (bound) code that accepting redeems.
     pub code_hash: [u8; 32],
     pub expires_at_ms: u64,
+    /// Where the offer was made (NEW's DM with the bot), once NEW was active.
+    #[serde(default)]
+    pub offered_in: Option<ruma::OwnedRoomId>,
 }
 
 /// What `forget` removed.
@@ -113,6 +123,10 @@ pub struct Forgotten {
     pub bundles: usize,
     pub codes: usize,
     pub transfers: usize,
+    /// Pending automatic moves (offers).
+    pub offers: usize,
+    /// Transaction IDs (purge only).
+    pub txns: usize,
 }
 
 impl Store {
@@ -144,6 +158,7 @@ impl Store {
             transfers: db.open_tree("transfers")?,
             journal: db.open_tree("journal")?,
             auto: db.open_tree("auto")?,
+            inbox: db.open_tree("inbox")?,
             commit: Arc::new(GroupCommit::default()),
             db,
             cipher,
@@ -156,11 +171,55 @@ impl Store {
         Ok(self.txns.contains_key(txn_id)?)
     }
 
-    /// Records a handled transaction and makes it durable before returning.
-    pub async fn record_txn(&self, txn_id: &str) -> Result<(), StoreError> {
-        self.txns.insert(txn_id, &now_ms().to_be_bytes())?;
+    /// Accepts a transaction: its events (as bytes) go into the inbox and its ID is recorded as
+    /// seen, in one atomic write made durable before returning. `None` if the ID was seen before.
+    /// Returns each event's inbox number, in order.
+    pub async fn accept_txn(&self, txn_id: &str, events: &[Vec<u8>]) -> Result<Option<Vec<u64>>, StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let mut entries = Vec::with_capacity(events.len());
+        for event in events {
+            let key = self.db.generate_id()?.to_be_bytes();
+            entries.push((key, self.seal(&key, event)));
+        }
+        let now = now_ms().to_be_bytes();
+        let fresh = (&self.txns, &self.inbox)
+            .transaction(|(txns, inbox)| {
+                if txns.get(txn_id)?.is_some() {
+                    return Ok(false);
+                }
+                for (key, sealed) in &entries {
+                    inbox.insert(&key[..], sealed.as_slice())?;
+                }
+                txns.insert(txn_id, &now[..])?;
+                Ok::<_, ConflictableTransactionError<()>>(true)
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => StoreError::Corrupt("transaction aborted".into()),
+            })?;
+        if !fresh {
+            return Ok(None);
+        }
         self.durable().await?;
+        Ok(Some(entries.iter().map(|(k, _)| u64::from_be_bytes(*k)).collect()))
+    }
+
+    /// An inbox event was handled: it is not replayed after a restart.
+    pub fn inbox_done(&self, number: u64) -> Result<(), StoreError> {
+        self.inbox.remove(number.to_be_bytes())?;
         Ok(())
+    }
+
+    /// Events accepted but not handled when the service stopped, oldest first.
+    pub fn inbox(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inbox.iter() {
+            let (k, sealed) = item?;
+            let number =
+                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt("inbox key".into()))?);
+            out.push((number, self.unseal(&k, &sealed)?));
+        }
+        Ok(out)
     }
 
     pub fn txn_count(&self) -> usize {
@@ -273,6 +332,30 @@ impl Store {
         self.bundles.scan_prefix(owner_prefix(owner)).count()
     }
 
+    /// Keeps `owner`'s newest `keep` bundles and deletes the older ones with their codes.
+    /// Returns how many were deleted.
+    pub async fn trim_bundles(&self, owner: &UserId, keep: usize) -> Result<usize, StoreError> {
+        // Keys are `owner \0 zero-padded id`: oldest first.
+        let keys: Vec<sled::IVec> = self.bundles.scan_prefix(owner_prefix(owner)).keys().collect::<Result<_, _>>()?;
+        let old = keys.len().saturating_sub(keep);
+        if old == 0 {
+            return Ok(0);
+        }
+        let gone: Vec<BundleId> =
+            keys[..old].iter().map(|k| BundleId(String::from_utf8_lossy(k).into_owned())).collect();
+        for key in &keys[..old] {
+            self.bundles.remove(key)?;
+        }
+        for item in self.codes.iter() {
+            let (k, v) = item?;
+            if gone.contains(&self.code_record(&v)?.bundle) {
+                self.codes.remove(k)?;
+            }
+        }
+        self.durable().await?;
+        Ok(old)
+    }
+
     /// Records a new code for a stored bundle. Only the code's hash is kept.
     pub async fn put_code(&self, hash: &CodeHash, record: &CodeRecord) -> Result<(), StoreError> {
         let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -344,7 +427,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes every bundle and code of `user` (codes they made or redeemed).
+    /// Deletes every bundle, code, offer and transfer record of `user` (as either account). The
+    /// caller stops the user's running transfers first.
     pub async fn forget(&self, user: &UserId) -> Result<Forgotten, StoreError> {
         let mut gone = Forgotten::default();
         for key in self.bundles.scan_prefix(owner_prefix(user)).keys() {
@@ -362,14 +446,12 @@ impl Store {
         for auto in self.autos()? {
             if auto.old == user || auto.new == user {
                 self.auto.remove(auto.new.as_bytes())?;
+                gone.offers += 1;
             }
         }
         for t in self.transfers()? {
             if t.old == user || t.new == user {
-                self.transfers.remove(t.id.to_be_bytes())?;
-                for key in self.journal.scan_prefix(t.id.to_be_bytes()).keys() {
-                    self.journal.remove(key?)?;
-                }
+                self.remove_transfer(t.id)?;
                 gone.transfers += 1;
             }
         }
@@ -397,10 +479,44 @@ impl Store {
                 gone.codes += 1;
             }
         }
+        for auto in self.autos()? {
+            if auto.expires_at_ms < now_ms() {
+                self.auto.remove(auto.new.as_bytes())?;
+                gone.offers += 1;
+            }
+        }
+        // Finished transfers, and pending ones whose code expired, with their journals.
+        for t in self.transfers()? {
+            let ended = match t.state {
+                TransferState::Running | TransferState::Cancelling => false,
+                TransferState::AwaitingApproval => t.expires_at_ms.unwrap_or(t.created_at_ms) < cutoff,
+                _ => t.created_at_ms < cutoff,
+            };
+            if ended {
+                self.remove_transfer(t.id)?;
+                gone.transfers += 1;
+            }
+        }
+        for item in self.txns.iter() {
+            let (k, v) = item?;
+            let at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if at < cutoff {
+                self.txns.remove(k)?;
+                gone.txns += 1;
+            }
+        }
         if gone != Forgotten::default() {
             self.durable().await?;
         }
         Ok(gone)
+    }
+
+    fn remove_transfer(&self, id: u64) -> Result<(), StoreError> {
+        self.transfers.remove(id.to_be_bytes())?;
+        for key in self.journal.scan_prefix(id.to_be_bytes()).keys() {
+            self.journal.remove(key?)?;
+        }
+        Ok(())
     }
 
     pub fn new_transfer_id(&self) -> Result<u64, StoreError> {
@@ -468,6 +584,19 @@ impl Store {
     pub async fn put_auto(&self, auto: &AutoStart) -> Result<(), StoreError> {
         let json = serde_json::to_vec(auto).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.auto.insert(auto.new.as_bytes(), json)?;
+        self.durable().await?;
+        Ok(())
+    }
+
+    /// The pending automatic move into `new`, if any.
+    pub fn auto_for(&self, new: &UserId) -> Result<Option<AutoStart>, StoreError> {
+        let Some(v) = self.auto.get(new.as_bytes())? else { return Ok(None) };
+        serde_json::from_slice(&v).map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Removes a code (a declined offer's, say), so it can't be redeemed any more.
+    pub async fn remove_code(&self, hash: &CodeHash) -> Result<(), StoreError> {
+        self.codes.remove(hash.0)?;
         self.durable().await?;
         Ok(())
     }
@@ -566,12 +695,21 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             assert!(!store.txn_seen("1").unwrap());
-            store.record_txn("1").await.unwrap();
+            let numbers = store.accept_txn("1", &[b"{\"a\":1}".to_vec(), b"{}".to_vec()]).await.unwrap().unwrap();
+            assert_eq!(numbers.len(), 2);
             assert!(store.txn_seen("1").unwrap());
+            // Seen: accepted once only, nothing more in the inbox.
+            assert_eq!(store.accept_txn("1", &[b"{}".to_vec()]).await.unwrap(), None);
+            store.inbox_done(numbers[1]).unwrap();
         }
         let store = Store::open(&path).unwrap();
         assert!(store.txn_seen("1").unwrap());
         assert!(!store.txn_seen("2").unwrap());
+        // The unhandled event survived the restart, sealed at rest.
+        let inbox = store.inbox().unwrap();
+        assert_eq!(inbox.len(), 1);
+        assert_eq!(inbox[0].1, b"{\"a\":1}");
+        assert!(!store.inbox.iter().values().any(|v| v.unwrap().windows(5).any(|w| w == b"\"a\":1")));
     }
 
     #[tokio::test]
@@ -624,7 +762,7 @@ mod tests {
         assert_eq!(store.redeem_code(&other.hash(), newer).await.unwrap(), Err(RedeemError::Expired));
 
         let gone = store.forget(owner).await.unwrap();
-        assert_eq!(gone, Forgotten { bundles: 1, codes: 2, transfers: 0 });
+        assert_eq!(gone, Forgotten { bundles: 1, codes: 2, ..Default::default() });
         assert!(store.latest_bundle(owner).unwrap().is_none());
         assert!(store.codes_of(owner).unwrap().is_empty());
         assert!(store.raw_bundle_bytes().is_empty());

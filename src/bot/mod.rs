@@ -1,11 +1,18 @@
 //! The bot: decides which pushed events are for it, runs commands, replies.
+//!
+//! Every event the bot acts on is accepted into the store's inbox together with its transaction
+//! (so the homeserver gets its 200 at once, and a crash loses nothing), then handled in its
+//! sender's own ordered queue ([`queue`]): one user's slow command or flood never delays another
+//! user, and an error or a panic while handling one event ends that event alone, with a reply.
 
 pub mod commands;
 mod export;
 mod keys;
+pub mod queue;
 mod transfer;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use ruma::api::client::membership::{join_room_by_id, leave_room};
 use ruma::api::client::message::send_message_event;
@@ -21,11 +28,13 @@ use ruma::serde::Raw;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, UserId};
 use sha2::{Digest, Sha256};
 
+use crate::code::TransferCode;
 use crate::config::{Config, PermissionLevel};
 use crate::homeserver::{Homeserver, HsError};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::transfer::run::Engine;
 use commands::{Command, Place};
+use queue::{Queued, UserQueues};
 
 pub struct Bot {
     config: Arc<Config>,
@@ -37,6 +46,20 @@ pub struct Bot {
     store: Store,
     engine: Arc<Engine>,
     wrong_codes: transfer::WrongCodes,
+    queues: Arc<UserQueues<OwnedUserId, Job>>,
+    /// Users whose `export` is capturing right now (one at a time each).
+    exports: Mutex<HashSet<OwnedUserId>>,
+    /// Serialises the read-check-write of consent records (codes, offers, transfers), which two
+    /// users' queues may touch at once. Never held across a request to the homeserver.
+    records: tokio::sync::Mutex<()>,
+}
+
+/// Work in a user's queue.
+pub enum Job {
+    /// An event the homeserver pushed; `inbox` is its number in the store's inbox.
+    Event { inbox: u64, event: Raw<AnyTimelineEvent> },
+    /// Offer this (new) account the move another account prepared for it (`export --to … --auto`).
+    Offer(OwnedUserId),
 }
 
 /// The message a command or file came in.
@@ -48,37 +71,171 @@ pub struct Ctx {
 }
 
 impl Bot {
-    /// Starts the background watch for `export --auto` transfers.
+    /// Starts the background watch for `export --auto` offers.
     pub fn watch_auto_starts(self: &Arc<Self>) {
         transfer::spawn_auto_watch(Arc::clone(self));
     }
 
     pub fn new(config: Arc<Config>, hs: Homeserver, acting: Homeserver, store: Store, engine: Arc<Engine>) -> Self {
-        Bot { user_id: config.bot_user_id(), config, hs, acting, store, engine, wrong_codes: Default::default() }
+        Bot {
+            user_id: config.bot_user_id(),
+            config,
+            hs,
+            acting,
+            store,
+            engine,
+            wrong_codes: Default::default(),
+            queues: Arc::default(),
+            exports: Mutex::new(HashSet::new()),
+            records: tokio::sync::Mutex::new(()),
+        }
     }
 
     pub fn user_id(&self) -> &UserId {
         &self.user_id
     }
 
-    /// Handles one event the homeserver pushed. Errors are logged: one bad event must not stop a transaction.
-    pub async fn handle_event(self: &Arc<Self>, raw: &Raw<AnyTimelineEvent>) {
+    /// At start-up: drops offers and pending imports of users no longer permitted.
+    pub async fn sweep_revoked(&self) -> Result<usize, HsError> {
+        transfer::sweep_revoked(self).await
+    }
+
+    /// The user an event is addressed by, if the bot acts on it: an invite or leave of the bot,
+    /// or a message from someone else. Everything else is dropped before it is stored.
+    fn addressed(&self, event: &Raw<AnyTimelineEvent>) -> Option<OwnedUserId> {
+        let kind = event.get_field::<String>("type").ok().flatten()?;
+        let sender = event.get_field::<OwnedUserId>("sender").ok().flatten()?;
+        match kind.as_str() {
+            "m.room.member" => {
+                let key = event.get_field::<String>("state_key").ok().flatten()?;
+                (key == self.user_id.as_str()).then_some(sender)
+            }
+            "m.room.message" => (sender != self.user_id).then_some(sender),
+            _ => None,
+        }
+    }
+
+    /// Accepts a transaction: the events for the bot are stored with the transaction ID in one
+    /// durable write, then queued. A transaction seen before is acknowledged and ignored.
+    pub async fn accept(self: &Arc<Self>, txn_id: &str, events: &[Raw<AnyTimelineEvent>]) -> Result<(), StoreError> {
+        let mine: Vec<(OwnedUserId, &Raw<AnyTimelineEvent>)> =
+            events.iter().filter_map(|e| self.addressed(e).map(|sender| (sender, e))).collect();
+        let bytes: Vec<Vec<u8>> = mine.iter().map(|(_, e)| e.json().get().as_bytes().to_vec()).collect();
+        let Some(numbers) = self.store.accept_txn(txn_id, &bytes).await? else {
+            tracing::debug!(txn_id, "transaction already handled");
+            return Ok(());
+        };
+        tracing::debug!(txn_id, events = events.len(), for_the_bot = mine.len(), "transaction accepted");
+        for ((sender, event), inbox) in mine.into_iter().zip(numbers) {
+            self.enqueue(sender, Job::Event { inbox, event: event.clone() });
+        }
+        Ok(())
+    }
+
+    /// Queues the events a previous run accepted but did not handle.
+    pub fn replay_inbox(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let pending = self.store.inbox()?;
+        let n = pending.len();
+        for (inbox, bytes) in pending {
+            let event = serde_json::from_slice::<Raw<AnyTimelineEvent>>(&bytes).ok();
+            match event.as_ref().and_then(|e| self.addressed(e)) {
+                Some(sender) => self.enqueue(sender, Job::Event { inbox, event: event.expect("parsed") }),
+                None => self.store.inbox_done(inbox)?,
+            }
+        }
+        Ok(n)
+    }
+
+    /// Puts a job in `user`'s queue.
+    pub(crate) fn enqueue(self: &Arc<Self>, user: OwnedUserId, job: Job) {
+        let inbox = match &job {
+            Job::Event { inbox, .. } => Some(*inbox),
+            Job::Offer(_) => None,
+        };
+        let bot = Arc::clone(self);
+        let queued = self.queues.push(user.clone(), job, move |job| {
+            let bot = Arc::clone(&bot);
+            async move { bot.run_job(job).await }
+        });
+        if queued == Queued::Full {
+            tracing::warn!(user = %user, "too many events waiting from one user: one was dropped");
+            if let Some(n) = inbox
+                && let Err(e) = self.store.inbox_done(n)
+            {
+                tracing::warn!(error = %e, "cannot drop an inbox event");
+            }
+        }
+    }
+
+    /// Runs one job in isolation: an error or a panic is logged and, for a message, answered.
+    async fn run_job(self: Arc<Self>, job: Job) {
+        match job {
+            Job::Offer(user) => {
+                let bot = Arc::clone(&self);
+                match tokio::spawn(async move { transfer::offer(&bot, &user, None).await }).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "offering an automatic move failed"),
+                    Err(e) => tracing::error!(error = %e, "offering an automatic move panicked"),
+                }
+            }
+            Job::Event { inbox, event } => {
+                let reply_to = self.reply_target(&event);
+                let bot = Arc::clone(&self);
+                let outcome = tokio::spawn(async move { bot.handle_event(&event).await }).await;
+                let failure = match outcome {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "handling an event failed");
+                        Some(format!("That failed: {e}. Try again, or tell the server admin if it keeps failing."))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "handling an event panicked");
+                        Some("Sorry: handling that message failed on the server's side, so it was not done. Try again, or tell the server admin (the log has the details).".to_owned())
+                    }
+                };
+                if let (Some(text), Some(ctx)) = (failure, reply_to)
+                    && let Err(e) = self.reply_n(&ctx, 8, text).await
+                {
+                    tracing::warn!(error = %e, "cannot report a failure");
+                }
+                if let Err(e) = self.store.inbox_done(inbox) {
+                    tracing::warn!(error = %e, "cannot mark an inbox event handled");
+                }
+            }
+        }
+    }
+
+    /// Where a failure in handling `event` is reported: a permitted user's message.
+    fn reply_target(&self, event: &Raw<AnyTimelineEvent>) -> Option<Ctx> {
+        if event.get_field::<String>("type").ok().flatten()? != "m.room.message" {
+            return None;
+        }
+        let sender = event.get_field::<OwnedUserId>("sender").ok().flatten()?;
+        if self.config.permission(&sender) < PermissionLevel::User {
+            return None;
+        }
+        Some(Ctx {
+            room_id: event.get_field("room_id").ok().flatten()?,
+            event_id: event.get_field("event_id").ok().flatten()?,
+            sender,
+        })
+    }
+
+    /// Handles one event. An event that does not parse is skipped.
+    async fn handle_event(self: &Arc<Self>, raw: &Raw<AnyTimelineEvent>) -> Result<(), HsError> {
         let event = match raw.deserialize() {
             Ok(e) => e,
             Err(e) => {
                 tracing::debug!(error = %e, "skipping an event that does not parse");
-                return;
+                return Ok(());
             }
         };
-        let result = match &event {
+        match &event {
             AnyTimelineEvent::State(AnyStateEvent::RoomMember(StateEvent::Original(ev))) => self.on_member(ev).await,
             AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(MessageLikeEvent::Original(ev))) => {
                 self.on_message(ev).await
             }
             _ => Ok(()),
-        };
-        if let Err(e) = result {
-            tracing::warn!(event_id = %event.event_id(), room_id = %event.room_id(), error = %e, "handling an event failed");
         }
     }
 
@@ -115,9 +272,6 @@ impl Bot {
         {
             tracing::warn!(error = %e, "cannot record a DM room");
         }
-        if let Err(e) = transfer::auto_start(self, &ev.sender, Some(room.clone())).await {
-            tracing::warn!(error = %e, "automatic start failed");
-        }
         let ctx = Ctx { room_id: room.clone(), event_id: ev.event_id.clone(), sender: ev.sender.clone() };
         if self.is_encrypted(room).await {
             // The bot has no end-to-end encryption: it would never see a command here.
@@ -130,7 +284,12 @@ impl Bot {
         let (plain, html) = commands::help::text(&self.config.handoff.command_prefix);
         let greeting = format!("Hello {}! {plain}", ev.sender);
         let html = format!("<p>Hello {}!</p>{html}", escape(ev.sender.as_str()));
-        self.send_notice(&ctx, 0, RoomMessageEventContent::notice_html(greeting, html)).await
+        self.send_notice(&ctx, 0, RoomMessageEventContent::notice_html(greeting, html)).await?;
+        if ev.content.is_direct == Some(true) {
+            // A move offered to this account waits for it to be active: this is activity.
+            transfer::offer(self, &ev.sender, Some(room.clone())).await?;
+        }
+        Ok(())
     }
 
     /// Whether the room has `m.room.encryption` (read as the bot, which has just joined).
@@ -151,78 +310,82 @@ impl Bot {
         if matches!(ev.content.relates_to, Some(Relation::Replacement(_))) {
             return Ok(());
         }
-        let place = match self.store.dm_room_user(&ev.room_id) {
-            Ok(Some(owner)) if owner == ev.sender => Place::Dm,
+        let place = match self.store.dm_room_user(&ev.room_id).map_err(store_err)? {
+            Some(owner) if owner == ev.sender => Place::Dm,
             _ => Place::Group,
         };
         let ctx = Ctx { room_id: ev.room_id.clone(), event_id: ev.event_id.clone(), sender: ev.sender.clone() };
-        if place == Place::Dm
-            && let Err(e) = transfer::auto_start(self, &ev.sender, Some(ev.room_id.clone())).await
-        {
-            tracing::warn!(error = %e, "automatic start failed");
+        let permitted = self.config.permission(&ev.sender) >= PermissionLevel::User;
+        if place == Place::Dm && permitted {
+            // Writing to the bot is activity: a move offered to this account is offered now.
+            transfer::offer(self, &ev.sender, Some(ev.room_id.clone())).await?;
         }
         let text = match &ev.content.msgtype {
             MessageType::Text(text) => &text.body,
             // A file dropped into the DM: perhaps a key export.
-            MessageType::File(file) if place == Place::Dm => {
-                if self.config.permission(&ev.sender) < PermissionLevel::User {
-                    return Ok(());
-                }
-                return keys::on_file(self, &ctx, file).await;
-            }
+            MessageType::File(file) if place == Place::Dm && permitted => return keys::on_file(self, &ctx, file).await,
             _ => return Ok(()),
         };
         let Some(parsed) = commands::parse(text, place, &self.config.handoff.command_prefix) else {
             return Ok(());
         };
-        if self.config.permission(&ev.sender) < PermissionLevel::User {
+        if !permitted {
             return self.reply(&ctx, format!("{} may not use handoff on this server.", ev.sender)).await;
         }
-        tracing::info!(room_id = %ev.room_id, sender = %ev.sender, command = ?parsed.as_ref().map(command_name), "command");
-        match parsed {
-            Err(e) => self.reply(&ctx, e.to_string()).await,
-            Ok(Command::Help) => {
+        let command = match parsed {
+            Ok(c) => c,
+            Err(e) => {
+                // Never echo or log what was typed: it may be a code pasted on its own.
+                tracing::info!(room_id = %ev.room_id, sender = %ev.sender, "not a command");
+                let text = if TransferCode::parse(text).is_ok() {
+                    "That looks like a transfer code. To move its bundle into this account, send `import CODE` (with the code) here.".to_owned()
+                } else {
+                    e.to_string()
+                };
+                return self.reply(&ctx, text).await;
+            }
+        };
+        let spec = command.spec();
+        tracing::info!(room_id = %ev.room_id, sender = %ev.sender, command = spec.name, "command");
+        if !spec.anywhere && place != Place::Dm {
+            let text = format!(
+                "`{}` only works in your DM with me: what it shows or takes (codes, files, transfer details) would be readable by everyone in this room. Start a DM with {} and send it there.",
+                spec.name, self.user_id
+            );
+            return self.reply(&ctx, text).await;
+        }
+        match command {
+            Command::Help => {
                 let (plain, html) = commands::help::text(&self.config.handoff.command_prefix);
                 self.send_notice(&ctx, 0, RoomMessageEventContent::notice_html(plain, html)).await
             }
-            Ok(Command::Export(args)) => {
-                // Capturing takes a while: don't hold up the homeserver's transaction.
-                let bot = Arc::clone(self);
-                tokio::spawn(async move {
-                    if let Err(e) = export::run(&bot, &ctx, args).await {
-                        tracing::warn!(error = %e, "export failed");
-                        let _ = bot
-                            .reply_n(&ctx, 9, format!("The export failed: {e}. Nothing was stored; try again."))
-                            .await;
-                    }
-                });
-                Ok(())
-            }
-            Ok(Command::Keys) => keys::show(self, &ctx).await,
-            Ok(Command::Forget) => self.forget(&ctx).await,
-            Ok(Command::Import(args)) => {
-                let bot = Arc::clone(self);
-                tokio::spawn(async move {
-                    if let Err(e) = transfer::import(&bot, &ctx, args).await {
-                        tracing::warn!(error = %e, "import failed");
-                        let _ = bot.reply_n(&ctx, 9, format!("The import failed: {e}.")).await;
-                    }
-                });
-                Ok(())
-            }
-            Ok(Command::Approve) => transfer::approve(self, &ctx, true).await,
-            Ok(Command::Deny) => transfer::approve(self, &ctx, false).await,
-            Ok(Command::Status) => transfer::status(self, &ctx).await,
-            Ok(Command::Cancel) => transfer::cancel(self, &ctx).await,
-            Ok(Command::Finish { leave, advertise }) => transfer::finish(self, &ctx, leave, advertise).await,
+            Command::Export(args) => export::start(self, ctx, args).await,
+            Command::Keys => keys::show(self, &ctx).await,
+            Command::Forget => self.forget(&ctx).await,
+            Command::Import(args) => transfer::import(self, &ctx, args).await,
+            Command::Approve(who) => transfer::approve(self, &ctx, who, true).await,
+            Command::Deny(who) => transfer::approve(self, &ctx, who, false).await,
+            Command::Accept => transfer::accept(self, &ctx).await,
+            Command::Decline => transfer::decline(self, &ctx).await,
+            Command::Status => transfer::status(self, &ctx).await,
+            Command::Cancel => transfer::cancel(self, &ctx).await,
+            Command::Finish { leave, advertise } => transfer::finish(self, &ctx, leave, advertise).await,
         }
     }
 
+    /// Stops the user's transfers, then deletes every record about them.
     async fn forget(&self, ctx: &Ctx) -> Result<(), HsError> {
-        let text = match self.store.forget(&ctx.sender).await {
+        let user = &ctx.sender;
+        let transfers = self.store.transfers().map_err(store_err)?;
+        for t in transfers.iter().filter(|t| (&t.old == user || &t.new == user) && !t.state.is_finished()) {
+            // A running transfer would write its journal again after the records are gone.
+            self.engine.stop(t.id);
+        }
+        self.wrong_codes.forget(user);
+        let text = match self.store.forget(user).await {
             Ok(gone) => format!(
-                "Deleted {} bundle(s), {} transfer code(s) and {} transfer record(s). handoff now holds nothing about you but the fact that this room is your DM with it.",
-                gone.bundles, gone.codes, gone.transfers
+                "Deleted {} bundle(s), {} transfer code(s), {} transfer record(s) and {} offer(s); any transfer of yours that was running was stopped. handoff now holds nothing about you but the fact that this room is your DM with it.",
+                gone.bundles, gone.codes, gone.transfers, gone.offers
             ),
             Err(e) => {
                 tracing::error!(error = %e, "forget failed");
@@ -258,21 +421,6 @@ impl Bot {
 pub(crate) fn store_err(e: crate::store::StoreError) -> HsError {
     tracing::error!(error = %e, "store failure");
     HsError::Protocol("the server could not read or write its store".into())
-}
-
-fn command_name(c: &Command) -> &'static str {
-    match c {
-        Command::Help => "help",
-        Command::Export(_) => "export",
-        Command::Keys => "keys",
-        Command::Forget => "forget",
-        Command::Import(_) => "import",
-        Command::Approve => "approve",
-        Command::Deny => "deny",
-        Command::Status => "status",
-        Command::Cancel => "cancel",
-        Command::Finish { .. } => "finish",
-    }
 }
 
 fn reply_txn_id(cause: &ruma::EventId, n: u32) -> OwnedTransactionId {

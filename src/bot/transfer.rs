@@ -1,4 +1,9 @@
-//! Running `import`, `approve`/`deny`, `status`, `cancel` and `finish`.
+//! Running `import`, `approve`/`deny`, `accept`/`decline` (with the offers of `export --auto`),
+//! `status`, `cancel` and `finish`.
+//!
+//! Consent: nothing is written into an account unless its owner asked for it in their own DM
+//! with the bot — `import CODE`, or `accept` of an offer. An unbound code also needs the old
+//! account's `approve @importer`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,12 +15,14 @@ use ruma::api::client::profile::{get_profile, set_profile_field};
 use ruma::api::client::room::create_room;
 use ruma::events::room::member::MembershipState;
 use ruma::profile::ProfileFieldValue;
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::Value as JsonValue;
+use sha2::{Digest, Sha256};
 
 use super::commands::import::Import;
 use super::{Bot, Ctx, store_err};
 use crate::code::CodeHash;
+use crate::config::PermissionLevel;
 use crate::homeserver::HsError;
 use crate::store::{RedeemError, now_ms};
 use crate::transfer::plan::{self, Requirements};
@@ -41,6 +48,36 @@ impl WrongCodes {
     }
 }
 
+impl WrongCodes {
+    /// Drops what is remembered about `user` (for `forget`).
+    pub fn forget(&self, user: &UserId) {
+        self.0.lock().expect("lock").remove(user);
+    }
+}
+
+/// The transfer `user` takes part in (as either account) that is running, if any: one at a time.
+fn running_transfer_of(bot: &Bot, user: &UserId) -> Result<Option<Transfer>, HsError> {
+    Ok(bot.store.transfers().map_err(store_err)?.into_iter().find(|t| {
+        (t.old == user || t.new == user) && matches!(t.state, TransferState::Running | TransferState::Cancelling)
+    }))
+}
+
+/// Why a transfer between `old` and `new` can't start now, if it can't.
+fn start_refusal(bot: &Bot, old: &UserId, new: &UserId) -> Result<Option<String>, HsError> {
+    if bot.config.permission(old) < PermissionLevel::User {
+        return Ok(Some(format!("{old}, whose bundle this is, may no longer use handoff on this server.")));
+    }
+    for user in [new, old] {
+        if let Some(t) = running_transfer_of(bot, user)? {
+            return Ok(Some(format!(
+                "{user} already has a transfer running ({} → {}); one transfer per account at a time. Wait for its report, or `cancel` it.",
+                t.old, t.new
+            )));
+        }
+    }
+    Ok(None)
+}
+
 pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
     let new = &ctx.sender;
     if bot.wrong_codes.recent(new) >= WRONG_CODE_LIMIT {
@@ -63,23 +100,15 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
             .reply(ctx, "That code belongs to this same account: its rooms and settings are already here. A new client of the same account only needs to log in.".into())
             .await;
     }
-    let record = if args.dry_run {
-        record
-    } else {
-        match bot.store.redeem_code(&hash, new).await.map_err(store_err)? {
-            Ok(r) => r,
-            // Redeemed by a concurrent import in between.
-            Err(e) => return bot.reply(ctx, format!("{e}.")).await,
-        }
-    };
     let Some(stored) = bot.store.get_bundle(&record.bundle).map_err(store_err)? else {
         return bot.reply(ctx, "The bundle of this code is gone (deleted with `forget`, or past its retention). Ask for a new one with `export`.".into()).await;
     };
-    let requirements =
-        Requirements { only: args.only.map(Into::into), max_rooms: args.max_rooms, history: args.history };
+    // The server's limit applies whatever the importer asks for.
+    let max_rooms = Some(args.max_rooms.map_or(bot.config.handoff.max_rooms, |m| m.min(bot.config.handoff.max_rooms)));
+    let requirements = Requirements { only: args.only.map(Into::into), max_rooms, history: args.history };
     if args.dry_run {
         let rooms: Vec<_> = stored.bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
-        let world = world::read(&bot.acting, &old, new, rooms, bot.config.handoff.concurrency.0 * 2).await?;
+        let world = world::read(&bot.acting, &old, new, rooms, &bot.engine.pool()).await?;
         let plan = plan::plan(&stored.bundle, new, &requirements, &world);
         let text = format!(
             "Dry run: nothing was changed, and the code is still valid.\n{}\n{} to join, {} already joined, {} blocked, {} gone.",
@@ -92,6 +121,19 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
         return bot.reply(ctx, text).await;
     }
     let approved = record.bound_to.as_deref() == Some(new.as_ref());
+    let records = bot.records.lock().await;
+    if let Some(refusal) = start_refusal(bot, &old, new)? {
+        drop(records);
+        return bot.reply(ctx, format!("{refusal} The code is still valid.")).await;
+    }
+    let record = match bot.store.redeem_code(&hash, new).await.map_err(store_err)? {
+        Ok(r) => r,
+        // Redeemed by a concurrent import in between.
+        Err(e) => {
+            drop(records);
+            return bot.reply(ctx, format!("{e}.")).await;
+        }
+    };
     let old_dm = bot.store.dm_rooms_of(&old).map_err(store_err)?.into_iter().next();
     let t = Transfer {
         id: bot.store.new_transfer_id().map_err(store_err)?,
@@ -107,8 +149,11 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
         status_event: None,
         account_steps: Default::default(),
         created_at_ms: now_ms(),
+        // An unanswered request lapses with its code.
+        expires_at_ms: (!approved).then_some(record.expires_at_ms),
     };
     bot.store.put_transfer(&t).await.map_err(store_err)?;
+    drop(records);
     if approved {
         bot.reply(
             ctx,
@@ -124,7 +169,7 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
             .await;
     };
     let prompt = format!(
-        "{new} wants to import your bundle (client profile: {}). Send `approve` to let it go ahead, or `deny` to refuse.",
+        "{new} wants to import your bundle (client profile: {}). Send `approve {new}` to let it go ahead, or `deny {new}` to refuse. Without an answer the request lapses when the code expires.",
         t.profile
     );
     let prompt_ctx = Ctx { room_id: old_dm, event_id: ctx.event_id.clone(), sender: old.clone() };
@@ -133,23 +178,59 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
         .await
 }
 
-/// The latest transfer of `user` as the old account that waits for approval.
-fn pending_for(bot: &Bot, user: &UserId) -> Result<Option<Transfer>, HsError> {
+/// `user`'s imports waiting for approval (as the old account), unexpired, oldest first.
+fn pending_for(bot: &Bot, user: &UserId) -> Result<Vec<Transfer>, HsError> {
+    let now = now_ms();
     Ok(bot
         .store
         .transfers()
         .map_err(store_err)?
         .into_iter()
-        .rev()
-        .find(|t| t.old == user && t.state == TransferState::AwaitingApproval))
+        .filter(|t| {
+            t.old == user && t.state == TransferState::AwaitingApproval && t.expires_at_ms.is_none_or(|e| e > now)
+        })
+        .collect())
 }
 
-pub async fn approve(bot: &Bot, ctx: &Ctx, yes: bool) -> Result<(), HsError> {
-    let Some(mut t) = pending_for(bot, &ctx.sender)? else {
-        return bot.reply(ctx, "No import is waiting for your approval.".into()).await;
+/// `approve @importer` (`yes`) or `deny @importer`.
+pub async fn approve(bot: &Bot, ctx: &Ctx, importer: Option<OwnedUserId>, yes: bool) -> Result<(), HsError> {
+    let verb = if yes { "approve" } else { "deny" };
+    let pending = pending_for(bot, &ctx.sender)?;
+    let Some(importer) = importer else {
+        let text = match pending.as_slice() {
+            [] => "No import is waiting for your approval.".to_owned(),
+            list => format!(
+                "Name the account: `{verb} @account:server`. Waiting for your answer: {}.",
+                list.iter().map(|t| t.new.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        return bot.reply(ctx, text).await;
     };
+    let records = bot.records.lock().await;
+    // Re-read under the lock: the request may have been answered or cancelled meanwhile.
+    let Some(mut t) = pending_for(bot, &ctx.sender)?.into_iter().find(|t| t.new == importer) else {
+        drop(records);
+        return bot
+            .reply(
+                ctx,
+                format!("No import by {importer} is waiting for your approval (it may have lapsed with its code)."),
+            )
+            .await;
+    };
+    if yes {
+        if let Some(refusal) = start_refusal(bot, &t.old, &t.new)? {
+            drop(records);
+            return bot.reply(ctx, format!("{refusal} The request stays open until its code expires.")).await;
+        }
+        if bot.config.permission(&t.new) < PermissionLevel::User {
+            drop(records);
+            return bot.reply(ctx, format!("{} may no longer use handoff on this server.", t.new)).await;
+        }
+    }
     t.state = if yes { TransferState::Running } else { TransferState::Denied };
+    t.expires_at_ms = None;
     bot.store.put_transfer(&t).await.map_err(store_err)?;
+    drop(records);
     let to_new = Ctx { room_id: t.new_dm.clone(), event_id: ctx.event_id.clone(), sender: t.new.clone() };
     if yes {
         bot.reply_n(&to_new, 6, format!("{} approved the import. Moving rooms now; progress follows.", t.old)).await?;
@@ -219,23 +300,27 @@ fn state_text(s: TransferState) -> &'static str {
 }
 
 pub async fn cancel(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
+    let records = bot.records.lock().await;
     let Some(mut t) = bot.store.latest_transfer_of(&ctx.sender).map_err(store_err)? else {
+        drop(records);
         return bot.reply(ctx, "You have no transfer to cancel.".into()).await;
     };
-    match t.state {
+    let text = match t.state {
         TransferState::Running => {
             t.state = TransferState::Cancelling;
             bot.store.put_transfer(&t).await.map_err(store_err)?;
             bot.engine.cancel(t.id);
-            bot.reply(ctx, "Stopping after the rooms in flight. What is done stays done.".into()).await
+            "Stopping after the rooms in flight. What is done stays done.".to_owned()
         }
         TransferState::AwaitingApproval => {
             t.state = TransferState::Cancelled;
             bot.store.put_transfer(&t).await.map_err(store_err)?;
-            bot.reply(ctx, "Cancelled before it started: nothing was changed.".into()).await
+            "Cancelled before it started: nothing was changed.".to_owned()
         }
-        other => bot.reply(ctx, format!("Your last transfer is already {}.", state_text(other))).await,
-    }
+        other => format!("Your last transfer is already {}.", state_text(other)),
+    };
+    drop(records);
+    bot.reply(ctx, text).await
 }
 
 pub async fn finish(bot: &Bot, ctx: &Ctx, leave: bool, advertise: bool) -> Result<(), HsError> {
@@ -306,17 +391,18 @@ async fn safe_to_leave(bot: &Bot, room: &RoomId, old: &UserId, new: &UserId) -> 
     Ok(pl.for_user(new) >= pl.for_user(old))
 }
 
-/// `export --to NEW --auto`: starts the transfer the first time NEW is active. `dm` is NEW's DM
-/// with the bot if the activity happened there; otherwise the bot opens one.
-pub async fn auto_start(bot: &Bot, new: &UserId, dm: Option<OwnedRoomId>) -> Result<bool, HsError> {
-    let Some(auto) = bot.store.take_auto(new).await.map_err(store_err)? else { return Ok(false) };
-    let record = match bot.store.redeem_code(&CodeHash(auto.code_hash), new).await.map_err(store_err)? {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::info!(new = %new, error = %e, "automatic start dropped");
-            return Ok(false);
-        }
-    };
+/// `export --to NEW --auto`, when NEW is active: offers NEW the move in its DM with the bot
+/// (opened if `dm` is `None`). Nothing is written into NEW before NEW answers `accept` there. An
+/// offer is made once; an expired one is dropped.
+pub async fn offer(bot: &Bot, new: &UserId, dm: Option<OwnedRoomId>) -> Result<(), HsError> {
+    let Some(auto) = bot.store.auto_for(new).map_err(store_err)? else { return Ok(()) };
+    if auto.offered_in.is_some() {
+        return Ok(());
+    }
+    if auto.expires_at_ms <= now_ms() {
+        bot.store.take_auto(new).await.map_err(store_err)?;
+        return Ok(());
+    }
     let dm = match dm {
         Some(dm) => dm,
         None => {
@@ -329,34 +415,125 @@ pub async fn auto_start(bot: &Bot, new: &UserId, dm: Option<OwnedRoomId>) -> Res
             room
         }
     };
+    let summary = match bot
+        .store
+        .codes_of(&auto.old)
+        .map_err(store_err)?
+        .into_iter()
+        .find(|c| c.bound_to.as_deref() == Some(new))
+    {
+        Some(code) => match bot.store.get_bundle(&code.bundle).map_err(store_err)? {
+            Some(b) => format!(" ({} rooms, their DMs, contacts and settings)", b.bundle.rooms.len()),
+            None => String::new(),
+        },
+        None => String::new(),
+    };
+    let expires = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(auto.expires_at_ms));
+    let text = format!(
+        "{} wants to move their rooms and settings here{summary}: reply `accept` to start, `decline` to refuse. Nothing changes in this account unless you accept. The offer lapses at {expires}.",
+        auto.old
+    );
+    // The transaction ID comes from the offer, so a retried offer is posted once.
+    let digest = Sha256::digest(auto.code_hash);
+    let cause: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let ctx = Ctx { room_id: dm.clone(), event_id: offer_event_id(&cause), sender: new.to_owned() };
+    bot.reply_n(&ctx, 7, text).await?;
+    let _records = bot.records.lock().await;
+    // Recorded only if it is still the same offer (not declined, replaced or forgotten meanwhile).
+    if let Some(mut current) = bot.store.auto_for(new).map_err(store_err)?
+        && current.code_hash == auto.code_hash
+    {
+        current.offered_in = Some(dm);
+        bot.store.put_auto(&current).await.map_err(store_err)?;
+    }
+    tracing::info!(old = %auto.old, new = %new, "automatic move offered");
+    Ok(())
+}
+
+fn offer_event_id(cause: &str) -> OwnedEventId {
+    OwnedEventId::try_from(format!("$offer-{cause}")).expect("a valid event ID")
+}
+
+/// Tells the old account of an offer what became of it, in its DM with the bot if it has one.
+async fn tell_old(bot: &Bot, old: &UserId, cause: &Ctx, text: String) -> Result<(), HsError> {
+    let Some(dm) = bot.store.dm_rooms_of(old).map_err(store_err)?.into_iter().next() else { return Ok(()) };
+    let ctx = Ctx { room_id: dm, event_id: cause.event_id.clone(), sender: old.to_owned() };
+    bot.reply_n(&ctx, 6, text).await
+}
+
+/// `accept`: the new account consents to the move offered to it; the transfer starts.
+pub async fn accept(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
+    let new = &ctx.sender;
+    let records = bot.records.lock().await;
+    let Some(auto) = bot.store.auto_for(new).map_err(store_err)? else {
+        drop(records);
+        return bot.reply(ctx, "No move is waiting for your answer.".into()).await;
+    };
+    if auto.expires_at_ms <= now_ms() {
+        bot.store.take_auto(new).await.map_err(store_err)?;
+        drop(records);
+        return bot.reply(ctx, format!("The move offered by {} lapsed; ask them to export again.", auto.old)).await;
+    }
+    if let Some(refusal) = start_refusal(bot, &auto.old, new)? {
+        drop(records);
+        return bot.reply(ctx, format!("{refusal} The offer stays open until it lapses.")).await;
+    }
+    let record = match bot.store.redeem_code(&CodeHash(auto.code_hash), new).await.map_err(store_err)? {
+        Ok(r) => r,
+        Err(e) => {
+            bot.store.take_auto(new).await.map_err(store_err)?;
+            drop(records);
+            return bot.reply(ctx, format!("This offer can't be used any more: {e}.")).await;
+        }
+    };
+    bot.store.take_auto(new).await.map_err(store_err)?;
     let t = Transfer {
         id: bot.store.new_transfer_id().map_err(store_err)?,
         old: auto.old.clone(),
         new: new.to_owned(),
         bundle: record.bundle,
-        requirements: Requirements::default(),
+        requirements: Requirements { max_rooms: Some(bot.config.handoff.max_rooms), ..Default::default() },
         profile: Default::default(),
         state: TransferState::Running,
         plan: None,
-        new_dm: dm.clone(),
+        new_dm: ctx.room_id.clone(),
         old_dm: bot.store.dm_rooms_of(&auto.old).map_err(store_err)?.into_iter().next(),
         status_event: None,
         account_steps: Default::default(),
         created_at_ms: now_ms(),
+        expires_at_ms: None,
     };
     bot.store.put_transfer(&t).await.map_err(store_err)?;
-    let ctx = Ctx {
-        room_id: dm,
-        event_id: ruma::OwnedEventId::try_from(format!("$auto-{}", t.id)).expect("valid event ID"),
-        sender: new.to_owned(),
-    };
-    bot.reply_n(&ctx, 7, format!("Welcome, {new}! {} asked handoff to move their rooms and settings here as soon as you were active. Starting now; progress follows.", auto.old)).await?;
+    drop(records);
     bot.engine.spawn(t.id);
-    tracing::info!(transfer = t.id, old = %auto.old, new = %new, "automatic transfer started");
-    Ok(true)
+    tracing::info!(transfer = t.id, old = %auto.old, new = %new, "offered move accepted");
+    bot.reply(ctx, format!("Accepted: moving the rooms and settings of {} here; progress follows.", auto.old)).await?;
+    tell_old(bot, &auto.old, ctx, format!("{new} accepted your move; it is running now.")).await
 }
 
-/// Watches pending automatic starts: a local account that has a device (has signed in) is active.
+/// `decline`: the new account refuses the offered move; its code is destroyed.
+pub async fn decline(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
+    let new = &ctx.sender;
+    let records = bot.records.lock().await;
+    let Some(auto) = bot.store.take_auto(new).await.map_err(store_err)? else {
+        drop(records);
+        return bot.reply(ctx, "No move is waiting for your answer.".into()).await;
+    };
+    bot.store.remove_code(&CodeHash(auto.code_hash)).await.map_err(store_err)?;
+    drop(records);
+    tracing::info!(old = %auto.old, new = %new, "offered move declined");
+    bot.reply(ctx, format!("Declined: nothing of {} comes here, and this account was not changed.", auto.old)).await?;
+    tell_old(
+        bot,
+        &auto.old,
+        ctx,
+        format!("{new} declined your move. Nothing was changed there, and the code no longer works."),
+    )
+    .await
+}
+
+/// Watches pending offers: a local account that has a device (has signed in) is active, and is
+/// offered its move in its own queue (so the offer and the account's own commands never race).
 pub fn spawn_auto_watch(bot: Arc<Bot>) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(5));
@@ -365,26 +542,47 @@ pub fn spawn_auto_watch(bot: Arc<Bot>) {
             let autos = match bot.store.autos() {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read pending automatic starts");
+                    tracing::warn!(error = %e, "cannot read pending offers");
                     continue;
                 }
             };
             for auto in autos {
-                if auto.expires_at_ms < now_ms() {
-                    let _ = bot.store.take_auto(&auto.new).await;
-                    continue;
+                if auto.offered_in.is_some() || auto.expires_at_ms <= now_ms() {
+                    continue; // answered in the DM; expired ones go with retention
                 }
                 if auto.new.server_name() != bot.config.homeserver.domain {
-                    continue; // remote accounts start it by writing to the bot
+                    continue; // remote accounts are offered it when they write to the bot
                 }
                 let active = match bot.acting.send_as(&auto.new, get_devices::v3::Request::new()).await {
                     Ok(r) => !r.devices.is_empty(),
                     Err(_) => false, // not registered yet
                 };
-                if active && let Err(e) = auto_start(&bot, &auto.new, None).await {
-                    tracing::warn!(error = %e, "automatic start failed");
+                if active {
+                    bot.enqueue(auto.new.clone(), super::Job::Offer(auto.new.clone()));
                 }
             }
         }
     });
+}
+
+/// At start-up: offers and pending imports of users whose permission was revoked are dropped
+/// (running transfers stop themselves when they resume). Returns how many.
+pub async fn sweep_revoked(bot: &Bot) -> Result<usize, HsError> {
+    let permitted = |u: &UserId| bot.config.permission(u) >= PermissionLevel::User;
+    let mut n = 0;
+    for auto in bot.store.autos().map_err(store_err)? {
+        if !permitted(&auto.old) || !permitted(&auto.new) {
+            bot.store.take_auto(&auto.new).await.map_err(store_err)?;
+            bot.store.remove_code(&CodeHash(auto.code_hash)).await.map_err(store_err)?;
+            n += 1;
+        }
+    }
+    for mut t in bot.store.transfers().map_err(store_err)? {
+        if t.state == TransferState::AwaitingApproval && (!permitted(&t.old) || !permitted(&t.new)) {
+            t.state = TransferState::Cancelled;
+            bot.store.put_transfer(&t).await.map_err(store_err)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }

@@ -5,6 +5,7 @@
 //! contact their profile, all with bounded concurrency.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use ruma::api::Direction;
@@ -23,6 +24,7 @@ use ruma::events::{AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, Message
 use ruma::push::{Action, Ruleset};
 use ruma::{Int, MilliSecondsSinceUnixEpoch, OwnedMxcUri, OwnedRoomId, OwnedServerName, OwnedUserId, UInt, UserId};
 use serde_json::Value as JsonValue;
+use tokio::sync::Semaphore;
 
 use super::{
     BUNDLE_VERSION, Bundle, Contact, Extra, History, HistoryMessage, Preferences, Priority, Profile, Rank, RoomEntry,
@@ -65,7 +67,7 @@ impl std::str::FromStr for Only {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CaptureOptions {
     pub only: Option<Only>,
     /// Room IDs or aliases to leave out.
@@ -74,10 +76,20 @@ pub struct CaptureOptions {
     pub skip: Vec<OwnedRoomId>,
     /// How many recent messages per room to copy (0: none).
     pub history: usize,
-    /// How many requests run at once.
-    pub concurrency: usize,
+    /// The shared pool of work in flight: each room read and each profile read takes a permit,
+    /// so a capture adds no more load to the homeserver than the pool allows.
+    pub pool: Arc<Semaphore>,
+    /// The most rooms to capture: the most important first (favourites, then normal rooms, then
+    /// low priority), the rest are counted in [`Captured::left_out`].
+    pub max_rooms: usize,
     /// Names the capturing side in `source.client`.
     pub client: String,
+}
+
+/// A captured account, and how many of its rooms were over [`CaptureOptions::max_rooms`].
+pub struct Captured {
+    pub bundle: Bundle,
+    pub left_out: usize,
 }
 
 /// Captures `user`'s account. `hs` must be able to act as `user` (the acting registration).
@@ -86,8 +98,9 @@ pub async fn capture(
     user: &UserId,
     homeserver_url: &str,
     opts: &CaptureOptions,
-) -> Result<Bundle, HsError> {
-    let concurrency = opts.concurrency.max(1);
+) -> Result<Captured, HsError> {
+    let pool = &*opts.pool;
+    let concurrency = pool.available_permits().max(1);
     let mut joined = hs.send_as(user, joined_rooms::v3::Request::new()).await?.joined_rooms;
     joined.retain(|r| !opts.skip.contains(r));
     let account = account_data(hs, user).await?;
@@ -95,7 +108,7 @@ pub async fn capture(
     let dm_peers: BTreeMap<&OwnedRoomId, &OwnedUserId> =
         account.direct.iter().flat_map(|(peer, rooms)| rooms.iter().map(move |r| (r, peer))).collect();
     let push_rules = account.push_rules.as_ref();
-    let work: Vec<(OwnedRoomId, Tags, Option<OwnedUserId>)> = joined
+    let mut work: Vec<(OwnedRoomId, Tags, Option<OwnedUserId>)> = joined
         .into_iter()
         .map(|room_id| {
             let tags = account.tags.get(&room_id).cloned().unwrap_or_default();
@@ -103,8 +116,15 @@ pub async fn capture(
             (room_id, tags, peer)
         })
         .collect();
+    // Over the limit, the most important rooms are kept (a stable sort keeps the rest in order).
+    work.sort_by_key(|(_, tags, _)| Priority::from_tags(tags));
+    let left_out = work.len().saturating_sub(opts.max_rooms);
+    work.truncate(opts.max_rooms);
     let rooms: Vec<RoomEntry> = stream::iter(work)
-        .map(|(room_id, tags, peer)| room_entry(hs, user, room_id, tags, peer, push_rules, opts.history))
+        .map(|(room_id, tags, peer)| async move {
+            let _permit = pool.acquire().await.expect("the pool is never closed");
+            room_entry(hs, user, room_id, tags, peer, push_rules, opts.history).await
+        })
         .buffer_unordered(concurrency)
         .try_collect()
         .await?;
@@ -120,6 +140,7 @@ pub async fn capture(
     }
     let contacts: Vec<Contact> = stream::iter(contact_rooms)
         .map(|(peer, dm_rooms)| async move {
+            let _permit = pool.acquire().await.expect("the pool is never closed");
             let (display_name, avatar_url) = profile_of(hs, user, &peer).await?;
             Ok::<_, HsError>(Contact { user_id: peer, display_name, avatar_url, dm_rooms, extra: Extra::new() })
         })
@@ -130,7 +151,7 @@ pub async fn capture(
     contacts.sort_by(|a, b| a.user_id.cmp(&b.user_id));
 
     let (display_name, avatar_url) = profile_of(hs, user, user).await?;
-    Ok(Bundle {
+    let bundle = Bundle {
         version: BUNDLE_VERSION,
         source: Source {
             user_id: user.to_owned(),
@@ -151,7 +172,8 @@ pub async fn capture(
         profile: Profile { display_name, avatar_url, extra: Extra::new() },
         room_keys: None,
         extra: Extra::new(),
-    })
+    };
+    Ok(Captured { bundle, left_out })
 }
 
 fn selected(room: &RoomEntry, opts: &CaptureOptions) -> bool {

@@ -91,6 +91,9 @@ pub struct Transfer {
     #[serde(default)]
     pub account_steps: BTreeMap<String, StepOutcome>,
     pub created_at_ms: u64,
+    /// While awaiting approval: when the request lapses (with its code).
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
 }
 
 /// The journal entry of one room. `Started(stage)` is written before each stage runs, so it also

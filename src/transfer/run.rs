@@ -4,7 +4,7 @@
 //! On resume, a step that was started is re-checked against the room before it is done again,
 //! and sends use transaction IDs derived from the transfer, so nothing happens twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +38,7 @@ use super::plan::{self, Action as PlanAction, Plan, RoomPlan};
 use super::{ClientProfile, RoomStep, StepOutcome, Transfer, TransferState, world};
 use crate::bot::to_html;
 use crate::bundle::Bundle;
-use crate::config::{Config, NotifySender};
+use crate::config::{Config, NotifySender, PermissionLevel};
 use crate::homeserver::{Homeserver, HsError, Retry};
 use crate::store::{Store, StoreError};
 
@@ -81,7 +81,8 @@ pub struct Engine {
     /// Acts as the old and (local) new accounts.
     acting: Homeserver,
     store: Store,
-    running: Mutex<HashSet<u64>>,
+    /// Transfers running in this process, with the handle that stops one at once.
+    running: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
     /// Transfers asked to stop (also persisted as `Cancelling`, for a restart).
     cancelling: Mutex<HashSet<u64>>,
     /// Rooms in flight across every transfer (`handoff.concurrency`): what the homeserver sees
@@ -96,7 +97,7 @@ impl Engine {
             bot: bot.with_retry(PATIENT),
             acting: acting.with_retry(PATIENT),
             store,
-            running: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
             cancelling: Mutex::new(HashSet::new()),
             rooms_in_flight: Arc::new(tokio::sync::Semaphore::new(config.handoff.concurrency.0)),
             config,
@@ -105,17 +106,35 @@ impl Engine {
 
     /// Starts (or resumes) a transfer in the background, unless it is already running.
     pub fn spawn(self: &Arc<Self>, id: u64) {
-        if !self.running.lock().expect("lock").insert(id) {
+        // Held while spawning, so the task's own removal (at its end) comes after the insert.
+        let mut running = self.running.lock().expect("lock");
+        if running.contains_key(&id) {
             return;
         }
         let engine = Arc::clone(self);
-        tokio::spawn(async move {
-            let result = engine.run(id).await;
-            engine.running.lock().expect("lock").remove(&id);
-            if let Err(e) = result {
+        let task = tokio::spawn(async move {
+            // Removes the entry however the task ends: finished, failed, panicked or stopped.
+            let _entry = RunningEntry { engine: Arc::clone(&engine), id };
+            if let Err(e) = engine.run(id).await {
                 tracing::error!(transfer = id, error = %e, "transfer stopped with an error; it resumes at the next start");
             }
         });
+        running.insert(id, task.abort_handle());
+    }
+
+    /// Stops a transfer at once, wherever it is (for `forget`: its records are about to go).
+    /// What it did stays done; the journal is as of its last step.
+    pub fn stop(&self, id: u64) {
+        if let Some(task) = self.running.lock().expect("lock").remove(&id) {
+            task.abort();
+            tracing::info!(transfer = id, "transfer stopped");
+        }
+    }
+
+    /// The pool of rooms in flight (`handoff.concurrency`), shared with capture and planning
+    /// reads so the homeserver's load stays bounded whatever runs.
+    pub fn pool(&self) -> Arc<tokio::sync::Semaphore> {
+        Arc::clone(&self.rooms_in_flight)
     }
 
     /// Resumes every transfer that was running when the service stopped.
@@ -132,7 +151,7 @@ impl Engine {
     }
 
     pub fn is_running(&self, id: u64) -> bool {
-        self.running.lock().expect("lock").contains(&id)
+        self.running.lock().expect("lock").contains_key(&id)
     }
 
     fn is_local(&self, user: &UserId) -> bool {
@@ -142,6 +161,14 @@ impl Engine {
     async fn run(&self, id: u64) -> Result<(), RunError> {
         let started = Instant::now();
         let mut t = self.store.get_transfer(id)?.ok_or(RunError::Missing(id))?;
+        // Permission is checked at every start and resume: revoking it stops the transfer.
+        if let Some(who) = [&t.old, &t.new].into_iter().find(|u| self.config.permission(u) < PermissionLevel::User) {
+            t.state = TransferState::Cancelled;
+            self.store.put_transfer(&t).await?;
+            tracing::info!(transfer = id, user = %who, "transfer stopped: the user may no longer use handoff");
+            self.say(&t, format!("This transfer was stopped: {who} may no longer use handoff on this server. What was done stays done.")).await?;
+            return Ok(());
+        }
         if t.state == TransferState::Cancelling {
             self.cancel(id);
         }
@@ -154,7 +181,7 @@ impl Engine {
         let bundle = stored.bundle;
         if t.plan.is_none() {
             let rooms: Vec<OwnedRoomId> = bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
-            let world = world::read(&self.acting, &t.old, &t.new, rooms, self.config.handoff.concurrency.0 * 2).await?;
+            let world = world::read(&self.acting, &t.old, &t.new, rooms, &self.rooms_in_flight).await?;
             let plan = plan::plan(&bundle, &t.new, &t.requirements, &world);
             tracing::info!(
                 transfer = id,
@@ -860,6 +887,20 @@ impl Engine {
         };
         self.send_bot(&t.new_dm, &format!("report-{}", t.id), content).await?;
         Ok(())
+    }
+}
+
+/// Removes a transfer from [`Engine::running`] when its task ends, however it ends.
+struct RunningEntry {
+    engine: Arc<Engine>,
+    id: u64,
+}
+
+impl Drop for RunningEntry {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.engine.running.lock() {
+            running.remove(&self.id);
+        }
     }
 }
 

@@ -4,21 +4,24 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use ruma::api::client::state::get_state_events;
 use ruma::events::{AnyStateEvent, StateEvent};
 use ruma::{OwnedRoomId, UserId};
+use tokio::sync::Semaphore;
 
 use super::plan::{RoomFacts, World};
 use crate::homeserver::{Homeserver, HsError};
 
-/// Reads each room's state as `old`. A room the old account can't read any more is left out: the
-/// planner calls it gone.
+/// Reads each room's state as `old`, one read per permit of `pool` (the engine's shared pool, so
+/// planning doesn't add to the homeserver's load beyond it). A room the old account can't read
+/// any more is left out: the planner calls it gone.
 pub async fn read(
     hs: &Homeserver,
     old: &UserId,
     new: &UserId,
     rooms: impl IntoIterator<Item = OwnedRoomId>,
-    concurrency: usize,
+    pool: &Semaphore,
 ) -> Result<World, HsError> {
     let facts: Vec<Option<(OwnedRoomId, RoomFacts)>> = stream::iter(rooms)
         .map(|room| async move {
+            let _permit = pool.acquire().await.expect("the pool is never closed");
             match room_facts(hs, old, new, &room).await {
                 Ok(Some(f)) => Ok(Some((room, f))),
                 Ok(None) => Ok(None),
@@ -30,7 +33,7 @@ pub async fn read(
                 }
             }
         })
-        .buffer_unordered(concurrency.max(1))
+        .buffer_unordered(pool.available_permits().max(1))
         .try_collect()
         .await?;
     Ok(World { rooms: facts.into_iter().flatten().collect() })

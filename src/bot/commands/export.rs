@@ -10,6 +10,7 @@ pub const SPEC: Spec = Spec {
     name: "export",
     usage: "export [--to @new:server [--auto]] [--only favourites|dms|rooms] [--exclude ROOM]… [--history N] [--file]",
     summary: "capture this account (rooms, DMs, contacts, preferences, profile) and get a one-time transfer code",
+    anywhere: false,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -6,6 +6,7 @@ pub const SPEC: Spec = Spec {
     name: "finish",
     usage: "finish [--leave] [--advertise]",
     summary: "on the old account, after a transfer: --leave the moved rooms (where the new account holds at least the same rank), --advertise the new user ID in the display name",
+    anywhere: false,
 };
 
 pub fn parse(mut args: Args) -> Result<Command, CommandError> {

@@ -3,7 +3,8 @@
 use super::{Args, COMMANDS, Command, CommandError, Spec};
 use crate::bot::escape;
 
-pub const SPEC: Spec = Spec { name: "help", usage: "help", summary: "show the commands and what they do" };
+pub const SPEC: Spec =
+    Spec { name: "help", usage: "help", summary: "show the commands and what they do", anywhere: true };
 
 pub fn parse(args: Args) -> Result<Command, CommandError> {
     args.finish().map_err(|message| CommandError::Usage { command: SPEC.name, usage: SPEC.usage, message })?;
@@ -14,13 +15,14 @@ pub fn parse(args: Args) -> Result<Command, CommandError> {
 pub fn text(prefix: &str) -> (String, String) {
     let mut plain = String::from(
         "handoff moves your Matrix life (rooms, DMs, contacts, preferences, keys) to another client or account.\n\
-         Commands (in this DM as they are; in other rooms start them with ",
+         Commands, sent here in this DM (codes, files and transfer details are only shown here; \
+         in other rooms only ",
     );
     plain.push_str(prefix);
-    plain.push_str("):\n");
+    plain.push_str(" help works):\n");
     let mut html = format!(
         "<p>handoff moves your Matrix life (rooms, DMs, contacts, preferences, keys) to another client or account.</p>\
-         <p>Commands (in this DM as they are; in other rooms start them with <code>{}</code>):</p><ul>",
+         <p>Commands, sent here in this DM (codes, files and transfer details are only shown here; in other rooms only <code>{} help</code> works):</p><ul>",
         escape(prefix)
     );
     for c in COMMANDS {

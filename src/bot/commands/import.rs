@@ -10,6 +10,7 @@ pub const SPEC: Spec = Spec {
     name: "import",
     usage: "import CODE [--only favourites|dms|rooms] [--max-rooms N] [--history N] [--profile mobile|desktop] [--dry-run]",
     summary: "on the new account: move the bundle of a transfer code here (--dry-run shows the plan and changes nothing)",
+    anywhere: false,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,6 +7,7 @@ pub const SPEC: Spec = Spec {
     name: "keys",
     usage: "keys",
     summary: "show the encryption-key export attached to your bundle; drop an Element key-export file here to attach one",
+    anywhere: false,
 };
 
 pub fn parse(args: Args) -> Result<Command, CommandError> {

@@ -2,6 +2,7 @@
 //!
 //! One file per command (mini-redis style): each owns its parse and its help line.
 
+pub mod approve;
 mod args;
 pub mod export;
 pub mod finish;
@@ -21,11 +22,37 @@ pub enum Command {
     Keys,
     Forget,
     Import(import::Import),
-    Approve,
-    Deny,
+    /// `approve @importer`; `None` lists the pending imports instead.
+    Approve(Option<ruma::OwnedUserId>),
+    Deny(Option<ruma::OwnedUserId>),
+    Accept,
+    Decline,
     Status,
     Cancel,
-    Finish { leave: bool, advertise: bool },
+    Finish {
+        leave: bool,
+        advertise: bool,
+    },
+}
+
+impl Command {
+    /// The command's [`Spec`]: its name, and where it may be used.
+    pub fn spec(&self) -> &'static Spec {
+        match self {
+            Command::Help => &help::SPEC,
+            Command::Export(_) => &export::SPEC,
+            Command::Keys => &keys::SPEC,
+            Command::Forget => &forget::SPEC,
+            Command::Import(_) => &import::SPEC,
+            Command::Approve(_) => &approve::APPROVE,
+            Command::Deny(_) => &approve::DENY,
+            Command::Accept => &simple::ACCEPT,
+            Command::Decline => &simple::DECLINE,
+            Command::Status => &simple::STATUS,
+            Command::Cancel => &simple::CANCEL,
+            Command::Finish { .. } => &finish::SPEC,
+        }
+    }
 }
 
 /// A command that exists: its name, usage and one-line explanation, for `help`.
@@ -33,6 +60,10 @@ pub struct Spec {
     pub name: &'static str,
     pub usage: &'static str,
     pub summary: &'static str,
+    /// Whether it may be used outside the user's DM with the bot. Commands that show or take a
+    /// code, a file or a transfer's details, or that change an account, only work in the DM:
+    /// everyone in a group room would read the answer.
+    pub anywhere: bool,
 }
 
 /// Every command the bot understands, in the order `help` lists them.
@@ -41,8 +72,10 @@ pub const COMMANDS: &[Spec] = &[
     export::SPEC,
     keys::SPEC,
     import::SPEC,
-    simple::APPROVE,
-    simple::DENY,
+    approve::APPROVE,
+    approve::DENY,
+    simple::ACCEPT,
+    simple::DECLINE,
     simple::STATUS,
     simple::CANCEL,
     finish::SPEC,
@@ -94,8 +127,10 @@ fn parse_command(text: &str) -> Result<Command, CommandError> {
         "keys" => keys::parse(args),
         "forget" => forget::parse(args),
         "import" => import::parse(args),
-        "approve" => simple::parse(&simple::APPROVE, Command::Approve, args),
-        "deny" => simple::parse(&simple::DENY, Command::Deny, args),
+        "approve" => approve::parse(&approve::APPROVE, args),
+        "deny" => approve::parse(&approve::DENY, args),
+        "accept" => simple::parse(&simple::ACCEPT, Command::Accept, args),
+        "decline" => simple::parse(&simple::DECLINE, Command::Decline, args),
         "status" => simple::parse(&simple::STATUS, Command::Status, args),
         "cancel" => simple::parse(&simple::CANCEL, Command::Cancel, args),
         "finish" => finish::parse(args),

@@ -1,0 +1,166 @@
+//! Per-user ordered queues: each user's events are handled one after another, in the order the
+//! homeserver sent them, and no user's events wait behind another user's.
+//!
+//! A user's queue has one worker task while it holds work; the worker ends when the queue is
+//! empty, so idle users cost nothing. A queue is bounded: a user who floods the bot loses the
+//! excess (logged), never anyone else's turn.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+/// The most events one user may have waiting. A person types a command every few seconds; a
+/// queue this long is a script or a flood.
+pub const MAX_QUEUED: usize = 64;
+
+/// What happened to a job offered to a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// Waits its turn (a worker is running or was started).
+    Accepted,
+    /// The user's queue is full: the job was dropped.
+    Full,
+}
+
+/// Queues keyed by user; `run` handles one job, and is called for one user's jobs in order.
+pub struct UserQueues<K, J> {
+    queues: Mutex<HashMap<K, VecDeque<J>>>,
+}
+
+impl<K, J> Default for UserQueues<K, J> {
+    fn default() -> Self {
+        UserQueues { queues: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<K, J> UserQueues<K, J>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    J: Send + 'static,
+{
+    /// Adds `job` to `key`'s queue, starting that queue's worker if it has none.
+    pub fn push<F, Fut>(self: &Arc<Self>, key: K, job: J, run: F) -> Queued
+    where
+        F: Fn(J) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut queues = self.queues.lock().expect("queue lock");
+        if let Some(queue) = queues.get_mut(&key) {
+            // A worker owns this queue: it will reach the job.
+            if queue.len() >= MAX_QUEUED {
+                return Queued::Full;
+            }
+            queue.push_back(job);
+            return Queued::Accepted;
+        }
+        queues.insert(key.clone(), VecDeque::from([job]));
+        drop(queues);
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.work(key, run).await });
+        Queued::Accepted
+    }
+
+    /// Runs `key`'s jobs until its queue is empty, then removes the queue (under the lock, so a
+    /// job pushed meanwhile either is seen here or starts a new worker).
+    async fn work<F, Fut>(self: Arc<Self>, key: K, run: F)
+    where
+        F: Fn(J) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        loop {
+            let job = {
+                let mut queues = self.queues.lock().expect("queue lock");
+                let Some(queue) = queues.get_mut(&key) else { return };
+                match queue.pop_front() {
+                    Some(job) => job,
+                    None => {
+                        queues.remove(&key);
+                        return;
+                    }
+                }
+            };
+            // Each job in a task of its own: a panic ends that job, not the user's queue.
+            if let Err(e) = tokio::spawn(run(job)).await {
+                tracing::error!(error = %e, "a queued job panicked");
+            }
+        }
+    }
+
+    /// How many users have work queued or running (for tests and health).
+    pub fn active(&self) -> usize {
+        self.queues.lock().expect("queue lock").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn one_users_jobs_run_in_order_and_another_user_is_not_kept_waiting() {
+        let queues: Arc<UserQueues<&'static str, (u32, u64)>> = Arc::default();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let run = {
+            let log = log.clone();
+            move |(n, sleep_ms): (u32, u64)| {
+                let log = log.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+                    log.lock().unwrap().push(n);
+                }
+            }
+        };
+        // The flooder's jobs are slow; the other user's one job must not wait for them.
+        for n in 0..5 {
+            assert_eq!(queues.push("flood", (n, 40), run.clone()), Queued::Accepted);
+        }
+        queues.push("other", (100, 0), run.clone());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(*log.lock().unwrap(), vec![100], "the other user's job ran first");
+        while queues.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*log.lock().unwrap(), vec![100, 0, 1, 2, 3, 4], "the flooder's jobs in order");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_the_excess_and_a_panic_ends_only_its_job() {
+        let queues: Arc<UserQueues<u8, u32>> = Arc::default();
+        let done = Arc::new(AtomicUsize::new(0));
+        let run = {
+            let done = done.clone();
+            move |n: u32| {
+                let done = done.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    if n == 1 {
+                        panic!("job 1 fails");
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        };
+        let mut full = 0;
+        for n in 0..(MAX_QUEUED as u32 + 10) {
+            if queues.push(7, n, run.clone()) == Queued::Full {
+                full += 1;
+            }
+        }
+        // The first job is taken by the worker at once or is still queued: 9 or 10 are dropped.
+        assert!((9..=10).contains(&full), "{full} dropped");
+        while queues.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let accepted = MAX_QUEUED + 10 - full;
+        assert_eq!(done.load(Ordering::SeqCst), accepted - 1, "every job but the panicking one ran");
+        // The queue still works after the panic.
+        queues.push(7, 99, run.clone());
+        while queues.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(done.load(Ordering::SeqCst), accepted);
+    }
+}
