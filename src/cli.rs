@@ -159,5 +159,12 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
-    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))?;
+    // A panic's message can quote what it was working on (a command with a code, a file's
+    // content): the log gets where it happened, never the message.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        tracing::error!(%location, "a task panicked (its message is withheld: it may quote user data); the service goes on");
+    }));
+    Ok(())
 }

@@ -121,28 +121,39 @@ async fn unbound_code_waits_for_approval_and_deny_changes_nothing() {
     assert!(prompt.contains("@bob:localhost") && prompt.contains("mobile"), "{prompt}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(memberships(&alice, &rooms[0], &bob.id).await.is_empty(), "nothing before approval");
-    h.ask(&alice, &adm, "deny", "Refused").await;
+    h.ask(&alice, &adm, "deny @bob:localhost", "Refused").await;
     eventually("bob to hear of the refusal", || async {
         bob.messages_from(&bdm, &h.bot).await.iter().any(|m| body(m).contains("refused the import")).then_some(())
     })
     .await;
     assert!(memberships(&alice, &rooms[0], &bob.id).await.is_empty());
 
-    // A fresh code, approved this time: the mobile profile gets the compact digest.
+    // Two fresh codes, imported by bob and by carol: a bare `approve` resolves neither, it names
+    // them; `approve @bob` lets only bob's go ahead.
+    let carol = h.user("carol").await;
+    let cdm = h.dm_with_bot(&carol).await;
     let code = export(&h, &alice, &adm, "").await;
     h.ask(&bob, &bdm, &format!("import {code} --profile mobile"), "asked to approve").await;
-    eventually("the second prompt", || async {
-        (alice.messages_from(&adm, &h.bot).await.iter().filter(|m| body(m).contains("wants to import")).count() == 2)
+    let code = export(&h, &alice, &adm, "").await;
+    h.ask(&carol, &cdm, &format!("import {code}"), "asked to approve").await;
+    eventually("the two new prompts", || async {
+        (alice.messages_from(&adm, &h.bot).await.iter().filter(|m| body(m).contains("wants to import")).count() == 3)
             .then_some(())
     })
     .await;
-    h.ask(&alice, &adm, "approve", "Approved").await;
+    let listed = h.ask(&alice, &adm, "approve", "Name the account").await;
+    assert!(listed.contains("@bob:localhost") && listed.contains("@carol:localhost"), "{listed}");
+    assert!(memberships(&alice, &rooms[0], &bob.id).await.is_empty(), "a bare approve started nothing");
+    h.ask(&alice, &adm, "approve @bob:localhost", "Approved").await;
     let digest = eventually("the report", || async {
         bob.messages_from(&bdm, &h.bot).await.into_iter().find(|m| body(m).starts_with("2 of 2 rooms moved"))
     })
     .await;
     assert!(digest["content"]["formatted_body"].is_null(), "mobile gets plain text: {digest}");
     assert_moved_once(&alice, &bob, &rooms).await;
+    assert!(memberships(&alice, &rooms[0], &carol.id).await.is_empty(), "carol's import still waits");
+    let status = h.ask(&carol, &cdm, "status", "Transfer").await;
+    assert!(status.contains("waiting for the old account to approve"), "{status}");
 }
 
 #[tokio::test]
@@ -233,24 +244,41 @@ async fn homeserver_outage_mid_transfer_is_waited_out() {
     assert_moved_once(&alice, &bob, &rooms).await;
 }
 
+/// Waits for the bot to invite `user` into a DM of its own making; joins it and returns it.
+async fn dm_from_bot(h: &Harness, user: &User) -> OwnedRoomId {
+    let room = eventually("the bot's DM invite", || async { user.invites().await.into_iter().next() }).await;
+    user.join(&room).await;
+    let _ = h;
+    room
+}
+
 #[tokio::test]
-async fn auto_export_starts_when_the_new_account_first_signs_in() {
+async fn auto_export_offers_the_move_and_starts_only_on_accept() {
     let h = Harness::start().await;
     let alice = h.user("alice").await;
     let rooms = rooms(&alice, 3).await;
     let adm = h.dm_with_bot(&alice).await;
     let answer = h.ask(&alice, &adm, "export --to @newbie:localhost --auto", "Your transfer code").await;
-    assert!(answer.contains("starts by itself"), "{answer}");
-    // The new account is created (and signs in) only now.
+    assert!(answer.contains("whether to accept"), "{answer}");
+    // The new account is created (and signs in) only now: it is offered the move, nothing more.
     let newbie = h.user("newbie").await;
+    let ndm = dm_from_bot(&h, &newbie).await;
+    let offer = h.bot_says(&newbie, &ndm, 0, "the offer", |b| b.contains("reply `accept`")).await;
+    assert!(offer.contains("@alice:localhost wants to move their rooms and settings here"), "{offer}");
+    tokio::time::sleep(Duration::from_secs(6)).await; // a watch round or more
+    for room in &rooms {
+        assert!(memberships(&alice, room, &newbie.id).await.is_empty(), "nothing before accept");
+    }
+    h.ask(&newbie, &ndm, "accept", "Accepted").await;
     joined_at_least(&alice, &newbie, &rooms, 3).await;
-    let status = eventually("the automatic transfer to finish", || async {
+    let status = eventually("the accepted transfer to finish", || async {
         let s = h.ask(&alice, &adm, "status", "Transfer").await;
         s.contains("done").then_some(s)
     })
     .await;
     assert!(status.contains("3 moved"), "{status}");
     assert_moved_once(&alice, &newbie, &rooms).await;
+    h.bot_says(&alice, &adm, 0, "alice to hear of the accept", |b| b.contains("accepted your move")).await;
 }
 
 #[tokio::test]

@@ -39,7 +39,7 @@ pub async fn start(bot: &Arc<Bot>, ctx: Ctx, args: Export) -> Result<(), HsError
             Ok(Ok(())) => return,
             Ok(Err(e)) => e.to_string(),
             Err(e) => {
-                tracing::error!(error = %e, "export panicked");
+                tracing::error!(task = %e.id(), "export panicked");
                 "an internal error (the server's log has the details)".to_owned()
             }
         };

@@ -175,7 +175,7 @@ impl Bot {
                 match tokio::spawn(async move { transfer::offer(&bot, &user, None).await }).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "offering an automatic move failed"),
-                    Err(e) => tracing::error!(error = %e, "offering an automatic move panicked"),
+                    Err(e) => tracing::error!(task = %e.id(), "offering an automatic move panicked"),
                 }
             }
             Job::Event { inbox, event } => {
@@ -189,7 +189,7 @@ impl Bot {
                         Some(format!("That failed: {e}. Try again, or tell the server admin if it keeps failing."))
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "handling an event panicked");
+                        tracing::error!(task = %e.id(), "handling an event panicked");
                         Some("Sorry: handling that message failed on the server's side, so it was not done. Try again, or tell the server admin (the log has the details).".to_owned())
                     }
                 };

@@ -82,7 +82,7 @@ where
             };
             // Each job in a task of its own: a panic ends that job, not the user's queue.
             if let Err(e) = tokio::spawn(run(job)).await {
-                tracing::error!(error = %e, "a queued job panicked");
+                tracing::error!(task = %e.id(), "a queued job panicked");
             }
         }
     }

@@ -257,6 +257,21 @@ impl User {
         }
     }
 
+    /// The rooms this user is invited to and has not answered.
+    pub async fn invites(&self) -> Vec<OwnedRoomId> {
+        use ruma::api::client::filter::FilterDefinition;
+        use ruma::api::client::sync::sync_events::v3::Filter;
+        let mut req = ruma::api::client::sync::sync_events::v3::Request::new();
+        req.timeout = Some(Duration::ZERO);
+        // Synapse answers a repeated identical sync from a cache for minutes: vary the filter.
+        let n = self.txn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut filter = FilterDefinition::default();
+        filter.room.timeline.limit = Some((n % 1000 + 1).try_into().unwrap());
+        req.filter = Some(Filter::FilterDefinition(filter));
+        let resp = self.client.send_request(req).await.unwrap();
+        resp.rooms.invite.into_keys().collect()
+    }
+
     /// The content of `user`'s membership event in `room`.
     pub async fn membership_of(&self, room: &RoomId, user: &UserId) -> Value {
         let req =
