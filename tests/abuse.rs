@@ -249,3 +249,52 @@ async fn the_edge_refuses_unauthenticated_and_malformed_requests_and_keeps_servi
     let log = h.log();
     assert!(!log.contains("panicked"), "nothing panicked");
 }
+
+#[tokio::test]
+async fn revoking_a_users_permission_stops_their_offers_pending_imports_and_transfers() {
+    // One room at a time, so bob's transfer is still running when the permission goes.
+    let mut h = Harness::start_with(|c| c.replace("concurrency: 16", "concurrency: 1")).await;
+    let (alice, bob, carol) = (h.user("alice").await, h.user("bob").await, h.user("carol").await);
+    let mut rooms = Vec::new();
+    for i in 0..30 {
+        rooms.push(alice.create_room(&format!("room {i}")).await);
+    }
+    let (adm, bdm, cdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await, h.dm_with_bot(&carol).await);
+    h.ask(&alice, &adm, "export --to @newbie:localhost --auto", "Your transfer code").await;
+    let unbound = code_in(&h.ask(&alice, &adm, "export", "Your transfer code").await).unwrap();
+    h.ask(&carol, &cdm, &format!("import {unbound}"), "asked to approve").await;
+    let bound = code_in(&h.ask(&alice, &adm, "export --to @bob:localhost", "Your transfer code").await).unwrap();
+    h.ask(&bob, &bdm, &format!("import {bound}"), "progress follows").await;
+    eventually("bob's transfer to be under way", || async {
+        let joined = memberships(&alice, &rooms[0], &bob.id).await;
+        joined.contains(&"join".to_owned()).then_some(())
+    })
+    .await;
+
+    // The admin revokes alice and restarts handoff.
+    assert!(h.signal_handoff("TERM").success());
+    let config = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
+    let revoked = with_mallory_refused(config).replace("@mallory:localhost", "@alice:localhost");
+    std::fs::write(&h.sandbox.config_path, revoked).unwrap();
+    h.start_handoff().await;
+
+    let stopped = h.bot_says(&bob, &bdm, 0, "the stop notice", |b| b.contains("This transfer was stopped")).await;
+    assert!(stopped.contains("@alice:localhost may no longer use handoff"), "{stopped}");
+    let moved = {
+        let mut n = 0;
+        for room in &rooms {
+            if memberships(&alice, room, &bob.id).await.contains(&"join".to_owned()) {
+                n += 1;
+            }
+        }
+        n
+    };
+    assert!(moved < rooms.len(), "stopped before the end: {moved} rooms moved");
+    assert!(h.ask(&bob, &bdm, "status", "Transfer").await.contains("cancelled"));
+    assert!(h.ask(&carol, &cdm, "status", "Transfer").await.contains("cancelled"), "carol's pending import dropped");
+    assert!(h.log().contains("dropped offers and pending imports"));
+    // The account alice named with --auto signs in now: no offer comes.
+    let newbie = h.user("newbie").await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(newbie.invites().await.is_empty(), "no offer from a revoked account");
+}
