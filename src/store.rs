@@ -768,6 +768,89 @@ mod tests {
         assert!(store.raw_bundle_bytes().is_empty());
     }
 
+    fn transfer(id: u64, state: TransferState, created_at_ms: u64) -> Transfer {
+        Transfer {
+            id,
+            old: UserId::parse("@old:x.org").unwrap(),
+            new: UserId::parse("@new:x.org").unwrap(),
+            bundle: BundleId("b".into()),
+            requirements: Default::default(),
+            profile: Default::default(),
+            state,
+            plan: None,
+            new_dm: "!dm:x.org".try_into().unwrap(),
+            old_dm: None,
+            status_event: None,
+            account_steps: Default::default(),
+            created_at_ms,
+            expires_at_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_purges_every_tree_but_running_transfers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let room = <&RoomId>::try_from("!r:x.org").unwrap();
+        let old = now_ms() - 10_000;
+        for (id, state) in [(1, TransferState::Done), (2, TransferState::Running), (3, TransferState::Denied)] {
+            store.put_transfer(&transfer(id, state, old)).await.unwrap();
+            store.set_room_step(id, room, &RoomStep::Done).await.unwrap();
+        }
+        let pending = Transfer { expires_at_ms: Some(old), ..transfer(4, TransferState::AwaitingApproval, old) };
+        store.put_transfer(&pending).await.unwrap();
+        store.accept_txn("t1", &[]).await.unwrap();
+        let auto = AutoStart {
+            old: UserId::parse("@old:x.org").unwrap(),
+            new: UserId::parse("@new:x.org").unwrap(),
+            code_hash: [1; 32],
+            expires_at_ms: old,
+            offered_in: None,
+        };
+        store.put_auto(&auto).await.unwrap();
+        // Within retention: nothing goes but the expired offer.
+        let gone = store.purge(Duration::from_secs(3600)).await.unwrap();
+        assert_eq!(gone, Forgotten { offers: 1, ..Default::default() });
+        assert_eq!(store.transfers().unwrap().len(), 4);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let gone = store.purge(Duration::from_millis(1)).await.unwrap();
+        assert_eq!(gone, Forgotten { transfers: 3, txns: 1, ..Default::default() });
+        let left: Vec<u64> = store.transfers().unwrap().iter().map(|t| t.id).collect();
+        assert_eq!(left, vec![2], "a running transfer is never purged");
+        assert!(store.room_steps(1).unwrap().is_empty(), "journals go with their transfers");
+        assert_eq!(store.room_steps(2).unwrap().len(), 1);
+        assert!(!store.txn_seen("t1").unwrap());
+        assert!(store.autos().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn bundles_beyond_the_cap_go_with_their_codes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let owner = <&UserId>::try_from("@old:x.org").unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let id = store.put_bundle(owner, &crate::bundle::tests::sample()).await.unwrap();
+            let record = CodeRecord {
+                owner: owner.to_owned(),
+                bundle: id.clone(),
+                expires_at_ms: now_ms() + 60_000,
+                bound_to: None,
+                redeemed_by: None,
+            };
+            store.put_code(&crate::code::TransferCode::generate().hash(), &record).await.unwrap();
+            ids.push(id);
+        }
+        assert_eq!(store.trim_bundles(owner, 2).await.unwrap(), 2);
+        assert_eq!(store.bundle_count(owner), 2);
+        assert!(store.get_bundle(&ids[0]).unwrap().is_none(), "the oldest went");
+        assert!(store.get_bundle(&ids[3]).unwrap().is_some(), "the newest stayed");
+        let codes: Vec<BundleId> = store.codes_of(owner).unwrap().into_iter().map(|c| c.bundle).collect();
+        assert_eq!(codes.len(), 2);
+        assert!(codes.iter().all(|b| *b == ids[2] || *b == ids[3]));
+        assert_eq!(store.trim_bundles(owner, 2).await.unwrap(), 0);
+    }
+
     #[tokio::test]
     async fn purge_drops_old_bundles_and_a_wrong_key_is_reported() {
         let dir = tempfile::tempdir().unwrap();

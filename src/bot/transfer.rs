@@ -39,9 +39,14 @@ pub struct WrongCodes(Mutex<HashMap<OwnedUserId, Vec<Instant>>>);
 impl WrongCodes {
     fn recent(&self, user: &UserId) -> usize {
         let mut map = self.0.lock().expect("lock");
-        let list = map.entry(user.to_owned()).or_default();
+        let Some(list) = map.get_mut(user) else { return 0 };
         list.retain(|t| t.elapsed() < WRONG_CODE_WINDOW);
-        list.len()
+        let n = list.len();
+        // Users with no recent wrong code are not remembered.
+        if n == 0 {
+            map.remove(user);
+        }
+        n
     }
     fn record(&self, user: &UserId) {
         self.0.lock().expect("lock").entry(user.to_owned()).or_default().push(Instant::now());
