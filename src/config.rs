@@ -585,6 +585,21 @@ mod tests {
     }
 
     #[test]
+    fn a_map_that_lets_no_local_user_in_is_noticed() {
+        // The example names example.org; an admin who changes only the domain locks everyone out.
+        let moved = Config::parse(&EXAMPLE.replace("domain: example.org", "domain: my.org")).unwrap();
+        assert!(!moved.lets_in_local_users());
+        assert!(Config::parse(EXAMPLE).unwrap().lets_in_local_users());
+        let one_user = EXAMPLE
+            .replace("domain: example.org", "domain: my.org")
+            .replace("\"example.org\": user", "\"@boss:my.org\": admin");
+        assert!(Config::parse(&one_user).unwrap().lets_in_local_users());
+        let star =
+            EXAMPLE.replace("domain: example.org", "domain: my.org").replace("\"example.org\": user", "\"*\": user");
+        assert!(Config::parse(&star).unwrap().lets_in_local_users());
+    }
+
+    #[test]
     fn secrets_do_not_debug_print() {
         let s = Secret::new("supersecret".into());
         assert!(!format!("{s:?}").contains("supersecret"));
