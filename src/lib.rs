@@ -6,6 +6,7 @@
 //! homeserver; state lives in [`store`]. [`config`] and [`registration`] are the admin's side.
 
 pub mod appservice;
+pub mod attachment;
 pub mod bot;
 pub mod bundle;
 pub mod cli;
