@@ -4,13 +4,20 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ruma::UserId;
+use futures_util::TryFutureExt;
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
+use ruma::api::client::authenticated_media::get_content;
 use ruma::api::client::discovery::get_supported_versions;
+use ruma::api::client::media::create_content;
 use ruma::api::client::uiaa::UiaaResponse;
 use ruma::api::error::{ErrorKind, FromHttpResponseError};
-use ruma::api::{AppserviceUserIdentity, OutgoingRequest, SupportedVersions};
+use ruma::api::{AppserviceUserIdentity, IncomingResponse, OutgoingRequest, SupportedVersions};
+use ruma::events::room::MediaSource;
+use ruma::events::room::message::{FileInfo, FileMessageEventContent, MessageType, RoomMessageEventContent};
+use ruma::{MxcUri, UserId};
 use ruma_client::{SupportedPathBuilder, TokenMode};
+
+use crate::attachment::{self, AttachmentError};
 
 type Client = ruma_client::Client<reqwest::Client>;
 
@@ -132,6 +139,8 @@ pub struct Homeserver {
     client: Client,
     retry: Retry,
     address: String,
+    /// For the requests ruma's client can't make, such as a download read chunk by chunk.
+    token: String,
     http: reqwest::Client,
     versions: SupportedVersions,
 }
@@ -167,7 +176,14 @@ impl Homeserver {
             .supported_matrix_versions(versions.clone())
             .http_client(http.clone())
             .await?;
-        Ok(Homeserver { client, retry: Retry::DEFAULT, address: address.to_owned(), http, versions })
+        Ok(Homeserver {
+            client,
+            retry: Retry::DEFAULT,
+            address: address.to_owned(),
+            token: as_token.to_owned(),
+            http,
+            versions,
+        })
     }
 
     pub fn with_retry(&self, retry: Retry) -> Self {
@@ -196,27 +212,70 @@ impl Homeserver {
         self.retrying(|| self.client.send_request_as(AppserviceUserIdentity::new(user), request.clone())).await
     }
 
-    /// Uploads a file (as this registration's user) and returns the `m.file` message that shows it.
-    pub async fn upload_file(
+    /// Uploads `bytes` (as this registration's user) as an encrypted attachment and returns the
+    /// `m.file` message that shows it.
+    ///
+    /// The media repository serves the upload to anyone who has its media ID; the key needed to read
+    /// it lives only in the returned event, so only the members of the room it is sent to can open it.
+    /// Clients (Element and others) decrypt `file` attachments in unencrypted rooms too.
+    pub async fn upload_encrypted_file(
         &self,
         name: &str,
         mime: &str,
         bytes: Vec<u8>,
-    ) -> Result<ruma::events::room::message::RoomMessageEventContent, HsError> {
-        use ruma::events::room::MediaSource;
-        use ruma::events::room::message::{FileInfo, FileMessageEventContent, MessageType, RoomMessageEventContent};
-        let size = bytes.len();
-        let mut upload = ruma::api::client::media::create_content::v3::Request::new(bytes);
-        upload.filename = Some(name.into());
-        upload.content_type = Some(mime.into());
-        let uri = self.send(upload).await?.content_uri;
-        let mut info = FileInfo::new();
-        info.mimetype = Some(mime.into());
-        info.size = ruma::UInt::try_from(size).ok();
-        let mut file = FileMessageEventContent::new(name.into(), MediaSource::Plain(uri));
-        file.filename = Some(name.into());
-        file.info = Some(Box::new(info));
-        Ok(RoomMessageEventContent::new(MessageType::File(file)))
+    ) -> Result<RoomMessageEventContent, HsError> {
+        let (cipher, key) = attachment::encrypt(&bytes);
+        let mut upload = create_content::v3::Request::new(cipher);
+        // Neither the real name nor the real type: the repository learns only a size.
+        upload.content_type = Some("application/octet-stream".into());
+        let url = self.send(upload).await?.content_uri;
+        Ok(file_message(name, mime, bytes.len(), MediaSource::Encrypted(Box::new(key.into_file(url)))))
+    }
+
+    /// Downloads the file of `source` as this registration's user, decrypting (and checking) an
+    /// encrypted attachment. Reads at most `max` bytes, whatever the homeserver or the event says
+    /// the size is: a longer body is cut off with [`DownloadError::TooLarge`].
+    pub async fn download(&self, source: &MediaSource, max: u64) -> Result<Vec<u8>, DownloadError> {
+        let url = match source {
+            MediaSource::Plain(url) => url,
+            MediaSource::Encrypted(file) => &file.url,
+        };
+        let bytes = self.with_retries(|| self.download_once(url, max)).await?;
+        match source {
+            MediaSource::Plain(_) => Ok(bytes),
+            MediaSource::Encrypted(file) => Ok(attachment::decrypt(&bytes, file)?),
+        }
+    }
+
+    async fn download_once(&self, url: &MxcUri, max: u64) -> Result<Vec<u8>, DownloadError> {
+        let request =
+            get_content::v1::Request::from_uri(url).map_err(|_| DownloadError::BadUrl(url.as_str().to_owned()))?;
+        // ruma builds the request (path for the server's versions, token); reqwest streams the answer.
+        let request: http::Request<Vec<u8>> = request
+            .try_into_http_request(
+                &self.address,
+                SendAccessToken::Appservice(&self.token),
+                std::borrow::Cow::Borrowed(&self.versions),
+            )
+            .map_err(|e| HsError::Protocol(e.to_string()))?;
+        let request = reqwest::Request::try_from(request).map_err(|e| HsError::Protocol(describe_reqwest(&e)))?;
+        let mut response = self.http.execute(request).await.map_err(cannot_reach)?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = read_capped(&mut response, ERROR_BODY_MAX).await?.unwrap_or_default();
+            let answer =
+                http::Response::builder().status(status).body(body).map_err(|e| HsError::Protocol(e.to_string()))?;
+            return Err(match get_content::v1::Response::try_from_http_response(answer) {
+                Err(e) => HsError::from(ruma_client::Error::<reqwest::Error, _>::FromHttpResponse(e)),
+                Ok(_) => HsError::Protocol(format!("the homeserver answered {status} with a file")),
+            }
+            .into());
+        }
+        // A declared length is enough to refuse; it is never enough to accept.
+        if response.content_length().is_some_and(|n| n > max) {
+            return Err(DownloadError::TooLarge { max });
+        }
+        read_capped(&mut response, max).await?.ok_or(DownloadError::TooLarge { max })
     }
 
     async fn retrying<T, E, F, Fut>(&self, mut attempt: F) -> Result<T, HsError>
@@ -225,14 +284,23 @@ impl Homeserver {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ruma_client::Error<reqwest::Error, E>>>,
     {
+        self.with_retries(|| attempt().map_err(HsError::from)).await
+    }
+
+    async fn with_retries<T, E, F, Fut>(&self, mut attempt: F) -> Result<T, E>
+    where
+        E: Retryable + std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         let mut wait = self.retry.backoff;
         let mut tries = 0;
         loop {
             tries += 1;
-            match attempt().await.map_err(HsError::from) {
+            match attempt().await {
                 Ok(v) => return Ok(v),
-                Err(e) if e.is_transient() && tries < self.retry.attempts => {
-                    let delay = e.retry_after().unwrap_or(wait).min(self.retry.max_wait);
+                Err(e) if e.transient().is_some() && tries < self.retry.attempts => {
+                    let delay = e.transient().flatten().unwrap_or(wait).min(self.retry.max_wait);
                     tracing::debug!(error = %e, ?delay, "transient homeserver error, retrying");
                     tokio::time::sleep(delay).await;
                     wait = (wait * 2).min(self.retry.max_wait);
@@ -243,6 +311,70 @@ impl Homeserver {
     }
 }
 
+/// An error that may be worth another attempt.
+trait Retryable {
+    /// `Some` if transient, with the wait the server asked for, if it did.
+    fn transient(&self) -> Option<Option<Duration>>;
+}
+
+impl Retryable for HsError {
+    fn transient(&self) -> Option<Option<Duration>> {
+        self.is_transient().then(|| self.retry_after())
+    }
+}
+
+impl Retryable for DownloadError {
+    fn transient(&self) -> Option<Option<Duration>> {
+        match self {
+            DownloadError::Hs(e) => e.transient(),
+            _ => None,
+        }
+    }
+}
+
+/// Why a file could not be downloaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("the file is larger than {max} bytes")]
+    TooLarge { max: u64 },
+    #[error("{0:?} is not a media address (mxc://server/id)")]
+    BadUrl(String),
+    #[error(transparent)]
+    Attachment(#[from] AttachmentError),
+    #[error(transparent)]
+    Hs(#[from] HsError),
+}
+
+/// A Matrix error body is small; a longer one is cut, not read.
+const ERROR_BODY_MAX: u64 = 64 << 10;
+
+/// The body, chunk by chunk, or `None` as soon as more than `max` bytes have arrived.
+async fn read_capped(response: &mut reqwest::Response, max: u64) -> Result<Option<Vec<u8>>, HsError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(cannot_reach)? {
+        if (body.len() + chunk.len()) as u64 > max {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+fn cannot_reach(e: reqwest::Error) -> HsError {
+    HsError::Unreachable(describe_reqwest(&e))
+}
+
+/// The `m.file` message for an uploaded file: the real name and type, the plaintext's size.
+fn file_message(name: &str, mime: &str, size: usize, source: MediaSource) -> RoomMessageEventContent {
+    let mut info = FileInfo::new();
+    info.mimetype = Some(mime.into());
+    info.size = ruma::UInt::try_from(size).ok();
+    let mut file = FileMessageEventContent::new(name.into(), source);
+    file.filename = Some(name.into());
+    file.info = Some(Box::new(info));
+    RoomMessageEventContent::new(MessageType::File(file))
+}
+
 #[cfg(test)]
 mod tests {
     //! Error paths a real homeserver can't produce on demand (the acting registration is exempt from
@@ -251,8 +383,10 @@ mod tests {
     use axum::Json;
     use axum::http::StatusCode;
     use axum::routing::get;
+    use futures_util::StreamExt;
     use ruma::api::client::account::whoami;
     use serde_json::json;
+    use std::collections::HashMap;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
@@ -318,5 +452,171 @@ mod tests {
             Homeserver::connect(&format!("http://127.0.0.1:{port}"), "t", reqwest::Client::new()).await.err().unwrap();
         assert!(matches!(err, HsError::Unreachable(_)), "{err}");
         assert!(err.to_string().contains("Connection refused"), "{err}");
+    }
+
+    /// The last upload the media mock saw: body, `Content-Type`, query parameters.
+    type Upload = (Vec<u8>, String, HashMap<String, String>);
+
+    /// What the media mock saw of the last upload, and how many bytes its endless download served.
+    #[derive(Default)]
+    struct Media {
+        upload: std::sync::Mutex<Option<Upload>>,
+        served: AtomicUsize,
+    }
+
+    /// A media repository that wants the appservice token: `upload` keeps the bytes, and `download`
+    /// serves them back as `up`; `endless` streams forever and `small` is 3000 bytes in three
+    /// chunks, both without a length; `big` declares 10 MiB, sends 1000 bytes and stalls.
+    async fn media_mock() -> (String, Arc<Media>) {
+        use axum::body::{Body, Bytes};
+        use axum::extract::{Path, Query, State};
+        use axum::http::HeaderMap;
+        use axum::response::{IntoResponse, Response};
+        use futures_util::stream;
+
+        async fn upload(
+            State(media): State<Arc<Media>>,
+            headers: HeaderMap,
+            Query(query): Query<HashMap<String, String>>,
+            body: Bytes,
+        ) -> Json<serde_json::Value> {
+            let mime = headers.get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+            *media.upload.lock().unwrap() = Some((body.to_vec(), mime, query));
+            Json(json!({"content_uri": "mxc://x.org/up"}))
+        }
+
+        async fn download(
+            State(media): State<Arc<Media>>,
+            headers: HeaderMap,
+            Path((server, id)): Path<(String, String)>,
+        ) -> Response {
+            if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer token") {
+                let body = json!({"errcode": "M_MISSING_TOKEN", "error": "who are you"});
+                return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+            }
+            let chunk = |n: usize| Ok::<_, std::io::Error>(Bytes::from(vec![7u8; n]));
+            match (server.as_str(), id.as_str()) {
+                ("x.org", "up") => match &*media.upload.lock().unwrap() {
+                    Some((bytes, ..)) => bytes.clone().into_response(),
+                    None => StatusCode::NOT_FOUND.into_response(),
+                },
+                ("x.org", "endless") => Body::from_stream(stream::repeat_with(move || {
+                    media.served.fetch_add(64 << 10, Ordering::SeqCst);
+                    chunk(64 << 10)
+                }))
+                .into_response(),
+                ("x.org", "big") => {
+                    let stalls = stream::iter([chunk(1000)]).chain(stream::pending());
+                    ([("content-length", "10485760")], Body::from_stream(stalls)).into_response()
+                }
+                ("x.org", "small") => {
+                    Body::from_stream(stream::iter([chunk(1000), chunk(1000), chunk(1000)])).into_response()
+                }
+                _ => {
+                    let body = json!({"errcode": "M_NOT_FOUND", "error": "Not found"});
+                    (StatusCode::NOT_FOUND, Json(body)).into_response()
+                }
+            }
+        }
+
+        let media = Arc::new(Media::default());
+        let app = axum::Router::new()
+            .route("/_matrix/client/versions", get(|| async { Json(json!({"versions": ["v1.11"]})) }))
+            .route("/_matrix/media/v3/upload", axum::routing::post(upload))
+            .route("/_matrix/client/v1/media/download/{server}/{id}", get(download))
+            .with_state(media.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), media)
+    }
+
+    fn plain(id: &str) -> MediaSource {
+        MediaSource::Plain(format!("mxc://x.org/{id}").into())
+    }
+
+    #[tokio::test]
+    async fn a_download_without_a_length_stops_at_the_cap() {
+        let (url, media) = media_mock().await;
+        let hs = Homeserver::connect(&url, "token", reqwest::Client::new()).await.unwrap();
+        let max = 1 << 20;
+        // The endless body never ends: a download that read on would never return.
+        let err = tokio::time::timeout(Duration::from_secs(20), hs.download(&plain("endless"), max))
+            .await
+            .expect("the download stops at the cap")
+            .unwrap_err();
+        assert!(matches!(err, DownloadError::TooLarge { max: 1048576 }), "{err}");
+        assert_eq!(err.to_string(), "the file is larger than 1048576 bytes");
+        // The connection was dropped, so the server stopped sending (after what socket buffers took).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let served = media.served.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(media.served.load(Ordering::SeqCst), served, "still serving");
+        assert!(served < 32 << 20, "served {served} bytes");
+
+        // Within the cap (exactly at it), a chunked body is returned whole; one byte less is too little.
+        assert_eq!(hs.download(&plain("small"), 3000).await.unwrap(), vec![7u8; 3000]);
+        assert!(matches!(hs.download(&plain("small"), 2999).await, Err(DownloadError::TooLarge { max: 2999 })));
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_cap_is_refused_before_the_body() {
+        let (url, _) = media_mock().await;
+        let hs = Homeserver::connect(&url, "token", reqwest::Client::new()).await.unwrap();
+        // `big` sends 1000 bytes of its declared 10 MiB and then stalls: only the header can end this.
+        let result = tokio::time::timeout(Duration::from_secs(10), hs.download(&plain("big"), 1 << 20))
+            .await
+            .expect("refused on Content-Length");
+        assert!(matches!(result, Err(DownloadError::TooLarge { max: 1048576 })), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn download_errors_say_what_the_homeserver_answered() {
+        let (url, _) = media_mock().await;
+        let hs = Homeserver::connect(&url, "token", reqwest::Client::new()).await.unwrap();
+        let err = hs.download(&plain("gone"), 1000).await.unwrap_err();
+        assert!(matches!(&err, DownloadError::Hs(e) if matches!(e.kind(), Some(ErrorKind::NotFound))), "{err:?}");
+        assert_eq!(err.to_string(), "the homeserver answered 404 Not Found M_NOT_FOUND: Not found");
+
+        let stranger = Homeserver::connect(&url, "not the token", reqwest::Client::new()).await.unwrap();
+        let err = stranger.download(&plain("small"), 3000).await.unwrap_err();
+        assert!(err.to_string().contains("M_MISSING_TOKEN"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn uploads_are_encrypted_and_download_decrypts_them() {
+        let (url, media) = media_mock().await;
+        let hs = Homeserver::connect(&url, "token", reqwest::Client::new()).await.unwrap();
+        let text = b"[2024-01-01T00:00:00Z] @carol:x.org: my secret plans".to_vec();
+        let content = hs.upload_encrypted_file("history.txt", "text/plain", text.clone()).await.unwrap();
+
+        // The repository gets ciphertext with neither the name nor the type.
+        let (uploaded, mime, query) = media.upload.lock().unwrap().clone().unwrap();
+        assert_ne!(uploaded, text);
+        assert!(!uploaded.windows(6).any(|w| w == b"secret"));
+        assert_eq!(mime, "application/octet-stream");
+        assert!(query.is_empty(), "{query:?}");
+
+        // The event carries the key, the real name, type and size, and no plain `url`.
+        let json = serde_json::to_value(&content).unwrap();
+        assert_eq!(json["msgtype"], "m.file");
+        assert_eq!(json["body"], "history.txt");
+        assert_eq!(json["filename"], "history.txt");
+        assert_eq!(json["info"], json!({"mimetype": "text/plain", "size": text.len()}));
+        assert!(json.get("url").is_none(), "{json}");
+        assert_eq!(json["file"]["url"], "mxc://x.org/up");
+        assert_eq!(json["file"]["v"], "v2");
+
+        // What a receiver parses from the event opens to the plaintext, through `download`.
+        let MessageType::File(file) = serde_json::from_value::<RoomMessageEventContent>(json).unwrap().msgtype else {
+            panic!("not a file");
+        };
+        assert!(matches!(file.source, MediaSource::Encrypted(_)));
+        assert_eq!(hs.download(&file.source, 1000).await.unwrap(), text);
+
+        // A changed byte in the repository is caught.
+        media.upload.lock().unwrap().as_mut().unwrap().0[5] ^= 1;
+        let err = hs.download(&file.source, 1000).await.unwrap_err();
+        assert!(matches!(err, DownloadError::Attachment(AttachmentError::HashMismatch)), "{err}");
     }
 }

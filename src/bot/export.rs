@@ -189,7 +189,7 @@ async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
             ctx.sender.localpart(),
             humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "")
         );
-        let content = bot.hs.upload_file(&filename, "application/octet-stream", sealed).await?;
+        let content = bot.hs.upload_encrypted_file(&filename, "application/octet-stream", sealed).await?;
         bot.send_notice(ctx, 2, content).await?;
         bot.reply_n(
             ctx,

@@ -803,7 +803,7 @@ impl Engine {
         Ok(format!("{messages} message(s) from {rooms} room(s) delivered as {name}"))
     }
 
-    /// Uploads `bytes` as the bot and posts them as a file message.
+    /// Uploads `bytes` as the bot, encrypted, and posts them as a file message (which holds the key).
     async fn send_file(
         &self,
         room: &RoomId,
@@ -812,7 +812,7 @@ impl Engine {
         mime: &str,
         bytes: Vec<u8>,
     ) -> Result<(), RunError> {
-        let content = self.bot.upload_file(name, mime, bytes).await?;
+        let content = self.bot.upload_encrypted_file(name, mime, bytes).await?;
         self.send_bot(room, key, content).await?;
         Ok(())
     }
