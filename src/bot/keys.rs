@@ -1,28 +1,33 @@
 //! Key-export files dropped into the DM, and the `keys` command.
 
-use ruma::api::client::authenticated_media::get_content;
-use ruma::events::room::MediaSource;
 use ruma::events::room::message::FileMessageEventContent;
 
 use super::commands::keys::HOW_TO;
 use super::{Bot, Ctx};
-use crate::homeserver::HsError;
+use crate::homeserver::{DownloadError, HsError};
 use crate::keys;
 
 /// Key exports are small (a few hundred bytes per room key); anything bigger is not one.
 const MAX_FILE: u64 = 64 << 20;
 
 pub async fn on_file(bot: &Bot, ctx: &Ctx, file: &FileMessageEventContent) -> Result<(), HsError> {
-    let MediaSource::Plain(uri) = &file.source else {
-        return bot
-            .reply(ctx, "This file is end-to-end encrypted, and handoff can't read encrypted rooms yet. Send it in an unencrypted DM with the bot.".into())
-            .await;
+    // Capped while it arrives: the size the sender declares is not to be trusted.
+    let bytes = match bot.hs.download(&file.source, MAX_FILE).await {
+        Ok(bytes) => bytes,
+        Err(DownloadError::TooLarge { .. }) => {
+            let mib = MAX_FILE >> 20;
+            return bot
+                .reply(
+                    ctx,
+                    format!("This file is larger than {mib} MiB and can't be a key export; nothing was attached."),
+                )
+                .await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot download a file dropped into a DM");
+            return bot.reply(ctx, format!("handoff could not read this file ({e}); nothing was attached.")).await;
+        }
     };
-    if file.info.as_ref().and_then(|i| i.size).is_some_and(|s| u64::from(s) > MAX_FILE) {
-        return bot.reply(ctx, "This file is too large to be a key export.".into()).await;
-    }
-    let request = get_content::v1::Request::from_uri(uri).map_err(|e| HsError::Protocol(e.to_string()))?;
-    let bytes = bot.hs.send(request).await?.file;
     let text = String::from_utf8_lossy(&bytes);
     let export = match keys::validate(&text) {
         Ok(k) => k,
