@@ -5,15 +5,15 @@ mod common;
 
 use common::{Harness, User, body, code_in, eventually, run_handoff};
 use handoff::bundle::{Bundle, RoomKind};
-use ruma::api::client::authenticated_media::get_content;
 use ruma::api::client::media::create_content;
 use ruma::events::room::MediaSource;
 use ruma::events::room::message::{FileMessageEventContent, MessageType, RoomMessageEventContent};
 use ruma::events::tag::TagInfo;
-use ruma::{OwnedMxcUri, OwnedRoomId, RoomId};
+use ruma::{OwnedRoomId, RoomId};
 use serde_json::Value;
 
-/// `export --file ARGS`: returns the code and the bundle file's bytes, downloaded as the user.
+/// `export --file ARGS`: returns the code and the bundle file's bytes, downloaded as the user and
+/// decrypted with the key in the event (the media repository holds neither an age file nor a bundle).
 async fn export_file(h: &Harness, user: &User, dm: &RoomId, args: &str) -> (String, Vec<u8>) {
     let before = user.messages_from(dm, &h.bot).await.len();
     let answer = h.ask(user, dm, &format!("export --file {args}"), "Your transfer code").await;
@@ -22,10 +22,14 @@ async fn export_file(h: &Harness, user: &User, dm: &RoomId, args: &str) -> (Stri
         user.messages_from(dm, &h.bot).await.into_iter().skip(before).find(|m| m["content"]["msgtype"] == "m.file")
     })
     .await;
-    let uri = OwnedMxcUri::from(file["content"]["url"].as_str().unwrap());
-    let bytes = user.send(get_content::v1::Request::from_uri(&uri).unwrap()).await.file;
-    (code, bytes)
+    let attachment = user.attachment(&file).await;
+    assert!(attachment.plain.starts_with(AGE_HEADER), "the bundle file is an age file");
+    assert!(!attachment.readable_at_rest("age-encryption.org"), "an age file in the media repository");
+    assert!(handoff::bundle::file::open(&attachment.raw, &code).is_err());
+    (code, attachment.plain)
 }
+
+const AGE_HEADER: &[u8] = b"age-encryption.org/v1\n";
 
 fn open(bytes: &[u8], code: &str) -> Bundle {
     handoff::bundle::file::open(bytes, code).expect("the file opens with the code")
@@ -134,10 +138,18 @@ async fn export_file_inspect_only_exclude_keys_and_forget() {
 
     // A key export is attached to the latest bundle; a file that isn't one is refused, saying why.
     let element_vector = "-----BEGIN MEGOLM SESSION DATA-----\nAXNhbHRzYWx0c2FsdHNhbHSIiIiIiIiIiIiIiIiIiIiIAAAACmIRUW2OjZ3L2l6j9h0lHlV3M2dx\ncissyYBxjsfsAndErh065A8=\n-----END MEGOLM SESSION DATA-----\n";
-    let reply = send_file(&h, &alice, &dm, "notes.txt", b"just some notes", "Nothing was attached").await;
+    let reply =
+        send_file(&h, &alice, &dm, "notes.txt", b"just some notes", Upload::Plain, "Nothing was attached").await;
     assert!(body(&reply).contains("header"), "{reply}");
-    let reply = send_file(&h, &alice, &dm, "element-keys.txt", element_vector.as_bytes(), "Attached").await;
+    let reply =
+        send_file(&h, &alice, &dm, "element-keys.txt", element_vector.as_bytes(), Upload::Plain, "Attached").await;
     assert!(body(&reply).contains("10 PBKDF2 rounds"), "{reply}");
+    // As an encrypted attachment too (how clients send files in encrypted rooms), checked by its hash.
+    let keys = element_vector.as_bytes();
+    let reply = send_file(&h, &alice, &dm, "element-keys.txt", keys, Upload::Encrypted, "Attached").await;
+    assert!(body(&reply).contains("10 PBKDF2 rounds"), "{reply}");
+    let reply = send_file(&h, &alice, &dm, "element-keys.txt", keys, Upload::Tampered, "nothing was attached").await;
+    assert!(body(&reply).contains("does not match its SHA-256 hash"), "{reply}");
     let shown = h.ask(&alice, &dm, "keys", "key export").await;
     assert!(shown.contains("carries a key export"), "{shown}");
 
@@ -165,14 +177,37 @@ async fn export_file_inspect_only_exclude_keys_and_forget() {
     assert!(store.raw_bundle_bytes().is_empty());
 }
 
+/// How a test sends a file.
+#[derive(Clone, Copy, PartialEq)]
+enum Upload {
+    Plain,
+    Encrypted,
+    /// Encrypted, with a byte of the ciphertext changed after its hash was taken.
+    Tampered,
+}
+
 /// Uploads `bytes` as `user` and sends it as a file message; waits for the bot's reply containing `expect`.
-async fn send_file(h: &Harness, user: &User, dm: &RoomId, name: &str, bytes: &[u8], expect: &str) -> Value {
+async fn send_file(
+    h: &Harness,
+    user: &User,
+    dm: &RoomId,
+    name: &str,
+    bytes: &[u8],
+    how: Upload,
+    expect: &str,
+) -> Value {
     let before = user.messages_from(dm, &h.bot).await.len();
-    let uri = user.send(create_content::v3::Request::new(bytes.to_vec())).await.content_uri;
-    let content = RoomMessageEventContent::new(MessageType::File(FileMessageEventContent::new(
-        name.into(),
-        MediaSource::Plain(uri),
-    )));
+    let source = if how == Upload::Plain {
+        MediaSource::Plain(user.send(create_content::v3::Request::new(bytes.to_vec())).await.content_uri)
+    } else {
+        let (mut cipher, key) = handoff::attachment::encrypt(bytes);
+        if how == Upload::Tampered {
+            cipher[0] ^= 1;
+        }
+        let uri = user.send(create_content::v3::Request::new(cipher)).await.content_uri;
+        MediaSource::Encrypted(Box::new(key.into_file(uri)))
+    };
+    let content = RoomMessageEventContent::new(MessageType::File(FileMessageEventContent::new(name.into(), source)));
     user.send_content(dm, &content).await;
     eventually(&format!("a reply to {name}"), || async {
         user.messages_from(dm, &h.bot).await.into_iter().skip(before).find(|m| body(m).contains(expect))

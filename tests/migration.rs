@@ -265,11 +265,7 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
         alice.messages_from(&adm, &h.bot).await.into_iter().skip(before).find(|m| m["content"]["msgtype"] == "m.file")
     })
     .await;
-    let uri = OwnedMxcUri::from(file["content"]["url"].as_str().unwrap());
-    let bytes = alice
-        .send(ruma::api::client::authenticated_media::get_content::v1::Request::from_uri(&uri).unwrap())
-        .await
-        .file;
+    let bytes = alice.attachment(&file).await.plain;
     let bundle: Bundle = handoff::bundle::file::open(&bytes, &code).unwrap();
     check_bundle(&bundle, &s, &alice);
 
@@ -278,10 +274,13 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     // The history portion asked for: the last two messages of the chatty room, as an HTML file.
     let file =
         bob.messages_from(&bdm, &h.bot).await.into_iter().find(|m| body(m) == "history.html").expect("history file");
-    let uri = OwnedMxcUri::from(file["content"]["url"].as_str().unwrap());
-    let html =
-        bob.send(ruma::api::client::authenticated_media::get_content::v1::Request::from_uri(&uri).unwrap()).await.file;
-    let html = String::from_utf8(html).unwrap();
+    assert_eq!(file["content"]["info"]["mimetype"], "text/html");
+    let history = bob.attachment(&file).await;
+    // Other people's messages: whoever learns the media ID must not read them.
+    for needle in ["hello 2", "Chatty", alice.id.as_str()] {
+        assert!(!history.readable_at_rest(needle), "{needle:?} readable in the media repository");
+    }
+    let html = String::from_utf8(history.plain).unwrap();
     assert!(html.contains("<h2>Chatty</h2>") && html.contains("hello 2") && html.contains("hello 3"), "{html}");
     assert!(!html.contains("hello 1"), "only the last two: {html}");
     assert!(report.contains("history: 2 message(s) from 1 room(s) delivered as history.html"), "{report}");

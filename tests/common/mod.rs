@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 
 use handoff::sandbox::{Sandbox, Synapse};
 use ruma::api::Direction;
+use ruma::api::client::authenticated_media::get_content;
 use ruma::api::client::membership::{invite_user, join_room_by_id};
 use ruma::api::client::message::{get_message_events, send_message_event};
 use ruma::api::client::room::create_room;
 use ruma::api::client::state::get_state_event_for_key;
-use ruma::events::room::message::RoomMessageEventContent;
+use ruma::events::room::MediaSource;
+use ruma::events::room::message::{FileMessageEventContent, RoomMessageEventContent};
 use ruma::events::{AnyTimelineEvent, StateEventType};
 use ruma::serde::Raw;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
@@ -272,12 +274,39 @@ impl User {
         resp.rooms.invite.into_keys().collect()
     }
 
+    /// Fetches the file of the `m.file` event `event` with this user's token, as a client would. It
+    /// must be an encrypted attachment: the media repository holds ciphertext and the event the key.
+    pub async fn attachment(&self, event: &Value) -> Attachment {
+        let content = &event["content"];
+        assert_eq!(content["msgtype"], "m.file", "{event}");
+        assert!(content["url"].is_null(), "a plaintext `url` next to the attachment: {event}");
+        let parsed: FileMessageEventContent = serde_json::from_value(content.clone()).unwrap();
+        let MediaSource::Encrypted(file) = &parsed.source else { panic!("not an encrypted attachment: {event}") };
+        let raw = self.send(get_content::v1::Request::from_uri(&file.url).unwrap()).await.file;
+        let plain = handoff::attachment::decrypt(&raw, file).expect("the event's key opens the file");
+        assert_eq!(content["info"]["size"], plain.len(), "the declared size is the plaintext's");
+        Attachment { raw, plain }
+    }
+
     /// The content of `user`'s membership event in `room`.
     pub async fn membership_of(&self, room: &RoomId, user: &UserId) -> Value {
         let req =
             get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomMember, user.to_string());
         let resp = self.client.send_request(req).await.unwrap();
         serde_json::from_str(resp.event_or_content.get()).unwrap()
+    }
+}
+
+/// A file the bot sent, as stored in the media repository and as opened with the event's key.
+pub struct Attachment {
+    pub raw: Vec<u8>,
+    pub plain: Vec<u8>,
+}
+
+impl Attachment {
+    /// Whether `needle` can be read in the media repository's copy.
+    pub fn readable_at_rest(&self, needle: &str) -> bool {
+        self.raw.windows(needle.len()).any(|w| w == needle.as_bytes())
     }
 }
 
