@@ -181,7 +181,8 @@ async fn floods_wrong_codes_and_crafted_files_never_stall_the_bot_for_anyone_els
     }
     assert!(memberships(&alice, &rooms[0], &mallory.id).await.is_empty());
     let log = h.log();
-    assert!(log.contains("too many events waiting from one user"), "the flood was bounded");
+    let overflows = log.matches("too many events waiting from one user").count();
+    assert!((1..50).contains(&overflows), "the flood was bounded, and logged {overflows} times, not per event");
     assert!(!log.contains(&code), "the code leaked into the log");
 }
 

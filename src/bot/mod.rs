@@ -157,8 +157,11 @@ impl Bot {
             let bot = Arc::clone(&bot);
             async move { bot.run_job(job).await }
         });
-        if queued == Queued::Full {
-            tracing::warn!(user = %user, "too many events waiting from one user: one was dropped");
+        if let Queued::Full { dropped } = queued {
+            // Logged once per overflow, so a flood doesn't flood the log too.
+            if dropped == 1 {
+                tracing::warn!(user = %user, "too many events waiting from one user: the excess is dropped");
+            }
             if let Some(n) = inbox
                 && let Err(e) = self.store.inbox_done(n)
             {

@@ -19,13 +19,20 @@ pub const MAX_QUEUED: usize = 64;
 pub enum Queued {
     /// Waits its turn (a worker is running or was started).
     Accepted,
-    /// The user's queue is full: the job was dropped.
-    Full,
+    /// The user's queue is full: the job was dropped, the `dropped`th since it filled.
+    Full { dropped: usize },
+}
+
+/// One user's waiting jobs.
+struct Queue<J> {
+    jobs: VecDeque<J>,
+    /// Jobs refused since the queue was last below its bound.
+    dropped: usize,
 }
 
 /// Queues keyed by user; `run` handles one job, and is called for one user's jobs in order.
 pub struct UserQueues<K, J> {
-    queues: Mutex<HashMap<K, VecDeque<J>>>,
+    queues: Mutex<HashMap<K, Queue<J>>>,
 }
 
 impl<K, J> Default for UserQueues<K, J> {
@@ -48,13 +55,14 @@ where
         let mut queues = self.queues.lock().expect("queue lock");
         if let Some(queue) = queues.get_mut(&key) {
             // A worker owns this queue: it will reach the job.
-            if queue.len() >= MAX_QUEUED {
-                return Queued::Full;
+            if queue.jobs.len() >= MAX_QUEUED {
+                queue.dropped += 1;
+                return Queued::Full { dropped: queue.dropped };
             }
-            queue.push_back(job);
+            queue.jobs.push_back(job);
             return Queued::Accepted;
         }
-        queues.insert(key.clone(), VecDeque::from([job]));
+        queues.insert(key.clone(), Queue { jobs: VecDeque::from([job]), dropped: 0 });
         drop(queues);
         let this = Arc::clone(self);
         tokio::spawn(async move { this.work(key, run).await });
@@ -72,8 +80,11 @@ where
             let job = {
                 let mut queues = self.queues.lock().expect("queue lock");
                 let Some(queue) = queues.get_mut(&key) else { return };
-                match queue.pop_front() {
-                    Some(job) => job,
+                match queue.jobs.pop_front() {
+                    Some(job) => {
+                        queue.dropped = 0;
+                        job
+                    }
                     None => {
                         queues.remove(&key);
                         return;
@@ -145,8 +156,9 @@ mod tests {
         };
         let mut full = 0;
         for n in 0..(MAX_QUEUED as u32 + 10) {
-            if queues.push(7, n, run.clone()) == Queued::Full {
+            if let Queued::Full { dropped } = queues.push(7, n, run.clone()) {
                 full += 1;
+                assert_eq!(dropped, full, "each refusal is counted");
             }
         }
         // The first job is taken by the worker at once or is still queued: 9 or 10 are dropped.
