@@ -276,21 +276,41 @@ impl Engine {
             .await;
 
         let mut t = self.store.get_transfer(id)?.ok_or(RunError::Missing(id))?;
+        // The report goes out before the final state is stored: a crash in between resumes and
+        // posts it again under the same transaction ID (so once), instead of never.
         if cancelled || t.state == TransferState::Cancelling {
-            t.state = TransferState::Cancelled;
-            self.store.put_transfer(&t).await?;
             let report = self.report(&t, &plan, true)?;
-            self.post_report(&t, &report).await?;
+            self.finish_with(&mut t, TransferState::Cancelled, &report, None).await?;
             return Ok(());
         }
         tracing::info!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "rooms done");
         self.account_steps(&mut t, &bundle, &plan).await?;
-        t.state = TransferState::Done;
-        self.store.put_transfer(&t).await?;
         let report = self.report(&t, &plan, false)?;
-        self.edit_status(&t, &format!("Done: {}", report.headline)).await?;
-        self.post_report(&t, &report).await?;
+        let headline = format!("Done: {}", report.headline);
+        self.finish_with(&mut t, TransferState::Done, &report, Some(&headline)).await?;
         tracing::info!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "transfer done");
+        Ok(())
+    }
+
+    /// Posts the report (and the status message's last edit), then stores the final state. A
+    /// report that can't be posted for good (the DM is gone) is logged; the transfer still ends.
+    async fn finish_with(
+        &self,
+        t: &mut Transfer,
+        state: TransferState,
+        report: &Report,
+        status: Option<&str>,
+    ) -> Result<(), RunError> {
+        if let Some(text) = status
+            && let Err(e) = self.edit_status(t, text).await
+        {
+            tracing::warn!(transfer = t.id, error = %e, "cannot edit the status message");
+        }
+        if let Err(e) = self.post_report(t, report).await {
+            tracing::warn!(transfer = t.id, error = %e, "cannot post the report");
+        }
+        t.state = state;
+        self.store.put_transfer(t).await?;
         Ok(())
     }
 
