@@ -7,11 +7,10 @@ mod common;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-use common::{Harness, User, code_in, eventually};
-use ruma::api::client::authenticated_media::get_content;
+use common::{Harness, User, body, code_in, eventually};
+use ruma::RoomId;
 use ruma::api::client::media::create_content;
 use ruma::events::room::message::{FileMessageEventContent, MessageType, RoomMessageEventContent};
-use ruma::{OwnedMxcUri, RoomId};
 use serde_json::json;
 
 /// Element's key-export test vector 2 (matrix-react-sdk MegolmExportEncryption-test.js), made with
@@ -57,6 +56,20 @@ fn spellings(code: &str) -> [String; 4] {
     [code.to_owned(), code.to_lowercase(), bare.to_lowercase(), bare]
 }
 
+/// The ways raw key bytes may be written out: hex, every base64, Rust's `Debug` of the bytes.
+fn spelled(key: &[u8]) -> Vec<(&'static str, String)> {
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    vec![
+        ("upper-case hex", hex.to_uppercase()),
+        ("hex", hex),
+        ("base64", STANDARD.encode(key)),
+        ("unpadded base64", STANDARD_NO_PAD.encode(key)),
+        ("url-safe base64", URL_SAFE.encode(key)),
+        ("unpadded url-safe base64", URL_SAFE_NO_PAD.encode(key)),
+        ("a Debug byte list", format!("{key:?}")),
+    ]
+}
+
 #[tokio::test]
 async fn a_trace_level_log_of_a_whole_session_holds_no_secret() {
     let mut h = Harness::start_with(at_trace).await;
@@ -75,8 +88,7 @@ async fn a_trace_level_log_of_a_whole_session_holds_no_secret() {
         alice.messages_from(&adm, &h.bot).await.into_iter().skip(before).find(|m| m["content"]["msgtype"] == "m.file")
     })
     .await;
-    let uri = OwnedMxcUri::from(file["content"]["url"].as_str().unwrap());
-    let sealed = alice.send(get_content::v1::Request::from_uri(&uri).unwrap()).await.file;
+    let sealed = alice.attachment(&file).await.plain;
     let bundle = handoff::bundle::file::open(&sealed, &code).expect("the file opens with the code");
     assert_eq!(bundle.source.user_id, alice.id);
     handoff::keys::validate(KEY_EXPORT).expect("the test vector is a key export");
@@ -127,6 +139,20 @@ async fn a_trace_level_log_of_a_whole_session_holds_no_secret() {
     }
 
     let mut secrets: Vec<(String, String)> = Vec::new();
+    // The keys of the files the bot sent (the bundle file, the key export it delivered): the media
+    // repository holds ciphertext that anyone with a log line holding one of them could open.
+    let mut files = Vec::new();
+    for (user, dm) in [(&alice, &adm), (&bob, &bdm)] {
+        for file in user.messages_from(dm, &h.bot).await.iter().filter(|m| m["content"]["msgtype"] == "m.file") {
+            let name = body(file).to_owned();
+            files.push(name.clone());
+            let k = file["content"]["file"]["key"]["k"].as_str().expect("an encrypted attachment").to_owned();
+            for (form, text) in spelled(&URL_SAFE_NO_PAD.decode(&k).unwrap()) {
+                secrets.push((format!("the attachment key of {name} as {form}"), text));
+            }
+        }
+    }
+    assert_eq!(files.len(), 2, "the bundle file and the delivered key export: {files:?}");
     for key in
         ["appservice.as_token", "appservice.hs_token", "appservice.acting.as_token", "appservice.acting.hs_token"]
     {
@@ -148,16 +174,7 @@ async fn a_trace_level_log_of_a_whole_session_holds_no_secret() {
     let db = h.sandbox.dir.join(h.config_value("database.path"));
     let store_key = std::fs::read(format!("{}.key", db.display())).expect("the store key beside the database");
     assert_eq!(store_key.len(), 32);
-    let hex: String = store_key.iter().map(|b| format!("{b:02x}")).collect();
-    for (form, text) in [
-        ("hex", hex.clone()),
-        ("upper-case hex", hex.to_uppercase()),
-        ("base64", STANDARD.encode(&store_key)),
-        ("unpadded base64", STANDARD_NO_PAD.encode(&store_key)),
-        ("url-safe base64", URL_SAFE.encode(&store_key)),
-        ("unpadded url-safe base64", URL_SAFE_NO_PAD.encode(&store_key)),
-        ("a Debug byte list", format!("{store_key:?}")),
-    ] {
+    for (form, text) in spelled(&store_key) {
         secrets.push((format!("the store key as {form}"), text));
     }
 
