@@ -2,11 +2,12 @@
 //! moments, 20 times. Afterwards every room must be as an uninterrupted run leaves it, with no
 //! invite, join or notice twice.
 //!
-//! Each kill lands 0.2–4 s after the previous restart became healthy, the delays from a seeded RNG:
+//! Each kill lands 0.2–2 s after the previous restart became healthy, the delays from a seeded RNG:
 //! the seed is printed, and `HANDOFF_SOAK_SEED=<seed>` replays the same delays (the transfer's own
 //! timing still varies from run to run). The second ten wait for pass 2 to begin, so restarts are
-//! proven in both passes. Measured on a busy 2-core machine: about 2.5 minutes in all, the transfer
-//! about 90 s of it.
+//! proven in both passes. On this 2-core machine each pass takes 15–45 s (idle to busy), and ten
+//! kills take about 11 s of a pass's running time, so they land before its end either way; the
+//! whole test takes 1–3 minutes.
 
 mod common;
 
@@ -26,8 +27,7 @@ use serde_json::{Value, json};
 
 const ROOMS: usize = 200;
 const KILLS: usize = 20;
-/// Rooms in flight. Low, so that the transfer (about 90 s at 2) outlasts the 20 kills, which take
-/// about 40 s of its running time.
+/// Rooms in flight. Low, so that the transfer outlasts the kills even on an idle machine.
 const CONCURRENCY: usize = 2;
 /// How many kills must land before the transfer is done for the soak to prove anything.
 const MIN_KILLS_MID_TRANSFER: usize = 15;
@@ -163,7 +163,7 @@ async fn transfer_of_200_rooms_survives_20_random_sigkills_doing_everything_once
                 .await;
         }
         // The random moment itself is what this test is about: a sleep, not a poll.
-        let delay = Duration::from_millis(rng.random_range(200..=4000));
+        let delay = Duration::from_millis(rng.random_range(200..=2000));
         tokio::time::sleep(delay).await;
         let at = phase(&h.log());
         assert!(!h.signal_handoff("KILL").success());
