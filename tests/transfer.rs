@@ -5,13 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, User, body, code_in, eventually};
+use common::{Harness, User, body, eventually, export};
 use ruma::{OwnedRoomId, RoomId, UserId};
-
-async fn export(h: &Harness, old: &User, dm: &RoomId, args: &str) -> String {
-    let answer = h.ask(old, dm, &format!("export {args}"), "Your transfer code").await;
-    code_in(&answer).unwrap_or_else(|| panic!("no code in {answer}"))
-}
 
 /// Creates `n` rooms named `room N` as `owner`; returns them in creation order.
 async fn rooms(owner: &User, n: usize) -> Vec<OwnedRoomId> {

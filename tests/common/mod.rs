@@ -231,6 +231,29 @@ impl User {
         events
     }
 
+    /// The room's whole timeline, oldest first, paging back to its `m.room.create`: for rooms
+    /// with more events than one [`User::timeline`] page holds.
+    pub async fn whole_timeline(&self, room: &RoomId) -> Vec<Value> {
+        let mut events: Vec<Value> = Vec::new();
+        let mut from = None;
+        loop {
+            let mut req = get_message_events::v3::Request::new(room.to_owned(), Direction::Backward);
+            req.from = from.take();
+            req.limit = 200u32.into();
+            let resp = self.client.send_request(req).await.unwrap();
+            events.extend(resp.chunk.iter().map(|e: &Raw<AnyTimelineEvent>| e.deserialize_as::<Value>().unwrap()));
+            // Nothing precedes the create event: stop there rather than ask for an empty page.
+            let at_start = events.last().is_some_and(|e| e["type"] == "m.room.create");
+            match resp.end {
+                Some(end) if !resp.chunk.is_empty() && !at_start => from = Some(end),
+                _ => break,
+            }
+        }
+        events.reverse();
+        assert_eq!(events.first().map(|e| &e["type"]), Some(&Value::from("m.room.create")), "{room}: not all of it");
+        events
+    }
+
     /// The `m.room.message` events `sender` sent into `room`, oldest first, without edits (an edit
     /// changes a message, as a client shows it; it is not a new one).
     pub async fn messages_from(&self, room: &RoomId, sender: &UserId) -> Vec<Value> {
@@ -311,17 +334,26 @@ impl Attachment {
 }
 
 /// Waits until `f` returns `Some`, polling; panics with `what` after [`PATIENCE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + PATIENCE;
+    eventually_within(what, PATIENCE, f).await
+}
+
+/// [`eventually`] with its own patience, for what takes longer than one step (a whole transfer).
+pub async fn eventually_within<T, F, Fut>(what: &str, patience: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience;
     loop {
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(Instant::now() < deadline, "timed out after {patience:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -376,6 +408,12 @@ impl Harness {
         })
         .await
     }
+}
+
+/// Sends `export ARGS` as `old` in its DM with the bot; returns the transfer code of the answer.
+pub async fn export(h: &Harness, old: &User, dm: &RoomId, args: &str) -> String {
+    let answer = h.ask(old, dm, &format!("export {args}"), "Your transfer code").await;
+    code_in(&answer).unwrap_or_else(|| panic!("no code in {answer}"))
 }
 
 /// Runs the handoff binary with `args`; returns its exit status and stderr.
