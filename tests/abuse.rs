@@ -217,7 +217,8 @@ async fn the_edge_refuses_unauthenticated_and_malformed_requests_and_keeps_servi
     if let Ok(r) = r {
         assert_eq!(r.status(), 403, "refused for the token, not the size");
     }
-    // The right token: deeply nested, malformed and oversized bodies get Matrix errors.
+    // The right token: deeply nested and malformed bodies get Matrix errors, or are acknowledged
+    // with nothing for the bot in them; never a crash.
     let put = |id: &str| http.put(url(&format!("/_matrix/app/v1/transactions/{id}"))).bearer_auth(&hs_token);
     let nested = format!("{{\"events\": [{}{}]}}", "[".repeat(100_000), "]".repeat(100_000));
     let r = put("nested").body(nested).send().await.unwrap();
@@ -230,14 +231,7 @@ async fn the_edge_refuses_unauthenticated_and_malformed_requests_and_keeps_servi
     let r = put("deep").body(deep_event).send().await.unwrap();
     assert!(r.status().is_client_error() || r.status().is_success(), "deep: {}", r.status());
     assert_eq!(put("notjson").body("\u{0}\u{1}").send().await.unwrap().status(), 400);
-    let r = reqwest::Client::new()
-        .put(url("/_matrix/app/v1/transactions/big"))
-        .bearer_auth(&hs_token)
-        .body(vec![b' '; 17 << 20])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 413);
+    // (An oversized body with the right token, 413, is in tests/appservice.rs.)
     // Events the bot has no business with are acknowledged and dropped, even malformed ones.
     let junk = json!({"events": [{"type": "m.room.message"}, {"type": 7}, {"no": "type"}, "text", 42]});
     assert_eq!(put("junk").json(&junk).send().await.unwrap().status(), 200);
