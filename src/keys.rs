@@ -53,22 +53,25 @@ const LENIENT: GeneralPurpose = GeneralPurpose::new(
 
 /// Checks that `text` is an Element key export without decrypting it.
 pub fn validate(text: &str) -> Result<KeyExport, KeyExportError> {
-    let mut lines = text.lines().map(str::trim);
-    if !lines.by_ref().any(|l| l == HEADER) {
+    let mut lines = lines_with_offsets(text);
+    // Byte offsets of the header and trailer lines the scan matched, so the armour kept is exactly
+    // what was validated: a search of `text` can find either marker elsewhere (even the trailer
+    // before the header, which made slicing panic).
+    let Some((start, _)) = lines.by_ref().find(|(_, l)| *l == HEADER) else {
         return Err(KeyExportError::NoHeader);
-    }
+    };
     let mut body = String::new();
-    let mut closed = false;
-    for line in lines {
+    let mut end = None;
+    for (offset, line) in lines {
         if line == TRAILER {
-            closed = true;
+            end = Some(offset + TRAILER.len());
             break;
         }
         body.push_str(line);
     }
-    if !closed {
+    let Some(end) = end else {
         return Err(KeyExportError::NoTrailer);
-    }
+    };
     let body: String = body.chars().filter(|c| !c.is_whitespace()).collect();
     let bytes = LENIENT.decode(&body).map_err(|e| KeyExportError::BadBase64(e.to_string()))?;
     if bytes.len() < MIN_LEN {
@@ -81,9 +84,19 @@ pub fn validate(text: &str) -> Result<KeyExport, KeyExportError> {
     if rounds == 0 {
         return Err(KeyExportError::NoRounds);
     }
-    let start = text.find(HEADER).expect("header found above");
-    let end = text.find(TRAILER).expect("trailer found above") + TRAILER.len();
     Ok(KeyExport { armored: format!("{}\n", &text[start..end]), rounds, encrypted_len: bytes.len() - MIN_LEN })
+}
+
+/// The trimmed lines of `text` (split as `str::lines` splits), each with the byte offset in `text`
+/// where its trimmed content starts.
+fn lines_with_offsets(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.split_inclusive('\n').scan(0, |offset, raw| {
+        let line_start = *offset;
+        *offset += raw.len();
+        // The line ending is whitespace too, so trimming also drops it.
+        let leading = raw.len() - raw.trim_start().len();
+        Some((line_start + leading, raw.trim()))
+    })
 }
 
 /// Standard base64, for tests and tools that build exports.
@@ -115,6 +128,28 @@ mod tests {
         assert!(validate(&crlf).is_ok());
         let unpadded = VECTOR_1.replace("A8=", "A8");
         assert!(validate(&unpadded).is_ok());
+    }
+
+    #[test]
+    fn trailer_before_header_is_not_a_crash() {
+        // The file: slicing from the header to the first trailer in the text panicked.
+        let text = format!("{TRAILER}\n{VECTOR_1}\n");
+        assert_eq!(validate(&text).unwrap().armored, format!("{VECTOR_1}\n"));
+        // The same with nothing valid after the header: an error, not a panic.
+        assert_eq!(validate(&format!("{TRAILER}\n{HEADER}\n")), Err(KeyExportError::NoTrailer));
+    }
+
+    #[test]
+    fn armour_is_the_lines_that_were_validated() {
+        // Markers quoted inside other lines are not the armour; the kept text starts and ends at the
+        // lines the scan matched.
+        let quoted = format!("Paste between {HEADER} and {TRAILER}:\n{VECTOR_4}\nthanks");
+        assert_eq!(validate(&quoted).unwrap().armored, format!("{VECTOR_4}\n"));
+        // Indented markers (multi-byte whitespace too) are matched trimmed and kept without the indent.
+        let indented =
+            VECTOR_2.replace(HEADER, &format!("\u{2003} {HEADER} ")).replace(TRAILER, &format!("\t{TRAILER}  "));
+        let armored = validate(&indented).unwrap().armored;
+        assert!(armored.starts_with(HEADER) && armored.ends_with(&format!("{TRAILER}\n")), "{armored:?}");
     }
 
     #[test]
