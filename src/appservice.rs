@@ -98,7 +98,8 @@ async fn authenticated(state: &AppState, req: Request) -> Result<http::Request<V
 }
 
 /// Parses an authenticated request into its ruma type, or answers `M_NOT_JSON` / `M_BAD_JSON`.
-fn parse<R: IncomingRequest>(req: http::Request<Vec<u8>>, path_args: &[&str]) -> Result<R, Response> {
+/// Public so the `transaction_body` fuzz target runs exactly the edge's parsing.
+pub fn parse<R: IncomingRequest>(req: http::Request<Vec<u8>>, path_args: &[&str]) -> Result<R, Response> {
     let is_json = req.body().is_empty() || serde_json::from_slice::<serde_json::Value>(req.body()).is_ok();
     R::try_from_http_request(req, path_args).map_err(|err| {
         let (kind, what) = if is_json {
