@@ -408,7 +408,10 @@ pub async fn offer(bot: &Bot, new: &UserId, dm: Option<OwnedRoomId>) -> Result<(
         bot.store.take_auto(new).await.map_err(store_err)?;
         return Ok(());
     }
-    let dm = match dm {
+    // The account's DM with the bot, if it has one; a new one only if not (a retried offer must
+    // not open a room each time).
+    let known = bot.store.dm_rooms_of(new).map_err(store_err)?.into_iter().next();
+    let dm = match dm.or(known) {
         Some(dm) => dm,
         None => {
             let mut req = create_room::v3::Request::new();
