@@ -69,7 +69,13 @@ pub async fn run(config: Config) -> Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot check pending offers against the permissions"),
     }
     bot.watch_auto_starts();
-    let replay = Arc::clone(&bot);
+    // Before the server takes new transactions: an event accepted from now on is queued by its
+    // transaction alone, never a second time by the replay.
+    match bot.replay_inbox() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(events = n, "handling events accepted before the last stop"),
+        Err(e) => tracing::error!(error = %e, "cannot read the inbox"),
+    }
     let state = AppState { hs_token: config.appservice.hs_token.clone(), bot, store: store.clone(), hs: hs.clone() };
     let app = appservice::router(state);
     let server =
@@ -84,11 +90,6 @@ pub async fn run(config: Config) -> Result<()> {
         Ok(0) => {}
         Ok(n) => tracing::info!(transfers = n, "resumed unfinished transfers"),
         Err(e) => tracing::error!(error = %e, "cannot read unfinished transfers"),
-    }
-    match replay.replay_inbox() {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(events = n, "handling events accepted before the last stop"),
-        Err(e) => tracing::error!(error = %e, "cannot read the inbox"),
     }
 
     server.await.context("server task failed")??;

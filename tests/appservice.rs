@@ -305,3 +305,31 @@ fn generate_registration_fills_tokens_and_keeps_comments() {
     assert!(status.success());
     assert_eq!(std::fs::read_to_string(&config).unwrap(), text);
 }
+
+#[tokio::test]
+async fn events_acknowledged_before_a_crash_are_handled_after_the_restart() {
+    let mut h = Harness::start().await;
+    let hs_token = h.config_value("appservice.hs_token");
+    let alice = h.user("alice").await;
+    let dm = h.dm_with_bot(&alice).await;
+    let before = alice.messages_from(&dm, &h.bot).await.len();
+    // The homeserver's transaction is acknowledged, and handoff is killed at once.
+    let txn = txn_body(dm.as_str(), alice.id.as_str(), "$before-crash", "help");
+    let r = reqwest::Client::new()
+        .put(format!("{}/_matrix/app/v1/transactions/crash-1", h.handoff_url))
+        .bearer_auth(&hs_token)
+        .json(&txn)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!h.signal_handoff("KILL").success());
+    h.start_handoff().await;
+    let msgs = alice.wait_for_messages(&dm, &h.bot, before + 1).await;
+    assert!(body(&msgs[before]).contains("• help — "), "{:#?}", msgs[before]);
+    // The acknowledged event was kept through the crash and handled after it; had its answer gone
+    // out just before the kill, the replayed answer carries the same transaction ID: still one.
+    assert!(h.log().contains("handling events accepted before the last stop"), "replayed from the inbox");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(alice.messages_from(&dm, &h.bot).await.len(), before + 1, "one answer, not two");
+}
