@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use ruma::UserId;
 use ruma::events::room::message::RoomMessageEventContent;
 
 use super::commands::export::Export;
@@ -75,16 +76,23 @@ fn refusal(bot: &Bot, ctx: &Ctx, args: &Export) -> Result<Option<String>, HsErro
             "{to} may not use handoff on this server, so it could never accept or import this move."
         )));
     }
-    if args.auto
-        && let Some(existing) = bot.store.auto_for(to).map_err(store_err)?
-        && existing.old != ctx.sender
-        && existing.expires_at_ms > now_ms()
-    {
-        return Ok(Some(format!(
-            "Another account already offered {to} a move that is still pending; yours can't replace it. Try again after it expires, or use `export --to {to}` without `--auto` and send the code yourself."
-        )));
+    // Checked before capturing (to spare the work), and again under the lock when the offer is stored.
+    if args.auto && offered_by_another(bot, to, &ctx.sender)? {
+        return Ok(Some(offer_taken(to)));
     }
     Ok(None)
+}
+
+/// Whether `to` holds a pending offer from another account than `old`: it is never replaced.
+fn offered_by_another(bot: &Bot, to: &UserId, old: &UserId) -> Result<bool, HsError> {
+    let existing = bot.store.auto_for(to).map_err(store_err)?;
+    Ok(existing.is_some_and(|e| e.old != old && e.expires_at_ms > now_ms()))
+}
+
+fn offer_taken(to: &UserId) -> String {
+    format!(
+        "Another account already offered {to} a move that is still pending; yours can't replace it. Try again after it expires, or use `export --to {to}` without `--auto` and send the code yourself."
+    )
 }
 
 async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
@@ -127,22 +135,12 @@ async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), HsError> {
             offered_in: None,
         };
         // Checked again under the lock: someone else's pending offer is never replaced.
-        let _records = bot.records.lock().await;
-        match bot.store.auto_for(to).map_err(store_err)? {
-            Some(other) if other.old != ctx.sender && other.expires_at_ms > now_ms() => {
-                drop(_records);
-                return bot
-                    .reply_n(
-                        ctx,
-                        1,
-                        format!(
-                            "Another account already offered {to} a move that is still pending; yours can't replace it."
-                        ),
-                    )
-                    .await;
-            }
-            _ => bot.store.put_auto(&auto).await.map_err(store_err)?,
+        let records = bot.records.lock().await;
+        if offered_by_another(bot, to, &ctx.sender)? {
+            drop(records);
+            return bot.reply_n(ctx, 1, offer_taken(to)).await;
         }
+        bot.store.put_auto(&auto).await.map_err(store_err)?;
     }
     tracing::info!(user = %ctx.sender, rooms = summary.rooms, "bundle captured and stored");
 

@@ -60,20 +60,19 @@ impl WrongCodes {
     }
 }
 
-/// The transfer `user` takes part in (as either account) that is running, if any: one at a time.
-fn running_transfer_of(bot: &Bot, user: &UserId) -> Result<Option<Transfer>, HsError> {
-    Ok(bot.store.transfers().map_err(store_err)?.into_iter().find(|t| {
-        (t.old == user || t.new == user) && matches!(t.state, TransferState::Running | TransferState::Cancelling)
-    }))
-}
-
-/// Why a transfer between `old` and `new` can't start now, if it can't.
+/// Why a transfer between `old` and `new` can't start now, if it can't: either account may no
+/// longer use handoff, or already takes part in a running transfer (one at a time).
 fn start_refusal(bot: &Bot, old: &UserId, new: &UserId) -> Result<Option<String>, HsError> {
-    if bot.config.permission(old) < PermissionLevel::User {
-        return Ok(Some(format!("{old}, whose bundle this is, may no longer use handoff on this server.")));
+    if let Some(user) = [old, new].into_iter().find(|u| bot.config.permission(u) < PermissionLevel::User) {
+        return Ok(Some(format!("{user} may no longer use handoff on this server.")));
     }
+    // One read of the records serves both accounts.
+    let transfers = bot.store.transfers().map_err(store_err)?;
     for user in [new, old] {
-        if let Some(t) = running_transfer_of(bot, user)? {
+        let running = transfers.iter().find(|t| {
+            (t.old == user || t.new == user) && matches!(t.state, TransferState::Running | TransferState::Cancelling)
+        });
+        if let Some(t) = running {
             return Ok(Some(format!(
                 "{user} already has a transfer running ({} → {}); one transfer per account at a time. Wait for its report, or `cancel` it.",
                 t.old, t.new
@@ -200,9 +199,8 @@ fn pending_for(bot: &Bot, user: &UserId) -> Result<Vec<Transfer>, HsError> {
 /// `approve @importer` (`yes`) or `deny @importer`.
 pub async fn approve(bot: &Bot, ctx: &Ctx, importer: Option<OwnedUserId>, yes: bool) -> Result<(), HsError> {
     let verb = if yes { "approve" } else { "deny" };
-    let pending = pending_for(bot, &ctx.sender)?;
     let Some(importer) = importer else {
-        let text = match pending.as_slice() {
+        let text = match pending_for(bot, &ctx.sender)?.as_slice() {
             [] => "No import is waiting for your approval.".to_owned(),
             list => format!(
                 "Name the account: `{verb} @account:server`. Waiting for your answer: {}.",
@@ -222,15 +220,9 @@ pub async fn approve(bot: &Bot, ctx: &Ctx, importer: Option<OwnedUserId>, yes: b
             )
             .await;
     };
-    if yes {
-        if let Some(refusal) = start_refusal(bot, &t.old, &t.new)? {
-            drop(records);
-            return bot.reply(ctx, format!("{refusal} The request stays open until its code expires.")).await;
-        }
-        if bot.config.permission(&t.new) < PermissionLevel::User {
-            drop(records);
-            return bot.reply(ctx, format!("{} may no longer use handoff on this server.", t.new)).await;
-        }
+    if yes && let Some(refusal) = start_refusal(bot, &t.old, &t.new)? {
+        drop(records);
+        return bot.reply(ctx, format!("{refusal} The request stays open until its code expires.")).await;
     }
     t.state = if yes { TransferState::Running } else { TransferState::Denied };
     t.expires_at_ms = None;
