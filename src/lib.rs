@@ -13,6 +13,7 @@ pub mod cli;
 pub mod code;
 pub mod config;
 pub mod homeserver;
+pub mod html;
 pub mod keys;
 pub mod registration;
 pub mod sandbox;

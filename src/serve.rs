@@ -18,11 +18,13 @@ use tokio::net::TcpListener;
 
 use crate::appservice::{self, AppState};
 use crate::bot::Bot;
+use crate::bot::progress::ChatReporter;
 use crate::config::Config;
 use crate::homeserver::{Homeserver, HsError, Retry};
 use crate::registration;
 use crate::store::Store;
-use crate::transfer::run::Engine;
+use crate::transfer::engine::Engine;
+use crate::transfer::journal::Journal;
 
 pub async fn run(config: Config) -> Result<()> {
     config.check_ready_to_serve().map_err(anyhow::Error::msg)?; // also checked by the CLI, for exit code 2
@@ -60,9 +62,11 @@ pub async fn run(config: Config) -> Result<()> {
 
     let acting = hs.with_token(config.appservice.acting.as_token.expose()).await?;
     check_acting(&acting).await?;
-    let engine = Engine::new(config.clone(), hs.clone(), acting.clone(), store.clone());
-    let bot = Arc::new(Bot::new(config.clone(), hs.clone(), acting, store.clone(), engine.clone()));
-    spawn_purge(store.clone(), config.handoff.bundle_retention);
+    let journal = Journal::new(store.clone());
+    let reporter = Arc::new(ChatReporter::new(hs.clone()));
+    let engine = Engine::new(config.clone(), acting.clone(), store.clone(), journal.clone(), reporter);
+    let bot = Arc::new(Bot::new(config.clone(), hs.clone(), acting, store.clone(), journal.clone(), engine.clone()));
+    spawn_purge(store.clone(), journal, config.handoff.bundle_retention);
     match bot.sweep_revoked().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(dropped = n, "dropped offers and pending imports of users no longer permitted"),
@@ -111,7 +115,7 @@ async fn check_acting(acting: &Homeserver) -> Result<()> {
 }
 
 /// Deletes bundles past `handoff.bundle_retention`, at start-up and then hourly.
-fn spawn_purge(store: Store, retention: std::time::Duration) {
+fn spawn_purge(store: Store, journal: Journal, retention: std::time::Duration) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
         loop {
@@ -122,6 +126,11 @@ fn spawn_purge(store: Store, retention: std::time::Duration) {
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "purging old bundles failed"),
+            }
+            match journal.purge(retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(transfers = n, "purged finished transfers"),
+                Err(e) => tracing::warn!(error = %e, "purging old transfers failed"),
             }
         }
     });

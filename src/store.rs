@@ -5,9 +5,10 @@
 //! - `dm_rooms`: the bot's DM with each user (room ID -> user ID), so a bare command is understood there.
 //! - `bundles`: `owner \0 id` -> the bundle and its metadata, sealed with the store key.
 //! - `codes`: SHA-256 of a transfer code -> [`CodeRecord`] (the code itself is never stored).
-//! - `transfers`: transfer ID (u64, big-endian) -> [`Transfer`], sealed (it holds room names).
-//! - `journal`: transfer ID ++ room ID -> [`RoomStep`]: each room's progress, written before and
-//!   after every step.
+//! - `transfers`: transfer ID (u64, big-endian) -> the transfer's record, sealed (it holds room
+//!   names). What a record means is `transfer::journal`'s business: the store keeps bytes.
+//! - `journal`: transfer ID ++ room ID -> the room's journal entry: its progress, written before
+//!   and after every step.
 //! - `auto`: new account -> [`AutoStart`]: moves offered to that account when it becomes active.
 //! - `inbox`: events accepted from the homeserver and not handled yet (sealed: they hold
 //!   commands, and commands hold codes), so an acknowledged transaction survives a crash.
@@ -19,7 +20,6 @@
 //! The store key (32 random bytes) is generated on first open and kept beside the database in
 //! `<database.path>.key`, mode 0600. Without it the sealed bundles can't be read.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,9 +30,8 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use ruma::{OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
-use crate::bundle::Bundle;
+use crate::bundle::{Bundle, BundleId};
 use crate::code::CodeHash;
-use crate::transfer::{RoomStep, Transfer, TransferState};
 
 const SCHEMA_VERSION: u32 = 1;
 
@@ -75,10 +74,6 @@ pub struct StoredBundle {
     pub created_at_ms: u64,
     pub bundle: Bundle,
 }
-
-/// Identifies a stored bundle.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BundleId(String);
 
 /// What the store keeps about a transfer code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -291,13 +286,13 @@ impl Store {
 
     fn write_bundle(&self, id: &BundleId, record: &StoredBundle) -> Result<(), StoreError> {
         let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.bundles.insert(id.0.as_bytes(), self.seal(id.0.as_bytes(), &json))?;
+        self.bundles.insert(id.as_bytes(), self.seal(id.as_bytes(), &json))?;
         Ok(())
     }
 
     /// Stores a bundle sealed with the store key; returns its ID.
     pub async fn put_bundle(&self, owner: &UserId, bundle: &Bundle) -> Result<BundleId, StoreError> {
-        let id = BundleId(format!("{owner}\0{:020}", self.db.generate_id()?));
+        let id = BundleId::new(owner, self.db.generate_id()?);
         let record = StoredBundle { owner: owner.to_owned(), created_at_ms: now_ms(), bundle: bundle.clone() };
         self.write_bundle(&id, &record)?;
         self.durable().await?;
@@ -305,10 +300,10 @@ impl Store {
     }
 
     pub fn get_bundle(&self, id: &BundleId) -> Result<Option<StoredBundle>, StoreError> {
-        let Some(sealed) = self.bundles.get(id.0.as_bytes())? else {
+        let Some(sealed) = self.bundles.get(id.as_bytes())? else {
             return Ok(None);
         };
-        let json = self.unseal(id.0.as_bytes(), &sealed)?;
+        let json = self.unseal(id.as_bytes(), &sealed)?;
         serde_json::from_slice(&json).map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
@@ -324,7 +319,7 @@ impl Store {
         let Some((key, _)) = self.bundles.scan_prefix(owner_prefix(owner)).last().transpose()? else {
             return Ok(None);
         };
-        let id = BundleId(String::from_utf8_lossy(&key).into_owned());
+        let id = BundleId::from_stored(&key);
         Ok(self.get_bundle(&id)?.map(|b| (id, b)))
     }
 
@@ -341,8 +336,7 @@ impl Store {
         if old == 0 {
             return Ok(0);
         }
-        let gone: Vec<BundleId> =
-            keys[..old].iter().map(|k| BundleId(String::from_utf8_lossy(k).into_owned())).collect();
+        let gone: Vec<BundleId> = keys[..old].iter().map(|k| BundleId::from_stored(k)).collect();
         for key in &keys[..old] {
             self.bundles.remove(key)?;
         }
@@ -427,8 +421,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes every bundle, code, offer and transfer record of `user` (as either account). The
-    /// caller stops the user's running transfers first.
+    /// Deletes every bundle, code and offer of `user` (as either account). Transfer records are
+    /// the journal's to forget.
     pub async fn forget(&self, user: &UserId) -> Result<Forgotten, StoreError> {
         let mut gone = Forgotten::default();
         for key in self.bundles.scan_prefix(owner_prefix(user)).keys() {
@@ -449,17 +443,12 @@ impl Store {
                 gone.offers += 1;
             }
         }
-        for t in self.transfers()? {
-            if t.old == user || t.new == user {
-                self.remove_transfer(t.id)?;
-                gone.transfers += 1;
-            }
-        }
         self.durable().await?;
         Ok(gone)
     }
 
-    /// Deletes bundles older than `retention`, and codes that expired before then.
+    /// Deletes bundles older than `retention`, codes that expired before then, lapsed offers and
+    /// old transaction IDs. Transfer records are the journal's to purge.
     pub async fn purge(&self, retention: Duration) -> Result<Forgotten, StoreError> {
         let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
         let mut gone = Forgotten::default();
@@ -485,18 +474,6 @@ impl Store {
                 gone.offers += 1;
             }
         }
-        // Finished transfers, and pending ones whose code expired, with their journals.
-        for t in self.transfers()? {
-            let ended = match t.state {
-                TransferState::Running | TransferState::Cancelling => false,
-                TransferState::AwaitingApproval => t.expires_at_ms.unwrap_or(t.created_at_ms) < cutoff,
-                _ => t.created_at_ms < cutoff,
-            };
-            if ended {
-                self.remove_transfer(t.id)?;
-                gone.transfers += 1;
-            }
-        }
         for item in self.txns.iter() {
             let (k, v) = item?;
             let at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
@@ -509,76 +486,6 @@ impl Store {
             self.durable().await?;
         }
         Ok(gone)
-    }
-
-    fn remove_transfer(&self, id: u64) -> Result<(), StoreError> {
-        self.transfers.remove(id.to_be_bytes())?;
-        for key in self.journal.scan_prefix(id.to_be_bytes()).keys() {
-            self.journal.remove(key?)?;
-        }
-        Ok(())
-    }
-
-    pub fn new_transfer_id(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()? + 1)
-    }
-
-    /// Writes a transfer record and makes it durable.
-    pub async fn put_transfer(&self, t: &Transfer) -> Result<(), StoreError> {
-        let key = t.id.to_be_bytes();
-        let json = serde_json::to_vec(t).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.transfers.insert(key, self.seal(&key, &json))?;
-        self.durable().await?;
-        Ok(())
-    }
-
-    pub fn get_transfer(&self, id: u64) -> Result<Option<Transfer>, StoreError> {
-        let key = id.to_be_bytes();
-        let Some(sealed) = self.transfers.get(key)? else {
-            return Ok(None);
-        };
-        let json = self.unseal(&key, &sealed)?;
-        serde_json::from_slice(&json).map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
-    }
-
-    /// Every transfer, oldest first.
-    pub fn transfers(&self) -> Result<Vec<Transfer>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.transfers.iter() {
-            let (k, sealed) = item?;
-            let json = self.unseal(&k, &sealed)?;
-            out.push(serde_json::from_slice(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?);
-        }
-        Ok(out)
-    }
-
-    /// The latest transfer `user` takes part in (as the old or the new account).
-    pub fn latest_transfer_of(&self, user: &UserId) -> Result<Option<Transfer>, StoreError> {
-        Ok(self.transfers()?.into_iter().rev().find(|t| t.old == user || t.new == user))
-    }
-
-    fn journal_key(id: u64, room: &RoomId) -> Vec<u8> {
-        [&id.to_be_bytes()[..], room.as_bytes()].concat()
-    }
-
-    /// Journals a room's step and makes it durable before returning.
-    pub async fn set_room_step(&self, id: u64, room: &RoomId, step: &RoomStep) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(step).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.journal.insert(Self::journal_key(id, room), json)?;
-        self.durable().await?;
-        Ok(())
-    }
-
-    /// Every room's journaled step in a transfer.
-    pub fn room_steps(&self, id: u64) -> Result<BTreeMap<ruma::OwnedRoomId, RoomStep>, StoreError> {
-        let mut out = BTreeMap::new();
-        for item in self.journal.scan_prefix(id.to_be_bytes()) {
-            let (k, v) = item?;
-            let room = ruma::OwnedRoomId::try_from(String::from_utf8_lossy(&k[8..]).as_ref())
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.insert(room, serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
-        }
-        Ok(out)
     }
 
     pub async fn put_auto(&self, auto: &AutoStart) -> Result<(), StoreError> {
@@ -623,6 +530,73 @@ impl Store {
     }
 }
 
+/// Transfer records and their journals, as bytes: what they hold is the transfer journal's
+/// business (`transfer::journal`). Records are sealed (they hold room names); journal entries
+/// hold steps and reasons only.
+impl Store {
+    pub fn new_transfer_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()? + 1)
+    }
+
+    /// Writes a transfer record and makes it durable.
+    pub async fn put_transfer(&self, id: u64, record: &[u8]) -> Result<(), StoreError> {
+        let key = id.to_be_bytes();
+        self.transfers.insert(key, self.seal(&key, record))?;
+        self.durable().await
+    }
+
+    pub fn transfer(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = id.to_be_bytes();
+        match self.transfers.get(key)? {
+            Some(sealed) => Ok(Some(self.unseal(&key, &sealed)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every transfer record, oldest first.
+    pub fn transfers(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.transfers.iter() {
+            let (k, sealed) = item?;
+            let id = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt("transfer key".into()))?);
+            out.push((id, self.unseal(&k, &sealed)?));
+        }
+        Ok(out)
+    }
+
+    /// Removes transfer records with their journals, durably.
+    pub async fn remove_transfers(&self, ids: &[u64]) -> Result<(), StoreError> {
+        for id in ids {
+            self.transfers.remove(id.to_be_bytes())?;
+            for key in self.journal.scan_prefix(id.to_be_bytes()).keys() {
+                self.journal.remove(key?)?;
+            }
+        }
+        if !ids.is_empty() {
+            self.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes one room's journal entry of a transfer and makes it durable before returning.
+    pub async fn put_journal_entry(&self, id: u64, room: &RoomId, entry: &[u8]) -> Result<(), StoreError> {
+        self.journal.insert([&id.to_be_bytes()[..], room.as_bytes()].concat(), entry)?;
+        self.durable().await
+    }
+
+    /// Every room's journal entry of a transfer.
+    pub fn journal(&self, id: u64) -> Result<Vec<(ruma::OwnedRoomId, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.journal.scan_prefix(id.to_be_bytes()) {
+            let (k, v) = item?;
+            let room = ruma::OwnedRoomId::try_from(String::from_utf8_lossy(&k[8..]).as_ref())
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push((room, v.to_vec()));
+        }
+        Ok(out)
+    }
+}
+
 /// Group commit: writers that wait for durability at the same time share one flush.
 #[derive(Default)]
 struct GroupCommit {
@@ -650,7 +624,7 @@ impl Store {
 }
 
 fn owner_prefix(owner: &UserId) -> Vec<u8> {
-    format!("{owner}\0").into_bytes()
+    BundleId::prefix(owner).into_bytes()
 }
 
 pub fn key_path_for(db_path: &Path) -> PathBuf {
@@ -768,37 +742,11 @@ mod tests {
         assert!(store.raw_bundle_bytes().is_empty());
     }
 
-    fn transfer(id: u64, state: TransferState, created_at_ms: u64) -> Transfer {
-        Transfer {
-            id,
-            old: UserId::parse("@old:x.org").unwrap(),
-            new: UserId::parse("@new:x.org").unwrap(),
-            bundle: BundleId("b".into()),
-            requirements: Default::default(),
-            profile: Default::default(),
-            state,
-            plan: None,
-            new_dm: "!dm:x.org".try_into().unwrap(),
-            old_dm: None,
-            status_event: None,
-            account_steps: Default::default(),
-            created_at_ms,
-            expires_at_ms: None,
-        }
-    }
-
     #[tokio::test]
-    async fn retention_purges_every_tree_but_running_transfers() {
+    async fn retention_purges_codes_offers_and_txns() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
-        let room = <&RoomId>::try_from("!r:x.org").unwrap();
         let old = now_ms() - 10_000;
-        for (id, state) in [(1, TransferState::Done), (2, TransferState::Running), (3, TransferState::Denied)] {
-            store.put_transfer(&transfer(id, state, old)).await.unwrap();
-            store.set_room_step(id, room, &RoomStep::Done).await.unwrap();
-        }
-        let pending = Transfer { expires_at_ms: Some(old), ..transfer(4, TransferState::AwaitingApproval, old) };
-        store.put_transfer(&pending).await.unwrap();
         store.accept_txn("t1", &[]).await.unwrap();
         let auto = AutoStart {
             old: UserId::parse("@old:x.org").unwrap(),
@@ -811,16 +759,27 @@ mod tests {
         // Within retention: nothing goes but the expired offer.
         let gone = store.purge(Duration::from_secs(3600)).await.unwrap();
         assert_eq!(gone, Forgotten { offers: 1, ..Default::default() });
-        assert_eq!(store.transfers().unwrap().len(), 4);
+        assert!(store.txn_seen("t1").unwrap());
         tokio::time::sleep(Duration::from_millis(5)).await;
         let gone = store.purge(Duration::from_millis(1)).await.unwrap();
-        assert_eq!(gone, Forgotten { transfers: 3, txns: 1, ..Default::default() });
-        let left: Vec<u64> = store.transfers().unwrap().iter().map(|t| t.id).collect();
-        assert_eq!(left, vec![2], "a running transfer is never purged");
-        assert!(store.room_steps(1).unwrap().is_empty(), "journals go with their transfers");
-        assert_eq!(store.room_steps(2).unwrap().len(), 1);
+        assert_eq!(gone, Forgotten { txns: 1, ..Default::default() });
         assert!(!store.txn_seen("t1").unwrap());
         assert!(store.autos().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn transfer_records_are_sealed_and_go_with_their_journals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let room = <&RoomId>::try_from("!r:x.org").unwrap();
+        store.put_transfer(7, b"{\"name\":\"Secret room\"}").await.unwrap();
+        store.put_journal_entry(7, room, b"\"done\"").await.unwrap();
+        assert!(!store.transfers.iter().values().any(|v| v.unwrap().windows(6).any(|w| w == b"Secret")));
+        assert_eq!(store.transfer(7).unwrap().unwrap(), b"{\"name\":\"Secret room\"}");
+        assert_eq!(store.journal(7).unwrap(), vec![(room.to_owned(), b"\"done\"".to_vec())]);
+        store.remove_transfers(&[7]).await.unwrap();
+        assert!(store.transfer(7).unwrap().is_none());
+        assert!(store.journal(7).unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -7,12 +7,13 @@ use ruma::UserId;
 use ruma::events::room::message::RoomMessageEventContent;
 
 use super::commands::export::Export;
-use super::{Bot, Ctx, escape, store_err, to_html};
+use super::{Bot, Ctx, store_err};
 use crate::bundle::capture::{self, CaptureOptions};
 use crate::bundle::file;
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
 use crate::homeserver::HsError;
+use crate::html::{escape, to_html};
 use crate::store::{AutoStart, CodeRecord, now_ms};
 
 /// Stored bundles kept per account: a new export beyond this deletes the oldest.

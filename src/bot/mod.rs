@@ -8,6 +8,7 @@
 pub mod commands;
 mod export;
 mod keys;
+pub mod progress;
 pub mod queue;
 mod transfer;
 
@@ -31,8 +32,10 @@ use sha2::{Digest, Sha256};
 use crate::code::TransferCode;
 use crate::config::{Config, PermissionLevel};
 use crate::homeserver::{Homeserver, HsError};
+use crate::html::{escape, to_html};
 use crate::store::{Store, StoreError};
-use crate::transfer::run::Engine;
+use crate::transfer::engine::Engine;
+use crate::transfer::journal::Journal;
 use commands::{Command, Place};
 use queue::{Queued, UserQueues};
 
@@ -44,6 +47,7 @@ pub struct Bot {
     /// The acting registration's client: it acts as local users.
     acting: Homeserver,
     store: Store,
+    journal: Journal,
     engine: Arc<Engine>,
     wrong_codes: transfer::WrongCodes,
     queues: Arc<UserQueues<OwnedUserId, Job>>,
@@ -76,13 +80,21 @@ impl Bot {
         transfer::spawn_auto_watch(Arc::clone(self));
     }
 
-    pub fn new(config: Arc<Config>, hs: Homeserver, acting: Homeserver, store: Store, engine: Arc<Engine>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        hs: Homeserver,
+        acting: Homeserver,
+        store: Store,
+        journal: Journal,
+        engine: Arc<Engine>,
+    ) -> Self {
         Bot {
             user_id: config.bot_user_id(),
             config,
             hs,
             acting,
             store,
+            journal,
             engine,
             wrong_codes: Default::default(),
             queues: Arc::default(),
@@ -379,16 +391,20 @@ impl Bot {
     /// Stops the user's transfers, then deletes every record about them.
     async fn forget(&self, ctx: &Ctx) -> Result<(), HsError> {
         let user = &ctx.sender;
-        let transfers = self.store.transfers().map_err(store_err)?;
-        for t in transfers.iter().filter(|t| (&t.old == user || &t.new == user) && !t.state.is_finished()) {
+        let transfers = self.journal.of(user).map_err(store_err)?;
+        for t in transfers.iter().filter(|t| !t.state.is_finished()) {
             // A running transfer would write its journal again after the records are gone.
             self.engine.stop(t.id);
         }
         self.wrong_codes.forget(user);
-        let text = match self.store.forget(user).await {
-            Ok(gone) => format!(
+        let forgotten = match self.store.forget(user).await {
+            Ok(gone) => self.journal.forget(user).await.map(|transfers| (gone, transfers)),
+            Err(e) => Err(e),
+        };
+        let text = match forgotten {
+            Ok((gone, transfers)) => format!(
                 "Deleted {} bundle(s), {} transfer code(s), {} transfer record(s) and {} offer(s); any transfer of yours that was running was stopped. handoff now holds nothing about you but the fact that this room is your DM with it.",
-                gone.bundles, gone.codes, gone.transfers, gone.offers
+                gone.bundles, gone.codes, transfers, gone.offers
             ),
             Err(e) => {
                 tracing::error!(error = %e, "forget failed");
@@ -430,35 +446,4 @@ fn reply_txn_id(cause: &ruma::EventId, n: u32) -> OwnedTransactionId {
     let digest = Sha256::digest(cause.as_str().as_bytes());
     let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
     format!("handoff-{hex}-{n}").into()
-}
-
-/// Escapes text for the HTML body of a message.
-pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
-/// Plain text to HTML: escaped, `code` spans as `<code>`, line breaks as `<br>`.
-pub fn to_html(text: &str) -> String {
-    let escaped = escape(text);
-    let mut out = String::with_capacity(escaped.len() + 16);
-    for (i, part) in escaped.split('`').enumerate() {
-        if i % 2 == 1 {
-            out.push_str("<code>");
-            out.push_str(part);
-            out.push_str("</code>");
-        } else {
-            out.push_str(part);
-        }
-    }
-    out.replace('\n', "<br>")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn html_has_code_spans_and_breaks() {
-        assert_eq!(to_html("Send `help` <now>\nok"), "Send <code>help</code> &lt;now&gt;<br>ok");
-    }
 }

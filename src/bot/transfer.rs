@@ -67,11 +67,9 @@ fn start_refusal(bot: &Bot, old: &UserId, new: &UserId) -> Result<Option<String>
         return Ok(Some(format!("{user} may no longer use handoff on this server.")));
     }
     // One read of the records serves both accounts.
-    let transfers = bot.store.transfers().map_err(store_err)?;
+    let transfers = bot.journal.all().map_err(store_err)?;
     for user in [new, old] {
-        let running = transfers.iter().find(|t| {
-            (t.old == user || t.new == user) && matches!(t.state, TransferState::Running | TransferState::Cancelling)
-        });
+        let running = transfers.iter().find(|t| t.involves(user) && t.is_live());
         if let Some(t) = running {
             return Ok(Some(format!(
                 "{user} already has a transfer running ({} → {}); one transfer per account at a time. Wait for its report, or `cancel` it.",
@@ -109,7 +107,7 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
     };
     // The server's limit applies whatever the importer asks for.
     let max_rooms = Some(args.max_rooms.map_or(bot.config.handoff.max_rooms, |m| m.min(bot.config.handoff.max_rooms)));
-    let requirements = Requirements { only: args.only.map(Into::into), max_rooms, history: args.history };
+    let requirements = Requirements { only: args.only, max_rooms, history: args.history };
     if args.dry_run {
         let rooms: Vec<_> = stored.bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
         let world = world::read(&bot.acting, &old, new, rooms, &bot.engine.pool()).await?;
@@ -139,24 +137,16 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
         }
     };
     let old_dm = bot.store.dm_rooms_of(&old).map_err(store_err)?.into_iter().next();
-    let t = Transfer {
-        id: bot.store.new_transfer_id().map_err(store_err)?,
-        old: old.clone(),
-        new: new.clone(),
-        bundle: record.bundle,
-        requirements,
-        profile: args.profile,
-        state: if approved { TransferState::Running } else { TransferState::AwaitingApproval },
-        plan: None,
-        new_dm: ctx.room_id.clone(),
-        old_dm: old_dm.clone(),
-        status_event: None,
-        account_steps: Default::default(),
-        created_at_ms: now_ms(),
+    let id = bot.journal.new_id().map_err(store_err)?;
+    let mut t =
+        Transfer::new(id, old.clone(), new.clone(), record.bundle, requirements, ctx.room_id.clone(), old_dm.clone());
+    t.profile = args.profile;
+    if !approved {
+        t.state = TransferState::AwaitingApproval;
         // An unanswered request lapses with its code.
-        expires_at_ms: (!approved).then_some(record.expires_at_ms),
-    };
-    bot.store.put_transfer(&t).await.map_err(store_err)?;
+        t.expires_at_ms = Some(record.expires_at_ms);
+    }
+    bot.journal.put(&t).await.map_err(store_err)?;
     drop(records);
     if approved {
         bot.reply(
@@ -186,8 +176,8 @@ pub async fn import(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), HsError> {
 fn pending_for(bot: &Bot, user: &UserId) -> Result<Vec<Transfer>, HsError> {
     let now = now_ms();
     Ok(bot
-        .store
-        .transfers()
+        .journal
+        .all()
         .map_err(store_err)?
         .into_iter()
         .filter(|t| {
@@ -226,7 +216,7 @@ pub async fn approve(bot: &Bot, ctx: &Ctx, importer: Option<OwnedUserId>, yes: b
     }
     t.state = if yes { TransferState::Running } else { TransferState::Denied };
     t.expires_at_ms = None;
-    bot.store.put_transfer(&t).await.map_err(store_err)?;
+    bot.journal.put(&t).await.map_err(store_err)?;
     drop(records);
     let to_new = Ctx { room_id: t.new_dm.clone(), event_id: ctx.event_id.clone(), sender: t.new.clone() };
     if yes {
@@ -240,10 +230,10 @@ pub async fn approve(bot: &Bot, ctx: &Ctx, importer: Option<OwnedUserId>, yes: b
 }
 
 pub async fn status(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
-    let Some(t) = bot.store.latest_transfer_of(&ctx.sender).map_err(store_err)? else {
+    let Some(t) = bot.journal.latest_of(&ctx.sender).map_err(store_err)? else {
         return bot.reply(ctx, "You have no transfer yet. Start one with `export` on the old account and `import CODE` on the new one.".into()).await;
     };
-    let steps = bot.store.room_steps(t.id).map_err(store_err)?;
+    let steps = bot.journal.room_steps(t.id).map_err(store_err)?;
     let mut text = format!("Transfer {} → {}: {}", t.old, t.new, state_text(t.state));
     if let Some(plan) = &t.plan {
         let count =
@@ -298,20 +288,20 @@ fn state_text(s: TransferState) -> &'static str {
 
 pub async fn cancel(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
     let records = bot.records.lock().await;
-    let Some(mut t) = bot.store.latest_transfer_of(&ctx.sender).map_err(store_err)? else {
+    let Some(mut t) = bot.journal.latest_of(&ctx.sender).map_err(store_err)? else {
         drop(records);
         return bot.reply(ctx, "You have no transfer to cancel.".into()).await;
     };
     let text = match t.state {
         TransferState::Running => {
             t.state = TransferState::Cancelling;
-            bot.store.put_transfer(&t).await.map_err(store_err)?;
+            bot.journal.put(&t).await.map_err(store_err)?;
             bot.engine.cancel(t.id);
             "Stopping after the rooms in flight. What is done stays done.".to_owned()
         }
         TransferState::AwaitingApproval => {
             t.state = TransferState::Cancelled;
-            bot.store.put_transfer(&t).await.map_err(store_err)?;
+            bot.journal.put(&t).await.map_err(store_err)?;
             "Cancelled before it started: nothing was changed.".to_owned()
         }
         other => format!("Your last transfer is already {}.", state_text(other)),
@@ -323,8 +313,8 @@ pub async fn cancel(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
 pub async fn finish(bot: &Bot, ctx: &Ctx, leave: bool, advertise: bool) -> Result<(), HsError> {
     let old = &ctx.sender;
     let latest = bot
-        .store
-        .transfers()
+        .journal
+        .all()
         .map_err(store_err)?
         .into_iter()
         .rev()
@@ -336,7 +326,7 @@ pub async fn finish(bot: &Bot, ctx: &Ctx, leave: bool, advertise: bool) -> Resul
     };
     let mut lines = Vec::new();
     if leave {
-        let steps = bot.store.room_steps(t.id).map_err(store_err)?;
+        let steps = bot.journal.room_steps(t.id).map_err(store_err)?;
         let (mut left, mut kept) = (0, Vec::new());
         for (room, step) in &steps {
             if *step != RoomStep::Done {
@@ -487,23 +477,12 @@ pub async fn accept(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
         }
     };
     bot.store.take_auto(new).await.map_err(store_err)?;
-    let t = Transfer {
-        id: bot.store.new_transfer_id().map_err(store_err)?,
-        old: auto.old.clone(),
-        new: new.to_owned(),
-        bundle: record.bundle,
-        requirements: Requirements { max_rooms: Some(bot.config.handoff.max_rooms), ..Default::default() },
-        profile: Default::default(),
-        state: TransferState::Running,
-        plan: None,
-        new_dm: ctx.room_id.clone(),
-        old_dm: bot.store.dm_rooms_of(&auto.old).map_err(store_err)?.into_iter().next(),
-        status_event: None,
-        account_steps: Default::default(),
-        created_at_ms: now_ms(),
-        expires_at_ms: None,
-    };
-    bot.store.put_transfer(&t).await.map_err(store_err)?;
+    let requirements = Requirements { max_rooms: Some(bot.config.handoff.max_rooms), ..Default::default() };
+    let old_dm = bot.store.dm_rooms_of(&auto.old).map_err(store_err)?.into_iter().next();
+    let id = bot.journal.new_id().map_err(store_err)?;
+    let t =
+        Transfer::new(id, auto.old.clone(), new.to_owned(), record.bundle, requirements, ctx.room_id.clone(), old_dm);
+    bot.journal.put(&t).await.map_err(store_err)?;
     drop(records);
     bot.engine.spawn(t.id);
     tracing::info!(transfer = t.id, old = %auto.old, new = %new, "offered move accepted");
@@ -577,10 +556,10 @@ pub async fn sweep_revoked(bot: &Bot) -> Result<usize, HsError> {
             n += 1;
         }
     }
-    for mut t in bot.store.transfers().map_err(store_err)? {
+    for mut t in bot.journal.all().map_err(store_err)? {
         if t.state == TransferState::AwaitingApproval && (!permitted(&t.old) || !permitted(&t.new)) {
             t.state = TransferState::Cancelled;
-            bot.store.put_transfer(&t).await.map_err(store_err)?;
+            bot.journal.put(&t).await.map_err(store_err)?;
             n += 1;
         }
     }

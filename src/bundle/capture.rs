@@ -27,8 +27,8 @@ use serde_json::Value as JsonValue;
 use tokio::sync::Semaphore;
 
 use super::{
-    BUNDLE_VERSION, Bundle, Contact, Extra, History, HistoryMessage, Preferences, Priority, Profile, Rank, RoomEntry,
-    RoomKind, RoomNotifications, Source,
+    BUNDLE_VERSION, Bundle, Contact, Extra, History, HistoryMessage, Only, Preferences, Priority, Profile, Rank,
+    RoomEntry, RoomKind, RoomNotifications, Source,
 };
 use crate::homeserver::{Homeserver, HsError};
 
@@ -45,26 +45,6 @@ pub const CLIENT_SETTINGS: &[&str] = &[
 
 pub fn is_client_setting(event_type: &str) -> bool {
     CLIENT_SETTINGS.iter().any(|s| if s.ends_with('.') { event_type.starts_with(s) } else { event_type == *s })
-}
-
-/// Which part of the account to capture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Only {
-    Favourites,
-    Dms,
-    Rooms,
-}
-
-impl std::str::FromStr for Only {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "favourites" | "favorites" => Ok(Only::Favourites),
-            "dms" => Ok(Only::Dms),
-            "rooms" => Ok(Only::Rooms),
-            other => Err(format!("`--only` takes favourites, dms or rooms, not `{other}`")),
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -181,13 +161,7 @@ fn selected(room: &RoomEntry, opts: &CaptureOptions) -> bool {
         .exclude
         .iter()
         .any(|e| room.room_id.as_str() == e || room.canonical_alias.as_ref().is_some_and(|a| a.as_str() == e));
-    let wanted = match opts.only {
-        None => true,
-        Some(Only::Favourites) => room.priority == Priority::High,
-        Some(Only::Dms) => room.kind == RoomKind::Dm,
-        Some(Only::Rooms) => room.kind != RoomKind::Dm,
-    };
-    wanted && !excluded
+    opts.only.is_none_or(|only| only.admits(room)) && !excluded
 }
 
 /// The account data the bundle needs, from one filtered `/sync`.

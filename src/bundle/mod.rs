@@ -31,6 +31,63 @@ pub const BUNDLE_VERSION: u32 = 1;
 /// Fields a newer handoff added and this one doesn't know: kept verbatim.
 pub type Extra = BTreeMap<String, JsonValue>;
 
+/// Identifies a stored bundle: its owner and a number that grows, so that an owner's bundles sort
+/// oldest first under the owner's prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleId(String);
+
+impl BundleId {
+    pub fn new(owner: &ruma::UserId, number: u64) -> Self {
+        BundleId(format!("{}{number:020}", Self::prefix(owner)))
+    }
+
+    /// What every bundle ID of `owner` starts with.
+    pub fn prefix(owner: &ruma::UserId) -> String {
+        format!("{owner}\0")
+    }
+
+    /// An ID as it was stored (the key of a stored bundle).
+    pub fn from_stored(key: &[u8]) -> Self {
+        BundleId(String::from_utf8_lossy(key).into_owned())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+/// Which part of the account to take (`--only`), at export and at import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Only {
+    Favourites,
+    Dms,
+    Rooms,
+}
+
+impl Only {
+    /// Whether `room` is part of what was asked for.
+    pub fn admits(self, room: &RoomEntry) -> bool {
+        match self {
+            Only::Favourites => room.priority == Priority::High,
+            Only::Dms => room.kind == RoomKind::Dm,
+            Only::Rooms => room.kind != RoomKind::Dm,
+        }
+    }
+}
+
+impl std::str::FromStr for Only {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "favourites" | "favorites" => Ok(Only::Favourites),
+            "dms" => Ok(Only::Dms),
+            "rooms" => Ok(Only::Rooms),
+            other => Err(format!("`--only` takes favourites, dms or rooms, not `{other}`")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bundle {
     pub version: u32,

@@ -1,11 +1,21 @@
 //! Transfers: moving a bundle into a second account.
 //!
-//! - [`plan`] decides, purely, from the bundle and the rooms' current state ([`world`] reads it).
-//! - [`run`] executes a plan step by step, journaling each step in the store before and after it
-//!   runs, so a restarted service resumes where it stopped and nothing is done twice.
+//! - [`plan`] decides, purely, from the bundle and the rooms' current state ([`world`] reads it);
+//!   [`merge`] decides, purely too, how the account's settings merge into what the new account has.
+//! - [`engine`] runs transfers: [`room`] takes one room through its stages, [`account`] applies
+//!   the account merges, each step journaled ([`journal`]) before and after it runs, so a
+//!   restarted service resumes where it stopped and nothing is done twice.
+//! - The engine tells the people it works for how it goes through a port, [`progress::Reporter`]:
+//!   the bot renders it into chat. The engine never formats a message or imports the bot.
 
+pub mod account;
+pub mod engine;
+pub mod journal;
+pub mod merge;
 pub mod plan;
-pub mod run;
+pub mod progress;
+pub mod report;
+pub mod room;
 pub mod world;
 
 use std::collections::BTreeMap;
@@ -13,8 +23,29 @@ use std::collections::BTreeMap;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
 use serde::{Deserialize, Serialize};
 
-use crate::store::BundleId;
+use crate::bundle::BundleId;
+use crate::homeserver::{HsError, Retry};
+use crate::store::{StoreError, now_ms};
 use plan::{Plan, Requirements};
+
+/// Transient failures (homeserver away, rate limits) are waited out, however long it takes: a
+/// transfer completes when the homeserver is back.
+pub const PATIENT: Retry = Retry {
+    attempts: u32::MAX,
+    backoff: std::time::Duration::from_millis(250),
+    max_wait: std::time::Duration::from_secs(15),
+};
+
+/// Why a transfer could not go on. Either is retried at the next start: the journal says where.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Hs(#[from] HsError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("transfer {0} not found")]
+    Missing(u64),
+}
 
 /// The second client's kind: shapes what it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -87,13 +118,66 @@ pub struct Transfer {
     /// The status message that is edited as rooms complete.
     #[serde(default)]
     pub status_event: Option<OwnedEventId>,
-    /// Account-level steps done (tags, m.direct, …), by name.
+    /// Account-level steps done (m.direct, push rules, …).
     #[serde(default)]
-    pub account_steps: BTreeMap<String, StepOutcome>,
+    pub account_steps: BTreeMap<AccountStep, StepOutcome>,
     pub created_at_ms: u64,
     /// While awaiting approval: when the request lapses (with its code).
     #[serde(default)]
     pub expires_at_ms: Option<u64>,
+}
+
+impl Transfer {
+    /// A new transfer record, running unless the caller says otherwise.
+    pub fn new(
+        id: u64,
+        old: OwnedUserId,
+        new: OwnedUserId,
+        bundle: BundleId,
+        requirements: Requirements,
+        new_dm: OwnedRoomId,
+        old_dm: Option<OwnedRoomId>,
+    ) -> Transfer {
+        Transfer {
+            id,
+            old,
+            new,
+            bundle,
+            requirements,
+            profile: ClientProfile::default(),
+            state: TransferState::Running,
+            plan: None,
+            new_dm,
+            old_dm,
+            status_event: None,
+            account_steps: BTreeMap::new(),
+            created_at_ms: now_ms(),
+            expires_at_ms: None,
+        }
+    }
+
+    /// Whether `user` takes part in it, as the old or the new account.
+    pub fn involves(&self, user: &ruma::UserId) -> bool {
+        self.old == user || self.new == user
+    }
+
+    /// Running, or stopping after the rooms in flight.
+    pub fn is_live(&self) -> bool {
+        matches!(self.state, TransferState::Running | TransferState::Cancelling)
+    }
+}
+
+/// A room's stages, in the order they run. Pass 1 takes the new account's seat (invite, join;
+/// `Joined` marks its end), pass 2 finishes the room (rank, tags, notify).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Invite,
+    Join,
+    Joined,
+    Rank,
+    Tags,
+    Notify,
 }
 
 /// The journal entry of one room. `Started(stage)` is written before each stage runs, so it also
@@ -103,9 +187,8 @@ pub struct Transfer {
 pub enum RoomStep {
     /// Nothing done yet.
     Pending,
-    /// `invite`, `join`, `rank`, `tags` or `notify` was started; a resumed transfer re-checks the
-    /// room before doing it again.
-    Started(String),
+    /// The stage was started; a resumed transfer re-checks the room before doing it again.
+    Started(Stage),
     /// Everything done.
     Done,
     /// Left invited: a remote new account accepts the invite from its own client.
@@ -118,6 +201,60 @@ pub enum RoomStep {
 impl RoomStep {
     pub fn is_final(&self) -> bool {
         matches!(self, RoomStep::Done | RoomStep::AwaitingAccept | RoomStep::Skipped(_) | RoomStep::Failed(_))
+    }
+
+    /// Whether the new account has its seat (pass 1 is over), finished since or not.
+    pub fn is_seated(&self) -> bool {
+        match self {
+            RoomStep::Started(stage) => *stage >= Stage::Joined,
+            RoomStep::Done | RoomStep::AwaitingAccept => true,
+            _ => false,
+        }
+    }
+
+    /// Whether `stage` was completed: a room is journaled `Started(s)` before each stage `s` runs,
+    /// so every stage before the started one is done (and `Joined` is a mark, not work).
+    pub fn completed(&self, stage: Stage) -> bool {
+        match self {
+            RoomStep::Pending => false,
+            RoomStep::Started(started) => stage < *started || (stage == Stage::Joined && *started == Stage::Joined),
+            _ => true,
+        }
+    }
+}
+
+/// The account-level steps, in the order they run (the profile first: set after the joins, it
+/// would add a member event to every room).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountStep {
+    Profile,
+    Direct,
+    IgnoredUsers,
+    PushRules,
+    ClientSettings,
+    OldMentions,
+    RoomKeys,
+    History,
+    /// The new account is on another server: its account steps are that server's or its client's.
+    #[serde(rename = "account")]
+    Remote,
+}
+
+impl AccountStep {
+    /// Its name in the journal and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            AccountStep::Profile => "profile",
+            AccountStep::Direct => "direct",
+            AccountStep::IgnoredUsers => "ignored_users",
+            AccountStep::PushRules => "push_rules",
+            AccountStep::ClientSettings => "client_settings",
+            AccountStep::OldMentions => "old_mentions",
+            AccountStep::RoomKeys => "room_keys",
+            AccountStep::History => "history",
+            AccountStep::Remote => "account",
+        }
     }
 }
 

@@ -15,8 +15,7 @@ use ruma::room::{AllowRule, JoinRule};
 use ruma::{Int, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
-use crate::bundle::capture::Only;
-use crate::bundle::{Bundle, Priority, RoomEntry, RoomKind};
+use crate::bundle::{Bundle, Only, Priority, RoomEntry, RoomKind};
 
 /// The current state of the bundle's rooms, as the old account sees them. A room missing from
 /// `rooms` is gone (the old account is no longer in it, or it no longer exists).
@@ -66,30 +65,11 @@ impl RoomFacts {
 /// What the second client asked for.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Requirements {
-    pub only: Option<OnlyRooms>,
+    pub only: Option<Only>,
     pub max_rooms: Option<usize>,
     /// How many captured messages per room to deliver to the new account (0: none).
     #[serde(default)]
     pub history: usize,
-}
-
-/// [`Only`], serialisable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnlyRooms {
-    Favourites,
-    Dms,
-    Rooms,
-}
-
-impl From<Only> for OnlyRooms {
-    fn from(o: Only) -> Self {
-        match o {
-            Only::Favourites => OnlyRooms::Favourites,
-            Only::Dms => OnlyRooms::Dms,
-            Only::Rooms => OnlyRooms::Rooms,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +78,10 @@ pub struct Plan {
     pub new: OwnedUserId,
     /// In the order they will be moved: highest priority first, dependencies before dependents.
     pub rooms: Vec<RoomPlan>,
+    /// Rooms selected but not planned yet, in order: the engine plans the first rooms (favourites
+    /// and DMs) and moves them before it reads the rest of the account.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unplanned: Vec<OwnedRoomId>,
     /// Rooms of the bundle left out by `--only` or `--max-rooms`.
     pub left_out: usize,
 }
@@ -180,16 +164,18 @@ impl Warning {
     }
 }
 
-/// Plans the transfer of `bundle` from `old` to `new`.
+/// Plans the transfer of `bundle` from `old` to `new`, every room at once (`import --dry-run`).
 pub fn plan(bundle: &Bundle, new: &UserId, req: &Requirements, world: &World) -> Plan {
-    let old = &bundle.source.user_id;
-    let wanted = |r: &&RoomEntry| match req.only {
-        None => true,
-        Some(OnlyRooms::Favourites) => r.priority == Priority::High,
-        Some(OnlyRooms::Dms) => r.kind == RoomKind::Dm,
-        Some(OnlyRooms::Rooms) => r.kind != RoomKind::Dm,
-    };
-    let mut rooms: Vec<&RoomEntry> = bundle.rooms.iter().filter(wanted).collect();
+    let mut plan = unplanned(bundle, new, req, world);
+    let ids = std::mem::take(&mut plan.unplanned);
+    plan.rooms = plan_rooms(bundle, new, &ids, world);
+    plan
+}
+
+/// A plan that has selected and ordered its rooms (from the bundle and what is known of the
+/// world) but planned none of them yet: [`Plan::next_part`] says which to read and plan next.
+pub fn unplanned(bundle: &Bundle, new: &UserId, req: &Requirements, world: &World) -> Plan {
+    let mut rooms: Vec<&RoomEntry> = bundle.rooms.iter().filter(|r| req.only.is_none_or(|o| o.admits(r))).collect();
     let selected = rooms.len();
     rooms.sort_by(|a, b| order_key(a).partial_cmp(&order_key(b)).unwrap_or(std::cmp::Ordering::Equal));
     let mut rooms = dependencies_first(rooms, world);
@@ -197,17 +183,39 @@ pub fn plan(bundle: &Bundle, new: &UserId, req: &Requirements, world: &World) ->
         rooms.truncate(max);
     }
     let left_out = bundle.rooms.len() - selected + (selected - rooms.len());
-    let rooms = rooms.into_iter().map(|r| plan_room(r, old, new, world.rooms.get(&r.room_id))).collect();
-    Plan { old: old.clone(), new: new.to_owned(), rooms, left_out }
+    Plan {
+        old: bundle.source.user_id.clone(),
+        new: new.to_owned(),
+        rooms: vec![],
+        unplanned: rooms.into_iter().map(|r| r.room_id.clone()).collect(),
+        left_out,
+    }
 }
 
-/// Priority first; favourites by tag order (untagged order last); then by name, then ID, so
-/// plans are stable.
+/// Plans the given rooms of the bundle, in the given order, from their current state.
+pub fn plan_rooms(bundle: &Bundle, new: &UserId, ids: &[OwnedRoomId], world: &World) -> Vec<RoomPlan> {
+    let old = &bundle.source.user_id;
+    let entries: BTreeMap<&RoomId, &RoomEntry> = bundle.rooms.iter().map(|r| (r.room_id.as_ref(), r)).collect();
+    ids.iter()
+        .filter_map(|id| entries.get::<RoomId>(id))
+        .map(|r| plan_room(r, old, new, world.rooms.get(&r.room_id)))
+        .collect()
+}
+
+/// The rooms that are moved first, before the rest of the account is even read: favourites and
+/// DMs (unless marked low priority), the rooms a person needs on a new device right away.
+pub fn is_first(r: &RoomEntry) -> bool {
+    r.priority == Priority::High || (r.kind == RoomKind::Dm && r.priority == Priority::Normal)
+}
+
+/// Favourites first (by tag order, untagged order last), then DMs, then other rooms, then low
+/// priority ones; then by name, then ID, so plans are stable.
 fn order_key(r: &RoomEntry) -> (u8, f64, String, String) {
     let bucket = match r.priority {
         Priority::High => 0,
-        Priority::Normal => 1,
-        Priority::Low => 2,
+        Priority::Normal if r.kind == RoomKind::Dm => 1,
+        Priority::Normal => 2,
+        Priority::Low => 3,
     };
     let tag = match r.priority {
         Priority::High => r.tags.get(&TagName::Favorite),
@@ -358,6 +366,27 @@ impl Plan {
     pub fn count(&self, f: impl Fn(&Action) -> bool) -> usize {
         self.rooms.iter().filter(|r| f(&r.action)).count()
     }
+
+    /// Every room selected, planned or not.
+    pub fn total(&self) -> usize {
+        self.rooms.len() + self.unplanned.len()
+    }
+
+    /// The rooms to read and plan next: the first rooms still unplanned ([`is_first`]), or else
+    /// all the rest. Empty when everything is planned.
+    pub fn next_part(&self, bundle: &Bundle) -> Vec<OwnedRoomId> {
+        let first: BTreeSet<&RoomId> =
+            bundle.rooms.iter().filter(|r| is_first(r)).map(|r| r.room_id.as_ref()).collect();
+        let part: Vec<OwnedRoomId> = self.unplanned.iter().filter(|id| first.contains::<RoomId>(id)).cloned().collect();
+        if part.is_empty() { self.unplanned.clone() } else { part }
+    }
+
+    /// Adds planned rooms (a part [`Plan::next_part`] named) to the plan.
+    pub fn add(&mut self, rooms: Vec<RoomPlan>, part: &[OwnedRoomId]) {
+        let part: BTreeSet<&OwnedRoomId> = part.iter().collect();
+        self.unplanned.retain(|id| !part.contains(id));
+        self.rooms.extend(rooms);
+    }
 }
 
 #[cfg(test)]
@@ -421,10 +450,24 @@ mod tests {
         let p = plan(&b, &new(), &Requirements::default(), &w);
         let order: Vec<_> = p.rooms.iter().map(|r| r.name.clone().unwrap()).collect();
         assert_eq!(order, ["Fav1", "Fav2", "FavNoOrder", "Normal", "Low"]);
+        // The first part the engine moves: favourites (and DMs), before the rest is even read.
+        let mut unplanned = unplanned(&b, &new(), &Requirements::default(), &World::default());
+        let first = unplanned.next_part(&b);
+        assert_eq!(first.iter().map(|r| r.as_str()).collect::<Vec<_>>(), ["!f1:o", "!f2:o", "!f3:o"]);
+        unplanned.add(plan_rooms(&b, &new(), &first, &w), &first);
+        assert_eq!(unplanned.rooms.len(), 3);
+        assert_eq!(unplanned.total(), 5);
+        let rest = unplanned.next_part(&b);
+        assert_eq!(rest.iter().map(|r| r.as_str()).collect::<Vec<_>>(), ["!n:o", "!low:o"]);
+        unplanned.add(plan_rooms(&b, &new(), &rest, &w), &rest);
+        assert!(unplanned.next_part(&b).is_empty());
+        assert_eq!(unplanned.rooms.len(), 5);
         assert!(p.rooms.iter().all(|r| r.action == Action::Join));
         assert_eq!(p.rooms[0].give_level, Some(Int::from(50u32)));
 
-        let only = Requirements { only: Some(OnlyRooms::Dms), max_rooms: None, history: 0 };
+        let dm = b.rooms.iter().find(|r| r.room_id == "!f3:o").unwrap();
+        assert!(is_first(dm));
+        let only = Requirements { only: Some(Only::Dms), max_rooms: None, history: 0 };
         let p = plan(&b, &new(), &only, &w);
         assert_eq!(p.rooms.len(), 1);
         assert_eq!(p.left_out, 4);

@@ -1,12 +1,20 @@
-//! Reading the rooms' current state (the planner's [`World`]) as the old account.
+//! Reading what the planners decide from: the rooms' current state as the old account (the
+//! planner's [`World`]) and the new account's account data (the merges' [`AccountWorld`]).
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
+use ruma::api::client::config::get_global_account_data;
+use ruma::api::client::profile::get_profile;
 use ruma::api::client::state::get_state_events;
-use ruma::events::{AnyStateEvent, StateEvent};
+use ruma::api::error::ErrorKind;
+use ruma::events::{AnyStateEvent, GlobalAccountDataEventType, StateEvent};
 use ruma::{OwnedRoomId, UserId};
+use serde::de::DeserializeOwned;
+use serde_json::Value as JsonValue;
 use tokio::sync::Semaphore;
 
+use super::merge::AccountWorld;
 use super::plan::{RoomFacts, World};
+use crate::bundle::Bundle;
 use crate::homeserver::{Homeserver, HsError};
 
 /// Reads each room's state as `old`, one read per permit of `pool` (the engine's shared pool, so
@@ -77,4 +85,38 @@ pub async fn room_facts(
         history_visibility,
         new_membership,
     }))
+}
+
+/// The new account's account data the merges need (`merge`), read as that account.
+pub async fn read_account(hs: &Homeserver, user: &UserId, bundle: &Bundle) -> Result<AccountWorld, HsError> {
+    let mut world = AccountWorld {
+        direct: global_data(hs, user, GlobalAccountDataEventType::Direct.to_string()).await?,
+        ignored_users: global_data(hs, user, GlobalAccountDataEventType::IgnoredUserList.to_string()).await?,
+        push_rules: global_data::<JsonValue>(hs, user, GlobalAccountDataEventType::PushRules.to_string())
+            .await?
+            .and_then(|v| serde_json::from_value(v.get("global")?.clone()).ok()),
+        ..Default::default()
+    };
+    for kind in bundle.preferences.client_settings.keys() {
+        world.client_settings.insert(kind.clone(), global_data(hs, user, kind.clone()).await?);
+    }
+    match hs.send_as(user, get_profile::v3::Request::new(user.to_owned())).await {
+        Ok(profile) => {
+            world.display_name = profile.get("displayname").and_then(|v| v.as_str()).map(str::to_owned);
+            world.avatar_url = profile.get("avatar_url").and_then(|v| serde_json::from_value(v.clone()).ok());
+        }
+        Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(world)
+}
+
+/// One global account-data event of `user`; `None` if it has none (or one that doesn't parse:
+/// the merge then treats it as absent, and adds to it rather than failing).
+async fn global_data<T: DeserializeOwned>(hs: &Homeserver, user: &UserId, kind: String) -> Result<Option<T>, HsError> {
+    match hs.send_as(user, get_global_account_data::v3::Request::new(user.to_owned(), kind.as_str().into())).await {
+        Ok(r) => Ok(serde_json::from_str(r.account_data.json().get()).ok()),
+        Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }

@@ -4,7 +4,7 @@
 use ruma::OwnedUserId;
 
 use super::{Args, Command, CommandError, Spec};
-use crate::bundle::capture::Only;
+use crate::bundle::Only;
 
 pub const SPEC: Spec = Spec {
     name: "export",

@@ -1,7 +1,7 @@
 //! `help`: the commands, each with a one-line explanation.
 
 use super::{Args, COMMANDS, Command, CommandError, Spec};
-use crate::bot::escape;
+use crate::html::escape;
 
 pub const SPEC: Spec =
     Spec { name: "help", usage: "help", summary: "show the commands and what they do", anywhere: true };

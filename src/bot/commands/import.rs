@@ -2,7 +2,7 @@
 //! redeem a transfer code on the new account; the options are the second client's requirements.
 
 use super::{Args, Command, CommandError, Spec};
-use crate::bundle::capture::Only;
+use crate::bundle::Only;
 use crate::code::TransferCode;
 use crate::transfer::ClientProfile;
 

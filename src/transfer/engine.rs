@@ -1,0 +1,413 @@
+//! The engine: runs transfers, one task each, many at once, their rooms drawing on one bounded
+//! pool. A transfer is moved in parts: the first rooms (favourites and DMs) are read, planned and
+//! moved before the rest of the account is even read, so the rooms that matter are usable first.
+//! Each part goes in two passes, highest priority first: pass 1 takes every room's seat (invite,
+//! join), pass 2 finishes them (rank, tags, notice). Then the account steps, then the report.
+//! Every step is journaled before and after it runs; the engine only tells the [`Reporter`] how it
+//! goes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures_util::stream::{self, StreamExt};
+use ruma::{OwnedRoomId, UserId};
+
+use super::account::{AFTER_ROOMS, AccountWork};
+use super::journal::Journal;
+use super::plan::{self, Plan};
+use super::progress::{Counts, Reporter, Stopped};
+use super::report::Report;
+use super::room::RoomWork;
+use super::{AccountStep, Error, PATIENT, RoomStep, Stage, StepOutcome, Transfer, TransferState, world};
+use crate::bundle::Bundle;
+use crate::config::{Config, PermissionLevel};
+use crate::homeserver::Homeserver;
+use crate::store::{Store, StoreError};
+
+/// How pass 1 left a room.
+enum Seat {
+    /// Seated (its index in the plan, and its step): pass 2 finishes it.
+    Taken(usize, RoomStep),
+    /// Skipped or failed, journaled as such.
+    Ended,
+    /// Not started: the transfer was cancelled first.
+    NotStarted,
+}
+
+/// Runs transfers: one task each, many at once, their rooms drawing on one bounded pool.
+pub struct Engine {
+    config: Arc<Config>,
+    /// Acts as the old and (local) new accounts.
+    acting: Homeserver,
+    /// The bundles.
+    store: Store,
+    journal: Journal,
+    reporter: Arc<dyn Reporter>,
+    rooms: RoomWork,
+    account: AccountWork,
+    /// Transfers running in this process, with the handle that stops one at once.
+    running: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    /// Transfers asked to stop (also persisted as `Cancelling`, for a restart).
+    cancelling: Mutex<HashSet<u64>>,
+    /// Rooms in flight across every transfer (`handoff.concurrency`): what the homeserver sees
+    /// stays bounded however many users move at once. Waiters are served in turn, so a small
+    /// transfer is not starved by a large one.
+    rooms_in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl Engine {
+    pub fn new(
+        config: Arc<Config>,
+        acting: Homeserver,
+        store: Store,
+        journal: Journal,
+        reporter: Arc<dyn Reporter>,
+    ) -> Arc<Self> {
+        let acting = acting.with_retry(PATIENT);
+        Arc::new(Engine {
+            rooms: RoomWork {
+                acting: acting.clone(),
+                journal: journal.clone(),
+                notify: config.handoff.notify.clone(),
+                domain: config.homeserver.domain.clone(),
+            },
+            account: AccountWork { acting: acting.clone(), reporter: Arc::clone(&reporter) },
+            acting,
+            store,
+            journal,
+            reporter,
+            running: Mutex::new(HashMap::new()),
+            cancelling: Mutex::new(HashSet::new()),
+            rooms_in_flight: Arc::new(tokio::sync::Semaphore::new(config.handoff.concurrency.0)),
+            config,
+        })
+    }
+
+    /// Starts (or resumes) a transfer in the background, unless it is already running.
+    pub fn spawn(self: &Arc<Self>, id: u64) {
+        // Held while spawning, so the task's own removal (at its end) comes after the insert.
+        let mut running = self.running.lock().expect("lock");
+        if running.contains_key(&id) {
+            return;
+        }
+        let engine = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            // Removes the entry however the task ends: finished, failed, panicked or stopped.
+            let _entry = RunningEntry { engine: Arc::clone(&engine), id };
+            if let Err(e) = engine.run(id).await {
+                tracing::error!(transfer = id, error = %e, "transfer stopped with an error; it resumes at the next start");
+            }
+        });
+        running.insert(id, task.abort_handle());
+    }
+
+    /// Stops a transfer at once, wherever it is (for `forget`: its records are about to go).
+    /// What it did stays done; the journal is as of its last step.
+    pub fn stop(&self, id: u64) {
+        if let Some(task) = self.running.lock().expect("lock").remove(&id) {
+            task.abort();
+            tracing::info!(transfer = id, "transfer stopped");
+        }
+    }
+
+    /// Stops every transfer at once (shutdown): the journal makes it safe, and each resumes at
+    /// the next start. Returns how many were running.
+    pub fn stop_all(&self) -> usize {
+        let running: Vec<_> = self.running.lock().expect("lock").drain().collect();
+        for (_, task) in &running {
+            task.abort();
+        }
+        running.len()
+    }
+
+    /// The pool of rooms in flight (`handoff.concurrency`), shared with capture and planning
+    /// reads so the homeserver's load stays bounded whatever runs.
+    pub fn pool(&self) -> Arc<tokio::sync::Semaphore> {
+        Arc::clone(&self.rooms_in_flight)
+    }
+
+    /// Resumes every transfer that was running when the service stopped.
+    pub fn resume_all(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for t in self.journal.all()? {
+            if t.is_live() {
+                tracing::info!(transfer = t.id, old = %t.old, new = %t.new, "resuming transfer");
+                self.spawn(t.id);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.running.lock().expect("lock").contains_key(&id)
+    }
+
+    /// Asks a running transfer to stop after the rooms in flight.
+    pub fn cancel(&self, id: u64) {
+        self.cancelling.lock().expect("lock").insert(id);
+    }
+
+    fn cancel_requested(&self, id: u64) -> bool {
+        self.cancelling.lock().expect("lock").contains(&id)
+    }
+
+    fn is_local(&self, user: &UserId) -> bool {
+        user.server_name() == self.config.homeserver.domain
+    }
+
+    async fn run(&self, id: u64) -> Result<(), Error> {
+        let started = Instant::now();
+        let mut t = self.journal.get(id)?.ok_or(Error::Missing(id))?;
+        // Permission is checked at every start and resume: revoking it stops the transfer.
+        if let Some(who) = [&t.old, &t.new].into_iter().find(|u| self.config.permission(u) < PermissionLevel::User) {
+            let who = who.clone();
+            t.state = TransferState::Cancelled;
+            self.journal.put(&t).await?;
+            tracing::info!(transfer = id, user = %who, "transfer stopped: the user may no longer use handoff");
+            self.reporter.stopped(&t, Stopped::Revoked(who)).await?;
+            return Ok(());
+        }
+        if t.state == TransferState::Cancelling {
+            self.cancel(id);
+        }
+        let Some(stored) = self.store.get_bundle(&t.bundle)? else {
+            t.state = TransferState::Cancelled;
+            self.journal.put(&t).await?;
+            self.reporter.stopped(&t, Stopped::BundleGone).await?;
+            return Ok(());
+        };
+        let bundle = stored.bundle;
+        if t.plan.is_none() {
+            // Which rooms, in which order, from the bundle alone: nothing is read yet.
+            t.plan = Some(plan::unplanned(&bundle, &t.new, &t.requirements, &Default::default()));
+            self.journal.put(&t).await?;
+        }
+        if t.status_event.is_none() {
+            let total = t.plan.as_ref().map_or(0, Plan::total);
+            t.status_event = Some(self.reporter.started(&t, Counts { seated: 0, done: 0, total }).await?);
+            self.journal.put(&t).await?;
+        }
+        if self.is_local(&t.new) {
+            // The profile goes first: set after the joins, it would add a member event to every room.
+            self.account_steps(&mut t, &bundle, &[AccountStep::Profile]).await?;
+        }
+
+        let mut cancelled = false;
+        loop {
+            let plan = t.plan.clone().expect("planned above");
+            // Plan the next part: the first rooms, then the rest, each read right before it moves.
+            let part = plan.next_part(&bundle);
+            if !part.is_empty() && !self.cancel_requested(id) {
+                let world = world::read(&self.acting, &t.old, &t.new, part.clone(), &self.rooms_in_flight).await?;
+                let rooms = plan::plan_rooms(&bundle, &t.new, &part, &world);
+                tracing::info!(
+                    transfer = id,
+                    rooms = rooms.len(),
+                    left = plan.unplanned.len() - part.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "planned"
+                );
+                t.plan.as_mut().expect("planned above").add(rooms, &part);
+                self.journal.put(&t).await?;
+            }
+            let plan = t.plan.clone().expect("planned above");
+            cancelled |= self.move_rooms(&t, &bundle, &plan, started).await?;
+            if cancelled || plan.unplanned.is_empty() || self.cancel_requested(id) {
+                break;
+            }
+        }
+
+        let mut t = self.journal.get(id)?.ok_or(Error::Missing(id))?;
+        let plan = t.plan.clone().expect("planned above");
+        // The report goes out before the final state is stored: a crash in between resumes and
+        // posts it again (the reporter posts it once), instead of never.
+        if cancelled || t.state == TransferState::Cancelling {
+            let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, true);
+            return self.finish_with(&mut t, TransferState::Cancelled, &report).await;
+        }
+        tracing::info!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "rooms done");
+        if self.is_local(&t.new) {
+            self.account_steps(&mut t, &bundle, &AFTER_ROOMS).await?;
+        } else if !t.account_steps.contains_key(&AccountStep::Remote) {
+            let why = format!(
+                "{} is on another server: tags, DMs, ignored users, push rules, settings and profile are applied by that server's handoff or your client",
+                t.new
+            );
+            t.account_steps.insert(AccountStep::Remote, StepOutcome::Failed(why));
+            self.journal.put(&t).await?;
+        }
+        let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, false);
+        self.finish_with(&mut t, TransferState::Done, &report).await?;
+        tracing::info!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "transfer done");
+        Ok(())
+    }
+
+    /// Moves the planned rooms that are not finished: pass 1 seats them all, pass 2 finishes the
+    /// seated ones. Returns whether a cancel stopped pass 1.
+    async fn move_rooms(&self, t: &Transfer, bundle: &Bundle, plan: &Plan, started: Instant) -> Result<bool, Error> {
+        let steps = self.journal.room_steps(t.id)?;
+        // Plan indices of the rooms left to do (indices, not references, keep the futures `Send`).
+        let todo: Vec<usize> = (0..plan.rooms.len())
+            .filter(|&i| !steps.get(&plan.rooms[i].room_id).is_some_and(RoomStep::is_final))
+            .collect();
+        if todo.is_empty() {
+            return Ok(false);
+        }
+        let progress = Progress::new(plan, &steps);
+        let (progress, steps) = (&progress, &steps);
+        let concurrency = self.config.handoff.concurrency.0;
+
+        // Pass 1, seats: every room's invite and join, highest priority first, so the new account
+        // is in its rooms as early as the homeserver allows.
+        let seats: Vec<Seat> = stream::iter(todo)
+            .map(|index: usize| async move {
+                let room = &plan.rooms[index];
+                let from = steps.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
+                // Seated before a restart: straight to pass 2, without taking a slot.
+                if from.is_seated() {
+                    return Seat::Taken(index, from);
+                }
+                let _slot = self.rooms_in_flight.acquire().await.expect("the pool is never closed");
+                if self.cancel_requested(t.id) {
+                    return Seat::NotStarted;
+                }
+                let ended = match self.rooms.take_seat(t, room, &from).await {
+                    Ok(None) => {
+                        progress.seated.fetch_add(1, Ordering::Relaxed);
+                        self.tell_progress(t, progress).await;
+                        return Seat::Taken(index, RoomStep::Started(Stage::Joined));
+                    }
+                    Ok(Some(step)) => step,
+                    Err(e) => RoomStep::Failed(e.to_string()),
+                };
+                self.end_room(t, progress, &room.room_id, &ended).await;
+                Seat::Ended
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let cancelled = seats.iter().any(|s| matches!(s, Seat::NotStarted));
+        let mut seated: Vec<(usize, RoomStep)> = seats
+            .into_iter()
+            .filter_map(|s| match s {
+                Seat::Taken(index, from) => Some((index, from)),
+                _ => None,
+            })
+            .collect();
+        seated.sort_by_key(|(index, _)| *index);
+        if plan.unplanned.is_empty() {
+            tracing::info!(
+                transfer = t.id,
+                seated = progress.seated.load(Ordering::Relaxed),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "rooms joined"
+            );
+        }
+
+        // Pass 2: rank, tags and the notice of every seated room, in the same order. A cancel does
+        // not stop it: every room the new account was joined to is finished and announced.
+        stream::iter(seated)
+            .map(|(index, from): (usize, RoomStep)| async move {
+                let _slot = self.rooms_in_flight.acquire().await.expect("the pool is never closed");
+                let room = &plan.rooms[index];
+                let entry = bundle.rooms.iter().find(|e| e.room_id == room.room_id);
+                let step = match self.rooms.finish(t, entry, room, &from).await {
+                    Ok(step) => step,
+                    Err(e) => RoomStep::Failed(e.to_string()),
+                };
+                self.end_room(t, progress, &room.room_id, &step).await;
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<()>>()
+            .await;
+        Ok(cancelled)
+    }
+
+    /// Account-level steps, each once (journaled in the transfer record). The new account's
+    /// account data is read once, right before, and every merge is decided from it.
+    async fn account_steps(&self, t: &mut Transfer, bundle: &Bundle, steps: &[AccountStep]) -> Result<(), Error> {
+        let todo: Vec<AccountStep> = steps.iter().copied().filter(|s| !t.account_steps.contains_key(s)).collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let world = world::read_account(&self.acting, &t.new, bundle).await?;
+        let plan = t.plan.clone().expect("planned before the account steps");
+        let room_steps = self.journal.room_steps(t.id)?;
+        for step in todo {
+            let outcome = match self.account.run(step, t, bundle, &plan, &room_steps, &world).await {
+                Ok(done) => StepOutcome::Done(done),
+                Err(Error::Hs(e)) if !e.is_transient() => StepOutcome::Failed(e.to_string()),
+                Err(e) => return Err(e),
+            };
+            t.account_steps.insert(step, outcome);
+            self.journal.put(t).await?;
+        }
+        Ok(())
+    }
+
+    /// Tells the reporter the end, then stores the final state. A report that can't be posted
+    /// for good (the DM is gone) is logged; the transfer still ends.
+    async fn finish_with(&self, t: &mut Transfer, state: TransferState, report: &Report) -> Result<(), Error> {
+        if let Err(e) = self.reporter.finished(t, report).await {
+            tracing::warn!(transfer = t.id, error = %e, "cannot post the report");
+        }
+        t.state = state;
+        self.journal.put(t).await?;
+        Ok(())
+    }
+
+    /// Journals a room's final step and counts it.
+    async fn end_room(&self, t: &Transfer, progress: &Progress, room: &OwnedRoomId, step: &RoomStep) {
+        if let Err(e) = self.journal.set_room_step(t.id, room, step).await {
+            tracing::error!(error = %e, "cannot journal a room's outcome");
+        }
+        progress.done.fetch_add(1, Ordering::Relaxed);
+        self.tell_progress(t, progress).await;
+    }
+
+    async fn tell_progress(&self, t: &Transfer, progress: &Progress) {
+        let counts = Counts {
+            seated: progress.seated.load(Ordering::Relaxed),
+            done: progress.done.load(Ordering::Relaxed),
+            total: progress.total,
+        };
+        if let Err(e) = self.reporter.progress(t, counts).await {
+            tracing::warn!(error = %e, "cannot report progress");
+        }
+    }
+}
+
+/// Removes a transfer from [`Engine::running`] when its task ends, however it ends.
+struct RunningEntry {
+    engine: Arc<Engine>,
+    id: u64,
+}
+
+impl Drop for RunningEntry {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.engine.running.lock() {
+            running.remove(&self.id);
+        }
+    }
+}
+
+/// Counts for progress, across the parts of a transfer.
+struct Progress {
+    seated: AtomicUsize,
+    done: AtomicUsize,
+    total: usize,
+}
+
+impl Progress {
+    /// Counts what the journal says was done before.
+    fn new(plan: &Plan, steps: &BTreeMap<OwnedRoomId, RoomStep>) -> Progress {
+        let step = |id: &OwnedRoomId| steps.get(id).cloned().unwrap_or(RoomStep::Pending);
+        // Seated: past pass 1, whether finished since or not (skipped and failed rooms never were).
+        let seated = plan.rooms.iter().filter(|r| step(&r.room_id).is_seated()).count();
+        let done = plan.rooms.iter().filter(|r| step(&r.room_id).is_final()).count();
+        Progress { seated: AtomicUsize::new(seated), done: AtomicUsize::new(done), total: plan.total() }
+    }
+}

@@ -1,0 +1,153 @@
+//! The transfer journal: [`Transfer`] records and each room's [`RoomStep`], typed, on top of the
+//! store's sealed records. Every step is written (and made durable) before and after it runs, so
+//! a restarted service resumes where it stopped and nothing is done twice.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ruma::{OwnedRoomId, RoomId, UserId};
+
+use super::{RoomStep, Transfer, TransferState};
+use crate::store::{Store, StoreError, now_ms};
+
+#[derive(Clone)]
+pub struct Journal {
+    store: Store,
+}
+
+fn corrupt(e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl Journal {
+    pub fn new(store: Store) -> Journal {
+        Journal { store }
+    }
+
+    pub fn new_id(&self) -> Result<u64, StoreError> {
+        self.store.new_transfer_id()
+    }
+
+    /// Writes a transfer record and makes it durable.
+    pub async fn put(&self, t: &Transfer) -> Result<(), StoreError> {
+        self.store.put_transfer(t.id, &serde_json::to_vec(t).map_err(corrupt)?).await
+    }
+
+    pub fn get(&self, id: u64) -> Result<Option<Transfer>, StoreError> {
+        self.store.transfer(id)?.map(|json| serde_json::from_slice(&json).map_err(corrupt)).transpose()
+    }
+
+    /// Every transfer, oldest first.
+    pub fn all(&self) -> Result<Vec<Transfer>, StoreError> {
+        self.store.transfers()?.into_iter().map(|(_, json)| serde_json::from_slice(&json).map_err(corrupt)).collect()
+    }
+
+    /// Every transfer `user` takes part in (as the old or the new account), oldest first.
+    pub fn of(&self, user: &UserId) -> Result<Vec<Transfer>, StoreError> {
+        Ok(self.all()?.into_iter().filter(|t| t.involves(user)).collect())
+    }
+
+    /// The latest transfer `user` takes part in.
+    pub fn latest_of(&self, user: &UserId) -> Result<Option<Transfer>, StoreError> {
+        Ok(self.of(user)?.pop())
+    }
+
+    /// Journals a room's step and makes it durable before returning.
+    pub async fn set_room_step(&self, id: u64, room: &RoomId, step: &RoomStep) -> Result<(), StoreError> {
+        self.store.put_journal_entry(id, room, &serde_json::to_vec(step).map_err(corrupt)?).await
+    }
+
+    /// Every room's journaled step in a transfer.
+    pub fn room_steps(&self, id: u64) -> Result<BTreeMap<OwnedRoomId, RoomStep>, StoreError> {
+        self.store
+            .journal(id)?
+            .into_iter()
+            .map(|(room, json)| Ok((room, serde_json::from_slice(&json).map_err(corrupt)?)))
+            .collect()
+    }
+
+    /// Deletes every transfer record of `user` (as either account) with its journal; returns how
+    /// many. The caller stops the user's running transfers first.
+    pub async fn forget(&self, user: &UserId) -> Result<usize, StoreError> {
+        let ids: Vec<u64> = self.of(user)?.iter().map(|t| t.id).collect();
+        self.store.remove_transfers(&ids).await?;
+        Ok(ids.len())
+    }
+
+    /// Deletes finished transfers older than `retention`, and pending ones whose code lapsed that
+    /// long ago, with their journals; never a running one. Returns how many.
+    pub async fn purge(&self, retention: Duration) -> Result<usize, StoreError> {
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        let ids: Vec<u64> = self
+            .all()?
+            .iter()
+            .filter(|t| match t.state {
+                TransferState::Running | TransferState::Cancelling => false,
+                TransferState::AwaitingApproval => t.expires_at_ms.unwrap_or(t.created_at_ms) < cutoff,
+                _ => t.created_at_ms < cutoff,
+            })
+            .map(|t| t.id)
+            .collect();
+        self.store.remove_transfers(&ids).await?;
+        Ok(ids.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::BundleId;
+
+    fn transfer(id: u64, state: TransferState, created_at_ms: u64) -> Transfer {
+        let old = UserId::parse("@old:x.org").unwrap();
+        let mut t = Transfer::new(
+            id,
+            old.clone(),
+            UserId::parse("@new:x.org").unwrap(),
+            BundleId::new(&old, 1),
+            Default::default(),
+            "!dm:x.org".try_into().unwrap(),
+            None,
+        );
+        t.state = state;
+        t.created_at_ms = created_at_ms;
+        t
+    }
+
+    #[tokio::test]
+    async fn retention_purges_finished_transfers_with_their_journals_never_running_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(Store::open(&dir.path().join("db")).unwrap());
+        let room = <&RoomId>::try_from("!r:x.org").unwrap();
+        let old = now_ms() - 10_000;
+        for (id, state) in [(1, TransferState::Done), (2, TransferState::Running), (3, TransferState::Denied)] {
+            journal.put(&transfer(id, state, old)).await.unwrap();
+            journal.set_room_step(id, room, &RoomStep::Done).await.unwrap();
+        }
+        let pending = Transfer { expires_at_ms: Some(old), ..transfer(4, TransferState::AwaitingApproval, old) };
+        journal.put(&pending).await.unwrap();
+        assert_eq!(journal.purge(Duration::from_secs(3600)).await.unwrap(), 0);
+        assert_eq!(journal.all().unwrap().len(), 4);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(journal.purge(Duration::from_millis(1)).await.unwrap(), 3);
+        let left: Vec<u64> = journal.all().unwrap().iter().map(|t| t.id).collect();
+        assert_eq!(left, vec![2], "a running transfer is never purged");
+        assert!(journal.room_steps(1).unwrap().is_empty(), "journals go with their transfers");
+        assert_eq!(journal.room_steps(2).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn steps_round_trip_and_forget_takes_both_sides() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(Store::open(&dir.path().join("db")).unwrap());
+        let room = <&RoomId>::try_from("!r:x.org").unwrap();
+        journal.put(&transfer(1, TransferState::Running, now_ms())).await.unwrap();
+        let step = RoomStep::Started(super::super::Stage::Rank);
+        journal.set_room_step(1, room, &step).await.unwrap();
+        assert_eq!(journal.room_steps(1).unwrap().get(room), Some(&step));
+        assert_eq!(journal.latest_of(<&UserId>::try_from("@new:x.org").unwrap()).unwrap().unwrap().id, 1);
+        assert_eq!(journal.forget(<&UserId>::try_from("@new:x.org").unwrap()).await.unwrap(), 1);
+        assert!(journal.get(1).unwrap().is_none());
+        assert!(journal.room_steps(1).unwrap().is_empty());
+    }
+}

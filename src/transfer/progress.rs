@@ -1,0 +1,60 @@
+//! The port through which the engine tells the people it works for how a transfer goes. The bot
+//! renders it into the new account's DM with the bot; a device-side client would draw a progress
+//! bar. The engine decides what happened; the renderer decides how it reads.
+
+use futures_util::future::BoxFuture;
+use ruma::{OwnedEventId, OwnedUserId};
+
+use super::Transfer;
+use super::report::Report;
+use crate::bundle::HistoryMessage;
+use crate::homeserver::HsError;
+
+/// How far a transfer got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Rooms the new account has its seat in (pass 1 done).
+    pub seated: usize,
+    /// Rooms with their final step (moved, skipped or failed).
+    pub done: usize,
+    pub total: usize,
+}
+
+/// Why a transfer stopped before it did anything more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// This account may no longer use handoff on this server.
+    Revoked(OwnedUserId),
+    /// The bundle is gone (forgotten, or past its retention).
+    BundleGone,
+}
+
+/// Something handed over to the new account as a file.
+pub enum Delivery<'a> {
+    /// The old account's Element key export, still encrypted with its passphrase.
+    RoomKeys { armored: &'a str },
+    /// The last messages of the moved rooms (`import --history N`).
+    History(Vec<RoomHistory<'a>>),
+}
+
+/// One room's part of a history delivery.
+pub struct RoomHistory<'a> {
+    pub title: String,
+    pub messages: &'a [HistoryMessage],
+    /// Encrypted messages, counted, not copied.
+    pub encrypted: usize,
+}
+
+/// Where the engine's news goes. Every call may be repeated after a restart (the engine journals
+/// what it did, not what it said): an implementation posts each message once per transfer.
+pub trait Reporter: Send + Sync {
+    /// The transfer starts moving rooms: returns the message that later progress edits.
+    fn started<'a>(&'a self, t: &'a Transfer, counts: Counts) -> BoxFuture<'a, Result<OwnedEventId, HsError>>;
+    /// A room moved on (an implementation may skip some of these: the last one always comes).
+    fn progress<'a>(&'a self, t: &'a Transfer, counts: Counts) -> BoxFuture<'a, Result<(), HsError>>;
+    fn stopped<'a>(&'a self, t: &'a Transfer, why: Stopped) -> BoxFuture<'a, Result<(), HsError>>;
+    /// Hands a file over; returns its name, for the report.
+    fn deliver<'a>(&'a self, t: &'a Transfer, what: Delivery<'a>) -> BoxFuture<'a, Result<String, HsError>>;
+    /// The transfer ended (done or cancelled): its report.
+    fn finished<'a>(&'a self, t: &'a Transfer, report: &'a Report) -> BoxFuture<'a, Result<(), HsError>>;
+}

@@ -1,0 +1,232 @@
+//! One room's stages, from wherever its journal says it got to. Pass 1 takes the new account's
+//! seat (the old account invites, the new one joins); pass 2 finishes the room (carries the rank,
+//! applies the tags, posts the move notice). A resumed stage re-checks the room before acting
+//! again, and the notice's transaction ID comes from the transfer, so nothing happens twice.
+
+use ruma::api::Direction;
+use ruma::api::client::membership::{invite_user, join_room_by_id};
+use ruma::api::client::message::{get_message_events, send_message_event};
+use ruma::api::client::state::{get_state_event_for_key, send_state_event};
+use ruma::api::client::tag::create_tag;
+use ruma::api::error::ErrorKind;
+use ruma::events::room::member::MembershipState;
+use ruma::events::room::message::RoomMessageEventContent;
+use ruma::events::room::power_levels::RoomPowerLevelsEventContent;
+use ruma::events::{MessageLikeEventType, StateEventType};
+use ruma::serde::Raw;
+use ruma::{Int, OwnedServerName, RoomId, UInt, UserId};
+use serde_json::{Value as JsonValue, json};
+
+use super::journal::Journal;
+use super::plan::{Action, Blocked, RoomPlan};
+use super::{Error, RoomStep, Stage, Transfer};
+use crate::bundle::RoomEntry;
+use crate::config::{NotifyConfig, NotifySender};
+use crate::homeserver::{Homeserver, HsError};
+use crate::html::to_html;
+
+/// The field of move notices that clients and bots can read.
+pub const MOVE_FIELD: &str = "org.handoff.move";
+
+/// What a room's stages need: the acting client, the journal, the notice settings.
+pub struct RoomWork {
+    pub acting: Homeserver,
+    pub journal: Journal,
+    pub notify: NotifyConfig,
+    /// The homeserver's domain: a new account there is joined by the service.
+    pub domain: OwnedServerName,
+}
+
+impl RoomWork {
+    fn is_local(&self, user: &UserId) -> bool {
+        user.server_name() == self.domain
+    }
+
+    /// Journals `Started(stage)` before a stage runs: the record of the previous stage's end, and
+    /// what tells a resumed transfer to re-check the room before acting again.
+    async fn started(&self, t: &Transfer, room: &RoomId, stage: Stage) -> Result<(), Error> {
+        Ok(self.journal.set_room_step(t.id, room, &RoomStep::Started(stage)).await?)
+    }
+
+    /// Pass 1: reserve (the old account invites) and join. `None` when the new account has its
+    /// seat (joined, or invited if it is on another server) and the room goes on to pass 2;
+    /// otherwise the room's final step.
+    pub async fn take_seat(&self, t: &Transfer, room: &RoomPlan, from: &RoomStep) -> Result<Option<RoomStep>, Error> {
+        let rid = &room.room_id;
+        match room.action {
+            Action::Blocked(b) => return Ok(Some(RoomStep::Skipped(b.explain().into()))),
+            Action::Gone => {
+                return Ok(Some(RoomStep::Skipped(
+                    "the old account is no longer in this room, or it no longer exists".into(),
+                )));
+            }
+            Action::Join | Action::AlreadyJoined => {}
+        }
+        let local_new = self.is_local(&t.new);
+        let resumed = matches!(from, RoomStep::Started(_));
+
+        // 1. Reserve: the old account invites the new one (checked against the room first).
+        if !from.completed(Stage::Invite) {
+            self.started(t, rid, Stage::Invite).await?;
+            // Fresh rooms were read when planning; a resumed stage re-checks the room first.
+            let membership = match room.action {
+                _ if resumed => self.membership(&t.old, rid, &t.new).await?,
+                Action::AlreadyJoined => Some(MembershipState::Join),
+                _ => None,
+            };
+            match membership {
+                Some(MembershipState::Join) | Some(MembershipState::Invite) => {}
+                Some(MembershipState::Ban) => return Ok(Some(RoomStep::Skipped(Blocked::Banned.explain().into()))),
+                _ => {
+                    let mut invitee = invite_user::v3::InviteUserId::new(t.new.clone());
+                    invitee.reason = Some(format!("{} is moving to this account (handoff)", t.old));
+                    let req = invite_user::v3::Request::new(rid.clone(), invitee.into());
+                    if let Err(e) = self.acting.send_as(&t.old, req).await {
+                        // A public room can be joined without the invite.
+                        let public = room.action == Action::Join && matches!(e.kind(), Some(ErrorKind::Forbidden));
+                        if !public {
+                            return Ok(Some(RoomStep::Failed(format!("the invite failed: {e}"))));
+                        }
+                    }
+                }
+            }
+        }
+        // 2. Join: a local new account is joined by the service; a remote one accepts from its client.
+        if !from.completed(Stage::Join) && local_new {
+            self.started(t, rid, Stage::Join).await?;
+            if !resumed || self.membership(&t.old, rid, &t.new).await? != Some(MembershipState::Join) {
+                // The old account is local and in the room, so this server is too: no via servers needed.
+                if let Err(e) = self.acting.send_as(&t.new, join_room_by_id::v3::Request::new(rid.clone())).await {
+                    return Ok(Some(RoomStep::Failed(format!("joining failed: {e}"))));
+                }
+            }
+        }
+        // The end of pass 1, and what a restart resumes from.
+        self.started(t, rid, Stage::Joined).await?;
+        Ok(None)
+    }
+
+    /// Pass 2 for a seated room: carry rank, tags, notify. Returns the room's final step.
+    pub async fn finish(
+        &self,
+        t: &Transfer,
+        entry: Option<&RoomEntry>,
+        room: &RoomPlan,
+        from: &RoomStep,
+    ) -> Result<RoomStep, Error> {
+        let rid = &room.room_id;
+        let local_new = self.is_local(&t.new);
+        // 3. Carry rank: re-read the power levels right before writing them.
+        if !from.completed(Stage::Rank)
+            && let Some(level) = room.give_level
+        {
+            self.started(t, rid, Stage::Rank).await?;
+            if let Err(e) = self.carry_rank(&t.old, rid, &t.new, level).await {
+                tracing::warn!(room_id = %rid, error = %e, "carrying the rank failed");
+            }
+        }
+        // 4. Tags, on the new account (PUT is idempotent).
+        if !from.completed(Stage::Tags)
+            && local_new
+            && let Some(entry) = entry.filter(|e| !e.tags.is_empty())
+        {
+            self.started(t, rid, Stage::Tags).await?;
+            for (name, info) in &entry.tags {
+                let req = create_tag::v3::Request::new(t.new.clone(), rid.clone(), name.to_string(), info.clone());
+                self.acting.send_as(&t.new, req).await?;
+            }
+        }
+        // 5. Notify: one notice per room, never two.
+        if !from.completed(Stage::Notify) {
+            self.started(t, rid, Stage::Notify).await?;
+            // Only a notify stage that was started may have posted its notice already.
+            let resumed = *from == RoomStep::Started(Stage::Notify);
+            self.notify(t, rid, local_new, resumed).await?;
+        }
+        Ok(if local_new { RoomStep::Done } else { RoomStep::AwaitingAccept })
+    }
+
+    async fn membership(
+        &self,
+        reader: &UserId,
+        room: &RoomId,
+        user: &UserId,
+    ) -> Result<Option<MembershipState>, Error> {
+        let req =
+            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomMember, user.to_string());
+        match self.acting.send_as(reader, req).await {
+            Ok(resp) => {
+                let content: JsonValue = serde_json::from_str(resp.event_or_content.get()).unwrap_or_default();
+                Ok(content.get("membership").and_then(|m| serde_json::from_value(m.clone()).ok()))
+            }
+            Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn carry_rank(&self, old: &UserId, room: &RoomId, new: &UserId, level: Int) -> Result<(), Error> {
+        let req =
+            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomPowerLevels, String::new());
+        let resp = self.acting.send_as(old, req).await?;
+        let mut content: RoomPowerLevelsEventContent =
+            serde_json::from_str(resp.event_or_content.get()).map_err(|e| HsError::Protocol(e.to_string()))?;
+        let current = content.users.get(new).copied().unwrap_or(content.users_default);
+        if current >= level {
+            return Ok(());
+        }
+        content.users.insert(new.to_owned(), level);
+        let req = send_state_event::v3::Request::new(room.to_owned(), &ruma::events::EmptyStateKey, &content)
+            .map_err(|e| HsError::Protocol(e.to_string()))?;
+        self.acting.send_as(old, req).await?;
+        Ok(())
+    }
+
+    /// Posts the move notice. A resumed stage first looks for one of this transfer in the room.
+    async fn notify(&self, t: &Transfer, room: &RoomId, local_new: bool, resumed: bool) -> Result<(), Error> {
+        let sender = match self.notify.sender {
+            NotifySender::New if local_new => t.new.clone(),
+            // The bot is not in the users' rooms, and a remote new account can't be acted for.
+            _ => t.old.clone(),
+        };
+        if resumed && self.notice_exists(&sender, room, t.id).await? {
+            return Ok(());
+        }
+        let text = self.notify.template.replace("{old}", t.old.as_str()).replace("{new}", t.new.as_str());
+        let mut content = serde_json::to_value(RoomMessageEventContent::notice_html(text.clone(), to_html(&text)))
+            .expect("content serialises");
+        content[MOVE_FIELD] = json!({
+            "transfer": t.id,
+            "from": t.old,
+            "to": t.new,
+            "profile": t.profile,
+        });
+        let raw = Raw::from_json(serde_json::value::to_raw_value(&content).expect("json"));
+        let req = send_message_event::v3::Request::new_raw(
+            room.to_owned(),
+            format!("handoff-move-{}", t.id).into(),
+            MessageLikeEventType::RoomMessage,
+            raw,
+        );
+        self.acting.send_as(&sender, req).await?;
+        Ok(())
+    }
+
+    async fn notice_exists(&self, sender: &UserId, room: &RoomId, transfer: u64) -> Result<bool, Error> {
+        let mut req = get_message_events::v3::Request::new(room.to_owned(), Direction::Backward);
+        req.limit = UInt::from(50u32);
+        req.filter.types = Some(vec!["m.room.message".into()]);
+        req.filter.senders = Some(vec![sender.to_owned()]);
+        let chunk = match self.acting.send_as(sender, req).await {
+            Ok(r) => r.chunk,
+            Err(e) if !e.is_transient() => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(chunk.iter().any(|ev| {
+            ev.get_field::<JsonValue>("content")
+                .ok()
+                .flatten()
+                .and_then(|c| c.get(MOVE_FIELD)?.get("transfer")?.as_u64())
+                == Some(transfer)
+        }))
+    }
+}
