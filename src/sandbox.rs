@@ -172,7 +172,7 @@ impl Synapse {
             }
             mac.update(part.as_bytes());
         }
-        let mac: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        let mac = hex::encode(mac.finalize().into_bytes());
         let resp = http
             .post(&endpoint)
             .json(&serde_json::json!({

@@ -1,16 +1,15 @@
-//! Key-export files dropped into the DM, and the `keys` command.
+//! Key-export files dropped into the DM (the `keys` command shows what is attached).
 
 use ruma::events::room::message::FileMessageEventContent;
 
-use super::commands::keys::HOW_TO;
-use super::{Bot, Ctx};
-use crate::homeserver::{DownloadError, HsError};
+use super::state::{Bot, BotError, Ctx};
+use crate::homeserver::DownloadError;
 use crate::keys;
 
 /// Key exports are small (a few hundred bytes per room key); anything bigger is not one.
 const MAX_FILE: u64 = 64 << 20;
 
-pub async fn on_file(bot: &Bot, ctx: &Ctx, file: &FileMessageEventContent) -> Result<(), HsError> {
+pub async fn on_file(bot: &Bot, ctx: &Ctx, file: &FileMessageEventContent) -> Result<(), BotError> {
     // Capped while it arrives: the size the sender declares is not to be trusted.
     let bytes = match bot.hs.download(&file.source, MAX_FILE).await {
         Ok(bytes) => bytes,
@@ -58,23 +57,8 @@ pub async fn on_file(bot: &Bot, ctx: &Ctx, file: &FileMessageEventContent) -> Re
     .await
 }
 
-pub async fn show(bot: &Bot, ctx: &Ctx) -> Result<(), HsError> {
-    let text = match bot.store.latest_bundle(&ctx.sender) {
-        Ok(Some((_, record))) => match &record.bundle.room_keys {
-            Some(k) => format!(
-                "Your latest bundle carries a key export: {} bytes of encrypted keys ({} PBKDF2 rounds).",
-                k.encrypted_len, k.rounds
-            ),
-            None => format!("Your latest bundle carries no key export. {HOW_TO}"),
-        },
-        Ok(None) => format!("You have no bundle yet: send `export` first. {HOW_TO}"),
-        Err(e) => return store_failure(bot, ctx, e).await,
-    };
-    bot.reply(ctx, text).await
-}
-
-async fn store_failure(bot: &Bot, ctx: &Ctx, e: crate::store::StoreError) -> Result<(), HsError> {
-    tracing::error!(error = %e, "store failure");
+async fn store_failure(bot: &Bot, ctx: &Ctx, e: crate::store::StoreError) -> Result<(), BotError> {
+    tracing::error!(error = ?e, "store failure");
     bot.reply(
         ctx,
         "The server could not read or write its store; nothing changed. Try again, or tell the server admin.".into(),

@@ -6,17 +6,18 @@
 //! user, and an error or a panic while handling one event ends that event alone, with a reply.
 
 pub mod commands;
-mod export;
+mod consent;
 mod keys;
 pub mod progress;
 pub mod queue;
-mod transfer;
+mod state;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
+use ruma::OwnedUserId;
+use ruma::api::client::device::get_devices;
 use ruma::api::client::membership::{join_room_by_id, leave_room};
-use ruma::api::client::message::send_message_event;
 use ruma::api::client::state::get_state_event_for_key;
 use ruma::events::StateEventType;
 use ruma::events::room::member::{MembershipState, RoomMemberEventContent};
@@ -26,90 +27,24 @@ use ruma::events::{
     OriginalStateEvent, StateEvent,
 };
 use ruma::serde::Raw;
-use ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, UserId};
-use sha2::{Digest, Sha256};
 
 use crate::code::TransferCode;
-use crate::config::{Config, PermissionLevel};
-use crate::homeserver::{Homeserver, HsError};
-use crate::html::{escape, to_html};
-use crate::store::{Store, StoreError};
-use crate::transfer::engine::Engine;
-use crate::transfer::journal::Journal;
-use commands::{Command, Place};
-use queue::{Queued, UserQueues};
-
-pub struct Bot {
-    config: Arc<Config>,
-    user_id: OwnedUserId,
-    /// The main registration's client: it acts as the bot.
-    hs: Homeserver,
-    /// The acting registration's client: it acts as local users.
-    acting: Homeserver,
-    store: Store,
-    journal: Journal,
-    engine: Arc<Engine>,
-    wrong_codes: transfer::WrongCodes,
-    queues: Arc<UserQueues<OwnedUserId, Job>>,
-    /// Users whose `export` is capturing right now (one at a time each).
-    exports: Mutex<HashSet<OwnedUserId>>,
-    /// Serialises the read-check-write of consent records (codes, offers, transfers), which two
-    /// users' queues may touch at once. Never held across a request to the homeserver.
-    records: tokio::sync::Mutex<()>,
-}
-
-/// Work in a user's queue.
-pub enum Job {
-    /// An event the homeserver pushed; `inbox` is its number in the store's inbox.
-    Event { inbox: u64, event: Raw<AnyTimelineEvent> },
-    /// Offer this (new) account the move another account prepared for it (`export --to … --auto`).
-    Offer(OwnedUserId),
-}
-
-/// The message a command or file came in.
-#[derive(Debug, Clone)]
-pub struct Ctx {
-    pub room_id: OwnedRoomId,
-    pub event_id: OwnedEventId,
-    pub sender: OwnedUserId,
-}
+use crate::config::PermissionLevel;
+use crate::html::escape;
+use crate::store::{StoreError, now_ms};
+use commands::Place;
+use queue::Queued;
+pub use state::{Bot, BotError, Ctx, Job};
 
 impl Bot {
     /// Starts the background watch for `export --auto` offers.
     pub fn watch_auto_starts(self: &Arc<Self>) {
-        transfer::spawn_auto_watch(Arc::clone(self));
-    }
-
-    pub fn new(
-        config: Arc<Config>,
-        hs: Homeserver,
-        acting: Homeserver,
-        store: Store,
-        journal: Journal,
-        engine: Arc<Engine>,
-    ) -> Self {
-        Bot {
-            user_id: config.bot_user_id(),
-            config,
-            hs,
-            acting,
-            store,
-            journal,
-            engine,
-            wrong_codes: Default::default(),
-            queues: Arc::default(),
-            exports: Mutex::new(HashSet::new()),
-            records: tokio::sync::Mutex::new(()),
-        }
-    }
-
-    pub fn user_id(&self) -> &UserId {
-        &self.user_id
+        spawn_auto_watch(Arc::clone(self));
     }
 
     /// At start-up: drops offers and pending imports of users no longer permitted.
-    pub async fn sweep_revoked(&self) -> Result<usize, HsError> {
-        transfer::sweep_revoked(self).await
+    pub async fn sweep_revoked(&self) -> Result<usize, BotError> {
+        consent::sweep_revoked(self).await
     }
 
     /// The user an event is addressed by, if the bot acts on it: an invite or leave of the bot,
@@ -187,7 +122,7 @@ impl Bot {
         match job {
             Job::Offer(user) => {
                 let bot = Arc::clone(&self);
-                match tokio::spawn(async move { transfer::offer(&bot, &user, None).await }).await {
+                match tokio::spawn(async move { consent::offer(&bot, &user, None).await }).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "offering an automatic move failed"),
                     Err(e) => tracing::error!(task = %e.id(), "offering an automatic move panicked"),
@@ -200,7 +135,7 @@ impl Bot {
                 let failure = match outcome {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "handling an event failed");
+                        tracing::warn!(error = ?e, "handling an event failed");
                         Some(format!("That failed: {e}. Try again, or tell the server admin if it keeps failing."))
                     }
                     Err(e) => {
@@ -237,7 +172,7 @@ impl Bot {
     }
 
     /// Handles one event. An event that does not parse is skipped.
-    async fn handle_event(self: &Arc<Self>, raw: &Raw<AnyTimelineEvent>) -> Result<(), HsError> {
+    async fn handle_event(self: &Arc<Self>, raw: &Raw<AnyTimelineEvent>) -> Result<(), BotError> {
         let event = match raw.deserialize() {
             Ok(e) => e,
             Err(e) => {
@@ -254,7 +189,7 @@ impl Bot {
         }
     }
 
-    async fn on_member(&self, ev: &OriginalStateEvent<RoomMemberEventContent>) -> Result<(), HsError> {
+    async fn on_member(&self, ev: &OriginalStateEvent<RoomMemberEventContent>) -> Result<(), BotError> {
         if ev.state_key != self.user_id {
             return Ok(());
         }
@@ -270,7 +205,7 @@ impl Bot {
         }
     }
 
-    async fn on_invite(&self, ev: &OriginalStateEvent<RoomMemberEventContent>) -> Result<(), HsError> {
+    async fn on_invite(&self, ev: &OriginalStateEvent<RoomMemberEventContent>) -> Result<(), BotError> {
         let room = &ev.room_id;
         if self.config.permission(&ev.sender) < PermissionLevel::User {
             tracing::info!(room_id = %room, inviter = %ev.sender, "refusing an invite from a user without permission");
@@ -302,7 +237,7 @@ impl Bot {
         self.send_notice(&ctx, 0, RoomMessageEventContent::notice_html(greeting, html)).await?;
         if ev.content.is_direct == Some(true) {
             // A move offered to this account waits for it to be active: this is activity.
-            transfer::offer(self, &ev.sender, Some(room.clone())).await?;
+            consent::offer(self, &ev.sender, Some(room.clone())).await?;
         }
         Ok(())
     }
@@ -317,7 +252,7 @@ impl Bot {
     async fn on_message(
         self: &Arc<Self>,
         ev: &OriginalMessageLikeEvent<RoomMessageEventContent>,
-    ) -> Result<(), HsError> {
+    ) -> Result<(), BotError> {
         if ev.sender == self.user_id {
             return Ok(());
         }
@@ -325,7 +260,7 @@ impl Bot {
         if matches!(ev.content.relates_to, Some(Relation::Replacement(_))) {
             return Ok(());
         }
-        let place = match self.store.dm_room_user(&ev.room_id).map_err(store_err)? {
+        let place = match self.store.dm_room_user(&ev.room_id)? {
             Some(owner) if owner == ev.sender => Place::Dm,
             _ => Place::Group,
         };
@@ -333,7 +268,7 @@ impl Bot {
         let permitted = self.config.permission(&ev.sender) >= PermissionLevel::User;
         if place == Place::Dm && permitted {
             // Writing to the bot is activity: a move offered to this account is offered now.
-            transfer::offer(self, &ev.sender, Some(ev.room_id.clone())).await?;
+            consent::offer(self, &ev.sender, Some(ev.room_id.clone())).await?;
         }
         let text = match &ev.content.msgtype {
             MessageType::Text(text) => &text.body,
@@ -369,81 +304,39 @@ impl Bot {
             );
             return self.reply(&ctx, text).await;
         }
-        match command {
-            Command::Help => {
-                let (plain, html) = commands::help::text(&self.config.handoff.command_prefix);
-                self.send_notice(&ctx, 0, RoomMessageEventContent::notice_html(plain, html)).await
-            }
-            Command::Export(args) => export::start(self, ctx, args).await,
-            Command::Keys => keys::show(self, &ctx).await,
-            Command::Forget => self.forget(&ctx).await,
-            Command::Import(args) => transfer::import(self, &ctx, args).await,
-            Command::Approve(who) => transfer::approve(self, &ctx, who, true).await,
-            Command::Deny(who) => transfer::approve(self, &ctx, who, false).await,
-            Command::Accept => transfer::accept(self, &ctx).await,
-            Command::Decline => transfer::decline(self, &ctx).await,
-            Command::Status => transfer::status(self, &ctx).await,
-            Command::Cancel => transfer::cancel(self, &ctx).await,
-            Command::Finish { leave, advertise } => transfer::finish(self, &ctx, leave, advertise).await,
-        }
-    }
-
-    /// Stops the user's transfers, then deletes every record about them.
-    async fn forget(&self, ctx: &Ctx) -> Result<(), HsError> {
-        let user = &ctx.sender;
-        let transfers = self.journal.of(user).map_err(store_err)?;
-        for t in transfers.iter().filter(|t| !t.state.is_finished()) {
-            // A running transfer would write its journal again after the records are gone.
-            self.engine.stop(t.id);
-        }
-        self.wrong_codes.forget(user);
-        let forgotten = match self.store.forget(user).await {
-            Ok(gone) => self.journal.forget(user).await.map(|transfers| (gone, transfers)),
-            Err(e) => Err(e),
-        };
-        let text = match forgotten {
-            Ok((gone, transfers)) => format!(
-                "Deleted {} bundle(s), {} transfer code(s), {} transfer record(s) and {} offer(s); any transfer of yours that was running was stopped. handoff now holds nothing about you but the fact that this room is your DM with it.",
-                gone.bundles, gone.codes, transfers, gone.offers
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "forget failed");
-                "Deleting your data failed on the server's side; nothing was reported as deleted. Try again, or tell the server admin.".to_owned()
-            }
-        };
-        self.reply(ctx, text).await
-    }
-
-    /// Replies with a notice; `backtick` spans become `<code>` in the HTML body.
-    pub(crate) async fn reply(&self, ctx: &Ctx, text: String) -> Result<(), HsError> {
-        self.reply_n(ctx, 0, text).await
-    }
-
-    /// The `n`th reply to the same message (each gets its own transaction ID).
-    pub(crate) async fn reply_n(&self, ctx: &Ctx, n: u32, text: String) -> Result<(), HsError> {
-        let html = to_html(&text);
-        self.send_notice(ctx, n, RoomMessageEventContent::notice_html(text, html)).await
-    }
-
-    /// Sends a message caused by `ctx.event_id`. The transaction ID is derived from the cause, so a
-    /// retried or replayed event can't produce a second reply.
-    pub(crate) async fn send_notice(&self, ctx: &Ctx, n: u32, content: RoomMessageEventContent) -> Result<(), HsError> {
-        let request =
-            send_message_event::v3::Request::new(ctx.room_id.clone(), reply_txn_id(&ctx.event_id, n), &content)
-                .map_err(|e| HsError::Protocol(e.to_string()))?;
-        self.hs.send(request).await?;
-        Ok(())
+        commands::run(self, &ctx, command).await
     }
 }
 
-/// A store failure, logged in full, told to the user without internals.
-pub(crate) fn store_err(e: crate::store::StoreError) -> HsError {
-    tracing::error!(error = %e, "store failure");
-    HsError::Protocol("the server could not read or write its store".into())
-}
-
-fn reply_txn_id(cause: &ruma::EventId, n: u32) -> OwnedTransactionId {
-    let digest = Sha256::digest(cause.as_str().as_bytes());
-    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-    format!("handoff-{hex}-{n}").into()
+/// Watches pending offers: a local account that has a device (has signed in) is active, and is
+/// offered its move in its own queue (so the offer and the account's own commands never race).
+fn spawn_auto_watch(bot: Arc<Bot>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            let autos = match bot.store.autos() {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read pending offers");
+                    continue;
+                }
+            };
+            for auto in autos {
+                if auto.offered_in.is_some() || auto.expires_at_ms <= now_ms() {
+                    continue; // answered in the DM; expired ones go with retention
+                }
+                if auto.new.server_name() != bot.config.homeserver.domain {
+                    continue; // remote accounts are offered it when they write to the bot
+                }
+                let active = match bot.acting.send_as(&auto.new, get_devices::v3::Request::new()).await {
+                    Ok(r) => !r.devices.is_empty(),
+                    Err(_) => false, // not registered yet
+                };
+                if active {
+                    bot.enqueue(auto.new.clone(), Job::Offer(auto.new.clone()));
+                }
+            }
+        }
+    });
 }

@@ -4,18 +4,26 @@
 use ruma::OwnedUserId;
 
 use super::{Args, Command, CommandError, Spec};
+use crate::bot::consent::{pending_for, start_refusal};
+use crate::bot::state::{Bot, BotError, Ctx};
+use crate::config::PermissionLevel;
+use crate::transfer::TransferState;
 
 pub const APPROVE: Spec = Spec {
     name: "approve",
     usage: "approve @importer:server",
     summary: "on the old account: let the named account's pending import go ahead",
     anywhere: false,
+    permission: PermissionLevel::User,
+    runs_long: false,
 };
 pub const DENY: Spec = Spec {
     name: "deny",
     usage: "deny @importer:server",
     summary: "on the old account: refuse the named account's pending import",
     anywhere: false,
+    permission: PermissionLevel::User,
+    runs_long: false,
 };
 
 /// Parses the importer's user ID; a bare `approve` is allowed and answered with the list of
@@ -30,6 +38,49 @@ pub fn parse(spec: &'static Spec, mut args: Args) -> Result<Command, CommandErro
     };
     args.finish().map_err(usage)?;
     Ok(if spec.name == APPROVE.name { Command::Approve(importer) } else { Command::Deny(importer) })
+}
+
+/// `approve @importer` (`yes`) or `deny @importer`.
+pub async fn run(bot: &Bot, ctx: &Ctx, importer: Option<OwnedUserId>, yes: bool) -> Result<(), BotError> {
+    let verb = if yes { "approve" } else { "deny" };
+    let Some(importer) = importer else {
+        let text = match pending_for(bot, &ctx.sender)?.as_slice() {
+            [] => "No import is waiting for your approval.".to_owned(),
+            list => format!(
+                "Name the account: `{verb} @account:server`. Waiting for your answer: {}.",
+                list.iter().map(|t| t.new.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        return bot.reply(ctx, text).await;
+    };
+    let records = bot.records.lock().await;
+    // Re-read under the lock: the request may have been answered or cancelled meanwhile.
+    let Some(mut t) = pending_for(bot, &ctx.sender)?.into_iter().find(|t| t.new == importer) else {
+        drop(records);
+        return bot
+            .reply(
+                ctx,
+                format!("No import by {importer} is waiting for your approval (it may have lapsed with its code)."),
+            )
+            .await;
+    };
+    if yes && let Some(refusal) = start_refusal(bot, &t.old, &t.new)? {
+        drop(records);
+        return bot.reply(ctx, format!("{refusal} The request stays open until its code expires.")).await;
+    }
+    t.state = if yes { TransferState::Running } else { TransferState::Denied };
+    t.expires_at_ms = None;
+    bot.journal.put(&t).await?;
+    drop(records);
+    let to_new = Ctx { room_id: t.new_dm.clone(), event_id: ctx.event_id.clone(), sender: t.new.clone() };
+    if yes {
+        bot.reply_n(&to_new, 6, format!("{} approved the import. Moving rooms now; progress follows.", t.old)).await?;
+        bot.engine.spawn(t.id);
+        bot.reply(ctx, format!("Approved: moving your rooms to {}.", t.new)).await
+    } else {
+        bot.reply_n(&to_new, 6, format!("{} refused the import. Nothing was changed.", t.old)).await?;
+        bot.reply(ctx, format!("Refused: nothing goes to {}.", t.new)).await
+    }
 }
 
 #[cfg(test)]

@@ -1,14 +1,29 @@
 //! `help`: the commands, each with a one-line explanation.
 
+use ruma::events::room::message::RoomMessageEventContent;
+
 use super::{Args, COMMANDS, Command, CommandError, Spec};
+use crate::bot::state::{Bot, BotError, Ctx};
+use crate::config::PermissionLevel;
 use crate::html::escape;
 
-pub const SPEC: Spec =
-    Spec { name: "help", usage: "help", summary: "show the commands and what they do", anywhere: true };
+pub const SPEC: Spec = Spec {
+    name: "help",
+    usage: "help",
+    summary: "show the commands and what they do",
+    anywhere: true,
+    permission: PermissionLevel::User,
+    runs_long: false,
+};
 
 pub fn parse(args: Args) -> Result<Command, CommandError> {
-    args.finish().map_err(|message| CommandError::Usage { command: SPEC.name, usage: SPEC.usage, message })?;
+    super::no_arguments(&SPEC, args)?;
     Ok(Command::Help)
+}
+
+pub async fn run(bot: &Bot, ctx: &Ctx) -> Result<(), BotError> {
+    let (plain, html) = text(&bot.config.handoff.command_prefix);
+    bot.send_notice(ctx, 0, RoomMessageEventContent::notice_html(plain, html)).await
 }
 
 /// The help text, plain and HTML. `prefix` is shown for use outside the DM.

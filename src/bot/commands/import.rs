@@ -2,15 +2,22 @@
 //! redeem a transfer code on the new account; the options are the second client's requirements.
 
 use super::{Args, Command, CommandError, Spec};
+use crate::bot::consent::{WRONG_CODE_LIMIT, start_refusal};
+use crate::bot::state::{Bot, BotError, Ctx};
 use crate::bundle::Only;
 use crate::code::TransferCode;
-use crate::transfer::ClientProfile;
+use crate::config::PermissionLevel;
+use crate::store::RedeemError;
+use crate::transfer::plan::{self, Requirements};
+use crate::transfer::{ClientProfile, Transfer, TransferState, world};
 
 pub const SPEC: Spec = Spec {
     name: "import",
     usage: "import CODE [--only favourites|dms|rooms] [--max-rooms N] [--history N] [--profile mobile|desktop] [--dry-run]",
     summary: "on the new account: move the bundle of a transfer code here (--dry-run shows the plan and changes nothing)",
     anywhere: false,
+    permission: PermissionLevel::User,
+    runs_long: false,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,4 +60,96 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
     }
     let code = TransferCode::parse(&words.join("")).map_err(|e| usage(e.to_string()))?;
     Ok(Command::Import(Import { code, only, max_rooms, history, profile: profile.unwrap_or_default(), dry_run }))
+}
+
+pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
+    let new = &ctx.sender;
+    if bot.wrong_codes.recent(new) >= WRONG_CODE_LIMIT {
+        return bot.reply(ctx, "Too many wrong codes: wait ten minutes before trying again.".into()).await;
+    }
+    let hash = args.code.hash();
+    // Look before using the code up: a dry run, or the same account, leaves it valid.
+    let record = match bot.store.peek_code(&hash, new)? {
+        Ok(r) => r,
+        Err(e) => {
+            if e == RedeemError::NotFound {
+                bot.wrong_codes.record(new);
+            }
+            return bot.reply(ctx, format!("{e}.")).await;
+        }
+    };
+    let old = record.owner.clone();
+    if &old == new {
+        return bot
+            .reply(ctx, "That code belongs to this same account: its rooms and settings are already here. A new client of the same account only needs to log in.".into())
+            .await;
+    }
+    let Some(stored) = bot.store.get_bundle(&record.bundle)? else {
+        return bot.reply(ctx, "The bundle of this code is gone (deleted with `forget`, or past its retention). Ask for a new one with `export`.".into()).await;
+    };
+    // The server's limit applies whatever the importer asks for.
+    let max_rooms = Some(args.max_rooms.map_or(bot.config.handoff.max_rooms, |m| m.min(bot.config.handoff.max_rooms)));
+    let requirements = Requirements { only: args.only, max_rooms, history: args.history };
+    if args.dry_run {
+        let rooms: Vec<_> = stored.bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
+        let world = world::read(&bot.acting, &old, new, rooms, &bot.engine.pool()).await?;
+        let plan = plan::plan(&stored.bundle, new, &requirements, &world);
+        let text = format!(
+            "Dry run: nothing was changed, and the code is still valid.\n{}\n{} to join, {} already joined, {} blocked, {} gone.",
+            plan.table(),
+            plan.count(|a| *a == plan::Action::Join),
+            plan.count(|a| *a == plan::Action::AlreadyJoined),
+            plan.count(|a| matches!(a, plan::Action::Blocked(_))),
+            plan.count(|a| *a == plan::Action::Gone),
+        );
+        return bot.reply(ctx, text).await;
+    }
+    let approved = record.bound_to.as_deref() == Some(new.as_ref());
+    let records = bot.records.lock().await;
+    if let Some(refusal) = start_refusal(bot, &old, new)? {
+        drop(records);
+        return bot.reply(ctx, format!("{refusal} The code is still valid.")).await;
+    }
+    let record = match bot.store.redeem_code(&hash, new).await? {
+        Ok(r) => r,
+        // Redeemed by a concurrent import in between.
+        Err(e) => {
+            drop(records);
+            return bot.reply(ctx, format!("{e}.")).await;
+        }
+    };
+    let old_dm = bot.store.dm_rooms_of(&old)?.into_iter().next();
+    let id = bot.journal.new_id()?;
+    let mut t =
+        Transfer::new(id, old.clone(), new.clone(), record.bundle, requirements, ctx.room_id.clone(), old_dm.clone());
+    t.profile = args.profile;
+    if !approved {
+        t.state = TransferState::AwaitingApproval;
+        // An unanswered request lapses with its code.
+        t.expires_at_ms = Some(record.expires_at_ms);
+    }
+    bot.journal.put(&t).await?;
+    drop(records);
+    if approved {
+        bot.reply(
+            ctx,
+            format!("The code is good. Moving {} rooms from {old} here; progress follows.", stored.bundle.rooms.len()),
+        )
+        .await?;
+        bot.engine.spawn(t.id);
+        return Ok(());
+    }
+    let Some(old_dm) = old_dm else {
+        return bot
+            .reply(ctx, format!("{old} must approve this import, but has no DM with the handoff bot. Ask them to start one and export again with `export --to {new}`."))
+            .await;
+    };
+    let prompt = format!(
+        "{new} wants to import your bundle (client profile: {}). Send `approve {new}` to let it go ahead, or `deny {new}` to refuse. Without an answer the request lapses when the code expires.",
+        t.profile
+    );
+    let prompt_ctx = Ctx { room_id: old_dm, event_id: ctx.event_id.clone(), sender: old.clone() };
+    bot.reply_n(&prompt_ctx, 5, prompt).await?;
+    bot.reply(ctx, format!("The code is good. {old} has been asked to approve; the move starts as soon as they do."))
+        .await
 }

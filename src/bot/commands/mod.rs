@@ -1,18 +1,30 @@
-//! Chat commands: which messages are commands, and parsing them into typed [`Command`]s.
+//! Chat commands: which messages are commands, parsing them into typed [`Command`]s, and
+//! running them.
 //!
-//! One file per command (mini-redis style): each owns its parse and its help line.
+//! One file per command (mini-redis style): each owns its [`Spec`] (name, usage, help line, who
+//! may use it, where, and whether it runs long), its parse and its handler, `run`.
 
+pub mod accept;
 pub mod approve;
 mod args;
+pub mod cancel;
+pub mod decline;
 pub mod export;
 pub mod finish;
 pub mod forget;
 pub mod help;
 pub mod import;
 pub mod keys;
-pub mod simple;
+pub mod status;
+
+use std::sync::Arc;
+
+use ruma::OwnedUserId;
 
 pub use args::Args;
+
+use crate::bot::state::{Bot, BotError, Ctx};
+use crate::config::PermissionLevel;
 
 /// A parsed command, ready to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,8 +39,9 @@ pub enum Command {
     Deny(Option<ruma::OwnedUserId>),
     Accept,
     Decline,
-    Status,
-    Cancel,
+    /// `status [@user]`: someone else's only for admins.
+    Status(Option<OwnedUserId>),
+    Cancel(Option<OwnedUserId>),
     Finish {
         leave: bool,
         advertise: bool,
@@ -46,10 +59,10 @@ impl Command {
             Command::Import(_) => &import::SPEC,
             Command::Approve(_) => &approve::APPROVE,
             Command::Deny(_) => &approve::DENY,
-            Command::Accept => &simple::ACCEPT,
-            Command::Decline => &simple::DECLINE,
-            Command::Status => &simple::STATUS,
-            Command::Cancel => &simple::CANCEL,
+            Command::Accept => &accept::SPEC,
+            Command::Decline => &decline::SPEC,
+            Command::Status(_) => &status::SPEC,
+            Command::Cancel(_) => &cancel::SPEC,
             Command::Finish { .. } => &finish::SPEC,
         }
     }
@@ -64,6 +77,10 @@ pub struct Spec {
     /// code, a file or a transfer's details, or that change an account, only work in the DM:
     /// everyone in a group room would read the answer.
     pub anywhere: bool,
+    /// Who may use it (`handoff.permissions`).
+    pub permission: PermissionLevel,
+    /// Whether it runs in the background: the user's next commands don't wait for it.
+    pub runs_long: bool,
 }
 
 /// Every command the bot understands, in the order `help` lists them.
@@ -74,10 +91,10 @@ pub const COMMANDS: &[Spec] = &[
     import::SPEC,
     approve::APPROVE,
     approve::DENY,
-    simple::ACCEPT,
-    simple::DECLINE,
-    simple::STATUS,
-    simple::CANCEL,
+    accept::SPEC,
+    decline::SPEC,
+    status::SPEC,
+    cancel::SPEC,
     finish::SPEC,
     forget::SPEC,
 ];
@@ -129,13 +146,100 @@ fn parse_command(text: &str) -> Result<Command, CommandError> {
         "import" => import::parse(args),
         "approve" => approve::parse(&approve::APPROVE, args),
         "deny" => approve::parse(&approve::DENY, args),
-        "accept" => simple::parse(&simple::ACCEPT, Command::Accept, args),
-        "decline" => simple::parse(&simple::DECLINE, Command::Decline, args),
-        "status" => simple::parse(&simple::STATUS, Command::Status, args),
-        "cancel" => simple::parse(&simple::CANCEL, Command::Cancel, args),
+        "accept" => accept::parse(args),
+        "decline" => decline::parse(args),
+        "status" => status::parse(args),
+        "cancel" => cancel::parse(args),
         "finish" => finish::parse(args),
         _ => Err(CommandError::Unknown { closest: closest(&name), given: name }),
     }
+}
+
+/// Runs a command for a user permitted to use it, in the right place. A command that runs long is
+/// run in the background; its failure is answered there.
+pub async fn run(bot: &Arc<Bot>, ctx: &Ctx, command: Command) -> Result<(), BotError> {
+    let spec = command.spec();
+    if bot.config.permission(&ctx.sender) < spec.permission {
+        return bot.reply(ctx, format!("`{}` is for handoff admins only.", spec.name)).await;
+    }
+    if !spec.runs_long {
+        return handle(bot, ctx, command).await;
+    }
+    let (bot, ctx) = (Arc::clone(bot), ctx.clone());
+    tokio::spawn(async move {
+        let (inner, ctx2) = (Arc::clone(&bot), ctx.clone());
+        // In a task of its own, so a panic is answered like an error.
+        let failure = match tokio::spawn(async move { handle(&inner, &ctx2, command).await }).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(command = spec.name, error = ?e, "command failed");
+                e.to_string()
+            }
+            Err(e) => {
+                tracing::error!(command = spec.name, task = %e.id(), "command panicked");
+                "an internal error (the server's log has the details)".to_owned()
+            }
+        };
+        let text = format!("`{}` failed: {failure}. Nothing was kept; try again.", spec.name);
+        if let Err(e) = bot.reply_n(&ctx, 9, text).await {
+            tracing::warn!(error = ?e, "cannot report a failure");
+        }
+    });
+    Ok(())
+}
+
+async fn handle(bot: &Bot, ctx: &Ctx, command: Command) -> Result<(), BotError> {
+    match command {
+        Command::Help => help::run(bot, ctx).await,
+        Command::Export(args) => export::run(bot, ctx, args).await,
+        Command::Keys => keys::run(bot, ctx).await,
+        Command::Forget => forget::run(bot, ctx).await,
+        Command::Import(args) => import::run(bot, ctx, args).await,
+        Command::Approve(who) => approve::run(bot, ctx, who, true).await,
+        Command::Deny(who) => approve::run(bot, ctx, who, false).await,
+        Command::Accept => accept::run(bot, ctx).await,
+        Command::Decline => decline::run(bot, ctx).await,
+        Command::Status(whom) => status::run(bot, ctx, whom).await,
+        Command::Cancel(whom) => cancel::run(bot, ctx, whom).await,
+        Command::Finish { leave, advertise } => finish::run(bot, ctx, leave, advertise).await,
+    }
+}
+
+/// What a user is told when they name another account in a command only admins may aim at others.
+pub const ADMIN_ONLY: &str =
+    "Only a handoff admin can name another account here; without a name, the command is about your own.";
+
+/// The account a command is about: the sender's own, or (for an admin) the one named. `None` when
+/// a user who is not an admin names someone else.
+pub fn whose(bot: &Bot, ctx: &Ctx, named: Option<OwnedUserId>, verb: &str) -> Option<OwnedUserId> {
+    match named {
+        None => Some(ctx.sender.clone()),
+        Some(user) if user == ctx.sender => Some(user),
+        Some(user) if bot.config.permission(&ctx.sender) >= PermissionLevel::Admin => {
+            tracing::info!(admin = %ctx.sender, user = %user, verb, "admin command about another account");
+            Some(user)
+        }
+        Some(_) => None,
+    }
+}
+
+/// Parses a command that takes no arguments.
+pub fn no_arguments(spec: &'static Spec, args: Args) -> Result<(), CommandError> {
+    args.finish().map_err(|message| CommandError::Usage { command: spec.name, usage: spec.usage, message })
+}
+
+/// Parses an optional full user ID (`status @user`).
+pub fn optional_user(spec: &'static Spec, mut args: Args) -> Result<Option<OwnedUserId>, CommandError> {
+    let usage = |message: String| CommandError::Usage { command: spec.name, usage: spec.usage, message };
+    let user =
+        match args.positional() {
+            Some(u) => Some(OwnedUserId::try_from(u.as_str()).map_err(|_| {
+                usage(format!("name the account by its full user ID such as @you:example.org, not `{u}`"))
+            })?),
+            None => None,
+        };
+    args.finish().map_err(usage)?;
+    Ok(user)
 }
 
 /// The existing command nearest to what was typed.

@@ -1,0 +1,53 @@
+//! `cancel [@user]`: stop the running transfer after the rooms in flight. An admin may cancel
+//! another account's transfer.
+
+use ruma::OwnedUserId;
+
+use super::{Args, Command, CommandError, Spec};
+use crate::bot::consent::state_text;
+use crate::bot::state::{Bot, BotError, Ctx};
+use crate::config::PermissionLevel;
+use crate::transfer::TransferState;
+
+pub const SPEC: Spec = Spec {
+    name: "cancel",
+    usage: "cancel [@user:server]",
+    summary: "stop a running transfer after the rooms in flight; what is done stays done (admins: of any account)",
+    anywhere: false,
+    permission: PermissionLevel::User,
+    runs_long: false,
+};
+
+pub fn parse(args: Args) -> Result<Command, CommandError> {
+    Ok(Command::Cancel(super::optional_user(&SPEC, args)?))
+}
+
+pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), BotError> {
+    let Some(user) = super::whose(bot, ctx, whom, "cancel") else {
+        return bot.reply(ctx, super::ADMIN_ONLY.into()).await;
+    };
+    let records = bot.records.lock().await;
+    let Some(mut t) = bot.journal.latest_of(&user)? else {
+        drop(records);
+        return bot.reply(ctx, "You have no transfer to cancel.".into()).await;
+    };
+    let text = match t.state {
+        TransferState::Running => {
+            t.state = TransferState::Cancelling;
+            bot.journal.put(&t).await?;
+            bot.engine.cancel(t.id);
+            "Stopping after the rooms in flight. What is done stays done.".to_owned()
+        }
+        TransferState::AwaitingApproval => {
+            t.state = TransferState::Cancelled;
+            bot.journal.put(&t).await?;
+            "Cancelled before it started: nothing was changed.".to_owned()
+        }
+        other => format!("The last transfer is already {}.", state_text(other)),
+    };
+    drop(records);
+    if user != ctx.sender {
+        tracing::info!(admin = %ctx.sender, user = %user, transfer = t.id, "an admin cancelled a transfer");
+    }
+    bot.reply(ctx, text).await
+}

@@ -1,0 +1,77 @@
+//! `status [@user]`: the current or last transfer, per room. An admin may name another account.
+
+use ruma::OwnedUserId;
+
+use super::{Args, Command, CommandError, Spec};
+use crate::bot::consent::state_text;
+use crate::bot::state::{Bot, BotError, Ctx};
+use crate::config::PermissionLevel;
+use crate::transfer::RoomStep;
+
+pub const SPEC: Spec = Spec {
+    name: "status",
+    usage: "status [@user:server]",
+    summary: "the current or last transfer: per-room state, counts, errors (admins: of any account)",
+    anywhere: false,
+    permission: PermissionLevel::User,
+    runs_long: false,
+};
+
+pub fn parse(args: Args) -> Result<Command, CommandError> {
+    Ok(Command::Status(super::optional_user(&SPEC, args)?))
+}
+
+pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), BotError> {
+    let Some(user) = super::whose(bot, ctx, whom, "see") else {
+        return bot.reply(ctx, super::ADMIN_ONLY.into()).await;
+    };
+    let Some(t) = bot.journal.latest_of(&user)? else {
+        let text = if user == ctx.sender {
+            "You have no transfer yet. Start one with `export` on the old account and `import CODE` on the new one."
+                .to_owned()
+        } else {
+            format!("{user} has no transfer.")
+        };
+        return bot.reply(ctx, text).await;
+    };
+    let steps = bot.journal.room_steps(t.id)?;
+    let mut text = format!("Transfer {} → {}: {}", t.old, t.new, state_text(t.state));
+    if let Some(plan) = &t.plan {
+        let count =
+            |f: &dyn Fn(&RoomStep) -> bool| plan.rooms.iter().filter(|r| steps.get(&r.room_id).is_some_and(f)).count();
+        let done = count(&|s| *s == RoomStep::Done);
+        let awaiting = count(&|s| *s == RoomStep::AwaitingAccept);
+        let skipped = count(&|s| matches!(s, RoomStep::Skipped(_)));
+        let failed = count(&|s| matches!(s, RoomStep::Failed(_)));
+        let pending = plan.rooms.len() - done - awaiting - skipped - failed;
+        text.push_str(&format!(
+            "\n{} rooms: {done} moved, {awaiting} awaiting accept, {skipped} skipped, {failed} failed, {pending} to do",
+            plan.rooms.len()
+        ));
+        // Rooms that need attention first; a long list is cut, `status` is a summary.
+        let mut rooms: Vec<_> = plan.rooms.iter().collect();
+        rooms.sort_by_key(|r| match steps.get(&r.room_id) {
+            Some(RoomStep::Failed(_)) | Some(RoomStep::Skipped(_)) => 0,
+            Some(RoomStep::AwaitingAccept) => 1,
+            Some(RoomStep::Done) => 3,
+            _ => 2,
+        });
+        const SHOWN: usize = 40;
+        if rooms.len() > SHOWN {
+            text.push_str(&format!("\n(the first {SHOWN} of {} rooms, those that need attention first)", rooms.len()));
+        }
+        for r in rooms.into_iter().take(SHOWN) {
+            let label = r.name.clone().unwrap_or_else(|| r.room_id.to_string());
+            let state = match steps.get(&r.room_id) {
+                None | Some(RoomStep::Pending) => "to do".to_owned(),
+                Some(RoomStep::Done) => "moved".to_owned(),
+                Some(RoomStep::AwaitingAccept) => "invited: accept it from your client".to_owned(),
+                Some(RoomStep::Skipped(w)) => format!("skipped: {w}"),
+                Some(RoomStep::Failed(w)) => format!("failed: {w}"),
+                Some(other) => format!("in progress ({other:?})"),
+            };
+            text.push_str(&format!("\n• {label}: {state}"));
+        }
+    }
+    bot.reply(ctx, text).await
+}

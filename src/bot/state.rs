@@ -1,0 +1,121 @@
+//! What every command handler works with: the bot's clients, records and limits, the message a
+//! command came in ([`Ctx`]), how the bot replies, and the one error type of the bot's layer.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use ruma::api::client::message::send_message_event;
+use ruma::events::AnyTimelineEvent;
+use ruma::events::room::message::RoomMessageEventContent;
+use ruma::serde::Raw;
+use ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, UserId};
+use sha2::{Digest, Sha256};
+
+use super::consent::WrongCodes;
+use super::queue::UserQueues;
+use crate::config::Config;
+use crate::homeserver::{Homeserver, HsError};
+use crate::html::to_html;
+use crate::store::{Store, StoreError};
+use crate::transfer::engine::Engine;
+use crate::transfer::journal::Journal;
+
+/// Why handling an event failed, told to the user in one line. Mapped once, where the event's
+/// handling ends: the log gets the details (`{:?}`), the user what happened.
+#[derive(Debug, thiserror::Error)]
+pub enum BotError {
+    #[error("{0}")]
+    Homeserver(#[from] HsError),
+    #[error("the server's database failed; nothing more was done (the server's log has the details)")]
+    Store(#[from] StoreError),
+}
+
+pub struct Bot {
+    pub(in crate::bot) config: Arc<Config>,
+    pub(in crate::bot) user_id: OwnedUserId,
+    /// The main registration's client: it acts as the bot.
+    pub(in crate::bot) hs: Homeserver,
+    /// The acting registration's client: it acts as local users.
+    pub(in crate::bot) acting: Homeserver,
+    pub(in crate::bot) store: Store,
+    pub(in crate::bot) journal: Journal,
+    pub(in crate::bot) engine: Arc<Engine>,
+    pub(in crate::bot) wrong_codes: WrongCodes,
+    pub(in crate::bot) queues: Arc<UserQueues<OwnedUserId, Job>>,
+    /// Users whose `export` is capturing right now (one at a time each).
+    pub(in crate::bot) exports: Mutex<HashSet<OwnedUserId>>,
+    /// Serialises the read-check-write of consent records (codes, offers, transfers), which two
+    /// users' queues may touch at once. Never held across a request to the homeserver.
+    pub(in crate::bot) records: tokio::sync::Mutex<()>,
+}
+
+/// Work in a user's queue.
+pub enum Job {
+    /// An event the homeserver pushed; `inbox` is its number in the store's inbox.
+    Event { inbox: u64, event: Raw<AnyTimelineEvent> },
+    /// Offer this (new) account the move another account prepared for it (`export --to … --auto`).
+    Offer(OwnedUserId),
+}
+
+/// The message a command or file came in.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub room_id: OwnedRoomId,
+    pub event_id: OwnedEventId,
+    pub sender: OwnedUserId,
+}
+
+impl Bot {
+    pub fn new(
+        config: Arc<Config>,
+        hs: Homeserver,
+        acting: Homeserver,
+        store: Store,
+        journal: Journal,
+        engine: Arc<Engine>,
+    ) -> Self {
+        Bot {
+            user_id: config.bot_user_id(),
+            config,
+            hs,
+            acting,
+            store,
+            journal,
+            engine,
+            wrong_codes: WrongCodes::default(),
+            queues: Arc::default(),
+            exports: Mutex::new(HashSet::new()),
+            records: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn user_id(&self) -> &UserId {
+        &self.user_id
+    }
+
+    /// Replies with a notice; `backtick` spans become `<code>` in the HTML body.
+    pub async fn reply(&self, ctx: &Ctx, text: String) -> Result<(), BotError> {
+        self.reply_n(ctx, 0, text).await
+    }
+
+    /// The `n`th reply to the same message (each gets its own transaction ID).
+    pub async fn reply_n(&self, ctx: &Ctx, n: u32, text: String) -> Result<(), BotError> {
+        let html = to_html(&text);
+        self.send_notice(ctx, n, RoomMessageEventContent::notice_html(text, html)).await
+    }
+
+    /// Sends a message caused by `ctx.event_id`. The transaction ID is derived from the cause, so a
+    /// retried or replayed event can't produce a second reply.
+    pub async fn send_notice(&self, ctx: &Ctx, n: u32, content: RoomMessageEventContent) -> Result<(), BotError> {
+        let request =
+            send_message_event::v3::Request::new(ctx.room_id.clone(), reply_txn_id(&ctx.event_id, n), &content)
+                .map_err(|e| HsError::Protocol(e.to_string()))?;
+        self.hs.send(request).await?;
+        Ok(())
+    }
+}
+
+pub(crate) fn reply_txn_id(cause: &ruma::EventId, n: u32) -> OwnedTransactionId {
+    let digest = Sha256::digest(cause.as_str().as_bytes());
+    format!("handoff-{}-{n}", hex::encode(&digest[..12])).into()
+}
