@@ -1,4 +1,5 @@
-//! The HTTP edge: the application service API the homeserver calls, and `/health`.
+//! The HTTP edge: the application service API the homeserver calls, and `/health` (also served on
+//! the metrics listener).
 //!
 //! Every request is checked against `hs_token` in constant time before its body is read; a
 //! transaction's events are durable in the store (with its ID, so it is handled once) before the
@@ -9,6 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
@@ -28,6 +30,7 @@ use subtle::ConstantTimeEq;
 use crate::bot::Bot;
 use crate::config::Secret;
 use crate::homeserver::{Homeserver, Retry};
+use crate::metrics;
 use crate::store::Store;
 
 /// Synapse sends at most 100 events (plus as many ephemeral ones) per transaction; 16 MiB is ample.
@@ -50,6 +53,11 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .fallback(any(unrecognized))
         .with_state(state)
+}
+
+/// `/health` alone, for the metrics listener.
+pub fn health_router(state: AppState) -> Router {
+    Router::new().route("/health", get(health)).with_state(state)
 }
 
 fn matrix_error(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -112,6 +120,7 @@ pub fn parse<R: IncomingRequest>(req: http::Request<Vec<u8>>, path_args: &[&str]
 }
 
 async fn transaction(State(state): State<AppState>, Path(txn_id): Path<String>, req: Request) -> Response {
+    let arrived = Instant::now();
     let req = match authenticated(&state, req).await {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -121,7 +130,10 @@ async fn transaction(State(state): State<AppState>, Path(txn_id): Path<String>, 
         Err(resp) => return resp,
     };
     match state.bot.accept(&txn_id, &txn.events).await {
-        Ok(()) => ruma_response(push_events::v1::Response::new()),
+        Ok(()) => {
+            metrics::transaction(txn.events.len(), arrived.elapsed());
+            ruma_response(push_events::v1::Response::new())
+        }
         Err(e) => store_failure(e),
     }
 }

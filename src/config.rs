@@ -122,7 +122,7 @@ impl Default for DatabaseConfig {
 #[serde(default)]
 pub struct HandoffConfig {
     pub command_prefix: String,
-    #[serde(with = "humantime_duration")]
+    #[serde(with = "humantime_serde")]
     pub code_ttl: Duration,
     pub permissions: BTreeMap<String, PermissionLevel>,
     pub notify: NotifyConfig,
@@ -130,7 +130,7 @@ pub struct HandoffConfig {
     pub history_messages: usize,
     pub concurrency: Concurrency,
     /// How long a stored bundle is kept before it is deleted.
-    #[serde(with = "humantime_duration")]
+    #[serde(with = "humantime_serde")]
     pub bundle_retention: Duration,
 }
 
@@ -439,6 +439,7 @@ impl<'de> Deserialize<'de> for Concurrency {
 }
 
 /// Accepts an integer in `min..=max` and says, for anything else, what it expected and found.
+/// By hand: serde's own integer errors name neither the range nor a string's value.
 struct RangeVisitor {
     what: &'static str,
     min: u64,
@@ -493,17 +494,6 @@ fn empty_as_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OwnedMxcUri>,
     }
 }
 
-mod humantime_duration {
-    use serde::{Deserialize, Deserializer, de};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|_| de::Error::custom(format!("expected a duration such as 15m or 1h, found {s:?}")))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,7 +536,12 @@ mod tests {
     #[test]
     fn bad_values_name_their_keys() {
         for (from, to, key) in [
-            ("code_ttl: 15m", "code_ttl: soon", "handoff.code_ttl"),
+            (
+                "code_ttl: 15m",
+                "code_ttl: soon",
+                "handoff.code_ttl: invalid value: string \"soon\", expected a duration",
+            ),
+            ("bundle_retention: 7d", "bundle_retention: 7", "handoff.bundle_retention"),
             ("sender: old", "sender: nobody", "handoff.notify.sender"),
             ("address: http://127.0.0.1:8008", "address: localhost:8008", "homeserver.address"),
             ("format: pretty", "format: xml", "logging.format"),

@@ -1,10 +1,12 @@
 //! The only client of the homeserver: typed ruma requests, acting as a user through the acting
-//! registration, and waiting out `M_LIMIT_EXCEEDED` and brief outages.
+//! registration, and waiting out `M_LIMIT_EXCEEDED` and brief outages. Every attempt is counted
+//! and timed in [`crate::metrics`] under its endpoint's path template.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures_util::TryFutureExt;
+use futures_util::{FutureExt, TryFutureExt};
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
 use ruma::api::client::authenticated_media::get_content;
 use ruma::api::client::discovery::get_supported_versions;
@@ -18,6 +20,7 @@ use ruma::{MxcUri, UserId};
 use ruma_client::{SupportedPathBuilder, TokenMode};
 
 use crate::attachment::{self, AttachmentError};
+use crate::metrics::{self, Outcome};
 
 type Client = ruma_client::Client<reqwest::Client>;
 
@@ -48,6 +51,17 @@ impl HsError {
                 matches!(kind, ErrorKind::LimitExceeded(_)) || status.is_server_error()
             }
             HsError::Protocol(_) => false,
+        }
+    }
+
+    /// How the request ended, for [`metrics::homeserver_request`].
+    fn outcome(&self) -> Outcome {
+        match self {
+            HsError::Unreachable(_) => Outcome::Unreachable,
+            HsError::Matrix { kind: ErrorKind::LimitExceeded(_), .. } => Outcome::RateLimited,
+            HsError::Matrix { status, .. } if status.is_server_error() => Outcome::ServerError,
+            HsError::Matrix { .. } => Outcome::Refused,
+            HsError::Protocol(_) => Outcome::Invalid,
         }
     }
 
@@ -198,7 +212,7 @@ impl Homeserver {
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
         R::PathBuilder: SupportedPathBuilder,
     {
-        self.retrying(|| self.client.send_request(request.clone())).await
+        self.retrying(endpoint_of::<R>(&self.client), || self.client.send_request(request.clone())).await
     }
 
     /// Sends a request as `user` (identity assertion with `?user_id=`).
@@ -209,7 +223,9 @@ impl Homeserver {
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
         R::PathBuilder: SupportedPathBuilder,
     {
-        self.retrying(|| self.client.send_request_as(AppserviceUserIdentity::new(user), request.clone())).await
+        let endpoint = endpoint_of::<R>(&self.client);
+        self.retrying(endpoint, || self.client.send_request_as(AppserviceUserIdentity::new(user), request.clone()))
+            .await
     }
 
     /// Uploads `bytes` (as this registration's user) as an encrypted attachment and returns the
@@ -240,7 +256,22 @@ impl Homeserver {
             MediaSource::Plain(url) => url,
             MediaSource::Encrypted(file) => &file.url,
         };
-        let bytes = self.with_retries(|| self.download_once(url, max)).await?;
+        let endpoint = metrics::endpoint::<get_content::v1::Request>(Cow::Borrowed(&self.versions));
+        let bytes = self
+            .with_retries(|| {
+                let start = Instant::now();
+                self.download_once(url, max).inspect(move |result| {
+                    let outcome = match result {
+                        Ok(_) => Outcome::Ok,
+                        Err(DownloadError::Hs(e)) => e.outcome(),
+                        Err(DownloadError::TooLarge { .. }) => Outcome::Invalid,
+                        // Nothing was sent.
+                        Err(DownloadError::BadUrl(_) | DownloadError::Attachment(_)) => return,
+                    };
+                    metrics::homeserver_request(endpoint, outcome, start.elapsed());
+                })
+            })
+            .await?;
         match source {
             MediaSource::Plain(_) => Ok(bytes),
             MediaSource::Encrypted(file) => Ok(attachment::decrypt(&bytes, file)?),
@@ -278,13 +309,21 @@ impl Homeserver {
         read_capped(&mut response, max).await?.ok_or(DownloadError::TooLarge { max })
     }
 
-    async fn retrying<T, E, F, Fut>(&self, mut attempt: F) -> Result<T, HsError>
+    /// The one path of ruma requests: each attempt counted and timed under `endpoint`.
+    async fn retrying<T, E, F, Fut>(&self, endpoint: &'static str, mut attempt: F) -> Result<T, HsError>
     where
         E: EndpointError,
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ruma_client::Error<reqwest::Error, E>>>,
     {
-        self.with_retries(|| attempt().map_err(HsError::from)).await
+        self.with_retries(|| {
+            let start = Instant::now();
+            attempt().map_err(HsError::from).inspect(move |result| {
+                let outcome = result.as_ref().map_or_else(HsError::outcome, |_| Outcome::Ok);
+                metrics::homeserver_request(endpoint, outcome, start.elapsed());
+            })
+        })
+        .await
     }
 
     async fn with_retries<T, E, F, Fut>(&self, mut attempt: F) -> Result<T, E>
@@ -309,6 +348,15 @@ impl Homeserver {
             }
         }
     }
+}
+
+/// The metrics label of `R` as `client` sends it: the path template for the homeserver's versions.
+fn endpoint_of<R>(client: &Client) -> &'static str
+where
+    R: OutgoingRequest,
+    R::PathBuilder: SupportedPathBuilder,
+{
+    metrics::endpoint::<R>(R::PathBuilder::get_path_builder_input(client))
 }
 
 /// An error that may be worth another attempt.

@@ -3,7 +3,8 @@
 //!
 //! Data flows one way: the homeserver pushes transactions to [`appservice`] (the HTTP edge), which
 //! hands events to the [`bot`]; the bot talks back through [`homeserver`], the only client of the
-//! homeserver; state lives in [`store`]. [`config`] and [`registration`] are the admin's side.
+//! homeserver; state lives in [`store`]. [`config`] and [`registration`] are the admin's side;
+//! [`metrics`] is what they can watch.
 
 pub mod appservice;
 pub mod attachment;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod homeserver;
 pub mod html;
 pub mod keys;
+pub mod metrics;
 pub mod registration;
 pub mod sandbox;
 pub mod serve;

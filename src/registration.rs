@@ -28,25 +28,14 @@ pub fn acting_id(config: &Config) -> String {
 
 /// `@.*:<domain>$`-style regexes: Synapse matches from the start, so only the end needs an anchor.
 fn domain_regex(config: &Config) -> String {
-    regex_escape(config.homeserver.domain.as_str())
-}
-
-fn regex_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if "\\.+*?()|[]{}^$#&-~".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
+    regex_syntax::escape(config.homeserver.domain.as_str())
 }
 
 pub fn main_registration(config: &Config) -> Registration {
     let mut namespaces = Namespaces::new();
     namespaces.users.push(Namespace::new(
         true,
-        format!("@{}:{}$", regex_escape(&config.appservice.bot.username), domain_regex(config)),
+        format!("@{}:{}$", regex_syntax::escape(&config.appservice.bot.username), domain_regex(config)),
     ));
     let mut reg: Registration = RegistrationInit {
         id: config.appservice.id.clone(),
@@ -150,6 +139,7 @@ struct Line<'a> {
 }
 
 /// Walks the block mappings of a YAML text, yielding each key line with its dotted path.
+/// By hand: no serde YAML crate keeps the comments of a file it writes back.
 /// Good enough for configs shaped like the example (block mappings, one key per line).
 fn key_lines(text: &str) -> Vec<(usize, Line<'_>)> {
     let mut stack: Vec<(usize, String)> = Vec::new();
@@ -302,5 +292,12 @@ mod tests {
         assert!(acting.contains("id: handoff-acting"));
         assert!(acting.contains(r"regex: '@.*:my\.server$'"), "{acting}");
         assert!(acting.contains("exclusive: false"));
+    }
+
+    #[test]
+    fn regex_metacharacters_in_names_are_escaped() {
+        let config = Config::parse(&EXAMPLE.replace("domain: example.org", "domain: my-host.example:8448")).unwrap();
+        let acting = serde_norway::to_string(&acting_registration(&config)).unwrap();
+        assert!(acting.contains(r"regex: '@.*:my\-host\.example:8448$'"), "{acting}");
     }
 }

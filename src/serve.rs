@@ -3,7 +3,8 @@
 //! Start-up, in order, each failure one line that says what to fix:
 //! config ready → store opens → homeserver reachable → bot registered (proves the homeserver
 //! knows our `as_token`) → profile set → listening → ping (proves the homeserver reaches us with
-//! the right `hs_token`).
+//! the right `hs_token`). With `metrics.enabled`, a second listener on `metrics.listen` serves
+//! `/metrics` and `/health`; it is bound before anything else, so a wrong address stops at once.
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use crate::bot::Bot;
 use crate::bot::progress::ChatReporter;
 use crate::config::Config;
 use crate::homeserver::{Homeserver, HsError, Retry};
+use crate::metrics;
 use crate::registration;
 use crate::store::Store;
 use crate::transfer::engine::Engine;
@@ -35,11 +37,16 @@ pub async fn run(config: Config) -> Result<()> {
             config.homeserver.domain
         );
     }
-    if config.metrics.enabled {
-        tracing::warn!(
-            "metrics.enabled is set, but this handoff does not serve /metrics yet; /health is on the appservice port"
-        );
-    }
+    // Bound and installed first: start-up's own homeserver requests are counted too.
+    let metrics_listener = if config.metrics.enabled {
+        let listen = config.metrics.listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (check metrics.listen)"))?;
+        Some((listener, metrics::install()?))
+    } else {
+        None
+    };
     let config = Arc::new(config);
     let store = Store::open(&config.database_path())?;
 
@@ -81,12 +88,24 @@ pub async fn run(config: Config) -> Result<()> {
         Err(e) => tracing::error!(error = %e, "cannot read the inbox"),
     }
     let state = AppState { hs_token: config.appservice.hs_token.clone(), bot, store: store.clone(), hs: hs.clone() };
+    // Stopped with the main server (below), not on its own: a scrape is never worth waiting for.
+    let metrics_server = metrics_listener.map(|(listener, handle)| {
+        let app = metrics::router(handle).merge(appservice::health_router(state.clone())).fallback(metrics::not_found);
+        tracing::info!(listen = %config.metrics.listen, "serving /metrics and /health");
+        tokio::spawn(async move { axum::serve(listener, app).await })
+    });
     let app = appservice::router(state);
     let server =
         tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await });
 
+    let stop_metrics = || {
+        if let Some(m) = &metrics_server {
+            m.abort();
+        }
+    };
     if let Err(e) = ping(&hs, &config).await {
         server.abort();
+        stop_metrics();
         return Err(e);
     }
     tracing::info!(bot = %bot_user, listen = %format!("{}:{}", bind.0, bind.1), "handoff is running");
@@ -96,7 +115,9 @@ pub async fn run(config: Config) -> Result<()> {
         Err(e) => tracing::error!(error = %e, "cannot read unfinished transfers"),
     }
 
-    server.await.context("server task failed")??;
+    let served = server.await;
+    stop_metrics();
+    served.context("server task failed")??;
     store.flush().await?;
     tracing::info!("stopped cleanly; the store is flushed");
     Ok(())
