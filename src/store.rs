@@ -253,6 +253,11 @@ impl Store {
         Ok(())
     }
 
+    /// The database's size on disk, in bytes.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
     /// A cheap read and write, for `/health`.
     pub fn check(&self) -> Result<(), StoreError> {
         self.db.get("health")?;

@@ -31,6 +31,7 @@ use ruma::serde::Raw;
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
 use crate::html::escape;
+use crate::metrics;
 use crate::store::{StoreError, now_ms};
 use commands::Place;
 use queue::Queued;
@@ -298,6 +299,7 @@ impl Bot {
         let spec = command.spec();
         tracing::info!(room_id = %ev.room_id, sender = %ev.sender, command = spec.name, "command");
         if !spec.anywhere && place != Place::Dm {
+            metrics::command(spec.name, metrics::CommandOutcome::Refused);
             let text = format!(
                 "`{}` only works in your DM with me: what it shows or takes (codes, files, transfer details) would be readable by everyone in this room. Start a DM with {} and send it there.",
                 spec.name, self.user_id
@@ -311,10 +313,13 @@ impl Bot {
 /// Watches pending offers: a local account that has a device (has signed in) is active, and is
 /// offered its move in its own queue (so the offer and the account's own commands never race).
 fn spawn_auto_watch(bot: Arc<Bot>) {
-    tokio::spawn(async move {
+    bot.shutdown.clone().spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(5));
         loop {
-            every.tick().await;
+            tokio::select! {
+                _ = bot.shutdown.begun() => return,
+                _ = every.tick() => {}
+            }
             let autos = match bot.store.autos() {
                 Ok(a) => a,
                 Err(e) => {

@@ -24,6 +24,8 @@ use super::{AccountStep, Error, PATIENT, RoomStep, Stage, StepOutcome, Transfer,
 use crate::bundle::Bundle;
 use crate::config::{Config, PermissionLevel};
 use crate::homeserver::Homeserver;
+use crate::metrics::{self, RoomInFlight, RoomOutcome, TransferOutcome};
+use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 
 /// How pass 1 left a room.
@@ -55,6 +57,7 @@ pub struct Engine {
     /// stays bounded however many users move at once. Waiters are served in turn, so a small
     /// transfer is not starved by a large one.
     rooms_in_flight: Arc<tokio::sync::Semaphore>,
+    shutdown: Shutdown,
 }
 
 impl Engine {
@@ -64,6 +67,7 @@ impl Engine {
         store: Store,
         journal: Journal,
         reporter: Arc<dyn Reporter>,
+        shutdown: Shutdown,
     ) -> Arc<Self> {
         let acting = acting.with_retry(PATIENT);
         Arc::new(Engine {
@@ -81,6 +85,7 @@ impl Engine {
             running: Mutex::new(HashMap::new()),
             cancelling: Mutex::new(HashSet::new()),
             rooms_in_flight: Arc::new(tokio::sync::Semaphore::new(config.handoff.concurrency.0)),
+            shutdown,
             config,
         })
     }
@@ -93,10 +98,11 @@ impl Engine {
             return;
         }
         let engine = Arc::clone(self);
-        let task = tokio::spawn(async move {
+        let task = self.shutdown.spawn(async move {
             // Removes the entry however the task ends: finished, failed, panicked or stopped.
             let _entry = RunningEntry { engine: Arc::clone(&engine), id };
             if let Err(e) = engine.run(id).await {
+                metrics::transfer_finished(TransferOutcome::Failed);
                 tracing::error!(transfer = id, error = %e, "transfer stopped with an error; it resumes at the next start");
             }
         });
@@ -112,8 +118,8 @@ impl Engine {
         }
     }
 
-    /// Stops every transfer at once (shutdown): the journal makes it safe, and each resumes at
-    /// the next start. Returns how many were running.
+    /// Stops every transfer at once (at shutdown: a transfer may run for an hour, and the
+    /// journal makes stopping safe; each resumes at the next start). Returns how many ran.
     pub fn stop_all(&self) -> usize {
         let running: Vec<_> = self.running.lock().expect("lock").drain().collect();
         for (_, task) in &running {
@@ -167,6 +173,7 @@ impl Engine {
             t.state = TransferState::Cancelled;
             self.journal.put(&t).await?;
             tracing::info!(transfer = id, user = %who, "transfer stopped: the user may no longer use handoff");
+            metrics::transfer_finished(TransferOutcome::Cancelled);
             self.reporter.stopped(&t, Stopped::Revoked(who)).await?;
             return Ok(());
         }
@@ -176,6 +183,7 @@ impl Engine {
         let Some(stored) = self.store.get_bundle(&t.bundle)? else {
             t.state = TransferState::Cancelled;
             self.journal.put(&t).await?;
+            metrics::transfer_finished(TransferOutcome::Cancelled);
             self.reporter.stopped(&t, Stopped::BundleGone).await?;
             return Ok(());
         };
@@ -271,6 +279,7 @@ impl Engine {
                     return Seat::Taken(index, from);
                 }
                 let _slot = self.rooms_in_flight.acquire().await.expect("the pool is never closed");
+                let _flight = RoomInFlight::start();
                 if self.cancel_requested(t.id) {
                     return Seat::NotStarted;
                 }
@@ -312,6 +321,7 @@ impl Engine {
         stream::iter(seated)
             .map(|(index, from): (usize, RoomStep)| async move {
                 let _slot = self.rooms_in_flight.acquire().await.expect("the pool is never closed");
+                let _flight = RoomInFlight::start();
                 let room = &plan.rooms[index];
                 let entry = bundle.rooms.iter().find(|e| e.room_id == room.room_id);
                 let step = match self.rooms.finish(t, entry, room, &from).await {
@@ -356,6 +366,11 @@ impl Engine {
         }
         t.state = state;
         self.journal.put(t).await?;
+        metrics::transfer_finished(if state == TransferState::Done {
+            TransferOutcome::Done
+        } else {
+            TransferOutcome::Cancelled
+        });
         Ok(())
     }
 
@@ -364,6 +379,12 @@ impl Engine {
         if let Err(e) = self.journal.set_room_step(t.id, room, step).await {
             tracing::error!(error = %e, "cannot journal a room's outcome");
         }
+        metrics::room_finished(match step {
+            RoomStep::AwaitingAccept => RoomOutcome::Awaiting,
+            RoomStep::Skipped(_) => RoomOutcome::Skipped,
+            RoomStep::Failed(_) => RoomOutcome::Failed,
+            _ => RoomOutcome::Moved,
+        });
         progress.done.fetch_add(1, Ordering::Relaxed);
         self.tell_progress(t, progress).await;
     }

@@ -25,6 +25,7 @@ pub use args::Args;
 
 use crate::bot::state::{Bot, BotError, Ctx};
 use crate::config::PermissionLevel;
+use crate::metrics::{self, CommandOutcome};
 
 /// A parsed command, ready to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,16 +161,22 @@ fn parse_command(text: &str) -> Result<Command, CommandError> {
 pub async fn run(bot: &Arc<Bot>, ctx: &Ctx, command: Command) -> Result<(), BotError> {
     let spec = command.spec();
     if bot.config.permission(&ctx.sender) < spec.permission {
+        metrics::command(spec.name, CommandOutcome::Refused);
         return bot.reply(ctx, format!("`{}` is for handoff admins only.", spec.name)).await;
     }
     if !spec.runs_long {
-        return handle(bot, ctx, command).await;
+        let outcome = handle(bot, ctx, command).await;
+        metrics::command(spec.name, if outcome.is_ok() { CommandOutcome::Ok } else { CommandOutcome::Failed });
+        return outcome;
     }
     let (bot, ctx) = (Arc::clone(bot), ctx.clone());
-    tokio::spawn(async move {
+    bot.shutdown.clone().spawn(async move {
         let (inner, ctx2) = (Arc::clone(&bot), ctx.clone());
         // In a task of its own, so a panic is answered like an error.
-        let failure = match tokio::spawn(async move { handle(&inner, &ctx2, command).await }).await {
+        let outcome = tokio::spawn(async move { handle(&inner, &ctx2, command).await }).await;
+        let ok = matches!(outcome, Ok(Ok(())));
+        metrics::command(spec.name, if ok { CommandOutcome::Ok } else { CommandOutcome::Failed });
+        let failure = match outcome {
             Ok(Ok(())) => return,
             Ok(Err(e)) => {
                 tracing::warn!(command = spec.name, error = ?e, "command failed");
