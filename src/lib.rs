@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod registration;
 pub mod sandbox;
 pub mod serve;
+pub mod shutdown;
 pub mod store;
 pub mod transfer;

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::homeserver::{Homeserver, HsError, Retry};
 use crate::metrics;
 use crate::registration;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::transfer::engine::Engine;
 use crate::transfer::journal::Journal;
@@ -71,9 +72,19 @@ pub async fn run(config: Config) -> Result<()> {
     check_acting(&acting).await?;
     let journal = Journal::new(store.clone());
     let reporter = Arc::new(ChatReporter::new(hs.clone()));
-    let engine = Engine::new(config.clone(), acting.clone(), store.clone(), journal.clone(), reporter);
-    let bot = Arc::new(Bot::new(config.clone(), hs.clone(), acting, store.clone(), journal.clone(), engine.clone()));
-    spawn_purge(store.clone(), journal, config.handoff.bundle_retention);
+    let shutdown = Shutdown::new();
+    let engine =
+        Engine::new(config.clone(), acting.clone(), store.clone(), journal.clone(), reporter, shutdown.clone());
+    let bot = Arc::new(Bot::new(
+        config.clone(),
+        hs.clone(),
+        acting,
+        store.clone(),
+        journal.clone(),
+        engine.clone(),
+        shutdown.clone(),
+    ));
+    spawn_upkeep(&shutdown, store.clone(), journal, config.handoff.bundle_retention);
     match bot.sweep_revoked().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(dropped = n, "dropped offers and pending imports of users no longer permitted"),
@@ -117,9 +128,22 @@ pub async fn run(config: Config) -> Result<()> {
 
     let served = server.await;
     stop_metrics();
+    // The HTTP server has answered its last request. Transfers are stopped at once (they resume
+    // at the next start); events in hand get a few seconds to finish, the rest stay in the inbox.
+    let transfers = engine.stop_all();
+    let unfinished = shutdown.stop(STOP_PATIENCE).await;
+    let flushed = store.flush().await;
     served.context("server task failed")??;
-    store.flush().await?;
-    tracing::info!("stopped cleanly; the store is flushed");
+    flushed?;
+    if transfers + unfinished == 0 {
+        tracing::info!("stopped cleanly; the store is flushed");
+    } else {
+        tracing::info!(
+            transfers_interrupted = transfers,
+            tasks_unfinished = unfinished,
+            "stopped; the store is flushed, and what was interrupted resumes at the next start"
+        );
+    }
     Ok(())
 }
 
@@ -135,12 +159,34 @@ async fn check_acting(acting: &Homeserver) -> Result<()> {
     }
 }
 
-/// Deletes bundles past `handoff.bundle_retention`, at start-up and then hourly.
-fn spawn_purge(store: Store, journal: Journal, retention: std::time::Duration) {
-    tokio::spawn(async move {
+/// How long a stop waits for the events in hand.
+const STOP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Upkeep, until the stop: deletes what is past `handoff.bundle_retention` at start-up and then
+/// hourly, and samples the store's size for `/metrics` every minute.
+fn spawn_upkeep(shutdown: &Shutdown, store: Store, journal: Journal, retention: std::time::Duration) {
+    let (stop, sampled) = (shutdown.clone(), store.clone());
+    shutdown.spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = stop.begun() => return,
+                _ = every.tick() => {}
+            }
+            match sampled.size_on_disk() {
+                Ok(bytes) => metrics::store_size(bytes),
+                Err(e) => tracing::debug!(error = %e, "cannot read the store's size"),
+            }
+        }
+    });
+    let stop = shutdown.clone();
+    shutdown.spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
         loop {
-            every.tick().await;
+            tokio::select! {
+                _ = stop.begun() => return,
+                _ = every.tick() => {}
+            }
             match store.purge(retention).await {
                 Ok(gone) if gone.bundles + gone.codes > 0 => {
                     tracing::info!(bundles = gone.bundles, codes = gone.codes, "purged expired bundles and codes")

@@ -10,6 +10,8 @@ use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
+use crate::shutdown::Shutdown;
+
 /// The most events one user may have waiting. A person types a command every few seconds; a
 /// queue this long is a script or a flood.
 pub const MAX_QUEUED: usize = 64;
@@ -33,11 +35,13 @@ struct Queue<J> {
 /// Queues keyed by user; `run` handles one job, and is called for one user's jobs in order.
 pub struct UserQueues<K, J> {
     queues: Mutex<HashMap<K, Queue<J>>>,
+    /// Workers are its tasks; once the stop begins, they finish the job in hand and take no more.
+    shutdown: Shutdown,
 }
 
-impl<K, J> Default for UserQueues<K, J> {
-    fn default() -> Self {
-        UserQueues { queues: Mutex::new(HashMap::new()) }
+impl<K, J> UserQueues<K, J> {
+    pub fn new(shutdown: Shutdown) -> Self {
+        UserQueues { queues: Mutex::new(HashMap::new()), shutdown }
     }
 }
 
@@ -65,7 +69,7 @@ where
         queues.insert(key.clone(), Queue { jobs: VecDeque::from([job]), dropped: 0 });
         drop(queues);
         let this = Arc::clone(self);
-        tokio::spawn(async move { this.work(key, run).await });
+        self.shutdown.spawn(async move { this.work(key, run).await });
         Queued::Accepted
     }
 
@@ -79,6 +83,11 @@ where
         loop {
             let job = {
                 let mut queues = self.queues.lock().expect("queue lock");
+                if self.shutdown.is_begun() {
+                    // What is left waits in the store's inbox for the next start.
+                    queues.remove(&key);
+                    return;
+                }
                 let Some(queue) = queues.get_mut(&key) else { return };
                 match queue.jobs.pop_front() {
                     Some(job) => {
@@ -112,7 +121,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_users_jobs_run_in_order_and_another_user_is_not_kept_waiting() {
-        let queues: Arc<UserQueues<&'static str, (u32, u64)>> = Arc::default();
+        let queues: Arc<UserQueues<&'static str, (u32, u64)>> = Arc::new(UserQueues::new(Shutdown::new()));
         let log = Arc::new(Mutex::new(Vec::new()));
         let run = {
             let log = log.clone();
@@ -139,7 +148,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_drops_the_excess_and_a_panic_ends_only_its_job() {
-        let queues: Arc<UserQueues<u8, u32>> = Arc::default();
+        let queues: Arc<UserQueues<u8, u32>> = Arc::new(UserQueues::new(Shutdown::new()));
         let done = Arc::new(AtomicUsize::new(0));
         let run = {
             let done = done.clone();

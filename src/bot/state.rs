@@ -16,6 +16,7 @@ use super::queue::UserQueues;
 use crate::config::Config;
 use crate::homeserver::{Homeserver, HsError};
 use crate::html::to_html;
+use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 use crate::transfer::engine::Engine;
 use crate::transfer::journal::Journal;
@@ -47,6 +48,8 @@ pub struct Bot {
     /// Serialises the read-check-write of consent records (codes, offers, transfers), which two
     /// users' queues may touch at once. Never held across a request to the homeserver.
     pub(in crate::bot) records: tokio::sync::Mutex<()>,
+    /// Every background task of the bot is spawned here, so a stop waits for it.
+    pub(in crate::bot) shutdown: Shutdown,
 }
 
 /// Work in a user's queue.
@@ -73,6 +76,7 @@ impl Bot {
         store: Store,
         journal: Journal,
         engine: Arc<Engine>,
+        shutdown: Shutdown,
     ) -> Self {
         Bot {
             user_id: config.bot_user_id(),
@@ -83,9 +87,10 @@ impl Bot {
             journal,
             engine,
             wrong_codes: WrongCodes::default(),
-            queues: Arc::default(),
+            queues: Arc::new(UserQueues::new(shutdown.clone())),
             exports: Mutex::new(HashSet::new()),
             records: tokio::sync::Mutex::new(()),
+            shutdown,
         }
     }
 
