@@ -1,14 +1,12 @@
 //! Consent: nothing is written into an account unless its owner asked for it in their own DM
 //! with the bot — `import CODE`, or `accept` of an offer. An unbound code also needs the old
 //! account's `approve @importer`. This module holds what the commands share to keep that true:
-//! whether a transfer may start, the offers of `export --to … --auto`, the wrong-code limit.
+//! whether a transfer may start, and the offers of `export --to … --auto`.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ruma::api::client::room::create_room;
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, UserId};
+use ruma::{OwnedEventId, OwnedRoomId, UserId};
 use sha2::{Digest, Sha256};
 
 use super::state::{Bot, BotError, Ctx};
@@ -16,46 +14,6 @@ use crate::code::CodeHash;
 use crate::config::PermissionLevel;
 use crate::store::now_ms;
 use crate::transfer::{Transfer, TransferState};
-
-/// Wrong codes allowed per user in [`WRONG_CODE_WINDOW`] before `import` is refused for a while.
-pub const WRONG_CODE_LIMIT: usize = 5;
-const WRONG_CODE_WINDOW: Duration = Duration::from_secs(600);
-
-/// Remembers each user's recent wrong codes. By hand rather than with a rate-limiting crate:
-/// only wrong codes count (a rate limiter counts every attempt), and a user over the limit is
-/// refused before the code is even looked at (a brute force learns nothing more).
-#[derive(Default)]
-pub struct WrongCodes(Mutex<HashMap<OwnedUserId, Vec<Instant>>>);
-
-impl WrongCodes {
-    pub fn recent(&self, user: &UserId) -> usize {
-        let mut map = self.0.lock().expect("lock");
-        let Some(list) = map.get_mut(user) else { return 0 };
-        list.retain(|t| t.elapsed() < WRONG_CODE_WINDOW);
-        let n = list.len();
-        // Users with no recent wrong code are not remembered.
-        if n == 0 {
-            map.remove(user);
-        }
-        n
-    }
-    pub fn record(&self, user: &UserId) {
-        let mut map = self.0.lock().expect("lock");
-        // Everyone's old entries go now and then, so users who never come back are forgotten.
-        map.retain(|_, list| {
-            list.retain(|t| t.elapsed() < WRONG_CODE_WINDOW);
-            !list.is_empty()
-        });
-        map.entry(user.to_owned()).or_default().push(Instant::now());
-    }
-}
-
-impl WrongCodes {
-    /// Drops what is remembered about `user` (for `forget`).
-    pub fn forget(&self, user: &UserId) {
-        self.0.lock().expect("lock").remove(user);
-    }
-}
 
 /// Why a transfer between `old` and `new` can't start now, if it can't: either account may no
 /// longer use handoff, or already takes part in a running transfer (one at a time).

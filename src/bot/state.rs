@@ -1,8 +1,9 @@
 //! What every command handler works with: the bot's clients, records and limits, the message a
 //! command came in ([`Ctx`]), how the bot replies, and the one error type of the bot's layer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ruma::api::client::message::send_message_event;
 use ruma::events::AnyTimelineEvent;
@@ -11,7 +12,6 @@ use ruma::serde::Raw;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, UserId};
 use sha2::{Digest, Sha256};
 
-use super::consent::WrongCodes;
 use super::queue::UserQueues;
 use crate::config::Config;
 use crate::homeserver::{Homeserver, HsError};
@@ -123,4 +123,44 @@ impl Bot {
 pub(crate) fn reply_txn_id(cause: &ruma::EventId, n: u32) -> OwnedTransactionId {
     let digest = Sha256::digest(cause.as_str().as_bytes());
     format!("handoff-{}-{n}", hex::encode(&digest[..12])).into()
+}
+
+/// Wrong codes allowed per user in [`WRONG_CODE_WINDOW`] before `import` is refused for a while.
+pub const WRONG_CODE_LIMIT: usize = 5;
+const WRONG_CODE_WINDOW: Duration = Duration::from_secs(600);
+
+/// Remembers each user's recent wrong codes. By hand rather than with a rate-limiting crate:
+/// only wrong codes count (a rate limiter counts every attempt), and a user over the limit is
+/// refused before the code is even looked at (a brute force learns nothing more).
+#[derive(Default)]
+pub struct WrongCodes(Mutex<HashMap<OwnedUserId, Vec<Instant>>>);
+
+impl WrongCodes {
+    pub fn recent(&self, user: &UserId) -> usize {
+        let mut map = self.0.lock().expect("lock");
+        let Some(list) = map.get_mut(user) else { return 0 };
+        list.retain(|t| t.elapsed() < WRONG_CODE_WINDOW);
+        let n = list.len();
+        // Users with no recent wrong code are not remembered.
+        if n == 0 {
+            map.remove(user);
+        }
+        n
+    }
+    pub fn record(&self, user: &UserId) {
+        let mut map = self.0.lock().expect("lock");
+        // Everyone's old entries go now and then, so users who never come back are forgotten.
+        map.retain(|_, list| {
+            list.retain(|t| t.elapsed() < WRONG_CODE_WINDOW);
+            !list.is_empty()
+        });
+        map.entry(user.to_owned()).or_default().push(Instant::now());
+    }
+}
+
+impl WrongCodes {
+    /// Drops what is remembered about `user` (for `forget`).
+    pub fn forget(&self, user: &UserId) {
+        self.0.lock().expect("lock").remove(user);
+    }
 }

@@ -2,8 +2,8 @@
 //! redeem a transfer code on the new account; the options are the second client's requirements.
 
 use super::{Args, Command, CommandError, Spec};
-use crate::bot::consent::{WRONG_CODE_LIMIT, start_refusal};
-use crate::bot::state::{Bot, BotError, Ctx};
+use crate::bot::consent::start_refusal;
+use crate::bot::state::{Bot, BotError, Ctx, WRONG_CODE_LIMIT};
 use crate::bundle::Only;
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
