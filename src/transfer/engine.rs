@@ -16,14 +16,14 @@ use ruma::{OwnedRoomId, UserId};
 
 use super::account::{AFTER_ROOMS, AccountWork};
 use super::journal::Journal;
-use super::plan::{self, Plan};
+use super::plan::{self, Plan, Requirements};
 use super::progress::{Counts, Reporter, Stopped};
 use super::report::Report;
 use super::room::RoomWork;
 use super::{AccountStep, Error, PATIENT, RoomStep, Stage, StepOutcome, Transfer, TransferState, world};
 use crate::bundle::Bundle;
 use crate::config::{Config, PermissionLevel};
-use crate::homeserver::Homeserver;
+use crate::homeserver::{Homeserver, HsError};
 use crate::metrics::{self, RoomInFlight, RoomOutcome, TransferOutcome};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
@@ -145,6 +145,16 @@ impl Engine {
             }
         }
         Ok(n)
+    }
+
+    /// The whole plan a transfer of `bundle` into `new` would follow now (`import --dry-run`):
+    /// the same selection, reads and planning as a transfer's parts, all at once, nothing written.
+    pub async fn preview(&self, bundle: &Bundle, new: &UserId, req: &Requirements) -> Result<Plan, HsError> {
+        let mut plan = plan::unplanned(bundle, new, req, &Default::default());
+        let part = std::mem::take(&mut plan.unplanned);
+        let world = world::read(&self.acting, &bundle.source.user_id, new, part.clone(), &self.rooms_in_flight).await?;
+        plan.add(plan::plan_rooms(bundle, new, &part, &world), &part);
+        Ok(plan)
     }
 
     pub fn is_running(&self, id: u64) -> bool {

@@ -9,7 +9,7 @@ use crate::code::TransferCode;
 use crate::config::PermissionLevel;
 use crate::store::RedeemError;
 use crate::transfer::plan::{self, Requirements};
-use crate::transfer::{ClientProfile, Transfer, TransferState, world};
+use crate::transfer::{ClientProfile, Transfer, TransferState};
 
 pub const SPEC: Spec = Spec {
     name: "import",
@@ -91,9 +91,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
     let max_rooms = Some(args.max_rooms.map_or(bot.config.handoff.max_rooms, |m| m.min(bot.config.handoff.max_rooms)));
     let requirements = Requirements { only: args.only, max_rooms, history: args.history };
     if args.dry_run {
-        let rooms: Vec<_> = stored.bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
-        let world = world::read(&bot.acting, &old, new, rooms, &bot.engine.pool()).await?;
-        let plan = plan::plan(&stored.bundle, new, &requirements, &world);
+        let plan = bot.engine.preview(&stored.bundle, new, &requirements).await?;
         let text = format!(
             "Dry run: nothing was changed, and the code is still valid.\n{}\n{} to join, {} already joined, {} blocked, {} gone.",
             plan.table(),
