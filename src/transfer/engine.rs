@@ -353,7 +353,7 @@ impl Engine {
         if todo.is_empty() {
             return Ok(());
         }
-        let world = world::read_account(&self.acting, &t.new, bundle).await?;
+        let world = world::read_account(&self.acting, &t.new, bundle, &todo).await?;
         let plan = t.plan.clone().expect("planned before the account steps");
         let room_steps = self.journal.room_steps(t.id)?;
         for step in todo {

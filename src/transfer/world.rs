@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value as JsonValue;
 use tokio::sync::Semaphore;
 
+use super::AccountStep;
 use super::merge::AccountWorld;
 use super::plan::{RoomFacts, World};
 use crate::bundle::Bundle;
@@ -87,26 +88,41 @@ pub async fn room_facts(
     }))
 }
 
-/// The new account's account data the merges need (`merge`), read as that account.
-pub async fn read_account(hs: &Homeserver, user: &UserId, bundle: &Bundle) -> Result<AccountWorld, HsError> {
-    let mut world = AccountWorld {
-        direct: global_data(hs, user, GlobalAccountDataEventType::Direct.to_string()).await?,
-        ignored_users: global_data(hs, user, GlobalAccountDataEventType::IgnoredUserList.to_string()).await?,
-        push_rules: global_data::<JsonValue>(hs, user, GlobalAccountDataEventType::PushRules.to_string())
-            .await?
-            .and_then(|v| serde_json::from_value(v.get("global")?.clone()).ok()),
-        ..Default::default()
-    };
-    for kind in bundle.preferences.client_settings.keys() {
-        world.client_settings.insert(kind.clone(), global_data(hs, user, kind.clone()).await?);
+/// The new account's account data that the merges of `steps` need (`merge`), read as that
+/// account; what no step needs is left out.
+pub async fn read_account(
+    hs: &Homeserver,
+    user: &UserId,
+    bundle: &Bundle,
+    steps: &[AccountStep],
+) -> Result<AccountWorld, HsError> {
+    let needs = |step: AccountStep| steps.contains(&step);
+    let mut world = AccountWorld::default();
+    if needs(AccountStep::Direct) {
+        world.direct = global_data(hs, user, GlobalAccountDataEventType::Direct.to_string()).await?;
     }
-    match hs.send_as(user, get_profile::v3::Request::new(user.to_owned())).await {
-        Ok(profile) => {
-            world.display_name = profile.get("displayname").and_then(|v| v.as_str()).map(str::to_owned);
-            world.avatar_url = profile.get("avatar_url").and_then(|v| serde_json::from_value(v.clone()).ok());
+    if needs(AccountStep::IgnoredUsers) {
+        world.ignored_users = global_data(hs, user, GlobalAccountDataEventType::IgnoredUserList.to_string()).await?;
+    }
+    if needs(AccountStep::PushRules) {
+        world.push_rules = global_data::<JsonValue>(hs, user, GlobalAccountDataEventType::PushRules.to_string())
+            .await?
+            .and_then(|v| serde_json::from_value(v.get("global")?.clone()).ok());
+    }
+    if needs(AccountStep::ClientSettings) {
+        for kind in bundle.preferences.client_settings.keys() {
+            world.client_settings.insert(kind.clone(), global_data(hs, user, kind.clone()).await?);
         }
-        Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => {}
-        Err(e) => return Err(e),
+    }
+    if needs(AccountStep::Profile) {
+        match hs.send_as(user, get_profile::v3::Request::new(user.to_owned())).await {
+            Ok(profile) => {
+                world.display_name = profile.get("displayname").and_then(|v| v.as_str()).map(str::to_owned);
+                world.avatar_url = profile.get("avatar_url").and_then(|v| serde_json::from_value(v.clone()).ok());
+            }
+            Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(world)
 }
