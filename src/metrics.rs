@@ -18,6 +18,7 @@
 //! | `handoff_commands_total` | counter | `command`, `outcome` | [`command`] |
 //! | `handoff_transfers_finished_total` | counter | `outcome` | [`transfer_finished`] |
 //! | `handoff_rooms_finished_total` | counter | `outcome` | [`room_finished`] |
+//! | `handoff_rooms_seated_total` | counter | | [`room_seated`] |
 //! | `handoff_rooms_in_flight` | gauge | | [`RoomInFlight`] |
 //! | `handoff_store_size_bytes` | gauge | | [`store_size`] |
 
@@ -48,6 +49,8 @@ pub const COMMANDS: &str = "handoff_commands_total";
 pub const TRANSFERS_FINISHED: &str = "handoff_transfers_finished_total";
 /// Rooms of transfers that came to an end, one way or another.
 pub const ROOMS_FINISHED: &str = "handoff_rooms_finished_total";
+/// Rooms where the new account took its seat (joined, or invited on another server).
+pub const ROOMS_SEATED: &str = "handoff_rooms_seated_total";
 /// Rooms being moved right now, over every running transfer.
 pub const ROOMS_IN_FLIGHT: &str = "handoff_rooms_in_flight";
 /// The store's size on disk.
@@ -201,6 +204,11 @@ pub fn room_finished(outcome: RoomOutcome) {
     counter!(ROOMS_FINISHED, "outcome" => outcome.as_str()).increment(1);
 }
 
+/// The new account has its seat in a room (pass 1 of the room is done): the room is usable.
+pub fn room_seated() {
+    counter!(ROOMS_SEATED).increment(1);
+}
+
 /// A room being moved: counts in `handoff_rooms_in_flight` from [`RoomInFlight::start`] until it is
 /// dropped, however the work ends (an early return, an error, a panic).
 #[must_use = "the room counts as in flight only while this is held"]
@@ -256,6 +264,7 @@ fn describe() {
         Unit::Count,
         "Rooms of transfers, by outcome (moved, awaiting, skipped, failed)."
     );
+    describe_counter!(ROOMS_SEATED, Unit::Count, "Rooms where the new account took its seat (joined or invited).");
     describe_gauge!(ROOMS_IN_FLIGHT, Unit::Count, "Rooms being moved now, over all running transfers.");
     describe_gauge!(STORE_SIZE, Unit::Bytes, "Size of the store on disk.");
 
@@ -267,6 +276,7 @@ fn describe() {
     for outcome in RoomOutcome::ALL {
         counter!(ROOMS_FINISHED, "outcome" => outcome.as_str()).absolute(0);
     }
+    counter!(ROOMS_SEATED).absolute(0);
     gauge!(ROOMS_IN_FLIGHT).set(0.0);
 }
 

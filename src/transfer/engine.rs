@@ -295,6 +295,7 @@ impl Engine {
                 }
                 let ended = match self.rooms.take_seat(t, room, &from).await {
                     Ok(None) => {
+                        metrics::room_seated();
                         progress.seated.fetch_add(1, Ordering::Relaxed);
                         self.tell_progress(t, progress).await;
                         return Seat::Taken(index, RoomStep::Started(Stage::Joined));
