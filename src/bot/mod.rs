@@ -15,7 +15,6 @@ mod state;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ruma::OwnedUserId;
 use ruma::api::client::device::get_devices;
 use ruma::api::client::membership::{join_room_by_id, leave_room};
 use ruma::api::client::state::get_state_event_for_key;
@@ -27,6 +26,7 @@ use ruma::events::{
     OriginalStateEvent, StateEvent,
 };
 use ruma::serde::Raw;
+use ruma::{OwnedRoomId, OwnedUserId};
 
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
@@ -58,7 +58,15 @@ impl Bot {
                 let key = event.get_field::<String>("state_key").ok().flatten()?;
                 (key == self.user_id.as_str()).then_some(sender)
             }
-            "m.room.message" => (sender != self.user_id).then_some(sender),
+            // A message from someone else in their DM with the bot, or a command (with the prefix)
+            // in any other room: the chatter of group rooms the bot sits in is not for it.
+            "m.room.message" if sender != self.user_id => {
+                let room = event.get_field::<OwnedRoomId>("room_id").ok().flatten()?;
+                let in_dm = matches!(self.store.dm_room_user(&room), Ok(Some(owner)) if owner == sender);
+                let content = event.get_field::<serde_json::Value>("content").ok().flatten();
+                let body = content.as_ref().and_then(|c| c.get("body")?.as_str()).unwrap_or_default();
+                (in_dm || body.trim_start().starts_with(&self.config.handoff.command_prefix)).then_some(sender)
+            }
             _ => None,
         }
     }
