@@ -65,17 +65,49 @@ impl Bot {
                 let in_dm = matches!(self.store.dm_room_user(&room), Ok(Some(owner)) if owner == sender);
                 let content = event.get_field::<serde_json::Value>("content").ok().flatten();
                 let body = content.as_ref().and_then(|c| c.get("body")?.as_str()).unwrap_or_default();
-                (in_dm || body.trim_start().starts_with(&self.config.handoff.command_prefix)).then_some(sender)
+                // An edit would re-run a command that already ran.
+                let edit =
+                    content.as_ref().and_then(|c| c.pointer("/m.relates_to/rel_type")?.as_str()) == Some("m.replace");
+                let for_bot = in_dm || body.trim_start().starts_with(&self.config.handoff.command_prefix);
+                (for_bot && !edit).then_some(sender)
             }
             _ => None,
+        }
+    }
+
+    /// A DM invite of the bot is recorded as the inviter's DM at once, not when the invite is
+    /// handled from the queue: the inviter's first bare command may come right behind it, and
+    /// [`Bot::addressed`] keeps a bare message only in a known DM.
+    fn note_dm_invite(&self, event: &Raw<AnyTimelineEvent>) {
+        if event.get_field::<String>("type").ok().flatten().as_deref() != Some("m.room.member")
+            || event.get_field::<String>("state_key").ok().flatten().as_deref() != Some(self.user_id.as_str())
+        {
+            return;
+        }
+        let Ok(Some(content)) = event.get_field::<RoomMemberEventContent>("content") else { return };
+        let (Ok(Some(room)), Ok(Some(sender))) =
+            (event.get_field::<OwnedRoomId>("room_id"), event.get_field::<OwnedUserId>("sender"))
+        else {
+            return;
+        };
+        if content.membership == MembershipState::Invite
+            && content.is_direct == Some(true)
+            && let Err(e) = self.store.set_dm_room(&room, &sender)
+        {
+            tracing::warn!(error = %e, "cannot record a DM room");
         }
     }
 
     /// Accepts a transaction: the events for the bot are stored with the transaction ID in one
     /// durable write, then queued. A transaction seen before is acknowledged and ignored.
     pub async fn accept(self: &Arc<Self>, txn_id: &str, events: &[Raw<AnyTimelineEvent>]) -> Result<(), StoreError> {
-        let mine: Vec<(OwnedUserId, &Raw<AnyTimelineEvent>)> =
-            events.iter().filter_map(|e| self.addressed(e).map(|sender| (sender, e))).collect();
+        let mine: Vec<(OwnedUserId, &Raw<AnyTimelineEvent>)> = events
+            .iter()
+            .filter_map(|e| {
+                self.note_dm_invite(e);
+                self.addressed(e).map(|sender| (sender, e))
+            })
+            .collect();
         let bytes: Vec<Vec<u8>> = mine.iter().map(|(_, e)| e.json().get().as_bytes().to_vec()).collect();
         let Some(numbers) = self.store.accept_txn(txn_id, &bytes).await? else {
             tracing::debug!(txn_id, "transaction already handled");
