@@ -143,8 +143,8 @@ async fn run() -> Result<()> {
                 notes.push(format!("mautrix recorded {txns} transactions, {expected_txns} were distinct"));
             }
             notes.push(format!(
-                "of the {events} events of the distinct transactions, {mine} pass handoff's filter for events the \
-                 bot acts on (counted by the baseline): handoff stores and queues those"
+                "{mine} of the {events} events sent (warm-up included, repeats not) pass handoff's filter for \
+                 events the bot acts on (counted by the baseline): handoff stores and queues those"
             ));
         }
         _ => notes.push(format!("the mautrix baseline printed no summary: {summary:?}")),
