@@ -48,13 +48,18 @@ async def main() -> None:
 
     @appservice.matrix_event_handler
     async def addressed(evt: Event) -> None:
-        # handoff's filter: an invite or leave of the bot, or a message from someone else.
+        # handoff's filter: an invite or leave of the bot, or a message from someone else that
+        # is not an edit and is a command (this baseline knows no DMs; in this load the only
+        # messages in DMs are the bot's own).
         counts["events"] += 1
         if evt.type == EventType.ROOM_MEMBER:
             if evt.state_key == bot:
                 counts["for_the_bot"] += 1
         elif evt.type == EventType.ROOM_MESSAGE and evt.sender != bot:
-            counts["for_the_bot"] += 1
+            content = evt.content.serialize()
+            edit = (content.get("m.relates_to") or {}).get("rel_type") == "m.replace"
+            if str(content.get("body", "")).lstrip().startswith("!handoff") and not edit:
+                counts["for_the_bot"] += 1
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
