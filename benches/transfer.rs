@@ -18,7 +18,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Harness, User};
+use common::{Harness, User, edit, with_concurrency};
 use futures_util::stream::{self, StreamExt};
 use ruma::api::client::filter::{FilterDefinition, RoomEventFilter, RoomFilter};
 use ruma::api::client::membership::{invite_user, join_room_by_id, joined_rooms};
@@ -264,8 +264,8 @@ fn default_concurrency() -> usize {
 /// the same state (a database grown by earlier measurements would slow the later ones).
 async fn fresh(concurrency: usize) -> Harness {
     Harness::start_with(|c| {
-        c.replace("level: \"info,handoff=debug\"", "level: \"warn,handoff::transfer=info\"")
-            .replace(&format!("concurrency: {}", default_concurrency()), &format!("concurrency: {concurrency}"))
+        let quiet = edit(c, "level: \"info,handoff=debug\"", "level: \"warn,handoff::transfer=info\"");
+        with_concurrency(quiet, concurrency)
     })
     .await
 }

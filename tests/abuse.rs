@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Harness, User, code_in, eventually};
+use common::{Harness, User, code_in, eventually, refusing, with_concurrency};
 use ruma::api::client::media::create_content;
 use ruma::events::room::MediaSource;
 use ruma::events::room::message::{FileMessageEventContent, MessageType, RoomMessageEventContent};
@@ -15,8 +15,7 @@ use serde_json::{Value, json};
 
 /// A config where mallory is a local user the admin has refused.
 fn with_mallory_refused(config: String) -> String {
-    config
-        .replace("        \"localhost\": user\n", "        \"localhost\": user\n        \"@mallory:localhost\": none\n")
+    refusing(config, "@mallory:localhost")
 }
 
 /// The membership changes of `user` in `room` as `reader` sees them.
@@ -249,7 +248,7 @@ async fn the_edge_refuses_unauthenticated_and_malformed_requests_and_keeps_servi
 #[tokio::test]
 async fn revoking_a_users_permission_stops_their_offers_pending_imports_and_transfers() {
     // One room at a time, so bob's transfer is still running when the permission goes.
-    let mut h = Harness::start_with(|c| c.replace("concurrency: 16", "concurrency: 1")).await;
+    let mut h = Harness::start_with(|c| with_concurrency(c, 1)).await;
     let (alice, bob, carol) = (h.user("alice").await, h.user("bob").await, h.user("carol").await);
     let mut rooms = Vec::new();
     for i in 0..30 {
@@ -270,7 +269,7 @@ async fn revoking_a_users_permission_stops_their_offers_pending_imports_and_tran
     // The admin revokes alice and restarts handoff.
     assert!(h.signal_handoff("TERM").success());
     let config = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
-    let revoked = with_mallory_refused(config).replace("@mallory:localhost", "@alice:localhost");
+    let revoked = refusing(config, "@alice:localhost");
     std::fs::write(&h.sandbox.config_path, revoked).unwrap();
     h.start_handoff().await;
 

@@ -5,18 +5,13 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Harness, body, eventually, run_handoff};
+use common::{Harness, body, edit, eventually, refusing, run_handoff};
 use serde_json::{Value, json};
-
-/// A config where one local user is explicitly not permitted.
-fn with_mallory_refused(config: String) -> String {
-    config
-        .replace("        \"localhost\": user\n", "        \"localhost\": user\n        \"@mallory:localhost\": none\n")
-}
 
 #[tokio::test]
 async fn bot_greets_in_dm_answers_help_and_refuses_strangers() {
-    let h = Harness::start_with(with_mallory_refused).await;
+    // One local user is explicitly not permitted.
+    let h = Harness::start_with(|c| refusing(c, "@mallory:localhost")).await;
     let alice = h.user("alice").await;
 
     // Invite the bot into a DM: it joins and greets with the help text.
@@ -206,9 +201,8 @@ async fn startup_failures_say_what_to_fix() {
     let config = dir.path().join("bridge-config.yaml");
     let original = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
     let set = |from: &str, to: &str| {
-        let text = original
-            .replace(from, to)
-            .replace("path: handoff.db", &format!("path: {}", dir.path().join("db").display()));
+        let text = edit(original.clone(), from, to);
+        let text = edit(text, "path: handoff.db", &format!("path: {}", dir.path().join("db").display()));
         std::fs::write(&config, text).unwrap();
     };
     let serve = || run_handoff(&["serve", "-c", config.to_str().unwrap()], dir.path());
@@ -257,7 +251,7 @@ fn bad_config_gives_the_documented_message() {
         ("format: pretty", "format: xml", "logging.format: unknown variant `xml`"),
     ];
     for (from, to, expected) in cases {
-        std::fs::write(&config, example.replace(from, to)).unwrap();
+        std::fs::write(&config, edit(example.to_owned(), from, to)).unwrap();
         let (status, err) = run_handoff(&["serve", "-c", config.to_str().unwrap()], dir.path());
         assert_eq!(status.code(), Some(2), "{err}");
         assert!(err.contains(expected), "expected {expected:?} in {err:?}");
@@ -272,7 +266,7 @@ fn bad_config_gives_the_documented_message() {
 fn generate_registration_fills_tokens_and_keeps_comments() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bridge-config.yaml");
-    let example = include_str!("../bridge-config.yaml").replace("example.org", "my.example");
+    let example = edit(include_str!("../bridge-config.yaml").to_owned(), "example.org", "my.example");
     std::fs::write(&config, &example).unwrap();
     let (status, err) = run_handoff(&["generate-registration", "-c", "bridge-config.yaml"], dir.path());
     assert!(status.success(), "{err}");

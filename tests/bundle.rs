@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Harness, User, body, code_in, eventually, run_handoff};
+use common::{Harness, User, body, code_in, edit, eventually, run_handoff};
 use handoff::bundle::{Bundle, RoomKind};
 use ruma::api::client::media::create_content;
 use ruma::events::room::MediaSource;
@@ -217,7 +217,7 @@ async fn send_file(
 
 #[tokio::test]
 async fn an_expired_code_is_refused() {
-    let h = Harness::start_with(|c| c.replace("code_ttl: 15m", "code_ttl: 30s")).await;
+    let h = Harness::start_with(|c| edit(c, "code_ttl: 15m", "code_ttl: 30s")).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     alice.create_room("Something").await;
     let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);

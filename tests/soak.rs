@@ -14,7 +14,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Harness, User, body, eventually, eventually_within, export};
+use common::{Harness, User, body, eventually, eventually_within, export, with_concurrency};
 use futures_util::future::join_all;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -143,7 +143,7 @@ async fn transfer_of_200_rooms_survives_20_random_sigkills_doing_everything_once
     println!("soak seed {seed} (replay the kill delays with HANDOFF_SOAK_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
 
-    let mut h = Harness::start_with(|c| c.replace("concurrency: 16", &format!("concurrency: {CONCURRENCY}"))).await;
+    let mut h = Harness::start_with(|c| with_concurrency(c, CONCURRENCY)).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     let s = populate(&h, &alice).await;
     println!("{ROOMS} rooms set up at {:?}", started.elapsed());

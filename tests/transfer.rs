@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, User, body, eventually, export};
+use common::{Harness, User, body, eventually, export, with_concurrency};
 use ruma::{OwnedRoomId, RoomId, UserId};
 
 /// Creates `n` rooms named `room N` as `owner`; returns them in creation order.
@@ -190,7 +190,7 @@ struct Interruptible {
 }
 
 async fn interruptible_transfer(n: usize) -> Interruptible {
-    let h = Harness::start_with(|c| c.replace("concurrency: 16", "concurrency: 1")).await;
+    let h = Harness::start_with(|c| with_concurrency(c, 1)).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     let rooms = rooms(&alice, n).await;
     let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);

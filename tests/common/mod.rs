@@ -40,10 +40,10 @@ impl Harness {
         Self::start_with(|c| c).await
     }
 
-    /// `edit` may change the config text before registrations are generated.
-    pub async fn start_with(edit: impl FnOnce(String) -> String) -> Harness {
+    /// `change` may change the config text before registrations are generated (with [`edit`]).
+    pub async fn start_with(change: impl FnOnce(String) -> String) -> Harness {
         let tmp = tempfile::tempdir().unwrap();
-        let sandbox = Sandbox::create(tmp.path(), |c| edit(c.replace("level: info", "level: \"info,handoff=debug\"")))
+        let sandbox = Sandbox::create(tmp.path(), |c| change(edit(c, "level: info", "level: \"info,handoff=debug\"")))
             .await
             .expect("sandbox starts");
         let handoff_url = format!("http://127.0.0.1:{}", sandbox.handoff_port);
@@ -414,6 +414,25 @@ impl Harness {
 pub async fn export(h: &Harness, old: &User, dm: &RoomId, args: &str) -> String {
     let answer = h.ask(old, dm, &format!("export {args}"), "Your transfer code").await;
     code_in(&answer).unwrap_or_else(|| panic!("no code in {answer}"))
+}
+
+/// `config` with every `from` replaced by `to`; panics naming `from` when there is none, so an
+/// edit can't silently stop applying when the example config changes.
+pub fn edit(config: String, from: &str, to: &str) -> String {
+    assert!(config.contains(from), "nothing to replace: {from:?} is not in the config");
+    config.replace(from, to)
+}
+
+/// `config` with `handoff.concurrency` (the example's default) set to `n`.
+pub fn with_concurrency(config: String, n: usize) -> String {
+    let default = handoff::config::HandoffConfig::default().concurrency.0;
+    edit(config, &format!("concurrency: {default}"), &format!("concurrency: {n}"))
+}
+
+/// `config` with `user` (a full user ID) refused in `handoff.permissions`.
+pub fn refusing(config: String, user: &str) -> String {
+    let domain = "        \"localhost\": user\n";
+    edit(config, domain, &format!("{domain}        \"{user}\": none\n"))
 }
 
 /// Runs the handoff binary with `args`; returns its exit status and stderr.
