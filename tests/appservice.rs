@@ -3,9 +3,10 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::{Harness, body, edit, eventually, refusing, run_handoff};
+use common::{Harness, body, edit, eventually, refusing, run_handoff, text_event};
+use ruma::{RoomId, UserId};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -81,16 +82,9 @@ async fn bot_greets_in_dm_answers_help_and_refuses_strangers() {
     }
 }
 
-fn txn_body(room: &str, sender: &str, event_id: &str, text: &str) -> Value {
-    let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-    json!({ "events": [{
-        "type": "m.room.message",
-        "event_id": event_id,
-        "room_id": room,
-        "sender": sender,
-        "origin_server_ts": ts,
-        "content": { "msgtype": "m.text", "body": text },
-    }]})
+/// A transaction of one text event.
+fn txn_body(room: &RoomId, sender: &UserId, event_id: &str, text: &str) -> Value {
+    json!({ "events": [text_event(room, sender, event_id, text)] })
 }
 
 #[tokio::test]
@@ -163,19 +157,18 @@ async fn transaction_endpoint_checks_tokens_rejects_bad_bodies_and_handles_each_
     let r = http.get(url("/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let alice = h.user("alice").await;
-    let dm = alice.create_dm(&h.bot).await;
-    alice.wait_for_messages(&dm, &h.bot, 1).await;
+    let dm = h.dm_with_bot(&alice).await;
 
     // A transaction handled once: the same txn ID again, even carrying another command, does nothing.
     let help_replies = |msgs: &[Value]| msgs.iter().filter(|m| body(m).contains("• help — ")).count();
-    let first = txn_body(dm.as_str(), alice.id.as_str(), "$replay-1", "help");
+    let first = txn_body(&dm, &alice.id, "$replay-1", "help");
     let r = put("replay").json(&first).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let msgs = alice.wait_for_messages(&dm, &h.bot, 2).await;
     assert_eq!(help_replies(&msgs), 2, "the greeting and one reply");
     let r = put("replay").json(&first).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let other = txn_body(dm.as_str(), alice.id.as_str(), "$replay-2", "hepl");
+    let other = txn_body(&dm, &alice.id, "$replay-2", "hepl");
     let r = put("replay").json(&other).send().await.unwrap();
     assert_eq!(r.status(), 200);
 
@@ -187,7 +180,7 @@ async fn transaction_endpoint_checks_tokens_rejects_bad_bodies_and_handles_each_
     let r = put("replay").json(&other).send().await.unwrap();
     assert_eq!(r.status(), 200);
     // A new transaction is handled: its reply arrives, and only then do we count.
-    let fresh = txn_body(dm.as_str(), alice.id.as_str(), "$fresh-1", "hepl");
+    let fresh = txn_body(&dm, &alice.id, "$fresh-1", "hepl");
     assert_eq!(put("fresh").json(&fresh).send().await.unwrap().status(), 200);
     let msgs = alice.wait_for_messages(&dm, &h.bot, 3).await;
     assert_eq!(msgs.len(), 3, "greeting, one help reply, one reply to the fresh txn: {msgs:#?}");
@@ -308,7 +301,7 @@ async fn events_acknowledged_before_a_crash_are_handled_after_the_restart() {
     let dm = h.dm_with_bot(&alice).await;
     let before = alice.messages_from(&dm, &h.bot).await.len();
     // The homeserver's transaction is acknowledged, and handoff is killed at once.
-    let txn = txn_body(dm.as_str(), alice.id.as_str(), "$before-crash", "help");
+    let txn = txn_body(&dm, &alice.id, "$before-crash", "help");
     let r = reqwest::Client::new()
         .put(format!("{}/_matrix/app/v1/transactions/crash-1", h.handoff_url))
         .bearer_auth(&hs_token)
