@@ -8,7 +8,14 @@
 //!   joins sent directly at the best concurrency), against the bound set by the four writes the
 //!   engine must make per room (invite, join, power level, notice; each measured on its own), and
 //!   against the same four writes sent directly; plus the service's own CPU time per room moved
-//!   and its peak memory.
+//!   and its peak memory;
+//! - first rooms first: for each `import`, the time from sending it to the new account's first
+//!   favourite joined and to all of them joined (seen in the new account's joined rooms, polled),
+//!   next to the time to every room joined. The project's target: the first favourite within 1 s,
+//!   whatever the account's size.
+//!
+//! Every old account has N rooms: 10 favourites (`m.favourite`), 3 DMs with peers (in `m.direct`),
+//! the rest group rooms; plus its DM with the bot.
 //!
 //! Run: `cargo bench --bench transfer` (N = 500, 4 paired rounds; `HANDOFF_BENCH_ROOMS=100` and
 //! `HANDOFF_BENCH_ROUNDS=2` for a quicker run; `HANDOFF_BENCH_CRITERION_ONLY=1` for the paired rounds alone).
@@ -16,9 +23,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Harness, User, edit, export, raw, with_concurrency};
+use common::{Harness, User, edit, export, join_stamp, raw, with_concurrency};
 use futures_util::stream::{self, StreamExt};
 use handoff::homeserver::Homeserver;
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
@@ -29,13 +36,19 @@ use ruma::api::client::state::{get_state_event_for_key, get_state_events, send_s
 use ruma::api::client::sync::sync_events;
 use ruma::events::StateEventType;
 use ruma::events::room::message::RoomMessageEventContent;
-use ruma::{OwnedRoomId, RoomId};
+use ruma::{OwnedRoomId, RoomId, UserId};
 
+/// Favourites among each old account's rooms.
+const FAVOURITES: usize = 10;
+/// DMs with peers among each old account's rooms.
+const DMS: usize = 3;
 /// How long the bench waits for the bot: a transfer of hundreds of rooms takes minutes.
 const PATIENCE: Duration = Duration::from_secs(900);
 /// How often it looks for the bot's answer. Not more often: each look is a request the homeserver
 /// serves instead of the transfer.
 const POLL: Duration = Duration::from_millis(500);
+/// What the project works towards: the first favourite joined this soon after `import`.
+const FIRST_FAVOURITE_TARGET: Duration = Duration::from_secs(1);
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -207,19 +220,34 @@ fn rate(n: usize, d: Duration) -> f64 {
 /// An old account and what it holds.
 struct OldAccount {
     user: User,
-    /// All its rooms but the bot's DM.
+    /// All its rooms but the bot's DM: group rooms, then the DMs with peers.
     rooms: Vec<OwnedRoomId>,
+    /// Its favourites, among the group rooms.
+    favourites: Vec<OwnedRoomId>,
     /// Its DM with the bot.
     dm: OwnedRoomId,
 }
 
-/// A fresh old account `name` with `n` rooms and a DM with the bot, so every run sees rooms of the
-/// same shape (earlier runs would otherwise have added members to the rooms of later ones).
+/// A fresh old account `name` with `n` rooms: `DMS` DMs with peers (marked in `m.direct`), the rest
+/// group rooms, `FAVOURITES` of them favourites spread over their creation order; and a DM with
+/// the bot. A fresh one for every run, so every run sees rooms of the same shape (earlier runs
+/// would otherwise have added members to the rooms of later ones).
 async fn old_account(h: &Harness, name: &str, n: usize) -> OldAccount {
+    assert!(n >= FAVOURITES + DMS, "at least {} rooms", FAVOURITES + DMS);
     let user = h.user(name).await;
-    let rooms = user.create_rooms(n).await;
+    let groups = n - DMS;
+    let mut rooms = user.create_rooms(groups).await;
+    let favourites: Vec<OwnedRoomId> = (0..FAVOURITES).map(|i| rooms[i * groups / FAVOURITES].clone()).collect();
+    for (i, room) in favourites.iter().enumerate() {
+        user.tag(room, "m.favourite", Some((i as f64 + 0.5) / FAVOURITES as f64)).await;
+    }
+    let mut peers = Vec::new();
+    for i in 0..DMS {
+        peers.push(h.user(&format!("{name}-peer{i}")).await);
+    }
+    rooms.extend(user.dms_with(&peers.iter().collect::<Vec<_>>()).await);
     let dm = h.dm_with_bot(&user).await;
-    OldAccount { user, rooms, dm }
+    OldAccount { user, rooms, favourites, dm }
 }
 
 fn default_concurrency() -> usize {
@@ -244,9 +272,51 @@ async fn acting(h: &Harness) -> Homeserver {
     Homeserver::connect(&h.synapse().url, &token, reqwest::Client::new()).await.unwrap()
 }
 
-/// One engine run: `export --to`, then `import`, timed to every room joined and to the report.
+/// Polls `user`'s joined rooms every 100 ms from `start` until it is in every one of `rooms`;
+/// returns the times from `start` to the first and to the last. One cheap request a poll (Synapse
+/// answers it from a cache), and none once the last is joined: light on the homeserver while the
+/// transfer runs. (A sync long-poll loop lagged the joins by 0.5–1 s under the transfer's load:
+/// Synapse computes each answer while busy with the transfer.)
+async fn until_joined(user: &User, rooms: &[OwnedRoomId], start: Instant, patience: Duration) -> (Duration, Duration) {
+    let mut first = None;
+    loop {
+        let joined = user.send(joined_rooms::v3::Request::new()).await.joined_rooms;
+        let seen = start.elapsed();
+        let n = rooms.iter().filter(|r| joined.contains(r)).count();
+        if n > 0 {
+            first.get_or_insert(seen);
+        }
+        if n == rooms.len() {
+            return (first.unwrap(), seen);
+        }
+        assert!(seen < patience, "{} of {} rooms joined after {patience:?}", n, rooms.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// The homeserver's timestamps of `user`'s joins of `rooms` (read by `reader` after the run),
+/// from `since` (unix ms): the earliest and the latest. When the engine's joins were made,
+/// whatever the polling's delay in seeing them.
+async fn join_stamps(reader: &User, user: &UserId, rooms: &[OwnedRoomId], since: u64) -> (Duration, Duration) {
+    let mut stamps = Vec::new();
+    for room in rooms {
+        let ts = join_stamp(&reader.timeline(room).await, user).unwrap_or_else(|| panic!("no join in {room}"));
+        stamps.push(Duration::from_millis(ts.saturating_sub(since)));
+    }
+    (*stamps.iter().min().unwrap(), *stamps.iter().max().unwrap())
+}
+
+/// One engine run: `export --to`, then `import`, timed to the first favourite, to every favourite
+/// and to every room joined, and to the report.
 struct EngineRun {
     concurrency: usize,
+    first_favourite: Duration,
+    all_favourites: Duration,
+    all_joined: Duration,
     /// Rooms per second to every room joined, and to the report.
     joined: f64,
     whole: f64,
@@ -267,16 +337,43 @@ async fn engine_on(h: &Harness, old: &OldAccount, target: &str, n: usize, c: usi
     let tdm = h.dm_with_bot(&target).await;
     let pid = h.handoff_pid();
     let cpu_before = cpu_time(pid);
-    let (took, report) = h.ask_timed(&target, &tdm, &format!("import {code}"), "rooms moved to").await;
+    let before = target.messages_from(&tdm, &h.bot).await.len();
+    let (start, sent_at) = (Instant::now(), unix_ms());
+    target.send_text(&tdm, &format!("import {code}")).await;
+    let report = async {
+        let report = h.bot_says(&target, &tdm, before, "the report", |b| b.contains("rooms moved to")).await;
+        (start.elapsed(), report)
+    };
+    let ((first_favourite, all_favourites), (took, report)) =
+        tokio::join!(until_joined(&target, &old.favourites, start, h.patience), report);
     let cpu = cpu_time(pid) - cpu_before;
+    let stamps = join_stamps(&old.user, &target.id, &old.favourites, sent_at).await;
     assert!(report.starts_with(&format!("{n} of {n} rooms moved")), "{report}");
     // The time from the command to the last join is the command's time less what came after it.
     let all_joined = took - joins_before_end(&h.log());
-    EngineRun { concurrency: c, joined: rate(n, all_joined), whole: rate(n, took), cpu, rss: peak_rss_mib(pid) }
+    println!(
+        "      first favourite joined after {:.2} s, all {FAVOURITES} after {:.2} s (the joins' own timestamps: {:.2} s, {:.2} s), every room after {:.2} s, the report after {:.2} s",
+        first_favourite.as_secs_f64(),
+        all_favourites.as_secs_f64(),
+        stamps.0.as_secs_f64(),
+        stamps.1.as_secs_f64(),
+        all_joined.as_secs_f64(),
+        took.as_secs_f64()
+    );
+    EngineRun {
+        concurrency: c,
+        first_favourite,
+        all_favourites,
+        all_joined,
+        joined: rate(n, all_joined),
+        whole: rate(n, took),
+        cpu,
+        rss: peak_rss_mib(pid),
+    }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
 
@@ -285,6 +382,9 @@ struct Medians {
     ceiling: f64,
     joined: f64,
     whole: f64,
+    first_favourite: Duration,
+    all_favourites: Duration,
+    all_joined: Duration,
 }
 
 /// The criterion, measured in paired rounds: in each, one fresh homeserver holds three old
@@ -335,7 +435,47 @@ async fn paired_rounds(n: usize, rounds: usize) -> Medians {
         ceiling: median(ceilings),
         joined: median(runs.iter().map(|r| r.joined).collect()),
         whole: median(runs.iter().map(|r| r.whole).collect()),
+        first_favourite: median(runs.iter().map(|r| r.first_favourite).collect()),
+        all_favourites: median(runs.iter().map(|r| r.all_favourites).collect()),
+        all_joined: median(runs.iter().map(|r| r.all_joined).collect()),
     }
+}
+
+/// The results table: how soon the new account is in its first rooms, and how fast it is in all.
+fn print_results(n: usize, rounds: usize, paired: &Medians, others: &[EngineRun]) {
+    println!("\nresults ({n} rooms, {FAVOURITES} of them favourites, {DMS} DMs): from sending `import`");
+    println!(
+        "  {:<36} {:>15} {:>15} {:>15} {:>15} {:>15}",
+        "", "first favourite", "all favourites", "every room", "rooms/s joined", "rooms/s whole"
+    );
+    let row = |label: String, first: Duration, favs: Duration, all: Duration, joined: f64, whole: f64| {
+        println!(
+            "  {label:<36} {:>13.2} s {:>13.2} s {:>13.2} s {joined:>15.1} {whole:>15.1}",
+            first.as_secs_f64(),
+            favs.as_secs_f64(),
+            all.as_secs_f64()
+        );
+    };
+    let default = default_concurrency();
+    let p = paired;
+    row(
+        format!("handoff at {default} (median of {rounds} rounds)"),
+        p.first_favourite,
+        p.all_favourites,
+        p.all_joined,
+        p.joined,
+        p.whole,
+    );
+    for r in others {
+        let label = format!("handoff at {}", r.concurrency);
+        row(label, r.first_favourite, r.all_favourites, r.all_joined, r.joined, r.whole);
+    }
+    let met = if p.first_favourite <= FIRST_FAVOURITE_TARGET { "met" } else { "not met" };
+    println!(
+        "  target: first favourite within {:.0} s of `import` at the default: {met} ({:.2} s)",
+        FIRST_FAVOURITE_TARGET.as_secs_f64(),
+        p.first_favourite.as_secs_f64()
+    );
 }
 
 async fn run() {
@@ -391,6 +531,7 @@ async fn run() {
     );
     let paired = paired_rounds(n, rounds).await;
     if criterion_only {
+        print_results(n, rounds, &paired, &[]);
         return;
     }
 
@@ -487,4 +628,5 @@ async fn run() {
         paired.joined,
         paired.whole
     );
+    print_results(n, rounds, &paired, &results);
 }
