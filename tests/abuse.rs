@@ -4,47 +4,26 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::{Harness, User, code_in, eventually};
-use ruma::api::client::media::create_content;
+use common::{Harness, User, dm_from_bot, eventually, export, refusing, text_event, with_concurrency};
 use ruma::events::room::MediaSource;
-use ruma::events::room::message::{FileMessageEventContent, MessageType, RoomMessageEventContent};
-use ruma::{OwnedRoomId, RoomId, UserId};
+use ruma::{RoomId, UserId};
 use serde_json::{Value, json};
 
 /// A config where mallory is a local user the admin has refused.
 fn with_mallory_refused(config: String) -> String {
-    config
-        .replace("        \"localhost\": user\n", "        \"localhost\": user\n        \"@mallory:localhost\": none\n")
+    refusing(config, "@mallory:localhost")
 }
 
 /// The membership changes of `user` in `room` as `reader` sees them.
 async fn memberships(reader: &User, room: &RoomId, user: &UserId) -> Vec<String> {
-    reader
-        .timeline(room)
-        .await
-        .into_iter()
-        .filter(|e| e["type"] == "m.room.member" && e["state_key"] == user.as_str())
-        .map(|e| e["content"]["membership"].as_str().unwrap_or("").to_owned())
-        .collect()
+    common::memberships(&reader.timeline(room).await, user)
 }
 
 async fn displayname(user: &User) -> Option<String> {
     let req = ruma::api::client::profile::get_profile::v3::Request::new(user.id.clone());
     user.send(req).await.get("displayname").and_then(Value::as_str).map(str::to_owned)
-}
-
-async fn account_data(user: &User, kind: &str) -> Option<Value> {
-    let req = ruma::api::client::config::get_global_account_data::v3::Request::new(user.id.clone(), kind.into());
-    user.try_send(req).await.ok().map(|r| r.account_data.deserialize_as().unwrap())
-}
-
-/// Waits for the bot to invite `user` into a DM of its own making; joins it.
-async fn dm_from_bot(user: &User) -> OwnedRoomId {
-    let room = eventually("the bot's DM invite", || async { user.invites().await.into_iter().next() }).await;
-    user.join(&room).await;
-    room
 }
 
 #[tokio::test]
@@ -58,17 +37,9 @@ async fn a_forced_move_is_only_an_offer_and_nothing_is_written_before_accept() {
         ruma::profile::ProfileFieldValue::DisplayName("Alice Forced".into()),
     );
     alice.send(set).await;
-    let ignored = json!({"ignored_users": {"@spam:localhost": {}}});
-    let raw = ruma::serde::Raw::from_json(serde_json::value::to_raw_value(&ignored).unwrap());
-    alice
-        .send(ruma::api::client::config::set_global_account_data::v3::Request::new_raw(
-            alice.id.clone(),
-            "m.ignored_user_list".into(),
-            raw,
-        ))
-        .await;
+    alice.set_account_data("m.ignored_user_list", json!({"ignored_users": {"@spam:localhost": {}}})).await;
     let bob_name = displayname(&bob).await;
-    let bob_ignored = account_data(&bob, "m.ignored_user_list").await;
+    let bob_ignored = bob.account_data("m.ignored_user_list").await;
     let adm = h.dm_with_bot(&alice).await;
 
     // Refused outright: a move into the sender itself, and into an account the admin refused.
@@ -76,8 +47,7 @@ async fn a_forced_move_is_only_an_offer_and_nothing_is_written_before_accept() {
     h.ask(&alice, &adm, "export --to @mallory:localhost --auto", "may not use handoff on this server").await;
 
     // bob exists and has signed in: the "move" starts as an offer in bob's DM, nothing more.
-    let answer = h.ask(&alice, &adm, "export --to @bob:localhost --auto", "Your transfer code").await;
-    let code = code_in(&answer).unwrap();
+    let code = export(&h, &alice, &adm, "--to @bob:localhost --auto").await;
     let bdm = dm_from_bot(&bob).await;
     let offer = h.bot_says(&bob, &bdm, 0, "the offer", |b| b.contains("reply `accept`")).await;
     assert!(offer.contains("Nothing changes in this account unless you accept"), "{offer}");
@@ -90,7 +60,7 @@ async fn a_forced_move_is_only_an_offer_and_nothing_is_written_before_accept() {
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(memberships(&alice, &room, &bob.id).await.is_empty(), "bob was not invited or joined");
     assert_eq!(displayname(&bob).await, bob_name, "bob's display name unchanged");
-    assert_eq!(account_data(&bob, "m.ignored_user_list").await, bob_ignored, "bob's ignored users unchanged");
+    assert_eq!(bob.account_data("m.ignored_user_list").await, bob_ignored, "bob's ignored users unchanged");
 
     // bob declines: alice is told, and her code is dead even for bob.
     h.ask(&bob, &bdm, "decline", "Declined").await;
@@ -100,17 +70,6 @@ async fn a_forced_move_is_only_an_offer_and_nothing_is_written_before_accept() {
     h.ask(&bob, &bdm, "accept", "No move is waiting").await;
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-fn text_event(room: &RoomId, sender: &UserId, event_id: &str, text: &str) -> Value {
-    json!({
-        "type": "m.room.message", "event_id": event_id, "room_id": room, "sender": sender,
-        "origin_server_ts": now_ms(), "content": { "msgtype": "m.text", "body": text },
-    })
-}
-
 #[tokio::test]
 async fn floods_wrong_codes_and_crafted_files_never_stall_the_bot_for_anyone_else() {
     let h = Harness::start().await;
@@ -118,7 +77,7 @@ async fn floods_wrong_codes_and_crafted_files_never_stall_the_bot_for_anyone_els
     let rooms = vec![alice.create_room("one").await, alice.create_room("two").await];
     let (adm, bdm, mdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await, h.dm_with_bot(&mallory).await);
     // A code made before the abuse: it must still work after it.
-    let code = code_in(&h.ask(&alice, &adm, "export --to @bob:localhost", "Your transfer code").await).unwrap();
+    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
 
     // Commands that show codes or change accounts don't run in a group room.
     let group = alice.create_room("team").await;
@@ -131,13 +90,9 @@ async fn floods_wrong_codes_and_crafted_files_never_stall_the_bot_for_anyone_els
 
     // A key-export file whose trailer also comes before its header: answered, not a crash.
     let crafted = "-----END MEGOLM SESSION DATA-----\n-----BEGIN MEGOLM SESSION DATA-----\nAXNhbHRzYWx0c2FsdHNhbHSIiIiIiIiIiIiIiIiIiIiIAAAACmIRUW2OjZ3L2l6j9h0lHlV3M2dx\ncissyYBxjsfsAndErh065A8=\n-----END MEGOLM SESSION DATA-----\n";
-    let uri = mallory.send(create_content::v3::Request::new(crafted.as_bytes().to_vec())).await.content_uri;
-    let file = RoomMessageEventContent::new(MessageType::File(FileMessageEventContent::new(
-        "keys.txt".into(),
-        MediaSource::Plain(uri),
-    )));
+    let uri = mallory.upload("keys.txt", crafted.as_bytes().to_vec()).await;
     let before = mallory.messages_from(&mdm, &h.bot).await.len();
-    mallory.send_content(&mdm, &file).await;
+    mallory.send_file(&mdm, "keys.txt", MediaSource::Plain(uri)).await;
     let file_reply = h.bot_says(&mallory, &mdm, before, "the answer to the crafted file", |_| true).await;
     assert!(!file_reply.contains("failed on the server's side"), "a clear answer, not a crash: {file_reply}");
 
@@ -249,17 +204,14 @@ async fn the_edge_refuses_unauthenticated_and_malformed_requests_and_keeps_servi
 #[tokio::test]
 async fn revoking_a_users_permission_stops_their_offers_pending_imports_and_transfers() {
     // One room at a time, so bob's transfer is still running when the permission goes.
-    let mut h = Harness::start_with(|c| c.replace("concurrency: 16", "concurrency: 1")).await;
+    let mut h = Harness::start_with(|c| with_concurrency(c, 1)).await;
     let (alice, bob, carol) = (h.user("alice").await, h.user("bob").await, h.user("carol").await);
-    let mut rooms = Vec::new();
-    for i in 0..30 {
-        rooms.push(alice.create_room(&format!("room {i}")).await);
-    }
+    let rooms = alice.create_rooms(30).await;
     let (adm, bdm, cdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await, h.dm_with_bot(&carol).await);
     h.ask(&alice, &adm, "export --to @newbie:localhost --auto", "Your transfer code").await;
-    let unbound = code_in(&h.ask(&alice, &adm, "export", "Your transfer code").await).unwrap();
+    let unbound = export(&h, &alice, &adm, "").await;
     h.ask(&carol, &cdm, &format!("import {unbound}"), "asked to approve").await;
-    let bound = code_in(&h.ask(&alice, &adm, "export --to @bob:localhost", "Your transfer code").await).unwrap();
+    let bound = export(&h, &alice, &adm, "--to @bob:localhost").await;
     h.ask(&bob, &bdm, &format!("import {bound}"), "progress follows").await;
     eventually("bob's transfer to be under way", || async {
         let joined = memberships(&alice, &rooms[0], &bob.id).await;
@@ -270,7 +222,7 @@ async fn revoking_a_users_permission_stops_their_offers_pending_imports_and_tran
     // The admin revokes alice and restarts handoff.
     assert!(h.signal_handoff("TERM").success());
     let config = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
-    let revoked = with_mallory_refused(config).replace("@mallory:localhost", "@alice:localhost");
+    let revoked = refusing(config, "@alice:localhost");
     std::fs::write(&h.sandbox.config_path, revoked).unwrap();
     h.start_handoff().await;
 

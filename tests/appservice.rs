@@ -3,20 +3,16 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::{Harness, body, eventually, run_handoff};
+use common::{Harness, body, edit, eventually, refusing, run_handoff, text_event};
+use ruma::{RoomId, UserId};
 use serde_json::{Value, json};
-
-/// A config where one local user is explicitly not permitted.
-fn with_mallory_refused(config: String) -> String {
-    config
-        .replace("        \"localhost\": user\n", "        \"localhost\": user\n        \"@mallory:localhost\": none\n")
-}
 
 #[tokio::test]
 async fn bot_greets_in_dm_answers_help_and_refuses_strangers() {
-    let h = Harness::start_with(with_mallory_refused).await;
+    // One local user is explicitly not permitted.
+    let h = Harness::start_with(|c| refusing(c, "@mallory:localhost")).await;
     let alice = h.user("alice").await;
 
     // Invite the bot into a DM: it joins and greets with the help text.
@@ -86,16 +82,9 @@ async fn bot_greets_in_dm_answers_help_and_refuses_strangers() {
     }
 }
 
-fn txn_body(room: &str, sender: &str, event_id: &str, text: &str) -> Value {
-    let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-    json!({ "events": [{
-        "type": "m.room.message",
-        "event_id": event_id,
-        "room_id": room,
-        "sender": sender,
-        "origin_server_ts": ts,
-        "content": { "msgtype": "m.text", "body": text },
-    }]})
+/// A transaction of one text event.
+fn txn_body(room: &RoomId, sender: &UserId, event_id: &str, text: &str) -> Value {
+    json!({ "events": [text_event(room, sender, event_id, text)] })
 }
 
 #[tokio::test]
@@ -168,19 +157,18 @@ async fn transaction_endpoint_checks_tokens_rejects_bad_bodies_and_handles_each_
     let r = http.get(url("/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let alice = h.user("alice").await;
-    let dm = alice.create_dm(&h.bot).await;
-    alice.wait_for_messages(&dm, &h.bot, 1).await;
+    let dm = h.dm_with_bot(&alice).await;
 
     // A transaction handled once: the same txn ID again, even carrying another command, does nothing.
     let help_replies = |msgs: &[Value]| msgs.iter().filter(|m| body(m).contains("• help — ")).count();
-    let first = txn_body(dm.as_str(), alice.id.as_str(), "$replay-1", "help");
+    let first = txn_body(&dm, &alice.id, "$replay-1", "help");
     let r = put("replay").json(&first).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let msgs = alice.wait_for_messages(&dm, &h.bot, 2).await;
     assert_eq!(help_replies(&msgs), 2, "the greeting and one reply");
     let r = put("replay").json(&first).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let other = txn_body(dm.as_str(), alice.id.as_str(), "$replay-2", "hepl");
+    let other = txn_body(&dm, &alice.id, "$replay-2", "hepl");
     let r = put("replay").json(&other).send().await.unwrap();
     assert_eq!(r.status(), 200);
 
@@ -192,7 +180,7 @@ async fn transaction_endpoint_checks_tokens_rejects_bad_bodies_and_handles_each_
     let r = put("replay").json(&other).send().await.unwrap();
     assert_eq!(r.status(), 200);
     // A new transaction is handled: its reply arrives, and only then do we count.
-    let fresh = txn_body(dm.as_str(), alice.id.as_str(), "$fresh-1", "hepl");
+    let fresh = txn_body(&dm, &alice.id, "$fresh-1", "hepl");
     assert_eq!(put("fresh").json(&fresh).send().await.unwrap().status(), 200);
     let msgs = alice.wait_for_messages(&dm, &h.bot, 3).await;
     assert_eq!(msgs.len(), 3, "greeting, one help reply, one reply to the fresh txn: {msgs:#?}");
@@ -206,9 +194,8 @@ async fn startup_failures_say_what_to_fix() {
     let config = dir.path().join("bridge-config.yaml");
     let original = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
     let set = |from: &str, to: &str| {
-        let text = original
-            .replace(from, to)
-            .replace("path: handoff.db", &format!("path: {}", dir.path().join("db").display()));
+        let text = edit(original.clone(), from, to);
+        let text = edit(text, "path: handoff.db", &format!("path: {}", dir.path().join("db").display()));
         std::fs::write(&config, text).unwrap();
     };
     let serve = || run_handoff(&["serve", "-c", config.to_str().unwrap()], dir.path());
@@ -257,7 +244,7 @@ fn bad_config_gives_the_documented_message() {
         ("format: pretty", "format: xml", "logging.format: unknown variant `xml`"),
     ];
     for (from, to, expected) in cases {
-        std::fs::write(&config, example.replace(from, to)).unwrap();
+        std::fs::write(&config, edit(example.to_owned(), from, to)).unwrap();
         let (status, err) = run_handoff(&["serve", "-c", config.to_str().unwrap()], dir.path());
         assert_eq!(status.code(), Some(2), "{err}");
         assert!(err.contains(expected), "expected {expected:?} in {err:?}");
@@ -272,7 +259,7 @@ fn bad_config_gives_the_documented_message() {
 fn generate_registration_fills_tokens_and_keeps_comments() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bridge-config.yaml");
-    let example = include_str!("../bridge-config.yaml").replace("example.org", "my.example");
+    let example = edit(include_str!("../bridge-config.yaml").to_owned(), "example.org", "my.example");
     std::fs::write(&config, &example).unwrap();
     let (status, err) = run_handoff(&["generate-registration", "-c", "bridge-config.yaml"], dir.path());
     assert!(status.success(), "{err}");
@@ -314,7 +301,7 @@ async fn events_acknowledged_before_a_crash_are_handled_after_the_restart() {
     let dm = h.dm_with_bot(&alice).await;
     let before = alice.messages_from(&dm, &h.bot).await.len();
     // The homeserver's transaction is acknowledged, and handoff is killed at once.
-    let txn = txn_body(dm.as_str(), alice.id.as_str(), "$before-crash", "help");
+    let txn = txn_body(&dm, &alice.id, "$before-crash", "help");
     let r = reqwest::Client::new()
         .put(format!("{}/_matrix/app/v1/transactions/crash-1", h.handoff_url))
         .bearer_auth(&hs_token)

@@ -3,44 +3,16 @@
 
 mod common;
 
-use common::{Harness, User, body, code_in, eventually, run_handoff};
-use handoff::bundle::{Bundle, RoomKind};
+use common::{Harness, User, body, code_in, edit, eventually, export_file, open_bundle, run_handoff};
+use handoff::bundle::RoomKind;
 use ruma::api::client::media::create_content;
 use ruma::events::room::MediaSource;
-use ruma::events::room::message::{FileMessageEventContent, MessageType, RoomMessageEventContent};
-use ruma::events::tag::TagInfo;
 use ruma::{OwnedRoomId, RoomId};
 use serde_json::Value;
 
-/// `export --file ARGS`: returns the code and the bundle file's bytes, downloaded as the user and
-/// decrypted with the key in the event (the media repository holds neither an age file nor a bundle).
-async fn export_file(h: &Harness, user: &User, dm: &RoomId, args: &str) -> (String, Vec<u8>) {
-    let before = user.messages_from(dm, &h.bot).await.len();
-    let answer = h.ask(user, dm, &format!("export --file {args}"), "Your transfer code").await;
-    let code = code_in(&answer).expect("a code on a line of its own");
-    let file = eventually("the bundle file", || async {
-        user.messages_from(dm, &h.bot).await.into_iter().skip(before).find(|m| m["content"]["msgtype"] == "m.file")
-    })
-    .await;
-    let attachment = user.attachment(&file).await;
-    assert!(attachment.plain.starts_with(AGE_HEADER), "the bundle file is an age file");
-    assert!(!attachment.readable_at_rest("age-encryption.org"), "an age file in the media repository");
-    assert!(handoff::bundle::file::open(&attachment.raw, &code).is_err());
-    (code, attachment.plain)
-}
-
-const AGE_HEADER: &[u8] = b"age-encryption.org/v1\n";
-
-fn open(bytes: &[u8], code: &str) -> Bundle {
-    handoff::bundle::file::open(bytes, code).expect("the file opens with the code")
-}
-
 async fn tagged_room(user: &User, name: &str, tag: &str, order: Option<f64>) -> OwnedRoomId {
     let room = user.create_room(name).await;
-    let mut info = TagInfo::new();
-    info.order = order;
-    let req = ruma::api::client::tag::create_tag::v3::Request::new(user.id.clone(), room.clone(), tag.into(), info);
-    user.send(req).await;
+    user.tag(&room, tag, order).await;
     room
 }
 
@@ -52,22 +24,12 @@ async fn export_file_inspect_only_exclude_keys_and_forget() {
     let low = tagged_room(&alice, "Low", "m.lowpriority", None).await;
     let plain = alice.create_room("Plain").await;
     let peer = h.user("peer").await;
-    let dm_room = alice.create_dm(&peer.id).await;
-    peer.join(&dm_room).await;
-    let direct = serde_json::json!({ "@peer:localhost": [dm_room] });
-    let raw = ruma::serde::Raw::from_json(serde_json::value::to_raw_value(&direct).unwrap());
-    alice
-        .send(ruma::api::client::config::set_global_account_data::v3::Request::new_raw(
-            alice.id.clone(),
-            "m.direct".into(),
-            raw,
-        ))
-        .await;
+    let dm_room = alice.dms_with(&[&peer]).await.remove(0);
     let dm = h.dm_with_bot(&alice).await;
 
     // The whole account, as a file that opens with the code; the bot's own DM is not part of it.
     let (code, file) = export_file(&h, &alice, &dm, "").await;
-    let bundle = open(&file, &code);
+    let bundle = open_bundle(&file, &code);
     let ids: Vec<_> = bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
     for room in [&fav, &low, &plain, &dm_room] {
         assert!(ids.contains(room), "{room} missing from {ids:?}");
@@ -126,13 +88,13 @@ async fn export_file_inspect_only_exclude_keys_and_forget() {
 
     // --only and --exclude select.
     let (code, file) = export_file(&h, &alice, &dm, "--only favourites").await;
-    let only_fav: Vec<_> = open(&file, &code).rooms.into_iter().map(|r| r.room_id).collect();
+    let only_fav: Vec<_> = open_bundle(&file, &code).rooms.into_iter().map(|r| r.room_id).collect();
     assert_eq!(only_fav, vec![fav.clone()]);
     let (code, file) = export_file(&h, &alice, &dm, "--only dms").await;
-    let only_dms = open(&file, &code);
+    let only_dms = open_bundle(&file, &code);
     assert_eq!(only_dms.rooms.iter().map(|r| &r.room_id).collect::<Vec<_>>(), vec![&dm_room]);
     let (code, file) = export_file(&h, &alice, &dm, &format!("--only rooms --exclude {plain}")).await;
-    let rooms: Vec<_> = open(&file, &code).rooms.into_iter().map(|r| r.room_id).collect();
+    let rooms: Vec<_> = open_bundle(&file, &code).rooms.into_iter().map(|r| r.room_id).collect();
     assert!(rooms.contains(&fav) && rooms.contains(&low));
     assert!(!rooms.contains(&plain) && !rooms.contains(&dm_room), "{rooms:?}");
 
@@ -198,7 +160,7 @@ async fn send_file(
 ) -> Value {
     let before = user.messages_from(dm, &h.bot).await.len();
     let source = if how == Upload::Plain {
-        MediaSource::Plain(user.send(create_content::v3::Request::new(bytes.to_vec())).await.content_uri)
+        MediaSource::Plain(user.upload(name, bytes.to_vec()).await)
     } else {
         let (mut cipher, key) = handoff::attachment::encrypt(bytes);
         if how == Upload::Tampered {
@@ -207,8 +169,7 @@ async fn send_file(
         let uri = user.send(create_content::v3::Request::new(cipher)).await.content_uri;
         MediaSource::Encrypted(Box::new(key.into_file(uri)))
     };
-    let content = RoomMessageEventContent::new(MessageType::File(FileMessageEventContent::new(name.into(), source)));
-    user.send_content(dm, &content).await;
+    user.send_file(dm, name, source).await;
     eventually(&format!("a reply to {name}"), || async {
         user.messages_from(dm, &h.bot).await.into_iter().skip(before).find(|m| body(m).contains(expect))
     })
@@ -217,7 +178,7 @@ async fn send_file(
 
 #[tokio::test]
 async fn an_expired_code_is_refused() {
-    let h = Harness::start_with(|c| c.replace("code_ttl: 15m", "code_ttl: 30s")).await;
+    let h = Harness::start_with(|c| edit(c, "code_ttl: 15m", "code_ttl: 30s")).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     alice.create_room("Something").await;
     let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);

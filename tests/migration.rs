@@ -6,26 +6,19 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Harness, User, body, code_in, eventually};
+use common::{Harness, User, body, export_file, join_stamp, move_notices, open_bundle, raw};
 use handoff::bundle::{Bundle, Priority, Rank, RoomKind, RoomNotifications};
-use ruma::api::client::config::{get_global_account_data, set_global_account_data};
 use ruma::api::client::membership::{ban_user, joined_rooms};
 use ruma::api::client::profile::{get_profile, set_profile_field};
 use ruma::api::client::push::{get_pushrules_all, set_pushrule, set_pushrule_enabled};
 use ruma::api::client::room::create_room;
 use ruma::api::client::state::{get_state_event_for_key, send_state_event};
-use ruma::api::client::tag::{create_tag, get_tags};
 use ruma::events::StateEventType;
-use ruma::events::tag::{TagInfo, TagName};
+use ruma::events::tag::TagName;
 use ruma::profile::ProfileFieldValue;
 use ruma::push::{Action, NewPatternedPushRule, NewPushRule, NewSimplePushRule, RuleKind};
-use ruma::serde::Raw;
 use ruma::{Int, OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value, json};
-
-fn raw<T>(v: Value) -> Raw<T> {
-    Raw::from_json(serde_json::value::to_raw_value(&v).unwrap())
-}
 
 async fn room(user: &User, name: &str, extra: impl FnOnce(&mut create_room::v3::Request)) -> OwnedRoomId {
     let mut req = create_room::v3::Request::new();
@@ -33,21 +26,6 @@ async fn room(user: &User, name: &str, extra: impl FnOnce(&mut create_room::v3::
     req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
     extra(&mut req);
     user.send(req).await.room_id
-}
-
-async fn tag(user: &User, room: &RoomId, tag: &str, order: Option<f64>) {
-    let mut info = TagInfo::new();
-    info.order = order;
-    user.send(create_tag::v3::Request::new(user.id.clone(), room.to_owned(), tag.into(), info)).await;
-}
-
-async fn set_data(user: &User, kind: &str, content: Value) {
-    user.send(set_global_account_data::v3::Request::new_raw(user.id.clone(), kind.into(), raw(content))).await;
-}
-
-async fn get_data(user: &User, kind: &str) -> Option<Value> {
-    let req = get_global_account_data::v3::Request::new(user.id.clone(), kind.into());
-    user.try_send(req).await.ok().map(|r| r.account_data.deserialize_as().unwrap())
 }
 
 async fn state(user: &User, room: &RoomId, kind: &str, key: &str) -> Value {
@@ -85,19 +63,19 @@ async fn populate(h: &Harness, alice: &User, bob: &User) -> Setup {
     let mut favourites = Vec::new();
     for (i, order) in [0.1, 0.2, 0.3].into_iter().enumerate() {
         let r = room(alice, &format!("Fav {i}"), |_| {}).await;
-        tag(alice, &r, "m.favourite", Some(order)).await;
+        alice.tag(&r, "m.favourite", Some(order)).await;
         favourites.push(r);
     }
     let mut low = Vec::new();
     for (i, order) in [Some(0.5), None].into_iter().enumerate() {
         let r = room(alice, &format!("Low {i}"), |_| {}).await;
-        tag(alice, &r, "m.lowpriority", order).await;
+        alice.tag(&r, "m.lowpriority", order).await;
         low.push(r);
     }
     let work = room(alice, "Work", |_| {}).await;
-    tag(alice, &work, "u.work", Some(0.7)).await;
+    alice.tag(&work, "u.work", Some(0.7)).await;
 
-    let mut dms = BTreeMap::new();
+    let mut peers = Vec::new();
     for i in 1..=4 {
         let peer = h.user(&format!("peer{i}")).await;
         peer.send(set_profile_field::v3::Request::new(
@@ -107,12 +85,10 @@ async fn populate(h: &Harness, alice: &User, bob: &User) -> Setup {
         .await;
         let avatar = OwnedMxcUri::from(format!("mxc://localhost/peer{i}"));
         peer.send(set_profile_field::v3::Request::new(peer.id.clone(), ProfileFieldValue::AvatarUrl(avatar))).await;
-        let dm = alice.create_dm(&peer.id).await;
-        peer.join(&dm).await;
-        dms.insert(peer.id.clone(), dm);
+        peers.push(peer);
     }
-    let direct: BTreeMap<_, _> = dms.iter().map(|(p, r)| (p.to_string(), vec![r.to_string()])).collect();
-    set_data(alice, "m.direct", json!(direct)).await;
+    let dm_rooms = alice.dms_with(&peers.iter().collect::<Vec<_>>()).await;
+    let dms: BTreeMap<_, _> = peers.iter().map(|p| p.id.clone()).zip(dm_rooms).collect();
 
     let space = room(alice, "Space", |r| r.creation_content = Some(raw(json!({"type": "m.space"})))).await;
     let mut children = Vec::new();
@@ -195,15 +171,15 @@ async fn populate(h: &Harness, alice: &User, bob: &User) -> Setup {
     alice
         .send(set_pushrule_enabled::v3::Request::new(RuleKind::Override, ".m.rule.suppress_notices".into(), false))
         .await;
-    set_data(
-        alice,
-        "m.ignored_user_list",
-        json!({"ignored_users": {"@spammer:example.com": {}, "@troll:localhost": {}}}),
-    )
-    .await;
-    set_data(alice, "im.vector.setting.breadcrumbs", json!({"recent_rooms": [favourites[0], work]})).await;
-    set_data(alice, "im.vector.setting.integration_provisioning", json!({"enabled": false})).await;
-    set_data(alice, "org.example.private", json!({"secret": true})).await;
+    alice
+        .set_account_data(
+            "m.ignored_user_list",
+            json!({"ignored_users": {"@spammer:example.com": {}, "@troll:localhost": {}}}),
+        )
+        .await;
+    alice.set_account_data("im.vector.setting.breadcrumbs", json!({"recent_rooms": [favourites[0], work]})).await;
+    alice.set_account_data("im.vector.setting.integration_provisioning", json!({"enabled": false})).await;
+    alice.set_account_data("org.example.private", json!({"secret": true})).await;
     alice
         .send(set_profile_field::v3::Request::new(alice.id.clone(), ProfileFieldValue::DisplayName("Alice A.".into())))
         .await;
@@ -249,25 +225,14 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     // The new account already has data of its own, which must survive.
     let own = h.user("bobsfriend").await;
     let own_dm = bob.create_dm(&own.id).await;
-    set_data(&bob, "m.direct", json!({own.id.as_str(): [own_dm]})).await;
-    set_data(&bob, "m.ignored_user_list", json!({"ignored_users": {"@bobsenemy:localhost": {}}})).await;
+    bob.set_account_data("m.direct", json!({own.id.as_str(): [own_dm]})).await;
+    bob.set_account_data("m.ignored_user_list", json!({"ignored_users": {"@bobsenemy:localhost": {}}})).await;
 
-    let adm = alice.create_dm(&h.bot).await;
-    alice.wait_for_messages(&adm, &h.bot, 1).await;
-    let bdm = bob.create_dm(&h.bot).await;
-    bob.wait_for_messages(&bdm, &h.bot, 1).await;
+    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
 
     // Capture, field by field (from the bundle file, opened with the code).
-    let before = alice.messages_from(&adm, &h.bot).await.len();
-    let answer = h.ask(&alice, &adm, "export --to @bob:localhost --file --history 5", "Your transfer code").await;
-    let code = code_in(&answer).expect("a code");
-    let file = eventually("the bundle file", || async {
-        alice.messages_from(&adm, &h.bot).await.into_iter().skip(before).find(|m| m["content"]["msgtype"] == "m.file")
-    })
-    .await;
-    let bytes = alice.attachment(&file).await.plain;
-    let bundle: Bundle = handoff::bundle::file::open(&bytes, &code).unwrap();
-    check_bundle(&bundle, &s, &alice);
+    let (code, bytes) = export_file(&h, &alice, &adm, "--to @bob:localhost --history 5").await;
+    check_bundle(&open_bundle(&bytes, &code), &s, &alice);
 
     // The move.
     let report = h.ask(&bob, &bdm, &format!("import {code} --history 2"), "rooms moved to @bob:localhost").await;
@@ -295,8 +260,8 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     let joined: Vec<OwnedRoomId> = bob.send(joined_rooms::v3::Request::new()).await.joined_rooms;
     for r in s.all.iter().filter(|r| **r != s.banned && **r != s.no_invite) {
         assert!(joined.contains(r), "bob not in {r}");
-        let notices: Vec<Value> =
-            alice.timeline(r).await.into_iter().filter(|e| !e["content"]["org.handoff.move"].is_null()).collect();
+        let timeline = alice.timeline(r).await;
+        let notices = move_notices(&timeline);
         assert_eq!(notices.len(), 1, "{r}");
         assert_eq!(notices[0]["content"]["org.handoff.move"]["to"], "@bob:localhost");
     }
@@ -305,13 +270,7 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     let join_ts = |room: OwnedRoomId| {
         let alice = &alice;
         let bob = bob.id.clone();
-        async move {
-            let timeline = alice.timeline(&room).await;
-            let join = timeline.iter().find(|e| {
-                e["type"] == "m.room.member" && e["state_key"] == bob.as_str() && e["content"]["membership"] == "join"
-            });
-            join.and_then(|e| e["origin_server_ts"].as_u64()).unwrap_or_else(|| panic!("no join of bob in {room}"))
-        }
+        async move { join_stamp(&alice.timeline(&room).await, &bob).unwrap_or_else(|| panic!("no join of bob in {room}")) }
     };
     let mut last_favourite = 0;
     for r in &s.favourites {
@@ -327,17 +286,17 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
         (&s.low[1], "m.lowpriority", None),
         (&s.work, "u.work", Some(0.7)),
     ] {
-        let tags = bob.send(get_tags::v3::Request::new(bob.id.clone(), r.clone())).await.tags;
+        let tags = bob.tags(r).await;
         let info = tags.get(&TagName::from(t)).unwrap_or_else(|| panic!("{t} on {r}: {tags:?}"));
         assert_eq!(info.order, order, "{t}");
     }
     // m.direct and ignored users merged, never overwritten.
-    let direct = get_data(&bob, "m.direct").await.unwrap();
+    let direct = bob.account_data("m.direct").await.unwrap();
     assert_eq!(direct[own.id.as_str()], json!([own_dm]), "bob's own DM kept");
     for (peer, dm) in &s.dms {
         assert_eq!(direct[peer.as_str()], json!([dm]), "{peer}");
     }
-    let ignored = get_data(&bob, "m.ignored_user_list").await.unwrap();
+    let ignored = bob.account_data("m.ignored_user_list").await.unwrap();
     for u in ["@bobsenemy:localhost", "@spammer:example.com", "@troll:localhost"] {
         assert!(ignored["ignored_users"].get(u).is_some(), "{u} in {ignored}");
     }
@@ -350,9 +309,9 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     let mention = rules.override_.iter().find(|r| r.rule_id == "org.handoff.old_mentions").expect("old mentions rule");
     assert!(serde_json::to_string(&mention.conditions).unwrap().contains("@alice:localhost"));
     // Client settings on the allow-list only.
-    assert_eq!(get_data(&bob, "im.vector.setting.integration_provisioning").await, Some(json!({"enabled": false})));
-    assert!(get_data(&bob, "im.vector.setting.breadcrumbs").await.is_some());
-    assert_eq!(get_data(&bob, "org.example.private").await, None);
+    assert_eq!(bob.account_data("im.vector.setting.integration_provisioning").await, Some(json!({"enabled": false})));
+    assert!(bob.account_data("im.vector.setting.breadcrumbs").await.is_some());
+    assert_eq!(bob.account_data("org.example.private").await, None);
     // Profile.
     let profile = bob.send(get_profile::v3::Request::new(bob.id.clone())).await;
     assert_eq!(profile.get("displayname"), Some(&json!("Alice A.")));
@@ -366,7 +325,7 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     for r in &s.all {
         assert!(still.contains(r), "alice left {r} before finish");
     }
-    let tags = alice.send(get_tags::v3::Request::new(alice.id.clone(), s.favourites[0].clone())).await.tags;
+    let tags = alice.tags(&s.favourites[0]).await;
     assert!(tags.contains_key(&TagName::Favorite));
 
     // finish: leave where bob has at least the same rank (not where alice is a v12 creator).

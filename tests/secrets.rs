@@ -7,10 +7,8 @@ mod common;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-use common::{Harness, User, body, code_in, eventually};
-use ruma::RoomId;
-use ruma::api::client::media::create_content;
-use ruma::events::room::message::{FileMessageEventContent, MessageType, RoomMessageEventContent};
+use common::{Harness, body, export_file, open_bundle};
+use ruma::events::room::MediaSource;
 use serde_json::json;
 
 /// Element's key-export test vector 2 (matrix-react-sdk MegolmExportEncryption-test.js), made with
@@ -37,16 +35,6 @@ fn at_trace(config: String) -> String {
         .collect();
     assert_eq!(replaced, 1, "one logging.level line in the config");
     out.join("\n") + "\n"
-}
-
-/// Uploads `bytes` as `user` and posts them into `room` as a file.
-async fn send_file(user: &User, room: &RoomId, name: &str, bytes: Vec<u8>) {
-    let mut upload = create_content::v3::Request::new(bytes);
-    upload.filename = Some(name.into());
-    upload.content_type = Some("text/plain".into());
-    let uri = user.send(upload).await.content_uri;
-    let file = FileMessageEventContent::plain(name.into(), uri);
-    user.send_content(room, &RoomMessageEventContent::new(MessageType::File(file))).await;
 }
 
 /// The spellings a user may type a transfer code in (`import` takes any case, with or without
@@ -81,18 +69,12 @@ async fn a_trace_level_log_of_a_whole_session_holds_no_secret() {
     // The old account: help, export with a file, a key export dropped in, the passphrase pasted.
     let adm = h.dm_with_bot(&alice).await;
     h.ask(&alice, &adm, "help", "• help — ").await;
-    let before = alice.messages_from(&adm, &h.bot).await.len();
-    let answer = h.ask(&alice, &adm, "export --to @bob:localhost --file", "Your transfer code").await;
-    let code = code_in(&answer).unwrap_or_else(|| panic!("no code in {answer}"));
-    let file = eventually("the bundle file", || async {
-        alice.messages_from(&adm, &h.bot).await.into_iter().skip(before).find(|m| m["content"]["msgtype"] == "m.file")
-    })
-    .await;
-    let sealed = alice.attachment(&file).await.plain;
-    let bundle = handoff::bundle::file::open(&sealed, &code).expect("the file opens with the code");
-    assert_eq!(bundle.source.user_id, alice.id);
+    let (code, sealed) = export_file(&h, &alice, &adm, "--to @bob:localhost").await;
+    assert_eq!(open_bundle(&sealed, &code).source.user_id, alice.id);
     handoff::keys::validate(KEY_EXPORT).expect("the test vector is a key export");
-    send_file(&alice, &adm, "element-keys.txt", KEY_EXPORT.as_bytes().to_vec()).await;
+    let before = alice.messages_from(&adm, &h.bot).await.len();
+    let uri = alice.upload("element-keys.txt", KEY_EXPORT.as_bytes().to_vec()).await;
+    alice.send_file(&adm, "element-keys.txt", MediaSource::Plain(uri)).await;
     h.bot_says(&alice, &adm, before, "the key export attached", |b| b.contains("Attached your key export")).await;
     // People paste what they shouldn't: the passphrase, alone.
     h.ask(&alice, &adm, KEY_PASSPHRASE, "Unknown command").await;

@@ -14,14 +14,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Harness, User, body, eventually, eventually_within, export};
+use common::{Harness, User, body, eventually, eventually_within, export, memberships, move_notices, with_concurrency};
 use futures_util::future::join_all;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use ruma::api::client::config::{get_global_account_data, set_global_account_data};
-use ruma::api::client::tag::{create_tag, get_tags};
-use ruma::events::tag::{TagInfo, TagName};
-use ruma::serde::Raw;
+use ruma::events::tag::TagName;
 use ruma::{OwnedRoomId, RoomId};
 use serde_json::{Value, json};
 
@@ -37,10 +34,6 @@ const BATCH: usize = 10;
 /// not a number; handoff gives the highest level the room names, 150 for `m.room.tombstone`), as an
 /// uninterrupted move gives it (asserted in tests/migration.rs).
 const CREATOR_GIVES: i64 = 150;
-
-fn raw<T>(v: Value) -> Raw<T> {
-    Raw::from_json(serde_json::value::to_raw_value(&v).unwrap())
-}
 
 /// Runs `f` over `items`, `BATCH` at a time; results in order.
 async fn batched<'a, T, R, Fut>(items: &'a [T], f: impl Fn(&'a T) -> Fut) -> Vec<R>
@@ -66,22 +59,15 @@ struct Setup {
 /// tags step runs), and a DM with a peer, marked in `m.direct` (so the account's DMs step has work).
 async fn populate(h: &Harness, alice: &User) -> Setup {
     let peer = h.user("peer").await;
-    let dm = alice.create_dm(&peer.id).await;
-    peer.join(&dm).await;
-    let direct = json!({ peer.id.as_str(): [dm] });
-    alice.send(set_global_account_data::v3::Request::new_raw(alice.id.clone(), "m.direct".into(), raw(direct))).await;
-
-    let names: Vec<String> = (0..ROOMS - 1).map(|i| format!("room {i:03}")).collect();
-    let mut rooms = batched(&names, |name| alice.create_room(name)).await;
+    let dm = alice.dms_with(&[&peer]).await.remove(0);
+    let mut rooms = alice.create_rooms(ROOMS - 1).await;
     let mut tags = BTreeMap::new();
     for (i, order) in [0.1, 0.2, 0.3, 0.4].into_iter().enumerate() {
         tags.insert(rooms[i * 37].clone(), ("m.favourite", order));
     }
     tags.insert(rooms[100].clone(), ("m.lowpriority", 0.5));
     for (room, (tag, order)) in &tags {
-        let mut info = TagInfo::new();
-        info.order = Some(*order);
-        alice.send(create_tag::v3::Request::new(alice.id.clone(), room.clone(), (*tag).into(), info)).await;
+        alice.tag(room, tag, Some(*order)).await;
     }
     rooms.push(dm.clone());
     Setup { rooms, tags, dm, peer }
@@ -91,14 +77,9 @@ async fn populate(h: &Harness, alice: &User) -> Setup {
 async fn check_room(alice: &User, bob: &User, room: &RoomId, tag: Option<(&str, f64)>) {
     let timeline = alice.whole_timeline(room).await;
     // Every membership event of the new account, none merged: a second invite or join shows.
-    let memberships: Vec<&str> = timeline
-        .iter()
-        .filter(|e| e["type"] == "m.room.member" && e["state_key"] == bob.id.as_str())
-        .map(|e| e["content"]["membership"].as_str().unwrap_or(""))
-        .collect();
-    assert_eq!(memberships, ["invite", "join"], "{room}: the new account's membership history");
+    assert_eq!(memberships(&timeline, &bob.id), ["invite", "join"], "{room}: the new account's membership history");
 
-    let notices: Vec<&Value> = timeline.iter().filter(|e| !e["content"]["org.handoff.move"].is_null()).collect();
+    let notices = move_notices(&timeline);
     assert_eq!(notices.len(), 1, "{room}: move notices {notices:#?}");
     assert_eq!(notices[0]["sender"], alice.id.as_str(), "{room}");
     assert_eq!(notices[0]["content"]["org.handoff.move"]["to"], bob.id.as_str(), "{room}");
@@ -107,7 +88,7 @@ async fn check_room(alice: &User, bob: &User, room: &RoomId, tag: Option<(&str, 
     let levels = &timeline.iter().rfind(|e| e["type"] == "m.room.power_levels").expect("power levels")["content"];
     assert_eq!(levels["users"][bob.id.as_str()].as_i64(), Some(CREATOR_GIVES), "{room}: {levels}");
 
-    let tags = bob.send(get_tags::v3::Request::new(bob.id.clone(), room.to_owned())).await.tags;
+    let tags = bob.tags(room).await;
     match tag {
         Some((name, order)) => {
             let info = tags.get(&TagName::from(name)).unwrap_or_else(|| panic!("{room}: no {name} in {tags:?}"));
@@ -143,7 +124,7 @@ async fn transfer_of_200_rooms_survives_20_random_sigkills_doing_everything_once
     println!("soak seed {seed} (replay the kill delays with HANDOFF_SOAK_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
 
-    let mut h = Harness::start_with(|c| c.replace("concurrency: 16", &format!("concurrency: {CONCURRENCY}"))).await;
+    let mut h = Harness::start_with(|c| with_concurrency(c, CONCURRENCY)).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
     let s = populate(&h, &alice).await;
     println!("{ROOMS} rooms set up at {:?}", started.elapsed());
@@ -182,14 +163,8 @@ async fn transfer_of_200_rooms_survives_20_random_sigkills_doing_everything_once
     let kills_done = transfer_started.elapsed();
 
     // The rest of the transfer: a minute or two at this concurrency, longer on a busy machine.
-    let report = eventually_within("the report after the kills", Duration::from_secs(300), || async {
-        bob.messages_from(&bdm, &h.bot)
-            .await
-            .into_iter()
-            .map(|m| body(&m).to_owned())
-            .find(|b| b.contains("rooms moved to"))
-    })
-    .await;
+    h.patience = Duration::from_secs(300);
+    let report = h.bot_says(&bob, &bdm, 0, "the report after the kills", |b| b.contains("rooms moved to")).await;
     println!(
         "{mid_transfer} of {KILLS} kills mid-transfer {landed:?} (seed {seed}); kills over at {kills_done:?}, report at {:?}",
         transfer_started.elapsed()
@@ -209,8 +184,7 @@ async fn transfer_of_200_rooms_survives_20_random_sigkills_doing_everything_once
     batched(&s.rooms, |room| check_room(&alice, &bob, room, s.tags.get(room).copied())).await;
 
     // The DM is marked as one on the new account too.
-    let req = get_global_account_data::v3::Request::new(bob.id.clone(), "m.direct".into());
-    let direct: Value = bob.send(req).await.account_data.deserialize_as().unwrap();
+    let direct = bob.account_data("m.direct").await.expect("m.direct on the new account");
     assert_eq!(direct[s.peer.id.as_str()], json!([s.dm]), "{direct}");
 
     // In the new account's DM: one progress message (edited, not re-posted) and one report.

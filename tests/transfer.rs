@@ -5,35 +5,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, User, body, eventually, export};
+use common::{Harness, User, body, dm_from_bot, eventually, export, move_notices, with_concurrency};
 use ruma::{OwnedRoomId, RoomId, UserId};
-
-/// Creates `n` rooms named `room N` as `owner`; returns them in creation order.
-async fn rooms(owner: &User, n: usize) -> Vec<OwnedRoomId> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        out.push(owner.create_room(&format!("room {i:02}")).await);
-    }
-    out
-}
 
 /// The membership changes of `user` in `room`, in order ("invite", "join", …). A profile change
 /// (join after join) is not a membership change.
 async fn memberships(reader: &User, room: &RoomId, user: &UserId) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for e in reader.timeline(room).await {
-        if e["type"] == "m.room.member" && e["state_key"] == user.as_str() {
-            let m = e["content"]["membership"].as_str().unwrap_or("").to_owned();
-            if out.last() != Some(&m) {
-                out.push(m);
-            }
-        }
-    }
+    let mut out = common::memberships(&reader.timeline(room).await, user);
+    out.dedup();
     out
-}
-
-async fn move_notices(reader: &User, room: &RoomId) -> usize {
-    reader.timeline(room).await.iter().filter(|e| !e["content"]["org.handoff.move"].is_null()).count()
 }
 
 /// Asserts each room holds exactly one invite and one join of `new`, and exactly one move notice.
@@ -41,7 +21,7 @@ async fn assert_moved_once(old: &User, new: &User, rooms: &[OwnedRoomId]) {
     for room in rooms {
         let m = memberships(old, room, &new.id).await;
         assert_eq!(m, ["invite", "join"], "{room}: {m:?}");
-        assert_eq!(move_notices(old, room).await, 1, "{room}: move notices");
+        assert_eq!(move_notices(&old.timeline(room).await).len(), 1, "{room}: move notices");
     }
 }
 
@@ -49,7 +29,7 @@ async fn assert_moved_once(old: &User, new: &User, rooms: &[OwnedRoomId]) {
 async fn bound_code_moves_rooms_and_cannot_be_used_twice() {
     let h = Harness::start().await;
     let (alice, bob, carol) = (h.user("alice").await, h.user("bob").await, h.user("carol").await);
-    let rooms = rooms(&alice, 4).await;
+    let rooms = alice.create_rooms(4).await;
     let (adm, bdm, cdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await, h.dm_with_bot(&carol).await);
     let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
 
@@ -65,8 +45,8 @@ async fn bound_code_moves_rooms_and_cannot_be_used_twice() {
     let report = h.ask(&bob, &bdm, &format!("import {code}"), "rooms moved to @bob:localhost").await;
     assert!(report.starts_with("4 of 4 rooms moved"), "{report}");
     assert_moved_once(&alice, &bob, &rooms).await;
-    let notice =
-        alice.timeline(&rooms[0]).await.into_iter().find(|e| !e["content"]["org.handoff.move"].is_null()).unwrap();
+    let timeline = alice.timeline(&rooms[0]).await;
+    let notice = move_notices(&timeline)[0];
     assert_eq!(notice["sender"], "@alice:localhost");
     assert_eq!(notice["content"]["msgtype"], "m.notice");
     assert_eq!(notice["content"]["org.handoff.move"]["from"], "@alice:localhost");
@@ -99,28 +79,17 @@ async fn bound_code_moves_rooms_and_cannot_be_used_twice() {
 async fn unbound_code_waits_for_approval_and_deny_changes_nothing() {
     let h = Harness::start().await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
-    let rooms = rooms(&alice, 2).await;
+    let rooms = alice.create_rooms(2).await;
     let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
 
     let code = export(&h, &alice, &adm, "").await;
     h.ask(&bob, &bdm, &format!("import {code} --profile mobile"), "has been asked to approve").await;
-    let prompt = eventually("the approval prompt", || async {
-        alice
-            .messages_from(&adm, &h.bot)
-            .await
-            .into_iter()
-            .map(|m| body(&m).to_owned())
-            .find(|b| b.contains("wants to import"))
-    })
-    .await;
+    let prompt = h.bot_says(&alice, &adm, 0, "the approval prompt", |b| b.contains("wants to import")).await;
     assert!(prompt.contains("@bob:localhost") && prompt.contains("mobile"), "{prompt}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(memberships(&alice, &rooms[0], &bob.id).await.is_empty(), "nothing before approval");
     h.ask(&alice, &adm, "deny @bob:localhost", "Refused").await;
-    eventually("bob to hear of the refusal", || async {
-        bob.messages_from(&bdm, &h.bot).await.iter().any(|m| body(m).contains("refused the import")).then_some(())
-    })
-    .await;
+    h.bot_says(&bob, &bdm, 0, "bob to hear of the refusal", |b| b.contains("refused the import")).await;
     assert!(memberships(&alice, &rooms[0], &bob.id).await.is_empty());
 
     // Two fresh codes, imported by bob and by carol: a bare `approve` resolves neither, it names
@@ -190,9 +159,9 @@ struct Interruptible {
 }
 
 async fn interruptible_transfer(n: usize) -> Interruptible {
-    let h = Harness::start_with(|c| c.replace("concurrency: 16", "concurrency: 1")).await;
+    let h = Harness::start_with(|c| with_concurrency(c, 1)).await;
     let (alice, bob) = (h.user("alice").await, h.user("bob").await);
-    let rooms = rooms(&alice, n).await;
+    let rooms = alice.create_rooms(n).await;
     let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
     let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
     bob.send_text(&bdm, &format!("import {code}")).await;
@@ -239,25 +208,17 @@ async fn homeserver_outage_mid_transfer_is_waited_out() {
     assert_moved_once(&alice, &bob, &rooms).await;
 }
 
-/// Waits for the bot to invite `user` into a DM of its own making; joins it and returns it.
-async fn dm_from_bot(h: &Harness, user: &User) -> OwnedRoomId {
-    let room = eventually("the bot's DM invite", || async { user.invites().await.into_iter().next() }).await;
-    user.join(&room).await;
-    let _ = h;
-    room
-}
-
 #[tokio::test]
 async fn auto_export_offers_the_move_and_starts_only_on_accept() {
     let h = Harness::start().await;
     let alice = h.user("alice").await;
-    let rooms = rooms(&alice, 3).await;
+    let rooms = alice.create_rooms(3).await;
     let adm = h.dm_with_bot(&alice).await;
     let answer = h.ask(&alice, &adm, "export --to @newbie:localhost --auto", "Your transfer code").await;
     assert!(answer.contains("whether to accept"), "{answer}");
     // The new account is created (and signs in) only now: it is offered the move, nothing more.
     let newbie = h.user("newbie").await;
-    let ndm = dm_from_bot(&h, &newbie).await;
+    let ndm = dm_from_bot(&newbie).await;
     let offer = h.bot_says(&newbie, &ndm, 0, "the offer", |b| b.contains("reply `accept`")).await;
     assert!(offer.contains("@alice:localhost wants to move their rooms and settings here"), "{offer}");
     tokio::time::sleep(Duration::from_secs(6)).await; // a watch round or more
@@ -287,7 +248,7 @@ async fn cancel_stops_after_the_rooms_in_flight_and_keeps_what_is_done() {
         let m = memberships(&alice, r, &bob.id).await;
         if m.last().map(String::as_str) == Some("join") {
             joined += 1;
-            assert_eq!(move_notices(&alice, r).await, 1, "a moved room has its notice");
+            assert_eq!(move_notices(&alice.timeline(r).await).len(), 1, "a moved room has its notice");
         } else {
             assert!(m.is_empty(), "{r}: nothing started after the cancel: {m:?}");
         }

@@ -9,16 +9,20 @@ use std::time::{Duration, Instant};
 use handoff::sandbox::{Sandbox, Synapse};
 use ruma::api::Direction;
 use ruma::api::client::authenticated_media::get_content;
+use ruma::api::client::config::{get_global_account_data, set_global_account_data};
+use ruma::api::client::media::create_content;
 use ruma::api::client::membership::{invite_user, join_room_by_id};
 use ruma::api::client::message::{get_message_events, send_message_event};
 use ruma::api::client::room::create_room;
 use ruma::api::client::state::get_state_event_for_key;
+use ruma::api::client::tag::{create_tag, get_tags};
 use ruma::events::room::MediaSource;
-use ruma::events::room::message::{FileMessageEventContent, RoomMessageEventContent};
+use ruma::events::room::message::{FileMessageEventContent, MessageType, RoomMessageEventContent};
+use ruma::events::tag::{TagInfo, Tags};
 use ruma::events::{AnyTimelineEvent, StateEventType};
 use ruma::serde::Raw;
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
-use serde_json::Value;
+use ruma::{OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde_json::{Value, json};
 
 pub const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
 
@@ -26,12 +30,20 @@ pub const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
 /// with its own Synapse, on a 2-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(90);
 
+/// How often a test looks again for what it waits for.
+pub const POLL: Duration = Duration::from_millis(200);
+
 /// Synapse plus `handoff serve`, in a temporary directory removed at the end.
 pub struct Harness {
     pub sandbox: Sandbox,
     pub handoff: Option<Child>,
     pub handoff_url: String,
     pub bot: OwnedUserId,
+    /// How long [`Harness::ask`] and [`Harness::bot_says`] wait for the bot ([`PATIENCE`]), and
+    /// how often they look ([`POLL`]): a benchmark moving hundreds of rooms waits longer, and
+    /// looks less often, to leave the homeserver to the transfer.
+    pub patience: Duration,
+    pub poll: Duration,
     _tmp: tempfile::TempDir,
 }
 
@@ -40,10 +52,10 @@ impl Harness {
         Self::start_with(|c| c).await
     }
 
-    /// `edit` may change the config text before registrations are generated.
-    pub async fn start_with(edit: impl FnOnce(String) -> String) -> Harness {
+    /// `change` may change the config text before registrations are generated (with [`edit`]).
+    pub async fn start_with(change: impl FnOnce(String) -> String) -> Harness {
         let tmp = tempfile::tempdir().unwrap();
-        let sandbox = Sandbox::create(tmp.path(), |c| edit(c.replace("level: info", "level: \"info,handoff=debug\"")))
+        let sandbox = Sandbox::create(tmp.path(), |c| change(edit(c, "level: info", "level: \"info,handoff=debug\"")))
             .await
             .expect("sandbox starts");
         let handoff_url = format!("http://127.0.0.1:{}", sandbox.handoff_port);
@@ -52,6 +64,8 @@ impl Harness {
             handoff: None,
             handoff_url,
             bot: UserId::parse("@handoff:localhost").unwrap(),
+            patience: PATIENCE,
+            poll: POLL,
             _tmp: tmp,
         };
         h.start_handoff().await;
@@ -200,6 +214,53 @@ impl User {
         self.client.send_request(req).await.unwrap().room_id
     }
 
+    /// Creates `n` private group rooms named `room 000`, `room 001`, …, a few at a time; returns
+    /// them in that order.
+    pub async fn create_rooms(&self, n: usize) -> Vec<OwnedRoomId> {
+        use futures_util::stream::{self, StreamExt};
+        let named = |i: usize| async move { self.create_room(&format!("room {i:03}")).await };
+        stream::iter(0..n).map(named).buffered(8).collect().await
+    }
+
+    /// Tags `room` with `tag` (`m.favourite`, `m.lowpriority`, `u.work`, …) at `order`.
+    pub async fn tag(&self, room: &RoomId, tag: &str, order: Option<f64>) {
+        let mut info = TagInfo::new();
+        info.order = order;
+        self.send(create_tag::v3::Request::new(self.id.clone(), room.to_owned(), tag.into(), info)).await;
+    }
+
+    /// This user's tags on `room`.
+    pub async fn tags(&self, room: &RoomId) -> Tags {
+        self.send(get_tags::v3::Request::new(self.id.clone(), room.to_owned())).await.tags
+    }
+
+    /// Sets this user's global account data of type `kind`.
+    pub async fn set_account_data(&self, kind: &str, content: Value) {
+        let req = set_global_account_data::v3::Request::new_raw(self.id.clone(), kind.into(), raw(content));
+        self.send(req).await;
+    }
+
+    /// This user's global account data of type `kind`, if it has any.
+    pub async fn account_data(&self, kind: &str) -> Option<Value> {
+        let req = get_global_account_data::v3::Request::new(self.id.clone(), kind.into());
+        self.try_send(req).await.ok().map(|r| r.account_data.deserialize_as().unwrap())
+    }
+
+    /// Opens a DM with each of `peers`, who join it, and marks them in this user's `m.direct`
+    /// (replacing what it held); returns the DMs in the order of `peers`.
+    pub async fn dms_with(&self, peers: &[&User]) -> Vec<OwnedRoomId> {
+        let mut dms = Vec::new();
+        let mut direct = serde_json::Map::new();
+        for peer in peers {
+            let dm = self.create_dm(&peer.id).await;
+            peer.join(&dm).await;
+            direct.insert(peer.id.to_string(), json!([dm]));
+            dms.push(dm);
+        }
+        self.set_account_data("m.direct", Value::Object(direct)).await;
+        dms
+    }
+
     pub async fn invite(&self, room: &RoomId, user: &UserId) {
         let req =
             invite_user::v3::Request::new(room.to_owned(), invite_user::v3::InviteUserId::new(user.to_owned()).into());
@@ -218,6 +279,20 @@ impl User {
         let n = self.txn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let req = send_message_event::v3::Request::new(room.to_owned(), format!("t{n}").into(), content).unwrap();
         self.client.send_request(req).await.unwrap();
+    }
+
+    /// Uploads `bytes` as a plain-text file named `name`; returns its media URI.
+    pub async fn upload(&self, name: &str, bytes: Vec<u8>) -> OwnedMxcUri {
+        let mut upload = create_content::v3::Request::new(bytes);
+        upload.filename = Some(name.into());
+        upload.content_type = Some("text/plain".into());
+        self.send(upload).await.content_uri
+    }
+
+    /// Sends the file at `source` into `room` as an `m.file` message named `name`.
+    pub async fn send_file(&self, room: &RoomId, name: &str, source: MediaSource) {
+        let file = FileMessageEventContent::new(name.into(), source);
+        self.send_content(room, &RoomMessageEventContent::new(MessageType::File(file))).await;
     }
 
     /// The room's timeline, oldest first, as JSON.
@@ -343,7 +418,16 @@ where
 }
 
 /// [`eventually`] with its own patience, for what takes longer than one step (a whole transfer).
-pub async fn eventually_within<T, F, Fut>(what: &str, patience: Duration, mut f: F) -> T
+pub async fn eventually_within<T, F, Fut>(what: &str, patience: Duration, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_every(what, patience, POLL, f).await
+}
+
+/// [`eventually_within`], looking every `poll`.
+pub async fn eventually_every<T, F, Fut>(what: &str, patience: Duration, poll: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -354,7 +438,7 @@ where
             return v;
         }
         assert!(Instant::now() < deadline, "timed out after {patience:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(poll).await;
     }
 }
 
@@ -385,12 +469,17 @@ impl Harness {
 
     /// Sends `command` and waits for a new bot message containing `expect`; returns its text.
     pub async fn ask(&self, user: &User, dm: &RoomId, command: &str, expect: &str) -> String {
+        self.ask_timed(user, dm, command, expect).await.1
+    }
+
+    /// [`Harness::ask`], also returning the time from sending `command` to seeing the answer.
+    pub async fn ask_timed(&self, user: &User, dm: &RoomId, command: &str, expect: &str) -> (Duration, String) {
         let before = user.messages_from(dm, &self.bot).await.len();
+        let sent = Instant::now();
         user.send_text(dm, command).await;
-        self.bot_says(user, dm, before, &format!("a reply to `{command}` containing {expect:?}"), |b| {
-            b.contains(expect)
-        })
-        .await
+        let what = format!("a reply to `{command}` containing {expect:?}");
+        let reply = self.bot_says(user, dm, before, &what, |b| b.contains(expect)).await;
+        (sent.elapsed(), reply)
     }
 
     /// Waits for a bot message in `dm`, after the first `skip`, whose text satisfies `matches`.
@@ -402,7 +491,7 @@ impl Harness {
         what: &str,
         matches: impl Fn(&str) -> bool,
     ) -> String {
-        eventually(what, || async {
+        eventually_every(what, self.patience, self.poll, || async {
             let msgs = user.messages_from(dm, &self.bot).await;
             msgs.iter().skip(skip).map(|m| body(m).to_owned()).find(|b| matches(b))
         })
@@ -414,6 +503,91 @@ impl Harness {
 pub async fn export(h: &Harness, old: &User, dm: &RoomId, args: &str) -> String {
     let answer = h.ask(old, dm, &format!("export {args}"), "Your transfer code").await;
     code_in(&answer).unwrap_or_else(|| panic!("no code in {answer}"))
+}
+
+/// `export --file ARGS` as `user`: returns the transfer code and the bundle file, downloaded as the
+/// user and decrypted with the key in its event. The media repository holds neither an age file
+/// nor a bundle, and the code alone does not open what it holds.
+pub async fn export_file(h: &Harness, user: &User, dm: &RoomId, args: &str) -> (String, Vec<u8>) {
+    let before = user.messages_from(dm, &h.bot).await.len();
+    let code = export(h, user, dm, &format!("--file {args}")).await;
+    let file = eventually("the bundle file", || async {
+        user.messages_from(dm, &h.bot).await.into_iter().skip(before).find(|m| m["content"]["msgtype"] == "m.file")
+    })
+    .await;
+    let attachment = user.attachment(&file).await;
+    assert!(attachment.plain.starts_with(b"age-encryption.org/v1\n"), "the bundle file is an age file");
+    assert!(!attachment.readable_at_rest("age-encryption.org"), "an age file in the media repository");
+    assert!(handoff::bundle::file::open(&attachment.raw, &code).is_err());
+    (code, attachment.plain)
+}
+
+/// Opens a bundle file with its transfer code.
+pub fn open_bundle(bytes: &[u8], code: &str) -> handoff::bundle::Bundle {
+    handoff::bundle::file::open(bytes, code).expect("the file opens with the code")
+}
+
+/// Waits for the bot to invite `user` into a DM of its own making; joins it and returns it.
+pub async fn dm_from_bot(user: &User) -> OwnedRoomId {
+    let room = eventually("the bot's DM invite", || async { user.invites().await.into_iter().next() }).await;
+    user.join(&room).await;
+    room
+}
+
+/// The move notices (`org.handoff.move`) among `events`, in order.
+pub fn move_notices(events: &[Value]) -> Vec<&Value> {
+    events.iter().filter(|e| !e["content"]["org.handoff.move"].is_null()).collect()
+}
+
+/// The membership of each of `user`'s `m.room.member` events among `events`, in order ("invite",
+/// "join", …; a profile change is a second "join").
+pub fn memberships(events: &[Value], user: &UserId) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "m.room.member" && e["state_key"] == user.as_str())
+        .map(|e| e["content"]["membership"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+/// The homeserver's timestamp (unix ms) of `user`'s first join among `events`.
+pub fn join_stamp(events: &[Value], user: &UserId) -> Option<u64> {
+    let join = events.iter().find(|e| {
+        e["type"] == "m.room.member" && e["state_key"] == user.as_str() && e["content"]["membership"] == "join"
+    });
+    join.and_then(|e| e["origin_server_ts"].as_u64())
+}
+
+/// An `m.room.message` text event from `sender` in `room`, as the homeserver pushes it.
+pub fn text_event(room: &RoomId, sender: &UserId, event_id: &str, text: &str) -> Value {
+    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    json!({
+        "type": "m.room.message", "event_id": event_id, "room_id": room, "sender": sender,
+        "origin_server_ts": ts, "content": { "msgtype": "m.text", "body": text },
+    })
+}
+
+/// JSON as a `Raw` of any event or request body type.
+pub fn raw<T>(v: Value) -> Raw<T> {
+    Raw::from_json(serde_json::value::to_raw_value(&v).unwrap())
+}
+
+/// `config` with every `from` replaced by `to`; panics naming `from` when there is none, so an
+/// edit can't silently stop applying when the example config changes.
+pub fn edit(config: String, from: &str, to: &str) -> String {
+    assert!(config.contains(from), "nothing to replace: {from:?} is not in the config");
+    config.replace(from, to)
+}
+
+/// `config` with `handoff.concurrency` (the example's default) set to `n`.
+pub fn with_concurrency(config: String, n: usize) -> String {
+    let default = handoff::config::HandoffConfig::default().concurrency.0;
+    edit(config, &format!("concurrency: {default}"), &format!("concurrency: {n}"))
+}
+
+/// `config` with `user` (a full user ID) refused in `handoff.permissions`.
+pub fn refusing(config: String, user: &str) -> String {
+    let domain = "        \"localhost\": user\n";
+    edit(config, domain, &format!("{domain}        \"{user}\": none\n"))
 }
 
 /// Runs the handoff binary with `args`; returns its exit status and stderr.
