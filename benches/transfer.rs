@@ -208,7 +208,9 @@ fn joins_before_end(log: &str) -> Duration {
     let phases = ["planned", "rooms joined", "rooms done", "transfer done"];
     let lines: Vec<&str> = log.lines().filter(|l| phases.iter().any(|p| l.contains(p))).collect();
     for line in &lines[lines.len().saturating_sub(4)..] {
-        println!("      {}", line.split_once("handoff::transfer::run:").map_or(*line, |(_, rest)| rest.trim()));
+        // The message and its fields, after the target (`handoff::transfer::…: `).
+        let message = line.split_once("handoff::transfer::").and_then(|(_, rest)| rest.split_once(": "));
+        println!("      {}", message.map_or(*line, |(_, rest)| rest.trim()));
     }
     Duration::from_millis(last_elapsed_ms("transfer done") - last_elapsed_ms("rooms joined"))
 }
