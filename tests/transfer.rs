@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, User, body, dm_from_bot, eventually, export, move_notices, with_concurrency};
+use common::{Harness, User, body, dm_from_bot, edit, eventually, export, move_notices, with_concurrency};
 use ruma::{OwnedRoomId, RoomId, UserId};
 
 /// The membership changes of `user` in `room`, in order ("invite", "join", …). A profile change
@@ -169,17 +169,23 @@ async fn interruptible_transfer(n: usize) -> Interruptible {
 }
 
 #[tokio::test]
-async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
+async fn sigkill_and_sigterm_mid_transfer_resume_without_doing_anything_twice() {
     // One room at a time, so the kills land mid-transfer.
     let Interruptible { mut h, alice, bob, rooms, bdm, .. } = interruptible_transfer(40).await;
 
-    // Twice while the rooms are joined (pass 1), once while they are announced (pass 2).
-    for at in [3, 10] {
-        joined_at_least(&alice, &bob, &rooms, at).await;
-        let status = h.signal_handoff("KILL");
-        assert!(!status.success());
-        h.start_handoff().await;
-    }
+    // Twice while the rooms are joined (pass 1: a SIGKILL, then a SIGTERM), once while they are
+    // announced (pass 2).
+    joined_at_least(&alice, &bob, &rooms, 3).await;
+    assert!(!h.signal_handoff("KILL").success());
+    h.start_handoff().await;
+    joined_at_least(&alice, &bob, &rooms, 10).await;
+    assert!(h.signal_handoff("TERM").success(), "a SIGTERM mid-transfer is a clean exit");
+    // The log says what the stop interrupted, and does not claim a clean stop.
+    let log = h.log();
+    let stop = log.lines().rev().find(|l| l.contains("the store is flushed")).expect("the stop is logged");
+    assert!(stop.contains("what was interrupted resumes at the next start"), "{stop}");
+    assert!(stop.contains("transfers_interrupted=1"), "{stop}");
+    h.start_handoff().await;
     // As soon as the engine logs that every room is joined: pass 2 has begun.
     eventually("pass 1 to end", || async { h.log().contains("rooms joined").then_some(()) }).await;
     assert!(!h.signal_handoff("KILL").success());
@@ -187,10 +193,38 @@ async fn sigkill_mid_transfer_resumes_without_doing_anything_twice() {
     h.start_handoff().await;
     let report = h.bot_says(&bob, &bdm, 0, "the report after restarts", |b| b.contains("rooms moved to")).await;
     assert!(report.starts_with("40 of 40 rooms moved"), "{report}");
-    assert_eq!(h.log().matches("resuming transfer").count(), 3, "every kill landed mid-transfer");
+    assert_eq!(h.log().matches("resuming transfer").count(), 3, "every stop landed mid-transfer");
     assert_moved_once(&alice, &bob, &rooms).await;
     let reports = bob.messages_from(&bdm, &h.bot).await.iter().filter(|m| body(m).contains("rooms moved to")).count();
     assert_eq!(reports, 1, "one report");
+}
+
+#[tokio::test]
+async fn admins_see_and_cancel_any_transfer_and_users_only_their_own() {
+    let h = Harness::start_with(|c| {
+        let domain = "        \"localhost\": user\n";
+        edit(with_concurrency(c, 1), domain, &format!("{domain}        \"@carol:localhost\": admin\n"))
+    })
+    .await;
+    let (alice, bob, carol, mallory) =
+        (h.user("alice").await, h.user("bob").await, h.user("carol").await, h.user("mallory").await);
+    let rooms = alice.create_rooms(30).await;
+    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
+    let (cdm, mdm) = (h.dm_with_bot(&carol).await, h.dm_with_bot(&mallory).await);
+    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
+    bob.send_text(&bdm, &format!("import {code}")).await;
+    joined_at_least(&alice, &bob, &rooms, 2).await;
+
+    // A user can't look into or stop someone else's transfer.
+    h.ask(&mallory, &mdm, "status @bob:localhost", "Only a handoff admin").await;
+    h.ask(&mallory, &mdm, "cancel @bob:localhost", "Only a handoff admin").await;
+    // An admin can.
+    let status = h.ask(&carol, &cdm, "status @bob:localhost", "Transfer").await;
+    assert!(status.contains("@alice:localhost → @bob:localhost: running"), "{status}");
+    h.ask(&carol, &cdm, "cancel @bob:localhost", "Stopping after the rooms in flight").await;
+    let report = h.bot_says(&bob, &bdm, 0, "the cancelled report", |b| b.starts_with("Cancelled.")).await;
+    assert!(!report.starts_with("Cancelled. 30 of 30"), "the admin's cancel stopped it mid-way: {report}");
+    assert!(h.log().contains("an admin cancelled a transfer"));
 }
 
 #[tokio::test]
