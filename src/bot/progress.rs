@@ -145,6 +145,7 @@ impl Reporter for ChatReporter {
 
     fn finished<'a>(&'a self, t: &'a Transfer, report: &'a Report) -> BoxFuture<'a, Result<(), HsError>> {
         Box::pin(async move {
+            self.last_edit.lock().expect("lock").remove(&t.id);
             if !report.cancelled
                 && let Err(e) = self.edit_status(t, &format!("Done: {}", headline(report))).await
             {
