@@ -43,10 +43,10 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
         let awaiting = count(&|s| *s == RoomStep::AwaitingAccept);
         let skipped = count(&|s| matches!(s, RoomStep::Skipped(_)));
         let failed = count(&|s| matches!(s, RoomStep::Failed(_)));
-        let pending = plan.rooms.len() - done - awaiting - skipped - failed;
+        let pending = plan.total() - done - awaiting - skipped - failed;
         text.push_str(&format!(
             "\n{} rooms: {done} moved, {awaiting} awaiting accept, {skipped} skipped, {failed} failed, {pending} to do",
-            plan.rooms.len()
+            plan.total()
         ));
         // Rooms that need attention first; a long list is cut, `status` is a summary.
         let mut rooms: Vec<_> = plan.rooms.iter().collect();
