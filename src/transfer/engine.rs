@@ -178,10 +178,9 @@ impl Engine {
         let started = Instant::now();
         let mut t = self.journal.get(id)?.ok_or(Error::Missing(id))?;
         // Permission is checked at every start and resume: revoking it stops the transfer.
-        if let Some(who) = [&t.old, &t.new].into_iter().find(|u| self.config.permission(u) < PermissionLevel::User) {
-            let who = who.clone();
-            t.state = TransferState::Cancelled;
-            self.journal.put(&t).await?;
+        let revoked = [&t.old, &t.new].into_iter().find(|u| self.config.permission(u) < PermissionLevel::User).cloned();
+        if let Some(who) = revoked {
+            self.set_state(&mut t, TransferState::Cancelled).await?;
             tracing::info!(transfer = id, user = %who, "transfer stopped: the user may no longer use handoff");
             metrics::transfer_finished(TransferOutcome::Cancelled);
             self.reporter.stopped(&t, Stopped::Revoked(who)).await?;
@@ -191,8 +190,7 @@ impl Engine {
             self.cancel(id);
         }
         let Some(stored) = self.store.get_bundle(&t.bundle)? else {
-            t.state = TransferState::Cancelled;
-            self.journal.put(&t).await?;
+            self.set_state(&mut t, TransferState::Cancelled).await?;
             metrics::transfer_finished(TransferOutcome::Cancelled);
             self.reporter.stopped(&t, Stopped::BundleGone).await?;
             return Ok(());
@@ -201,12 +199,12 @@ impl Engine {
         if t.plan.is_none() {
             // Which rooms, in which order, from the bundle alone: nothing is read yet.
             t.plan = Some(plan::unplanned(&bundle, &t.new, &t.requirements, &Default::default()));
-            self.journal.put(&t).await?;
+            self.save(&mut t).await?;
         }
         if t.status_event.is_none() {
             let total = t.plan.as_ref().map_or(0, Plan::total);
             t.status_event = Some(self.reporter.started(&t, Counts { seated: 0, done: 0, total }).await?);
-            self.journal.put(&t).await?;
+            self.save(&mut t).await?;
         }
         if self.is_local(&t.new) {
             // The profile goes first: set after the joins, it would add a member event to every room.
@@ -229,7 +227,7 @@ impl Engine {
                     "planned"
                 );
                 t.plan.as_mut().expect("planned above").add(rooms, &part);
-                self.journal.put(&t).await?;
+                self.save(&mut t).await?;
             }
             let plan = t.plan.clone().expect("planned above");
             cancelled |= self.move_rooms(&t, &bundle, &plan, started).await?;
@@ -255,7 +253,7 @@ impl Engine {
                 t.new
             );
             t.account_steps.insert(AccountStep::Remote, StepOutcome::Failed(why));
-            self.journal.put(&t).await?;
+            self.save(&mut t).await?;
         }
         let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, false);
         self.finish_with(&mut t, TransferState::Done, &report).await?;
@@ -364,7 +362,7 @@ impl Engine {
                 Err(e) => return Err(e),
             };
             t.account_steps.insert(step, outcome);
-            self.journal.put(t).await?;
+            self.save(t).await?;
         }
         Ok(())
     }
@@ -375,13 +373,31 @@ impl Engine {
         if let Err(e) = self.reporter.finished(t, report).await {
             tracing::warn!(transfer = t.id, error = %e, "cannot post the report");
         }
-        t.state = state;
-        self.journal.put(t).await?;
+        self.set_state(t, state).await?;
         metrics::transfer_finished(if state == TransferState::Done {
             TransferOutcome::Done
         } else {
             TransferOutcome::Cancelled
         });
+        Ok(())
+    }
+
+    /// Stores what the engine owns of its record (the plan, the status message, the account
+    /// steps) into the stored one, keeping what others wrote meanwhile (a `cancel`), and takes
+    /// the stored record back.
+    async fn save(&self, t: &mut Transfer) -> Result<(), Error> {
+        let (plan, status, steps) = (t.plan.clone(), t.status_event.clone(), t.account_steps.clone());
+        let stored = self.journal.update(t.id, |s| {
+            s.plan = plan;
+            s.status_event = status;
+            s.account_steps = steps;
+        });
+        *t = stored.await?.ok_or(Error::Missing(t.id))?;
+        Ok(())
+    }
+
+    async fn set_state(&self, t: &mut Transfer, state: TransferState) -> Result<(), Error> {
+        *t = self.journal.update(t.id, |s| s.state = state).await?.ok_or(Error::Missing(t.id))?;
         Ok(())
     }
 

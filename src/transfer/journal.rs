@@ -3,6 +3,7 @@
 //! a restarted service resumes where it stopped and nothing is done twice.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ruma::{OwnedRoomId, RoomId, UserId};
@@ -13,6 +14,10 @@ use crate::store::{Store, StoreError, now_ms};
 #[derive(Clone)]
 pub struct Journal {
     store: Store,
+    /// Held while a record is written, and across an [`Journal::update`]'s read, change and write:
+    /// the engine and the bot write the same record (a plan, a `cancel`), and neither may
+    /// overwrite the other's change with a stale copy.
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn corrupt(e: serde_json::Error) -> StoreError {
@@ -21,16 +26,31 @@ fn corrupt(e: serde_json::Error) -> StoreError {
 
 impl Journal {
     pub fn new(store: Store) -> Journal {
-        Journal { store }
+        Journal { store, writes: Arc::default() }
     }
 
     pub fn new_id(&self) -> Result<u64, StoreError> {
         self.store.new_transfer_id()
     }
 
-    /// Writes a transfer record and makes it durable.
+    /// Writes a transfer record (a new one, or one only its writer changes) and makes it durable.
     pub async fn put(&self, t: &Transfer) -> Result<(), StoreError> {
+        let _writing = self.writes.lock().await;
+        self.write(t).await
+    }
+
+    async fn write(&self, t: &Transfer) -> Result<(), StoreError> {
         self.store.put_transfer(t.id, &serde_json::to_vec(t).map_err(corrupt)?).await
+    }
+
+    /// Changes a stored record in place: reads the current one, applies `change`, writes it, with
+    /// no other write in between. Returns the record as stored, or `None` if there is none.
+    pub async fn update(&self, id: u64, change: impl FnOnce(&mut Transfer)) -> Result<Option<Transfer>, StoreError> {
+        let _writing = self.writes.lock().await;
+        let Some(mut t) = self.get(id)? else { return Ok(None) };
+        change(&mut t);
+        self.write(&t).await?;
+        Ok(Some(t))
     }
 
     pub fn get(&self, id: u64) -> Result<Option<Transfer>, StoreError> {
@@ -134,6 +154,21 @@ mod tests {
         assert_eq!(left, vec![2], "a running transfer is never purged");
         assert!(journal.room_steps(1).unwrap().is_empty(), "journals go with their transfers");
         assert_eq!(journal.room_steps(2).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_update_keeps_what_another_writer_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(Store::open(&dir.path().join("db")).unwrap());
+        let engine_copy = transfer(1, TransferState::Running, now_ms());
+        journal.put(&engine_copy).await.unwrap();
+        // The bot cancels; the engine, holding its older copy, then stores a status message.
+        journal.update(1, |t| t.state = TransferState::Cancelling).await.unwrap();
+        let status: ruma::OwnedEventId = "$status:x.org".try_into().unwrap();
+        let stored = journal.update(1, |t| t.status_event = Some(status.clone())).await.unwrap().unwrap();
+        assert_eq!(stored.state, TransferState::Cancelling, "the cancel survived the engine's write");
+        assert_eq!(journal.get(1).unwrap().unwrap().status_event, Some(status));
+        assert!(journal.update(2, |_| {}).await.unwrap().is_none());
     }
 
     #[tokio::test]

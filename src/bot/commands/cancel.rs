@@ -27,22 +27,30 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
         return bot.reply(ctx, super::ADMIN_ONLY.into()).await;
     };
     let records = bot.records.lock().await;
-    let Some(mut t) = bot.journal.latest_of(&user)? else {
+    let Some(latest) = bot.journal.latest_of(&user)? else {
         drop(records);
         return bot.reply(ctx, "You have no transfer to cancel.".into()).await;
     };
-    let text = match t.state {
+    // Changed in place: the running engine writes the same record (its plan, its progress).
+    let mut was = latest.state;
+    let t = bot
+        .journal
+        .update(latest.id, |t| {
+            was = t.state;
+            t.state = match t.state {
+                TransferState::Running => TransferState::Cancelling,
+                TransferState::AwaitingApproval => TransferState::Cancelled,
+                other => other,
+            };
+        })
+        .await?
+        .unwrap_or(latest);
+    let text = match was {
         TransferState::Running => {
-            t.state = TransferState::Cancelling;
-            bot.journal.put(&t).await?;
             bot.engine.cancel(t.id);
             "Stopping after the rooms in flight. What is done stays done.".to_owned()
         }
-        TransferState::AwaitingApproval => {
-            t.state = TransferState::Cancelled;
-            bot.journal.put(&t).await?;
-            "Cancelled before it started: nothing was changed.".to_owned()
-        }
+        TransferState::AwaitingApproval => "Cancelled before it started: nothing was changed.".to_owned(),
         other => format!("The last transfer is already {}.", state_text(other)),
     };
     drop(records);
