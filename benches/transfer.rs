@@ -510,7 +510,7 @@ async fn run() {
             exclude: vec![],
             skip: vec![],
             history: 0,
-            pool: std::sync::Arc::new(tokio::sync::Semaphore::new(8)),
+            pool: handoff::budget::Budget::new(8),
             max_rooms: usize::MAX,
             client: "bench".into(),
         };

@@ -9,6 +9,7 @@
 pub mod appservice;
 pub mod attachment;
 pub mod bot;
+pub mod budget;
 pub mod bundle;
 pub mod cli;
 pub mod code;

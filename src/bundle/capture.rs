@@ -24,12 +24,12 @@ use ruma::events::{AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, Message
 use ruma::push::{Action, Ruleset};
 use ruma::{Int, MilliSecondsSinceUnixEpoch, OwnedMxcUri, OwnedRoomId, OwnedServerName, OwnedUserId, UInt, UserId};
 use serde_json::Value as JsonValue;
-use tokio::sync::Semaphore;
 
 use super::{
     BUNDLE_VERSION, Bundle, Contact, Extra, History, HistoryMessage, Only, Preferences, Priority, Profile, Rank,
     RoomEntry, RoomKind, RoomNotifications, Source,
 };
+use crate::budget::{Budget, Class};
 use crate::homeserver::{Homeserver, HsError};
 
 /// Client-settings account data that a bundle carries: exact types, and prefixes ending in `.`.
@@ -56,9 +56,9 @@ pub struct CaptureOptions {
     pub skip: Vec<OwnedRoomId>,
     /// How many recent messages per room to copy (0: none).
     pub history: usize,
-    /// The shared pool of work in flight: each room read and each profile read takes a permit,
-    /// so a capture adds no more load to the homeserver than the pool allows.
-    pub pool: Arc<Semaphore>,
+    /// The shared budget of work in flight: each room read and each profile read takes a slot,
+    /// so a capture adds no more load to the homeserver than the budget allows.
+    pub pool: Arc<Budget>,
     /// The most rooms to capture: the most important first (favourites, then normal rooms, then
     /// low priority), the rest are counted in [`Captured::left_out`].
     pub max_rooms: usize,
@@ -79,8 +79,9 @@ pub async fn capture(
     homeserver_url: &str,
     opts: &CaptureOptions,
 ) -> Result<Captured, HsError> {
-    let pool = &*opts.pool;
-    let concurrency = pool.available_permits().max(1);
+    let pool = &opts.pool;
+    let concurrency = pool.size();
+    let party = Budget::party_of(user);
     let mut joined = hs.send_as(user, joined_rooms::v3::Request::new()).await?.joined_rooms;
     joined.retain(|r| !opts.skip.contains(r));
     let account = account_data(hs, user).await?;
@@ -102,7 +103,7 @@ pub async fn capture(
     work.truncate(opts.max_rooms);
     let rooms: Vec<RoomEntry> = stream::iter(work)
         .map(|(room_id, tags, peer)| async move {
-            let _permit = pool.acquire().await.expect("the pool is never closed");
+            let _slot = pool.acquire(party, Class::Normal).await;
             room_entry(hs, user, room_id, tags, peer, push_rules, opts.history).await
         })
         .buffer_unordered(concurrency)
@@ -120,7 +121,7 @@ pub async fn capture(
     }
     let contacts: Vec<Contact> = stream::iter(contact_rooms)
         .map(|(peer, dm_rooms)| async move {
-            let _permit = pool.acquire().await.expect("the pool is never closed");
+            let _slot = pool.acquire(party, Class::Normal).await;
             let (display_name, avatar_url) = profile_of(hs, user, &peer).await?;
             Ok::<_, HsError>(Contact { user_id: peer, display_name, avatar_url, dm_rooms, extra: Extra::new() })
         })

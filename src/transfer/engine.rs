@@ -16,12 +16,13 @@ use ruma::{OwnedRoomId, UserId};
 
 use super::account::{AFTER_ROOMS, AccountWork};
 use super::journal::Journal;
-use super::plan::{self, Plan, Requirements};
+use super::plan::{self, Plan, Requirements, RoomPlan};
 use super::progress::{Counts, Reporter, Stopped};
 use super::report::Report;
 use super::room::RoomWork;
 use super::{AccountStep, Error, PATIENT, RoomStep, Stage, StepOutcome, Transfer, TransferState, world};
-use crate::bundle::Bundle;
+use crate::budget::{Budget, Class};
+use crate::bundle::{Bundle, Priority, RoomKind};
 use crate::config::{Config, PermissionLevel};
 use crate::homeserver::{Homeserver, HsError};
 use crate::metrics::{self, RoomInFlight, RoomOutcome, TransferOutcome};
@@ -53,10 +54,10 @@ pub struct Engine {
     running: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
     /// Transfers asked to stop (also persisted as `Cancelling`, for a restart).
     cancelling: Mutex<HashSet<u64>>,
-    /// Rooms in flight across every transfer (`handoff.concurrency`): what the homeserver sees
-    /// stays bounded however many users move at once. Waiters are served in turn, so a small
-    /// transfer is not starved by a large one.
-    rooms_in_flight: Arc<tokio::sync::Semaphore>,
+    /// Work in flight across every transfer and capture (`handoff.concurrency`): what the
+    /// homeserver sees stays bounded however many users move at once, and rooms are served by
+    /// priority class, then in turn across transfers ([`Budget`]).
+    budget: Arc<Budget>,
     shutdown: Shutdown,
 }
 
@@ -84,7 +85,7 @@ impl Engine {
             reporter,
             running: Mutex::new(HashMap::new()),
             cancelling: Mutex::new(HashSet::new()),
-            rooms_in_flight: Arc::new(tokio::sync::Semaphore::new(config.handoff.concurrency.0)),
+            budget: Budget::new(config.handoff.concurrency.0),
             shutdown,
             config,
         })
@@ -128,10 +129,10 @@ impl Engine {
         running.len()
     }
 
-    /// The pool of rooms in flight (`handoff.concurrency`), shared with capture and planning
-    /// reads so the homeserver's load stays bounded whatever runs.
-    pub fn pool(&self) -> Arc<tokio::sync::Semaphore> {
-        Arc::clone(&self.rooms_in_flight)
+    /// The budget of work in flight (`handoff.concurrency`), shared with captures so the
+    /// homeserver's load stays bounded whatever runs.
+    pub fn pool(&self) -> Arc<Budget> {
+        Arc::clone(&self.budget)
     }
 
     /// Resumes every transfer that was running when the service stopped.
@@ -152,7 +153,10 @@ impl Engine {
     pub async fn preview(&self, bundle: &Bundle, new: &UserId, req: &Requirements) -> Result<Plan, HsError> {
         let mut plan = plan::unplanned(bundle, new, req, &Default::default());
         let part = std::mem::take(&mut plan.unplanned);
-        let world = world::read(&self.acting, &bundle.source.user_id, new, part.clone(), &self.rooms_in_flight).await?;
+        let party = Budget::party_of(new);
+        let world =
+            world::read(&self.acting, &bundle.source.user_id, new, part.clone(), &self.budget, party, Class::Normal)
+                .await?;
         plan.add(plan::plan_rooms(bundle, new, &part, &world), &part);
         Ok(plan)
     }
@@ -217,7 +221,9 @@ impl Engine {
             // Plan the next part: the first rooms, then the rest, each read right before it moves.
             let part = plan.next_part(&bundle);
             if !part.is_empty() && !self.cancel_requested(id) {
-                let world = world::read(&self.acting, &t.old, &t.new, part.clone(), &self.rooms_in_flight).await?;
+                // The first part is read in the first class, as its rooms will be moved.
+                let class = if plan.rooms.is_empty() { Class::First } else { Class::Normal };
+                let world = world::read(&self.acting, &t.old, &t.new, part.clone(), &self.budget, id, class).await?;
                 let rooms = plan::plan_rooms(&bundle, &t.new, &part, &world);
                 tracing::info!(
                     transfer = id,
@@ -286,7 +292,7 @@ impl Engine {
                 if from.is_seated() {
                     return Seat::Taken(index, from);
                 }
-                let _slot = self.rooms_in_flight.acquire().await.expect("the pool is never closed");
+                let _slot = self.budget.acquire(t.id, class_of(room)).await;
                 let _flight = RoomInFlight::start();
                 if self.cancel_requested(t.id) {
                     return Seat::NotStarted;
@@ -329,9 +335,9 @@ impl Engine {
         // not stop it: every room the new account was joined to is finished and announced.
         stream::iter(seated)
             .map(|(index, from): (usize, RoomStep)| async move {
-                let _slot = self.rooms_in_flight.acquire().await.expect("the pool is never closed");
-                let _flight = RoomInFlight::start();
                 let room = &plan.rooms[index];
+                let _slot = self.budget.acquire(t.id, class_of(room)).await;
+                let _flight = RoomInFlight::start();
                 let entry = bundle.rooms.iter().find(|e| e.room_id == room.room_id);
                 let step = match self.rooms.finish(t, entry, room, &from).await {
                     Ok(step) => step,
@@ -425,6 +431,16 @@ impl Engine {
         if let Err(e) = self.reporter.progress(t, counts).await {
             tracing::warn!(error = %e, "cannot report progress");
         }
+    }
+}
+
+/// A room's priority class in the budget: favourites and DMs first, low-priority rooms last.
+fn class_of(room: &RoomPlan) -> Class {
+    match room.priority {
+        Priority::High => Class::First,
+        Priority::Normal if room.kind == RoomKind::Dm => Class::First,
+        Priority::Normal => Class::Normal,
+        Priority::Low => Class::Low,
     }
 }
 

@@ -1,6 +1,8 @@
 //! Reading what the planners decide from: the rooms' current state as the old account (the
 //! planner's [`World`]) and the new account's account data (the merges' [`AccountWorld`]).
 
+use std::sync::Arc;
+
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use ruma::api::client::config::get_global_account_data;
 use ruma::api::client::profile::get_profile;
@@ -10,27 +12,29 @@ use ruma::events::{AnyStateEvent, GlobalAccountDataEventType, StateEvent};
 use ruma::{OwnedRoomId, UserId};
 use serde::de::DeserializeOwned;
 use serde_json::Value as JsonValue;
-use tokio::sync::Semaphore;
 
 use super::AccountStep;
 use super::merge::AccountWorld;
 use super::plan::{RoomFacts, World};
+use crate::budget::{Budget, Class, Party};
 use crate::bundle::Bundle;
 use crate::homeserver::{Homeserver, HsError};
 
-/// Reads each room's state as `old`, one read per permit of `pool` (the engine's shared pool, so
-/// planning doesn't add to the homeserver's load beyond it). A room the old account can't read
+/// Reads each room's state as `old`, one read per slot of the shared budget (as `party`'s work of
+/// `class`), so planning doesn't add to the homeserver's load beyond it. A room the old account can't read
 /// any more is left out: the planner calls it gone.
 pub async fn read(
     hs: &Homeserver,
     old: &UserId,
     new: &UserId,
     rooms: impl IntoIterator<Item = OwnedRoomId>,
-    pool: &Semaphore,
+    budget: &Arc<Budget>,
+    party: Party,
+    class: Class,
 ) -> Result<World, HsError> {
     let facts: Vec<Option<(OwnedRoomId, RoomFacts)>> = stream::iter(rooms)
         .map(|room| async move {
-            let _permit = pool.acquire().await.expect("the pool is never closed");
+            let _slot = budget.acquire(party, class).await;
             match room_facts(hs, old, new, &room).await {
                 Ok(Some(f)) => Ok(Some((room, f))),
                 Ok(None) => Ok(None),
@@ -42,7 +46,7 @@ pub async fn read(
                 }
             }
         })
-        .buffer_unordered(pool.available_permits().max(1))
+        .buffer_unordered(budget.size())
         .try_collect()
         .await?;
     Ok(World { rooms: facts.into_iter().flatten().collect() })
