@@ -38,7 +38,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use axum::body::Bytes;
 use base64::Engine as _;
-use common::{Harness, edit};
+use common::{Harness, cpu_time, edit, peak_rss_kib};
+use handoff::sandbox::run_command;
 use serde_json::{Value, json};
 
 /// The mautrix release the baseline runs on (pinned with its dependencies in requirements.txt).
@@ -122,8 +123,8 @@ async fn run() -> Result<()> {
             h_rate / m_rate
         );
     }
-    handoff.peak_rss_kib = peak_rss_kib(handoff.pid)?;
-    mautrix.peak_rss_kib = peak_rss_kib(mautrix.pid)?;
+    handoff.peak_rss_kib = peak_rss_kib(handoff.pid).context("handoff's peak memory")?;
+    mautrix.peak_rss_kib = peak_rss_kib(mautrix.pid).context("mautrix's peak memory")?;
     let summary = baseline.stop()?;
     let handoff_log = h.log();
     drop(h);
@@ -203,13 +204,13 @@ impl Server {
     /// Sends `txns` (measured), then waits until the server is idle: its work after the 200
     /// counts in its CPU time. Returns the slice's new events per second.
     async fn measure(&mut self, token: &str, txns: &[Txn]) -> Result<f64> {
-        let cpu_before = cpu_time(self.pid)?;
+        let cpu_before = cpu_time(self.pid).context("the server's CPU time")?;
         let start = Instant::now();
         let latencies = self.send(token, txns).await?;
         let wall = start.elapsed();
         settle(self.pid).await;
         let new_events: usize = txns.iter().filter(|t| !t.replay).map(|t| t.events).sum();
-        self.cpu += cpu_time(self.pid)?.saturating_sub(cpu_before);
+        self.cpu += cpu_time(self.pid).context("the server's CPU time")?.saturating_sub(cpu_before);
         self.wall += wall;
         self.latencies.extend(latencies);
         self.new_events += new_events;
@@ -351,80 +352,13 @@ fn binary_name() -> String {
     format!("target/{}/handoff", profile.unwrap_or_default())
 }
 
-/// utime + stime of a process, from /proc.
-fn cpu_time(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').context("/proc/PID/stat")?.1.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok(Duration::from_millis(ticks * 10)) // CLK_TCK is 100 on Linux
-}
-
-/// Peak resident memory of a process (VmHWM), in KiB.
-fn peak_rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc/PID/status")?;
-    Ok(line.split_whitespace().nth(1).context("VmHWM")?.parse()?)
-}
-
-/// The virtualenv holding the baseline: `~/.cache/handoff/mautrix-<version>`, as Synapse's.
-fn mautrix_venv() -> PathBuf {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    cache.join("handoff").join(format!("mautrix-{MAUTRIX_VERSION}"))
-}
-
-/// Installs the baseline's requirements from PyPI into [`mautrix_venv`] unless they are there;
-/// returns the venv's python. A file lock serialises concurrent installs; a changed
+/// Installs the baseline's requirements from PyPI into `~/.cache/handoff/mautrix-<version>`
+/// (beside Synapse's) unless they are there; returns the venv's python. A changed
 /// requirements.txt installs afresh.
 fn ensure_mautrix_installed() -> Result<PathBuf> {
-    let venv = mautrix_venv();
-    let python = venv.join("bin").join("python");
-    let marker = venv.join(".handoff-installed");
     let requirements = std::fs::read_to_string(REQUIREMENTS).context("benches/ingest/requirements.txt")?;
-    let installed = || std::fs::read_to_string(&marker).is_ok_and(|m| m == requirements);
-    if installed() {
-        return Ok(python);
-    }
-    let parent = venv.parent().context("venv path has no parent")?;
-    std::fs::create_dir_all(parent)?;
-    let lock = File::create(parent.join(format!(".mautrix-{MAUTRIX_VERSION}.lock")))?;
-    lock.lock().context("cannot lock the mautrix install")?;
-    if installed() {
-        return Ok(python);
-    }
-    eprintln!("ingest: installing mautrix {MAUTRIX_VERSION} from PyPI into {} (once)", venv.display());
-    let _ = std::fs::remove_dir_all(&venv);
-    let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    run_command(Command::new(&python3).args(["-m", "venv"]).arg(&venv), "create the mautrix virtualenv")?;
-    run_command(
-        Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-            REQUIREMENTS,
-        ]),
-        "install mautrix with pip",
-    )?;
-    std::fs::write(&marker, requirements)?;
-    Ok(python)
-}
-
-fn run_command(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("cannot {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "cannot {what}: {}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    let venv = handoff::sandbox::cache_dir(&format!("mautrix-{MAUTRIX_VERSION}"));
+    handoff::sandbox::ensure_venv(&venv, &requirements, &["-r", REQUIREMENTS], &format!("mautrix {MAUTRIX_VERSION}"))
 }
 
 /// The mautrix baseline, running. Dropping it kills the process.

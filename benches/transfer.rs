@@ -25,7 +25,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Harness, User, edit, export, join_stamp, raw, with_concurrency};
+use common::{Harness, User, cpu_time, edit, export, join_stamp, peak_rss_kib, raw, with_concurrency};
 use futures_util::stream::{self, StreamExt};
 use handoff::homeserver::Homeserver;
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
@@ -57,22 +57,6 @@ fn main() {
 
 fn rooms_n() -> usize {
     std::env::var("HANDOFF_BENCH_ROOMS").ok().and_then(|v| v.parse().ok()).unwrap_or(500)
-}
-
-/// utime + stime of a process, from /proc.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10) // CLK_TCK is 100 on Linux
-}
-
-/// Peak resident memory of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 =
-        status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    kb / 1024.0
 }
 
 /// The minimum requests of a capture, sent directly: joined rooms, one account-data sync, each room's state.
@@ -343,7 +327,7 @@ async fn engine_on(h: &Harness, old: &OldAccount, target: &str, n: usize, c: usi
     let code = export(h, &old.user, &old.dm, &format!("--to {}", target.id)).await;
     let tdm = h.dm_with_bot(&target).await;
     let pid = h.handoff_pid();
-    let cpu_before = cpu_time(pid);
+    let cpu_before = cpu_time(pid).expect("handoff's CPU time");
     let before = target.messages_from(&tdm, &h.bot).await.len();
     let metrics = format!("http://{}/metrics", h.config_value("metrics.listen"));
     let seated_before = rooms_seated(&reqwest::Client::new(), &metrics).await;
@@ -358,7 +342,7 @@ async fn engine_on(h: &Harness, old: &OldAccount, target: &str, n: usize, c: usi
         until_seated(&metrics, seated_before, n, start, h.patience),
         report
     );
-    let cpu = cpu_time(pid) - cpu_before;
+    let cpu = cpu_time(pid).expect("handoff's CPU time") - cpu_before;
     let stamps = join_stamps(&old.user, &target.id, &old.favourites, sent_at).await;
     assert!(report.starts_with(&format!("{n} of {n} rooms moved")), "{report}");
     println!(
@@ -378,7 +362,7 @@ async fn engine_on(h: &Harness, old: &OldAccount, target: &str, n: usize, c: usi
         joined: rate(n, all_joined),
         whole: rate(n, took),
         cpu,
-        rss: peak_rss_mib(pid),
+        rss: peak_rss_kib(pid).expect("handoff's peak memory") as f64 / 1024.0,
     }
 }
 

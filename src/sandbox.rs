@@ -18,52 +18,61 @@ pub const SYNAPSE_VERSION: &str = "1.163.2";
 pub const SERVER_NAME: &str = "localhost";
 pub const SHARED_SECRET: &str = "handoff-sandbox-shared-secret";
 
-/// The virtualenv holding Synapse: `$HANDOFF_SYNAPSE_VENV`, else `~/.cache/handoff/synapse-<version>`.
-pub fn venv_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("HANDOFF_SYNAPSE_VENV") {
-        return PathBuf::from(dir);
-    }
+/// A folder of handoff's under the user's cache folder (`$XDG_CACHE_HOME` or `~/.cache`).
+pub fn cache_dir(name: &str) -> PathBuf {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
-    cache.join("handoff").join(format!("synapse-{SYNAPSE_VERSION}"))
+    cache.join("handoff").join(name)
+}
+
+/// The virtualenv holding Synapse: `$HANDOFF_SYNAPSE_VENV`, else `~/.cache/handoff/synapse-<version>`.
+pub fn venv_dir() -> PathBuf {
+    match std::env::var_os("HANDOFF_SYNAPSE_VENV") {
+        Some(dir) => PathBuf::from(dir),
+        None => cache_dir(&format!("synapse-{SYNAPSE_VERSION}")),
+    }
 }
 
 /// Installs Synapse into [`venv_dir`] unless it is there; returns the venv's python.
-/// Safe to call from many test processes at once: a file lock serialises the install.
 pub fn ensure_synapse_installed() -> Result<PathBuf> {
-    let venv = venv_dir();
+    let requirement = format!("matrix-synapse=={SYNAPSE_VERSION}");
+    ensure_venv(&venv_dir(), SYNAPSE_VERSION, &[&requirement], &format!("Synapse {SYNAPSE_VERSION}"))
+}
+
+/// Makes `venv` a virtualenv with `pip install ARGS` done, from PyPI, unless it already holds
+/// that install (its marker file says `stamp`); returns the venv's python. Safe to call from many
+/// processes at once: a file lock beside the venv serialises the install.
+pub fn ensure_venv(venv: &Path, stamp: &str, pip_args: &[&str], what: &str) -> Result<PathBuf> {
     let python = venv.join("bin").join("python");
     let marker = venv.join(".handoff-installed");
-    if marker.exists() {
+    let installed = || std::fs::read_to_string(&marker).is_ok_and(|m| m == stamp);
+    if installed() {
         return Ok(python);
     }
     let parent = venv.parent().context("venv path has no parent")?;
     std::fs::create_dir_all(parent)?;
-    let lock = File::create(parent.join(format!(".synapse-{SYNAPSE_VERSION}.lock")))?;
-    lock.lock().context("cannot lock the Synapse install")?;
-    if marker.exists() {
+    let name = venv.file_name().context("venv path has no name")?.to_string_lossy();
+    let lock = File::create(parent.join(format!(".{name}.lock")))?;
+    lock.lock().with_context(|| format!("cannot lock the {what} install"))?;
+    if installed() {
         return Ok(python);
     }
-    eprintln!(
-        "handoff: installing Synapse {SYNAPSE_VERSION} from PyPI into {} (once; takes a minute or two)",
-        venv.display()
-    );
-    let _ = std::fs::remove_dir_all(&venv);
+    eprintln!("handoff: installing {what} from PyPI into {} (once; takes a minute or two)", venv.display());
+    let _ = std::fs::remove_dir_all(venv);
     let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    run(Command::new(&python3).args(["-m", "venv"]).arg(&venv), "create the Synapse virtualenv")?;
-    run(
-        Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-            .arg(format!("matrix-synapse=={SYNAPSE_VERSION}")),
-        "install Synapse with pip",
+    run_command(Command::new(&python3).args(["-m", "venv"]).arg(venv), &format!("create the {what} virtualenv"))?;
+    run_command(
+        Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(pip_args),
+        &format!("install {what} with pip"),
     )?;
-    std::fs::write(&marker, SYNAPSE_VERSION)?;
+    std::fs::write(&marker, stamp)?;
     Ok(python)
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
+/// Runs a command to its end; a failure says what was being done, with the command's output.
+pub fn run_command(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.output().with_context(|| format!("cannot {what}"))?;
     if !out.status.success() {
         bail!(
@@ -291,7 +300,7 @@ impl Synapse {
         let url = format!("http://127.0.0.1:{port}");
         let config_path = dir.join("homeserver.yaml");
         std::fs::write(&config_path, homeserver_yaml(&dir, port, app_service_files))?;
-        run(
+        run_command(
             Command::new(&python).args(["-m", "synapse.app.homeserver", "-c"]).arg(&config_path).arg("--generate-keys"),
             "generate Synapse's signing key",
         )?;

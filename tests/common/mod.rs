@@ -595,3 +595,17 @@ pub fn run_handoff(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
     let out = Command::new(HANDOFF).args(args).current_dir(cwd).output().unwrap();
     (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+/// utime + stime of a process, from /proc (`None` once it is gone).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10)) // CLK_TCK is 100 on Linux
+}
+
+/// Peak resident memory of a process (VmHWM), in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}
