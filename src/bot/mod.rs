@@ -26,7 +26,7 @@ use ruma::events::{
     OriginalStateEvent, StateEvent,
 };
 use ruma::serde::Raw;
-use ruma::{OwnedRoomId, OwnedUserId};
+use ruma::{OwnedRoomId, OwnedUserId, UserId};
 
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
@@ -49,14 +49,18 @@ impl Bot {
     }
 
     /// The user an event is addressed by, if the bot acts on it: an invite or leave of the bot,
-    /// or a message from someone else. Everything else is dropped before it is stored.
+    /// or a message for it (below). Everything else is dropped before it is stored.
     fn addressed(&self, event: &Raw<AnyTimelineEvent>) -> Option<OwnedUserId> {
         let kind = event.get_field::<String>("type").ok().flatten()?;
         let sender = event.get_field::<OwnedUserId>("sender").ok().flatten()?;
         match kind.as_str() {
             "m.room.member" => {
                 let key = event.get_field::<String>("state_key").ok().flatten()?;
-                (key == self.user_id.as_str()).then_some(sender)
+                if key != self.user_id.as_str() {
+                    return None;
+                }
+                self.note_dm_invite(event, &sender);
+                Some(sender)
             }
             // A message from someone else in their DM with the bot, or a command (with the prefix)
             // in any other room: the chatter of group rooms the bot sits in is not for it.
@@ -75,24 +79,15 @@ impl Bot {
         }
     }
 
-    /// A DM invite of the bot is recorded as the inviter's DM at once, not when the invite is
-    /// handled from the queue: the inviter's first bare command may come right behind it, and
+    /// A DM invite of the bot is recorded as the inviter's DM as it arrives, not when the invite
+    /// is handled from the queue: the inviter's first bare command may come right behind it, and
     /// [`Bot::addressed`] keeps a bare message only in a known DM.
-    fn note_dm_invite(&self, event: &Raw<AnyTimelineEvent>) {
-        if event.get_field::<String>("type").ok().flatten().as_deref() != Some("m.room.member")
-            || event.get_field::<String>("state_key").ok().flatten().as_deref() != Some(self.user_id.as_str())
-        {
-            return;
-        }
+    fn note_dm_invite(&self, event: &Raw<AnyTimelineEvent>, inviter: &UserId) {
         let Ok(Some(content)) = event.get_field::<RoomMemberEventContent>("content") else { return };
-        let (Ok(Some(room)), Ok(Some(sender))) =
-            (event.get_field::<OwnedRoomId>("room_id"), event.get_field::<OwnedUserId>("sender"))
-        else {
-            return;
-        };
+        let Ok(Some(room)) = event.get_field::<OwnedRoomId>("room_id") else { return };
         if content.membership == MembershipState::Invite
             && content.is_direct == Some(true)
-            && let Err(e) = self.store.set_dm_room(&room, &sender)
+            && let Err(e) = self.store.set_dm_room(&room, inviter)
         {
             tracing::warn!(error = %e, "cannot record a DM room");
         }
@@ -101,13 +96,8 @@ impl Bot {
     /// Accepts a transaction: the events for the bot are stored with the transaction ID in one
     /// durable write, then queued. A transaction seen before is acknowledged and ignored.
     pub async fn accept(self: &Arc<Self>, txn_id: &str, events: &[Raw<AnyTimelineEvent>]) -> Result<(), StoreError> {
-        let mine: Vec<(OwnedUserId, &Raw<AnyTimelineEvent>)> = events
-            .iter()
-            .filter_map(|e| {
-                self.note_dm_invite(e);
-                self.addressed(e).map(|sender| (sender, e))
-            })
-            .collect();
+        let mine: Vec<(OwnedUserId, &Raw<AnyTimelineEvent>)> =
+            events.iter().filter_map(|e| self.addressed(e).map(|sender| (sender, e))).collect();
         let bytes: Vec<Vec<u8>> = mine.iter().map(|(_, e)| e.json().get().as_bytes().to_vec()).collect();
         let Some(numbers) = self.store.accept_txn(txn_id, &bytes).await? else {
             tracing::debug!(txn_id, "transaction already handled");
@@ -257,12 +247,8 @@ impl Bot {
             return Ok(());
         }
         self.hs.send(join_room_by_id::v3::Request::new(room.clone())).await?;
+        // A DM invite was recorded as the inviter's DM when it arrived (`note_dm_invite`).
         tracing::info!(room_id = %room, inviter = %ev.sender, "joined on invite");
-        if ev.content.is_direct == Some(true)
-            && let Err(e) = self.store.set_dm_room(room, &ev.sender)
-        {
-            tracing::warn!(error = %e, "cannot record a DM room");
-        }
         let ctx = Ctx { room_id: room.clone(), event_id: ev.event_id.clone(), sender: ev.sender.clone() };
         if self.is_encrypted(room).await {
             // The bot has no end-to-end encryption: it would never see a command here.
