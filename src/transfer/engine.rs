@@ -186,7 +186,6 @@ impl Engine {
         if let Some(who) = revoked {
             self.set_state(&mut t, TransferState::Cancelled).await?;
             tracing::info!(transfer = id, user = %who, "transfer stopped: the user may no longer use handoff");
-            metrics::transfer_finished(TransferOutcome::Cancelled);
             self.reporter.stopped(&t, Stopped::Revoked(who)).await?;
             return Ok(());
         }
@@ -195,7 +194,6 @@ impl Engine {
         }
         let Some(stored) = self.store.get_bundle(&t.bundle)? else {
             self.set_state(&mut t, TransferState::Cancelled).await?;
-            metrics::transfer_finished(TransferOutcome::Cancelled);
             self.reporter.stopped(&t, Stopped::BundleGone).await?;
             return Ok(());
         };
@@ -379,13 +377,7 @@ impl Engine {
         if let Err(e) = self.reporter.finished(t, report).await {
             tracing::warn!(transfer = t.id, error = %e, "cannot post the report");
         }
-        self.set_state(t, state).await?;
-        metrics::transfer_finished(if state == TransferState::Done {
-            TransferOutcome::Done
-        } else {
-            TransferOutcome::Cancelled
-        });
-        Ok(())
+        self.set_state(t, state).await
     }
 
     /// Stores what the engine owns of its record (the plan, the status message, the account
@@ -402,8 +394,14 @@ impl Engine {
         Ok(())
     }
 
+    /// Stores the engine's final state (`Done`, or `Cancelled`) and counts the transfer as ended.
     async fn set_state(&self, t: &mut Transfer, state: TransferState) -> Result<(), Error> {
         *t = self.journal.update(t.id, |s| s.state = state).await?.ok_or(Error::Missing(t.id))?;
+        metrics::transfer_finished(if state == TransferState::Done {
+            TransferOutcome::Done
+        } else {
+            TransferOutcome::Cancelled
+        });
         Ok(())
     }
 
