@@ -129,6 +129,8 @@ pub struct HandoffConfig {
     pub max_rooms: usize,
     pub history_messages: usize,
     pub concurrency: Concurrency,
+    /// How many transfers run at once; the rest wait in line, in the order they were asked for.
+    pub max_transfers: MaxTransfers,
     /// How long a stored bundle is kept before it is deleted.
     #[serde(with = "humantime_serde")]
     pub bundle_retention: Duration,
@@ -144,6 +146,7 @@ impl Default for HandoffConfig {
             max_rooms: 1000,
             history_messages: 50,
             concurrency: Concurrency(16),
+            max_transfers: MaxTransfers(32),
             bundle_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
@@ -438,6 +441,17 @@ impl<'de> Deserialize<'de> for Concurrency {
     }
 }
 
+/// `handoff.max_transfers`: transfers running at once (1-10000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxTransfers(pub usize);
+
+impl<'de> Deserialize<'de> for MaxTransfers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(RangeVisitor { what: "a number of transfers 1-10000", min: 1, max: 10_000 })
+            .map(|n| MaxTransfers(n as usize))
+    }
+}
+
 /// Accepts an integer in `min..=max` and says, for anything else, what it expected and found.
 /// By hand: serde's own integer errors name neither the range nor a string's value.
 struct RangeVisitor {
@@ -546,6 +560,7 @@ mod tests {
             ("address: http://127.0.0.1:8008", "address: localhost:8008", "homeserver.address"),
             ("format: pretty", "format: xml", "logging.format"),
             ("concurrency: 16", "concurrency: 0", "handoff.concurrency"),
+            ("max_transfers: 32", "max_transfers: 0", "handoff.max_transfers"),
             ("\"example.org\": user", "\"example.org\": superuser", "handoff.permissions"),
         ] {
             let text = EXAMPLE.replace(from, to);

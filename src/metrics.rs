@@ -20,6 +20,8 @@
 //! | `handoff_rooms_finished_total` | counter | `outcome` | [`room_finished`] |
 //! | `handoff_rooms_seated_total` | counter | | [`room_seated`] |
 //! | `handoff_rooms_in_flight` | gauge | | [`RoomInFlight`] |
+//! | `handoff_transfers_running` | gauge | | [`transfers_in_line`] |
+//! | `handoff_transfers_waiting` | gauge | | [`transfers_in_line`] |
 //! | `handoff_store_size_bytes` | gauge | | [`store_size`] |
 
 use std::time::Duration;
@@ -53,6 +55,10 @@ pub const ROOMS_FINISHED: &str = "handoff_rooms_finished_total";
 pub const ROOMS_SEATED: &str = "handoff_rooms_seated_total";
 /// Rooms being moved right now, over every running transfer.
 pub const ROOMS_IN_FLIGHT: &str = "handoff_rooms_in_flight";
+/// Transfers running now (at most `handoff.max_transfers`).
+pub const TRANSFERS_RUNNING: &str = "handoff_transfers_running";
+/// Transfers waiting for a place to run.
+pub const TRANSFERS_WAITING: &str = "handoff_transfers_waiting";
 /// The store's size on disk.
 pub const STORE_SIZE: &str = "handoff_store_size_bytes";
 
@@ -228,6 +234,12 @@ impl Drop for RoomInFlight {
     }
 }
 
+/// How many transfers run, and how many wait for a place.
+pub fn transfers_in_line(running: usize, waiting: usize) {
+    gauge!(TRANSFERS_RUNNING).set(running as f64);
+    gauge!(TRANSFERS_WAITING).set(waiting as f64);
+}
+
 /// The store's size on disk, in bytes (sled's `Db::size_on_disk`).
 pub fn store_size(bytes: u64) {
     gauge!(STORE_SIZE).set(bytes as f64);
@@ -266,6 +278,8 @@ fn describe() {
     );
     describe_counter!(ROOMS_SEATED, Unit::Count, "Rooms where the new account took its seat (joined or invited).");
     describe_gauge!(ROOMS_IN_FLIGHT, Unit::Count, "Rooms being moved now, over all running transfers.");
+    describe_gauge!(TRANSFERS_RUNNING, Unit::Count, "Transfers running now (at most handoff.max_transfers).");
+    describe_gauge!(TRANSFERS_WAITING, Unit::Count, "Transfers waiting for a place to run.");
     describe_gauge!(STORE_SIZE, Unit::Bytes, "Size of the store on disk.");
 
     counter!(TRANSACTIONS).absolute(0);
@@ -278,6 +292,7 @@ fn describe() {
     }
     counter!(ROOMS_SEATED).absolute(0);
     gauge!(ROOMS_IN_FLIGHT).set(0.0);
+    transfers_in_line(0, 0);
 }
 
 /// Installs the Prometheus recorder for the whole process (once: a second call fails) and returns

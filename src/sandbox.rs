@@ -146,6 +146,11 @@ impl Synapse {
     }
 
     /// Stops Synapse (as an outage would); [`Synapse::restart`] brings it back on the same port.
+    /// The process ID of the running Synapse (for its CPU time and memory in the benchmarks).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

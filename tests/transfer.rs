@@ -292,3 +292,121 @@ async fn cancel_stops_after_the_rooms_in_flight_and_keeps_what_is_done() {
     let status = h.ask(&alice, &adm, "status", "Transfer").await;
     assert!(status.contains("cancelled"), "{status}");
 }
+
+/// `config` with `handoff.max_transfers` (the example's default) set to `n`.
+fn with_max_transfers(config: String, n: usize) -> String {
+    let default = handoff::config::HandoffConfig::default().max_transfers.0;
+    edit(config, &format!("max_transfers: {default}"), &format!("max_transfers: {n}"))
+}
+
+/// The homeserver's timestamp of the first bot message in `dm` whose text satisfies `matches`.
+async fn stamp_of(h: &Harness, user: &User, dm: &RoomId, matches: impl Fn(&str) -> bool) -> u64 {
+    let msgs = user.messages_from(dm, &h.bot).await;
+    let m = msgs.iter().find(|m| matches(body(m))).expect("the message");
+    m["origin_server_ts"].as_u64().unwrap()
+}
+
+/// Five users press `import` at once on a service that runs two transfers at a time: two start,
+/// three wait and are each told their place; the last in line sees it in `status`, cancels, and
+/// nothing is written into its account; the others start only as places free up, and every room
+/// of every one of the four moves is joined and announced once.
+#[tokio::test]
+async fn many_users_at_once_wait_their_turn_told_their_place_and_all_move_once() {
+    let h = Harness::start_with(|c| with_concurrency(with_max_transfers(c, 2), 4)).await;
+    const USERS: usize = 5;
+    let mut movers = Vec::new();
+    for i in 0..USERS {
+        let old = h.user(&format!("old{i}")).await;
+        let rooms = old.create_rooms(6).await;
+        old.tag(&rooms[3], "m.favourite", Some(0.5)).await;
+        let odm = h.dm_with_bot(&old).await;
+        let new = h.user(&format!("new{i}")).await;
+        let code = export(&h, &old, &odm, &format!("--to {}", new.id)).await;
+        let ndm = h.dm_with_bot(&new).await;
+        movers.push((old, rooms, new, ndm, code));
+    }
+    futures_util::future::join_all(
+        movers.iter().map(|(_, _, new, ndm, code)| async move { new.send_text(ndm, &format!("import {code}")).await }),
+    )
+    .await;
+
+    // Every import gets an answer; three of them, a place in line.
+    let waits: Vec<Option<String>> = futures_util::future::join_all(movers.iter().map(|(_, _, new, ndm, _)| async {
+        let first = h
+            .bot_says(new, ndm, 1, "the answer to import", |b| {
+                (b.starts_with("Moving") && b.contains(" to @"))
+                    || b.contains("ahead of yours")
+                    || b.contains("yours is next")
+            })
+            .await;
+        // The status message of a transfer that started, or its place in line.
+        (!first.starts_with("Moving")).then_some(first)
+    }))
+    .await;
+    let mut places: Vec<&str> = waits
+        .iter()
+        .flatten()
+        .map(|w| {
+            assert!(w.contains("2 moves are running") && w.contains("starts by itself"), "{w}");
+            if w.contains("yours is next") {
+                "next"
+            } else if w.contains("1 move is ahead") {
+                "1 ahead"
+            } else if w.contains("2 moves are ahead") {
+                "2 ahead"
+            } else {
+                panic!("{w}")
+            }
+        })
+        .collect();
+    places.sort();
+    assert_eq!(places, ["1 ahead", "2 ahead", "next"], "{waits:?}");
+
+    // The last in line sees its place, then leaves the line: nothing is written into its account.
+    let last = waits.iter().position(|w| w.as_deref().is_some_and(|w| w.contains("2 moves are ahead"))).unwrap();
+    let (lold, lrooms, lnew, ldm, _) = &movers[last];
+    let status = h.ask(lnew, ldm, "status", "Transfer").await;
+    assert!(status.contains("waiting for its turn"), "{status}");
+    h.ask(lnew, ldm, "cancel", "Cancelled before its turn came").await;
+    h.bot_says(lnew, ldm, 0, "the note of the cancel", |b| b.contains("cancelled while it waited")).await;
+
+    // The four others all finish, each room moved once.
+    for (i, (old, rooms, new, ndm, _)) in movers.iter().enumerate() {
+        if i == last {
+            continue;
+        }
+        let report = h.bot_says(new, ndm, 0, "the report", |b| b.contains("rooms moved to")).await;
+        assert!(report.starts_with("6 of 6 rooms moved"), "{report}");
+        assert_moved_once(old, new, rooms).await;
+    }
+    for room in lrooms {
+        assert!(memberships(lold, room, &lnew.id).await.is_empty(), "{room}: the cancelled one changed nothing");
+    }
+    // Those who waited started only once a running one had ended (its report posted).
+    let mut reports = Vec::new();
+    let mut first_joins = Vec::new();
+    for (i, (old, rooms, new, ndm, _)) in movers.iter().enumerate() {
+        if i == last {
+            continue;
+        }
+        let report = stamp_of(&h, new, ndm, |b| b.contains("rooms moved to")).await;
+        let mut joins = Vec::new();
+        for room in rooms {
+            joins.push(common::join_stamp(&old.timeline(room).await, &new.id).unwrap());
+        }
+        let first = *joins.iter().min().unwrap();
+        if waits[i].is_some() {
+            first_joins.push(first);
+        } else {
+            reports.push(report);
+        }
+    }
+    let first_end = *reports.iter().min().unwrap();
+    for first in first_joins {
+        assert!(
+            first >= first_end,
+            "a waiting transfer joined a room at {first}, before any place was free ({first_end})"
+        );
+    }
+    assert!(!h.log().contains("panicked"), "{}", h.log());
+}

@@ -13,7 +13,7 @@ use ruma::{OwnedEventId, RoomId};
 use crate::homeserver::{Homeserver, HsError};
 use crate::html::{escape, to_html};
 use crate::transfer::plan::Warning;
-use crate::transfer::progress::{Counts, Delivery, Reporter, RoomHistory, Stopped};
+use crate::transfer::progress::{Counts, Delivery, Place, Reporter, RoomHistory, Stopped};
 use crate::transfer::report::Report;
 use crate::transfer::{ClientProfile, PATIENT, StepOutcome, Transfer};
 
@@ -61,6 +61,22 @@ impl ChatReporter {
 }
 
 impl Reporter for ChatReporter {
+    fn waiting<'a>(&'a self, t: &'a Transfer, place: Place) -> BoxFuture<'a, Result<(), HsError>> {
+        Box::pin(async move {
+            let ahead = match place.ahead {
+                0 => "yours is next".to_owned(),
+                1 => "1 move is ahead of yours".to_owned(),
+                n => format!("{n} moves are ahead of yours"),
+            };
+            let text = format!(
+                "Many people are moving right now: {} moves are running and {ahead}. Yours starts by itself when a place frees up; nothing needs doing meanwhile. `status` shows your place, `cancel` leaves the line.",
+                place.running
+            );
+            self.post(&t.new_dm, &format!("waiting-{}", t.id), &text).await?;
+            Ok(())
+        })
+    }
+
     fn started<'a>(&'a self, t: &'a Transfer, counts: Counts) -> BoxFuture<'a, Result<OwnedEventId, HsError>> {
         Box::pin(async move {
             let text = format!(
@@ -111,6 +127,9 @@ impl Reporter for ChatReporter {
                     "This transfer was stopped: {who} may no longer use handoff on this server. What was done stays done."
                 ),
                 Stopped::BundleGone => "The bundle of this transfer is gone (deleted with `forget`, or past its retention). Nothing more will be done.".to_owned(),
+                Stopped::CancelledWaiting => {
+                    "This transfer was cancelled while it waited for its turn: nothing was changed.".to_owned()
+                }
             };
             self.post(&t.new_dm, &format!("stopped-{}", t.id), &text).await?;
             Ok(())

@@ -4,9 +4,9 @@
 //! Each part goes in two passes, highest priority first: pass 1 takes every room's seat (invite,
 //! join), pass 2 finishes them (rank, tags, notice). Then the account steps, then the report.
 //! Every step is journaled before and after it runs; the engine only tells the [`Reporter`] how it
-//! goes.
+//! goes. At most `handoff.max_transfers` run at once; the others wait their turn in [`Line`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -16,8 +16,9 @@ use ruma::{OwnedRoomId, UserId};
 
 use super::account::{AFTER_ROOMS, AccountWork};
 use super::journal::Journal;
+use super::line::{Admit, Line};
 use super::plan::{self, Plan, Requirements, RoomPlan};
-use super::progress::{Counts, Reporter, Stopped};
+use super::progress::{Counts, Place, Reporter, Stopped};
 use super::report::Report;
 use super::room::RoomWork;
 use super::{AccountStep, Error, PATIENT, RoomStep, Stage, StepOutcome, Transfer, TransferState, world};
@@ -50,8 +51,9 @@ pub struct Engine {
     reporter: Arc<dyn Reporter>,
     rooms: RoomWork,
     account: AccountWork,
-    /// Transfers running in this process, with the handle that stops one at once.
-    running: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    /// Transfers running in this process (with the handle that stops one at once), and those
+    /// waiting for a place.
+    line: Mutex<Line<tokio::task::AbortHandle>>,
     /// Transfers asked to stop (also persisted as `Cancelling`, for a restart).
     cancelling: Mutex<HashSet<u64>>,
     /// Work in flight across every transfer and capture (`handoff.concurrency`): what the
@@ -83,7 +85,7 @@ impl Engine {
             store,
             journal,
             reporter,
-            running: Mutex::new(HashMap::new()),
+            line: Mutex::new(Line::new(config.handoff.max_transfers.0)),
             cancelling: Mutex::new(HashSet::new()),
             budget: Budget::new(config.handoff.concurrency.0),
             shutdown,
@@ -91,42 +93,91 @@ impl Engine {
         })
     }
 
-    /// Starts (or resumes) a transfer in the background, unless it is already running.
+    /// Starts (or resumes) a transfer in the background, or puts it in line when every place is
+    /// taken (it starts by itself when one frees up), unless it is running or waiting already.
     pub fn spawn(self: &Arc<Self>, id: u64) {
-        // Held while spawning, so the task's own removal (at its end) comes after the insert.
-        let mut running = self.running.lock().expect("lock");
-        if running.contains_key(&id) {
-            return;
+        // Held while starting, so the task's own removal (at its end) comes after the insert.
+        let mut line = self.line.lock().expect("lock");
+        match line.admit(id) {
+            Admit::Start => self.start(&mut line, id),
+            Admit::Wait { ahead } => {
+                let place = Place { ahead, running: line.running() };
+                tracing::info!(transfer = id, ahead, "transfer waits for a place");
+                metrics::transfers_in_line(line.running(), line.waiting());
+                let engine = Arc::clone(self);
+                self.shutdown.spawn(async move { engine.tell_waiting(id, place).await });
+            }
+            Admit::No => {}
         }
+    }
+
+    /// Starts `id`'s task and records it in `line` (whose lock the caller holds).
+    fn start(self: &Arc<Self>, line: &mut Line<tokio::task::AbortHandle>, id: u64) {
         let engine = Arc::clone(self);
         let task = self.shutdown.spawn(async move {
-            // Removes the entry however the task ends: finished, failed, panicked or stopped.
+            // Takes it out of the line however the task ends (finished, failed, panicked), and
+            // starts the next one waiting.
             let _entry = RunningEntry { engine: Arc::clone(&engine), id };
             if let Err(e) = engine.run(id).await {
                 metrics::transfer_finished(TransferOutcome::Failed);
                 tracing::error!(transfer = id, error = %e, "transfer stopped with an error; it resumes at the next start");
             }
         });
-        running.insert(id, task.abort_handle());
+        line.run(id, task.abort_handle());
+        metrics::transfers_in_line(line.running(), line.waiting());
     }
 
-    /// Stops a transfer at once, wherever it is (for `forget`: its records are about to go).
-    /// What it did stays done; the journal is as of its last step.
-    pub fn stop(&self, id: u64) {
-        if let Some(task) = self.running.lock().expect("lock").remove(&id) {
+    /// Starts those waiting while places are free (not once the service is stopping).
+    fn fill(self: &Arc<Self>, line: &mut Line<tokio::task::AbortHandle>) {
+        if self.shutdown.is_begun() {
+            return;
+        }
+        while let Some(next) = line.next_to_start() {
+            tracing::info!(transfer = next, "a place is free: transfer starts");
+            self.start(line, next);
+        }
+        metrics::transfers_in_line(line.running(), line.waiting());
+    }
+
+    /// Tells a waiting transfer's new account its place, unless it had started once already
+    /// (resumed after a restart, it waits quietly: its status message is there).
+    async fn tell_waiting(&self, id: u64, place: Place) {
+        let t = match self.journal.get(id) {
+            Ok(Some(t)) if t.status_event.is_none() => t,
+            Ok(_) => return,
+            Err(e) => return tracing::warn!(transfer = id, error = %e, "cannot read a waiting transfer"),
+        };
+        if let Err(e) = self.reporter.waiting(&t, place).await {
+            tracing::warn!(transfer = id, error = %e, "cannot tell a transfer its place in line");
+        }
+    }
+
+    /// Stops a transfer at once, wherever it is, running or waiting (for `forget`: its records
+    /// are about to go). What it did stays done; the journal is as of its last step.
+    pub fn stop(self: &Arc<Self>, id: u64) {
+        let mut line = self.line.lock().expect("lock");
+        if let Some(task) = line.remove(id) {
             task.abort();
             tracing::info!(transfer = id, "transfer stopped");
         }
+        self.fill(&mut line);
     }
 
     /// Stops every transfer at once (at shutdown: a transfer may run for an hour, and the
-    /// journal makes stopping safe; each resumes at the next start). Returns how many ran.
+    /// journal makes stopping safe; each resumes at the next start, as do those waiting).
+    /// Returns how many ran.
     pub fn stop_all(&self) -> usize {
-        let running: Vec<_> = self.running.lock().expect("lock").drain().collect();
-        for (_, task) in &running {
+        let running = self.line.lock().expect("lock").close();
+        for task in &running {
             task.abort();
         }
         running.len()
+    }
+
+    /// Where `id` waits: how many are ahead of it, and how many run. `None` if it is not waiting.
+    pub fn place(&self, id: u64) -> Option<Place> {
+        let line = self.line.lock().expect("lock");
+        line.ahead_of(id).map(|ahead| Place { ahead, running: line.running() })
     }
 
     /// The budget of work in flight (`handoff.concurrency`), shared with captures so the
@@ -162,12 +213,21 @@ impl Engine {
     }
 
     pub fn is_running(&self, id: u64) -> bool {
-        self.running.lock().expect("lock").contains_key(&id)
+        self.line.lock().expect("lock").is_running(id)
     }
 
-    /// Asks a running transfer to stop after the rooms in flight.
-    pub fn cancel(&self, id: u64) {
+    /// Asks a transfer to stop after the rooms in flight. One waiting for a place leaves the line
+    /// and ends at once (it changed nothing yet, unless it had run before a restart: then it
+    /// finishes the rooms it had joined, as a running one does). Returns whether it was waiting.
+    pub fn cancel(self: &Arc<Self>, id: u64) -> bool {
         self.cancelling.lock().expect("lock").insert(id);
+        let mut line = self.line.lock().expect("lock");
+        let waiting = line.unqueue(id);
+        if waiting {
+            // Above the limit for a moment: it only writes its end.
+            self.start(&mut line, id);
+        }
+        waiting
     }
 
     fn cancel_requested(&self, id: u64) -> bool {
@@ -190,7 +250,13 @@ impl Engine {
             return Ok(());
         }
         if t.state == TransferState::Cancelling {
-            self.cancel(id);
+            self.cancelling.lock().expect("lock").insert(id);
+        }
+        if self.cancel_requested(id) && t.status_event.is_none() {
+            // Cancelled while it waited for a place: nothing was done.
+            self.set_state(&mut t, TransferState::Cancelled).await?;
+            self.reporter.stopped(&t, Stopped::CancelledWaiting).await?;
+            return Ok(());
         }
         let Some(stored) = self.store.get_bundle(&t.bundle)? else {
             self.set_state(&mut t, TransferState::Cancelled).await?;
@@ -205,10 +271,11 @@ impl Engine {
         }
         if t.status_event.is_none() {
             let total = t.plan.as_ref().map_or(0, Plan::total);
+            let _slot = self.budget.acquire(id, Class::First).await;
             t.status_event = Some(self.reporter.started(&t, Counts { seated: 0, done: 0, total }).await?);
             self.save(&mut t).await?;
         }
-        if self.is_local(&t.new) {
+        if self.is_local(&t.new) && !self.cancel_requested(id) {
             // The profile goes first: set after the joins, it would add a member event to every room.
             self.account_steps(&mut t, &bundle, &[AccountStep::Profile]).await?;
         }
@@ -356,10 +423,16 @@ impl Engine {
         if todo.is_empty() {
             return Ok(());
         }
-        let world = world::read_account(&self.acting, &t.new, bundle, &todo).await?;
+        // The account steps are few requests, each one after the other, and they complete the
+        // move the user sees (the profile, the DMs): one slot of the first class at a time.
+        let world = {
+            let _slot = self.budget.acquire(t.id, Class::First).await;
+            world::read_account(&self.acting, &t.new, bundle, &todo).await?
+        };
         let plan = t.plan.clone().expect("planned before the account steps");
         let room_steps = self.journal.room_steps(t.id)?;
         for step in todo {
+            let _slot = self.budget.acquire(t.id, Class::First).await;
             let outcome = match self.account.run(step, t, bundle, &plan, &room_steps, &world).await {
                 Ok(done) => StepOutcome::Done(done),
                 Err(Error::Hs(e)) if !e.is_transient() => StepOutcome::Failed(e.to_string()),
@@ -374,6 +447,7 @@ impl Engine {
     /// Tells the reporter the end, then stores the final state. A report that can't be posted
     /// for good (the DM is gone) is logged; the transfer still ends.
     async fn finish_with(&self, t: &mut Transfer, state: TransferState, report: &Report) -> Result<(), Error> {
+        let _slot = self.budget.acquire(t.id, Class::Normal).await;
         if let Err(e) = self.reporter.finished(t, report).await {
             tracing::warn!(transfer = t.id, error = %e, "cannot post the report");
         }
@@ -442,7 +516,8 @@ fn class_of(room: &RoomPlan) -> Class {
     }
 }
 
-/// Removes a transfer from [`Engine::running`] when its task ends, however it ends.
+/// Takes a transfer out of [`Engine::line`] when its task ends, however it ends, and gives its
+/// place to the next one waiting.
 struct RunningEntry {
     engine: Arc<Engine>,
     id: u64,
@@ -450,8 +525,9 @@ struct RunningEntry {
 
 impl Drop for RunningEntry {
     fn drop(&mut self) {
-        if let Ok(mut running) = self.engine.running.lock() {
-            running.remove(&self.id);
+        if let Ok(mut line) = self.engine.line.lock() {
+            line.remove(self.id);
+            self.engine.fill(&mut line);
         }
     }
 }

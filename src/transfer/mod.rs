@@ -11,6 +11,7 @@
 pub mod account;
 pub mod engine;
 pub mod journal;
+pub mod line;
 pub mod merge;
 pub mod plan;
 pub mod progress;

@@ -20,6 +20,15 @@ pub struct Counts {
     pub total: usize,
 }
 
+/// A waiting transfer's place in line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    /// Transfers waiting ahead of it.
+    pub ahead: usize,
+    /// Transfers running now.
+    pub running: usize,
+}
+
 /// Why a transfer stopped before it did anything more.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stopped {
@@ -27,6 +36,8 @@ pub enum Stopped {
     Revoked(OwnedUserId),
     /// The bundle is gone (forgotten, or past its retention).
     BundleGone,
+    /// Cancelled while it waited for a place: nothing was done.
+    CancelledWaiting,
 }
 
 /// Something handed over to the new account as a file.
@@ -48,6 +59,8 @@ pub struct RoomHistory<'a> {
 /// Where the engine's news goes. Every call may be repeated after a restart (the engine journals
 /// what it did, not what it said): an implementation posts each message once per transfer.
 pub trait Reporter: Send + Sync {
+    /// Every place is taken: the transfer waits its turn, and starts by itself.
+    fn waiting<'a>(&'a self, t: &'a Transfer, place: Place) -> BoxFuture<'a, Result<(), HsError>>;
     /// The transfer starts moving rooms: returns the message that later progress edits.
     fn started<'a>(&'a self, t: &'a Transfer, counts: Counts) -> BoxFuture<'a, Result<OwnedEventId, HsError>>;
     /// A room moved on (an implementation may skip some of these: the last one always comes).

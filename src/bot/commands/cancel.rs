@@ -47,8 +47,11 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
         .unwrap_or(latest);
     let text = match was {
         TransferState::Running => {
-            bot.engine.cancel(t.id);
-            "Stopping after the rooms in flight. What is done stays done.".to_owned()
+            if bot.engine.cancel(t.id) {
+                "Cancelled before its turn came: nothing was changed.".to_owned()
+            } else {
+                "Stopping after the rooms in flight. What is done stays done.".to_owned()
+            }
         }
         TransferState::AwaitingApproval => "Cancelled before it started: nothing was changed.".to_owned(),
         other => format!("The last transfer is already {}.", state_text(other)),

@@ -36,6 +36,13 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
     };
     let steps = bot.journal.room_steps(t.id)?;
     let mut text = format!("Transfer {} → {}: {}", t.old, t.new, state_text(t.state));
+    if let Some(place) = bot.engine.place(t.id) {
+        let ahead = match place.ahead {
+            0 => "next in line".to_owned(),
+            n => format!("waiting for its turn, {n} ahead of it"),
+        };
+        text.push_str(&format!(" ({ahead}; {} moves running; it starts by itself)", place.running));
+    }
     if let Some(plan) = &t.plan {
         let count =
             |f: &dyn Fn(&RoomStep) -> bool| plan.rooms.iter().filter(|r| steps.get(&r.room_id).is_some_and(f)).count();
