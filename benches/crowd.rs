@@ -122,7 +122,9 @@ async fn mover(h: &Harness, name: &str, n: usize, favourites: usize, dms: usize)
 async fn fresh() -> Harness {
     let metrics_port = handoff::sandbox::free_port();
     let mut h = Harness::start_with(|c| {
-        let quiet = edit(c, "level: \"info,handoff=debug\"", "level: \"warn\"");
+        // HANDOFF_BENCH_LOG=FILTER: handoff logs at that level, and each run's log is kept in the temp dir.
+        let level = std::env::var("HANDOFF_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+        let quiet = edit(c, "level: \"info,handoff=debug\"", &format!("level: \"{level}\""));
         let metrics = edit(quiet, "    enabled: false\n", "    enabled: true\n");
         edit(metrics, "listen: 127.0.0.1:8001", &format!("listen: 127.0.0.1:{metrics_port}"))
     })
@@ -204,6 +206,11 @@ async fn run_movers(h: &Harness, movers: &[Mover]) -> Run {
         first_favourite.push(Duration::from_millis(joins.iter().min().unwrap().saturating_sub(sent)));
     }
     first_favourite.sort();
+    if std::env::var_os("HANDOFF_BENCH_LOG").is_some() {
+        let kept = std::env::temp_dir().join(format!("handoff-crowd-{}.log", movers.len()));
+        std::fs::write(&kept, h.log()).unwrap();
+        println!("    (handoff's log: {})", kept.display());
+    }
     Run {
         rooms,
         all_joined: all_joined.unwrap_or(end),

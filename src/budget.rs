@@ -1,8 +1,9 @@
 //! The one budget of work in flight against the homeserver (`handoff.concurrency`), shared by
-//! every capture, planning read and transfer, and served fairly: by priority class first
-//! (favourites and DMs, then other rooms, then low-priority ones), and round-robin across the
-//! parties (transfers, captures) waiting in a class, so no user's important rooms wait behind
-//! another user's ordinary ones, and a large transfer does not starve a small one.
+//! every capture, planning read and transfer, and served fairly: by priority class first (each
+//! transfer's start, up to the reads that plan its first rooms; favourites and DMs; then seats in other rooms,
+//! then in low-priority ones; then finishing those), and round-robin across the parties
+//! (transfers, captures) waiting in a class, so no user's important rooms wait behind another
+//! user's ordinary ones, and a large transfer does not starve a small one.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -12,13 +13,23 @@ use tokio::sync::oneshot;
 /// A priority class; lower is served first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Class {
-    /// Favourites and DMs: what a person needs first on a new device.
-    First = 0,
-    Normal = 1,
-    Low = 2,
+    /// A transfer's start: its first message, its profile and the reads that plan its first
+    /// rooms. A few quick requests that every one of its first moves waits for, so no other
+    /// transfer's moves hold them up.
+    Start = 0,
+    /// Favourites and DMs, their seat and their finish; a transfer's last account steps: what a
+    /// person needs first on a new device.
+    First = 1,
+    /// Taking the seat in other rooms (invite, join).
+    Normal = 2,
+    /// Taking the seat in low-priority rooms.
+    Low = 3,
+    /// Finishing the rooms of the two classes above (rank, tags, notice): once seated a room is
+    /// usable, so every transfer's seats come before anyone's finishing, as in one transfer alone.
+    Finishing = 4,
 }
 
-const CLASSES: usize = 3;
+const CLASSES: usize = 5;
 
 /// Who is waiting: a transfer, or a capture (any number that tells parties apart).
 pub type Party = u64;
@@ -167,6 +178,9 @@ mod tests {
             (2, Class::First, "2f2"),
             (3, Class::Normal, "3n1"),
             (3, Class::First, "3f1"),
+            (1, Class::Finishing, "1x1"),
+            (4, Class::Start, "4p1"),
+            (3, Class::Finishing, "3x1"),
         ];
         let mut tasks = Vec::new();
         for (i, (party, class, name)) in rooms.into_iter().enumerate() {
@@ -184,8 +198,12 @@ mod tests {
         }
         let served = served.lock().unwrap().clone();
         // The first two rooms found the budget free; from then on the waiters are served by class
-        // and in turn: favourites 1, 2, 3, 2; normal rooms 1, 3, 1, 1…; the low-priority room last.
-        assert_eq!(served, ["1n1", "1n2", "1f1", "2f1", "3f1", "2f2", "1n3", "3n1", "1n4", "1n5", "1n6", "2l1"],);
+        // and in turn: the start of transfer 4 (queued last of all); favourites 1, 2, 3,
+        // 2; normal rooms 1, 3, 1, 1…; the low-priority room; the finishing of rooms 1, 3 last.
+        assert_eq!(
+            served,
+            ["1n1", "1n2", "4p1", "1f1", "2f1", "3f1", "2f2", "1n3", "3n1", "1n4", "1n5", "1n6", "2l1", "1x1", "3x1"],
+        );
     }
 
     #[tokio::test(start_paused = true)]

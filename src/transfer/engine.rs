@@ -269,16 +269,41 @@ impl Engine {
             t.plan = Some(plan::unplanned(&bundle, &t.new, &t.requirements, &Default::default()));
             self.save(&mut t).await?;
         }
-        if t.status_event.is_none() {
-            let total = t.plan.as_ref().map_or(0, Plan::total);
-            let _slot = self.budget.acquire(id, Class::First).await;
-            t.status_event = Some(self.reporter.started(&t, Counts { seated: 0, done: 0, total }).await?);
-            self.save(&mut t).await?;
-        }
-        if self.is_local(&t.new) && !self.cancel_requested(id) {
-            // The profile goes first: set after the joins, it would add a member event to every room.
-            self.account_steps(&mut t, &bundle, &[AccountStep::Profile]).await?;
-        }
+        // The transfer's start: its status message, the profile, and meanwhile the reads that
+        // plan its first rooms (all in the budget's first class: its first moves wait for them).
+        let local = self.is_local(&t.new);
+        let first_part = {
+            let plan = t.plan.as_ref().expect("planned above");
+            let part = plan.next_part(&bundle);
+            (plan.rooms.is_empty() && !part.is_empty()).then_some(part)
+        };
+        let (old, new) = (t.old.clone(), t.new.clone());
+        let read_first = async {
+            match &first_part {
+                Some(part) if !self.cancel_requested(id) => {
+                    let w = world::read(&self.acting, &old, &new, part.clone(), &self.budget, id, Class::Start).await?;
+                    Ok::<_, Error>(Some(w))
+                }
+                _ => Ok(None),
+            }
+        };
+        let announce = async {
+            if t.status_event.is_none() {
+                let total = t.plan.as_ref().map_or(0, Plan::total);
+                let _slot = self.budget.acquire(id, Class::Start).await;
+                t.status_event = Some(self.reporter.started(&t, Counts { seated: 0, done: 0, total }).await?);
+                self.save(&mut t).await?;
+            }
+            if local && !self.cancel_requested(id) {
+                // The profile goes before the joins: set after them, it would add a member event
+                // to every room.
+                self.account_steps(&mut t, &bundle, &[AccountStep::Profile], Class::Start).await?;
+            }
+            Ok::<_, Error>(())
+        };
+        let (first_world, announced) = tokio::join!(read_first, announce);
+        announced?;
+        let mut first_world = first_world?.zip(first_part);
 
         let mut cancelled = false;
         loop {
@@ -286,9 +311,12 @@ impl Engine {
             // Plan the next part: the first rooms, then the rest, each read right before it moves.
             let part = plan.next_part(&bundle);
             if !part.is_empty() && !self.cancel_requested(id) {
-                // The first part is read in the first class, as its rooms will be moved.
-                let class = if plan.rooms.is_empty() { Class::First } else { Class::Normal };
-                let world = world::read(&self.acting, &t.old, &t.new, part.clone(), &self.budget, id, class).await?;
+                let world = match first_world.take() {
+                    Some((world, read)) if read == part => world,
+                    _ => {
+                        world::read(&self.acting, &t.old, &t.new, part.clone(), &self.budget, id, Class::Normal).await?
+                    }
+                };
                 let rooms = plan::plan_rooms(&bundle, &t.new, &part, &world);
                 tracing::info!(
                     transfer = id,
@@ -317,7 +345,7 @@ impl Engine {
         }
         tracing::info!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "rooms done");
         if self.is_local(&t.new) {
-            self.account_steps(&mut t, &bundle, &AFTER_ROOMS).await?;
+            self.account_steps(&mut t, &bundle, &AFTER_ROOMS, Class::First).await?;
         } else if !t.account_steps.contains_key(&AccountStep::Remote) {
             let why = format!(
                 "{} is on another server: tags, DMs, ignored users, push rules, settings and profile are applied by that server's handoff or your client",
@@ -401,7 +429,7 @@ impl Engine {
         stream::iter(seated)
             .map(|(index, from): (usize, RoomStep)| async move {
                 let room = &plan.rooms[index];
-                let _slot = self.budget.acquire(t.id, class_of(room)).await;
+                let _slot = self.budget.acquire(t.id, finish_class_of(room)).await;
                 let _flight = RoomInFlight::start();
                 let entry = bundle.rooms.iter().find(|e| e.room_id == room.room_id);
                 let step = match self.rooms.finish(t, entry, room, &from).await {
@@ -418,21 +446,27 @@ impl Engine {
 
     /// Account-level steps, each once (journaled in the transfer record). The new account's
     /// account data is read once, right before, and every merge is decided from it.
-    async fn account_steps(&self, t: &mut Transfer, bundle: &Bundle, steps: &[AccountStep]) -> Result<(), Error> {
+    async fn account_steps(
+        &self,
+        t: &mut Transfer,
+        bundle: &Bundle,
+        steps: &[AccountStep],
+        class: Class,
+    ) -> Result<(), Error> {
         let todo: Vec<AccountStep> = steps.iter().copied().filter(|s| !t.account_steps.contains_key(s)).collect();
         if todo.is_empty() {
             return Ok(());
         }
         // The account steps are few requests, each one after the other, and they complete the
-        // move the user sees (the profile, the DMs): one slot of the first class at a time.
+        // move the user sees (the profile, the DMs): one slot of a high `class` at a time.
         let world = {
-            let _slot = self.budget.acquire(t.id, Class::First).await;
+            let _slot = self.budget.acquire(t.id, class).await;
             world::read_account(&self.acting, &t.new, bundle, &todo).await?
         };
         let plan = t.plan.clone().expect("planned before the account steps");
         let room_steps = self.journal.room_steps(t.id)?;
         for step in todo {
-            let _slot = self.budget.acquire(t.id, Class::First).await;
+            let _slot = self.budget.acquire(t.id, class).await;
             let outcome = match self.account.run(step, t, bundle, &plan, &room_steps, &world).await {
                 Ok(done) => StepOutcome::Done(done),
                 Err(Error::Hs(e)) if !e.is_transient() => StepOutcome::Failed(e.to_string()),
@@ -513,6 +547,15 @@ fn class_of(room: &RoomPlan) -> Class {
         Priority::Normal if room.kind == RoomKind::Dm => Class::First,
         Priority::Normal => Class::Normal,
         Priority::Low => Class::Low,
+    }
+}
+
+/// A seated room's class for its finishing (rank, tags, notice): favourites and DMs stay first,
+/// the others come after every transfer's seats.
+fn finish_class_of(room: &RoomPlan) -> Class {
+    match class_of(room) {
+        Class::First => Class::First,
+        _ => Class::Finishing,
     }
 }
 

@@ -129,13 +129,17 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
     bot.journal.put(&t).await?;
     drop(records);
     if approved {
-        bot.reply(
-            ctx,
-            format!("The code is good. Moving {} rooms from {old} here; progress follows.", stored.bundle.rooms.len()),
-        )
-        .await?;
+        // Started before the answer is sent: the first rooms don't wait for it.
         bot.engine.spawn(t.id);
-        return Ok(());
+        return bot
+            .reply(
+                ctx,
+                format!(
+                    "The code is good. Moving {} rooms from {old} here; progress follows.",
+                    stored.bundle.rooms.len()
+                ),
+            )
+            .await;
     }
     let Some(old_dm) = old_dm else {
         return bot
