@@ -5,7 +5,7 @@
 //! (transfers, captures) waiting in a class, so no user's important rooms wait behind another
 //! user's ordinary ones, and a large transfer does not starve a small one.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
@@ -40,7 +40,12 @@ pub struct Budget {
 }
 
 struct State {
+    size: usize,
     free: usize,
+    /// Slots held, by party (only parties holding some).
+    held: HashMap<Party, usize>,
+    /// Parties present for a while (a running transfer), whether they hold or wait this moment.
+    present: HashMap<Party, usize>,
     /// Per class, each party's waiters in arrival order.
     waiting: [BTreeMap<Party, VecDeque<oneshot::Sender<Slot>>>; CLASSES],
     /// Per class, the party served last: the next turn goes to the party after it.
@@ -51,30 +56,43 @@ struct State {
 #[must_use = "the work counts against the budget only while this is held"]
 pub struct Slot {
     budget: Arc<Budget>,
+    party: Party,
 }
 
 impl Budget {
     pub fn new(size: usize) -> Arc<Budget> {
+        let size = size.max(1);
         Arc::new(Budget {
-            size: size.max(1),
-            state: Mutex::new(State { free: size.max(1), waiting: Default::default(), last: [None; CLASSES] }),
+            size,
+            state: Mutex::new(State {
+                size,
+                free: size,
+                held: HashMap::new(),
+                present: HashMap::new(),
+                waiting: Default::default(),
+                last: [None; CLASSES],
+            }),
         })
     }
 
     /// Waits for a slot for `party`'s work of `class`.
     pub async fn acquire(self: &Arc<Self>, party: Party, class: Class) -> Slot {
-        let rx = {
+        let (tx, rx) = oneshot::channel();
+        {
             let mut state = self.state.lock().expect("budget lock");
-            if state.free > 0 && state.waiting.iter().all(BTreeMap::is_empty) {
-                state.free -= 1;
-                return Slot { budget: Arc::clone(self) };
-            }
-            let (tx, rx) = oneshot::channel();
             state.waiting[class as usize].entry(party).or_default().push_back(tx);
-            rx
-        };
-        // The slot is handed over by the one who released it (see `release`).
+            // Served at once if a slot is free and it is this waiter's turn.
+            state.dispatch(self);
+        }
         rx.await.expect("a waiter's sender is only dropped after sending")
+    }
+
+    /// Counts `party` among those sharing the budget until the guard is dropped, also while it
+    /// neither holds nor waits (between two steps of a transfer): the share of a running
+    /// transfer is kept for it, instead of going to whoever asks first in that moment.
+    pub fn enter(self: &Arc<Self>, party: Party) -> Presence {
+        *self.state.lock().expect("budget lock").present.entry(party).or_default() += 1;
+        Presence { budget: Arc::clone(self), party }
     }
 
     /// How many slots there are in all (for how much work one party puts in line at once).
@@ -90,49 +108,111 @@ impl Budget {
         (1 << 63) | u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
     }
 
-    /// A slot came back: hand it to the next waiter in turn, or keep it free.
-    fn release(self: &Arc<Self>) {
-        loop {
-            let next = {
-                let mut state = self.state.lock().expect("budget lock");
-                match state.next_waiter() {
-                    Some(tx) => tx,
-                    None => {
-                        state.free += 1;
-                        return;
-                    }
-                }
-            };
-            match next.send(Slot { budget: Arc::clone(self) }) {
-                Ok(()) => return,
-                // The waiter gave up (its task was cancelled): the slot goes to the next one,
-                // without this one's drop releasing it a second time.
-                Err(slot) => std::mem::forget(slot),
-            }
-        }
+    /// A slot of `party` came back: hand it to the next waiter in turn, or keep it free.
+    fn release(self: &Arc<Self>, party: Party) {
+        let mut state = self.state.lock().expect("budget lock");
+        state.free += 1;
+        state.give_back(party);
+        state.dispatch(self);
     }
 }
 
 impl State {
-    /// The first waiter of the highest class, taking parties in turn within it.
-    fn next_waiter(&mut self) -> Option<oneshot::Sender<Slot>> {
+    /// Parties present, with work in hand or waiting.
+    fn parties(&self) -> BTreeSet<Party> {
+        let mut parties: BTreeSet<Party> = self.held.keys().chain(self.present.keys()).copied().collect();
+        for class in &self.waiting {
+            parties.extend(class.keys());
+        }
+        parties
+    }
+
+    fn active(&self) -> usize {
+        self.parties().len().max(1)
+    }
+
+    /// A party's fair share: the slots over the active parties, rounded up.
+    fn share(&self) -> usize {
+        self.size.div_ceil(self.active())
+    }
+
+    fn held_by(&self, party: Party) -> usize {
+        self.held.get(&party).copied().unwrap_or(0)
+    }
+
+    /// Whether `party` may take a free slot for work of `class` now: within its share, or beyond
+    /// it while a free slot remains for every other active party below its share that may want
+    /// one as urgently: one busy with work in hand (a transfer that is starting wants its
+    /// favourites' seats in a moment, and must not find them all taken by one that started a
+    /// little earlier), or waiting in this class or a higher one. A party waiting only for
+    /// less urgent work does not hold slots back: classes still come first.
+    fn may_take(&self, party: Party, class: usize) -> bool {
+        let share = self.share();
+        if self.held_by(party) < share {
+            return true;
+        }
+        let others = self.parties();
+        let urgent = |p: Party| {
+            let waits: Vec<usize> = (0..CLASSES).filter(|&c| self.waiting[c].contains_key(&p)).collect();
+            waits.is_empty() || waits.iter().any(|&c| c <= class)
+        };
+        let below = others.iter().filter(|&&p| p != party && self.held_by(p) < share && urgent(p)).count();
+        self.free > below
+    }
+
+    /// Hands free slots to waiters: the highest class first, parties in turn within it, each
+    /// party only as [`State::may_take`] allows (its fair share, unless the rest has no one as
+    /// urgent to serve); what nobody may take stays free for a moment.
+    fn dispatch(&mut self, budget: &Arc<Budget>) {
+        while self.free > 0 {
+            let Some((class, party)) = self.next_waiter() else { return };
+            let queue = self.waiting[class].get_mut(&party).expect("present");
+            let tx = queue.pop_front().expect("queues are never left empty");
+            if queue.is_empty() {
+                self.waiting[class].remove(&party);
+            }
+            self.last[class] = Some(party);
+            self.free -= 1;
+            *self.held.entry(party).or_default() += 1;
+            if let Err(slot) = tx.send(Slot { budget: Arc::clone(budget), party }) {
+                // The waiter gave up (its task was cancelled): the slot is taken back here,
+                // without its drop releasing it a second time (this lock is held).
+                std::mem::forget(slot);
+                self.free += 1;
+                self.give_back(party);
+            }
+        }
+    }
+
+    fn give_back(&mut self, party: Party) {
+        if let Some(n) = self.held.get_mut(&party) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(&party);
+            }
+        }
+    }
+
+    /// The waiter to serve next: in the highest class with a party that may take a slot, the
+    /// first such party after the one served last in that class.
+    fn next_waiter(&self) -> Option<(usize, Party)> {
         for class in 0..CLASSES {
-            let parties = &mut self.waiting[class];
+            let parties = &self.waiting[class];
             if parties.is_empty() {
                 continue;
             }
-            let after = self.last[class];
-            let party = after
-                .and_then(|last| parties.range(last + 1..).next().map(|(p, _)| *p))
-                .or_else(|| parties.keys().next().copied())
-                .expect("not empty");
-            let queue = parties.get_mut(&party).expect("present");
-            let tx = queue.pop_front().expect("queues are never left empty");
-            if queue.is_empty() {
-                parties.remove(&party);
+            // The parties after the one served last, then from the start round to it.
+            let (after, upto): (Vec<Party>, Vec<Party>) = match self.last[class] {
+                Some(last) => (
+                    parties.range(last + 1..).map(|(p, _)| *p).collect(),
+                    parties.range(..=last).map(|(p, _)| *p).collect(),
+                ),
+                None => (parties.keys().copied().collect(), Vec::new()),
+            };
+            let in_turn = after.into_iter().chain(upto);
+            if let Some(party) = in_turn.into_iter().find(|p| self.may_take(*p, class)) {
+                return Some((class, party));
             }
-            self.last[class] = Some(party);
-            return Some(tx);
         }
         None
     }
@@ -144,9 +224,30 @@ impl std::fmt::Debug for Budget {
     }
 }
 
+/// A party's presence among those sharing the budget ([`Budget::enter`]).
+#[must_use = "the party counts as present only while this is held"]
+pub struct Presence {
+    budget: Arc<Budget>,
+    party: Party,
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        let mut state = self.budget.state.lock().expect("budget lock");
+        if let Some(n) = state.present.get_mut(&self.party) {
+            *n -= 1;
+            if *n == 0 {
+                state.present.remove(&self.party);
+            }
+        }
+        // Its share goes to the others.
+        state.dispatch(&self.budget);
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.budget.release();
+        self.budget.release(self.party);
     }
 }
 
@@ -197,13 +298,52 @@ mod tests {
             t.await.unwrap();
         }
         let served = served.lock().unwrap().clone();
-        // The first two rooms found the budget free; from then on the waiters are served by class
-        // and in turn: the start of transfer 4 (queued last of all); favourites 1, 2, 3,
-        // 2; normal rooms 1, 3, 1, 1…; the low-priority room; the finishing of rooms 1, 3 last.
+        // The first two rooms found the budget free (transfer 1 was alone); from then on the
+        // waiters are served by class and in turn: the start of transfer 4 (queued last of all);
+        // favourites 1, 2, 3, 2; normal rooms 3 (1 had the last two turns), then 1's; the
+        // low-priority room; the finishing of rooms 1, 3 last.
         assert_eq!(
             served,
-            ["1n1", "1n2", "4p1", "1f1", "2f1", "3f1", "2f2", "1n3", "3n1", "1n4", "1n5", "1n6", "2l1", "1x1", "3x1"],
+            ["1n1", "1n2", "4p1", "1f1", "2f1", "3f1", "2f2", "3n1", "1n3", "1n4", "1n5", "1n6", "2l1", "1x1", "3x1"],
         );
+    }
+
+    /// Transfer 2 is busy starting (one slot in hand) when transfer 1, which started a moment
+    /// earlier, asks for six favourites' seats on a budget of 4: it gets its share (2), and a
+    /// slot stays free, so transfer 2's first favourite is served the moment it asks, not after
+    /// transfer 1's. Once transfer 2 is done, transfer 1 gets the whole budget again.
+    #[tokio::test(start_paused = true)]
+    async fn a_transfer_starting_a_moment_later_finds_its_share_free() {
+        let budget = Budget::new(4);
+        let (_one, two) = (budget.enter(1), budget.enter(2));
+        let start = budget.acquire(2, Class::Start).await;
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let mut seats = Vec::new();
+        for i in 0..6 {
+            let (budget, served) = (Arc::clone(&budget), Arc::clone(&served));
+            seats.push(tokio::spawn(async move {
+                let _slot = budget.acquire(1, Class::First).await;
+                served.lock().unwrap().push((i, tokio::time::Instant::now()));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(served.lock().unwrap().len(), 2, "transfer 1 holds its share, no more");
+        // Between two steps it holds nothing for a moment: its share is still kept for it.
+        drop(start);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let asked = tokio::time::Instant::now();
+        let first = budget.acquire(2, Class::First).await;
+        assert_eq!(asked.elapsed(), Duration::ZERO, "transfer 2's first favourite waited");
+        drop(first);
+        drop(two);
+        for s in seats {
+            s.await.unwrap();
+        }
+        // Alone again, transfer 1 took the free slots as they came: its last four rooms in two
+        // rounds of slots, not one at a time.
+        let times: Vec<_> = served.lock().unwrap().iter().map(|(_, at)| *at).collect();
+        assert!(times[5].duration_since(times[0]) <= Duration::from_millis(200), "{times:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -82,9 +82,13 @@ pub async fn capture(
     let pool = &opts.pool;
     let concurrency = pool.size();
     let party = Budget::party_of(user);
-    let mut joined = hs.send_as(user, joined_rooms::v3::Request::new()).await?.joined_rooms;
+    // Every request of a capture takes a slot of the shared budget, these two as well.
+    let (mut joined, account) = {
+        let _slot = pool.acquire(party, Class::Normal).await;
+        let joined = hs.send_as(user, joined_rooms::v3::Request::new()).await?.joined_rooms;
+        (joined, account_data(hs, user).await?)
+    };
     joined.retain(|r| !opts.skip.contains(r));
-    let account = account_data(hs, user).await?;
 
     let dm_peers: BTreeMap<&OwnedRoomId, &OwnedUserId> =
         account.direct.iter().flat_map(|(peer, rooms)| rooms.iter().map(move |r| (r, peer))).collect();
@@ -131,7 +135,10 @@ pub async fn capture(
     let mut contacts = contacts;
     contacts.sort_by(|a, b| a.user_id.cmp(&b.user_id));
 
-    let (display_name, avatar_url) = profile_of(hs, user, user).await?;
+    let (display_name, avatar_url) = {
+        let _slot = pool.acquire(party, Class::Normal).await;
+        profile_of(hs, user, user).await?
+    };
     let bundle = Bundle {
         version: BUNDLE_VERSION,
         source: Source {

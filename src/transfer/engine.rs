@@ -240,6 +240,8 @@ impl Engine {
 
     async fn run(&self, id: u64) -> Result<(), Error> {
         let started = Instant::now();
+        // Its share of the budget is kept for it while it runs, also between two steps.
+        let _present = self.budget.enter(id);
         let mut t = self.journal.get(id)?.ok_or(Error::Missing(id))?;
         // Permission is checked at every start and resume: revoking it stops the transfer.
         let revoked = [&t.old, &t.new].into_iter().find(|u| self.config.permission(u) < PermissionLevel::User).cloned();
@@ -278,6 +280,8 @@ impl Engine {
             (plan.rooms.is_empty() && !part.is_empty()).then_some(part)
         };
         let (old, new) = (t.old.clone(), t.new.clone());
+        // What the status message is posted from, while the profile step changes `t`.
+        let snapshot = t.clone();
         let read_first = async {
             match &first_part {
                 Some(part) if !self.cancel_requested(id) => {
@@ -288,21 +292,30 @@ impl Engine {
             }
         };
         let announce = async {
-            if t.status_event.is_none() {
-                let total = t.plan.as_ref().map_or(0, Plan::total);
-                let _slot = self.budget.acquire(id, Class::Start).await;
-                t.status_event = Some(self.reporter.started(&t, Counts { seated: 0, done: 0, total }).await?);
-                self.save(&mut t).await?;
+            if snapshot.status_event.is_some() {
+                return Ok(None);
             }
+            let total = snapshot.plan.as_ref().map_or(0, Plan::total);
+            let _slot = self.budget.acquire(id, Class::Start).await;
+            let status = self.reporter.started(&snapshot, Counts { seated: 0, done: 0, total }).await?;
+            tracing::debug!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "status message posted");
+            Ok::<_, Error>(Some(status))
+        };
+        let profile = async {
             if local && !self.cancel_requested(id) {
                 // The profile goes before the joins: set after them, it would add a member event
                 // to every room.
                 self.account_steps(&mut t, &bundle, &[AccountStep::Profile], Class::Start).await?;
+                tracing::debug!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "profile step done");
             }
             Ok::<_, Error>(())
         };
-        let (first_world, announced) = tokio::join!(read_first, announce);
-        announced?;
+        let (first_world, status, profiled) = tokio::join!(read_first, announce, profile);
+        profiled?;
+        if let Some(status) = status? {
+            t.status_event = Some(status);
+            self.save(&mut t).await?;
+        }
         let mut first_world = first_world?.zip(first_part);
 
         let mut cancelled = false;
@@ -392,6 +405,7 @@ impl Engine {
                 }
                 let ended = match self.rooms.take_seat(t, room, &from).await {
                     Ok(None) => {
+                        tracing::debug!(transfer = t.id, class = ?class_of(room), elapsed_ms = started.elapsed().as_millis() as u64, "room seated");
                         metrics::room_seated();
                         progress.seated.fetch_add(1, Ordering::Relaxed);
                         self.tell_progress(t, progress).await;
