@@ -271,8 +271,8 @@ impl Engine {
             t.plan = Some(plan::unplanned(&bundle, &t.new, &t.requirements, &Default::default()));
             self.save(&mut t).await?;
         }
-        // The transfer's start: its status message, the profile, and meanwhile the reads that
-        // plan its first rooms (all in the budget's first class: its first moves wait for them).
+        // The transfer's start: the profile and, meanwhile, the reads that plan its first rooms
+        // (in the budget's start class: its first moves wait for them); its status message.
         let local = self.is_local(&t.new);
         let first_part = {
             let plan = t.plan.as_ref().expect("planned above");
@@ -310,13 +310,13 @@ impl Engine {
             }
             Ok::<_, Error>(())
         };
-        let (first_world, status, profiled) = tokio::join!(read_first, announce, profile);
+        let (first_world, profiled) = tokio::join!(read_first, profile);
         profiled?;
-        if let Some(status) = status? {
-            t.status_event = Some(status);
-            self.save(&mut t).await?;
-        }
         let mut first_world = first_world?.zip(first_part);
+        // The status message goes out while the first rooms move: the user has the import's
+        // answer already, and under load a message takes as long as a seat. (Progress before it
+        // is there is not shown; the next edit shows it.)
+        let mut announce = Some(announce);
 
         let mut cancelled = false;
         loop {
@@ -342,7 +342,20 @@ impl Engine {
                 self.save(&mut t).await?;
             }
             let plan = t.plan.clone().expect("planned above");
-            cancelled |= self.move_rooms(&t, &bundle, &plan, started).await?;
+            let moved = match announce.take() {
+                Some(announce) => {
+                    let (moved, status) = tokio::join!(self.move_rooms(&t, &bundle, &plan, started), announce);
+                    if let Some(status) = status? {
+                        t.status_event = Some(status);
+                        self.save(&mut t).await?;
+                        // What moved before the message was there, shown now.
+                        self.tell_progress(&t, &Progress::new(&plan, &self.journal.room_steps(id)?)).await;
+                    }
+                    moved?
+                }
+                None => self.move_rooms(&t, &bundle, &plan, started).await?,
+            };
+            cancelled |= moved;
             if cancelled || plan.unplanned.is_empty() || self.cancel_requested(id) {
                 break;
             }
