@@ -19,6 +19,10 @@ use crate::transfer::{ClientProfile, PATIENT, StepOutcome, Transfer};
 
 /// A chat message is edited at most this often (a 500-room move would otherwise be 1,000 edits).
 const EDIT_EVERY: Duration = Duration::from_secs(2);
+/// With many transfers at once, each is edited less often: about one edit a second in all, so
+/// status messages don't take the homeserver's time from the rooms (an edit costs it about as
+/// much as a room's notice).
+const EDITS_IN_ALL_EVERY: Duration = Duration::from_secs(1);
 
 /// Renders transfers into chat, as the bot.
 pub struct ChatReporter {
@@ -94,8 +98,10 @@ impl Reporter for ChatReporter {
         Box::pin(async move {
             let due = {
                 let mut last = self.last_edit.lock().expect("lock");
-                let at = last.entry(t.id).or_insert_with(|| Instant::now() - EDIT_EVERY);
-                let due = c.done == c.total || at.elapsed() >= EDIT_EVERY;
+                let reporting = last.len() + usize::from(!last.contains_key(&t.id));
+                let every = EDIT_EVERY.max(EDITS_IN_ALL_EVERY * reporting as u32);
+                let at = last.entry(t.id).or_insert_with(|| Instant::now() - every);
+                let due = c.done == c.total || at.elapsed() >= every;
                 if due {
                     *at = Instant::now();
                 }

@@ -139,11 +139,11 @@ impl Engine {
         metrics::transfers_in_line(line.running(), line.waiting());
     }
 
-    /// Tells a waiting transfer's new account its place, unless it had started once already
+    /// Tells a waiting transfer's new account its place, unless it had run once already
     /// (resumed after a restart, it waits quietly: its status message is there).
     async fn tell_waiting(&self, id: u64, place: Place) {
         let t = match self.journal.get(id) {
-            Ok(Some(t)) if t.status_event.is_none() => t,
+            Ok(Some(t)) if t.plan.is_none() => t,
             Ok(_) => return,
             Err(e) => return tracing::warn!(transfer = id, error = %e, "cannot read a waiting transfer"),
         };
@@ -254,8 +254,9 @@ impl Engine {
         if t.state == TransferState::Cancelling {
             self.cancelling.lock().expect("lock").insert(id);
         }
-        if self.cancel_requested(id) && t.status_event.is_none() {
-            // Cancelled while it waited for a place: nothing was done.
+        if self.cancel_requested(id) && t.plan.is_none() {
+            // Cancelled while it waited for a place, before it ever ran (a run stores its plan
+            // before anything else): nothing was done.
             self.set_state(&mut t, TransferState::Cancelled).await?;
             self.reporter.stopped(&t, Stopped::CancelledWaiting).await?;
             return Ok(());
