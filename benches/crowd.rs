@@ -502,8 +502,9 @@ mod simulated {
             "\n{n} transfers of {ROOMS} rooms asked for at once, on a simulated homeserver that never answers (bytes held on the heap above the idle engine)"
         );
         let line = measure(n, places).await;
+        let places = line.places;
         let running = line.first as f64 / line.places as f64;
-        let waiting = line.all.saturating_sub(line.first) as f64 / (n - line.places) as f64;
+        let waiting = line.all.saturating_sub(line.first) as f64 / (n - places).max(1) as f64;
         println!(
             "  with the line ({places} run, {} wait): {:.1} MiB in all; {:.1} KiB per running transfer, {waiting:.0} bytes per waiting one; {} homeserver requests made",
             n - places,
