@@ -100,23 +100,11 @@ struct Mover {
 /// Old account `name` with `n` rooms (`favourites` of them favourites, `dms` DMs with peers),
 /// exported with `--to` its new account.
 async fn mover(h: &Harness, name: &str, n: usize, favourites: usize, dms: usize) -> Mover {
-    let old = h.user(&format!("{name}-old")).await;
-    let groups = n - dms;
-    let mut rooms = old.create_rooms(groups).await;
-    let favs: Vec<OwnedRoomId> = (0..favourites).map(|i| rooms[i * groups / favourites].clone()).collect();
-    for (i, room) in favs.iter().enumerate() {
-        old.tag(room, "m.favourite", Some((i as f64 + 0.5) / favourites as f64)).await;
-    }
-    let mut peers = Vec::new();
-    for i in 0..dms {
-        peers.push(h.user(&format!("{name}-peer{i}")).await);
-    }
-    rooms.extend(old.dms_with(&peers.iter().collect::<Vec<_>>()).await);
-    let old_dm = h.dm_with_bot(&old).await;
+    let old = h.old_account(&format!("{name}-old"), n, favourites, dms).await;
     let new = h.user(&format!("{name}-new")).await;
-    let code = export(h, &old, &old_dm, &format!("--to {}", new.id)).await;
+    let code = export(h, &old.user, &old.dm, &format!("--to {}", new.id)).await;
     let new_dm = h.dm_with_bot(&new).await;
-    Mover { old, new, rooms, favourites: favs, new_dm, code }
+    Mover { old: old.user, new, rooms: old.rooms, favourites: old.favourites, new_dm, code }
 }
 
 async fn fresh() -> Harness {

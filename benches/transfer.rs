@@ -25,7 +25,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Harness, User, cpu_time, edit, export, join_stamp, peak_rss_kib, raw, with_concurrency};
+use common::{Harness, OldAccount, User, cpu_time, edit, export, join_stamp, peak_rss_kib, raw, with_concurrency};
 use futures_util::stream::{self, StreamExt};
 use handoff::homeserver::Homeserver;
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
@@ -204,37 +204,11 @@ fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
-/// An old account and what it holds.
-struct OldAccount {
-    user: User,
-    /// All its rooms but the bot's DM: group rooms, then the DMs with peers.
-    rooms: Vec<OwnedRoomId>,
-    /// Its favourites, among the group rooms.
-    favourites: Vec<OwnedRoomId>,
-    /// Its DM with the bot.
-    dm: OwnedRoomId,
-}
-
-/// A fresh old account `name` with `n` rooms: `DMS` DMs with peers (marked in `m.direct`), the rest
-/// group rooms, `FAVOURITES` of them favourites spread over their creation order; and a DM with
-/// the bot. A fresh one for every run, so every run sees rooms of the same shape (earlier runs
-/// would otherwise have added members to the rooms of later ones).
+/// A fresh old account `name` with `n` rooms, `FAVOURITES` of them favourites and `DMS` DMs with
+/// peers; and a DM with the bot (fresh for every run: earlier runs would otherwise have added
+/// members to the rooms of later ones).
 async fn old_account(h: &Harness, name: &str, n: usize) -> OldAccount {
-    assert!(n >= FAVOURITES + DMS, "at least {} rooms", FAVOURITES + DMS);
-    let user = h.user(name).await;
-    let groups = n - DMS;
-    let mut rooms = user.create_rooms(groups).await;
-    let favourites: Vec<OwnedRoomId> = (0..FAVOURITES).map(|i| rooms[i * groups / FAVOURITES].clone()).collect();
-    for (i, room) in favourites.iter().enumerate() {
-        user.tag(room, "m.favourite", Some((i as f64 + 0.5) / FAVOURITES as f64)).await;
-    }
-    let mut peers = Vec::new();
-    for i in 0..DMS {
-        peers.push(h.user(&format!("{name}-peer{i}")).await);
-    }
-    rooms.extend(user.dms_with(&peers.iter().collect::<Vec<_>>()).await);
-    let dm = h.dm_with_bot(&user).await;
-    OldAccount { user, rooms, favourites, dm }
+    h.old_account(name, n, FAVOURITES, DMS).await
 }
 
 fn default_concurrency() -> usize {

@@ -430,27 +430,30 @@ impl<'de> Deserialize<'de> for Port {
     }
 }
 
-/// How many rooms are worked on at once, 1-64.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Concurrency(pub usize);
+/// A number read from the config that must lie in a range, refused with the range named.
+macro_rules! ranged {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $min:literal, $max:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct $name(pub usize);
 
-impl<'de> Deserialize<'de> for Concurrency {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(RangeVisitor { what: "a number of rooms 1-64", min: 1, max: 64 })
-            .map(|n| Concurrency(n as usize))
-    }
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let what = concat!($what, " ", $min, "-", $max);
+                d.deserialize_any(RangeVisitor { what, min: $min, max: $max }).map(|n| $name(n as usize))
+            }
+        }
+    };
 }
 
-/// `handoff.max_transfers`: transfers running at once (1-10000).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MaxTransfers(pub usize);
-
-impl<'de> Deserialize<'de> for MaxTransfers {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(RangeVisitor { what: "a number of transfers 1-10000", min: 1, max: 10_000 })
-            .map(|n| MaxTransfers(n as usize))
-    }
-}
+ranged!(
+    /// `handoff.concurrency`: how many rooms are worked on at once.
+    Concurrency, "a number of rooms", 1, 64
+);
+ranged!(
+    /// `handoff.max_transfers`: transfers running at once.
+    MaxTransfers, "a number of transfers", 1, 10000
+);
 
 /// Accepts an integer in `min..=max` and says, for anything else, what it expected and found.
 /// By hand: serde's own integer errors name neither the range nor a string's value.

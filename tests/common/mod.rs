@@ -499,6 +499,40 @@ impl Harness {
     }
 }
 
+/// An old account and what it holds (the benchmarks' accounts to move).
+pub struct OldAccount {
+    pub user: User,
+    /// All its rooms but the bot's DM: group rooms, then the DMs with peers.
+    pub rooms: Vec<OwnedRoomId>,
+    /// Its favourites, among the group rooms.
+    pub favourites: Vec<OwnedRoomId>,
+    /// Its DM with the bot.
+    pub dm: OwnedRoomId,
+}
+
+impl Harness {
+    /// A fresh old account `name` with `n` rooms: `dms` DMs with peers (marked in `m.direct`), the
+    /// rest group rooms, `favourites` of them favourites spread over their creation order; and a
+    /// DM with the bot. A fresh one for every run, so every run sees rooms of the same shape.
+    pub async fn old_account(&self, name: &str, n: usize, favourites: usize, dms: usize) -> OldAccount {
+        assert!(n >= favourites + dms, "at least {} rooms", favourites + dms);
+        let user = self.user(name).await;
+        let groups = n - dms;
+        let mut rooms = user.create_rooms(groups).await;
+        let favs: Vec<OwnedRoomId> = (0..favourites).map(|i| rooms[i * groups / favourites].clone()).collect();
+        for (i, room) in favs.iter().enumerate() {
+            user.tag(room, "m.favourite", Some((i as f64 + 0.5) / favourites as f64)).await;
+        }
+        let mut peers = Vec::new();
+        for i in 0..dms {
+            peers.push(self.user(&format!("{name}-peer{i}")).await);
+        }
+        rooms.extend(user.dms_with(&peers.iter().collect::<Vec<_>>()).await);
+        let dm = self.dm_with_bot(&user).await;
+        OldAccount { user, rooms, favourites: favs, dm }
+    }
+}
+
 /// Sends `export ARGS` as `old` in its DM with the bot; returns the transfer code of the answer.
 pub async fn export(h: &Harness, old: &User, dm: &RoomId, args: &str) -> String {
     let answer = h.ask(old, dm, &format!("export {args}"), "Your transfer code").await;
