@@ -35,14 +35,18 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
         return bot.reply(ctx, text).await;
     };
     let steps = bot.journal.room_steps(t.id)?;
-    let mut text = format!("Transfer {} → {}: {}", t.old, t.new, state_text(t.state));
-    if let Some(place) = bot.engine.place(t.id) {
-        let ahead = match place.ahead {
-            0 => "next in line".to_owned(),
-            n => format!("waiting for its turn, {n} ahead of it"),
-        };
-        text.push_str(&format!(" ({ahead}; {} moves running; it starts by itself)", place.running));
-    }
+    let state = match bot.engine.place(t.id) {
+        Some(place) => {
+            let ahead = match place.ahead {
+                0 => "it is next".to_owned(),
+                1 => "1 move is ahead of it".to_owned(),
+                n => format!("{n} moves are ahead of it"),
+            };
+            format!("waiting for its turn ({} moves running, {ahead}; it starts by itself)", place.running)
+        }
+        None => state_text(t.state).to_owned(),
+    };
+    let mut text = format!("Transfer {} → {}: {state}", t.old, t.new);
     if let Some(plan) = &t.plan {
         let count =
             |f: &dyn Fn(&RoomStep) -> bool| plan.rooms.iter().filter(|r| steps.get(&r.room_id).is_some_and(f)).count();
