@@ -21,10 +21,10 @@ pub fn start_refusal(bot: &Bot, old: &UserId, new: &UserId) -> Result<Option<Str
     if let Some(user) = [old, new].into_iter().find(|u| bot.config.permission(u) < PermissionLevel::User) {
         return Ok(Some(format!("{user} may no longer use handoff on this server.")));
     }
-    // One read of the records serves both accounts.
-    let transfers = bot.journal.all()?;
+    // Only the two accounts' own records are read (the journal indexes them by user).
     for user in [new, old] {
-        let running = transfers.iter().find(|t| t.involves(user) && t.is_live());
+        let transfers = bot.journal.of(user)?;
+        let running = transfers.iter().find(|t| t.is_live());
         if let Some(t) = running {
             return Ok(Some(format!(
                 "{user} already has a transfer running ({} → {}); one transfer per account at a time. Wait for its report, or `cancel` it.",
@@ -40,7 +40,7 @@ pub fn pending_for(bot: &Bot, user: &UserId) -> Result<Vec<Transfer>, BotError> 
     let now = now_ms();
     Ok(bot
         .journal
-        .all()?
+        .of(user)?
         .into_iter()
         .filter(|t| {
             t.old == user && t.state == TransferState::AwaitingApproval && t.expires_at_ms.is_none_or(|e| e > now)

@@ -2,11 +2,11 @@
 //! store's sealed records. Every step is written (and made durable) before and after it runs, so
 //! a restarted service resumes where it stopped and nothing is done twice.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ruma::{OwnedRoomId, RoomId, UserId};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 
 use super::{RoomStep, Transfer, TransferState};
 use crate::store::{Store, StoreError, now_ms};
@@ -18,15 +18,55 @@ pub struct Journal {
     /// the engine and the bot write the same record (a plan, a `cancel`), and neither may
     /// overwrite the other's change with a stale copy.
     writes: Arc<tokio::sync::Mutex<()>>,
+    /// Which transfers each account takes part in, built from the store at first use and kept
+    /// with every write: one user's records are read without reading everyone's (every `import`
+    /// checks both accounts' transfers, and the store keeps a week of everyone's).
+    by_user: Arc<Mutex<ByUser>>,
 }
+
+/// Transfer IDs by the accounts that take part in them (`None` until built).
+type ByUser = Option<HashMap<OwnedUserId, BTreeSet<u64>>>;
 
 fn corrupt(e: serde_json::Error) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
 impl Journal {
+    /// The journal of `store`. One per store, cloned where it is needed: the clones share the
+    /// index of who takes part in which transfer, which a second journal would not see change.
     pub fn new(store: Store) -> Journal {
-        Journal { store, writes: Arc::default() }
+        Journal { store, writes: Arc::default(), by_user: Arc::default() }
+    }
+
+    /// The index of who takes part in which transfer, built on first use.
+    fn index(&self) -> Result<std::sync::MutexGuard<'_, ByUser>, StoreError> {
+        let mut index = self.by_user.lock().expect("journal index");
+        if index.is_none() {
+            let mut built: HashMap<OwnedUserId, BTreeSet<u64>> = HashMap::new();
+            for t in self.all()? {
+                for user in [&t.old, &t.new] {
+                    built.entry(user.clone()).or_default().insert(t.id);
+                }
+            }
+            *index = Some(built);
+        }
+        Ok(index)
+    }
+
+    /// Takes removed transfers out of the index.
+    fn unindex(&self, removed: &[Transfer]) {
+        if let Some(index) = self.by_user.lock().expect("journal index").as_mut() {
+            for t in removed {
+                for user in [&t.old, &t.new] {
+                    if let Some(ids) = index.get_mut(user) {
+                        ids.remove(&t.id);
+                        if ids.is_empty() {
+                            index.remove(user);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     pub fn new_id(&self) -> Result<u64, StoreError> {
@@ -40,7 +80,14 @@ impl Journal {
     }
 
     async fn write(&self, t: &Transfer) -> Result<(), StoreError> {
-        self.store.put_transfer(t.id, &serde_json::to_vec(t).map_err(corrupt)?).await
+        self.store.put_transfer(t.id, &serde_json::to_vec(t).map_err(corrupt)?).await?;
+        // Built later, the index reads this record from the store.
+        if let Some(index) = self.by_user.lock().expect("journal index").as_mut() {
+            for user in [&t.old, &t.new] {
+                index.entry(user.clone()).or_default().insert(t.id);
+            }
+        }
+        Ok(())
     }
 
     /// Changes a stored record in place: reads the current one, applies `change`, writes it, with
@@ -62,9 +109,19 @@ impl Journal {
         self.store.transfers()?.into_iter().map(|(_, json)| serde_json::from_slice(&json).map_err(corrupt)).collect()
     }
 
-    /// Every transfer `user` takes part in (as the old or the new account), oldest first.
+    /// Every transfer `user` takes part in (as the old or the new account), oldest first: only
+    /// those records are read.
     pub fn of(&self, user: &UserId) -> Result<Vec<Transfer>, StoreError> {
-        Ok(self.all()?.into_iter().filter(|t| t.involves(user)).collect())
+        let ids: Vec<u64> = self.index()?.as_ref().and_then(|i| i.get(user)).into_iter().flatten().copied().collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(t) = self.get(id)?
+                && t.involves(user)
+            {
+                out.push(t);
+            }
+        }
+        Ok(out)
     }
 
     /// The latest transfer `user` takes part in.
@@ -89,8 +146,10 @@ impl Journal {
     /// Deletes every transfer record of `user` (as either account) with its journal; returns how
     /// many. The caller stops the user's running transfers first.
     pub async fn forget(&self, user: &UserId) -> Result<usize, StoreError> {
-        let ids: Vec<u64> = self.of(user)?.iter().map(|t| t.id).collect();
+        let gone = self.of(user)?;
+        let ids: Vec<u64> = gone.iter().map(|t| t.id).collect();
         self.store.remove_transfers(&ids).await?;
+        self.unindex(&gone);
         Ok(ids.len())
     }
 
@@ -98,17 +157,18 @@ impl Journal {
     /// long ago, with their journals; never a running one. Returns how many.
     pub async fn purge(&self, retention: Duration) -> Result<usize, StoreError> {
         let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
-        let ids: Vec<u64> = self
+        let gone: Vec<Transfer> = self
             .all()?
-            .iter()
+            .into_iter()
             .filter(|t| match t.state {
                 TransferState::Running | TransferState::Cancelling => false,
                 TransferState::AwaitingApproval => t.expires_at_ms.unwrap_or(t.created_at_ms) < cutoff,
                 _ => t.created_at_ms < cutoff,
             })
-            .map(|t| t.id)
             .collect();
+        let ids: Vec<u64> = gone.iter().map(|t| t.id).collect();
         self.store.remove_transfers(&ids).await?;
+        self.unindex(&gone);
         Ok(ids.len())
     }
 }
@@ -184,5 +244,29 @@ mod tests {
         assert_eq!(journal.forget(<&UserId>::try_from("@new:x.org").unwrap()).await.unwrap(), 1);
         assert!(journal.get(1).unwrap().is_none());
         assert!(journal.room_steps(1).unwrap().is_empty());
+        assert!(journal.of(<&UserId>::try_from("@old:x.org").unwrap()).unwrap().is_empty(), "forgotten on both sides");
+    }
+
+    /// A user's transfers are found through the index, whether it was built before a write or
+    /// after (from the store, by a journal opened later), and leave it with the purge.
+    #[tokio::test]
+    async fn a_users_transfers_are_read_alone_and_the_index_follows_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let journal = Journal::new(store.clone());
+        let (old, new) = (<&UserId>::try_from("@old:x.org").unwrap(), <&UserId>::try_from("@new:x.org").unwrap());
+        journal.put(&transfer(1, TransferState::Done, 0)).await.unwrap();
+        assert_eq!(journal.of(new).unwrap().len(), 1, "built from the store at first use");
+        journal.put(&transfer(2, TransferState::Running, now_ms())).await.unwrap();
+        let mut other = transfer(3, TransferState::Running, now_ms());
+        other.old = UserId::parse("@someone:x.org").unwrap();
+        other.new = UserId::parse("@else:x.org").unwrap();
+        journal.put(&other).await.unwrap();
+        let ids = |u: &UserId, j: &Journal| j.of(u).unwrap().iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(ids(old, &journal), [1, 2], "kept with the write, oldest first, others' left out");
+        assert_eq!(ids(new, &Journal::new(store.clone())), [1, 2], "a journal opened later builds it");
+        journal.purge(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(ids(old, &journal), [2], "the purged one left the index");
+        assert_eq!(journal.latest_of(new).unwrap().unwrap().id, 2);
     }
 }

@@ -38,7 +38,7 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
 
 pub async fn run(bot: &Bot, ctx: &Ctx, leave: bool, advertise: bool) -> Result<(), BotError> {
     let old = &ctx.sender;
-    let latest = bot.journal.all()?.into_iter().rev().find(|t| &t.old == old && t.state == TransferState::Done);
+    let latest = bot.journal.of(old)?.into_iter().rev().find(|t| &t.old == old && t.state == TransferState::Done);
     let Some(t) = latest else {
         return bot
             .reply(ctx, "`finish` is for the old account after a completed transfer; there is none.".into())
