@@ -361,6 +361,11 @@ async fn many_users_at_once_wait_their_turn_told_their_place_and_all_move_once()
         .collect();
     places.sort();
     assert_eq!(places, ["1 ahead", "2 ahead", "next"], "{waits:?}");
+    // Their import's answer said so too.
+    for (i, (_, _, new, ndm, _)) in movers.iter().enumerate() {
+        let said = new.messages_from(ndm, &h.bot).await.iter().any(|m| body(m).contains("waits for its turn"));
+        assert_eq!(said, waits[i].is_some(), "{}: the import's answer", new.id);
+    }
 
     // The last in line sees its place, then leaves the line: nothing is written into its account.
     let last = waits.iter().position(|w| w.as_deref().is_some_and(|w| w.contains("2 moves are ahead"))).unwrap();

@@ -131,15 +131,13 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
     if approved {
         // Started before the answer is sent: the first rooms don't wait for it.
         bot.engine.spawn(t.id);
-        return bot
-            .reply(
-                ctx,
-                format!(
-                    "The code is good. Moving {} rooms from {old} here; progress follows.",
-                    stored.bundle.rooms.len()
-                ),
-            )
-            .await;
+        let n = stored.bundle.rooms.len();
+        let text = match bot.engine.place(t.id) {
+            // Its place follows in a message of its own (also after a restart or an approval).
+            Some(_) => format!("The code is good. Your move of {n} rooms from {old} waits for its turn: see below."),
+            None => format!("The code is good. Moving {n} rooms from {old} here; progress follows."),
+        };
+        return bot.reply(ctx, text).await;
     }
     let Some(old_dm) = old_dm else {
         return bot
