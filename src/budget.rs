@@ -35,7 +35,6 @@ const CLASSES: usize = 5;
 pub type Party = u64;
 
 pub struct Budget {
-    size: usize,
     state: Mutex<State>,
 }
 
@@ -63,7 +62,6 @@ impl Budget {
     pub fn new(size: usize) -> Arc<Budget> {
         let size = size.max(1);
         Arc::new(Budget {
-            size,
             state: Mutex::new(State {
                 size,
                 free: size,
@@ -97,7 +95,7 @@ impl Budget {
 
     /// How many slots there are in all (for how much work one party puts in line at once).
     pub fn size(&self) -> usize {
-        self.size
+        self.state.lock().expect("budget lock").size
     }
 
     /// The party of a user's own work outside a transfer (a capture): apart from every transfer's.
@@ -127,36 +125,25 @@ impl State {
         parties
     }
 
-    fn active(&self) -> usize {
-        self.parties().len().max(1)
-    }
-
-    /// A party's fair share: the slots over the active parties, rounded up.
-    fn share(&self) -> usize {
-        self.size.div_ceil(self.active())
-    }
-
     fn held_by(&self, party: Party) -> usize {
         self.held.get(&party).copied().unwrap_or(0)
     }
 
-    /// Whether `party` may take a free slot for work of `class` now: within its share, or beyond
-    /// it while a free slot remains for every other active party below its share that may want
-    /// one as urgently: one busy with work in hand (a transfer that is starting wants its
-    /// favourites' seats in a moment, and must not find them all taken by one that started a
-    /// little earlier), or waiting in this class or a higher one. A party waiting only for
-    /// less urgent work does not hold slots back: classes still come first.
-    fn may_take(&self, party: Party, class: usize) -> bool {
-        let share = self.share();
+    /// Whether `party` may take a free slot for work of `class` now: within its `share` (the
+    /// slots over the `parties` present, rounded up), or beyond it while a free slot remains for
+    /// every other party below its share that may want one as urgently: one busy with work in
+    /// hand (a transfer that is starting wants its favourites' seats in a moment, and must not
+    /// find them all taken by one that started a little earlier), or waiting in this class or a
+    /// higher one. A party waiting only for less urgent work does not hold slots back: classes
+    /// still come first.
+    fn may_take(&self, party: Party, class: usize, parties: &BTreeSet<Party>, share: usize) -> bool {
         if self.held_by(party) < share {
             return true;
         }
-        let others = self.parties();
-        let urgent = |p: Party| {
-            let waits: Vec<usize> = (0..CLASSES).filter(|&c| self.waiting[c].contains_key(&p)).collect();
-            waits.is_empty() || waits.iter().any(|&c| c <= class)
-        };
-        let below = others.iter().filter(|&&p| p != party && self.held_by(p) < share && urgent(p)).count();
+        let waits_in =
+            |p: Party, classes: std::ops::Range<usize>| classes.into_iter().any(|c| self.waiting[c].contains_key(&p));
+        let urgent = |p: Party| !waits_in(p, 0..CLASSES) || waits_in(p, 0..class + 1);
+        let below = parties.iter().filter(|&&p| p != party && self.held_by(p) < share && urgent(p)).count();
         self.free > below
     }
 
@@ -196,21 +183,18 @@ impl State {
     /// The waiter to serve next: in the highest class with a party that may take a slot, the
     /// first such party after the one served last in that class.
     fn next_waiter(&self) -> Option<(usize, Party)> {
+        // Who shares the budget does not change while one waiter is picked: counted once.
+        let present = self.parties();
+        let share = self.size.div_ceil(present.len().max(1));
         for class in 0..CLASSES {
             let parties = &self.waiting[class];
             if parties.is_empty() {
                 continue;
             }
             // The parties after the one served last, then from the start round to it.
-            let (after, upto): (Vec<Party>, Vec<Party>) = match self.last[class] {
-                Some(last) => (
-                    parties.range(last + 1..).map(|(p, _)| *p).collect(),
-                    parties.range(..=last).map(|(p, _)| *p).collect(),
-                ),
-                None => (parties.keys().copied().collect(), Vec::new()),
-            };
-            let in_turn = after.into_iter().chain(upto);
-            if let Some(party) = in_turn.into_iter().find(|p| self.may_take(*p, class)) {
+            let from = self.last[class].map_or(0, |last| last.saturating_add(1));
+            let mut in_turn = parties.range(from..).chain(parties.range(..from)).map(|(p, _)| *p);
+            if let Some(party) = in_turn.find(|&p| self.may_take(p, class, &present, share)) {
                 return Some((class, party));
             }
         }
@@ -220,7 +204,7 @@ impl State {
 
 impl std::fmt::Debug for Budget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Budget").field("size", &self.size).finish_non_exhaustive()
+        f.debug_struct("Budget").field("size", &self.size()).finish_non_exhaustive()
     }
 }
 
