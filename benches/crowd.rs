@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Harness, User, cpu_time, edit, export, join_stamp, peak_rss_kib};
+use common::{Harness, User, cpu_time, edit, export, join_stamp, metric, peak_rss_kib, with_metrics};
 use futures_util::future::{BoxFuture, join_all};
 use ruma::{OwnedEventId, OwnedRoomId};
 
@@ -113,8 +113,7 @@ async fn fresh() -> Harness {
         // HANDOFF_BENCH_LOG=FILTER: handoff logs at that level, and each run's log is kept in the temp dir.
         let level = std::env::var("HANDOFF_BENCH_LOG").unwrap_or_else(|_| "warn".into());
         let quiet = edit(c, "level: \"info,handoff=debug\"", &format!("level: \"{level}\""));
-        let metrics = edit(quiet, "    enabled: false\n", "    enabled: true\n");
-        edit(metrics, "listen: 127.0.0.1:8001", &format!("listen: 127.0.0.1:{metrics_port}"))
+        with_metrics(quiet, metrics_port)
     })
     .await;
     h.patience = PATIENCE;
@@ -122,12 +121,9 @@ async fn fresh() -> Harness {
     h
 }
 
-/// One counter of handoff's `/metrics` (the sum of its series, if it has labels matching `labels`).
-fn metric(text: &str, name: &str, labels: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+/// One counter of handoff's `/metrics`; every one the bench reads is there from the start.
+fn counter(text: &str, name: &str, labels: &str) -> u64 {
+    metric(text, name, labels).unwrap_or_else(|| panic!("{name} in /metrics"))
 }
 
 /// What one run measured.
@@ -151,8 +147,8 @@ async fn run_movers(h: &Harness, movers: &[Mover]) -> Run {
     let scrape = || async { http.get(&metrics).send().await.unwrap().text().await.unwrap() };
     let before = scrape().await;
     let (seated0, done0) = (
-        metric(&before, "handoff_rooms_seated_total", ""),
-        metric(&before, "handoff_transfers_finished_total", "outcome=\"done\""),
+        counter(&before, "handoff_rooms_seated_total", ""),
+        counter(&before, "handoff_transfers_finished_total", "outcome=\"done\""),
     );
     let (hpid, spid) = (h.handoff_pid(), h.synapse().pid().expect("synapse runs"));
     let (hcpu, scpu) = (cpu_time(hpid).unwrap(), cpu_time(spid).unwrap());
@@ -163,10 +159,10 @@ async fn run_movers(h: &Harness, movers: &[Mover]) -> Run {
     let end = loop {
         let text = scrape().await;
         let seen = start.elapsed();
-        if all_joined.is_none() && metric(&text, "handoff_rooms_seated_total", "") >= seated0 + rooms as u64 {
+        if all_joined.is_none() && counter(&text, "handoff_rooms_seated_total", "") >= seated0 + rooms as u64 {
             all_joined = Some(seen);
         }
-        if metric(&text, "handoff_transfers_finished_total", "outcome=\"done\"") >= done0 + movers.len() as u64 {
+        if counter(&text, "handoff_transfers_finished_total", "outcome=\"done\"") >= done0 + movers.len() as u64 {
             break seen;
         }
         assert!(seen < PATIENCE, "not done after {PATIENCE:?}");

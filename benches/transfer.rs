@@ -25,7 +25,10 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Harness, OldAccount, User, cpu_time, edit, export, join_stamp, peak_rss_kib, raw, with_concurrency};
+use common::{
+    Harness, OldAccount, User, cpu_time, edit, export, join_stamp, metric, peak_rss_kib, raw, with_concurrency,
+    with_metrics,
+};
 use futures_util::stream::{self, StreamExt};
 use handoff::homeserver::Homeserver;
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
@@ -181,8 +184,7 @@ async fn per_step_costs(old: &User, new: &User, rooms: &[OwnedRoomId], concurren
 /// Rooms seated so far by the service (`handoff_rooms_seated_total` on its `/metrics`).
 async fn rooms_seated(http: &reqwest::Client, metrics: &str) -> u64 {
     let text = http.get(metrics).send().await.unwrap().text().await.unwrap();
-    let line = text.lines().find(|l| l.starts_with("handoff_rooms_seated_total ")).expect("the seated counter");
-    line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64
+    metric(&text, "handoff_rooms_seated_total", "").expect("the seated counter")
 }
 
 /// Polls the service's `/metrics` every 100 ms from `start` until `n` more rooms are seated than
@@ -222,9 +224,7 @@ async fn fresh(concurrency: usize) -> Harness {
     let mut h = Harness::start_with(|c| {
         let quiet = edit(c, "level: \"info,handoff=debug\"", "level: \"warn,handoff::transfer=info\"");
         // The bench reads the service's progress from /metrics, never from its log.
-        let metrics = edit(quiet, "    enabled: false\n", "    enabled: true\n");
-        let metrics = edit(metrics, "listen: 127.0.0.1:8001", &format!("listen: 127.0.0.1:{metrics_port}"));
-        with_concurrency(metrics, concurrency)
+        with_concurrency(with_metrics(quiet, metrics_port), concurrency)
     })
     .await;
     h.patience = PATIENCE;

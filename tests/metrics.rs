@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Harness, edit, eventually};
+use common::{Harness, eventually, with_metrics};
 use serde_json::Value;
 
 /// One sample of the Prometheus text format: name, labels, value.
@@ -59,11 +59,7 @@ fn sum(samples: &[Sample], name: &str, filter: impl Fn(&BTreeMap<String, String>
 #[tokio::test]
 async fn metrics_listener_serves_what_an_admin_checks_after_a_help() {
     let metrics_port = handoff::sandbox::free_port();
-    let h = Harness::start_with(|config| {
-        let enabled = edit(config, "    enabled: false\n", "    enabled: true\n");
-        edit(enabled, "listen: 127.0.0.1:8001", &format!("listen: 127.0.0.1:{metrics_port}"))
-    })
-    .await;
+    let h = Harness::start_with(|config| with_metrics(config, metrics_port)).await;
     let base = format!("http://127.0.0.1:{metrics_port}");
     let http = reqwest::Client::new();
 

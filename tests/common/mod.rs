@@ -618,6 +618,23 @@ pub fn with_concurrency(config: String, n: usize) -> String {
     edit(config, &format!("concurrency: {default}"), &format!("concurrency: {n}"))
 }
 
+/// `config` with the metrics listener on, at `127.0.0.1:port`.
+pub fn with_metrics(config: String, port: u16) -> String {
+    let enabled = edit(config, "    enabled: false\n", "    enabled: true\n");
+    edit(enabled, "listen: 127.0.0.1:8001", &format!("listen: 127.0.0.1:{port}"))
+}
+
+/// A counter or gauge in handoff's `/metrics` text: the sum of the series of `name` whose line
+/// contains `labels` (`""` for all), `None` if it has none.
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<u64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
+}
+
 /// `config` with `user` (a full user ID) refused in `handoff.permissions`.
 pub fn refusing(config: String, user: &str) -> String {
     let domain = "        \"localhost\": user\n";
