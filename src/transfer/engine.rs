@@ -212,10 +212,6 @@ impl Engine {
         Ok(plan)
     }
 
-    pub fn is_running(&self, id: u64) -> bool {
-        self.line.lock().expect("lock").is_running(id)
-    }
-
     /// Asks a transfer to stop after the rooms in flight. One waiting for a place leaves the line
     /// and ends at once (it changed nothing yet, unless it had run before a restart: then it
     /// finishes the rooms it had joined, as a running one does). Returns whether it was waiting.

@@ -76,10 +76,6 @@ impl<H> Line<H> {
         self.waiting.iter().position(|w| *w == id)
     }
 
-    pub fn is_running(&self, id: u64) -> bool {
-        self.running.contains_key(&id)
-    }
-
     pub fn running(&self) -> usize {
         self.running.len()
     }
