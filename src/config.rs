@@ -39,6 +39,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub encryption: EncryptionConfig,
     /// The directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -217,6 +219,20 @@ impl Default for MetricsConfig {
     }
 }
 
+/// End-to-end encryption in the bot's DMs (mautrix bridges call this section `encryption` too).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct EncryptionConfig {
+    /// Give the bot a device of its own, so it reads and writes encrypted DMs.
+    pub allow: bool,
+}
+
+impl Default for EncryptionConfig {
+    fn default() -> Self {
+        Self { allow: true }
+    }
+}
+
 impl Config {
     /// Reads and validates a config file. Every error names the file and the key.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -336,6 +352,13 @@ impl Config {
         self.base_dir.join(&self.database.path)
     }
 
+    /// The bot device's crypto store (a directory of SQLite files), beside the database.
+    pub fn device_store_path(&self) -> PathBuf {
+        let mut name = self.database_path().into_os_string();
+        name.push(".device");
+        PathBuf::from(name)
+    }
+
     /// Whether any user of `homeserver.domain` may use the bot: an admin who changed only the
     /// domain of the example config (which names `example.org`) gets a bot that refuses everyone.
     pub fn lets_in_local_users(&self) -> bool {
@@ -367,7 +390,7 @@ impl Config {
 }
 
 /// A token from the config. Its `Debug` never shows the value, so it can't leak into logs.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
 

@@ -11,12 +11,15 @@ use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
 use ruma::api::client::authenticated_media::get_content;
 use ruma::api::client::discovery::get_supported_versions;
 use ruma::api::client::media::create_content;
+use ruma::api::client::session::login::{self, v3::ApplicationService, v3::LoginInfo};
+use ruma::api::client::session::logout;
+use ruma::api::client::uiaa::{MatrixUserIdentifier, UserIdentifier};
 use ruma::api::client::uiaa::UiaaResponse;
 use ruma::api::error::{ErrorKind, FromHttpResponseError};
 use ruma::api::{AppserviceUserIdentity, IncomingResponse, OutgoingRequest, SupportedVersions};
 use ruma::events::room::MediaSource;
 use ruma::events::room::message::{FileInfo, FileMessageEventContent, MessageType, RoomMessageEventContent};
-use ruma::{MxcUri, UserId};
+use ruma::{MxcUri, OwnedDeviceId, UserId};
 use ruma_client::{SupportedPathBuilder, TokenMode};
 
 use crate::attachment::{self, AttachmentError};
@@ -226,6 +229,35 @@ impl Homeserver {
         let endpoint = endpoint_of::<R>(&self.client);
         self.retrying(endpoint, || self.client.send_request_as(AppserviceUserIdentity::new(user), request.clone()))
             .await
+    }
+
+    /// Logs the registration's own user in with `m.login.application_service`, as a new device or
+    /// (with `device`) again as that device. The answer's token belongs to the device, not to the
+    /// registration: it is what a client with end-to-end encryption (the bot's device) uses.
+    pub async fn login_device(
+        &self,
+        localpart: &str,
+        device: Option<OwnedDeviceId>,
+        display_name: &str,
+    ) -> Result<login::v3::Response, HsError> {
+        let identifier = UserIdentifier::Matrix(MatrixUserIdentifier::new(localpart.to_owned()));
+        let mut req = login::v3::Request::new(LoginInfo::ApplicationService(ApplicationService::new(identifier)));
+        req.device_id = device;
+        req.initial_device_display_name = Some(display_name.to_owned());
+        self.send(req).await
+    }
+
+    /// Ends the session of a device's `token` (the homeserver deletes that device and its keys).
+    pub async fn logout_token(&self, token: &str) -> Result<(), HsError> {
+        let client: Client = ruma_client::Client::builder()
+            .homeserver_url(self.address.clone())
+            .access_token(Some(token.to_owned()))
+            .supported_matrix_versions(self.versions.clone())
+            .http_client(self.http.clone())
+            .await?;
+        let endpoint = endpoint_of::<logout::v3::Request>(&client);
+        self.retrying(endpoint, || client.send_request(logout::v3::Request::new())).await?;
+        Ok(())
     }
 
     /// Uploads `bytes` (as this registration's user) as an encrypted attachment and returns the

@@ -4,7 +4,11 @@
 //! Data flows one way: the homeserver pushes transactions to [`appservice`] (the HTTP edge), which
 //! hands events to the [`bot`]; the bot talks back through [`homeserver`], the only client of the
 //! homeserver; state lives in [`store`]. [`config`] and [`registration`] are the admin's side;
-//! [`metrics`] is what they can watch.
+//! [`metrics`] is what they can watch. The bot's own end-to-end encrypted [`device`] is a second
+//! client, for its encrypted DMs only.
+
+// matrix-sdk's futures are deep: without this, rustc 1.95 overflows proving a spawned sync `Send`.
+#![recursion_limit = "256"]
 
 pub mod appservice;
 pub mod attachment;
@@ -14,6 +18,7 @@ pub mod bundle;
 pub mod cli;
 pub mod code;
 pub mod config;
+pub mod device;
 pub mod homeserver;
 pub mod html;
 pub mod keys;

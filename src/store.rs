@@ -12,7 +12,8 @@
 //! - `auto`: new account -> [`AutoStart`]: moves offered to that account when it becomes active.
 //! - `inbox`: events accepted from the homeserver and not handled yet (sealed: they hold
 //!   commands, and commands hold codes), so an acknowledged transaction survives a crash.
-//! - `meta`: schema version.
+//! - `meta`: schema version; the bot's device record (sealed: it holds the device's access token
+//!   and the passphrase of its crypto store), whose meaning is `device`'s business.
 //!
 //! Retention ([`Store::purge`]) bounds every tree: old bundles, expired codes and offers,
 //! finished transfers with their journals, and transaction IDs all go.
@@ -62,6 +63,7 @@ pub struct Store {
     journal: sled::Tree,
     auto: sled::Tree,
     inbox: sled::Tree,
+    meta: sled::Tree,
     commit: Arc<GroupCommit>,
     cipher: XChaCha20Poly1305,
     key_path: PathBuf,
@@ -154,6 +156,7 @@ impl Store {
             journal: db.open_tree("journal")?,
             auto: db.open_tree("auto")?,
             inbox: db.open_tree("inbox")?,
+            meta,
             commit: Arc::new(GroupCommit::default()),
             db,
             cipher,
@@ -271,6 +274,29 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.durable().await?;
         Ok(())
+    }
+}
+
+/// The bot's device record: bytes to the store, sealed.
+impl Store {
+    const DEVICE: &'static [u8] = b"device";
+
+    pub fn device_record(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.meta.get(Self::DEVICE)? {
+            Some(sealed) => Ok(Some(self.unseal(Self::DEVICE, &sealed)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Durable before it returns: the crypto store it unlocks is written right after.
+    pub async fn put_device_record(&self, record: &[u8]) -> Result<(), StoreError> {
+        self.meta.insert(Self::DEVICE, self.seal(Self::DEVICE, record))?;
+        self.durable().await
+    }
+
+    pub async fn remove_device_record(&self) -> Result<(), StoreError> {
+        self.meta.remove(Self::DEVICE)?;
+        self.durable().await
     }
 }
 

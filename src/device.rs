@@ -1,0 +1,509 @@
+//! The bot's own device: a matrix-sdk client logged in as the bot, so it reads and writes
+//! end-to-end encrypted DMs.
+//!
+//! What it owns, in order of start-up:
+//! - **The login**: `m.login.application_service` with the main registration's `as_token` (the
+//!   way mautrix bridges give their bot a device); the device ID and its access token are kept in
+//!   the store's sealed device record and reused at every start, so the device never changes
+//!   while its crypto store lives.
+//! - **The crypto store**: matrix-sdk's SQLite stores in `<database.path>.device/`, locked with a
+//!   random passphrase that lives only in the sealed device record (so it opens with the store
+//!   key, and with nothing else). A lost crypto store means a fresh device, never a broken one:
+//!   the old device is logged out and a new one made; a store that does not open is moved aside.
+//! - **Cross-signing**: bootstrapped for the bot's identity when it has none (first upload, no
+//!   re-authentication), and recovery enabled with a recovery key kept in the device record, so a
+//!   later fresh device is cross-signed again from secret storage.
+//! - **Its own `/sync`**: to-device messages, device lists and key counts, and the timeline of the
+//!   bot's rooms. Only events that arrived *encrypted* are taken from here (decrypted); plain
+//!   events keep coming through the appservice transactions: one source per event. Events that
+//!   could not be decrypted yet are kept for a while and decrypted when their keys arrive.
+//!
+//! It sends into a room only when that room is encrypted: [`Device::is_encrypted`] says which.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use matrix_sdk::authentication::matrix::MatrixSession;
+use matrix_sdk::config::{RequestConfig, SyncSettings};
+use matrix_sdk::deserialized_responses::{TimelineEvent, TimelineEventKind};
+use matrix_sdk::encryption::EncryptionSettings;
+use matrix_sdk::encryption::recovery::RecoveryState;
+use matrix_sdk::store::RoomLoadSettings;
+use matrix_sdk::{Client, EncryptionState, SessionMeta, SessionTokens};
+use ruma::api::client::filter::{FilterDefinition, LazyLoadOptions, RoomEventFilter};
+use ruma::api::client::sync::sync_events;
+use ruma::api::error::ErrorKind;
+use ruma::events::AnyTimelineEvent;
+use ruma::events::room::encrypted::OriginalSyncRoomEncryptedEvent;
+use ruma::events::room::message::RoomMessageEventContent;
+use ruma::serde::Raw;
+use ruma::{OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId, UInt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, Secret};
+use crate::homeserver::{Homeserver, HsError};
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError, now_ms};
+
+/// What the device's clients see it as.
+const DISPLAY_NAME: &str = "handoff bot";
+
+/// Events kept until their keys arrive, at most (a flood of undecryptable events costs no more).
+const MAX_UNDECRYPTED: usize = 256;
+/// …and for at most this long: a key that has not come in an hour is not coming.
+const UNDECRYPTED_PATIENCE: Duration = Duration::from_secs(3600);
+/// How long the long-poll of the device's `/sync` waits for news.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the device could not start. The bot then works in unencrypted rooms only.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "the homeserver refused to log the bot in with m.login.application_service ({0}). Homeservers that delegate login to MAS, or a registration with `io.element.msc4190: true`, don't allow it yet: the bot works in unencrypted DMs only (set encryption.allow: false to stop trying)"
+    )]
+    LoginRefused(HsError),
+    #[error("cannot log the bot's device in: {0}")]
+    Homeserver(#[from] HsError),
+    #[error("the bot's device record: {0}")]
+    Store(#[from] StoreError),
+    #[error("the bot's crypto store {path}: {message}")]
+    CryptoStore { path: String, message: String },
+}
+
+/// The sealed record of the device, in the store's `meta` tree.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    device_id: OwnedDeviceId,
+    access_token: Secret,
+    /// Locks the crypto store.
+    passphrase: Secret,
+    /// When the device was made: encrypted events older than it were never meant for it.
+    created_ms: u64,
+    /// Opens the bot's secret storage (its cross-signing keys), once recovery is enabled.
+    #[serde(default)]
+    recovery_key: Option<Secret>,
+}
+
+/// A command that arrived encrypted, decrypted: handled like one from a transaction.
+pub struct Decrypted {
+    pub room_id: OwnedRoomId,
+    pub event: Raw<AnyTimelineEvent>,
+}
+
+/// The bot's device, running.
+#[derive(Clone)]
+pub struct Device {
+    client: Client,
+    created_ms: u64,
+    health: Arc<Mutex<SyncHealth>>,
+    undecrypted: Arc<Mutex<Vec<Undecrypted>>>,
+}
+
+#[derive(Default)]
+struct SyncHealth {
+    last_ok: Option<Instant>,
+    last_error: Option<String>,
+}
+
+struct Undecrypted {
+    room_id: OwnedRoomId,
+    event: Raw<OriginalSyncRoomEncryptedEvent>,
+    since: Instant,
+}
+
+impl Device {
+    /// Logs the bot's device in (or restores it), opens its crypto store, makes sure it is
+    /// cross-signed, and syncs once so its keys are on the homeserver before anyone writes to it.
+    pub async fn start(config: &Config, hs: &Homeserver, store: &Store) -> Result<Device, DeviceError> {
+        let path = config.device_store_path();
+        let localpart = &config.appservice.bot.username;
+        let record = match store.device_record()? {
+            Some(bytes) => match serde_json::from_slice::<Record>(&bytes) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the bot's device record does not parse: making a new device");
+                    None
+                }
+            },
+            None => None,
+        };
+        let record = match record {
+            Some(r) if path.exists() => r,
+            Some(old) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    device_id = %old.device_id,
+                    "the bot's crypto store is gone: logging that device out and making a new one (users' clients see a new device of the bot)"
+                );
+                if let Err(e) = hs.logout_token(old.access_token.expose()).await {
+                    tracing::info!(error = %e, "the old device could not be logged out (it may be gone already)");
+                }
+                new_device(hs, store, localpart, &path).await?
+            }
+            None => new_device(hs, store, localpart, &path).await?,
+        };
+        let client = match open(config, &path, &record).await {
+            Ok(client) => client,
+            Err(e) => {
+                // The store is there but is not this device's (or does not open): keep it for the
+                // admin to look at, and start afresh.
+                let aside = set_aside(&path)?;
+                tracing::warn!(
+                    error = %e,
+                    moved_to = %aside.display(),
+                    "the bot's crypto store does not open: moved aside, making a new device"
+                );
+                let record = new_device(hs, store, localpart, &path).await?;
+                open(config, &path, &record).await.map_err(|e| crypto_store(&path, e))?
+            }
+        };
+        let device = Device {
+            client,
+            created_ms: record.created_ms,
+            health: Arc::default(),
+            undecrypted: Arc::default(),
+        };
+        let client = match device.client.whoami().await {
+            Ok(_) => device.client.clone(),
+            Err(e) if matches!(e.client_api_error_kind(), Some(ErrorKind::UnknownToken { .. })) => {
+                // The session ended (an admin logged it out?) but the device's keys are here: log in
+                // again as the same device.
+                tracing::info!(device_id = %record.device_id, "the bot's device token is no longer valid: logging in again as the same device");
+                let login = hs
+                    .login_device(localpart, Some(record.device_id.clone()), DISPLAY_NAME)
+                    .await
+                    .map_err(refused)?;
+                let record = Record { access_token: Secret::new(login.access_token), ..record };
+                save(store, &record).await?;
+                drop(device);
+                let client = open(config, &path, &record).await.map_err(|e| crypto_store(&path, e))?;
+                return Device::ready(client, record, store).await;
+            }
+            Err(e) => return Err(DeviceError::Homeserver(sdk_error(e.into()))),
+        };
+        drop(device);
+        Device::ready(client, record, store).await
+    }
+
+    /// Cross-signing, recovery and a first sync for a client whose session is restored.
+    async fn ready(client: Client, mut record: Record, store: &Store) -> Result<Device, DeviceError> {
+        let encryption = client.encryption();
+        encryption.wait_for_e2ee_initialization_tasks().await;
+        let recovery = encryption.recovery();
+        let have_keys = encryption.cross_signing_status().await.is_some_and(|s| s.is_complete());
+        match (&record.recovery_key, have_keys) {
+            (_, true) if recovery.state() == RecoveryState::Enabled => {}
+            (Some(key), false) => {
+                // A fresh device of a bot that had one before: its cross-signing keys come back
+                // from secret storage, and sign this device.
+                if let Err(e) = recovery.recover(key.expose()).await {
+                    tracing::warn!(error = %e, "cannot recover the bot's cross-signing keys: its device stays unverified");
+                }
+            }
+            (_, true) => match recovery.enable().await {
+                Ok(key) => {
+                    record.recovery_key = Some(Secret::new(key));
+                    save(store, &record).await?;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot enable recovery for the bot's cross-signing keys"),
+            },
+            (None, false) => tracing::warn!(
+                "the bot already has a cross-signing identity whose keys this device does not hold: its device stays unverified (clients that hide unverified devices may not write to it)"
+            ),
+        }
+        let device = Device {
+            client,
+            created_ms: record.created_ms,
+            health: Arc::default(),
+            undecrypted: Arc::default(),
+        };
+        // One sync before anyone is told the bot is up: its keys are uploaded, and the rooms and
+        // members it knows are current.
+        device.client.sync_once(device.sync_settings().timeout(Duration::ZERO)).await.map_err(sdk_error)?;
+        device.health.lock().expect("lock").last_ok = Some(Instant::now());
+        tracing::info!(device_id = %record.device_id, cross_signed = device.cross_signed().await, "the bot's device is ready");
+        Ok(device)
+    }
+
+    fn sync_settings(&self) -> SyncSettings {
+        // Room history, receipts, typing and presence are of no use to the bot; lazy-loaded
+        // members keep a big DM list cheap (the device fetches a room's members to encrypt).
+        let mut filter = FilterDefinition::default();
+        filter.presence = ruma::api::client::filter::Filter::ignore_all();
+        filter.account_data = ruma::api::client::filter::Filter::ignore_all();
+        filter.room.ephemeral = RoomEventFilter::ignore_all();
+        filter.room.account_data = RoomEventFilter::ignore_all();
+        filter.room.timeline.limit = Some(UInt::from(50u32));
+        filter.room.state.lazy_load_options = LazyLoadOptions::Enabled { include_redundant_members: false };
+        SyncSettings::default().filter(sync_events::v3::Filter::FilterDefinition(filter)).timeout(SYNC_TIMEOUT)
+    }
+
+    /// Syncs until the stop, sending every encrypted event it decrypts to the returned channel;
+    /// events decrypted later (their keys arrived) are sent too.
+    pub fn spawn_sync(&self, shutdown: &Shutdown) -> mpsc::Receiver<Decrypted> {
+        let (tx, rx) = mpsc::channel(256);
+        let (this, stop, out) = (self.clone(), shutdown.clone(), tx.clone());
+        shutdown.spawn(async move {
+            let settings = this.sync_settings();
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                let response = tokio::select! {
+                    _ = stop.begun() => return,
+                    r = this.client.sync_once(settings.clone()) => r,
+                };
+                match response {
+                    Ok(response) => {
+                        backoff = Duration::from_secs(1);
+                        this.health.lock().expect("lock").last_ok = Some(Instant::now());
+                        for (room_id, update) in response.rooms.joined {
+                            for event in update.timeline.events {
+                                if let Some(d) = this.take(&room_id, event) {
+                                    let _ = out.send(d).await;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let e = sdk_error(e);
+                        tracing::warn!(error = %e, retry_in = ?backoff, "the bot's device cannot sync");
+                        this.health.lock().expect("lock").last_error = Some(e.to_string());
+                        tokio::select! {
+                            _ = stop.begun() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(60));
+                    }
+                }
+            }
+        });
+        let (this, stop) = (self.clone(), shutdown.clone());
+        shutdown.spawn(async move {
+            let Some(keys) = this.client.encryption().room_keys_received_stream().await else { return };
+            tokio::pin!(keys);
+            loop {
+                let news = tokio::select! {
+                    _ = stop.begun() => return,
+                    n = keys.next() => n,
+                };
+                let rooms: Option<HashSet<OwnedRoomId>> = match news {
+                    None => return,
+                    Some(Ok(infos)) => Some(infos.into_iter().map(|i| i.room_id).collect()),
+                    // Missed some: try every waiting event.
+                    Some(Err(_)) => None,
+                };
+                for d in this.retry_undecrypted(rooms.as_ref()).await {
+                    let _ = tx.send(d).await;
+                }
+            }
+        });
+        rx
+    }
+
+    /// What the bot takes from one timeline event of its sync: a decrypted event, or nothing (a
+    /// plain one comes in a transaction; one not decrypted yet waits for its keys).
+    fn take(&self, room_id: &RoomId, event: TimelineEvent) -> Option<Decrypted> {
+        let before_device = |ts: Option<u64>| ts.is_some_and(|t| t + 60_000 < self.created_ms);
+        match event.kind {
+            TimelineEventKind::Decrypted(d) => {
+                let ts = d.event.get_field::<u64>("origin_server_ts").ok().flatten();
+                (!before_device(ts)).then(|| Decrypted { room_id: room_id.to_owned(), event: d.event })
+            }
+            TimelineEventKind::UnableToDecrypt { event, utd_info } => {
+                let ts = event.get_field::<u64>("origin_server_ts").ok().flatten();
+                if !before_device(ts) {
+                    tracing::debug!(room_id = %room_id, reason = ?utd_info.reason, "an encrypted event waits for its keys");
+                    let mut waiting = self.undecrypted.lock().expect("lock");
+                    waiting.retain(|u| u.since.elapsed() < UNDECRYPTED_PATIENCE);
+                    if waiting.len() >= MAX_UNDECRYPTED {
+                        waiting.remove(0);
+                    }
+                    waiting.push(Undecrypted { room_id: room_id.to_owned(), event: event.cast_unchecked(), since: Instant::now() });
+                }
+                None
+            }
+            TimelineEventKind::PlainText { .. } => None,
+        }
+    }
+
+    /// Tries again the waiting events of `rooms` (all, with `None`); returns those that decrypt.
+    async fn retry_undecrypted(&self, rooms: Option<&HashSet<OwnedRoomId>>) -> Vec<Decrypted> {
+        let candidates: Vec<(OwnedRoomId, Raw<OriginalSyncRoomEncryptedEvent>)> = {
+            let waiting = self.undecrypted.lock().expect("lock");
+            waiting
+                .iter()
+                .filter(|u| rooms.is_none_or(|r| r.contains(&u.room_id)))
+                .map(|u| (u.room_id.clone(), u.event.clone()))
+                .collect()
+        };
+        let mut out = Vec::new();
+        for (room_id, event) in candidates {
+            let Some(room) = self.client.get_room(&room_id) else { continue };
+            let Ok(decrypted) = room.decrypt_event(&event, None).await else { continue };
+            if let TimelineEventKind::Decrypted(d) = decrypted.kind {
+                let id = event.get_field::<OwnedEventId>("event_id").ok().flatten();
+                self.undecrypted
+                    .lock()
+                    .expect("lock")
+                    .retain(|u| u.event.get_field::<OwnedEventId>("event_id").ok().flatten() != id);
+                tracing::debug!(room_id = %room_id, "an encrypted event decrypted once its keys came");
+                out.push(Decrypted { room_id, event: d.event });
+            }
+        }
+        out
+    }
+
+    /// Joins a room as the bot's device, so the device knows the room from the start.
+    pub async fn join(&self, room: &RoomId) -> Result<(), HsError> {
+        self.client.join_room_by_id(room).await.map_err(sdk_error)?;
+        Ok(())
+    }
+
+    /// Whether `room` is encrypted, as the device knows it; `None` if the device has not seen the
+    /// room yet (it joined through the appservice a moment ago, say).
+    pub async fn is_encrypted(&self, room: &RoomId) -> Result<Option<bool>, HsError> {
+        let Some(room) = self.client.get_room(room) else { return Ok(None) };
+        let state = match room.encryption_state() {
+            EncryptionState::Unknown => room.latest_encryption_state().await.map_err(sdk_error)?,
+            known => known,
+        };
+        Ok(Some(state.is_encrypted()))
+    }
+
+    /// Waits (a while) until the device's sync has brought `room`.
+    pub async fn wait_for_room(&self, room: &RoomId, patience: Duration) -> bool {
+        let until = Instant::now() + patience;
+        while self.client.get_room(room).is_none() {
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        true
+    }
+
+    /// Sends `content` into the (encrypted) `room`, encrypted for its members' devices. The
+    /// transaction ID makes a retried send land once.
+    pub async fn send(
+        &self,
+        room: &RoomId,
+        txn_id: OwnedTransactionId,
+        content: RoomMessageEventContent,
+    ) -> Result<OwnedEventId, HsError> {
+        let Some(room) = self.client.get_room(room) else {
+            return Err(HsError::Protocol(format!("the bot's device does not know room {room}")));
+        };
+        let sent = room.send(content).with_transaction_id(txn_id).await.map_err(sdk_error)?;
+        Ok(sent.response.event_id)
+    }
+
+    async fn cross_signed(&self) -> bool {
+        matches!(self.client.encryption().get_own_device().await, Ok(Some(d)) if d.is_cross_signed_by_owner())
+    }
+
+    /// The device's state, for `/health`.
+    pub async fn health(&self) -> serde_json::Value {
+        let (last_ok, last_error) = {
+            let h = self.health.lock().expect("lock");
+            (h.last_ok.map(|t| t.elapsed().as_secs()), h.last_error.clone())
+        };
+        // A sync answers within its long-poll; one that has not for a few of them is stuck.
+        let syncing = last_ok.is_some_and(|s| s < 3 * SYNC_TIMEOUT.as_secs());
+        serde_json::json!({
+            "device_id": self.client.device_id().map(|d| d.to_string()),
+            "cross_signed": self.cross_signed().await,
+            "sync": if syncing { "ok".to_owned() } else { last_error.unwrap_or_else(|| "not syncing".into()) },
+            "last_sync_seconds_ago": last_ok,
+            "waiting_for_keys": self.undecrypted.lock().expect("lock").len(),
+        })
+    }
+
+    pub fn user_id(&self) -> Option<OwnedUserId> {
+        self.client.user_id().map(ToOwned::to_owned)
+    }
+}
+
+/// Logs in as a new device, records it (durably, before its crypto store exists), and clears
+/// whatever crypto store was there.
+async fn new_device(hs: &Homeserver, store: &Store, localpart: &str, path: &Path) -> Result<Record, DeviceError> {
+    let login = hs.login_device(localpart, None, DISPLAY_NAME).await.map_err(refused)?;
+    let passphrase: [u8; 32] = rand::random();
+    let record = Record {
+        device_id: login.device_id,
+        access_token: Secret::new(login.access_token),
+        passphrase: Secret::new(hex::encode(passphrase)),
+        created_ms: now_ms(),
+        recovery_key: None,
+    };
+    save(store, &record).await?;
+    if path.exists() {
+        std::fs::remove_dir_all(path).map_err(|e| crypto_store(path, e))?;
+    }
+    tracing::info!(device_id = %record.device_id, "logged the bot in as a new device");
+    Ok(record)
+}
+
+async fn save(store: &Store, record: &Record) -> Result<(), DeviceError> {
+    let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    store.put_device_record(&bytes).await?;
+    Ok(())
+}
+
+/// Builds the client on the crypto store and restores the device's session into it.
+async fn open(config: &Config, path: &Path, record: &Record) -> Result<Client, matrix_sdk::Error> {
+    let client = Client::builder()
+        .homeserver_url(config.homeserver.address.as_str())
+        .sqlite_store(path, Some(record.passphrase.expose()))
+        .with_encryption_settings(EncryptionSettings { auto_enable_cross_signing: true, ..Default::default() })
+        .request_config(RequestConfig::new().retry_limit(5).timeout(Duration::from_secs(60)))
+        .build()
+        .await
+        .map_err(|e| matrix_sdk::Error::UnknownError(Box::new(e)))?;
+    let session = MatrixSession {
+        meta: SessionMeta { user_id: config.bot_user_id(), device_id: record.device_id.clone() },
+        tokens: SessionTokens { access_token: record.access_token.expose().to_owned(), refresh_token: None },
+    };
+    client.matrix_auth().restore_session(session, RoomLoadSettings::default()).await?;
+    Ok(client)
+}
+
+/// Moves a crypto store that does not open out of the way, beside it.
+fn set_aside(path: &Path) -> Result<PathBuf, DeviceError> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".broken-{}", now_ms()));
+    let aside = PathBuf::from(aside);
+    std::fs::rename(path, &aside).map_err(|e| crypto_store(path, e))?;
+    Ok(aside)
+}
+
+fn crypto_store(path: &Path, e: impl std::fmt::Display) -> DeviceError {
+    DeviceError::CryptoStore { path: path.display().to_string(), message: e.to_string() }
+}
+
+/// A refused login is a deployment that can't give the bot a device (MAS, MSC4190).
+fn refused(e: HsError) -> DeviceError {
+    match e {
+        HsError::Matrix { status, .. } if status.is_client_error() => DeviceError::LoginRefused(e),
+        e => DeviceError::Homeserver(e),
+    }
+}
+
+/// matrix-sdk's errors, as the rest of the crate sees the homeserver's.
+pub fn sdk_error(e: matrix_sdk::Error) -> HsError {
+    if let Some(api) = e.as_client_api_error() {
+        let (kind, message) = match &api.body {
+            ruma::api::error::ErrorBody::Standard(b) => (b.kind.clone(), b.message.clone()),
+            other => (ErrorKind::Unknown, format!("{other:?}")),
+        };
+        return HsError::Matrix { status: api.status_code, errcode: kind.errcode().to_string(), kind, message };
+    }
+    match &e {
+        matrix_sdk::Error::Http(h) if matches!(**h, matrix_sdk::HttpError::Reqwest(_)) => {
+            HsError::Unreachable(e.to_string())
+        }
+        _ => HsError::Protocol(format!("the bot's device: {e}")),
+    }
+}
