@@ -29,6 +29,7 @@ use subtle::ConstantTimeEq;
 
 use crate::bot::Bot;
 use crate::config::Secret;
+use crate::device::Encryption;
 use crate::homeserver::{Homeserver, Retry};
 use crate::metrics;
 use crate::store::Store;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub bot: Arc<Bot>,
     pub store: Store,
     pub hs: Homeserver,
+    /// The bot's device, for `/health`.
+    pub encryption: Arc<Encryption>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -186,7 +189,8 @@ async fn ping(State(state): State<AppState>, req: Request) -> Response {
     ruma_response(send_ping::v1::Response::new())
 }
 
-/// 200 when the store answers and the homeserver is reachable; 503 naming what isn't.
+/// 200 when the store answers and the homeserver is reachable; 503 naming what isn't. The bot's
+/// device is shown, not judged: without it the bot still serves unencrypted DMs.
 async fn health(State(state): State<AppState>) -> Response {
     let store = state.store.check().map_err(|e| e.to_string());
     let homeserver = state
@@ -201,6 +205,7 @@ async fn health(State(state): State<AppState>) -> Response {
         "status": if ok { "ok" } else { "unhealthy" },
         "store": store.err().unwrap_or_else(|| "ok".into()),
         "homeserver": homeserver.err().unwrap_or_else(|| "ok".into()),
+        "encryption": state.encryption.health().await,
     });
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()

@@ -147,8 +147,17 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
 }
 
+/// matrix-sdk (the bot's device) logs every 404 it expects as an error, and a lot at info: quiet
+/// unless the admin's filter names it.
+const DEVICE_LOGS: &str =
+    "matrix_sdk=warn,matrix_sdk_base=warn,matrix_sdk_crypto=warn,matrix_sdk_sqlite=warn,matrix_sdk::http_client=off";
+
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)?;
+    let filter = if level.contains("matrix_sdk") {
+        tracing_subscriber::EnvFilter::try_new(level)?
+    } else {
+        tracing_subscriber::EnvFilter::try_new(format!("{level},{DEVICE_LOGS}"))?
+    };
     use std::io::IsTerminal;
     // Colours only for a person at a terminal, not in log files or journald.
     let builder = tracing_subscriber::fmt()

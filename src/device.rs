@@ -88,6 +88,54 @@ struct Record {
     recovery_key: Option<Secret>,
 }
 
+/// Whether the bot reads encrypted rooms, as `serve` started it.
+#[derive(Clone)]
+pub enum Encryption {
+    /// `encryption.allow: false`.
+    Off,
+    /// Allowed, but the device could not start (the reason, for `/health`).
+    Unavailable(String),
+    On(Device),
+}
+
+impl Encryption {
+    /// Starts the bot's device if the config allows one. A device that can't start is logged and
+    /// leaves the bot working in unencrypted rooms.
+    pub async fn start(config: &Config, hs: &Homeserver, store: &Store) -> Encryption {
+        if !config.encryption.allow {
+            tracing::info!("encryption.allow is off: the bot has no device and reads unencrypted rooms only");
+            return Encryption::Off;
+        }
+        match Device::start(config, hs, store).await {
+            Ok(device) => Encryption::On(device),
+            Err(e) => {
+                tracing::error!("{e}");
+                Encryption::Unavailable(e.to_string())
+            }
+        }
+    }
+
+    pub fn device(&self) -> Option<&Device> {
+        match self {
+            Encryption::On(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// For `/health`.
+    pub async fn health(&self) -> serde_json::Value {
+        match self {
+            Encryption::Off => serde_json::json!({"state": "off"}),
+            Encryption::Unavailable(why) => serde_json::json!({"state": "unavailable", "reason": why}),
+            Encryption::On(device) => {
+                let mut h = device.health().await;
+                h["state"] = "on".into();
+                h
+            }
+        }
+    }
+}
+
 /// A command that arrived encrypted, decrypted: handled like one from a transaction.
 pub struct Decrypted {
     pub room_id: OwnedRoomId,
@@ -161,22 +209,16 @@ impl Device {
                 open(config, &path, &record).await.map_err(|e| crypto_store(&path, e))?
             }
         };
-        let device = Device {
-            client,
-            created_ms: record.created_ms,
-            health: Arc::default(),
-            undecrypted: Arc::default(),
-        };
+        let device =
+            Device { client, created_ms: record.created_ms, health: Arc::default(), undecrypted: Arc::default() };
         let client = match device.client.whoami().await {
             Ok(_) => device.client.clone(),
             Err(e) if matches!(e.client_api_error_kind(), Some(ErrorKind::UnknownToken { .. })) => {
                 // The session ended (an admin logged it out?) but the device's keys are here: log in
                 // again as the same device.
                 tracing::info!(device_id = %record.device_id, "the bot's device token is no longer valid: logging in again as the same device");
-                let login = hs
-                    .login_device(localpart, Some(record.device_id.clone()), DISPLAY_NAME)
-                    .await
-                    .map_err(refused)?;
+                let login =
+                    hs.login_device(localpart, Some(record.device_id.clone()), DISPLAY_NAME).await.map_err(refused)?;
                 let record = Record { access_token: Secret::new(login.access_token), ..record };
                 save(store, &record).await?;
                 drop(device);
@@ -215,12 +257,8 @@ impl Device {
                 "the bot already has a cross-signing identity whose keys this device does not hold: its device stays unverified (clients that hide unverified devices may not write to it)"
             ),
         }
-        let device = Device {
-            client,
-            created_ms: record.created_ms,
-            health: Arc::default(),
-            undecrypted: Arc::default(),
-        };
+        let device =
+            Device { client, created_ms: record.created_ms, health: Arc::default(), undecrypted: Arc::default() };
         // One sync before anyone is told the bot is up: its keys are uploaded, and the rooms and
         // members it knows are current.
         device.client.sync_once(device.sync_settings().timeout(Duration::ZERO)).await.map_err(sdk_error)?;
@@ -321,7 +359,11 @@ impl Device {
                     if waiting.len() >= MAX_UNDECRYPTED {
                         waiting.remove(0);
                     }
-                    waiting.push(Undecrypted { room_id: room_id.to_owned(), event: event.cast_unchecked(), since: Instant::now() });
+                    waiting.push(Undecrypted {
+                        room_id: room_id.to_owned(),
+                        event: event.cast_unchecked(),
+                        since: Instant::now(),
+                    });
                 }
                 None
             }

@@ -13,13 +13,13 @@ use ruma::api::client::discovery::get_supported_versions;
 use ruma::api::client::media::create_content;
 use ruma::api::client::session::login::{self, v3::ApplicationService, v3::LoginInfo};
 use ruma::api::client::session::logout;
-use ruma::api::client::uiaa::{MatrixUserIdentifier, UserIdentifier};
 use ruma::api::client::uiaa::UiaaResponse;
+use ruma::api::client::uiaa::{MatrixUserIdentifier, UserIdentifier};
 use ruma::api::error::{ErrorKind, FromHttpResponseError};
 use ruma::api::{AppserviceUserIdentity, IncomingResponse, OutgoingRequest, SupportedVersions};
 use ruma::events::room::MediaSource;
 use ruma::events::room::message::{FileInfo, FileMessageEventContent, MessageType, RoomMessageEventContent};
-use ruma::{MxcUri, OwnedDeviceId, UserId};
+use ruma::{MxcUri, OwnedDeviceId, OwnedUserId, UserId};
 use ruma_client::{SupportedPathBuilder, TokenMode};
 
 use crate::attachment::{self, AttachmentError};
@@ -160,6 +160,8 @@ pub struct Homeserver {
     token: String,
     http: reqwest::Client,
     versions: SupportedVersions,
+    /// Whom [`Homeserver::send`] acts as (`?user_id=`); the registration's own user when `None`.
+    user: Option<OwnedUserId>,
 }
 
 impl Homeserver {
@@ -200,15 +202,36 @@ impl Homeserver {
             token: as_token.to_owned(),
             http,
             versions,
+            user: None,
         })
+    }
+
+    /// The same client acting as `user` (a user of the registration's namespace) by default.
+    pub fn as_user(&self, user: OwnedUserId) -> Self {
+        Homeserver { user: Some(user), ..self.clone() }
     }
 
     pub fn with_retry(&self, retry: Retry) -> Self {
         Homeserver { retry, ..self.clone() }
     }
 
-    /// Sends a request as the registration's own user (`sender_localpart`).
+    /// Sends a request as this client's user ([`Homeserver::as_user`]), or as the registration's
+    /// own user (`sender_localpart`).
     pub async fn send<R>(&self, request: R) -> Result<R::IncomingResponse, HsError>
+    where
+        R: OutgoingRequest + Clone,
+        R::EndpointError: EndpointError,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+        R::PathBuilder: SupportedPathBuilder,
+    {
+        match &self.user {
+            Some(user) => self.send_as(user, request).await,
+            None => self.send_as_registration(request).await,
+        }
+    }
+
+    /// Sends a request as the registration's own user, whoever this client acts as.
+    async fn send_as_registration<R>(&self, request: R) -> Result<R::IncomingResponse, HsError>
     where
         R: OutgoingRequest + Clone,
         R::EndpointError: EndpointError,
@@ -244,7 +267,8 @@ impl Homeserver {
         let mut req = login::v3::Request::new(LoginInfo::ApplicationService(ApplicationService::new(identifier)));
         req.device_id = device;
         req.initial_device_display_name = Some(display_name.to_owned());
-        self.send(req).await
+        // The user is named in the body: no `?user_id=` beside it.
+        self.send_as_registration(req).await
     }
 
     /// Ends the session of a device's `token` (the homeserver deletes that device and its keys).

@@ -1,7 +1,7 @@
 //! The two appservice registrations and `generate-registration`.
 //!
 //! - main (`handoff-registration.yaml`): the homeserver pushes the bot's rooms to `appservice.address`;
-//!   exclusive namespace for the bot alone.
+//!   exclusive namespace for the bot and the registration's own user (`<bot>-appservice`).
 //! - acting (`handoff-acting-registration.yaml`): `url: null`, non-exclusive `@.*:<domain>$`; its
 //!   `as_token` with `?user_id=` lets handoff act for local users, and nothing is pushed to it.
 
@@ -31,18 +31,26 @@ fn domain_regex(config: &Config) -> String {
     regex_syntax::escape(config.homeserver.domain.as_str())
 }
 
+/// The main registration's own user. Not the bot: Synapse refuses `/sync` to a registration's
+/// sender, and the bot's device must sync (as mautrix bridges, whose bot is a namespace user too).
+/// Nobody ever sees it; handoff asserts the bot's identity on every request it makes as the bot.
+pub fn main_sender_localpart(config: &Config) -> String {
+    format!("{}-appservice", config.appservice.bot.username)
+}
+
 pub fn main_registration(config: &Config) -> Registration {
     let mut namespaces = Namespaces::new();
+    // The bot and the registration's own user, exclusively: no one else may register either.
     namespaces.users.push(Namespace::new(
         true,
-        format!("@{}:{}$", regex_syntax::escape(&config.appservice.bot.username), domain_regex(config)),
+        format!("@{}(-appservice)?:{}$", regex_syntax::escape(&config.appservice.bot.username), domain_regex(config)),
     ));
     let mut reg: Registration = RegistrationInit {
         id: config.appservice.id.clone(),
         url: Some(config.appservice.address.to_string()),
         as_token: config.appservice.as_token.expose().to_owned(),
         hs_token: config.appservice.hs_token.expose().to_owned(),
-        sender_localpart: config.appservice.bot.username.clone(),
+        sender_localpart: main_sender_localpart(config),
         namespaces,
         rate_limited: Some(false),
         protocols: None,

@@ -271,6 +271,15 @@ impl Sandbox {
     /// Writes `bridge-config.yaml` (from the example, pointed at loopback), generates the
     /// registrations, and starts Synapse with them. `edit` may change the config text first.
     pub async fn create(dir: &Path, edit: impl FnOnce(String) -> String) -> Result<Sandbox> {
+        Self::create_with(dir, edit, "").await
+    }
+
+    /// Like [`Sandbox::create`], with `homeserver_extra` (YAML) appended to Synapse's config.
+    pub async fn create_with(
+        dir: &Path,
+        edit: impl FnOnce(String) -> String,
+        homeserver_extra: &str,
+    ) -> Result<Sandbox> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let handoff_port = free_port();
@@ -291,7 +300,7 @@ impl Sandbox {
         std::fs::write(&config_path, config)?;
         registration::generate(&config_path)?;
         let files = [dir.join(registration::MAIN_FILE), dir.join(registration::ACTING_FILE)];
-        let synapse = Synapse::start_on(&synapse_dir, port, &files).await?;
+        let synapse = Synapse::start_configured(&synapse_dir, port, &files, homeserver_extra).await?;
         Ok(Sandbox { dir, config_path, handoff_port, synapse })
     }
 }
@@ -299,12 +308,22 @@ impl Sandbox {
 impl Synapse {
     /// Like [`Synapse::start`], on a port chosen beforehand.
     pub async fn start_on(dir: &Path, port: u16, app_service_files: &[PathBuf]) -> Result<Synapse> {
+        Self::start_configured(dir, port, app_service_files, "").await
+    }
+
+    /// Like [`Synapse::start_on`], with `extra` (YAML) appended to its config.
+    pub async fn start_configured(
+        dir: &Path,
+        port: u16,
+        app_service_files: &[PathBuf],
+        extra: &str,
+    ) -> Result<Synapse> {
         let python = ensure_synapse_installed()?;
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let url = format!("http://127.0.0.1:{port}");
         let config_path = dir.join("homeserver.yaml");
-        std::fs::write(&config_path, homeserver_yaml(&dir, port, app_service_files))?;
+        std::fs::write(&config_path, homeserver_yaml(&dir, port, app_service_files) + extra)?;
         run_command(
             Command::new(&python).args(["-m", "synapse.app.homeserver", "-c"]).arg(&config_path).arg("--generate-keys"),
             "generate Synapse's signing key",

@@ -19,8 +19,10 @@ use tokio::net::TcpListener;
 
 use crate::appservice::{self, AppState};
 use crate::bot::Bot;
+use crate::bot::outbox::Outbox;
 use crate::bot::progress::ChatReporter;
 use crate::config::Config;
+use crate::device::{Device, Encryption};
 use crate::homeserver::{Homeserver, HsError, Retry};
 use crate::metrics;
 use crate::registration;
@@ -56,11 +58,14 @@ pub async fn run(config: Config) -> Result<()> {
         .user_agent(concat!("handoff/", env!("CARGO_PKG_VERSION")))
         .timeout(std::time::Duration::from_secs(60))
         .build()?;
-    let hs = Homeserver::connect(address, config.appservice.as_token.expose(), http.clone()).await.map_err(|e| {
-        anyhow::anyhow!("{e} (check homeserver.address = {address}, and that the homeserver is running)")
-    })?;
+    let registration =
+        Homeserver::connect(address, config.appservice.as_token.expose(), http.clone()).await.map_err(|e| {
+            anyhow::anyhow!("{e} (check homeserver.address = {address}, and that the homeserver is running)")
+        })?;
     let bot_user = config.bot_user_id();
-    register_bot(&hs, &config).await?;
+    register_bot(&registration, &config).await?;
+    // Everything the bot does, it does as the bot (a user of the registration's namespace).
+    let hs = registration.as_user(bot_user.clone());
     set_bot_profile(&hs, &config).await;
 
     let bind = (config.appservice.hostname.as_str(), config.appservice.port.0);
@@ -68,16 +73,24 @@ pub async fn run(config: Config) -> Result<()> {
         format!("cannot listen on {}:{} (check appservice.hostname and appservice.port)", bind.0, bind.1)
     })?;
 
-    let acting = hs.with_token(config.appservice.acting.as_token.expose()).await?;
+    let acting = registration.with_token(config.appservice.acting.as_token.expose()).await?;
     check_acting(&acting).await?;
+    let encryption = match registration_sender_is_bot(&registration, &config).await {
+        true => Encryption::Unavailable(format!(
+            "the homeserver still has the registration in which the bot is the sender_localpart, and Synapse lets no sender /sync: re-run `handoff generate-registration` and restart the homeserver with the new {}",
+            registration::MAIN_FILE
+        )),
+        false => Encryption::start(&config, &hs, &store).await,
+    };
+    let outbox = Outbox::new(hs.clone(), encryption.device().cloned());
     let journal = Journal::new(store.clone());
-    let reporter = Arc::new(ChatReporter::new(hs.clone()));
+    let reporter = Arc::new(ChatReporter::new(&outbox));
     let shutdown = Shutdown::new();
     let engine =
         Engine::new(config.clone(), acting.clone(), store.clone(), journal.clone(), reporter, shutdown.clone());
     let bot = Arc::new(Bot::new(
         config.clone(),
-        hs.clone(),
+        outbox,
         acting,
         store.clone(),
         journal.clone(),
@@ -98,7 +111,16 @@ pub async fn run(config: Config) -> Result<()> {
         Ok(n) => tracing::info!(events = n, "handling events accepted before the last stop"),
         Err(e) => tracing::error!(error = %e, "cannot read the inbox"),
     }
-    let state = AppState { hs_token: config.appservice.hs_token.clone(), bot, store: store.clone(), hs: hs.clone() };
+    if let Some(device) = encryption.device() {
+        forward_decrypted(&shutdown, device, Arc::clone(&bot));
+    }
+    let state = AppState {
+        hs_token: config.appservice.hs_token.clone(),
+        bot,
+        store: store.clone(),
+        hs: hs.clone(),
+        encryption: Arc::new(encryption),
+    };
     // Stopped with the main server (below), not on its own: a scrape is never worth waiting for.
     let metrics_server = metrics_listener.map(|(listener, handle)| {
         let app = metrics::router(handle).merge(appservice::health_router(state.clone())).fallback(metrics::not_found);
@@ -145,6 +167,42 @@ pub async fn run(config: Config) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Hands what the bot's device decrypts to the bot, until the stop.
+fn forward_decrypted(shutdown: &Shutdown, device: &Device, bot: Arc<Bot>) {
+    let mut decrypted = device.spawn_sync(shutdown);
+    let stop = shutdown.clone();
+    shutdown.spawn(async move {
+        loop {
+            let event = tokio::select! {
+                _ = stop.begun() => return,
+                e = decrypted.recv() => e,
+            };
+            let Some(event) = event else { return };
+            if let Err(e) = bot.accept_decrypted(event).await {
+                tracing::error!(error = %e, "cannot store a decrypted event: it is not handled");
+            }
+        }
+    });
+}
+
+/// Whether the homeserver's main registration is one from before the bot had a device, whose
+/// `sender_localpart` is the bot: the device could log in but never sync.
+async fn registration_sender_is_bot(registration: &Homeserver, config: &Config) -> bool {
+    if !config.encryption.allow {
+        return false;
+    }
+    match registration.with_retry(Retry::NONE).send(whoami::v3::Request::new()).await {
+        Ok(me) if me.user_id == config.bot_user_id() => {
+            tracing::error!(
+                "the homeserver loaded an old {}: the bot is its sender_localpart, so the bot can't have a device (Synapse lets no sender /sync). Re-run `handoff generate-registration` and restart the homeserver; until then the bot works in unencrypted DMs only",
+                registration::MAIN_FILE
+            );
+            true
+        }
+        _ => false,
+    }
 }
 
 /// The acting registration must be loaded too: ask who its token is.

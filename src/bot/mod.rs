@@ -8,6 +8,7 @@
 pub mod commands;
 mod consent;
 mod keys;
+pub mod outbox;
 pub mod progress;
 pub mod queue;
 mod state;
@@ -16,9 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ruma::api::client::device::get_devices;
-use ruma::api::client::membership::{join_room_by_id, leave_room};
-use ruma::api::client::state::get_state_event_for_key;
-use ruma::events::StateEventType;
+use ruma::api::client::membership::leave_room;
 use ruma::events::room::member::{MembershipState, RoomMemberEventContent};
 use ruma::events::room::message::{MessageType, Relation, RoomMessageEventContent};
 use ruma::events::{
@@ -30,6 +29,7 @@ use ruma::{OwnedRoomId, OwnedUserId, UserId};
 
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
+use crate::device::Decrypted;
 use crate::html::escape;
 use crate::metrics;
 use crate::store::{StoreError, now_ms};
@@ -107,6 +107,30 @@ impl Bot {
         for ((sender, event), inbox) in mine.into_iter().zip(numbers) {
             self.enqueue(sender, Job::Event { inbox, event: event.clone() });
         }
+        Ok(())
+    }
+
+    /// Accepts an event that arrived encrypted and that the bot's device decrypted: stored (once
+    /// per event ID, as a transaction of its own) and queued like one from a transaction.
+    pub async fn accept_decrypted(self: &Arc<Self>, decrypted: Decrypted) -> Result<(), StoreError> {
+        let Decrypted { room_id, event } = decrypted;
+        // The device checked the payload's room against the room it came in; `addressed` and the
+        // handlers read it from the event, as in a transaction.
+        let Ok(mut object) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(event.json().get())
+        else {
+            return Ok(());
+        };
+        object.insert("room_id".into(), serde_json::Value::String(room_id.to_string()));
+        let Ok(json) = serde_json::value::to_raw_value(&object) else { return Ok(()) };
+        let event = Raw::<AnyTimelineEvent>::from_json(json);
+        let Some(event_id) = event.get_field::<String>("event_id").ok().flatten() else { return Ok(()) };
+        let Some(sender) = self.addressed(&event) else { return Ok(()) };
+        let bytes = event.json().get().as_bytes().to_vec();
+        let Some(numbers) = self.store.accept_txn(&format!("decrypted-{event_id}"), &[bytes]).await? else {
+            tracing::debug!("decrypted event already handled");
+            return Ok(());
+        };
+        self.enqueue(sender, Job::Event { inbox: numbers[0], event });
         Ok(())
     }
 
@@ -246,14 +270,15 @@ impl Bot {
             self.hs.send(leave).await?;
             return Ok(());
         }
-        self.hs.send(join_room_by_id::v3::Request::new(room.clone())).await?;
+        self.outbox.join(room).await?;
         // A DM invite was recorded as the inviter's DM when it arrived (`note_dm_invite`).
         tracing::info!(room_id = %room, inviter = %ev.sender, "joined on invite");
         let ctx = Ctx { room_id: room.clone(), event_id: ev.event_id.clone(), sender: ev.sender.clone() };
-        if self.is_encrypted(room).await {
-            // The bot has no end-to-end encryption: it would never see a command here.
+        if !self.outbox.can_read(room).await? {
+            // An encrypted room, and the bot has no device (encryption.allow is off, or the
+            // homeserver refused its login): it would never see a command here.
             let text = format!(
-                "Hello {}! This room is end-to-end encrypted, and handoff can't read encrypted messages yet, so it would not see your commands here. Please start a new DM with {} with encryption turned off (in Element: untick \"Enable end-to-end encryption\" when you create it).",
+                "Hello {}! This room is end-to-end encrypted, and handoff on this server has no encryption (the server admin turned it off, or the homeserver does not let the bot have a device), so it would not see your commands here. Please start a new DM with {} with encryption turned off (in Element: untick \"Enable end-to-end encryption\" when you create it), or ask the server admin.",
                 ev.sender, self.user_id
             );
             return self.reply(&ctx, text).await;
@@ -267,13 +292,6 @@ impl Bot {
             consent::offer(self, &ev.sender, Some(room.clone())).await?;
         }
         Ok(())
-    }
-
-    /// Whether the room has `m.room.encryption` (read as the bot, which has just joined).
-    async fn is_encrypted(&self, room: &ruma::RoomId) -> bool {
-        let req =
-            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomEncryption, String::new());
-        self.hs.send(req).await.is_ok()
     }
 
     async fn on_message(

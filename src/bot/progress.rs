@@ -6,11 +6,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use ruma::api::client::message::send_message_event;
 use ruma::events::room::message::{ReplacementMetadata, RoomMessageEventContent};
 use ruma::{OwnedEventId, RoomId};
 
-use crate::homeserver::{Homeserver, HsError};
+use super::outbox::Outbox;
+use crate::homeserver::HsError;
 use crate::html::{escape, to_html};
 use crate::transfer::plan::Warning;
 use crate::transfer::progress::{Counts, Delivery, Place, Reporter, RoomHistory, Stopped};
@@ -26,21 +26,19 @@ const EDITS_IN_ALL_EVERY: Duration = Duration::from_secs(1);
 
 /// Renders transfers into chat, as the bot.
 pub struct ChatReporter {
-    hs: Homeserver,
+    outbox: Outbox,
     /// When each transfer's status message was last edited.
     last_edit: Mutex<HashMap<u64, Instant>>,
 }
 
 impl ChatReporter {
-    pub fn new(bot: Homeserver) -> ChatReporter {
-        ChatReporter { hs: bot.with_retry(PATIENT), last_edit: Mutex::new(HashMap::new()) }
+    pub fn new(bot: &Outbox) -> ChatReporter {
+        ChatReporter { outbox: bot.with_retry(PATIENT), last_edit: Mutex::new(HashMap::new()) }
     }
 
     /// Posts as the bot; `key` makes the transaction ID, so a resumed transfer can't post twice.
     async fn send(&self, room: &RoomId, key: &str, content: RoomMessageEventContent) -> Result<OwnedEventId, HsError> {
-        let req = send_message_event::v3::Request::new(room.to_owned(), format!("handoff-{key}").into(), &content)
-            .map_err(|e| HsError::Protocol(e.to_string()))?;
-        Ok(self.hs.send(req).await?.event_id)
+        self.outbox.send(room, format!("handoff-{key}").into(), content).await
     }
 
     async fn post(&self, room: &RoomId, key: &str, text: &str) -> Result<OwnedEventId, HsError> {
@@ -58,7 +56,7 @@ impl ChatReporter {
 
     /// Uploads `bytes` encrypted and posts them as a file message (which holds the key).
     async fn send_file(&self, t: &Transfer, key: &str, name: &str, mime: &str, bytes: Vec<u8>) -> Result<(), HsError> {
-        let content = self.hs.upload_encrypted_file(name, mime, bytes).await?;
+        let content = self.outbox.hs().upload_encrypted_file(name, mime, bytes).await?;
         self.send(&t.new_dm, key, content).await?;
         Ok(())
     }

@@ -5,13 +5,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ruma::api::client::message::send_message_event;
 use ruma::events::AnyTimelineEvent;
 use ruma::events::room::message::RoomMessageEventContent;
 use ruma::serde::Raw;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, UserId};
 use sha2::{Digest, Sha256};
 
+use super::outbox::Outbox;
 use super::queue::UserQueues;
 use crate::config::Config;
 use crate::homeserver::{Homeserver, HsError};
@@ -36,6 +36,8 @@ pub struct Bot {
     pub(in crate::bot) user_id: OwnedUserId,
     /// The main registration's client: it acts as the bot.
     pub(in crate::bot) hs: Homeserver,
+    /// Where the bot's messages leave (encrypted rooms through its device).
+    pub(in crate::bot) outbox: Outbox,
     /// The acting registration's client: it acts as local users.
     pub(in crate::bot) acting: Homeserver,
     pub(in crate::bot) store: Store,
@@ -71,7 +73,7 @@ pub struct Ctx {
 impl Bot {
     pub fn new(
         config: Arc<Config>,
-        hs: Homeserver,
+        outbox: Outbox,
         acting: Homeserver,
         store: Store,
         journal: Journal,
@@ -81,7 +83,8 @@ impl Bot {
         Bot {
             user_id: config.bot_user_id(),
             config,
-            hs,
+            hs: outbox.hs().clone(),
+            outbox,
             acting,
             store,
             journal,
@@ -112,10 +115,7 @@ impl Bot {
     /// Sends a message caused by `ctx.event_id`. The transaction ID is derived from the cause, so a
     /// retried or replayed event can't produce a second reply.
     pub async fn send_notice(&self, ctx: &Ctx, n: u32, content: RoomMessageEventContent) -> Result<(), BotError> {
-        let request =
-            send_message_event::v3::Request::new(ctx.room_id.clone(), reply_txn_id(&ctx.event_id, n), &content)
-                .map_err(|e| HsError::Protocol(e.to_string()))?;
-        self.hs.send(request).await?;
+        self.outbox.send(&ctx.room_id, reply_txn_id(&ctx.event_id, n), content).await?;
         Ok(())
     }
 }

@@ -54,10 +54,19 @@ impl Harness {
 
     /// `change` may change the config text before registrations are generated (with [`edit`]).
     pub async fn start_with(change: impl FnOnce(String) -> String) -> Harness {
+        Self::start_with_homeserver(change, "").await
+    }
+
+    /// Like [`Harness::start_with`], with `homeserver_extra` (YAML) appended to Synapse's config.
+    pub async fn start_with_homeserver(change: impl FnOnce(String) -> String, homeserver_extra: &str) -> Harness {
         let tmp = tempfile::tempdir().unwrap();
-        let sandbox = Sandbox::create(tmp.path(), |c| change(edit(c, "level: info", "level: \"info,handoff=debug\"")))
-            .await
-            .expect("sandbox starts");
+        let sandbox = Sandbox::create_with(
+            tmp.path(),
+            |c| change(edit(c, "level: info", "level: \"info,handoff=debug\"")),
+            homeserver_extra,
+        )
+        .await
+        .expect("sandbox starts");
         let handoff_url = format!("http://127.0.0.1:{}", sandbox.handoff_port);
         let mut h = Harness {
             sandbox,
