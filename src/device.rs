@@ -15,12 +15,14 @@
 //!   later fresh device is cross-signed again from secret storage.
 //! - **Its own `/sync`**: to-device messages, device lists and key counts, and the timeline of the
 //!   bot's rooms. Only events that arrived *encrypted* are taken from here (decrypted); plain
-//!   events keep coming through the appservice transactions: one source per event. Events that
+//!   events keep coming through the appservice transactions: one source per event. Its position
+//!   is stored once what it brought is in the inbox, so a crash loses no command. Events that
 //!   could not be decrypted yet are kept for a while and decrypted when their keys arrive.
 //!
 //! It sends into a room only when that room is encrypted: [`Device::is_encrypted`] says which.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +32,6 @@ use matrix_sdk::authentication::matrix::MatrixSession;
 use matrix_sdk::config::{RequestConfig, SyncSettings};
 use matrix_sdk::deserialized_responses::{TimelineEvent, TimelineEventKind};
 use matrix_sdk::encryption::EncryptionSettings;
-use matrix_sdk::encryption::recovery::RecoveryState;
 use matrix_sdk::store::RoomLoadSettings;
 use matrix_sdk::{Client, EncryptionState, SessionMeta, SessionTokens};
 use ruma::api::client::filter::{FilterDefinition, LazyLoadOptions, RoomEventFilter};
@@ -42,12 +43,15 @@ use ruma::events::room::message::RoomMessageEventContent;
 use ruma::serde::Raw;
 use ruma::{OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId, UInt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use crate::config::{Config, Secret};
 use crate::homeserver::{Homeserver, HsError};
+use crate::metrics::{self, Outcome};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError, now_ms};
+
+/// The metrics label of a message sent by the device (the path template ruma gives it).
+const SEND_ENDPOINT: &str = "/_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn_id}";
 
 /// What the device's clients see it as.
 const DISPLAY_NAME: &str = "handoff bot";
@@ -190,45 +194,46 @@ impl Device {
                 if let Err(e) = hs.logout_token(old.access_token.expose()).await {
                     tracing::info!(error = %e, "the old device could not be logged out (it may be gone already)");
                 }
-                new_device(hs, store, localpart, &path).await?
+                // The recovery key opens the bot's secret storage: the new device is cross-signed from it.
+                new_device(hs, store, localpart, &path, old.recovery_key).await?
             }
-            None => new_device(hs, store, localpart, &path).await?,
+            None => new_device(hs, store, localpart, &path, None).await?,
         };
-        let client = match open(config, &path, &record).await {
-            Ok(client) => client,
+        let (client, record) = match open(config, &path, &record).await {
+            Ok(client) => (client, record),
             Err(e) => {
                 // The store is there but is not this device's (or does not open): keep it for the
-                // admin to look at, and start afresh.
+                // admin to look at, log its device out, and start afresh.
                 let aside = set_aside(&path)?;
                 tracing::warn!(
                     error = %e,
                     moved_to = %aside.display(),
                     "the bot's crypto store does not open: moved aside, making a new device"
                 );
-                let record = new_device(hs, store, localpart, &path).await?;
-                open(config, &path, &record).await.map_err(|e| crypto_store(&path, e))?
+                if let Err(e) = hs.logout_token(record.access_token.expose()).await {
+                    tracing::info!(error = %e, "the old device could not be logged out (it may be gone already)");
+                }
+                let record = new_device(hs, store, localpart, &path, record.recovery_key).await?;
+                let client = open(config, &path, &record).await.map_err(|e| crypto_store(&path, e))?;
+                (client, record)
             }
         };
-        let device =
-            Device { client, created_ms: record.created_ms, health: Arc::default(), undecrypted: Arc::default() };
-        let client = match device.client.whoami().await {
-            Ok(_) => device.client.clone(),
+        match client.whoami().await {
+            Ok(_) => Device::ready(client, record, store).await,
             Err(e) if matches!(e.client_api_error_kind(), Some(ErrorKind::UnknownToken { .. })) => {
                 // The session ended (an admin logged it out?) but the device's keys are here: log in
                 // again as the same device.
                 tracing::info!(device_id = %record.device_id, "the bot's device token is no longer valid: logging in again as the same device");
+                drop(client);
                 let login =
                     hs.login_device(localpart, Some(record.device_id.clone()), DISPLAY_NAME).await.map_err(refused)?;
                 let record = Record { access_token: Secret::new(login.access_token), ..record };
                 save(store, &record).await?;
-                drop(device);
                 let client = open(config, &path, &record).await.map_err(|e| crypto_store(&path, e))?;
-                return Device::ready(client, record, store).await;
+                Device::ready(client, record, store).await
             }
-            Err(e) => return Err(DeviceError::Homeserver(sdk_error(e.into()))),
-        };
-        drop(device);
-        Device::ready(client, record, store).await
+            Err(e) => Err(DeviceError::Homeserver(sdk_error(e.into()))),
+        }
     }
 
     /// Cross-signing, recovery and a first sync for a client whose session is restored.
@@ -238,7 +243,8 @@ impl Device {
         let recovery = encryption.recovery();
         let have_keys = encryption.cross_signing_status().await.is_some_and(|s| s.is_complete());
         match (&record.recovery_key, have_keys) {
-            (_, true) if recovery.state() == RecoveryState::Enabled => {}
+            // Cross-signed, and its keys already in secret storage.
+            (Some(_), true) => {}
             (Some(key), false) => {
                 // A fresh device of a bot that had one before: its cross-signing keys come back
                 // from secret storage, and sign this device.
@@ -246,7 +252,7 @@ impl Device {
                     tracing::warn!(error = %e, "cannot recover the bot's cross-signing keys: its device stays unverified");
                 }
             }
-            (_, true) => match recovery.enable().await {
+            (None, true) => match recovery.enable().await {
                 Ok(key) => {
                     record.recovery_key = Some(Secret::new(key));
                     save(store, &record).await?;
@@ -280,31 +286,35 @@ impl Device {
         SyncSettings::default().filter(sync_events::v3::Filter::FilterDefinition(filter)).timeout(SYNC_TIMEOUT)
     }
 
-    /// Syncs until the stop, sending every encrypted event it decrypts to the returned channel;
-    /// events decrypted later (their keys arrived) are sent too.
-    pub fn spawn_sync(&self, shutdown: &Shutdown) -> mpsc::Receiver<Decrypted> {
-        let (tx, rx) = mpsc::channel(256);
-        let (this, stop, out) = (self.clone(), shutdown.clone(), tx.clone());
+    /// Syncs until the stop, handing every encrypted event it decrypts to `accept`; events
+    /// decrypted later (their keys arrived) are handed over too. The sync's position is stored only
+    /// once `accept` has taken every event before it, so a crash in between loses nothing: the next
+    /// start syncs again from there (and `accept` knows each event ID once).
+    pub fn spawn_sync<F, Fut>(&self, shutdown: &Shutdown, store: Store, accept: F)
+    where
+        F: Fn(Decrypted) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), StoreError>> + Send + 'static,
+    {
+        let (this, stop, take) = (self.clone(), shutdown.clone(), accept.clone());
         shutdown.spawn(async move {
-            let settings = this.sync_settings();
+            let base = this.sync_settings();
+            // Where the last stop left the bot (the device's own store may be ahead of it).
+            let mut from = store.device_sync_token().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read where the device's sync stood");
+                None
+            });
             let mut backoff = Duration::from_secs(1);
             loop {
+                let settings = match &from {
+                    Some(token) => base.clone().token(token.clone()),
+                    None => base.clone(),
+                };
                 let response = tokio::select! {
                     _ = stop.begun() => return,
-                    r = this.client.sync_once(settings.clone()) => r,
+                    r = this.client.sync_once(settings) => r,
                 };
-                match response {
-                    Ok(response) => {
-                        backoff = Duration::from_secs(1);
-                        this.health.lock().expect("lock").last_ok = Some(Instant::now());
-                        for (room_id, update) in response.rooms.joined {
-                            for event in update.timeline.events {
-                                if let Some(d) = this.take(&room_id, event) {
-                                    let _ = out.send(d).await;
-                                }
-                            }
-                        }
-                    }
+                let response = match response {
+                    Ok(r) => r,
                     Err(e) => {
                         let e = sdk_error(e);
                         tracing::warn!(error = %e, retry_in = ?backoff, "the bot's device cannot sync");
@@ -314,6 +324,27 @@ impl Device {
                             _ = tokio::time::sleep(backoff) => {}
                         }
                         backoff = (backoff * 2).min(Duration::from_secs(60));
+                        continue;
+                    }
+                };
+                backoff = Duration::from_secs(1);
+                this.health.lock().expect("lock").last_ok = Some(Instant::now());
+                let mut taken = true;
+                for (room_id, update) in response.rooms.joined {
+                    for event in update.timeline.events {
+                        if let Some(d) = this.take(&room_id, event)
+                            && let Err(e) = take(d).await
+                        {
+                            tracing::error!(error = %e, "cannot store a decrypted event: the sync goes over it again");
+                            taken = false;
+                        }
+                    }
+                }
+                // Ahead only when all is stored; otherwise the same stretch again, from `from`.
+                if taken {
+                    match store.put_device_sync_token(&response.next_batch).await {
+                        Ok(()) => from = None,
+                        Err(e) => tracing::warn!(error = %e, "cannot store where the device's sync stands"),
                     }
                 }
             }
@@ -334,11 +365,12 @@ impl Device {
                     Some(Err(_)) => None,
                 };
                 for d in this.retry_undecrypted(rooms.as_ref()).await {
-                    let _ = tx.send(d).await;
+                    if let Err(e) = accept(d).await {
+                        tracing::error!(error = %e, "cannot store a decrypted event: it is not handled");
+                    }
                 }
             }
         });
-        rx
     }
 
     /// What the bot takes from one timeline event of its sync: a decrypted event, or nothing (a
@@ -398,12 +430,6 @@ impl Device {
         out
     }
 
-    /// Joins a room as the bot's device, so the device knows the room from the start.
-    pub async fn join(&self, room: &RoomId) -> Result<(), HsError> {
-        self.client.join_room_by_id(room).await.map_err(sdk_error)?;
-        Ok(())
-    }
-
     /// Whether `room` is encrypted, as the device knows it; `None` if the device has not seen the
     /// room yet (it joined through the appservice a moment ago, say).
     pub async fn is_encrypted(&self, room: &RoomId) -> Result<Option<bool>, HsError> {
@@ -428,7 +454,8 @@ impl Device {
     }
 
     /// Sends `content` into the (encrypted) `room`, encrypted for its members' devices. The
-    /// transaction ID makes a retried send land once.
+    /// transaction ID makes a retried send land once. Counted in the homeserver request metrics
+    /// as the one send it is (the key queries and key sharing it may take are not).
     pub async fn send(
         &self,
         room: &RoomId,
@@ -438,8 +465,11 @@ impl Device {
         let Some(room) = self.client.get_room(room) else {
             return Err(HsError::Protocol(format!("the bot's device does not know room {room}")));
         };
-        let sent = room.send(content).with_transaction_id(txn_id).await.map_err(sdk_error)?;
-        Ok(sent.response.event_id)
+        let start = Instant::now();
+        let sent = room.send(content).with_transaction_id(txn_id).await.map_err(sdk_error);
+        let outcome = sent.as_ref().map_or_else(HsError::outcome, |_| Outcome::Ok);
+        metrics::homeserver_request(SEND_ENDPOINT, outcome, start.elapsed());
+        Ok(sent?.response.event_id)
     }
 
     async fn cross_signed(&self) -> bool {
@@ -470,7 +500,13 @@ impl Device {
 
 /// Logs in as a new device, records it (durably, before its crypto store exists), and clears
 /// whatever crypto store was there.
-async fn new_device(hs: &Homeserver, store: &Store, localpart: &str, path: &Path) -> Result<Record, DeviceError> {
+async fn new_device(
+    hs: &Homeserver,
+    store: &Store,
+    localpart: &str,
+    path: &Path,
+    recovery_key: Option<Secret>,
+) -> Result<Record, DeviceError> {
     let login = hs.login_device(localpart, None, DISPLAY_NAME).await.map_err(refused)?;
     let passphrase: [u8; 32] = rand::random();
     let record = Record {
@@ -478,8 +514,9 @@ async fn new_device(hs: &Homeserver, store: &Store, localpart: &str, path: &Path
         access_token: Secret::new(login.access_token),
         passphrase: Secret::new(hex::encode(passphrase)),
         created_ms: now_ms(),
-        recovery_key: None,
+        recovery_key,
     };
+    store.forget_device_sync_token()?;
     save(store, &record).await?;
     if path.exists() {
         std::fs::remove_dir_all(path).map_err(|e| crypto_store(path, e))?;

@@ -58,7 +58,7 @@ impl HsError {
     }
 
     /// How the request ended, for [`metrics::homeserver_request`].
-    fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         match self {
             HsError::Unreachable(_) => Outcome::Unreachable,
             HsError::Matrix { kind: ErrorKind::LimitExceeded(_), .. } => Outcome::RateLimited,

@@ -293,7 +293,8 @@ mod tests {
         let main = serde_norway::to_string(&main_registration(&config)).unwrap();
         assert!(main.contains("url: http://127.0.0.1:29340"), "{main}");
         assert!(main.contains("exclusive: true"));
-        assert!(main.contains(r"regex: '@handoff:my\.server$'"), "{main}");
+        assert!(main.contains(r"regex: '@handoff(-appservice)?:my\.server$'"), "{main}");
+        assert!(main.contains("sender_localpart: handoff-appservice"), "{main}");
         assert!(main.contains("rate_limited: false"));
         let acting = serde_norway::to_string(&acting_registration(&config)).unwrap();
         assert!(acting.contains("url: null"), "{acting}");

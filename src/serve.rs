@@ -2,7 +2,8 @@
 //!
 //! Start-up, in order, each failure one line that says what to fix:
 //! config ready → store opens → homeserver reachable → bot registered (proves the homeserver
-//! knows our `as_token`) → profile set → listening → ping (proves the homeserver reaches us with
+//! knows our `as_token`) → profile set → the bot's device (if allowed; a failure is logged, not
+//! fatal) → listening → ping (proves the homeserver reaches us with
 //! the right `hs_token`). With `metrics.enabled`, a second listener on `metrics.listen` serves
 //! `/metrics` and `/health`; it is bound before anything else, so a wrong address stops at once.
 
@@ -22,7 +23,7 @@ use crate::bot::Bot;
 use crate::bot::outbox::Outbox;
 use crate::bot::progress::ChatReporter;
 use crate::config::Config;
-use crate::device::{Device, Encryption};
+use crate::device::Encryption;
 use crate::homeserver::{Homeserver, HsError, Retry};
 use crate::metrics;
 use crate::registration;
@@ -68,11 +69,6 @@ pub async fn run(config: Config) -> Result<()> {
     let hs = registration.as_user(bot_user.clone());
     set_bot_profile(&hs, &config).await;
 
-    let bind = (config.appservice.hostname.as_str(), config.appservice.port.0);
-    let listener = TcpListener::bind(bind).await.with_context(|| {
-        format!("cannot listen on {}:{} (check appservice.hostname and appservice.port)", bind.0, bind.1)
-    })?;
-
     let acting = registration.with_token(config.appservice.acting.as_token.expose()).await?;
     check_acting(&acting).await?;
     let encryption = match registration_sender_is_bot(&registration, &config).await {
@@ -82,6 +78,13 @@ pub async fn run(config: Config) -> Result<()> {
         )),
         false => Encryption::start(&config, &hs, &store).await,
     };
+    // Bound once the device is up: until the server serves, the homeserver's pushes are refused
+    // at once (and retried) rather than left hanging.
+    let bind = (config.appservice.hostname.as_str(), config.appservice.port.0);
+    let listener = TcpListener::bind(bind).await.with_context(|| {
+        format!("cannot listen on {}:{} (check appservice.hostname and appservice.port)", bind.0, bind.1)
+    })?;
+
     let outbox = Outbox::new(hs.clone(), encryption.device().cloned());
     let journal = Journal::new(store.clone());
     let reporter = Arc::new(ChatReporter::new(&outbox));
@@ -112,7 +115,12 @@ pub async fn run(config: Config) -> Result<()> {
         Err(e) => tracing::error!(error = %e, "cannot read the inbox"),
     }
     if let Some(device) = encryption.device() {
-        forward_decrypted(&shutdown, device, Arc::clone(&bot));
+        // What the device decrypts enters the inbox like a transaction's events.
+        let bot = Arc::clone(&bot);
+        device.spawn_sync(&shutdown, store.clone(), move |event| {
+            let bot = Arc::clone(&bot);
+            async move { bot.accept_decrypted(event).await }
+        });
     }
     let state = AppState {
         hs_token: config.appservice.hs_token.clone(),
@@ -167,24 +175,6 @@ pub async fn run(config: Config) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Hands what the bot's device decrypts to the bot, until the stop.
-fn forward_decrypted(shutdown: &Shutdown, device: &Device, bot: Arc<Bot>) {
-    let mut decrypted = device.spawn_sync(shutdown);
-    let stop = shutdown.clone();
-    shutdown.spawn(async move {
-        loop {
-            let event = tokio::select! {
-                _ = stop.begun() => return,
-                e = decrypted.recv() => e,
-            };
-            let Some(event) = event else { return };
-            if let Err(e) = bot.accept_decrypted(event).await {
-                tracing::error!(error = %e, "cannot store a decrypted event: it is not handled");
-            }
-        }
-    });
 }
 
 /// Whether the homeserver's main registration is one from before the bot had a device, whose

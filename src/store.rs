@@ -296,6 +296,25 @@ impl Store {
 
     pub async fn remove_device_record(&self) -> Result<(), StoreError> {
         self.meta.remove(Self::DEVICE)?;
+        self.meta.remove(Self::DEVICE_SYNC)?;
+        self.durable().await
+    }
+
+    const DEVICE_SYNC: &'static [u8] = b"device_sync";
+
+    /// Where the device's sync stands: every event before it is in the inbox.
+    pub fn device_sync_token(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.meta.get(Self::DEVICE_SYNC)?.map(|t| String::from_utf8_lossy(&t).into_owned()))
+    }
+
+    /// A new device starts its sync afresh.
+    pub fn forget_device_sync_token(&self) -> Result<(), StoreError> {
+        self.meta.remove(Self::DEVICE_SYNC)?;
+        Ok(())
+    }
+
+    pub async fn put_device_sync_token(&self, token: &str) -> Result<(), StoreError> {
+        self.meta.insert(Self::DEVICE_SYNC, token.as_bytes())?;
         self.durable().await
     }
 }

@@ -31,7 +31,7 @@ async fn bot_device(h: &Harness) -> OwnedDeviceId {
 }
 
 #[tokio::test]
-async fn an_encrypted_dm_made_as_element_makes_it_just_works_and_survives_a_restart() {
+async fn an_encrypted_dm_made_as_element_makes_it_just_works_and_survives_a_restart_and_a_lost_store() {
     let mut h = Harness::start().await;
     let alice = h.user("alice").await;
     let device = bot_device(&h).await;
@@ -69,9 +69,27 @@ async fn an_encrypted_dm_made_as_element_makes_it_just_works_and_survives_a_rest
     assert!(again.contains("• import"), "{again}");
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     assert_eq!(phone.messages_from(&dm, &h.bot).await.len(), before + 1, "one answer to one command");
+    assert_eq!(h.log().matches("logged the bot in as a new device").count(), 1, "a second device was made");
+
+    // The crypto store is lost: the bot gets a fresh device (never a broken one), cross-signed
+    // again from its secret storage, the old device is logged out, and the same DM still works.
+    h.signal_handoff("TERM");
+    std::fs::remove_dir_all(h.sandbox.dir.join("handoff.db.device")).unwrap();
+    h.start_handoff().await;
+    let fresh = bot_device(&h).await;
+    assert_ne!(fresh, device, "a new device");
+    assert_eq!(health(&h).await["encryption"]["cross_signed"], true, "the new device is cross-signed");
+    let after_loss = phone.ask(&dm, &h.bot, "help", "• help — show the commands").await;
+    assert!(after_loss.contains("• export"), "{after_loss}");
+    let seen_device = phone.client.encryption().get_device(&h.bot, &fresh).await.unwrap().expect("the new device");
+    assert!(seen_device.is_cross_signed_by_owner(), "the user's client sees the new device cross-signed");
+    eventually("the old device to be gone", || async {
+        let devices = phone.client.encryption().get_user_devices(&h.bot).await.unwrap();
+        devices.get(&device).is_none().then_some(())
+    })
+    .await;
     let log = h.log();
-    assert!(log.contains("the bot's device is ready"), "{log}");
-    assert_eq!(log.matches("logged the bot in as a new device").count(), 1, "a second device was made");
+    assert!(log.contains("the bot's crypto store is gone"), "{log}");
     for key in ["appservice.as_token", "appservice.hs_token"] {
         assert!(!log.contains(&h.config_value(key)), "{key} leaked into the log");
     }

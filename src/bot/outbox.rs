@@ -81,13 +81,10 @@ impl Outbox {
         Ok(self.hs.send(request).await?.event_id)
     }
 
-    /// Joins `room` as the bot: through its device when it has one, so the device knows the room
-    /// (and whether it is encrypted) before the bot says anything there.
+    /// Joins `room` as the bot. The device's sync learns of the join at once (its long-poll wakes
+    /// for it); a message sent before that waits for it ([`Outbox::send`]).
     pub async fn join(&self, room: &RoomId) -> Result<(), HsError> {
-        match &self.device {
-            Some(device) => device.join(room).await,
-            None => self.hs.send(join_room_by_id::v3::Request::new(room.to_owned())).await.map(|_| ()),
-        }
+        self.hs.send(join_room_by_id::v3::Request::new(room.to_owned())).await.map(|_| ())
     }
 
     /// Whether `room` has `m.room.encryption`, read as the bot (a member).
