@@ -33,7 +33,7 @@ use matrix_sdk::config::{RequestConfig, SyncSettings};
 use matrix_sdk::deserialized_responses::{TimelineEvent, TimelineEventKind};
 use matrix_sdk::encryption::EncryptionSettings;
 use matrix_sdk::store::RoomLoadSettings;
-use matrix_sdk::{Client, EncryptionState, SessionMeta, SessionTokens};
+use matrix_sdk::{Client, EncryptionState, Room, RoomState, SessionMeta, SessionTokens};
 use ruma::api::client::filter::{FilterDefinition, LazyLoadOptions, RoomEventFilter};
 use ruma::api::client::sync::sync_events;
 use ruma::api::error::ErrorKind;
@@ -431,9 +431,9 @@ impl Device {
     }
 
     /// Whether `room` is encrypted, as the device knows it; `None` if the device has not seen the
-    /// room yet (it joined through the appservice a moment ago, say).
+    /// bot's join yet (it joined through the appservice a moment ago, say).
     pub async fn is_encrypted(&self, room: &RoomId) -> Result<Option<bool>, HsError> {
-        let Some(room) = self.client.get_room(room) else { return Ok(None) };
+        let Some(room) = self.joined(room) else { return Ok(None) };
         let state = match room.encryption_state() {
             EncryptionState::Unknown => room.latest_encryption_state().await.map_err(sdk_error)?,
             known => known,
@@ -441,10 +441,15 @@ impl Device {
         Ok(Some(state.is_encrypted()))
     }
 
-    /// Waits (a while) until the device's sync has brought `room`.
+    /// The room, if the device knows the bot is in it (it can send there only then).
+    fn joined(&self, room: &RoomId) -> Option<Room> {
+        self.client.get_room(room).filter(|r| r.state() == RoomState::Joined)
+    }
+
+    /// Waits (a while) until the device's sync has brought the bot's join of `room`.
     pub async fn wait_for_room(&self, room: &RoomId, patience: Duration) -> bool {
         let until = Instant::now() + patience;
-        while self.client.get_room(room).is_none() {
+        while self.joined(room).is_none() {
             if Instant::now() >= until {
                 return false;
             }
@@ -462,8 +467,8 @@ impl Device {
         txn_id: OwnedTransactionId,
         content: RoomMessageEventContent,
     ) -> Result<OwnedEventId, HsError> {
-        let Some(room) = self.client.get_room(room) else {
-            return Err(HsError::Protocol(format!("the bot's device does not know room {room}")));
+        let Some(room) = self.joined(room) else {
+            return Err(HsError::Protocol(format!("the bot's device does not know it is in room {room}")));
         };
         let start = Instant::now();
         let sent = room.send(content).with_transaction_id(txn_id).await.map_err(sdk_error);
