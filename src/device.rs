@@ -591,3 +591,65 @@ pub fn sdk_error(e: matrix_sdk::Error) -> HsError {
         _ => HsError::Protocol(format!("the bot's device: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use matrix_sdk::deserialized_responses::{UnableToDecryptInfo, UnableToDecryptReason};
+    use ruma::events::AnySyncTimelineEvent;
+    use serde_json::json;
+
+    /// A device of a client that never talks to a homeserver: what `take` decides is local.
+    async fn offline(created_ms: u64) -> Device {
+        let client = Client::builder().homeserver_url("http://127.0.0.1:9").build().await.unwrap();
+        Device { client, created_ms, health: Arc::default(), undecrypted: Arc::default() }
+    }
+
+    fn raw(n: u64, ts: u64, kind: &str) -> Raw<AnySyncTimelineEvent> {
+        Raw::from_json(
+            serde_json::value::to_raw_value(&json!({
+                "type": kind, "event_id": format!("$e{n}"), "sender": "@alice:example.org",
+                "origin_server_ts": ts, "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "x",
+                    "sender_key": "k", "device_id": "D", "session_id": "s"},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn undecryptable(n: u64, ts: u64) -> TimelineEvent {
+        let info = UnableToDecryptInfo {
+            session_id: Some("s".into()),
+            reason: UnableToDecryptReason::MalformedEncryptedEvent,
+        };
+        TimelineEvent::from_utd(raw(n, ts, "m.room.encrypted"), info)
+    }
+
+    #[tokio::test]
+    async fn only_encrypted_events_newer_than_the_device_wait_for_keys_and_never_too_many() {
+        let created = 1_000_000_000;
+        let device = offline(created).await;
+        let room: OwnedRoomId = "!dm:example.org".try_into().unwrap();
+
+        // A plain event is the transaction's: the device takes nothing.
+        assert!(device.take(&room, TimelineEvent::from_plaintext(raw(0, created, "m.room.message"))).is_none());
+        assert_eq!(device.undecrypted.lock().unwrap().len(), 0);
+
+        // Encrypted for a device before this one (an initial sync's history): not kept.
+        assert!(device.take(&room, undecryptable(1, created - 120_000)).is_none());
+        assert_eq!(device.undecrypted.lock().unwrap().len(), 0);
+
+        // Newer ones wait for their keys; a flood keeps only the latest MAX_UNDECRYPTED.
+        for n in 0..(MAX_UNDECRYPTED as u64 + 40) {
+            assert!(device.take(&room, undecryptable(100 + n, created + n)).is_none());
+        }
+        let waiting = device.undecrypted.lock().unwrap();
+        assert_eq!(waiting.len(), MAX_UNDECRYPTED);
+        let first = waiting[0].event.get_field::<String>("event_id").unwrap().unwrap();
+        assert_eq!(first, "$e140", "the oldest were dropped");
+        drop(waiting);
+
+        // Without their keys, trying again decrypts nothing and keeps them waiting.
+        assert!(device.retry_undecrypted(None).await.is_empty());
+        assert_eq!(device.undecrypted.lock().unwrap().len(), MAX_UNDECRYPTED);
+    }
+}
