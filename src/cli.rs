@@ -1,10 +1,15 @@
-//! The command line: `serve`, `generate-registration`, `sandbox`.
+//! The command line: the service's side (`serve`, `generate-registration`, `sandbox`, `inspect`)
+//! and the device side (`login`, `logout`, `export`), which works as a Matrix client of the
+//! person's own account.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use ruma::OwnedUserId;
+
+use crate::bundle::Only;
 use crate::config::{Config, LogFormat};
 
 #[derive(Parser)]
@@ -16,6 +21,10 @@ use crate::config::{Config, LogFormat};
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Where the device side keeps its sessions (default: $HANDOFF_DATA_DIR, else
+    /// $XDG_DATA_HOME/handoff, else ~/.local/share/handoff).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -42,6 +51,47 @@ enum Cmd {
         /// Print the whole bundle as JSON instead of a summary.
         #[arg(long)]
         json: bool,
+    },
+    /// Log in to your account from this device; the session is kept for the next commands.
+    Login {
+        /// Your Matrix ID, e.g. @you:example.org.
+        user: OwnedUserId,
+        /// The homeserver's address, when its server name does not lead to it (`.well-known`).
+        #[arg(long)]
+        homeserver: Option<String>,
+        /// Read the password (or, with --access-token, the token) from stdin instead of asking.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Log in with an access token from another client instead of a password.
+        #[arg(long)]
+        access_token: bool,
+    },
+    /// End the session kept on this device (its device is deleted from the account).
+    Logout {
+        /// The account (needed when more than one is logged in here).
+        user: Option<OwnedUserId>,
+    },
+    /// Capture your account (logged in with `login`) into a bundle file encrypted with a passphrase.
+    Export {
+        /// The bundle file to write (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// The account to export (needed when more than one is logged in here).
+        #[arg(long = "as")]
+        as_user: Option<OwnedUserId>,
+        /// Only part of the account: favourites, dms or rooms.
+        #[arg(long)]
+        only: Option<Only>,
+        /// Also copy the last N messages of each room.
+        #[arg(long, default_value_t = 0)]
+        history: usize,
+        /// An Element key-export file (Settings → Security → Export E2E room keys) to carry in the
+        /// bundle, still encrypted with its own passphrase.
+        #[arg(long)]
+        room_keys: Option<PathBuf>,
+        /// Read the bundle's passphrase from this file instead of asking (twice).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
     /// Try handoff on this machine: set up a throwaway Synapse and run handoff against it.
     Sandbox {
@@ -93,6 +143,29 @@ pub fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(1, e),
         },
+        Cmd::Login { user, homeserver, password_stdin, access_token } => {
+            let _ = init_logging("warn", LogFormat::Pretty);
+            device_side(login(cli.data_dir, &user, homeserver.as_deref(), password_stdin, access_token))
+        }
+        Cmd::Logout { user } => {
+            let _ = init_logging("warn", LogFormat::Pretty);
+            device_side(async move {
+                let data = crate::session::data_dir(cli.data_dir)?;
+                let user = crate::session::Session::logout(&data, user.as_deref()).await?;
+                println!("Logged {user} out; its session is removed from this device.");
+                Ok(())
+            })
+        }
+        Cmd::Export { out, as_user, only, history, room_keys, passphrase_file } => {
+            let _ = init_logging("warn", LogFormat::Pretty);
+            device_side(async move {
+                let data = crate::session::data_dir(cli.data_dir)?;
+                // A wrong key file fails before anything else is asked or read.
+                let room_keys = room_keys.as_deref().map(crate::local::read_room_keys).transpose()?;
+                let options = crate::local::ExportOptions { only, history, room_keys };
+                export(&data, as_user.as_deref(), &out, &options, passphrase_file.as_deref()).await
+            })
+        }
         Cmd::Sandbox { dir } => {
             let _ = init_logging("info", LogFormat::Pretty);
             match runtime().block_on(crate::sandbox::run_interactive(dir)) {
@@ -101,6 +174,89 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Runs a device-side command: its error is one line, exit code 1.
+fn device_side(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    match runtime().block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, e),
+    }
+}
+
+async fn login(
+    data_dir: Option<PathBuf>,
+    user: &ruma::UserId,
+    homeserver: Option<&str>,
+    from_stdin: bool,
+    access_token: bool,
+) -> anyhow::Result<()> {
+    use crate::session::{Credential, Session};
+    let data = crate::session::data_dir(data_dir)?;
+    let what = if access_token { "Access token" } else { "Password" };
+    let secret = if from_stdin {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        rpassword::prompt_password(format!("{what} for {user}: "))
+            .map_err(|e| anyhow::anyhow!("cannot ask for the {} ({e}): use --password-stdin", what.to_lowercase()))?
+    };
+    anyhow::ensure!(!secret.is_empty(), "no {} given", what.to_lowercase());
+    let secret = crate::config::Secret::new(secret);
+    let credential = if access_token { Credential::AccessToken(secret) } else { Credential::Password(secret) };
+    let session = Session::login(&data, user, homeserver, credential).await?;
+    println!(
+        "Logged in as {} on {} (device {}); the session is kept in {}.",
+        session.user_id,
+        session.homeserver,
+        session.device_id,
+        data.display()
+    );
+    Ok(())
+}
+
+async fn export(
+    data: &std::path::Path,
+    user: Option<&ruma::UserId>,
+    out: &std::path::Path,
+    options: &crate::local::ExportOptions,
+    passphrase_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    anyhow::ensure!(!out.exists(), "{} exists already: choose another --out", out.display());
+    let passphrase = match passphrase_file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned(),
+        None => {
+            let first = rpassword::prompt_password("Passphrase for the bundle file: ")
+                .context("cannot ask for the passphrase (use --passphrase-file)")?;
+            let again = rpassword::prompt_password("The same passphrase again: ")?;
+            anyhow::ensure!(first == again, "the two passphrases differ; nothing was written");
+            first
+        }
+    };
+    anyhow::ensure!(passphrase.chars().count() >= 8, "the passphrase is too short: use at least 8 characters");
+    let session = crate::session::Session::open(data, user).await?;
+    let exported = crate::local::export(&session, options).await?;
+    let sealed = crate::bundle::file::seal(&exported.bundle, &passphrase);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    file.write_all(&sealed).and_then(|_| file.sync_all()).with_context(|| format!("cannot write {}", out.display()))?;
+    println!("Wrote the bundle of {} to {}, encrypted with your passphrase.", session.user_id, out.display());
+    println!("{}", exported.bundle.summary());
+    if exported.bundle.room_keys.is_some() {
+        println!("Your key export travels inside it, still encrypted with its own passphrase.");
+    }
+    Ok(())
 }
 
 fn inspect(file: &std::path::Path, passphrase_file: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {

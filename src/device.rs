@@ -642,11 +642,12 @@ mod tests {
         for n in 0..(MAX_UNDECRYPTED as u64 + 40) {
             assert!(device.take(&room, undecryptable(100 + n, created + n)).is_none());
         }
-        let waiting = device.undecrypted.lock().unwrap();
-        assert_eq!(waiting.len(), MAX_UNDECRYPTED);
-        let first = waiting[0].event.get_field::<String>("event_id").unwrap().unwrap();
+        let (len, first) = {
+            let waiting = device.undecrypted.lock().unwrap();
+            (waiting.len(), waiting[0].event.get_field::<String>("event_id").unwrap().unwrap())
+        };
+        assert_eq!(len, MAX_UNDECRYPTED);
         assert_eq!(first, "$e140", "the oldest were dropped");
-        drop(waiting);
 
         // Without their keys, trying again decrypts nothing and keeps them waiting.
         assert!(device.retry_undecrypted(None).await.is_empty());

@@ -162,6 +162,9 @@ pub struct Homeserver {
     versions: SupportedVersions,
     /// Whom [`Homeserver::send`] acts as (`?user_id=`); the registration's own user when `None`.
     user: Option<OwnedUserId>,
+    /// The token is a user's own (the device side), not an appservice's: it acts as that user
+    /// alone, and asserts no identity.
+    own: bool,
 }
 
 impl Homeserver {
@@ -175,6 +178,19 @@ impl Homeserver {
             .await?;
         let versions = bootstrap.send_request(get_supported_versions::Request::new()).await?.as_supported_versions();
         Self::build(address, as_token, http, versions).await
+    }
+
+    /// Connects with a user's own `access_token` (from a login on the user's device): every
+    /// request is that user's, so [`Homeserver::send_as`] asserts nothing.
+    pub async fn connect_user(address: &str, access_token: &str, http: reqwest::Client) -> Result<Self, HsError> {
+        let hs = Self::connect(address, access_token, http).await?;
+        let client = ruma_client::Client::builder()
+            .homeserver_url(address.to_owned())
+            .access_token(Some(access_token.to_owned()))
+            .supported_matrix_versions(hs.versions.clone())
+            .http_client(hs.http.clone())
+            .await?;
+        Ok(Homeserver { client, own: true, ..hs })
     }
 
     /// The same homeserver with another appservice token (no second `/versions`).
@@ -203,6 +219,7 @@ impl Homeserver {
             http,
             versions,
             user: None,
+            own: false,
         })
     }
 
@@ -226,12 +243,13 @@ impl Homeserver {
     {
         match &self.user {
             Some(user) => self.send_as(user, request).await,
-            None => self.send_as_registration(request).await,
+            None => self.send_with_token(request).await,
         }
     }
 
-    /// Sends a request as the registration's own user, whoever this client acts as.
-    async fn send_as_registration<R>(&self, request: R) -> Result<R::IncomingResponse, HsError>
+    /// Sends a request with the token alone: as the registration's own user (whoever this client
+    /// acts as), or as the user whose own token it is.
+    async fn send_with_token<R>(&self, request: R) -> Result<R::IncomingResponse, HsError>
     where
         R: OutgoingRequest + Clone,
         R::EndpointError: EndpointError,
@@ -241,7 +259,8 @@ impl Homeserver {
         self.retrying(endpoint_of::<R>(&self.client), || self.client.send_request(request.clone())).await
     }
 
-    /// Sends a request as `user` (identity assertion with `?user_id=`).
+    /// Sends a request as `user` (identity assertion with `?user_id=`; with a user's own token, as
+    /// that user).
     pub async fn send_as<R>(&self, user: &UserId, request: R) -> Result<R::IncomingResponse, HsError>
     where
         R: OutgoingRequest + Clone,
@@ -249,6 +268,9 @@ impl Homeserver {
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
         R::PathBuilder: SupportedPathBuilder,
     {
+        if self.own {
+            return self.send_with_token(request).await;
+        }
         let endpoint = endpoint_of::<R>(&self.client);
         self.retrying(endpoint, || self.client.send_request_as(AppserviceUserIdentity::new(user), request.clone()))
             .await
@@ -268,7 +290,7 @@ impl Homeserver {
         req.device_id = device;
         req.initial_device_display_name = Some(display_name.to_owned());
         // The user is named in the body: no `?user_id=` beside it.
-        self.send_as_registration(req).await
+        self.send_with_token(req).await
     }
 
     /// Ends the session of a device's `token` (the homeserver deletes that device and its keys).

@@ -3,6 +3,7 @@
 //! side has device keys (encrypted from creation), and reads what the bot says by decrypting it.
 //! Only the tests that need it include it (`#[path]`): matrix-sdk's futures need a higher
 //! recursion limit in every crate that spawns them.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};

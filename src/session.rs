@@ -1,0 +1,267 @@
+//! The device side's login: a person's own session, made with matrix-sdk, kept on disk so the
+//! next `handoff` command does not log in again.
+//!
+//! Each account has a folder of its own under the data directory (`--data-dir`, or
+//! `$HANDOFF_DATA_DIR`, or `$XDG_DATA_HOME/handoff`, or `~/.local/share/handoff`):
+//! `accounts/<user ID>/session.json` (mode 0600: the homeserver, device ID, access token and the
+//! passphrase of the crypto store) and `store/`, matrix-sdk's SQLite stores encrypted with that
+//! passphrase. The folder is mode 0700; `handoff logout` ends the session and removes it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use matrix_sdk::authentication::matrix::MatrixSession;
+use matrix_sdk::config::SyncSettings;
+use matrix_sdk::store::RoomLoadSettings;
+use matrix_sdk::{Client, SessionMeta, SessionTokens};
+use ruma::api::client::account::whoami;
+use ruma::api::error::ErrorKind;
+use ruma::{OwnedDeviceId, OwnedUserId, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Secret;
+use crate::device::sdk_error;
+use crate::homeserver::{Homeserver, HsError};
+
+/// What the device is called in the account's device list.
+const DEVICE_NAME: &str = "handoff (command line)";
+
+/// What the person signs in with.
+pub enum Credential {
+    Password(Secret),
+    /// An access token from another client; its device becomes this session's.
+    AccessToken(Secret),
+}
+
+/// The session file.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    user_id: OwnedUserId,
+    device_id: OwnedDeviceId,
+    homeserver: String,
+    access_token: Secret,
+    passphrase: Secret,
+}
+
+/// A logged-in session on this device.
+pub struct Session {
+    pub client: Client,
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+    pub homeserver: String,
+    access_token: Secret,
+}
+
+/// The data directory: the flag, then `$HANDOFF_DATA_DIR`, then the XDG default.
+pub fn data_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = flag.or_else(|| std::env::var_os("HANDOFF_DATA_DIR").map(PathBuf::from)) {
+        return Ok(dir);
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("handoff"));
+    }
+    let home = std::env::var_os("HOME").context("no home directory: pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/handoff"))
+}
+
+fn account_dir(data: &Path, user: &UserId) -> PathBuf {
+    // A user ID is safe as one path component once its slashes (none are allowed, but) are out.
+    data.join("accounts").join(user.as_str().replace('/', "_"))
+}
+
+impl Session {
+    /// Logs `user` in as a new device of this command line and keeps the session.
+    pub async fn login(
+        data: &Path,
+        user: &UserId,
+        homeserver: Option<&str>,
+        credential: Credential,
+    ) -> Result<Session> {
+        let dir = account_dir(data, user);
+        if dir.join("session.json").exists() {
+            bail!("{user} is already logged in here (run `handoff logout {user}` first to log in again)");
+        }
+        let homeserver = match homeserver {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => discover(user).await?,
+        };
+        create_private_dir(&dir)?;
+        let passphrase = Secret::new(hex::encode(rand::random::<[u8; 32]>()));
+        let made = async {
+            let client = build(&homeserver, &dir, &passphrase).await?;
+            let (device_id, access_token) = match credential {
+                Credential::Password(password) => {
+                    let login = client
+                        .matrix_auth()
+                        .login_username(user.as_str(), password.expose())
+                        .initial_device_display_name(DEVICE_NAME)
+                        .await
+                        .map_err(|e| match e.client_api_error_kind() {
+                            Some(ErrorKind::Forbidden) => {
+                                anyhow::anyhow!("wrong user ID or password for {user} on {homeserver}")
+                            }
+                            _ => anyhow::anyhow!("cannot log in to {homeserver}: {}", sdk_error(e)),
+                        })?;
+                    (login.device_id, Secret::new(login.access_token))
+                }
+                Credential::AccessToken(token) => {
+                    let me = whoami_of(&homeserver, &token).await?;
+                    if me.user_id != user {
+                        bail!("that access token is {}'s, not {user}'s", me.user_id);
+                    }
+                    let device_id = me
+                        .device_id
+                        .context("that access token has no device (an appservice token?): log in with a password")?;
+                    restore(&client, user, &device_id, &token).await?;
+                    (device_id, token)
+                }
+            };
+            // One sync: the device's keys go up, so the account's other devices know it.
+            client.sync_once(SyncSettings::default().timeout(Duration::ZERO)).await.map_err(sdk_error)?;
+            let saved = Saved {
+                user_id: user.to_owned(),
+                device_id: device_id.clone(),
+                homeserver: homeserver.clone(),
+                access_token: access_token.clone(),
+                passphrase: passphrase.clone(),
+            };
+            crate::registration::write_private(&dir.join("session.json"), &serde_json::to_string_pretty(&saved)?)?;
+            Ok::<_, anyhow::Error>(Session {
+                client,
+                user_id: user.to_owned(),
+                device_id,
+                homeserver: homeserver.clone(),
+                access_token,
+            })
+        };
+        match made.await {
+            Ok(session) => Ok(session),
+            Err(e) => {
+                // Nothing half-made stays behind: the next login starts clean.
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// The session kept for `user` (or the only one kept, without `user`).
+    pub async fn open(data: &Path, user: Option<&UserId>) -> Result<Session> {
+        let dir = match user {
+            Some(user) => account_dir(data, user),
+            None => only_account(data)?,
+        };
+        let path = dir.join("session.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let who = user.map(|u| u.to_string()).unwrap_or_else(|| "@you:your.server".into());
+                bail!("not logged in: run `handoff login {who}` first")
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let saved: Saved = serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+        let client = build(&saved.homeserver, &dir, &saved.passphrase).await?;
+        restore(&client, &saved.user_id, &saved.device_id, &saved.access_token).await?;
+        Ok(Session {
+            client,
+            user_id: saved.user_id,
+            device_id: saved.device_id,
+            homeserver: saved.homeserver,
+            access_token: saved.access_token,
+        })
+    }
+
+    /// Ends the session on the homeserver (which deletes this device) and removes its folder.
+    pub async fn logout(data: &Path, user: Option<&UserId>) -> Result<OwnedUserId> {
+        let session = Session::open(data, user).await?;
+        let dir = account_dir(data, &session.user_id);
+        match session.client.matrix_auth().logout().await {
+            Ok(_) => {}
+            // Already ended elsewhere: the folder still goes.
+            Err(e) if matches!(e.client_api_error_kind(), Some(ErrorKind::UnknownToken { .. })) => {}
+            Err(e) => bail!("cannot log out of {}: {} (nothing was removed)", session.homeserver, sdk_error(e.into())),
+        }
+        let user = session.user_id.clone();
+        drop(session);
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        Ok(user)
+    }
+
+    /// A client of the homeserver with this session's token, for the typed requests the bundle
+    /// and the planner make.
+    pub async fn homeserver(&self) -> Result<Homeserver, HsError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("handoff/", env!("CARGO_PKG_VERSION")))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| HsError::Protocol(e.to_string()))?;
+        Homeserver::connect_user(&self.homeserver, self.access_token.expose(), http).await
+    }
+}
+
+/// The homeserver of `user`'s server, from its `.well-known` (matrix-sdk's discovery).
+async fn discover(user: &UserId) -> Result<String> {
+    let server = user.server_name();
+    let client = Client::builder().server_name(server).build().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot find the homeserver of {server} ({e}): pass its address with --homeserver https://matrix.{server}"
+        )
+    })?;
+    Ok(client.homeserver().as_str().trim_end_matches('/').to_owned())
+}
+
+async fn build(homeserver: &str, dir: &Path, passphrase: &Secret) -> Result<Client> {
+    Client::builder()
+        .homeserver_url(homeserver)
+        .sqlite_store(dir.join("store"), Some(passphrase.expose()))
+        .build()
+        .await
+        .with_context(|| format!("cannot open the session's store in {}", dir.display()))
+}
+
+async fn restore(client: &Client, user: &UserId, device: &OwnedDeviceId, token: &Secret) -> Result<()> {
+    let session = MatrixSession {
+        meta: SessionMeta { user_id: user.to_owned(), device_id: device.clone() },
+        tokens: SessionTokens { access_token: token.expose().to_owned(), refresh_token: None },
+    };
+    client.matrix_auth().restore_session(session, RoomLoadSettings::default()).await.map_err(sdk_error)?;
+    Ok(())
+}
+
+async fn whoami_of(homeserver: &str, token: &Secret) -> Result<whoami::v3::Response> {
+    let hs = Homeserver::connect_user(homeserver, token.expose(), reqwest::Client::new())
+        .await
+        .with_context(|| format!("cannot reach {homeserver}"))?;
+    hs.send(whoami::v3::Request::new()).await.map_err(|e| match e.kind() {
+        Some(ErrorKind::UnknownToken { .. }) => anyhow::anyhow!("{homeserver} does not know that access token"),
+        _ => anyhow::anyhow!("cannot check the access token: {e}"),
+    })
+}
+
+/// The one account logged in here, for commands that don't name one.
+fn only_account(data: &Path) -> Result<PathBuf> {
+    let accounts = data.join("accounts");
+    let dirs: Vec<PathBuf> = match std::fs::read_dir(&accounts) {
+        Ok(entries) => {
+            entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("session.json").exists()).collect()
+        }
+        Err(_) => Vec::new(),
+    };
+    match dirs.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("not logged in: run `handoff login @you:your.server` first"),
+        _ => bail!("more than one account is logged in here: name one with --as @you:your.server"),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
