@@ -7,8 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(feature = "e2ee")]
 use ruma::OwnedUserId;
 
+#[cfg(feature = "e2ee")]
 use crate::bundle::Only;
 use crate::config::{Config, LogFormat};
 
@@ -53,6 +55,7 @@ enum Cmd {
         json: bool,
     },
     /// Log in to your account from this device; the session is kept for the next commands.
+    #[cfg(feature = "e2ee")]
     Login {
         /// Your Matrix ID, e.g. @you:example.org.
         user: OwnedUserId,
@@ -67,11 +70,13 @@ enum Cmd {
         access_token: bool,
     },
     /// End the session kept on this device (its device is deleted from the account).
+    #[cfg(feature = "e2ee")]
     Logout {
         /// The account (needed when more than one is logged in here).
         user: Option<OwnedUserId>,
     },
     /// Capture your account (logged in with `login`) into a bundle file encrypted with a passphrase.
+    #[cfg(feature = "e2ee")]
     Export {
         /// The bundle file to write (never overwritten).
         #[arg(long)]
@@ -143,10 +148,12 @@ pub fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(1, e),
         },
+        #[cfg(feature = "e2ee")]
         Cmd::Login { user, homeserver, password_stdin, access_token } => {
             let _ = init_logging("warn", LogFormat::Pretty);
             device_side(login(cli.data_dir, &user, homeserver.as_deref(), password_stdin, access_token))
         }
+        #[cfg(feature = "e2ee")]
         Cmd::Logout { user } => {
             let _ = init_logging("warn", LogFormat::Pretty);
             device_side(async move {
@@ -156,6 +163,7 @@ pub fn main() -> ExitCode {
                 Ok(())
             })
         }
+        #[cfg(feature = "e2ee")]
         Cmd::Export { out, as_user, only, history, room_keys, passphrase_file } => {
             let _ = init_logging("warn", LogFormat::Pretty);
             device_side(async move {
@@ -177,6 +185,7 @@ pub fn main() -> ExitCode {
 }
 
 /// Runs a device-side command: its error is one line, exit code 1.
+#[cfg(feature = "e2ee")]
 fn device_side(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     match runtime().block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
@@ -184,6 +193,7 @@ fn device_side(work: impl std::future::Future<Output = anyhow::Result<()>>) -> E
     }
 }
 
+#[cfg(feature = "e2ee")]
 async fn login(
     data_dir: Option<PathBuf>,
     user: &ruma::UserId,
@@ -216,6 +226,7 @@ async fn login(
     Ok(())
 }
 
+#[cfg(feature = "e2ee")]
 async fn export(
     data: &std::path::Path,
     user: Option<&ruma::UserId>,

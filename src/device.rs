@@ -41,7 +41,7 @@ use ruma::events::AnyTimelineEvent;
 use ruma::events::room::encrypted::OriginalSyncRoomEncryptedEvent;
 use ruma::events::room::message::RoomMessageEventContent;
 use ruma::serde::Raw;
-use ruma::{OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId, UInt};
+use ruma::{OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedTransactionId, RoomId, UInt};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Secret};
@@ -496,10 +496,6 @@ impl Device {
             "last_sync_seconds_ago": last_ok,
             "waiting_for_keys": self.undecrypted.lock().expect("lock").len(),
         })
-    }
-
-    pub fn user_id(&self) -> Option<OwnedUserId> {
-        self.client.user_id().map(ToOwned::to_owned)
     }
 }
 
