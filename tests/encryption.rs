@@ -45,7 +45,10 @@ async fn an_encrypted_dm_made_as_element_makes_it_just_works_and_survives_a_rest
     assert!(!greeting.body().contains("can't read"), "{greeting:?}");
     // The user's client sees the bot's device, cross-signed by the bot's own identity (so a
     // client that hides unverified devices still writes to it).
-    let seen_device = phone.client.encryption().get_device(&h.bot, &device).await.unwrap().expect("the bot's device");
+    let seen_device = eventually("the client to know the bot's device", || async {
+        phone.client.encryption().get_device(&h.bot, &device).await.unwrap()
+    })
+    .await;
     assert!(seen_device.is_cross_signed_by_owner(), "the bot's device is cross-signed");
     assert_eq!(health(&h).await["encryption"]["cross_signed"], true);
 
@@ -79,15 +82,19 @@ async fn an_encrypted_dm_made_as_element_makes_it_just_works_and_survives_a_rest
     let fresh = bot_device(&h).await;
     assert_ne!(fresh, device, "a new device");
     assert_eq!(health(&h).await["encryption"]["cross_signed"], true, "the new device is cross-signed");
-    let after_loss = phone.ask(&dm, &h.bot, "help", "• help — show the commands").await;
-    assert!(after_loss.contains("• export"), "{after_loss}");
-    let seen_device = phone.client.encryption().get_device(&h.bot, &fresh).await.unwrap().expect("the new device");
-    assert!(seen_device.is_cross_signed_by_owner(), "the user's client sees the new device cross-signed");
-    eventually("the old device to be gone", || async {
+    // The user's client learns of the change from its sync (a message sent before that is
+    // encrypted for the old device alone, and the new one can't read it).
+    let seen_device = eventually("the client to see the new device and not the old", || async {
         let devices = phone.client.encryption().get_user_devices(&h.bot).await.unwrap();
-        devices.get(&device).is_none().then_some(())
+        if devices.get(&device).is_some() {
+            return None;
+        }
+        devices.get(&fresh)
     })
     .await;
+    assert!(seen_device.is_cross_signed_by_owner(), "the user's client sees the new device cross-signed");
+    let after_loss = phone.ask(&dm, &h.bot, "help", "• help — show the commands").await;
+    assert!(after_loss.contains("• export"), "{after_loss}");
     let log = h.log();
     assert!(log.contains("the bot's crypto store is gone"), "{log}");
     for key in ["appservice.as_token", "appservice.hs_token"] {
