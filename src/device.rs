@@ -17,11 +17,12 @@
 //!   bot's rooms. Only events that arrived *encrypted* are taken from here (decrypted); plain
 //!   events keep coming through the appservice transactions: one source per event. Its position
 //!   is stored once what it brought is in the inbox, so a crash loses no command. Events that
-//!   could not be decrypted yet are kept for a while and decrypted when their keys arrive.
+//!   could not be decrypted yet are decrypted when their keys arrive; after a few seconds
+//!   without, their sender is asked to send them again.
 //!
 //! It sends into a room only when that room is encrypted: [`Device::is_encrypted`] says which.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -41,7 +42,7 @@ use ruma::events::AnyTimelineEvent;
 use ruma::events::room::encrypted::OriginalSyncRoomEncryptedEvent;
 use ruma::events::room::message::RoomMessageEventContent;
 use ruma::serde::Raw;
-use ruma::{OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedTransactionId, RoomId, UInt};
+use ruma::{OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId, UInt};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Secret};
@@ -58,8 +59,10 @@ const DISPLAY_NAME: &str = "handoff bot";
 
 /// Events kept until their keys arrive, at most (a flood of undecryptable events costs no more).
 const MAX_UNDECRYPTED: usize = 256;
-/// …and for at most this long: a key that has not come in an hour is not coming.
-const UNDECRYPTED_PATIENCE: Duration = Duration::from_secs(3600);
+/// How long an undecryptable event waits for its keys before its sender is told.
+const UNREADABLE_AFTER: Duration = Duration::from_secs(10);
+/// A room is told of an unreadable event at most this often.
+const TELL_AT_MOST_EVERY: Duration = Duration::from_secs(60);
 /// How long the long-poll of the device's `/sync` waits for news.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -144,6 +147,14 @@ impl Encryption {
 pub struct Decrypted {
     pub room_id: OwnedRoomId,
     pub event: Raw<AnyTimelineEvent>,
+}
+
+/// An encrypted event the device could not decrypt in time: its keys never reached this device
+/// (the sender's client did not know the device yet, or withheld them).
+pub struct Unreadable {
+    pub room_id: OwnedRoomId,
+    pub event_id: OwnedEventId,
+    pub sender: OwnedUserId,
 }
 
 /// The bot's device, running.
@@ -289,12 +300,51 @@ impl Device {
     /// Syncs until the stop, handing every encrypted event it decrypts to `accept`; events
     /// decrypted later (their keys arrived) are handed over too. The sync's position is stored only
     /// once `accept` has taken every event before it, so a crash in between loses nothing: the next
-    /// start syncs again from there (and `accept` knows each event ID once).
-    pub fn spawn_sync<F, Fut>(&self, shutdown: &Shutdown, store: Store, accept: F)
+    /// start syncs again from there (and `accept` knows each event ID once). An event still
+    /// undecryptable after [`UNREADABLE_AFTER`] goes to `unreadable` instead, once, and is no
+    /// longer waited for (the sender is asked to send it again: it must not run twice).
+    pub fn spawn_sync<F, Fut, G, GFut>(&self, shutdown: &Shutdown, store: Store, accept: F, unreadable: G)
     where
         F: Fn(Decrypted) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<(), StoreError>> + Send + 'static,
+        G: Fn(Unreadable) -> GFut + Send + Sync + 'static,
+        GFut: Future<Output = ()> + Send + 'static,
     {
+        let (this, stop) = (self.clone(), shutdown.clone());
+        shutdown.spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(2));
+            // When each room was last told: at most once a minute, whatever a sender floods.
+            let mut told: HashMap<OwnedRoomId, Instant> = HashMap::new();
+            loop {
+                tokio::select! {
+                    _ = stop.begun() => return,
+                    _ = every.tick() => {}
+                }
+                told.retain(|_, at| at.elapsed() < TELL_AT_MOST_EVERY);
+                let overdue: Vec<Undecrypted> = {
+                    let mut waiting = this.undecrypted.lock().expect("lock");
+                    let (overdue, still) = std::mem::take(&mut *waiting)
+                        .into_iter()
+                        .partition(|u: &Undecrypted| u.since.elapsed() >= UNREADABLE_AFTER);
+                    *waiting = still;
+                    overdue
+                };
+                for u in overdue {
+                    let (Some(event_id), Some(sender)) = (
+                        u.event.get_field::<OwnedEventId>("event_id").ok().flatten(),
+                        u.event.get_field::<OwnedUserId>("sender").ok().flatten(),
+                    ) else {
+                        continue;
+                    };
+                    if told.contains_key(&u.room_id) {
+                        continue;
+                    }
+                    told.insert(u.room_id.clone(), Instant::now());
+                    tracing::info!(room_id = %u.room_id, "an encrypted event stayed unreadable: its sender is told");
+                    unreadable(Unreadable { room_id: u.room_id, event_id, sender }).await;
+                }
+            }
+        });
         let (this, stop, take) = (self.clone(), shutdown.clone(), accept.clone());
         shutdown.spawn(async move {
             let base = this.sync_settings();
@@ -387,7 +437,6 @@ impl Device {
                 if !before_device(ts) {
                     tracing::debug!(room_id = %room_id, reason = ?utd_info.reason, "an encrypted event waits for its keys");
                     let mut waiting = self.undecrypted.lock().expect("lock");
-                    waiting.retain(|u| u.since.elapsed() < UNDECRYPTED_PATIENCE);
                     if waiting.len() >= MAX_UNDECRYPTED {
                         waiting.remove(0);
                     }

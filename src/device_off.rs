@@ -49,15 +49,24 @@ pub struct Decrypted {
     pub event: Raw<AnyTimelineEvent>,
 }
 
+/// An encrypted event that stayed undecryptable (never, in this build).
+pub struct Unreadable {
+    pub room_id: OwnedRoomId,
+    pub event_id: OwnedEventId,
+    pub sender: ruma::OwnedUserId,
+}
+
 /// No device can exist in this build: the type has no values.
 #[derive(Clone)]
 pub enum Device {}
 
 impl Device {
-    pub fn spawn_sync<F, Fut>(&self, _shutdown: &Shutdown, _store: Store, _accept: F)
+    pub fn spawn_sync<F, Fut, G, GFut>(&self, _shutdown: &Shutdown, _store: Store, _accept: F, _unreadable: G)
     where
         F: Fn(Decrypted) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<(), StoreError>> + Send + 'static,
+        G: Fn(Unreadable) -> GFut + Send + Sync + 'static,
+        GFut: Future<Output = ()> + Send + 'static,
     {
         match *self {}
     }

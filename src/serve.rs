@@ -116,11 +116,19 @@ pub async fn run(config: Config) -> Result<()> {
     }
     if let Some(device) = encryption.device() {
         // What the device decrypts enters the inbox like a transaction's events.
-        let bot = Arc::clone(&bot);
-        device.spawn_sync(&shutdown, store.clone(), move |event| {
-            let bot = Arc::clone(&bot);
-            async move { bot.accept_decrypted(event).await }
-        });
+        let (taker, teller) = (Arc::clone(&bot), Arc::clone(&bot));
+        device.spawn_sync(
+            &shutdown,
+            store.clone(),
+            move |event| {
+                let bot = Arc::clone(&taker);
+                async move { bot.accept_decrypted(event).await }
+            },
+            move |unreadable| {
+                let bot = Arc::clone(&teller);
+                async move { bot.tell_unreadable(unreadable).await }
+            },
+        );
     }
     let state = AppState {
         hs_token: config.appservice.hs_token.clone(),

@@ -74,6 +74,21 @@ async fn an_encrypted_dm_made_as_element_makes_it_just_works_and_survives_a_rest
     assert_eq!(phone.messages_from(&dm, &h.bot).await.len(), before + 1, "one answer to one command");
     assert_eq!(h.log().matches("logged the bot in as a new device").count(), 1, "a second device was made");
 
+    // The user's client withholds its keys from the bot's device (blacklisted): the bot can't read
+    // the message, says so once, and never runs it; trusted again, the next one is answered.
+    let withheld = phone.client.encryption().get_device(&h.bot, &device).await.unwrap().unwrap();
+    withheld.set_local_trust(matrix_sdk::encryption::LocalTrust::BlackListed).await.unwrap();
+    let before = phone.messages_from(&dm, &h.bot).await.len();
+    phone.send_text(&dm, "help").await;
+    let told = phone
+        .wait_for(&dm, &h.bot, before, "the bot to say it could not read", |m| m.body().contains("could not read"))
+        .await;
+    assert!(told.encrypted && told.body().contains("Please send it again"), "{told:?}");
+    withheld.set_local_trust(matrix_sdk::encryption::LocalTrust::Unset).await.unwrap();
+    phone.ask(&dm, &h.bot, "help", "• help — show the commands").await;
+    let since = phone.messages_from(&dm, &h.bot).await;
+    assert_eq!(since.len(), before + 2, "one notice, one answer: the unreadable `help` never ran: {since:#?}");
+
     // The crypto store is lost: the bot gets a fresh device (never a broken one), cross-signed
     // again from its secret storage, the old device is logged out, and the same DM still works.
     h.signal_handoff("TERM");

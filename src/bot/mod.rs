@@ -29,7 +29,7 @@ use ruma::{OwnedRoomId, OwnedUserId, UserId};
 
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
-use crate::device::Decrypted;
+use crate::device::{Decrypted, Unreadable};
 use crate::html::escape;
 use crate::metrics;
 use crate::store::{StoreError, now_ms};
@@ -132,6 +132,21 @@ impl Bot {
         };
         self.enqueue(sender, Job::Event { inbox: numbers[0], event });
         Ok(())
+    }
+
+    /// An encrypted message the bot's device never got the keys for: in the sender's own DM (and
+    /// only for a permitted user) the bot says so and asks for it again; elsewhere it keeps quiet.
+    pub async fn tell_unreadable(&self, unreadable: Unreadable) {
+        let Unreadable { room_id, event_id, sender } = unreadable;
+        let in_dm = matches!(self.store.dm_room_user(&room_id), Ok(Some(owner)) if owner == sender);
+        if !in_dm || self.config.permission(&sender) < PermissionLevel::User {
+            return;
+        }
+        let ctx = Ctx { room_id, event_id, sender };
+        let text = "I could not read your last message: your client did not share its keys with my device (it may not know my device yet, or does not trust it). Please send it again; if this keeps happening, check that your client shows my device.".to_owned();
+        if let Err(e) = self.reply(&ctx, text).await {
+            tracing::warn!(error = %e, "cannot tell a user their message was unreadable");
+        }
     }
 
     /// Queues the events a previous run accepted but did not handle.
