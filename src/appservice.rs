@@ -29,7 +29,7 @@ use subtle::ConstantTimeEq;
 
 use crate::bot::Bot;
 use crate::config::Secret;
-use crate::device::Encryption;
+use crate::encryption::Encryption;
 use crate::homeserver::{Homeserver, Retry};
 use crate::metrics;
 use crate::store::Store;

@@ -23,6 +23,7 @@ pub mod device;
 #[cfg(not(feature = "e2ee"))]
 #[path = "device_off.rs"]
 pub mod device;
+pub mod encryption;
 pub mod homeserver;
 pub mod html;
 pub mod keys;

@@ -23,7 +23,7 @@ use crate::bot::Bot;
 use crate::bot::outbox::Outbox;
 use crate::bot::progress::ChatReporter;
 use crate::config::Config;
-use crate::device::Encryption;
+use crate::encryption::Encryption;
 use crate::homeserver::{Homeserver, HsError, Retry};
 use crate::metrics;
 use crate::registration;

@@ -294,12 +294,6 @@ impl Store {
         self.durable().await
     }
 
-    pub async fn remove_device_record(&self) -> Result<(), StoreError> {
-        self.meta.remove(Self::DEVICE)?;
-        self.meta.remove(Self::DEVICE_SYNC)?;
-        self.durable().await
-    }
-
     const DEVICE_SYNC: &'static [u8] = b"device_sync";
 
     /// Where the device's sync stands: every event before it is in the inbox.

@@ -29,7 +29,7 @@ use ruma::{OwnedRoomId, OwnedUserId, UserId};
 
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
-use crate::device::{Decrypted, Unreadable};
+use crate::encryption::{Decrypted, Unreadable};
 use crate::html::escape;
 use crate::metrics;
 use crate::store::{StoreError, now_ms};
