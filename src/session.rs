@@ -32,6 +32,9 @@ pub enum Credential {
     Password(Secret),
     /// An access token from another client; its device becomes this session's.
     AccessToken(Secret),
+    /// A single-use login token another session of the same account made
+    /// (`handoff export --login-token`).
+    LoginToken(Secret),
 }
 
 /// The session file.
@@ -51,6 +54,8 @@ pub struct Session {
     pub device_id: OwnedDeviceId,
     pub homeserver: String,
     access_token: Secret,
+    /// This account's folder on this device.
+    dir: PathBuf,
 }
 
 /// The data directory: the flag, then `$HANDOFF_DATA_DIR`, then the XDG default.
@@ -116,6 +121,23 @@ impl Session {
                     restore(&client, user, &device_id, &token).await?;
                     (device_id, token)
                 }
+                Credential::LoginToken(token) => {
+                    let login = client
+                        .matrix_auth()
+                        .login_token(token.expose())
+                        .initial_device_display_name(DEVICE_NAME)
+                        .await
+                        .map_err(|e| match e.client_api_error_kind() {
+                            Some(ErrorKind::Forbidden) => anyhow::anyhow!(
+                                "the login token in the bundle has expired or was used already (they are single-use and last minutes)"
+                            ),
+                            _ => anyhow::anyhow!("cannot log in to {homeserver}: {}", sdk_error(e)),
+                        })?;
+                    if login.user_id != user {
+                        bail!("the login token is {}'s, not {user}'s", login.user_id);
+                    }
+                    (login.device_id, Secret::new(login.access_token))
+                }
             };
             // One sync: the device's keys go up, so the account's other devices know it.
             client.sync_once(SyncSettings::default().timeout(Duration::ZERO)).await.map_err(sdk_error)?;
@@ -133,6 +155,7 @@ impl Session {
                 device_id,
                 homeserver: homeserver.clone(),
                 access_token,
+                dir: dir.clone(),
             })
         };
         match made.await {
@@ -169,7 +192,18 @@ impl Session {
             device_id: saved.device_id,
             homeserver: saved.homeserver,
             access_token: saved.access_token,
+            dir,
         })
+    }
+
+    /// Whether a session of `user` is kept here.
+    pub fn exists(data: &Path, user: &UserId) -> bool {
+        account_dir(data, user).join("session.json").exists()
+    }
+
+    /// This account's folder on this device (mode 0700).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Ends the session on the homeserver (which deletes this device) and removes its folder.

@@ -1,8 +1,8 @@
-//! Applying the account steps: each reads nothing and decides nothing; the merges were decided
-//! by [`merge`](super::merge) from the new account's account data, read right before.
+//! Applying the merged settings: each reads nothing and decides nothing; the merges were decided
+//! by [`merge`] from the new account's account data, read right before. The service's engine and
+//! the device side's import apply them alike.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::BTreeSet;
 
 use ruma::api::client::config::set_global_account_data;
 use ruma::api::client::profile::set_profile_field;
@@ -13,16 +13,41 @@ use ruma::{OwnedRoomId, UserId};
 use serde::Serialize;
 
 use super::merge::{self, AccountWorld};
-use super::plan::Plan;
-use super::progress::{Delivery, Reporter, RoomHistory};
-use super::{AccountStep, Error, RoomStep, Transfer};
+use super::{AccountStep, Error};
 use crate::bundle::Bundle;
 use crate::homeserver::{Homeserver, HsError};
 
-/// What the account steps need: the acting client, and the reporter for files handed over.
+/// The merged settings: an account step that writes into the new account's account data or
+/// profile, decided by [`merge`] from what it has. The other account steps hand files over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    Profile,
+    Direct,
+    IgnoredUsers,
+    PushRules,
+    ClientSettings,
+    OldMentions,
+}
+
+impl AccountStep {
+    /// The setting this step merges, if it is one.
+    pub fn setting(self) -> Option<Setting> {
+        Some(match self {
+            AccountStep::Profile => Setting::Profile,
+            AccountStep::Direct => Setting::Direct,
+            AccountStep::IgnoredUsers => Setting::IgnoredUsers,
+            AccountStep::PushRules => Setting::PushRules,
+            AccountStep::ClientSettings => Setting::ClientSettings,
+            AccountStep::OldMentions => Setting::OldMentions,
+            AccountStep::RoomKeys | AccountStep::History | AccountStep::Remote => return None,
+        })
+    }
+}
+
+/// Applies the merged settings with a client that acts as the new account: the service's acting
+/// registration, or the person's own session on the device side.
 pub struct AccountWork {
     pub acting: Homeserver,
-    pub reporter: Arc<dyn Reporter>,
 }
 
 /// The steps that run after the rooms, in order (the profile runs before them).
@@ -36,52 +61,56 @@ pub const AFTER_ROOMS: [AccountStep; 7] = [
     AccountStep::History,
 ];
 
+/// The settings, in the order they are applied (the profile before the rooms).
+pub const SETTINGS: [AccountStep; 6] = [
+    AccountStep::Profile,
+    AccountStep::Direct,
+    AccountStep::IgnoredUsers,
+    AccountStep::PushRules,
+    AccountStep::ClientSettings,
+    AccountStep::OldMentions,
+];
+
 impl AccountWork {
-    /// Runs one step; returns what it did, for the report.
-    pub async fn run(
+    /// Applies one setting from `old`'s bundle to `new`; `moved` are the rooms the new account
+    /// has its seat in now. Returns what it did, for the report.
+    pub async fn apply(
         &self,
-        step: AccountStep,
-        t: &Transfer,
+        setting: Setting,
+        old: &UserId,
+        new: &UserId,
         bundle: &Bundle,
-        plan: &Plan,
-        steps: &BTreeMap<OwnedRoomId, RoomStep>,
+        moved: &BTreeSet<OwnedRoomId>,
         world: &AccountWorld,
     ) -> Result<String, Error> {
-        let new = &t.new;
-        match step {
-            AccountStep::Profile => {
+        match setting {
+            Setting::Profile => {
                 let writes = merge::profile(world, bundle);
                 if let Some(name) = writes.display_name {
-                    let req = set_profile_field::v3::Request::new(new.clone(), ProfileFieldValue::DisplayName(name));
+                    let req = set_profile_field::v3::Request::new(new.to_owned(), ProfileFieldValue::DisplayName(name));
                     self.acting.send_as(new, req).await?;
                 }
                 if let Some(avatar) = writes.avatar_url {
-                    let req = set_profile_field::v3::Request::new(new.clone(), ProfileFieldValue::AvatarUrl(avatar));
+                    let req = set_profile_field::v3::Request::new(new.to_owned(), ProfileFieldValue::AvatarUrl(avatar));
                     self.acting.send_as(new, req).await?;
                 }
                 Ok(writes.summary)
             }
-            AccountStep::Direct => {
-                let moved: BTreeSet<OwnedRoomId> = plan
-                    .rooms
-                    .iter()
-                    .filter(|r| matches!(steps.get(&r.room_id), Some(RoomStep::Done | RoomStep::AwaitingAccept)))
-                    .map(|r| r.room_id.clone())
-                    .collect();
-                let merged = merge::direct(world, bundle, &moved);
+            Setting::Direct => {
+                let merged = merge::direct(world, bundle, moved);
                 if let Some(content) = &merged.write {
                     self.set_global_data(new, "m.direct", content).await?;
                 }
                 Ok(merged.summary)
             }
-            AccountStep::IgnoredUsers => {
+            Setting::IgnoredUsers => {
                 let merged = merge::ignored_users(world, bundle);
                 if let Some(content) = &merged.write {
                     self.set_global_data(new, "m.ignored_user_list", content).await?;
                 }
                 Ok(merged.summary)
             }
-            AccountStep::PushRules => {
+            Setting::PushRules => {
                 let rules = merge::push_rules(world, bundle);
                 for (rule, enabled) in rules.add {
                     let (kind, id) = (rule.kind(), rule.rule_id().to_owned());
@@ -95,55 +124,18 @@ impl AccountWork {
                 }
                 Ok(rules.summary)
             }
-            AccountStep::ClientSettings => {
+            Setting::ClientSettings => {
                 let merged = merge::client_settings(world, bundle);
                 for (kind, content) in merged.write.iter().flatten() {
                     self.set_global_data(new, kind, content).await?;
                 }
                 Ok(merged.summary)
             }
-            AccountStep::OldMentions => {
-                self.acting.send_as(new, set_pushrule::v3::Request::new(merge::old_mentions(&t.old))).await?;
-                Ok(format!("mentions of {} notify you", t.old))
+            Setting::OldMentions => {
+                self.acting.send_as(new, set_pushrule::v3::Request::new(merge::old_mentions(old))).await?;
+                Ok(format!("mentions of {old} notify you"))
             }
-            AccountStep::RoomKeys => {
-                let Some(keys) = &bundle.room_keys else {
-                    return Ok("no key export in the bundle".into());
-                };
-                self.reporter.deliver(t, Delivery::RoomKeys { armored: &keys.armored }).await?;
-                Ok("key export delivered".into())
-            }
-            AccountStep::History => self.history(t, bundle, plan).await,
-            AccountStep::Remote => Ok(String::new()),
         }
-    }
-
-    /// With `import --history N`: the last N captured messages of each moved room.
-    async fn history(&self, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<String, Error> {
-        let n = t.requirements.history;
-        if n == 0 {
-            return Ok("not asked for (import --history N)".into());
-        }
-        let rooms: Vec<RoomHistory<'_>> = plan
-            .rooms
-            .iter()
-            .filter_map(|r| bundle.rooms.iter().find(|e| e.room_id == r.room_id))
-            .filter_map(|entry| {
-                let history = entry.history.as_ref()?;
-                let recent = &history.messages[history.messages.len().saturating_sub(n)..];
-                (!recent.is_empty() || history.encrypted_count > 0).then(|| RoomHistory {
-                    title: entry.name.clone().unwrap_or_else(|| entry.room_id.to_string()),
-                    messages: recent,
-                    encrypted: history.encrypted_count,
-                })
-            })
-            .collect();
-        if rooms.is_empty() {
-            return Ok("the bundle carries no history (export --history N)".into());
-        }
-        let (count, messages) = (rooms.len(), rooms.iter().map(|r| r.messages.len()).sum::<usize>());
-        let name = self.reporter.deliver(t, Delivery::History(rooms)).await?;
-        Ok(format!("{messages} message(s) from {count} room(s) delivered as {name}"))
     }
 
     async fn set_global_data(&self, user: &UserId, kind: &str, content: &impl Serialize) -> Result<(), Error> {

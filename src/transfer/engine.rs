@@ -6,7 +6,7 @@
 //! Every step is journaled before and after it runs; the engine only tells the [`Reporter`] how it
 //! goes. At most `handoff.max_transfers` run at once; the others wait their turn in [`Line`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -18,7 +18,7 @@ use super::account::{AFTER_ROOMS, AccountWork};
 use super::journal::Journal;
 use super::line::{Admit, Line};
 use super::plan::{self, Plan, Requirements, RoomPlan};
-use super::progress::{Counts, Place, Reporter, Stopped};
+use super::progress::{Counts, Delivery, Place, Reporter, RoomHistory, Stopped};
 use super::report::Report;
 use super::room::RoomWork;
 use super::{AccountStep, Error, PATIENT, RoomStep, Stage, StepOutcome, Transfer, TransferState, world};
@@ -80,7 +80,7 @@ impl Engine {
                 notify: config.handoff.notify.clone(),
                 domain: config.homeserver.domain.clone(),
             },
-            account: AccountWork { acting: acting.clone(), reporter: Arc::clone(&reporter) },
+            account: AccountWork { acting: acting.clone() },
             acting,
             store,
             journal,
@@ -489,9 +489,19 @@ impl Engine {
         };
         let plan = t.plan.clone().expect("planned before the account steps");
         let room_steps = self.journal.room_steps(t.id)?;
+        let seated: BTreeSet<OwnedRoomId> = plan
+            .rooms
+            .iter()
+            .filter(|r| matches!(room_steps.get(&r.room_id), Some(RoomStep::Done | RoomStep::AwaitingAccept)))
+            .map(|r| r.room_id.clone())
+            .collect();
         for step in todo {
             let _slot = self.budget.acquire(t.id, class).await;
-            let outcome = match self.account.run(step, t, bundle, &plan, &room_steps, &world).await {
+            let done = match step.setting() {
+                Some(setting) => self.account.apply(setting, &t.old, &t.new, bundle, &seated, &world).await,
+                None => self.deliver(step, t, bundle, &plan).await,
+            };
+            let outcome = match done {
                 Ok(done) => StepOutcome::Done(done),
                 Err(Error::Hs(e)) if !e.is_transient() => StepOutcome::Failed(e.to_string()),
                 Err(e) => return Err(e),
@@ -500,6 +510,49 @@ impl Engine {
             self.save(t).await?;
         }
         Ok(())
+    }
+
+    /// The account steps that hand files over to the new account's DM.
+    async fn deliver(&self, step: AccountStep, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<String, Error> {
+        match step {
+            AccountStep::RoomKeys => {
+                let Some(keys) = &bundle.room_keys else {
+                    return Ok("no key export in the bundle".into());
+                };
+                self.reporter.deliver(t, Delivery::RoomKeys { armored: &keys.armored }).await?;
+                Ok("key export delivered".into())
+            }
+            AccountStep::History => self.history(t, bundle, plan).await,
+            _ => Ok(String::new()),
+        }
+    }
+
+    /// With `import --history N`: the last N captured messages of each moved room.
+    async fn history(&self, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<String, Error> {
+        let n = t.requirements.history;
+        if n == 0 {
+            return Ok("not asked for (import --history N)".into());
+        }
+        let rooms: Vec<RoomHistory<'_>> = plan
+            .rooms
+            .iter()
+            .filter_map(|r| bundle.rooms.iter().find(|e| e.room_id == r.room_id))
+            .filter_map(|entry| {
+                let history = entry.history.as_ref()?;
+                let recent = &history.messages[history.messages.len().saturating_sub(n)..];
+                (!recent.is_empty() || history.encrypted_count > 0).then(|| RoomHistory {
+                    title: entry.name.clone().unwrap_or_else(|| entry.room_id.to_string()),
+                    messages: recent,
+                    encrypted: history.encrypted_count,
+                })
+            })
+            .collect();
+        if rooms.is_empty() {
+            return Ok("the bundle carries no history (export --history N)".into());
+        }
+        let (count, messages) = (rooms.len(), rooms.iter().map(|r| r.messages.len()).sum::<usize>());
+        let name = self.reporter.deliver(t, Delivery::History(rooms)).await?;
+        Ok(format!("{messages} message(s) from {count} room(s) delivered as {name}"))
     }
 
     /// Tells the reporter the end, then stores the final state. A report that can't be posted

@@ -202,6 +202,29 @@ pub fn plan_rooms(bundle: &Bundle, new: &UserId, ids: &[OwnedRoomId], world: &Wo
         .collect()
 }
 
+/// Plans without the old account's view of its rooms (the device side, signed in as the new
+/// account alone): every selected room is to be joined by its ID through its via servers, and the
+/// join itself says whether it needs an invite. `joined`: the rooms the new account is in already.
+pub fn blind(bundle: &Bundle, new: &UserId, req: &Requirements, joined: &BTreeSet<OwnedRoomId>) -> Plan {
+    let mut plan = unplanned(bundle, new, req, &World::default());
+    let entries: BTreeMap<&RoomId, &RoomEntry> = bundle.rooms.iter().map(|r| (r.room_id.as_ref(), r)).collect();
+    plan.rooms = std::mem::take(&mut plan.unplanned)
+        .iter()
+        .filter_map(|id| entries.get::<RoomId>(id))
+        .map(|r| RoomPlan {
+            room_id: r.room_id.clone(),
+            via: r.via.clone(),
+            name: r.name.clone(),
+            kind: r.kind,
+            priority: r.priority,
+            action: if joined.contains(&r.room_id) { Action::AlreadyJoined } else { Action::Join },
+            give_level: None,
+            warnings: vec![],
+        })
+        .collect();
+    plan
+}
+
 /// The rooms that are moved first, before the rest of the account is even read: favourites and
 /// DMs (unless marked low priority), the rooms a person needs on a new device right away.
 pub fn is_first(r: &RoomEntry) -> bool {
@@ -540,6 +563,28 @@ mod tests {
         assert_eq!(r.give_level, Some(Int::from(150u32)));
         assert!(r.warnings.contains(&Warning::HistoryHidden { visibility: HistoryVisibility::Joined }));
         assert!(r.warnings.iter().any(|w| matches!(w, Warning::RankNotCarried { .. })));
+    }
+
+    #[test]
+    fn a_blind_plan_tries_every_room_in_order() {
+        let b = bundle(vec![
+            room("!n:o", "Normal", json!({}), "group"),
+            room("!f:o", "Fav", json!({"m.favourite": {"order": 0.1}}), "group"),
+            room("!in:o", "In already", json!({}), "group"),
+        ]);
+        let joined = BTreeSet::from([OwnedRoomId::try_from("!in:o").unwrap()]);
+        let p = blind(&b, &new(), &Requirements::default(), &joined);
+        let rooms: Vec<_> = p.rooms.iter().map(|r| (r.name.clone().unwrap(), r.action)).collect();
+        assert_eq!(
+            rooms,
+            [
+                ("Fav".into(), Action::Join),
+                ("In already".into(), Action::AlreadyJoined),
+                ("Normal".into(), Action::Join)
+            ]
+        );
+        assert!(p.unplanned.is_empty());
+        assert_eq!(p.rooms[0].via, ["old.org"]);
     }
 
     #[test]

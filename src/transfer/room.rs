@@ -4,7 +4,7 @@
 //! again, and the notice's transaction ID comes from the transfer, so nothing happens twice.
 
 use ruma::api::Direction;
-use ruma::api::client::membership::{invite_user, join_room_by_id};
+use ruma::api::client::membership::{invite_user, join_room_by_id_or_alias};
 use ruma::api::client::message::{get_message_events, send_message_event};
 use ruma::api::client::state::{get_state_event_for_key, send_state_event};
 use ruma::api::client::tag::create_tag;
@@ -19,7 +19,7 @@ use serde_json::{Value as JsonValue, json};
 
 use super::journal::Journal;
 use super::plan::{Action, Blocked, RoomPlan};
-use super::{Error, RoomStep, Stage, Transfer};
+use super::{ClientProfile, Error, RoomStep, Stage, Transfer};
 use crate::bundle::RoomEntry;
 use crate::config::{NotifyConfig, NotifySender};
 use crate::homeserver::{Homeserver, HsError};
@@ -78,10 +78,7 @@ impl RoomWork {
                 Some(MembershipState::Join) | Some(MembershipState::Invite) => {}
                 Some(MembershipState::Ban) => return Ok(Some(RoomStep::Skipped(Blocked::Banned.explain().into()))),
                 _ => {
-                    let mut invitee = invite_user::v3::InviteUserId::new(t.new.clone());
-                    invitee.reason = Some(format!("{} is moving to this account (handoff)", t.old));
-                    let req = invite_user::v3::Request::new(rid.clone(), invitee.into());
-                    if let Err(e) = self.acting.send_as(&t.old, req).await {
+                    if let Err(e) = invite(&self.acting, &t.old, rid, &t.new).await {
                         // A public room can be joined without the invite.
                         let public = room.action == Action::Join && matches!(e.kind(), Some(ErrorKind::Forbidden));
                         if !public {
@@ -96,7 +93,7 @@ impl RoomWork {
             self.started(t, rid, Stage::Join).await?;
             if !resumed || self.membership(&t.old, rid, &t.new).await? != Some(MembershipState::Join) {
                 // The old account is local and in the room, so this server is too: no via servers needed.
-                if let Err(e) = self.acting.send_as(&t.new, join_room_by_id::v3::Request::new(rid.clone())).await {
+                if let Err(e) = join(&self.acting, &t.new, rid, &[]).await {
                     return Ok(Some(RoomStep::Failed(format!("joining failed: {e}"))));
                 }
             }
@@ -121,7 +118,7 @@ impl RoomWork {
             && let Some(level) = room.give_level
         {
             self.started(t, rid, Stage::Rank).await?;
-            if let Err(e) = self.carry_rank(&t.old, rid, &t.new, level).await {
+            if let Err(e) = carry_rank(&self.acting, &t.old, rid, &t.new, level).await {
                 tracing::warn!(room_id = %rid, error = %e, "carrying the rank failed");
             }
         }
@@ -131,10 +128,7 @@ impl RoomWork {
             && let Some(entry) = entry.filter(|e| !e.tags.is_empty())
         {
             self.started(t, rid, Stage::Tags).await?;
-            for (name, info) in &entry.tags {
-                let req = create_tag::v3::Request::new(t.new.clone(), rid.clone(), name.to_string(), info.clone());
-                self.acting.send_as(&t.new, req).await?;
-            }
+            apply_tags(&self.acting, &t.new, rid, entry).await?;
         }
         // 5. Notify: one notice per room, never two.
         if !from.completed(Stage::Notify) {
@@ -152,33 +146,7 @@ impl RoomWork {
         room: &RoomId,
         user: &UserId,
     ) -> Result<Option<MembershipState>, Error> {
-        let req =
-            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomMember, user.to_string());
-        match self.acting.send_as(reader, req).await {
-            Ok(resp) => {
-                let content: JsonValue = serde_json::from_str(resp.event_or_content.get()).unwrap_or_default();
-                Ok(content.get("membership").and_then(|m| serde_json::from_value(m.clone()).ok()))
-            }
-            Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    async fn carry_rank(&self, old: &UserId, room: &RoomId, new: &UserId, level: Int) -> Result<(), Error> {
-        let req =
-            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomPowerLevels, String::new());
-        let resp = self.acting.send_as(old, req).await?;
-        let mut content: RoomPowerLevelsEventContent =
-            serde_json::from_str(resp.event_or_content.get()).map_err(|e| HsError::Protocol(e.to_string()))?;
-        let current = content.users.get(new).copied().unwrap_or(content.users_default);
-        if current >= level {
-            return Ok(());
-        }
-        content.users.insert(new.to_owned(), level);
-        let req = send_state_event::v3::Request::new(room.to_owned(), &ruma::events::EmptyStateKey, &content)
-            .map_err(|e| HsError::Protocol(e.to_string()))?;
-        self.acting.send_as(old, req).await?;
-        Ok(())
+        Ok(membership(&self.acting, reader, room, user).await?)
     }
 
     /// Posts the move notice. A resumed stage first looks for one of this transfer in the room.
@@ -188,45 +156,121 @@ impl RoomWork {
             // The bot is not in the users' rooms, and a remote new account can't be acted for.
             _ => t.old.clone(),
         };
-        if resumed && self.notice_exists(&sender, room, t.id).await? {
+        if resumed && notice_exists(&self.acting, &sender, room, t.id).await? {
             return Ok(());
         }
-        let text = self.notify.template.replace("{old}", t.old.as_str()).replace("{new}", t.new.as_str());
+        let notice = Notice { template: &self.notify.template, id: t.id, old: &t.old, new: &t.new, profile: t.profile };
+        Ok(notice.post(&self.acting, &sender, room).await?)
+    }
+}
+
+/// One room's membership of `user`, as `reader` sees it (`None`: it has none).
+pub async fn membership(
+    hs: &Homeserver,
+    reader: &UserId,
+    room: &RoomId,
+    user: &UserId,
+) -> Result<Option<MembershipState>, HsError> {
+    let req = get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomMember, user.to_string());
+    match hs.send_as(reader, req).await {
+        Ok(resp) => {
+            let content: JsonValue = serde_json::from_str(resp.event_or_content.get()).unwrap_or_default();
+            Ok(content.get("membership").and_then(|m| serde_json::from_value(m.clone()).ok()))
+        }
+        Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The reservation: `old` invites `new`, saying why.
+pub async fn invite(hs: &Homeserver, old: &UserId, room: &RoomId, new: &UserId) -> Result<(), HsError> {
+    let mut invitee = invite_user::v3::InviteUserId::new(new.to_owned());
+    invitee.reason = Some(format!("{old} is moving to this account (handoff)"));
+    hs.send_as(old, invite_user::v3::Request::new(room.to_owned(), invitee.into())).await?;
+    Ok(())
+}
+
+/// `user` joins by the room's ID, through `via` when its own server is not in the room.
+pub async fn join(hs: &Homeserver, user: &UserId, room: &RoomId, via: &[OwnedServerName]) -> Result<(), HsError> {
+    let mut req = join_room_by_id_or_alias::v3::Request::new(room.to_owned().into());
+    req.via = via.to_vec();
+    hs.send_as(user, req).await?;
+    Ok(())
+}
+
+/// The room's tags from the bundle, on `user` (PUT is idempotent).
+pub async fn apply_tags(hs: &Homeserver, user: &UserId, room: &RoomId, entry: &RoomEntry) -> Result<(), HsError> {
+    for (name, info) in &entry.tags {
+        let req = create_tag::v3::Request::new(user.to_owned(), room.to_owned(), name.to_string(), info.clone());
+        hs.send_as(user, req).await?;
+    }
+    Ok(())
+}
+
+/// Gives `new` power level `level`, as `old`, re-reading the power levels right before.
+pub async fn carry_rank(hs: &Homeserver, old: &UserId, room: &RoomId, new: &UserId, level: Int) -> Result<(), HsError> {
+    let req =
+        get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomPowerLevels, String::new());
+    let resp = hs.send_as(old, req).await?;
+    let mut content: RoomPowerLevelsEventContent =
+        serde_json::from_str(resp.event_or_content.get()).map_err(|e| HsError::Protocol(e.to_string()))?;
+    let current = content.users.get(new).copied().unwrap_or(content.users_default);
+    if current >= level {
+        return Ok(());
+    }
+    content.users.insert(new.to_owned(), level);
+    let req = send_state_event::v3::Request::new(room.to_owned(), &ruma::events::EmptyStateKey, &content)
+        .map_err(|e| HsError::Protocol(e.to_string()))?;
+    hs.send_as(old, req).await?;
+    Ok(())
+}
+
+/// The notice of one move: its text, and the structured field clients and bots read.
+pub struct Notice<'a> {
+    pub template: &'a str,
+    /// The move's number: the notice's transaction ID, and how a resumed move finds its notice.
+    pub id: u64,
+    pub old: &'a UserId,
+    pub new: &'a UserId,
+    pub profile: ClientProfile,
+}
+
+impl Notice<'_> {
+    pub async fn post(&self, hs: &Homeserver, sender: &UserId, room: &RoomId) -> Result<(), HsError> {
+        let text = self.template.replace("{old}", self.old.as_str()).replace("{new}", self.new.as_str());
         let mut content = serde_json::to_value(RoomMessageEventContent::notice_html(text.clone(), to_html(&text)))
             .expect("content serialises");
         content[MOVE_FIELD] = json!({
-            "transfer": t.id,
-            "from": t.old,
-            "to": t.new,
-            "profile": t.profile,
+            "transfer": self.id,
+            "from": self.old,
+            "to": self.new,
+            "profile": self.profile,
         });
         let raw = Raw::from_json(serde_json::value::to_raw_value(&content).expect("json"));
         let req = send_message_event::v3::Request::new_raw(
             room.to_owned(),
-            format!("handoff-move-{}", t.id).into(),
+            format!("handoff-move-{}", self.id).into(),
             MessageLikeEventType::RoomMessage,
             raw,
         );
-        self.acting.send_as(&sender, req).await?;
+        hs.send_as(sender, req).await?;
         Ok(())
     }
+}
 
-    async fn notice_exists(&self, sender: &UserId, room: &RoomId, transfer: u64) -> Result<bool, Error> {
-        let mut req = get_message_events::v3::Request::new(room.to_owned(), Direction::Backward);
-        req.limit = UInt::from(50u32);
-        req.filter.types = Some(vec!["m.room.message".into()]);
-        req.filter.senders = Some(vec![sender.to_owned()]);
-        let chunk = match self.acting.send_as(sender, req).await {
-            Ok(r) => r.chunk,
-            Err(e) if !e.is_transient() => return Ok(false),
-            Err(e) => return Err(e.into()),
-        };
-        Ok(chunk.iter().any(|ev| {
-            ev.get_field::<JsonValue>("content")
-                .ok()
-                .flatten()
-                .and_then(|c| c.get(MOVE_FIELD)?.get("transfer")?.as_u64())
-                == Some(transfer)
-        }))
-    }
+/// Whether `sender`'s last messages in the room hold the notice of move `id`.
+pub async fn notice_exists(hs: &Homeserver, sender: &UserId, room: &RoomId, id: u64) -> Result<bool, HsError> {
+    let mut req = get_message_events::v3::Request::new(room.to_owned(), Direction::Backward);
+    req.limit = UInt::from(50u32);
+    req.filter.types = Some(vec!["m.room.message".into()]);
+    req.filter.senders = Some(vec![sender.to_owned()]);
+    let chunk = match hs.send_as(sender, req).await {
+        Ok(r) => r.chunk,
+        Err(e) if !e.is_transient() => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    Ok(chunk.iter().any(|ev| {
+        ev.get_field::<JsonValue>("content").ok().flatten().and_then(|c| c.get(MOVE_FIELD)?.get("transfer")?.as_u64())
+            == Some(id)
+    }))
 }

@@ -1,0 +1,424 @@
+//! `handoff import FILE`: a bundle applied to the account logged in on this device, with the
+//! planner and the merges the service uses, and the requests of its room stages.
+//!
+//! There is no journal here: every step is one a second run finds done and leaves alone (a join
+//! of a room the account is in, a tag that is set, a merge that adds nothing, a notice that is
+//! already there), so an import that stopped half-way is simply run again.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use futures_util::stream::{self, StreamExt};
+use ruma::api::client::membership::joined_rooms;
+use ruma::api::error::ErrorKind;
+use ruma::events::room::member::MembershipState;
+use ruma::{OwnedRoomId, OwnedUserId, UserId};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::room_keys;
+use crate::budget::{Budget, Class};
+use crate::bundle::Bundle;
+use crate::config::{NotifyConfig, Secret};
+use crate::homeserver::{Homeserver, HsError, Retry};
+use crate::session::Session;
+use crate::transfer::account::{AccountWork, SETTINGS};
+use crate::transfer::merge::AccountWorld;
+use crate::transfer::plan::{self, Action, Plan, Requirements, RoomPlan};
+use crate::transfer::room::{self as stages, Notice};
+use crate::transfer::{AccountStep, ClientProfile, Error, world};
+
+/// Rooms in flight at once: one person's account, from their own device.
+const IN_FLIGHT: usize = 8;
+
+/// A homeserver that stops answering is waited for a while, then the room is reported as failed
+/// (a second run picks it up): a command line should not wait forever.
+const PATIENCE: Retry = Retry {
+    attempts: 10,
+    backoff: std::time::Duration::from_millis(500),
+    max_wait: std::time::Duration::from_secs(10),
+};
+
+/// The old account, when this device can act for it too (a second login, or its access token):
+/// it sends the invites (the reservation) and carries the rank, and the plan reads its rooms.
+pub struct OldAccount {
+    pub user: OwnedUserId,
+    pub hs: Homeserver,
+}
+
+impl OldAccount {
+    /// Checks that `hs`'s token is `user`'s.
+    pub async fn connect(user: &UserId, hs: Homeserver) -> Result<OldAccount> {
+        let me = hs
+            .send(ruma::api::client::account::whoami::v3::Request::new())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot check the old account's access: {e}"))?;
+        if me.user_id != user {
+            bail!("that access is {}'s, but the bundle is {user}'s", me.user_id);
+        }
+        Ok(OldAccount { user: user.to_owned(), hs: hs.with_retry(PATIENCE) })
+    }
+}
+
+pub struct ImportOptions {
+    pub requirements: Requirements,
+    /// Post the move notice in each room.
+    pub notify: bool,
+    pub old: Option<OldAccount>,
+    /// Unlocks the new account's key backup, which then gets the room keys too.
+    pub recovery_key: Option<Secret>,
+    /// Tried in order on the bundle's key export.
+    pub key_passphrases: Vec<Secret>,
+}
+
+/// How one room ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome", content = "detail")]
+pub enum RoomOutcome {
+    /// The new account is in the room (joined now or before).
+    Moved,
+    /// The room is not public and nobody invited the new account: with the old account's access
+    /// (`--old`), it invites; otherwise someone in the room must.
+    NeedsInvite,
+    Skipped(String),
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoomResult {
+    pub room_id: OwnedRoomId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(flatten)]
+    pub outcome: RoomOutcome,
+    /// What went wrong after the join (tags, rank, notice), if anything.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl RoomResult {
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.room_id.to_string())
+    }
+}
+
+/// What an import did, for the person and (as JSON) for scripts.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    pub old: OwnedUserId,
+    pub new: OwnedUserId,
+    pub rooms: Vec<RoomResult>,
+    /// Each setting, with what it did or why it failed.
+    pub settings: Vec<SettingResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room_keys: Option<room_keys::Imported>,
+    pub left_out: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SettingResult {
+    pub step: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl ImportReport {
+    pub fn count(&self, f: impl Fn(&RoomOutcome) -> bool) -> usize {
+        self.rooms.iter().filter(|r| f(&r.outcome)).count()
+    }
+
+    /// Whether anything was not moved that could be (the command's exit code says so).
+    pub fn complete(&self) -> bool {
+        self.rooms.iter().all(|r| matches!(r.outcome, RoomOutcome::Moved | RoomOutcome::Skipped(_)))
+            && self.settings.iter().all(|s| s.ok)
+    }
+}
+
+/// What an import tells the person as it goes (a progress bar, or nothing for `--json`).
+pub trait Progress: Send + Sync {
+    fn step(&self, what: &str);
+    fn rooms(&self, total: usize);
+    fn room(&self, result: &RoomResult);
+}
+
+/// A device-side import of `bundle` into the session's account.
+pub struct Import<'a> {
+    session: &'a Session,
+    new: Homeserver,
+    bundle: &'a Bundle,
+    options: ImportOptions,
+}
+
+impl<'a> Import<'a> {
+    pub async fn new(session: &'a Session, bundle: &'a Bundle, options: ImportOptions) -> Result<Import<'a>> {
+        let new = session
+            .homeserver()
+            .await
+            .with_context(|| format!("cannot reach {}", session.homeserver))?
+            .with_retry(PATIENCE);
+        Ok(Import { session, new, bundle, options })
+    }
+
+    fn new_user(&self) -> &UserId {
+        &self.session.user_id
+    }
+
+    /// The same account on a new device: nothing to invite, announce or redirect.
+    fn same_account(&self) -> bool {
+        self.bundle.source.user_id == self.session.user_id
+    }
+
+    /// The plan: from the old account's view of its rooms when this device can read it, else a
+    /// plan that tries every room by its ID.
+    pub async fn plan(&self) -> Result<Plan> {
+        let bundle = self.bundle;
+        let req = &self.options.requirements;
+        if let Some(old) = &self.options.old {
+            let rooms = bundle.rooms.iter().map(|r| r.room_id.clone());
+            let budget = Budget::new(IN_FLIGHT);
+            let world = world::read(&old.hs, &old.user, self.new_user(), rooms, &budget, 0, Class::First)
+                .await
+                .context("cannot read the old account's rooms")?;
+            return Ok(plan::plan(bundle, self.new_user(), req, &world));
+        }
+        let joined = self
+            .new
+            .send(joined_rooms::v3::Request::new())
+            .await
+            .with_context(|| format!("cannot read the rooms of {}", self.new_user()))?
+            .joined_rooms;
+        Ok(plan::blind(bundle, self.new_user(), req, &joined.into_iter().collect()))
+    }
+
+    /// Runs the plan: the room keys first (a wrong passphrase or recovery key stops here, before
+    /// anything changed), then the profile, the rooms (highest priority first), the settings.
+    pub async fn run(&self, plan: &Plan, progress: &dyn Progress) -> Result<ImportReport> {
+        let room_keys = self.room_keys(progress).await?;
+        let world = self.account_world(&SETTINGS).await?;
+        let account = AccountWork { acting: self.new.clone() };
+        let mut settings = Vec::new();
+        let none = BTreeSet::new();
+        progress.step("profile");
+        settings.push(self.setting(&account, AccountStep::Profile, &none, &world).await?);
+
+        progress.rooms(plan.rooms.len());
+        let rooms: Vec<RoomResult> = stream::iter(&plan.rooms)
+            .map(|room| async move {
+                let result = self.room(room).await;
+                progress.room(&result);
+                result
+            })
+            .buffered(IN_FLIGHT)
+            .collect()
+            .await;
+
+        let moved: BTreeSet<OwnedRoomId> =
+            rooms.iter().filter(|r| r.outcome == RoomOutcome::Moved).map(|r| r.room_id.clone()).collect();
+        for step in &SETTINGS[1..] {
+            if *step == AccountStep::OldMentions && self.same_account() {
+                continue;
+            }
+            progress.step(step.name());
+            settings.push(self.setting(&account, *step, &moved, &world).await?);
+        }
+        Ok(ImportReport {
+            old: self.bundle.source.user_id.clone(),
+            new: self.new_user().to_owned(),
+            rooms,
+            settings,
+            room_keys,
+            left_out: plan.left_out,
+        })
+    }
+
+    async fn account_world(&self, steps: &[AccountStep]) -> Result<AccountWorld> {
+        world::read_account(&self.new, self.new_user(), self.bundle, steps)
+            .await
+            .with_context(|| format!("cannot read the settings of {}", self.new_user()))
+    }
+
+    async fn setting(
+        &self,
+        account: &AccountWork,
+        step: AccountStep,
+        moved: &BTreeSet<OwnedRoomId>,
+        world: &AccountWorld,
+    ) -> Result<SettingResult> {
+        let setting = step.setting().expect("SETTINGS are settings");
+        let old = &self.bundle.source.user_id;
+        let (ok, detail) = match account.apply(setting, old, self.new_user(), self.bundle, moved, world).await {
+            Ok(done) => (true, done),
+            Err(Error::Hs(e)) => (false, e.to_string()),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(SettingResult { step: step.name(), ok, detail })
+    }
+
+    /// The bundle's key export into this device (and the key backup, with a recovery key).
+    async fn room_keys(&self, progress: &dyn Progress) -> Result<Option<room_keys::Imported>> {
+        if let Some(key) = &self.options.recovery_key {
+            progress.step("unlocking the key backup");
+            room_keys::recover(self.session, key).await?;
+        }
+        let Some(export) = &self.bundle.room_keys else {
+            return Ok(None);
+        };
+        progress.step("importing the room keys");
+        let passphrases: Vec<&Secret> = self.options.key_passphrases.iter().collect();
+        let result = room_keys::import(self.session, export, &passphrases).await?;
+        let backed_up = self.options.recovery_key.is_some();
+        if backed_up {
+            progress.step("uploading the room keys to the key backup");
+            room_keys::wait_for_backup(self.session).await?;
+        }
+        Ok(Some(room_keys::Imported { imported: result.imported_count, total: result.total_count, backed_up }))
+    }
+
+    /// One room: the reservation (with the old account's access), the join by ID through the
+    /// bundle's via servers, the rank, the tags and the notice.
+    async fn room(&self, room: &RoomPlan) -> RoomResult {
+        let mut result = RoomResult {
+            room_id: room.room_id.clone(),
+            name: room.name.clone(),
+            outcome: RoomOutcome::Moved,
+            notes: vec![],
+        };
+        match self.seat(room).await {
+            Ok(RoomOutcome::Moved) => {}
+            Ok(outcome) => {
+                result.outcome = outcome;
+                return result;
+            }
+            Err(e) => {
+                result.outcome = RoomOutcome::Failed(e.to_string());
+                return result;
+            }
+        }
+        result.notes = self.finish(room).await;
+        result
+    }
+
+    async fn seat(&self, room: &RoomPlan) -> Result<RoomOutcome, HsError> {
+        let (rid, new) = (&room.room_id, self.new_user());
+        match room.action {
+            Action::Blocked(b) => return Ok(RoomOutcome::Skipped(b.explain().into())),
+            Action::Gone => {
+                return Ok(RoomOutcome::Skipped(
+                    "the old account is no longer in this room, or it no longer exists".into(),
+                ));
+            }
+            Action::AlreadyJoined => return Ok(RoomOutcome::Moved),
+            Action::Join => {}
+        }
+        if let Some(old) = &self.options.old {
+            match stages::membership(&old.hs, &old.user, rid, new).await? {
+                Some(MembershipState::Join) => return Ok(RoomOutcome::Moved),
+                Some(MembershipState::Invite) => {}
+                Some(MembershipState::Ban) => return Ok(RoomOutcome::Skipped(plan::Blocked::Banned.explain().into())),
+                _ => {
+                    if let Err(e) = stages::invite(&old.hs, &old.user, rid, new).await {
+                        // A public room is joined without the invite.
+                        if !matches!(e.kind(), Some(ErrorKind::Forbidden)) {
+                            return Ok(RoomOutcome::Failed(format!("the invite failed: {e}")));
+                        }
+                    }
+                }
+            }
+        }
+        match stages::join(&self.new, new, rid, &room.via).await {
+            Ok(()) => Ok(RoomOutcome::Moved),
+            Err(e) if matches!(e.kind(), Some(ErrorKind::Forbidden)) && self.options.old.is_none() => {
+                Ok(RoomOutcome::NeedsInvite)
+            }
+            Err(e) if e.is_transient() => Err(e),
+            Err(e) => Ok(RoomOutcome::Failed(format!("joining failed: {e}"))),
+        }
+    }
+
+    /// Rank, tags and notice of a seated room; what failed of them, as notes.
+    async fn finish(&self, room: &RoomPlan) -> Vec<String> {
+        let (rid, new) = (&room.room_id, self.new_user());
+        let mut notes = Vec::new();
+        if let (Some(old), Some(level)) = (&self.options.old, room.give_level)
+            && let Err(e) = stages::carry_rank(&old.hs, &old.user, rid, new, level).await
+        {
+            notes.push(format!("the rank was not carried: {e}"));
+        }
+        if let Some(entry) = self.bundle.rooms.iter().find(|e| e.room_id == *rid)
+            && let Err(e) = stages::apply_tags(&self.new, new, rid, entry).await
+        {
+            notes.push(format!("the tags were not set: {e}"));
+        }
+        if self.options.notify
+            && !self.same_account()
+            && let Err(e) = self.notify(room).await
+        {
+            notes.push(format!("the notice was not posted: {e}"));
+        }
+        notes
+    }
+
+    /// One notice per room, by the old account when this device can act for it, else by the new
+    /// one; a second run finds it and posts none.
+    async fn notify(&self, room: &RoomPlan) -> Result<(), HsError> {
+        let template = NotifyConfig::default().template;
+        let old = &self.bundle.source.user_id;
+        let notice = Notice {
+            template: &template,
+            id: self.notice_id(),
+            old,
+            new: self.new_user(),
+            profile: ClientProfile::Desktop,
+        };
+        let (hs, sender) = match &self.options.old {
+            Some(o) => (&o.hs, o.user.as_ref()),
+            None => (&self.new, self.new_user()),
+        };
+        if stages::notice_exists(hs, sender, &room.room_id, notice.id).await? {
+            return Ok(());
+        }
+        notice.post(hs, sender, &room.room_id).await
+    }
+
+    /// The move's number, the same on every run of this bundle into this account (48 bits: a JSON
+    /// number every client reads exactly).
+    fn notice_id(&self) -> u64 {
+        let s = &self.bundle.source;
+        let digest = Sha256::new()
+            .chain_update(s.user_id.as_bytes())
+            .chain_update(u64::from(s.exported_at.get()).to_be_bytes())
+            .chain_update(self.new_user().as_bytes())
+            .finalize();
+        let mut id = [0u8; 8];
+        id[2..].copy_from_slice(&digest[..6]);
+        u64::from_be_bytes(id)
+    }
+}
+
+/// The old account's access from its own session kept on this device (`handoff login @old`).
+pub async fn old_from_session(session: &Session) -> Result<OldAccount> {
+    let hs = session.homeserver().await.with_context(|| format!("cannot reach {}", session.homeserver))?;
+    OldAccount::connect(&session.user_id, hs).await
+}
+
+/// The old account's access from an access token, on its homeserver `address`.
+pub async fn old_from_token(user: &UserId, address: &str, token: &Secret) -> Result<OldAccount> {
+    let hs = Homeserver::connect_user(address, token.expose(), reqwest::Client::new())
+        .await
+        .with_context(|| format!("cannot reach the old account's homeserver {address}"))?;
+    OldAccount::connect(user, hs).await
+}
+
+/// For `Arc<dyn Progress>` callers.
+impl<P: Progress + ?Sized> Progress for Arc<P> {
+    fn step(&self, what: &str) {
+        (**self).step(what)
+    }
+    fn rooms(&self, total: usize) {
+        (**self).rooms(total)
+    }
+    fn room(&self, result: &RoomResult) {
+        (**self).room(result)
+    }
+}
