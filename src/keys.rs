@@ -41,6 +41,10 @@ pub struct KeyExport {
     pub rounds: u32,
     /// Size of the encrypted payload in bytes.
     pub encrypted_len: usize,
+    /// Encrypted with the bundle's own passphrase (made by `handoff export --recovery-key`), not
+    /// with one of its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bundle_passphrase: bool,
 }
 
 /// Accepts padded and unpadded base64 alike (Element pads, matrix-rust-sdk doesn't).
@@ -84,7 +88,12 @@ pub fn validate(text: &str) -> Result<KeyExport, KeyExportError> {
     if rounds == 0 {
         return Err(KeyExportError::NoRounds);
     }
-    Ok(KeyExport { armored: format!("{}\n", &text[start..end]), rounds, encrypted_len: bytes.len() - MIN_LEN })
+    Ok(KeyExport {
+        armored: format!("{}\n", &text[start..end]),
+        rounds,
+        encrypted_len: bytes.len() - MIN_LEN,
+        bundle_passphrase: false,
+    })
 }
 
 /// The trimmed lines of `text` (split as `str::lines` splits), each with the byte offset in `text`

@@ -20,6 +20,7 @@ use ruma::api::error::ErrorKind;
 use ruma::{OwnedDeviceId, OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 
+use crate::bundle::LoginToken;
 use crate::config::Secret;
 use crate::device::sdk_error;
 use crate::homeserver::{Homeserver, HsError};
@@ -196,6 +197,52 @@ impl Session {
         })
     }
 
+    /// A single-use login token of this account (`POST /login/get_token`), for a new device of
+    /// the same account. The homeserver may ask to confirm the password first: `password` is
+    /// called then.
+    pub async fn login_token(&self, password: impl FnOnce() -> Result<Secret>) -> Result<LoginToken> {
+        use ruma::api::client::session::get_login_token;
+        use ruma::api::client::uiaa::{AuthData, MatrixUserIdentifier, Password, UserIdentifier};
+        let unsupported = |e: &matrix_sdk::HttpError| {
+            matches!(
+                e.client_api_error_kind(),
+                Some(ErrorKind::Unrecognized | ErrorKind::Forbidden | ErrorKind::NotFound)
+            )
+        };
+        let refused = || {
+            anyhow::anyhow!(
+                "{} does not let a session make login tokens (Synapse: `login_via_existing_session`): log in on the new device with your password instead",
+                self.homeserver
+            )
+        };
+        let mut req = get_login_token::v1::Request::new();
+        let response = match self.client.send(req.clone()).await {
+            Ok(r) => r,
+            Err(e) if e.as_uiaa_response().is_some() => {
+                let session = e.as_uiaa_response().and_then(|i| i.session.clone());
+                let mut auth = Password::new(
+                    UserIdentifier::Matrix(MatrixUserIdentifier::new(self.user_id.to_string())),
+                    password()?.expose().to_owned(),
+                );
+                auth.session = session;
+                req.auth = Some(AuthData::Password(auth));
+                self.client.send(req).await.map_err(|e| match e.as_uiaa_response() {
+                    Some(_) => anyhow::anyhow!("wrong password for {}: no login token was made", self.user_id),
+                    None if unsupported(&e) => refused(),
+                    None => anyhow::anyhow!("cannot make a login token: {e}"),
+                })?
+            }
+            Err(e) if unsupported(&e) => return Err(refused()),
+            Err(e) => bail!("cannot make a login token: {e}"),
+        };
+        let expires = std::time::SystemTime::now() + response.expires_in;
+        Ok(LoginToken {
+            token: Secret::new(response.login_token),
+            expires_at: ruma::MilliSecondsSinceUnixEpoch::from_system_time(expires)
+                .unwrap_or_else(ruma::MilliSecondsSinceUnixEpoch::now),
+        })
+    }
+
     /// Whether a session of `user` is kept here.
     pub fn exists(data: &Path, user: &UserId) -> bool {
         account_dir(data, user).join("session.json").exists()
@@ -235,7 +282,7 @@ impl Session {
 }
 
 /// The homeserver of `user`'s server, from its `.well-known` (matrix-sdk's discovery).
-async fn discover(user: &UserId) -> Result<String> {
+pub async fn discover(user: &UserId) -> Result<String> {
     let server = user.server_name();
     let client = Client::builder().server_name(server).build().await.map_err(|e| {
         anyhow::anyhow!(

@@ -29,8 +29,20 @@ pub enum FileError {
 
 /// Encrypts a bundle with `passphrase` (for bundles made by the bot: the transfer code as shown).
 pub fn seal(bundle: &Bundle, passphrase: &str) -> Vec<u8> {
+    seal_at(bundle, passphrase, Some(CODE_WORK_FACTOR))
+}
+
+/// Encrypts a bundle with a passphrase a person chose: with age's own work factor for those
+/// (about a second), which a weak passphrase needs.
+pub fn seal_with_passphrase(bundle: &Bundle, passphrase: &str) -> Vec<u8> {
+    seal_at(bundle, passphrase, None)
+}
+
+fn seal_at(bundle: &Bundle, passphrase: &str, work_factor: Option<u8>) -> Vec<u8> {
     let mut recipient = age::scrypt::Recipient::new(SecretString::from(passphrase.to_owned()));
-    recipient.set_work_factor(CODE_WORK_FACTOR);
+    if let Some(w) = work_factor {
+        recipient.set_work_factor(w);
+    }
     let encryptor = age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
         .expect("one passphrase recipient is always valid");
     let mut out = Vec::new();

@@ -23,6 +23,7 @@ use serde_json::Value as JsonValue;
 
 pub use summary::Summary;
 
+use crate::config::Secret;
 use crate::keys::KeyExport;
 
 /// The bundle format this handoff writes and reads.
@@ -98,8 +99,19 @@ pub struct Bundle {
     pub profile: Profile,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub room_keys: Option<KeyExport>,
+    /// A single-use login token of the same account (`handoff export --login-token`): the device
+    /// that imports the bundle signs in with it, without the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_token: Option<LoginToken>,
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+/// A login token (`m.login.token`) and when the homeserver said it expires.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginToken {
+    pub token: Secret,
+    pub expires_at: MilliSecondsSinceUnixEpoch,
 }
 
 /// Who exported, from where: the second client needs the server identity to connect.
@@ -332,6 +344,7 @@ pub(crate) mod tests {
             },
             profile: Profile { display_name: Some("Old".into()), ..Default::default() },
             room_keys: None,
+            login_token: None,
             extra: Extra::new(),
         }
     }

@@ -1,0 +1,199 @@
+//! The command line: the service's side (`serve`, `generate-registration`, `sandbox`, `inspect`)
+//! and the device side ([`device`]: `login`, `logout`, `export`, `import`), which works as a
+//! Matrix client of the person's own account.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+
+#[cfg(feature = "e2ee")]
+mod device;
+
+#[derive(Parser)]
+#[command(
+    name = "handoff",
+    version,
+    about = "Move your Matrix rooms, DMs, contacts, preferences and keys to another client or account."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    /// Where the device side keeps its sessions (default: $HANDOFF_DATA_DIR, else
+    /// $XDG_DATA_HOME/handoff, else ~/.local/share/handoff).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the appservice: the bot, the transfer engine and the HTTP endpoints the homeserver calls.
+    Serve {
+        /// The config file.
+        #[arg(short, long, default_value = "bridge-config.yaml")]
+        config: PathBuf,
+    },
+    /// Fill `generate` tokens in the config and write the two registration files beside it.
+    GenerateRegistration {
+        /// The config file.
+        #[arg(short, long, default_value = "bridge-config.yaml")]
+        config: PathBuf,
+    },
+    /// Show what a bundle file holds (asks for the transfer code or passphrase).
+    Inspect {
+        /// The bundle file (`.age`), as the bot sent it with `export --file`.
+        file: PathBuf,
+        /// Read the code or passphrase from this file instead of asking.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// Print the whole bundle as JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    #[cfg(feature = "e2ee")]
+    #[command(flatten)]
+    Device(device::Command),
+    /// Try handoff on this machine: set up a throwaway Synapse and run handoff against it.
+    Sandbox {
+        /// Where the sandbox keeps its homeserver, config and database (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config, 3 an import that finished
+/// with rooms or settings it could not move (listed).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(2, e),
+            };
+            if let Err(e) = config.check_ready_to_serve() {
+                return fail(2, e);
+            }
+            if let Err(e) = init_logging(&config.logging.level, config.logging.format) {
+                return fail(2, e);
+            }
+            match runtime().block_on(crate::serve::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    fail(1, e)
+                }
+            }
+        }
+        Cmd::GenerateRegistration { config } => match crate::registration::generate(&config) {
+            Ok(g) => {
+                if g.tokens_generated > 0 {
+                    println!("Wrote {} new tokens into {}", g.tokens_generated, config.display());
+                }
+                println!("Wrote {}", g.main.display());
+                println!("Wrote {}", g.acting.display());
+                println!(
+                    "Add both files to app_service_config_files in the homeserver config, restart the homeserver, then run: handoff serve -c {}",
+                    config.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(2, e),
+        },
+        Cmd::Inspect { file, passphrase_file, json } => match inspect(&file, passphrase_file.as_deref(), json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, e),
+        },
+        #[cfg(feature = "e2ee")]
+        Cmd::Device(command) => device::main(cli.data_dir, command),
+        Cmd::Sandbox { dir } => {
+            let _ = init_logging("info", LogFormat::Pretty);
+            match runtime().block_on(crate::sandbox::run_interactive(dir)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, e),
+            }
+        }
+    }
+}
+
+fn inspect(file: &std::path::Path, passphrase_file: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let passphrase = match passphrase_file {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        None => rpassword::prompt_password("Transfer code or passphrase: ")
+            .context("cannot ask for the passphrase (use --passphrase-file)")?,
+    };
+    // A transfer code may be typed in any case and spacing; a passphrase is used as it is.
+    let attempt = |p: &str| crate::bundle::file::open(&bytes, p);
+    let bundle = match crate::code::TransferCode::parse(&passphrase) {
+        Ok(code) => attempt(&code.display()).or_else(|_| attempt(&passphrase)),
+        Err(_) => attempt(&passphrase),
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    if json {
+        let mut bundle = bundle;
+        // The file's owner may read it; a terminal, a log or a pasted issue should not.
+        if let Some(token) = &mut bundle.login_token {
+            token.token = crate::config::Secret::new("<redacted>".into());
+        }
+        let value: serde_json::Value = serde_json::from_slice(&bundle.to_json())?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let s = &bundle.source;
+    println!(
+        "Bundle of {} from {} ({}), made {} by {}",
+        s.user_id,
+        s.server_name,
+        s.homeserver_url,
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(s.exported_at.get().into())
+        ),
+        s.client
+    );
+    println!("{}", bundle.summary());
+    Ok(())
+}
+
+pub(crate) fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("handoff: error: {e:#}");
+    ExitCode::from(code)
+}
+
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+}
+
+/// matrix-sdk (the bot's device) logs every 404 it expects as an error, and a lot at info: quiet
+/// unless the admin's filter names it.
+const DEVICE_LOGS: &str =
+    "matrix_sdk=warn,matrix_sdk_base=warn,matrix_sdk_crypto=warn,matrix_sdk_sqlite=warn,matrix_sdk::http_client=off";
+
+pub(crate) fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = if level.contains("matrix_sdk") {
+        tracing_subscriber::EnvFilter::try_new(level)?
+    } else {
+        tracing_subscriber::EnvFilter::try_new(format!("{level},{DEVICE_LOGS}"))?
+    };
+    use std::io::IsTerminal;
+    // Colours only for a person at a terminal, not in log files or journald.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let result = match format {
+        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))?;
+    // A panic's message can quote what it was working on (a command with a code, a file's
+    // content): the log gets where it happened, never the message.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        tracing::error!(%location, "a task panicked (its message is withheld: it may quote user data); the service goes on");
+    }));
+    Ok(())
+}
