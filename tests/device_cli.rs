@@ -211,3 +211,288 @@ async fn export_writes_the_account_and_its_room_keys_into_a_passphrase_file() {
     assert!(err.contains("exists already"), "{err}");
     assert_eq!(std::fs::read(&out_file).unwrap(), sealed);
 }
+
+/// A public room of `user` (anyone may join it by its ID).
+async fn public_room(user: &User, name: &str) -> ruma::OwnedRoomId {
+    let mut req = ruma::api::client::room::create_room::v3::Request::new();
+    req.name = Some(name.to_owned());
+    req.preset = Some(ruma::api::client::room::create_room::v3::RoomPreset::PublicChat);
+    user.send(req).await.room_id
+}
+
+/// Logs `user` in on the command line, with `data` as its data directory.
+fn cli_login(data: &Path, url: &str, user: &ruma::UserId) {
+    let (status, _, err) =
+        handoff(data, &["login", user.as_str(), "--homeserver", url, "--password-stdin"], &format!("{PASSWORD}\n"));
+    assert!(status.success(), "{err}");
+}
+
+async fn joined(user: &User) -> Vec<ruma::OwnedRoomId> {
+    user.send(ruma::api::client::membership::joined_rooms::v3::Request::new()).await.joined_rooms
+}
+
+#[tokio::test]
+async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
+    let h = Harness::start().await;
+    let url = h.synapse().url.clone();
+    let alice = user_with_password(&h, "alice").await;
+    let bob = user_with_password(&h, "bob").await;
+    let carol = h.user("carol").await;
+
+    // The old account: a favourite private room, a public room, a DM with carol, and an
+    // encrypted room where its own device wrote before the move, with its keys in key backup.
+    let private = alice.create_room("Private plans").await;
+    alice.tag(&private, "m.favourite", Some(0.5)).await;
+    let public = public_room(&alice, "Town square").await;
+    let dm = alice.dms_with(&[&carol]).await.remove(0);
+    let phone = E2eeClient::login(&url, &alice.id, PASSWORD).await;
+    let secret = phone.create_dm(&carol.id).await;
+    carol.join(&secret).await;
+    phone.send_text(&secret, "said before the move").await;
+    let alice_key = phone.enable_recovery().await;
+
+    let work = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = work.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let pass = write("passphrase", "bundle passphrase\n");
+    let alice_key_file = write("alice-recovery-key", &alice_key);
+    let bundle = work.path().join("alice.handoff");
+    let bundle_arg = bundle.to_str().unwrap();
+
+    // Both accounts logged in on this one device (a second login).
+    let data = tempfile::tempdir().unwrap();
+    cli_login(data.path(), &url, &alice.id);
+    cli_login(data.path(), &url, &bob.id);
+
+    // A wrong recovery key stops the export before anything is written.
+    let wrong_key = write("wrong-key", "EsTc 1234 5678 90ab cdef 1234 5678 90ab cdef 1234 5678 90ab");
+    let (status, _, err) = handoff(
+        data.path(),
+        &[
+            "export",
+            "--as",
+            "@alice:localhost",
+            "--out",
+            bundle_arg,
+            "--passphrase-file",
+            &pass,
+            &format!("--recovery-key={wrong_key}"),
+        ],
+        "",
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("recovery key does not unlock the key backup of @alice:localhost"), "{err}");
+    assert!(!bundle.exists());
+
+    // The export carries the keys of the key backup, encrypted with the bundle's passphrase.
+    let (status, out, err) = handoff(
+        data.path(),
+        &[
+            "export",
+            "--as",
+            "@alice:localhost",
+            "--out",
+            bundle_arg,
+            "--passphrase-file",
+            &pass,
+            &format!("--recovery-key={alice_key_file}"),
+        ],
+        "",
+    );
+    assert!(status.success(), "{err}");
+    assert!(out.contains("room key(s) from your key backup travel inside it"), "{out}");
+
+    // Bad files fail cleanly and change nothing.
+    let bytes = std::fs::read(&bundle).unwrap();
+    let truncated = write("truncated.handoff", "");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let mut tampered_bytes = bytes.clone();
+    let last = tampered_bytes.len() - 20;
+    tampered_bytes[last] ^= 0x55;
+    let tampered = write("tampered.handoff", "");
+    std::fs::write(&tampered, &tampered_bytes).unwrap();
+    let wrong_pass = write("wrong-pass", "not the passphrase");
+    for (file, passphrase, expect) in [
+        (bundle_arg, wrong_pass.as_str(), "wrong code or passphrase"),
+        (truncated.as_str(), pass.as_str(), "damaged or cut short"),
+        (tampered.as_str(), pass.as_str(), "damaged or cut short"),
+    ] {
+        let (status, _, err) =
+            handoff(data.path(), &["import", file, "--as", "@bob:localhost", "--passphrase-file", passphrase], "");
+        assert_eq!(status.code(), Some(1), "{file}: {err}");
+        assert!(err.contains(expect), "{file}: {err}");
+    }
+    assert!(joined(&bob).await.is_empty(), "a bad file changed the new account");
+
+    // --dry-run: the plan, nothing changed.
+    let (status, out, err) = handoff(
+        data.path(),
+        &[
+            "import",
+            bundle_arg,
+            "--as",
+            "@bob:localhost",
+            "--passphrase-file",
+            &pass,
+            "--old",
+            "@alice:localhost",
+            "--dry-run",
+        ],
+        "",
+    );
+    assert!(status.success(), "{err}");
+    assert!(out.contains("Plan: @alice:localhost → @bob:localhost") && out.contains("Private plans"), "{out}");
+    assert!(out.contains("Nothing was changed"), "{out}");
+    assert!(joined(&bob).await.is_empty());
+
+    // Without the old account's access: the public room is joined, the others need an invite (exit 3).
+    let (status, out, err) =
+        handoff(data.path(), &["import", bundle_arg, "--as", "@bob:localhost", "--passphrase-file", &pass], "");
+    assert_eq!(status.code(), Some(3), "{out}{err}");
+    assert!(out.contains("need an invite") && out.contains("--old @alice:localhost"), "{out}");
+    assert!(out.contains("Private plans"), "{out}");
+    assert!(joined(&bob).await.contains(&public));
+    assert!(!joined(&bob).await.contains(&private));
+
+    // With the second login as the old account, which invites: every room, as JSON for scripts.
+    let bob_phone = E2eeClient::login(&url, &bob.id, PASSWORD).await;
+    let bob_key = bob_phone.enable_recovery().await;
+    let bob_key_file = write("bob-recovery-key", &bob_key);
+    let (status, out, err) = handoff(
+        data.path(),
+        &[
+            "import",
+            bundle_arg,
+            "--as",
+            "@bob:localhost",
+            "--passphrase-file",
+            &pass,
+            "--old",
+            "@alice:localhost",
+            &format!("--recovery-key={bob_key_file}"),
+            "--json",
+        ],
+        "",
+    );
+    assert!(status.success(), "{out}{err}");
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(report["rooms"].as_array().unwrap().iter().all(|r| r["outcome"] == "moved"), "{report:#}");
+    assert!(report["room_keys"]["total"].as_u64().unwrap() >= 1, "{report:#}");
+    assert_eq!(report["room_keys"]["backed_up"], true);
+    let rooms = joined(&bob).await;
+    for room in [&private, &public, &dm, &secret] {
+        assert!(rooms.contains(room), "{room} not joined: {rooms:?}");
+    }
+    assert!(bob.tags(&private).await.contains_key(&ruma::events::tag::TagName::Favorite));
+    let direct = bob.account_data("m.direct").await.unwrap();
+    assert!(direct["@carol:localhost"].as_array().unwrap().iter().any(|r| r == dm.as_str()), "{direct}");
+    // Exactly one notice per room, across both runs.
+    for room in [&private, &public, &dm] {
+        let notices = common::move_notices(&carol_or_alice_view(&alice, room).await).len();
+        assert_eq!(notices, 1, "{room}: {notices} notices");
+    }
+
+    // The command line's own device decrypts the history sent before the new account joined.
+    let cli_device = E2eeClient::open_session(&data.path().join("accounts").join("@bob:localhost")).await;
+    let history = common::eventually("the history to decrypt on the command line's device", || async {
+        cli_device.messages_from(&secret, &alice.id).await.into_iter().find(|m| m.body() == "said before the move")
+    })
+    .await;
+    assert!(history.encrypted);
+    drop(cli_device);
+
+    // A second fresh device of the new account gets the keys from its key backup, and decrypts too.
+    let tablet = E2eeClient::login(&url, &bob.id, PASSWORD).await;
+    tablet.recover(&bob_key, &secret).await;
+    let history = common::eventually("the history to decrypt on a second device", || async {
+        tablet.messages_from(&secret, &alice.id).await.into_iter().find(|m| m.body() == "said before the move")
+    })
+    .await;
+    assert!(history.encrypted);
+
+    // No secret in what the command line keeps or prints.
+    for (path, bytes) in files(data.path()) {
+        for needle in [PASSWORD, alice_key.as_str(), bob_key.as_str(), "bundle passphrase"] {
+            assert!(!contains(&bytes, needle), "a secret in {}", path.display());
+        }
+    }
+
+    // This homeserver doesn't let sessions make login tokens: said, and no file written.
+    let other = work.path().join("token.handoff");
+    let (status, _, err) = handoff(
+        data.path(),
+        &[
+            "export",
+            "--as",
+            "@alice:localhost",
+            "--out",
+            other.to_str().unwrap(),
+            "--passphrase-file",
+            &pass,
+            "--login-token",
+            "--password-stdin",
+        ],
+        &format!("{PASSWORD}\n"),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("does not let a session make login tokens"), "{err}");
+    assert!(!other.exists());
+}
+
+/// The room's timeline as its old account sees it.
+async fn carol_or_alice_view(alice: &User, room: &ruma::RoomId) -> Vec<Value> {
+    alice.whole_timeline(room).await
+}
+
+#[tokio::test]
+async fn a_login_token_in_the_bundle_signs_a_new_device_in_without_the_password() {
+    let extra = "login_via_existing_session: {enabled: true, require_ui_auth: true, token_timeout: 5m}\n";
+    let h = Harness::start_with_homeserver(|c| c, extra).await;
+    let url = h.synapse().url.clone();
+    let alice = user_with_password(&h, "alice").await;
+    let room = alice.create_room("Kept").await;
+    let work = tempfile::tempdir().unwrap();
+    let pass = work.path().join("passphrase");
+    std::fs::write(&pass, "bundle passphrase").unwrap();
+    let pass = pass.to_str().unwrap();
+    let bundle = work.path().join("alice.handoff");
+    let bundle = bundle.to_str().unwrap();
+
+    let laptop = tempfile::tempdir().unwrap();
+    cli_login(laptop.path(), &url, &alice.id);
+    // The homeserver asks for the password again: a wrong one makes no token and no file.
+    let export = ["export", "--out", bundle, "--passphrase-file", pass, "--login-token", "--password-stdin"];
+    let (status, _, err) = handoff(laptop.path(), &export, "not the password\n");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("wrong password for @alice:localhost"), "{err}");
+    assert!(!Path::new(bundle).exists());
+    let (status, out, err) = handoff(laptop.path(), &export, &format!("{PASSWORD}\n"));
+    assert!(status.success(), "{err}");
+    assert!(out.contains("single-use login token is inside"), "{out}");
+    // `inspect --json` never prints the token.
+    let (_, json, _) = handoff(laptop.path(), &["inspect", bundle, "--passphrase-file", pass, "--json"], "");
+    let shown: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(shown["login_token"]["token"], "<redacted>");
+
+    // The new device: nothing logged in there, no password given.
+    let before = device_names(&alice).await.len();
+    let phone = tempfile::tempdir().unwrap();
+    let (status, out, err) = handoff(phone.path(), &["import", bundle, "--passphrase-file", pass], "");
+    assert!(status.success(), "{out}{err}");
+    assert!(err.contains("Logged in as @alice:localhost on this device with the bundle's login token"), "{err}");
+    assert!(out.contains("1 of 1 room(s) moved") || out.contains("room(s) moved"), "{out}");
+    assert_eq!(device_names(&alice).await.len(), before + 1, "no new device");
+    assert!(phone.path().join("accounts").join("@alice:localhost").join("session.json").exists());
+    // The same account: no notice about a move to itself.
+    assert!(common::move_notices(&alice.whole_timeline(&room).await).is_empty());
+
+    // A used token fails cleanly on a third device, and leaves nothing behind there.
+    let third = tempfile::tempdir().unwrap();
+    let (status, _, err) = handoff(third.path(), &["import", bundle, "--passphrase-file", pass], "");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("expired or was used already") && err.contains("handoff login @alice:localhost"), "{err}");
+    assert!(!third.path().join("accounts").join("@alice:localhost").exists());
+}

@@ -359,26 +359,16 @@ impl<'a> Import<'a> {
         notes
     }
 
-    /// One notice per room, by the old account when this device can act for it, else by the new
-    /// one; a second run finds it and posts none.
+    /// One notice per room, by the new account (the one this device acts for in every run, with
+    /// or without the old one's access); a second run finds it and posts none.
     async fn notify(&self, room: &RoomPlan) -> Result<(), HsError> {
         let template = NotifyConfig::default().template;
-        let old = &self.bundle.source.user_id;
-        let notice = Notice {
-            template: &template,
-            id: self.notice_id(),
-            old,
-            new: self.new_user(),
-            profile: ClientProfile::Desktop,
-        };
-        let (hs, sender) = match &self.options.old {
-            Some(o) => (&o.hs, o.user.as_ref()),
-            None => (&self.new, self.new_user()),
-        };
-        if stages::notice_exists(hs, sender, &room.room_id, notice.id).await? {
+        let (old, new) = (&self.bundle.source.user_id, self.new_user());
+        let notice = Notice { template: &template, id: self.notice_id(), old, new, profile: ClientProfile::Desktop };
+        if stages::notice_exists(&self.new, new, &room.room_id, notice.id).await? {
             return Ok(());
         }
-        notice.post(hs, sender, &room.room_id).await
+        notice.post(&self.new, new, &room.room_id).await
     }
 
     /// The move's number, the same on every run of this bundle into this account (48 bits: a JSON

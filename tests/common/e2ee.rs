@@ -38,7 +38,7 @@ impl Seen {
 pub struct E2eeClient {
     pub client: Client,
     sync: tokio::task::JoinHandle<()>,
-    _store: tempfile::TempDir,
+    _store: Option<tempfile::TempDir>,
 }
 
 impl E2eeClient {
@@ -62,7 +62,34 @@ impl E2eeClient {
         let sync = tokio::spawn(async move {
             let _ = syncing.sync(SyncSettings::default().timeout(Duration::from_secs(2))).await;
         });
-        E2eeClient { client, sync, _store: store }
+        E2eeClient { client, sync, _store: Some(store) }
+    }
+
+    /// The device of a session `handoff login` keeps in `dir` (`accounts/<user>`), opened from
+    /// its store as the command line left it, and syncing.
+    pub async fn open_session(dir: &Path) -> E2eeClient {
+        let saved: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("session.json")).unwrap()).unwrap();
+        let text = |k: &str| saved[k].as_str().unwrap().to_owned();
+        let client = Client::builder()
+            .homeserver_url(text("homeserver"))
+            .sqlite_store(dir.join("store"), Some(&text("passphrase")))
+            .build()
+            .await
+            .unwrap();
+        let session = matrix_sdk::authentication::matrix::MatrixSession {
+            meta: matrix_sdk::SessionMeta {
+                user_id: text("user_id").try_into().unwrap(),
+                device_id: text("device_id").into(),
+            },
+            tokens: matrix_sdk::SessionTokens { access_token: text("access_token"), refresh_token: None },
+        };
+        client.matrix_auth().restore_session(session, matrix_sdk::store::RoomLoadSettings::default()).await.unwrap();
+        client.sync_once(SyncSettings::default()).await.unwrap();
+        let syncing = client.clone();
+        let sync = tokio::spawn(async move {
+            let _ = syncing.sync(SyncSettings::default().timeout(Duration::from_secs(2))).await;
+        });
+        E2eeClient { client, sync, _store: None }
     }
 
     /// A DM with `other`, encrypted from creation.
@@ -156,6 +183,21 @@ impl E2eeClient {
         let content: RoomMessageEventContent = serde_json::from_value(seen.event["content"].clone()).unwrap();
         let MessageType::File(file) = content.msgtype else { panic!("not a file: {seen:?}") };
         self.client.media().get_file(&file, false).await.unwrap().expect("the file has content")
+    }
+
+    /// Sets up recovery (secret storage and key backup) for the account; returns the recovery
+    /// key, once the keys this device has are backed up.
+    pub async fn enable_recovery(&self) -> String {
+        let key = self.client.encryption().recovery().enable().wait_for_backups_to_upload().await.unwrap();
+        self.client.encryption().backups().wait_for_steady_state().await.unwrap();
+        key
+    }
+
+    /// Unlocks the account's secret storage and key backup with its recovery key, and fetches the
+    /// backed-up keys of `room`, as a client does on a new device.
+    pub async fn recover(&self, key: &str, room: &RoomId) {
+        self.client.encryption().recovery().recover(key).await.unwrap();
+        self.client.encryption().backups().download_room_keys_for_room(room).await.unwrap();
     }
 
     /// Imports an Element key-export file into this device.
