@@ -284,7 +284,7 @@ impl Sandbox {
         let dir = dir.canonicalize()?;
         let handoff_port = free_port();
         let synapse_port_placeholder = "SYNAPSE_URL";
-        let config = include_str!("../bridge-config.yaml")
+        let config = include_str!("../../bridge-config.yaml")
             .replace("address: http://127.0.0.1:8008", &format!("address: {synapse_port_placeholder}"))
             .replace("domain: example.org", &format!("domain: {SERVER_NAME}"))
             .replace("\"example.org\": user", &format!("\"{SERVER_NAME}\": user"))
