@@ -14,6 +14,9 @@ use serde::Deserialize;
 
 use crate::registration;
 
+mod federation;
+pub use federation::{Federation, FederationNames, Side};
+
 pub const SYNAPSE_VERSION: &str = "1.163.2";
 pub const SERVER_NAME: &str = "localhost";
 pub const SHARED_SECRET: &str = "handoff-sandbox-shared-secret";
