@@ -4,9 +4,10 @@
 //! machine, and parallel runs don't collide.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use ruma::{OwnedServerName, ServerName};
 
 use super::{FederationListener, Sandbox, SynapseOptions, ensure_synapse_installed, free_port, run_command};
@@ -186,3 +187,129 @@ for server in servers:
     write(f"{out}/{server}.key", k.private_bytes(serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
 "#;
+
+/// `handoff sandbox --federated`: two federating Synapses, two accounts on each, and a handoff
+/// serving each (two `handoff serve` children of this executable: each has its own log, and
+/// nothing process-wide is shared between them), until Ctrl-C.
+pub async fn run_federated(dir: Option<PathBuf>) -> Result<()> {
+    let dir = match dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("handoff-federation-{}", std::process::id())),
+    };
+    let federation = Federation::create(&dir).await?;
+    let exe = std::env::current_exe().context("cannot find the handoff executable")?;
+    let mut children = Children(Vec::new());
+    for side in [Side::A, Side::B] {
+        let sandbox = federation.side(side);
+        let log_path = sandbox.dir.join("handoff.log");
+        let log = std::fs::File::options().create(true).append(true).open(&log_path)?;
+        let child = Command::new(&exe)
+            .args(["serve", "-c"])
+            .arg(&sandbox.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start handoff serve")?;
+        children.0.push((side, child, log_path));
+    }
+    let mut accounts = Vec::new();
+    for side in [Side::A, Side::B] {
+        for name in ["alice", "bob"] {
+            let (user, _) = federation.side(side).synapse.register_user(name, name, false).await?;
+            accounts.push((side, user));
+        }
+    }
+    for (i, side) in [Side::A, Side::B].into_iter().enumerate() {
+        children.wait_healthy(i, federation.side(side).handoff_port).await?;
+    }
+    println!();
+    println!("Federated sandbox ready in {} (TLS CA {})", dir.display(), federation.ca.display());
+    for (side, _, log) in &children.0 {
+        let sandbox = federation.side(*side);
+        println!("{side:?}:");
+        println!("  homeserver:  {} (server name {})", sandbox.synapse.url, sandbox.synapse.server_name);
+        for (_, user) in accounts.iter().filter(|(s, _)| s == side) {
+            println!("  account:     {user}  password: {}", user.localpart());
+        }
+        println!("  bot:         {}", sandbox.bot_user_id()?);
+        println!("  config:      {}", sandbox.config_path.display());
+        println!("  handoff log: {}", log.display());
+    }
+    println!("Log in with any Matrix client, start a DM with a bot of the same server, send `help`.");
+    println!("Press Ctrl-C to stop.");
+    println!();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        exited = children.first_exit() => {
+            let (side, status, log) = exited?;
+            bail!("handoff of side {side:?} exited ({status}); see {}", log.display());
+        }
+    }
+    children.interrupt();
+    children.wait_all(Duration::from_secs(15)).await;
+    Ok(())
+}
+
+/// The `handoff serve` children; those still running when dropped are killed.
+struct Children(Vec<(Side, Child, PathBuf)>);
+
+impl Children {
+    async fn wait_healthy(&mut self, i: usize, port: u16) -> Result<()> {
+        let health = format!("http://127.0.0.1:{port}/health");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(r) = reqwest::get(&health).await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            let (side, child, log) = &mut self.0[i];
+            if let Some(status) = child.try_wait()? {
+                bail!("handoff of side {side:?} exited ({status}) at start-up; see {}", log.display());
+            }
+            if Instant::now() > deadline {
+                bail!("handoff of side {side:?} not healthy within 90 s; see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn first_exit(&mut self) -> Result<(Side, std::process::ExitStatus, PathBuf)> {
+        loop {
+            for (side, child, log) in &mut self.0 {
+                if let Some(status) = child.try_wait()? {
+                    return Ok((*side, status, log.clone()));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// A Ctrl-C in a terminal reaches them too, a SIGINT sent to this process alone does not:
+    /// tell them, so that they stop as they do on Ctrl-C (a killed one is killed at the drop).
+    fn interrupt(&self) {
+        for (_, child, _) in &self.0 {
+            let _ = Command::new("kill").arg("-INT").arg(child.id().to_string()).stderr(Stdio::null()).status();
+        }
+    }
+
+    async fn wait_all(&mut self, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        while Instant::now() < deadline {
+            if self.0.iter_mut().all(|(_, c, _)| matches!(c.try_wait(), Ok(Some(_)) | Err(_))) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child, _) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::registration;
 
 mod federation;
-pub use federation::{Federation, FederationNames, Side};
+pub use federation::{Federation, FederationNames, Side, run_federated};
 
 pub const SYNAPSE_VERSION: &str = "1.163.2";
 pub const SERVER_NAME: &str = "localhost";
