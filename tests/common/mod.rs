@@ -2,6 +2,8 @@
 //! serving it, and clients that act as users with their own access tokens.
 #![allow(dead_code)]
 
+pub mod federation;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
