@@ -60,6 +60,9 @@ enum Cmd {
         /// Where the sandbox keeps its homeserver, config and database (default: a new temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Two federating Synapses (over TLS, on loopback), each with its own handoff.
+        #[arg(long)]
+        federated: bool,
     },
 }
 
@@ -108,9 +111,13 @@ pub fn main() -> ExitCode {
         },
         #[cfg(feature = "e2ee")]
         Cmd::Device(command) => device::main(cli.data_dir, command),
-        Cmd::Sandbox { dir } => {
+        Cmd::Sandbox { dir, federated } => {
             let _ = init_logging("info", LogFormat::Pretty);
-            match runtime().block_on(crate::sandbox::run_interactive(dir)) {
+            let run = match federated {
+                true => runtime().block_on(crate::sandbox::run_federated(dir)),
+                false => runtime().block_on(crate::sandbox::run_interactive(dir)),
+            };
+            match run {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(1, e),
             }

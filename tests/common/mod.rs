@@ -2,6 +2,8 @@
 //! serving it, and clients that act as users with their own access tokens.
 #![allow(dead_code)]
 
+pub mod federation;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -44,7 +46,8 @@ pub struct Harness {
     /// looks less often, to leave the homeserver to the transfer.
     pub patience: Duration,
     pub poll: Duration,
-    _tmp: tempfile::TempDir,
+    /// The folder it all lives in, when the harness owns it (not when a [`federation`] does).
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Harness {
@@ -67,16 +70,14 @@ impl Harness {
         )
         .await
         .expect("sandbox starts");
+        Self::serving(sandbox, Some(tmp)).await
+    }
+
+    /// `handoff serve` started on `sandbox` (which `tmp`, if given, holds).
+    pub async fn serving(sandbox: Sandbox, tmp: Option<tempfile::TempDir>) -> Harness {
         let handoff_url = format!("http://127.0.0.1:{}", sandbox.handoff_port);
-        let mut h = Harness {
-            sandbox,
-            handoff: None,
-            handoff_url,
-            bot: UserId::parse("@handoff:localhost").unwrap(),
-            patience: PATIENCE,
-            poll: POLL,
-            _tmp: tmp,
-        };
+        let bot = sandbox.bot_user_id().expect("the sandbox's config loads");
+        let mut h = Harness { sandbox, handoff: None, handoff_url, bot, patience: PATIENCE, poll: POLL, _tmp: tmp };
         h.start_handoff().await;
         h
     }

@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hmac::{Hmac, Mac};
-use ruma::{OwnedUserId, UserId};
+use ruma::{OwnedServerName, OwnedUserId, ServerName, UserId};
 use serde::Deserialize;
 
 use crate::registration;
+
+mod federation;
+pub use federation::{Federation, FederationNames, Side, run_federated};
 
 pub const SYNAPSE_VERSION: &str = "1.163.2";
 pub const SERVER_NAME: &str = "localhost";
@@ -93,6 +96,35 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// What a Synapse is started as: its server name, whether it federates, and YAML appended to
+/// its config. The default is the sandbox's: `localhost`, no federation.
+#[derive(Clone, Debug)]
+pub struct SynapseOptions {
+    pub server_name: OwnedServerName,
+    pub federation: Option<FederationListener>,
+    pub extra: String,
+}
+
+impl Default for SynapseOptions {
+    fn default() -> Self {
+        SynapseOptions {
+            server_name: ServerName::parse(SERVER_NAME).expect("a valid server name"),
+            federation: None,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A federation listener over TLS (Synapse requires TLS between servers and checks the
+/// certificates against `ca`, the only CA it then trusts for federation).
+#[derive(Clone, Debug)]
+pub struct FederationListener {
+    pub port: u16,
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub ca: PathBuf,
+}
+
 /// A running Synapse. Dropping it kills the process.
 pub struct Synapse {
     child: Option<Child>,
@@ -100,6 +132,7 @@ pub struct Synapse {
     pub dir: PathBuf,
     pub port: u16,
     pub url: String,
+    pub server_name: OwnedServerName,
 }
 
 impl Synapse {
@@ -208,12 +241,17 @@ impl Drop for Synapse {
     }
 }
 
-fn homeserver_yaml(dir: &Path, port: u16, app_service_files: &[PathBuf]) -> String {
+fn homeserver_yaml(dir: &Path, port: u16, app_service_files: &[PathBuf], options: &SynapseOptions) -> String {
     let d = dir.display();
     let files: Vec<String> = app_service_files.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
     let unlimited = "{per_second: 10000, burst_count: 100000}";
+    let server_name = &options.server_name;
+    let federation = match &options.federation {
+        None => "federation_domain_whitelist: []\n".to_owned(),
+        Some(f) => federation_yaml(f),
+    };
     format!(
-        r#"server_name: "{SERVER_NAME}"
+        r#"server_name: "{server_name}"
 pid_file: "{d}/homeserver.pid"
 public_baseurl: "http://127.0.0.1:{port}/"
 report_stats: false
@@ -224,7 +262,7 @@ listeners:
     tls: false
     x_forwarded: false
     resources: [{{names: [client], compress: false}}]
-database: {{name: sqlite3, args: {{database: "{d}/homeserver.db"}}}}
+{federation}database: {{name: sqlite3, args: {{database: "{d}/homeserver.db"}}}}
 media_store_path: "{d}/media_store"
 signing_key_path: "{d}/signing.key"
 macaroon_secret_key: "sandbox-macaroon-secret"
@@ -234,7 +272,6 @@ enable_registration: true
 enable_registration_without_verification: true
 trusted_key_servers: []
 suppress_key_server_warning: true
-federation_domain_whitelist: []
 presence: {{enabled: false}}
 app_service_config_files: [{files}]
 rc_message: {unlimited}
@@ -256,6 +293,60 @@ rc_reports: {unlimited}
 rc_admin_redaction: {unlimited}
 "#,
         files = files.join(", ")
+    ) + options.extra.as_str()
+}
+
+/// Synapse's default `ip_range_blacklist` without 127.0.0.0/8: it blocks federation to
+/// loopback, and `ip_range_whitelist` is not consulted for IP-literal server names.
+const IP_RANGE_BLOCKLIST: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "192.0.0.0/24",
+    "169.254.0.0/16",
+    "192.88.99.0/24",
+    "198.18.0.0/15",
+    "192.0.2.0/24",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "::1/128",
+    "fe80::/10",
+    "fc00::/7",
+    "2001:db8::/32",
+    "ff00::/8",
+    "fec0::/10",
+];
+
+/// The federation listener and what federating on loopback needs; retries are fast so that a
+/// stopped and restarted server catches up within seconds, not Synapse's minutes.
+fn federation_yaml(f: &FederationListener) -> String {
+    let blocklist: Vec<String> = IP_RANGE_BLOCKLIST.iter().map(|r| format!("{r:?}")).collect();
+    format!(
+        r#"  - port: {port}
+    bind_addresses: ["127.0.0.1"]
+    type: http
+    tls: true
+    x_forwarded: false
+    resources: [{{names: [federation], compress: false}}]
+tls_certificate_path: {certificate:?}
+tls_private_key_path: {private_key:?}
+federation_custom_ca_list: [{ca:?}]
+ip_range_blacklist: [{blocklist}]
+federation:
+  max_long_retries: 1000
+  max_long_retry_delay: 1s
+  max_short_retry_delay: 1s
+  destination_min_retry_interval: 1s
+  destination_max_retry_interval: 2s
+rc_federation: {{window_size: 1000, sleep_limit: 10000, sleep_delay: 100, reject_limit: 10000, concurrent: 100}}
+"#,
+        port = f.port,
+        certificate = f.certificate.display().to_string(),
+        private_key = f.private_key.display().to_string(),
+        ca = f.ca.display().to_string(),
+        blocklist = blocklist.join(", "),
     )
 }
 
@@ -280,14 +371,28 @@ impl Sandbox {
         edit: impl FnOnce(String) -> String,
         homeserver_extra: &str,
     ) -> Result<Sandbox> {
+        let options = SynapseOptions { extra: homeserver_extra.to_owned(), ..SynapseOptions::default() };
+        Self::create_as(dir, edit, options).await
+    }
+
+    /// Like [`Sandbox::create`], with a Synapse started as `options` says; handoff's
+    /// `homeserver.domain` (and the permission of its users) is `options.server_name`.
+    pub async fn create_as(
+        dir: &Path,
+        edit: impl FnOnce(String) -> String,
+        options: SynapseOptions,
+    ) -> Result<Sandbox> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let handoff_port = free_port();
         let synapse_port_placeholder = "SYNAPSE_URL";
-        let config = include_str!("../bridge-config.yaml")
+        let name = options.server_name.as_str();
+        // A name with a port must be quoted in YAML; `localhost` stays as the tests' edits expect it.
+        let domain = if name.contains(':') { format!("\"{name}\"") } else { name.to_owned() };
+        let config = include_str!("../../bridge-config.yaml")
             .replace("address: http://127.0.0.1:8008", &format!("address: {synapse_port_placeholder}"))
-            .replace("domain: example.org", &format!("domain: {SERVER_NAME}"))
-            .replace("\"example.org\": user", &format!("\"{SERVER_NAME}\": user"))
+            .replace("domain: example.org", &format!("domain: {domain}"))
+            .replace("\"example.org\": user", &format!("\"{name}\": user"))
             .replace("http://127.0.0.1:29340", &format!("http://127.0.0.1:{handoff_port}"))
             .replace("port: 29340", &format!("port: {handoff_port}"));
         let config = edit(config);
@@ -300,8 +405,13 @@ impl Sandbox {
         std::fs::write(&config_path, config)?;
         registration::generate(&config_path)?;
         let files = [dir.join(registration::MAIN_FILE), dir.join(registration::ACTING_FILE)];
-        let synapse = Synapse::start_configured(&synapse_dir, port, &files, homeserver_extra).await?;
+        let synapse = Synapse::start_as(&synapse_dir, port, &files, &options).await?;
         Ok(Sandbox { dir, config_path, handoff_port, synapse })
+    }
+
+    /// The bot's user ID, as handoff's config names it.
+    pub fn bot_user_id(&self) -> Result<OwnedUserId> {
+        Ok(crate::config::Config::load(&self.config_path)?.bot_user_id())
     }
 }
 
@@ -318,17 +428,37 @@ impl Synapse {
         app_service_files: &[PathBuf],
         extra: &str,
     ) -> Result<Synapse> {
+        let options = SynapseOptions { extra: extra.to_owned(), ..SynapseOptions::default() };
+        Self::start_as(dir, port, app_service_files, &options).await
+    }
+
+    /// Like [`Synapse::start_on`], started as `options` says (server name, federation).
+    pub async fn start_as(
+        dir: &Path,
+        port: u16,
+        app_service_files: &[PathBuf],
+        options: &SynapseOptions,
+    ) -> Result<Synapse> {
         let python = ensure_synapse_installed()?;
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let url = format!("http://127.0.0.1:{port}");
         let config_path = dir.join("homeserver.yaml");
-        std::fs::write(&config_path, homeserver_yaml(&dir, port, app_service_files) + extra)?;
-        run_command(
-            Command::new(&python).args(["-m", "synapse.app.homeserver", "-c"]).arg(&config_path).arg("--generate-keys"),
-            "generate Synapse's signing key",
-        )?;
-        let mut synapse = Synapse { child: None, python, dir, port, url };
+        std::fs::write(&config_path, homeserver_yaml(&dir, port, app_service_files, options))?;
+        // Off the runtime's thread: the two servers of a federation start side by side.
+        let mut generate = tokio::process::Command::new(&python);
+        generate.args(["-m", "synapse.app.homeserver", "-c"]).arg(&config_path).arg("--generate-keys");
+        let out = generate.output().await.context("cannot generate Synapse's signing key")?;
+        if !out.status.success() {
+            bail!(
+                "cannot generate Synapse's signing key: {}\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let server_name = options.server_name.clone();
+        let mut synapse = Synapse { child: None, python, dir, port, url, server_name };
         synapse.spawn()?;
         synapse.wait_until_up().await?;
         Ok(synapse)
