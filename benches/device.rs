@@ -1,0 +1,222 @@
+//! The device side, each figure next to a baseline from the same run (a release build):
+//!
+//! - key derivation: opening an Element key export at Element's 500,000 PBKDF2 rounds with
+//!   matrix-sdk (what `handoff import` does with a bundle's keys) against PBKDF2-HMAC-SHA512 at
+//!   those rounds alone, the floor any client pays; and the service's validator of the same file
+//!   (which never decrypts);
+//! - a key file of 10,000 sessions (over 100 rooms, made with vodozemac): the service's validator,
+//!   matrix-sdk's decryption of it (the floor of an import), and `handoff import` of a bundle that
+//!   carries it into a fresh device of the command line (the real binary, against Synapse on
+//!   loopback: log-in of the store, decryption, the store's writes), as a ratio to that floor;
+//! - a 500-room move on one Synapse: `handoff import --old` on the device side (8 rooms in
+//!   flight) against the service's engine (`export --to`, `import CODE`, at its default
+//!   concurrency), the same old account's rooms into two new accounts, in one run.
+//!
+//! Run: `cargo bench --bench device` (`HANDOFF_BENCH_ROOMS=100` and `HANDOFF_BENCH_SESSIONS=2000`
+//! for a quicker run).
+
+// matrix-sdk's futures are deep: rustc 1.95 overflows proving a spawned sync `Send` without this.
+#![recursion_limit = "256"]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{HANDOFF, Harness, export};
+use matrix_sdk_crypto::olm::ExportedRoomKey;
+use matrix_sdk_crypto::vodozemac::megolm::{GroupSession, SessionConfig};
+use matrix_sdk_crypto::vodozemac::{Curve25519SecretKey, Ed25519SecretKey};
+use matrix_sdk_crypto::{decrypt_room_key_export, encrypt_room_key_export};
+use serde_json::json;
+
+/// Element's rounds for key exports (and matrix-sdk's).
+const ROUNDS: u32 = 500_000;
+const PASSPHRASE: &str = "bench passphrase";
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(run());
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// `n` room keys as a client exports them, over 100 rooms.
+fn room_keys(n: usize) -> Vec<ExportedRoomKey> {
+    let sender = Curve25519SecretKey::new();
+    let sender = matrix_sdk_crypto::vodozemac::Curve25519PublicKey::from(&sender).to_base64();
+    let signing = Ed25519SecretKey::new().public_key().to_base64();
+    let keys: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let session = GroupSession::new(SessionConfig::version_1());
+            let mut inbound = matrix_sdk_crypto::vodozemac::megolm::InboundGroupSession::new(
+                &session.session_key(),
+                SessionConfig::version_1(),
+            );
+            json!({
+                "algorithm": "m.megolm.v1.aes-sha2",
+                "room_id": format!("!bench{:03}:localhost", i % 100),
+                "sender_key": sender,
+                "session_id": session.session_id(),
+                "session_key": inbound.export_at(0).expect("index 0").to_base64(),
+                "sender_claimed_keys": {"ed25519": signing},
+                "forwarding_curve25519_key_chain": [],
+            })
+        })
+        .collect();
+    serde_json::from_value(json!(keys)).expect("valid exported room keys")
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (Duration, T) {
+    let start = Instant::now();
+    let out = f();
+    (start.elapsed(), out)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+/// Runs `handoff ARGS` with `data` as its data directory and `stdin` as its input; panics unless
+/// it succeeds. Returns its wall time.
+fn handoff(data: &Path, args: &[&str], stdin: &str) -> Duration {
+    let start = Instant::now();
+    let mut child = Command::new(HANDOFF)
+        .args(args)
+        .env("HANDOFF_DATA_DIR", data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "handoff {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    took
+}
+
+async fn run() {
+    let sessions = env_or("HANDOFF_BENCH_SESSIONS", 10_000);
+    let rooms = env_or("HANDOFF_BENCH_ROOMS", 500);
+
+    println!("key derivation at {ROUNDS} PBKDF2 rounds:");
+    let one = encrypt_room_key_export(&room_keys(1), PASSPHRASE, ROUNDS).unwrap();
+    let (floor, _) = timed(|| {
+        let mut key = [0u8; 64];
+        pbkdf2::pbkdf2_hmac::<sha2::Sha512>(PASSPHRASE.as_bytes(), &[7u8; 16], ROUNDS, &mut key);
+        key
+    });
+    let (open_one, keys) = timed(|| decrypt_room_key_export(one.as_bytes(), PASSPHRASE).unwrap());
+    assert_eq!(keys.len(), 1);
+    let (validate_one, _) = timed(|| handoff::keys::validate(&one).unwrap());
+    println!("  PBKDF2-HMAC-SHA512 alone (baseline)      {}", secs(floor));
+    println!(
+        "  open a 1-session export (matrix-sdk)     {}  = {:.2}× the baseline",
+        secs(open_one),
+        open_one.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "  the service's validator (no decryption)  {}  = {:.5}× the baseline",
+        secs(validate_one),
+        validate_one.as_secs_f64() / floor.as_secs_f64()
+    );
+
+    println!("a key file of {sessions} sessions:");
+    let (made, file) = timed(|| encrypt_room_key_export(&room_keys(sessions), PASSPHRASE, ROUNDS).unwrap());
+    println!("  made (vodozemac + encryption)            {} ({} KiB)", secs(made), file.len() / 1024);
+    let (validate, validated) = timed(|| handoff::keys::validate(&file).unwrap());
+    let (decrypt, keys) = timed(|| decrypt_room_key_export(file.as_bytes(), PASSPHRASE).unwrap());
+    assert_eq!(keys.len(), sessions);
+    println!("  matrix-sdk decrypts it (baseline)        {}", secs(decrypt));
+    println!(
+        "  the service's validator                  {}  = {:.4}× the baseline",
+        secs(validate),
+        validate.as_secs_f64() / decrypt.as_secs_f64()
+    );
+    assert_eq!(validated.encrypted_len + 69, keys_len(&file));
+
+    // The bundle's keys into a fresh device of the command line, on Synapse.
+    let h = Harness::start_with(|c| common::edit(c, "level: \"info,handoff=debug\"", "level: warn")).await;
+    let url = h.synapse().url.clone();
+    let owner = h.user("keys").await;
+    let work = tempfile::tempdir().unwrap();
+    let keys_path = work.path().join("element-keys.txt");
+    std::fs::write(&keys_path, &file).unwrap();
+    let pass = work.path().join("pass");
+    std::fs::write(&pass, PASSPHRASE).unwrap();
+    let bundle = work.path().join("keys.handoff");
+    let (laptop, phone) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let login = ["login", owner.id.as_str(), "--homeserver", url.as_str(), "--password-stdin"];
+    handoff(laptop.path(), &login, "password\n");
+    handoff(phone.path(), &login, "password\n");
+    let (b, p, k) = (bundle.to_str().unwrap(), pass.to_str().unwrap(), keys_path.to_str().unwrap());
+    handoff(laptop.path(), &["export", "--out", b, "--passphrase-file", p, "--room-keys", k], "");
+    let import = ["import", b, "--passphrase-file", p, "--room-keys-passphrase-file", p, "--json"];
+    let took = handoff(phone.path(), &import, "");
+    println!(
+        "  `handoff import` into a fresh device      {}  = {:.2}× the baseline (the process, its store, the writes of {sessions} keys)",
+        secs(took),
+        took.as_secs_f64() / decrypt.as_secs_f64()
+    );
+    drop(h);
+
+    println!("a {rooms}-room move on one Synapse:");
+    let h = Harness::start_with(|c| common::edit(c, "level: \"info,handoff=debug\"", "level: warn")).await;
+    let url = h.synapse().url.clone();
+    let old = h.old_account("old", rooms, 10, 3).await;
+    let (by_device, by_service) = (h.user("device").await, h.user("service").await);
+    let data = tempfile::tempdir().unwrap();
+    for user in [&old.user, &by_device] {
+        handoff(
+            data.path(),
+            &["login", user.id.as_str(), "--homeserver", url.as_str(), "--password-stdin"],
+            "password\n",
+        );
+    }
+    let bundle = work.path().join("old.handoff");
+    let b = bundle.to_str().unwrap();
+    let as_old = ["export", "--as", old.user.id.as_str(), "--out", b, "--passphrase-file", p];
+    let exported = handoff(data.path(), &as_old, "");
+    let import =
+        ["import", b, "--as", by_device.id.as_str(), "--old", old.user.id.as_str(), "--passphrase-file", p, "--json"];
+    let device = handoff(data.path(), &import, "");
+
+    let code = export(&h, &old.user, &old.dm, &format!("--to {}", by_service.id)).await;
+    let dm = h.dm_with_bot(&by_service).await;
+    let before = by_service.messages_from(&dm, &h.bot).await.len();
+    let start = Instant::now();
+    by_service.send_text(&dm, &format!("import {code}")).await;
+    let mut h = h;
+    h.patience = Duration::from_secs(1800);
+    h.poll = Duration::from_millis(500);
+    let report = h.bot_says(&by_service, &dm, before, "the report", |b| b.contains("rooms moved to")).await;
+    let service = start.elapsed();
+    assert!(report.starts_with(&format!("{} of {} rooms moved", rooms, rooms)), "{report}");
+    let joined = by_device.send(ruma::api::client::membership::joined_rooms::v3::Request::new()).await.joined_rooms;
+    assert!(old.rooms.iter().all(|r| joined.contains(r)), "the device side left rooms behind");
+    println!("  `handoff export` (device side)           {}", secs(exported));
+    println!("  the service's engine (baseline)          {}", secs(service));
+    println!(
+        "  `handoff import --old` (device side)     {}  = {:.2}× the baseline",
+        secs(device),
+        device.as_secs_f64() / service.as_secs_f64()
+    );
+}
+
+/// The decoded length of a key export's body.
+fn keys_len(armored: &str) -> usize {
+    use base64::Engine;
+    let body: String = armored.lines().filter(|l| !l.starts_with("-----")).collect::<Vec<_>>().concat();
+    base64::engine::general_purpose::STANDARD_NO_PAD.decode(body.trim_end_matches('=')).unwrap().len()
+}
