@@ -346,6 +346,39 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
     assert!(status.success(), "{err}");
     assert!(out.contains("Plan: @alice:localhost → @bob:localhost") && out.contains("Private plans"), "{out}");
     assert!(out.contains("Nothing was changed"), "{out}");
+    // The same with the old account's access token instead of its login here; someone else's is refused.
+    let alice_token = write("alice-token", &alice.token);
+    let with_token = |token_file: &str| {
+        vec![
+            "import".to_owned(),
+            bundle_arg.to_owned(),
+            "--as".into(),
+            "@bob:localhost".into(),
+            "--passphrase-file".into(),
+            pass.clone(),
+            format!("--old-access-token={token_file}"),
+            "--dry-run".into(),
+            "--json".into(),
+        ]
+    };
+    let args = with_token(&alice_token);
+    let (status, out, err) = handoff(data.path(), &args.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    assert!(status.success(), "{err}");
+    let plan: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(plan["old"], "@alice:localhost");
+    assert!(
+        plan["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["room_id"] == private.as_str() && r["action"]["action"] == "join"),
+        "{plan:#}"
+    );
+    let carols = write("carol-token", &carol.token);
+    let args = with_token(&carols);
+    let (status, _, err) = handoff(data.path(), &args.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("@carol:localhost's, but the bundle is @alice:localhost's"), "{err}");
     assert!(joined(&bob).await.is_empty());
 
     // Without the old account's access: the public room is joined, the others need an invite (exit 3).

@@ -52,6 +52,15 @@ fn seal_at(bundle: &Bundle, passphrase: &str, work_factor: Option<u8>) -> Vec<u8
     out
 }
 
+/// Opens a bundle file with what a person typed: a transfer code in any case and spacing, or
+/// else a passphrase as it is.
+pub fn open_typed(bytes: &[u8], typed: &str) -> Result<Bundle, FileError> {
+    match crate::code::TransferCode::parse(typed) {
+        Ok(code) => open(bytes, &code.display()).or_else(|_| open(bytes, typed)),
+        Err(_) => open(bytes, typed),
+    }
+}
+
 /// Decrypts and reads a bundle file. Each way it can fail has its own error.
 pub fn open(bytes: &[u8], passphrase: &str) -> Result<Bundle, FileError> {
     let decryptor = match age::Decryptor::new_buffered(bytes) {

@@ -359,7 +359,8 @@ impl ImportCmd {
         let bytes = std::fs::read(&self.file).with_context(|| format!("cannot read {}", self.file.display()))?;
         let passphrase =
             secret("Passphrase (or transfer code) of the bundle: ", self.passphrase_file.as_deref(), false)?;
-        let bundle = open_bundle(&bytes, &passphrase).map_err(|e| anyhow::anyhow!("{}: {e}", self.file.display()))?;
+        let bundle = crate::bundle::file::open_typed(&bytes, passphrase.expose())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.file.display()))?;
         let session = self.session(data, &bundle).await?;
         let old = match (&self.old, &self.old_access_token) {
             (Some(user), _) => {
@@ -445,15 +446,6 @@ impl ImportCmd {
             }
             Err(e) => bail!("{e:#}: log in with `handoff login {owner}` and run the import again"),
         }
-    }
-}
-
-/// A bundle file opened with a passphrase, or with a transfer code typed in any case and spacing.
-fn open_bundle(bytes: &[u8], passphrase: &Secret) -> Result<Bundle, crate::bundle::file::FileError> {
-    let attempt = |p: &str| crate::bundle::file::open(bytes, p);
-    match crate::code::TransferCode::parse(passphrase.expose()) {
-        Ok(code) => attempt(&code.display()).or_else(|_| attempt(passphrase.expose())),
-        Err(_) => attempt(passphrase.expose()),
     }
 }
 

@@ -133,13 +133,8 @@ fn inspect(file: &std::path::Path, passphrase_file: Option<&std::path::Path>, js
         None => rpassword::prompt_password("Transfer code or passphrase: ")
             .context("cannot ask for the passphrase (use --passphrase-file)")?,
     };
-    // A transfer code may be typed in any case and spacing; a passphrase is used as it is.
-    let attempt = |p: &str| crate::bundle::file::open(&bytes, p);
-    let bundle = match crate::code::TransferCode::parse(&passphrase) {
-        Ok(code) => attempt(&code.display()).or_else(|_| attempt(&passphrase)),
-        Err(_) => attempt(&passphrase),
-    }
-    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let bundle =
+        crate::bundle::file::open_typed(&bytes, &passphrase).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     if json {
         let mut bundle = bundle;
         // The file's owner may read it; a terminal, a log or a pasted issue should not.
