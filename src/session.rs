@@ -94,6 +94,8 @@ impl Session {
         };
         create_private_dir(&dir)?;
         let passphrase = Secret::new(hex::encode(rand::random::<[u8; 32]>()));
+        // Whether this login makes its own device (and so ends it if it fails half-way).
+        let new_device = !matches!(credential, Credential::AccessToken(_));
         let made = async {
             let client = build(&homeserver, &dir, &passphrase).await?;
             let (device_id, access_token) = match credential {
@@ -140,16 +142,25 @@ impl Session {
                     (login.device_id, Secret::new(login.access_token))
                 }
             };
-            // One sync: the device's keys go up, so the account's other devices know it.
-            client.sync_once(SyncSettings::default().timeout(Duration::ZERO)).await.map_err(sdk_error)?;
-            let saved = Saved {
-                user_id: user.to_owned(),
-                device_id: device_id.clone(),
-                homeserver: homeserver.clone(),
-                access_token: access_token.clone(),
-                passphrase: passphrase.clone(),
+            let kept = async {
+                // One sync: the device's keys go up, so the account's other devices know it.
+                client.sync_once(SyncSettings::default().timeout(Duration::ZERO)).await.map_err(sdk_error)?;
+                let saved = Saved {
+                    user_id: user.to_owned(),
+                    device_id: device_id.clone(),
+                    homeserver: homeserver.clone(),
+                    access_token: access_token.clone(),
+                    passphrase: passphrase.clone(),
+                };
+                crate::registration::write_private(&dir.join("session.json"), &serde_json::to_string_pretty(&saved)?)
             };
-            crate::registration::write_private(&dir.join("session.json"), &serde_json::to_string_pretty(&saved)?)?;
+            if let Err(e) = kept.await {
+                // The homeserver made a device this login won't keep: end it.
+                if new_device {
+                    let _ = client.matrix_auth().logout().await;
+                }
+                return Err(e);
+            }
             Ok::<_, anyhow::Error>(Session {
                 client,
                 user_id: user.to_owned(),
