@@ -21,12 +21,10 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{HANDOFF, Harness, export};
+use common::{Harness, export};
 use matrix_sdk_crypto::olm::ExportedRoomKey;
 use matrix_sdk_crypto::vodozemac::megolm::{GroupSession, SessionConfig};
 use matrix_sdk_crypto::vodozemac::{Curve25519SecretKey, Ed25519SecretKey};
@@ -86,23 +84,9 @@ fn secs(d: Duration) -> String {
 /// it succeeds. Returns its wall time.
 fn handoff(data: &Path, args: &[&str], stdin: &str) -> Duration {
     let start = Instant::now();
-    let mut child = Command::new(HANDOFF)
-        .args(args)
-        .env("HANDOFF_DATA_DIR", data)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let (status, out, err) = common::device_cli(data, args, stdin);
     let took = start.elapsed();
-    assert!(
-        out.status.success(),
-        "handoff {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(status.success(), "handoff {args:?}: {out}{err}");
     took
 }
 

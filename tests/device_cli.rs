@@ -8,11 +8,10 @@ mod common;
 #[path = "common/e2ee.rs"]
 mod e2ee;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 
-use common::{HANDOFF, Harness, User};
+use common::{Harness, User};
 use e2ee::E2eeClient;
 use ruma::api::client::device::get_devices;
 use serde_json::Value;
@@ -21,17 +20,7 @@ const PASSWORD: &str = "correct horse battery staple";
 
 /// Runs `handoff ARGS` with `data` as its data directory and `stdin` as its input.
 fn handoff(data: &Path, args: &[&str], stdin: &str) -> (ExitStatus, String, String) {
-    let mut child = Command::new(HANDOFF)
-        .args(args)
-        .env("HANDOFF_DATA_DIR", data)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    common::device_cli(data, args, stdin)
 }
 
 async fn user_with_password(h: &Harness, localpart: &str) -> User {
@@ -266,6 +255,12 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
     let data = tempfile::tempdir().unwrap();
     cli_login(data.path(), &url, &alice.id);
     cli_login(data.path(), &url, &bob.id);
+    // `handoff import` of the bundle into bob, with `extra` arguments.
+    let import = |file: &str, passphrase: &str, extra: &[&str]| {
+        let mut args = vec!["import", file, "--as", "@bob:localhost", "--passphrase-file", passphrase];
+        args.extend_from_slice(extra);
+        handoff(data.path(), &args, "")
+    };
 
     // A wrong recovery key stops the export before anything is written.
     let wrong_key = write("wrong-key", "EsTc 1234 5678 90ab cdef 1234 5678 90ab cdef 1234 5678 90ab");
@@ -320,49 +315,24 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
         (truncated.as_str(), pass.as_str(), "damaged or cut short"),
         (tampered.as_str(), pass.as_str(), "damaged or cut short"),
     ] {
-        let (status, _, err) =
-            handoff(data.path(), &["import", file, "--as", "@bob:localhost", "--passphrase-file", passphrase], "");
+        let (status, _, err) = import(file, passphrase, &[]);
         assert_eq!(status.code(), Some(1), "{file}: {err}");
         assert!(err.contains(expect), "{file}: {err}");
     }
     assert!(joined(&bob).await.is_empty(), "a bad file changed the new account");
 
     // --dry-run: the plan, nothing changed.
-    let (status, out, err) = handoff(
-        data.path(),
-        &[
-            "import",
-            bundle_arg,
-            "--as",
-            "@bob:localhost",
-            "--passphrase-file",
-            &pass,
-            "--old",
-            "@alice:localhost",
-            "--dry-run",
-        ],
-        "",
-    );
+    let (status, out, err) = import(bundle_arg, &pass, &["--old", "@alice:localhost", "--dry-run"]);
     assert!(status.success(), "{err}");
     assert!(out.contains("Plan: @alice:localhost → @bob:localhost") && out.contains("Private plans"), "{out}");
     assert!(out.contains("Nothing was changed"), "{out}");
     // The same with the old account's access token instead of its login here; someone else's is refused.
     let alice_token = write("alice-token", &alice.token);
     let with_token = |token_file: &str| {
-        vec![
-            "import".to_owned(),
-            bundle_arg.to_owned(),
-            "--as".into(),
-            "@bob:localhost".into(),
-            "--passphrase-file".into(),
-            pass.clone(),
-            format!("--old-access-token={token_file}"),
-            "--dry-run".into(),
-            "--json".into(),
-        ]
+        let token = format!("--old-access-token={token_file}");
+        import(bundle_arg, &pass, &[token.as_str(), "--dry-run", "--json"])
     };
-    let args = with_token(&alice_token);
-    let (status, out, err) = handoff(data.path(), &args.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    let (status, out, err) = with_token(&alice_token);
     assert!(status.success(), "{err}");
     let plan: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(plan["old"], "@alice:localhost");
@@ -375,15 +345,13 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
         "{plan:#}"
     );
     let carols = write("carol-token", &carol.token);
-    let args = with_token(&carols);
-    let (status, _, err) = handoff(data.path(), &args.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    let (status, _, err) = with_token(&carols);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("@carol:localhost's, but the bundle is @alice:localhost's"), "{err}");
     assert!(joined(&bob).await.is_empty());
 
     // Without the old account's access: the public room is joined, the others need an invite (exit 3).
-    let (status, out, err) =
-        handoff(data.path(), &["import", bundle_arg, "--as", "@bob:localhost", "--passphrase-file", &pass], "");
+    let (status, out, err) = import(bundle_arg, &pass, &[]);
     assert_eq!(status.code(), Some(3), "{out}{err}");
     assert!(out.contains("need an invite") && out.contains("--old @alice:localhost"), "{out}");
     assert!(out.contains("Private plans"), "{out}");
@@ -394,22 +362,8 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
     let bob_phone = E2eeClient::login(&url, &bob.id, PASSWORD).await;
     let bob_key = bob_phone.enable_recovery().await;
     let bob_key_file = write("bob-recovery-key", &bob_key);
-    let (status, out, err) = handoff(
-        data.path(),
-        &[
-            "import",
-            bundle_arg,
-            "--as",
-            "@bob:localhost",
-            "--passphrase-file",
-            &pass,
-            "--old",
-            "@alice:localhost",
-            &format!("--recovery-key={bob_key_file}"),
-            "--json",
-        ],
-        "",
-    );
+    let recovery = format!("--recovery-key={bob_key_file}");
+    let (status, out, err) = import(bundle_arg, &pass, &["--old", "@alice:localhost", &recovery, "--json"]);
     assert!(status.success(), "{out}{err}");
     let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert!(report["rooms"].as_array().unwrap().iter().all(|r| r["outcome"] == "moved"), "{report:#}");
@@ -423,8 +377,8 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
     let direct = bob.account_data("m.direct").await.unwrap();
     assert!(direct["@carol:localhost"].as_array().unwrap().iter().any(|r| r == dm.as_str()), "{direct}");
     // Exactly one notice per room, across both runs.
-    for room in [&private, &public, &dm] {
-        let notices = common::move_notices(&carol_or_alice_view(&alice, room).await).len();
+    for room in [&private, &public, &dm, &secret] {
+        let notices = common::move_notices(&alice.whole_timeline(room).await).len();
         assert_eq!(notices, 1, "{room}: {notices} notices");
     }
 
@@ -473,11 +427,6 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("does not let a session make login tokens"), "{err}");
     assert!(!other.exists());
-}
-
-/// The room's timeline as its old account sees it.
-async fn carol_or_alice_view(alice: &User, room: &ruma::RoomId) -> Vec<Value> {
-    alice.whole_timeline(room).await
 }
 
 #[tokio::test]

@@ -652,6 +652,23 @@ pub fn refusing(config: String, user: &str) -> String {
 }
 
 /// Runs the handoff binary with `args`; returns its exit status and stderr.
+/// Runs the device side, `handoff ARGS`, with `data` as its data directory and `stdin` as its
+/// input; returns how it exited and what it printed on stdout and stderr.
+pub fn device_cli(data: &Path, args: &[&str], stdin: &str) -> (ExitStatus, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(HANDOFF)
+        .args(args)
+        .env("HANDOFF_DATA_DIR", data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 pub fn run_handoff(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
     let out = Command::new(HANDOFF).args(args).current_dir(cwd).output().unwrap();
     (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
