@@ -9,6 +9,7 @@ use std::time::Instant;
 use common::federation::FederatedHarness;
 use common::{User, body, eventually, export_file, move_notices};
 use handoff::sandbox::Side;
+use ruma::api::client::membership::joined_rooms;
 use ruma::api::client::room::{Visibility, create_room};
 use ruma::api::client::state::get_state_event_for_key;
 use ruma::events::StateEventType;
@@ -93,6 +94,18 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     newbie.send_file(&new_dm, "handoff-alice.age", MediaSource::Plain(mxc)).await;
     fh.b.bot_says(&newbie, &new_dm, before, "the file's receipt", |b| b.contains("This is a handoff bundle file"))
         .await;
+
+    // Another account on B holding the file and the code can't use them: the bundle is addressed.
+    let mallory = fh.b.user("mallory").await;
+    let mallory_dm = fh.b.dm_with_bot(&mallory).await;
+    let mxc = mallory.upload("handoff-alice.age", file.clone()).await;
+    mallory.send_file(&mallory_dm, "handoff-alice.age", MediaSource::Plain(mxc)).await;
+    fh.b.bot_says(&mallory, &mallory_dm, 1, "the file's receipt", |b| b.contains("This is a handoff bundle file"))
+        .await;
+    let refused = fh.b.ask(&mallory, &mallory_dm, &format!("import {code}"), "not to you").await;
+    assert!(refused.contains(&format!("addressed to {}", newbie.id)), "{refused}");
+    let mallory_rooms = mallory.send(joined_rooms::v3::Request::new()).await.joined_rooms;
+    assert_eq!(mallory_rooms, std::slice::from_ref(&mallory_dm), "mallory joined nothing");
 
     // A wrong code opens nothing and changes nothing.
     let wrong = handoff::code::TransferCode::generate().display();

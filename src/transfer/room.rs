@@ -230,10 +230,16 @@ pub async fn membership(
     }
 }
 
+/// The reason of a reservation's invite: also what tells the new account's server that an invite
+/// is `old`'s move ([`super::world::read_new_view`]), not any other invite.
+pub fn reservation_reason(old: &UserId) -> String {
+    format!("{old} is moving to this account (handoff)")
+}
+
 /// The reservation: `old` invites `new`, saying why.
 pub async fn invite(hs: &Homeserver, old: &UserId, room: &RoomId, new: &UserId) -> Result<(), HsError> {
     let mut invitee = invite_user::v3::InviteUserId::new(new.to_owned());
-    invitee.reason = Some(format!("{old} is moving to this account (handoff)"));
+    invitee.reason = Some(reservation_reason(old));
     hs.send_as(old, invite_user::v3::Request::new(room.to_owned(), invitee.into())).await?;
     Ok(())
 }

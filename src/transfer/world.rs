@@ -21,6 +21,7 @@ use serde_json::Value as JsonValue;
 use super::AccountStep;
 use super::merge::AccountWorld;
 use super::plan::{RoomFacts, World};
+use super::room::reservation_reason;
 use crate::budget::{Budget, Class, Party};
 use crate::bundle::Bundle;
 use crate::homeserver::{Homeserver, HsError};
@@ -148,7 +149,8 @@ async fn global_data<T: DeserializeOwned>(hs: &Homeserver, user: &UserId, kind: 
 
 /// What the new account's own view says of a bundle's rooms, for a bundle from another server
 /// ([`super::plan::received`]): the rooms it is in, and those the bundle's old account invited it
-/// to and it has not answered yet (the reservation, signed by the old account's server).
+/// to for this move and it has not answered yet (the reservation, signed by the old account's
+/// server; an invite of the old account for anything else proves no move).
 #[derive(Debug, Clone, Default)]
 pub struct NewView {
     pub joined: BTreeSet<OwnedRoomId>,
@@ -179,12 +181,16 @@ pub async fn read_new_view(
     req.filter = Some(Filter::FilterDefinition(filter));
     req.timeout = Some(std::time::Duration::ZERO);
     let invites = hs.send_as(new, req).await?.rooms.invite;
+    let reason = reservation_reason(old);
     let reserved = invites
         .into_iter()
         .filter(|(_, room)| {
             room.invite_state.events.iter().any(|raw| match raw.deserialize() {
                 Ok(AnyStrippedStateEvent::RoomMember(ev)) => {
-                    ev.state_key == new && ev.sender == old && ev.content.membership == MembershipState::Invite
+                    ev.state_key == new
+                        && ev.sender == old
+                        && ev.content.membership == MembershipState::Invite
+                        && ev.content.reason.as_deref() == Some(reason.as_str())
                 }
                 _ => false,
             })
