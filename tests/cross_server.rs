@@ -4,10 +4,12 @@
 
 mod common;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
 
 use common::federation::FederatedHarness;
-use common::{User, body, eventually, export_file, move_notices};
+use common::{Harness, User, body, eventually, eventually_within, export_file, move_notices, with_concurrency};
 use handoff::sandbox::Side;
 use ruma::api::client::membership::joined_rooms;
 use ruma::api::client::room::{Visibility, create_room};
@@ -43,6 +45,14 @@ async fn membership(user: &User, room: &RoomId) -> String {
         Err(e) if e.contains("not in room") => "none".to_owned(),
         Err(e) => panic!("{room}: {e}"),
     }
+}
+
+/// Drops `file` into `dm` as `user` (as a client sends a file) and waits for the bot's receipt.
+async fn drop_file(h: &Harness, user: &User, dm: &RoomId, file: &[u8]) {
+    let before = user.messages_from(dm, &h.bot).await.len();
+    let mxc = user.upload("handoff-alice.age", file.to_vec()).await;
+    user.send_file(dm, "handoff-alice.age", MediaSource::Plain(mxc)).await;
+    h.bot_says(user, dm, before, "the file's receipt", |b| b.contains("This is a handoff bundle file")).await;
 }
 
 #[tokio::test]
@@ -89,19 +99,12 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
 
     // The new account drops the file into its DM with B's bot.
     let new_dm = fh.b.dm_with_bot(&newbie).await;
-    let before = newbie.messages_from(&new_dm, &fh.b.bot).await.len();
-    let mxc = newbie.upload("handoff-alice.age", file.clone()).await;
-    newbie.send_file(&new_dm, "handoff-alice.age", MediaSource::Plain(mxc)).await;
-    fh.b.bot_says(&newbie, &new_dm, before, "the file's receipt", |b| b.contains("This is a handoff bundle file"))
-        .await;
+    drop_file(&fh.b, &newbie, &new_dm, &file).await;
 
     // Another account on B holding the file and the code can't use them: the bundle is addressed.
     let mallory = fh.b.user("mallory").await;
     let mallory_dm = fh.b.dm_with_bot(&mallory).await;
-    let mxc = mallory.upload("handoff-alice.age", file.clone()).await;
-    mallory.send_file(&mallory_dm, "handoff-alice.age", MediaSource::Plain(mxc)).await;
-    fh.b.bot_says(&mallory, &mallory_dm, 1, "the file's receipt", |b| b.contains("This is a handoff bundle file"))
-        .await;
+    drop_file(&fh.b, &mallory, &mallory_dm, &file).await;
     let refused = fh.b.ask(&mallory, &mallory_dm, &format!("import {code}"), "not to you").await;
     assert!(refused.contains(&format!("addressed to {}", newbie.id)), "{refused}");
     let mallory_rooms = mallory.send(joined_rooms::v3::Request::new()).await.joined_rooms;
@@ -142,5 +145,75 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     let again = fh.b.ask(&newbie, &new_dm, &format!("import {code}"), "already used").await;
     assert!(again.contains("ask for a new one"), "{again}");
     assert_eq!(move_notices(&newbie.timeline(&favourite).await).len(), 1, "still one notice");
+    println!("whole test: {:.1?}", started.elapsed());
+}
+
+/// Rooms of the move that B's handoff is stopped in the middle of.
+const ROOMS: usize = 24;
+
+#[tokio::test]
+async fn a_received_move_stopped_midway_completes_when_the_service_is_back() {
+    let started = Instant::now();
+    // One room at a time on B, so the move is still going when its handoff is killed.
+    let mut fh =
+        FederatedHarness::start_with(|side, _, c| if side == Side::B { with_concurrency(c, 1) } else { c }, "").await;
+    let name_b = fh.server_name(Side::B);
+    let alice = fh.a.user("alice").await;
+    let bob = fh.b.user("bob").await;
+    let newbie = fh.b.user("newbie").await;
+    let rooms: Vec<OwnedRoomId> = stream::iter(0..ROOMS)
+        .map(|i| {
+            let (alice, bob, name_b) = (&alice, &bob, &name_b);
+            async move {
+                let room = room_of(bob, &format!("room {i:02}"), false).await;
+                bob.invite(&room, &alice.id).await;
+                alice.join_via(&room, &[name_b]).await;
+                room
+            }
+        })
+        .buffered(6)
+        .collect()
+        .await;
+    println!("{ROOMS} rooms on B with alice from A in {:.1?}", started.elapsed());
+
+    let alice_dm = fh.a.dm_with_bot(&alice).await;
+    let (code, file) = export_file(&fh.a, &alice, &alice_dm, &format!("--to {}", newbie.id)).await;
+    let reserved =
+        fh.a.bot_says(&alice, &alice_dm, 0, "the reservation's report", |b| b.contains("reserved for")).await;
+    assert!(reserved.starts_with(&format!("{ROOMS} of {ROOMS} rooms reserved")), "{reserved}");
+    eventually("every reservation on B", || async {
+        let invites = newbie.invites().await;
+        rooms.iter().all(|r| invites.contains(r)).then_some(())
+    })
+    .await;
+
+    let new_dm = fh.b.dm_with_bot(&newbie).await;
+    drop_file(&fh.b, &newbie, &new_dm, &file).await;
+    fh.b.ask(&newbie, &new_dm, &format!("import {code}"), "The code opens the bundle file of").await;
+    // Killed once the first rooms are joined, with the others still to do.
+    let joined_now = || async {
+        let joined = newbie.send(joined_rooms::v3::Request::new()).await.joined_rooms;
+        rooms.iter().filter(|r| joined.contains(r)).count()
+    };
+    eventually("the first rooms joined", || async { (joined_now().await > 0).then_some(()) }).await;
+    fh.b.signal_handoff("KILL");
+    let moved = joined_now().await;
+    println!("B's handoff killed with {moved} of {ROOMS} rooms joined");
+    assert!(moved > 0 && moved < ROOMS, "killed mid-move, or the test proves nothing: {moved} joined");
+
+    let restarted = Instant::now();
+    fh.b.start_handoff().await;
+    let report = eventually_within("the report after the restart", Duration::from_secs(120), || async {
+        let msgs = newbie.messages_from(&new_dm, &fh.b.bot).await;
+        msgs.iter().map(|m| body(m).to_owned()).find(|b| b.contains("rooms moved to"))
+    })
+    .await;
+    println!("the move completed {:.1?} after the restart", restarted.elapsed());
+    assert!(report.starts_with(&format!("{ROOMS} of {ROOMS} rooms moved to {}", newbie.id)), "{report}");
+    for room in &rooms {
+        let timeline = newbie.timeline(room).await;
+        assert_eq!(move_notices(&timeline).len(), 1, "{room}: one notice across the restart");
+        assert_eq!(common::memberships(&timeline, &newbie.id), ["invite", "join"], "{room}: joined once");
+    }
     println!("whole test: {:.1?}", started.elapsed());
 }
