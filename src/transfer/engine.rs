@@ -396,7 +396,10 @@ impl Engine {
                     t.new
                 ),
             };
-            t.account_steps.insert(AccountStep::Remote, StepOutcome::Failed(why));
+            // For a reservation that is the plan, not a shortfall.
+            let outcome =
+                if t.kind == TransferKind::Reserve { StepOutcome::Done(why) } else { StepOutcome::Failed(why) };
+            t.account_steps.insert(AccountStep::Remote, outcome);
             self.save(&mut t).await?;
         }
         let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, false);
