@@ -62,6 +62,9 @@ pub struct Store {
     transfers: sled::Tree,
     journal: sled::Tree,
     auto: sled::Tree,
+    /// Bundle files dropped into a DM, waiting for the `import CODE` that opens them: one per
+    /// user, sealed, with when it came (8 bytes, big-endian ms) in front.
+    dropped: sled::Tree,
     inbox: sled::Tree,
     meta: sled::Tree,
     commit: Arc<GroupCommit>,
@@ -155,6 +158,7 @@ impl Store {
             transfers: db.open_tree("transfers")?,
             journal: db.open_tree("journal")?,
             auto: db.open_tree("auto")?,
+            dropped: db.open_tree("dropped_files")?,
             inbox: db.open_tree("inbox")?,
             meta,
             commit: Arc::new(GroupCommit::default()),
@@ -456,6 +460,46 @@ impl Store {
         }
     }
 
+    /// Records the code of a bundle that came from another server, already redeemed by the
+    /// account it is for, so it opens nothing here a second time. `false` if the code is known
+    /// here already (used before): nothing is written then.
+    pub async fn claim_code(&self, hash: &CodeHash, record: &CodeRecord) -> Result<bool, StoreError> {
+        let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let claimed = self.codes.compare_and_swap(hash.0, None::<&[u8]>, Some(json))?.is_ok();
+        if claimed {
+            self.durable().await?;
+        }
+        Ok(claimed)
+    }
+
+    /// Deletes one stored bundle.
+    pub async fn remove_bundle(&self, id: &BundleId) -> Result<(), StoreError> {
+        self.bundles.remove(id.as_bytes())?;
+        self.durable().await
+    }
+
+    /// Keeps a bundle file `user` dropped into their DM until an `import CODE` opens it (the code
+    /// is not known here before): the latest replaces an earlier one.
+    pub async fn put_dropped_file(&self, user: &UserId, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut record = now_ms().to_be_bytes().to_vec();
+        record.extend(self.seal(&dropped_aad(user), bytes));
+        self.dropped.insert(user.as_bytes(), record)?;
+        self.durable().await
+    }
+
+    /// The bundle file `user` dropped last, if any is kept.
+    pub fn dropped_file(&self, user: &UserId) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(record) = self.dropped.get(user.as_bytes())? else { return Ok(None) };
+        let sealed = record.get(8..).ok_or_else(|| StoreError::Corrupt("dropped file record too short".into()))?;
+        self.unseal(&dropped_aad(user), sealed).map(Some)
+    }
+
+    /// Removes `user`'s dropped bundle file (it was imported).
+    pub async fn remove_dropped_file(&self, user: &UserId) -> Result<(), StoreError> {
+        self.dropped.remove(user.as_bytes())?;
+        self.durable().await
+    }
+
     /// The codes `owner` made.
     pub fn codes_of(&self, owner: &UserId) -> Result<Vec<CodeRecord>, StoreError> {
         let mut out = Vec::new();
@@ -484,6 +528,9 @@ impl Store {
                 self.codes.remove(k)?;
                 gone.codes += 1;
             }
+        }
+        if self.dropped.remove(user.as_bytes())?.is_some() {
+            gone.bundles += 1;
         }
         for auto in self.autos()? {
             if auto.old == user || auto.new == user {
@@ -514,6 +561,14 @@ impl Store {
             if self.code_record(&v).map_or(true, |r| r.expires_at_ms < cutoff) {
                 self.codes.remove(k)?;
                 gone.codes += 1;
+            }
+        }
+        for item in self.dropped.iter() {
+            let (k, v) = item?;
+            let at = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+            if at < cutoff {
+                self.dropped.remove(k)?;
+                gone.bundles += 1;
             }
         }
         for auto in self.autos()? {
@@ -700,6 +755,11 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
         }
         Err(e) => Err(err(e.to_string())),
     }
+}
+
+/// What a dropped file's seal is bound to: its user (a record moved to another key won't open).
+fn dropped_aad(user: &UserId) -> Vec<u8> {
+    [b"dropped\0".as_slice(), user.as_bytes()].concat()
 }
 
 pub fn now_ms() -> u64 {

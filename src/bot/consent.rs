@@ -18,11 +18,17 @@ use crate::transfer::{Transfer, TransferState};
 /// Why a transfer between `old` and `new` can't start now, if it can't: either account may no
 /// longer use handoff, or already takes part in a running transfer (one at a time).
 pub fn start_refusal(bot: &Bot, old: &UserId, new: &UserId) -> Result<Option<String>, BotError> {
-    if let Some(user) = [old, new].into_iter().find(|u| bot.config.permission(u) < PermissionLevel::User) {
+    start_refusal_of(bot, &[old, new])
+}
+
+/// [`start_refusal`] for a transfer that acts for `users` alone (a reservation acts only as the
+/// old account, a received bundle only as the new one: the other is on another server).
+pub fn start_refusal_of(bot: &Bot, users: &[&UserId]) -> Result<Option<String>, BotError> {
+    if let Some(user) = users.iter().find(|u| bot.config.permission(u) < PermissionLevel::User) {
         return Ok(Some(format!("{user} may no longer use handoff on this server.")));
     }
-    // Only the two accounts' own records are read (the journal indexes them by user).
-    for user in [new, old] {
+    // Only the accounts' own records are read (the journal indexes them by user).
+    for user in users.iter().rev() {
         let transfers = bot.journal.of(user)?;
         let running = transfers.iter().find(|t| t.is_live());
         if let Some(t) = running {

@@ -2,6 +2,7 @@
 
 use ruma::events::room::message::FileMessageEventContent;
 
+use super::receive;
 use super::state::{Bot, BotError, Ctx};
 use crate::homeserver::DownloadError;
 use crate::keys;
@@ -27,6 +28,10 @@ pub async fn on_file(bot: &Bot, ctx: &Ctx, file: &FileMessageEventContent) -> Re
             return bot.reply(ctx, format!("handoff could not read this file ({e}); nothing was attached.")).await;
         }
     };
+    // A bundle file from another server's bot: it waits for the code that opens it.
+    if bytes.starts_with(receive::AGE_MAGIC) {
+        return receive::on_bundle_file(bot, ctx, &bytes).await;
+    }
     let text = String::from_utf8_lossy(&bytes);
     let export = match keys::validate(&text) {
         Ok(k) => k,

@@ -11,6 +11,7 @@ mod keys;
 pub mod outbox;
 pub mod progress;
 pub mod queue;
+mod receive;
 mod state;
 
 use std::sync::Arc;

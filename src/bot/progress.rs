@@ -15,7 +15,7 @@ use crate::html::{escape, to_html};
 use crate::transfer::plan::Warning;
 use crate::transfer::progress::{Counts, Delivery, Place, Reporter, RoomHistory, Stopped};
 use crate::transfer::report::Report;
-use crate::transfer::{ClientProfile, PATIENT, StepOutcome, Transfer};
+use crate::transfer::{ClientProfile, PATIENT, StepOutcome, Transfer, TransferKind};
 
 /// A chat message is edited at most this often (a 500-room move would otherwise be 1,000 edits).
 const EDIT_EVERY: Duration = Duration::from_secs(2);
@@ -81,13 +81,21 @@ impl Reporter for ChatReporter {
 
     fn started<'a>(&'a self, t: &'a Transfer, counts: Counts) -> BoxFuture<'a, Result<OwnedEventId, HsError>> {
         Box::pin(async move {
-            let text = format!(
-                "Moving {} rooms from {} to {}…\n{}",
-                counts.total,
-                t.old,
-                t.new,
-                progress_bar(0, counts.total)
-            );
+            let text = match t.kind {
+                TransferKind::Reserve => format!(
+                    "Reserving seats for {} in {} rooms…\n{}",
+                    t.new,
+                    counts.total,
+                    progress_bar(0, counts.total)
+                ),
+                _ => format!(
+                    "Moving {} rooms from {} to {}…\n{}",
+                    counts.total,
+                    t.old,
+                    t.new,
+                    progress_bar(0, counts.total)
+                ),
+            };
             self.post(&t.new_dm, &format!("status-{}", t.id), &text).await
         })
     }
@@ -111,8 +119,9 @@ impl Reporter for ChatReporter {
             if !due {
                 return Ok(());
             }
+            let joined = if t.kind == TransferKind::Reserve { "invited" } else { "joined" };
             let text = format!(
-                "Moving rooms from {} to {}: {} joined, {} of {} finished\n{}",
+                "Moving rooms from {} to {}: {} {joined}, {} of {} finished\n{}",
                 t.old,
                 t.new,
                 c.seated,
@@ -231,6 +240,17 @@ fn history_document(t: &Transfer, rooms: &[RoomHistory<'_>], html: bool) -> Stri
 }
 
 fn headline(r: &Report) -> String {
+    if r.kind == TransferKind::Reserve {
+        return format!(
+            "{}{} of {} rooms reserved for {}{}{}",
+            if r.cancelled { "Cancelled. " } else { "" },
+            r.awaiting,
+            r.total,
+            r.new,
+            if r.skipped.is_empty() { String::new() } else { format!(", {} skipped", r.skipped.len()) },
+            if r.failed.is_empty() { String::new() } else { format!(", {} failed", r.failed.len()) },
+        );
+    }
     format!(
         "{}{} of {} rooms moved to {}{}{}{}",
         if r.cancelled { "Cancelled. " } else { "" },
@@ -285,7 +305,12 @@ fn plain(r: &Report) -> String {
         })
         .collect();
     section(&mut out, "Warnings", &grouped);
-    if r.awaiting > 0 {
+    if r.awaiting > 0 && r.kind == TransferKind::Reserve {
+        out.push_str(&format!(
+            "\n{} is invited into {} rooms: it joins them when it imports the bundle file with the code on its own server's handoff (or accepts the invites from its client).\n",
+            r.new, r.awaiting
+        ));
+    } else if r.awaiting > 0 {
         out.push_str(&format!(
             "\n{} rooms wait for you to accept their invites from your new account's client.\n",
             r.awaiting

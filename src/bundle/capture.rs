@@ -160,6 +160,7 @@ pub async fn capture(
         profile: Profile { display_name, avatar_url, extra: Extra::new() },
         room_keys: None,
         login_token: None,
+        recipient: None,
         extra: Extra::new(),
     };
     Ok(Captured { bundle, left_out })

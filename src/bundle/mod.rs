@@ -103,8 +103,20 @@ pub struct Bundle {
     /// that imports the bundle signs in with it, without the password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login_token: Option<LoginToken>,
+    /// With `export --to`: the one account the bundle is for, and until when. What lets another
+    /// server's handoff take the bundle file: the file opens with the code, and the code is this
+    /// account's alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<Recipient>,
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+/// The account a bundle was exported for (`export --to`), and when its code expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    pub user_id: OwnedUserId,
+    pub expires_at: MilliSecondsSinceUnixEpoch,
 }
 
 /// A login token (`m.login.token`) and when the homeserver said it expires.
@@ -345,6 +357,7 @@ pub(crate) mod tests {
             profile: Profile { display_name: Some("Old".into()), ..Default::default() },
             room_keys: None,
             login_token: None,
+            recipient: None,
             extra: Extra::new(),
         }
     }

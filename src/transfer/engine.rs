@@ -21,7 +21,7 @@ use super::plan::{self, Plan, Requirements, RoomPlan};
 use super::progress::{Counts, Delivery, Place, Reporter, RoomHistory, Stopped};
 use super::report::Report;
 use super::room::RoomWork;
-use super::{AccountStep, Error, PATIENT, RoomStep, Stage, StepOutcome, Transfer, TransferState, world};
+use super::{AccountStep, Error, PATIENT, RoomStep, Stage, StepOutcome, Transfer, TransferKind, TransferState, world};
 use crate::budget::{Budget, Class};
 use crate::bundle::{Bundle, Priority, RoomKind};
 use crate::config::{Config, PermissionLevel};
@@ -212,6 +212,14 @@ impl Engine {
         Ok(plan)
     }
 
+    /// The plan of a bundle from another server into the local account `new`: every room at once,
+    /// from what `new` sees (its rooms, and the old account's invites waiting for it).
+    pub async fn plan_received(&self, bundle: &Bundle, new: &UserId, req: &Requirements) -> Result<Plan, HsError> {
+        let rooms: Vec<OwnedRoomId> = bundle.rooms.iter().map(|r| r.room_id.clone()).collect();
+        let view = world::read_new_view(&self.acting, new, &bundle.source.user_id, &rooms).await?;
+        Ok(plan::received(bundle, new, req, &view.joined, &view.reserved))
+    }
+
     /// Asks a transfer to stop after the rooms in flight. One waiting for a place leaves the line
     /// and ends at once (it changed nothing yet, unless it had run before a restart: then it
     /// finishes the rooms it had joined, as a running one does). Returns whether it was waiting.
@@ -240,7 +248,7 @@ impl Engine {
         let _present = self.budget.enter(id);
         let mut t = self.journal.get(id)?.ok_or(Error::Missing(id))?;
         // Permission is checked at every start and resume: revoking it stops the transfer.
-        let revoked = [&t.old, &t.new].into_iter().find(|u| self.config.permission(u) < PermissionLevel::User).cloned();
+        let revoked = t.acted_for().into_iter().find(|u| self.config.permission(u) < PermissionLevel::User).cloned();
         if let Some(who) = revoked {
             self.set_state(&mut t, TransferState::Cancelled).await?;
             tracing::info!(transfer = id, user = %who, "transfer stopped: the user may no longer use handoff");
@@ -264,8 +272,16 @@ impl Engine {
         };
         let bundle = stored.bundle;
         if t.plan.is_none() {
-            // Which rooms, in which order, from the bundle alone: nothing is read yet.
-            t.plan = Some(plan::unplanned(&bundle, &t.new, &t.requirements, &Default::default()));
+            t.plan = Some(match t.kind {
+                // The old account's rooms can't be read here: planned at once, as the new account
+                // sees them.
+                TransferKind::Receive => {
+                    let _slot = self.budget.acquire(id, Class::Start).await;
+                    self.plan_received(&bundle, &t.new, &t.requirements).await?
+                }
+                // Which rooms, in which order, from the bundle alone: nothing is read yet.
+                _ => plan::unplanned(&bundle, &t.new, &t.requirements, &Default::default()),
+            });
             self.save(&mut t).await?;
         }
         // The transfer's start: the profile and, meanwhile, the reads that plan its first rooms
@@ -370,11 +386,20 @@ impl Engine {
         if self.is_local(&t.new) {
             self.account_steps(&mut t, &bundle, &AFTER_ROOMS, Class::First).await?;
         } else if !t.account_steps.contains_key(&AccountStep::Remote) {
-            let why = format!(
-                "{} is on another server: tags, DMs, ignored users, push rules, settings and profile are applied by that server's handoff or your client",
-                t.new
-            );
-            t.account_steps.insert(AccountStep::Remote, StepOutcome::Failed(why));
+            let why = match t.kind {
+                TransferKind::Reserve => format!(
+                    "{} is on another server: it joins, and gets its tags, DMs, push rules, settings and profile, when it imports the bundle file with the code on its own server's handoff",
+                    t.new
+                ),
+                _ => format!(
+                    "{} is on another server: tags, DMs, ignored users, push rules, settings and profile are applied by that server's handoff or your client",
+                    t.new
+                ),
+            };
+            // For a reservation that is the plan, not a shortfall.
+            let outcome =
+                if t.kind == TransferKind::Reserve { StepOutcome::Done(why) } else { StepOutcome::Failed(why) };
+            t.account_steps.insert(AccountStep::Remote, outcome);
             self.save(&mut t).await?;
         }
         let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, false);

@@ -98,6 +98,23 @@ impl TransferState {
     }
 }
 
+/// Which part of a move this service plays, and so which accounts it acts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferKind {
+    /// The whole move on this server: the old account invites, the new one (if local) joins.
+    #[default]
+    Move,
+    /// `export --to @new:other.server`: the old account (local) invites the remote new one into
+    /// every room right away (the reservation) and gives it its rank. Nothing else: the new
+    /// account's own server moves the rest when it imports the bundle file.
+    Reserve,
+    /// `import CODE` of a bundle file from another server: the old account is remote and is never
+    /// acted for. The new account (local) joins by room ID through the bundle's via servers, and
+    /// posts the notices where the old account's invite proves the move.
+    Receive,
+}
+
 /// One transfer, as journaled in the store (sealed: it holds room names).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Transfer {
@@ -105,6 +122,8 @@ pub struct Transfer {
     pub old: OwnedUserId,
     pub new: OwnedUserId,
     pub bundle: BundleId,
+    #[serde(default)]
+    pub kind: TransferKind,
     pub requirements: Requirements,
     pub profile: ClientProfile,
     pub state: TransferState,
@@ -144,6 +163,7 @@ impl Transfer {
             old,
             new,
             bundle,
+            kind: TransferKind::Move,
             requirements,
             profile: ClientProfile::default(),
             state: TransferState::Running,
@@ -160,6 +180,16 @@ impl Transfer {
     /// Whether `user` takes part in it, as the old or the new account.
     pub fn involves(&self, user: &ruma::UserId) -> bool {
         self.old == user || self.new == user
+    }
+
+    /// The accounts this service acts for in this transfer: their permission is checked at every
+    /// start. A remote account is never acted for (the acting registration can't).
+    pub fn acted_for(&self) -> Vec<&OwnedUserId> {
+        match self.kind {
+            TransferKind::Move => vec![&self.old, &self.new],
+            TransferKind::Reserve => vec![&self.old],
+            TransferKind::Receive => vec![&self.new],
+        }
     }
 
     /// Running, or stopping after the rooms in flight.

@@ -146,6 +146,10 @@ pub enum Warning {
     HistoryHidden { visibility: HistoryVisibility },
     /// The old account's rank can't be carried whole.
     RankNotCarried { had: String, gives: Option<Int> },
+    /// A bundle from another server, and no invite of the old account (the reservation) reached
+    /// the new one in any of its rooms: the move is not proven, so no move notice is posted (an
+    /// invite, signed by the old account's server, is what shows the old account chose this one).
+    Unreserved,
 }
 
 impl Warning {
@@ -159,6 +163,9 @@ impl Warning {
             }
             Warning::RankNotCarried { had, gives: None } => {
                 format!("the old account's rank ({had}) can't be given: it may not change power levels")
+            }
+            Warning::Unreserved => {
+                "no invite from the old account reached the new one in any room, so the move is not proven: no move notice is posted".to_owned()
             }
         }
     }
@@ -222,6 +229,28 @@ pub fn blind(bundle: &Bundle, new: &UserId, req: &Requirements, joined: &BTreeSe
             warnings: vec![],
         })
         .collect();
+    plan
+}
+
+/// Plans a bundle that came from another server, as the new account sees its rooms (the old
+/// account can't be read here): [`blind`]. `reserved` are the rooms the old account invited the new
+/// one to; without any, the move is not proven and every room gets [`Warning::Unreserved`] (a room
+/// the old account can't invite to, a public one say, needs no invite of its own: one anywhere
+/// shows the old account chose this account). Nothing is planned for the old account to do.
+pub fn received(
+    bundle: &Bundle,
+    new: &UserId,
+    req: &Requirements,
+    joined: &BTreeSet<OwnedRoomId>,
+    reserved: &BTreeSet<OwnedRoomId>,
+) -> Plan {
+    let mut plan = blind(bundle, new, req, joined);
+    let proven = plan.rooms.iter().any(|r| reserved.contains(&r.room_id));
+    if !proven {
+        for room in &mut plan.rooms {
+            room.warnings.push(Warning::Unreserved);
+        }
+    }
     plan
 }
 
@@ -585,6 +614,28 @@ mod tests {
         );
         assert!(p.unplanned.is_empty());
         assert_eq!(p.rooms[0].via, ["old.org"]);
+    }
+
+    #[test]
+    fn a_received_plan_is_proven_by_one_reservation() {
+        let b = bundle(vec![
+            room("!invited:o", "Invited", json!({}), "group"),
+            room("!public:o", "Public", json!({}), "group"),
+            room("!in:o", "In already", json!({}), "group"),
+        ]);
+        let id = |s: &str| OwnedRoomId::try_from(s).unwrap();
+        let joined = BTreeSet::from([id("!in:o")]);
+        let unproven = |p: &Plan| p.rooms.iter().filter(|r| r.warnings.contains(&Warning::Unreserved)).count();
+        let reserved = BTreeSet::from([id("!invited:o")]);
+        let p = received(&b, &new(), &Requirements::default(), &joined, &reserved);
+        assert_eq!(unproven(&p), 0);
+        assert_eq!(p.count(|a| *a == Action::AlreadyJoined), 1);
+        assert!(p.rooms.iter().all(|r| r.give_level.is_none()), "nothing is planned for the old account");
+        // An invite into a room of another bundle proves nothing about this one.
+        let elsewhere = BTreeSet::from([id("!other:o")]);
+        let p = received(&b, &new(), &Requirements::default(), &joined, &elsewhere);
+        assert_eq!(unproven(&p), 3);
+        assert!(p.table().contains("no move notice is posted"));
     }
 
     #[test]

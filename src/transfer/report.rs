@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use ruma::{OwnedRoomId, OwnedUserId};
 
 use super::plan::{Plan, RoomPlan, Warning};
-use super::{AccountStep, RoomStep, StepOutcome, Transfer};
+use super::{AccountStep, RoomStep, StepOutcome, Transfer, TransferKind};
 
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -23,6 +23,7 @@ pub struct Report {
     /// Rooms of the bundle left out by the import options.
     pub left_out: usize,
     pub cancelled: bool,
+    pub kind: TransferKind,
 }
 
 impl Report {
@@ -38,6 +39,7 @@ impl Report {
             account: t.account_steps.iter().map(|(k, v)| (*k, v.clone())).collect(),
             left_out: plan.left_out,
             cancelled,
+            kind: t.kind,
         };
         for r in &plan.rooms {
             match steps.get(&r.room_id) {

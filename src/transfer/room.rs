@@ -18,8 +18,8 @@ use ruma::{Int, OwnedServerName, RoomId, UInt, UserId};
 use serde_json::{Value as JsonValue, json};
 
 use super::journal::Journal;
-use super::plan::{Action, Blocked, RoomPlan};
-use super::{ClientProfile, Error, RoomStep, Stage, Transfer};
+use super::plan::{Action, Blocked, RoomPlan, Warning};
+use super::{ClientProfile, Error, RoomStep, Stage, Transfer, TransferKind};
 use crate::bundle::RoomEntry;
 use crate::config::{NotifyConfig, NotifySender};
 use crate::homeserver::{Homeserver, HsError};
@@ -62,7 +62,10 @@ impl RoomWork {
             }
             Action::Join | Action::AlreadyJoined => {}
         }
-        let local_new = self.is_local(&t.new);
+        if t.kind == TransferKind::Receive {
+            return self.join_received(t, room, from).await;
+        }
+        let local_new = self.is_local(&t.new) && t.kind == TransferKind::Move;
         let resumed = matches!(from, RoomStep::Started(_));
 
         // 1. Reserve: the old account invites the new one (checked against the room first).
@@ -112,9 +115,13 @@ impl RoomWork {
         from: &RoomStep,
     ) -> Result<RoomStep, Error> {
         let rid = &room.room_id;
-        let local_new = self.is_local(&t.new);
-        // 3. Carry rank: re-read the power levels right before writing them.
+        // A reservation seats a remote account (its server joins it); a received bundle's new
+        // account is this server's own.
+        let local_new = self.is_local(&t.new) && t.kind != TransferKind::Reserve;
+        // 3. Carry rank: re-read the power levels right before writing them (never planned for a
+        // received bundle: its old account is not acted for).
         if !from.completed(Stage::Rank)
+            && t.kind != TransferKind::Receive
             && let Some(level) = room.give_level
         {
             self.started(t, rid, Stage::Rank).await?;
@@ -130,14 +137,53 @@ impl RoomWork {
             self.started(t, rid, Stage::Tags).await?;
             apply_tags(&self.acting, &t.new, rid, entry).await?;
         }
-        // 5. Notify: one notice per room, never two.
-        if !from.completed(Stage::Notify) {
+        // 5. Notify: one notice per room, never two. A reservation announces nothing yet (the move
+        // is announced when the new account takes its seat); a received bundle only when the old
+        // account's invites prove the move, and only in rooms the old account is in.
+        let announce = match t.kind {
+            TransferKind::Move => true,
+            TransferKind::Reserve => false,
+            TransferKind::Receive => {
+                !from.completed(Stage::Notify)
+                    && !room.warnings.contains(&Warning::Unreserved)
+                    && matches!(membership(&self.acting, &t.new, rid, &t.old).await, Ok(Some(MembershipState::Join)))
+            }
+        };
+        if announce && !from.completed(Stage::Notify) {
             self.started(t, rid, Stage::Notify).await?;
             // Only a notify stage that was started may have posted its notice already.
             let resumed = *from == RoomStep::Started(Stage::Notify);
             self.notify(t, rid, local_new, resumed).await?;
         }
         Ok(if local_new { RoomStep::Done } else { RoomStep::AwaitingAccept })
+    }
+
+    /// Pass 1 of a received bundle: the new account joins by the room's ID through the bundle's
+    /// via servers. No invite (the old account's server sent it, or nobody did): a room that is
+    /// not public and has no invite is skipped, saying what to do.
+    async fn join_received(&self, t: &Transfer, room: &RoomPlan, from: &RoomStep) -> Result<Option<RoomStep>, Error> {
+        let rid = &room.room_id;
+        if room.action == Action::Join && !from.completed(Stage::Join) {
+            self.started(t, rid, Stage::Join).await?;
+            // A resumed join re-checks first; the new account reads its own membership (a room it
+            // is not in answers forbidden).
+            let joined = matches!(from, RoomStep::Started(_))
+                && matches!(membership(&self.acting, &t.new, rid, &t.new).await, Ok(Some(MembershipState::Join)));
+            if !joined && let Err(e) = join(&self.acting, &t.new, rid, &room.via).await {
+                if e.is_transient() {
+                    return Err(e.into());
+                }
+                if matches!(e.kind(), Some(ErrorKind::Forbidden)) {
+                    return Ok(Some(RoomStep::Skipped(format!(
+                        "the room is not public and no invite from {} reached you: ask them (or anyone in the room) to invite you, then join it from your client",
+                        t.old
+                    ))));
+                }
+                return Ok(Some(RoomStep::Failed(format!("joining failed: {e}"))));
+            }
+        }
+        self.started(t, rid, Stage::Joined).await?;
+        Ok(None)
     }
 
     async fn membership(
@@ -152,6 +198,8 @@ impl RoomWork {
     /// Posts the move notice. A resumed stage first looks for one of this transfer in the room.
     async fn notify(&self, t: &Transfer, room: &RoomId, local_new: bool, resumed: bool) -> Result<(), Error> {
         let sender = match self.notify.sender {
+            // The old account of a received bundle is remote: the new one says it moved.
+            _ if t.kind == TransferKind::Receive => t.new.clone(),
             NotifySender::New if local_new => t.new.clone(),
             // The bot is not in the users' rooms, and a remote new account can't be acted for.
             _ => t.old.clone(),
@@ -182,10 +230,16 @@ pub async fn membership(
     }
 }
 
+/// The reason of a reservation's invite: also what tells the new account's server that an invite
+/// is `old`'s move ([`super::world::read_new_view`]), not any other invite.
+pub fn reservation_reason(old: &UserId) -> String {
+    format!("{old} is moving to this account (handoff)")
+}
+
 /// The reservation: `old` invites `new`, saying why.
 pub async fn invite(hs: &Homeserver, old: &UserId, room: &RoomId, new: &UserId) -> Result<(), HsError> {
     let mut invitee = invite_user::v3::InviteUserId::new(new.to_owned());
-    invitee.reason = Some(format!("{old} is moving to this account (handoff)"));
+    invitee.reason = Some(reservation_reason(old));
     hs.send_as(old, invite_user::v3::Request::new(room.to_owned(), invitee.into())).await?;
     Ok(())
 }

@@ -1,21 +1,27 @@
 //! Reading what the planners decide from: the rooms' current state as the old account (the
 //! planner's [`World`]) and the new account's account data (the merges' [`AccountWorld`]).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use ruma::api::client::config::get_global_account_data;
+use ruma::api::client::filter::FilterDefinition;
+use ruma::api::client::membership::joined_rooms;
 use ruma::api::client::profile::get_profile;
 use ruma::api::client::state::get_state_events;
+use ruma::api::client::sync::sync_events::{self, v3::Filter};
 use ruma::api::error::ErrorKind;
-use ruma::events::{AnyStateEvent, GlobalAccountDataEventType, StateEvent};
-use ruma::{OwnedRoomId, UserId};
+use ruma::events::room::member::MembershipState;
+use ruma::events::{AnyStateEvent, AnyStrippedStateEvent, GlobalAccountDataEventType, StateEvent};
+use ruma::{OwnedRoomId, UInt, UserId};
 use serde::de::DeserializeOwned;
 use serde_json::Value as JsonValue;
 
 use super::AccountStep;
 use super::merge::AccountWorld;
 use super::plan::{RoomFacts, World};
+use super::room::reservation_reason;
 use crate::budget::{Budget, Class, Party};
 use crate::bundle::Bundle;
 use crate::homeserver::{Homeserver, HsError};
@@ -139,4 +145,57 @@ async fn global_data<T: DeserializeOwned>(hs: &Homeserver, user: &UserId, kind: 
         Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// What the new account's own view says of a bundle's rooms, for a bundle from another server
+/// ([`super::plan::received`]): the rooms it is in, and those the bundle's old account invited it
+/// to for this move and it has not answered yet (the reservation, signed by the old account's
+/// server; an invite of the old account for anything else proves no move).
+#[derive(Debug, Clone, Default)]
+pub struct NewView {
+    pub joined: BTreeSet<OwnedRoomId>,
+    pub reserved: BTreeSet<OwnedRoomId>,
+}
+
+/// Reads [`NewView`] as `new`: its joined rooms, and its pending invites from `old` among `rooms`.
+pub async fn read_new_view(
+    hs: &Homeserver,
+    new: &UserId,
+    old: &UserId,
+    rooms: &[OwnedRoomId],
+) -> Result<NewView, HsError> {
+    let joined = hs.send_as(new, joined_rooms::v3::Request::new()).await?.joined_rooms.into_iter().collect();
+    // Pending invites are only in a sync. Everything else is filtered out by a type that exists
+    // nowhere; being new each time, it also keeps Synapse from answering from its sync cache.
+    let nothing = vec![format!("org.handoff.none.{}", rand::random::<u64>())];
+    let mut filter = FilterDefinition::default();
+    filter.presence.types = Some(nothing.clone());
+    filter.account_data.types = Some(nothing.clone());
+    filter.room.rooms = Some(rooms.to_vec());
+    filter.room.timeline.types = Some(nothing.clone());
+    filter.room.timeline.limit = Some(UInt::from(1u32));
+    filter.room.state.types = Some(nothing.clone());
+    filter.room.ephemeral.types = Some(nothing.clone());
+    filter.room.account_data.types = Some(nothing);
+    let mut req = sync_events::v3::Request::new();
+    req.filter = Some(Filter::FilterDefinition(filter));
+    req.timeout = Some(std::time::Duration::ZERO);
+    let invites = hs.send_as(new, req).await?.rooms.invite;
+    let reason = reservation_reason(old);
+    let reserved = invites
+        .into_iter()
+        .filter(|(_, room)| {
+            room.invite_state.events.iter().any(|raw| match raw.deserialize() {
+                Ok(AnyStrippedStateEvent::RoomMember(ev)) => {
+                    ev.state_key == new
+                        && ev.sender == old
+                        && ev.content.membership == MembershipState::Invite
+                        && ev.content.reason.as_deref() == Some(reason.as_str())
+                }
+                _ => false,
+            })
+        })
+        .map(|(room, _)| room)
+        .collect();
+    Ok(NewView { joined, reserved })
 }

@@ -4,17 +4,20 @@
 use std::time::{Duration, SystemTime};
 
 use ruma::events::room::message::RoomMessageEventContent;
-use ruma::{OwnedUserId, UserId};
+use ruma::{MilliSecondsSinceUnixEpoch, OwnedUserId, UInt, UserId};
 
 use super::{Args, Command, CommandError, Spec};
+use crate::bot::consent::start_refusal_of;
 use crate::bot::state::{Bot, BotError, Ctx};
-use crate::bundle::Only;
 use crate::bundle::capture::{self, CaptureOptions};
 use crate::bundle::file;
+use crate::bundle::{BundleId, Only, Recipient};
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
 use crate::html::{escape, to_html};
 use crate::store::{AutoStart, CodeRecord, now_ms};
+use crate::transfer::plan::Requirements;
+use crate::transfer::{Transfer, TransferKind};
 
 pub const SPEC: Spec = Spec {
     name: "export",
@@ -122,7 +125,14 @@ fn refusal(bot: &Bot, ctx: &Ctx, args: &Export) -> Result<Option<String>, BotErr
             "`--to` names the account that receives your rooms; it can't be this same account. A new client of the same account only needs to log in.".into(),
         ));
     }
-    if config.permission(to) < PermissionLevel::User {
+    let remote = to.server_name() != config.homeserver.domain;
+    if remote && args.auto {
+        return Ok(Some(format!(
+            "`--auto` starts a move when the account first signs in here, and {to} is on another server. Use `export --to {to} --file`: {to} drops the file into a DM with their own server's handoff bot and sends `import CODE` there."
+        )));
+    }
+    // A remote account is never acted for here: its own server's handoff imports the file.
+    if !remote && config.permission(to) < PermissionLevel::User {
         return Ok(Some(format!(
             "{to} may not use handoff on this server, so it could never accept or import this move."
         )));
@@ -161,16 +171,22 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
         client: format!("handoff-bot {}", env!("CARGO_PKG_VERSION")),
     };
     let captured = capture::capture(&bot.acting, &ctx.sender, config.homeserver.address.as_str(), &opts).await?;
-    let bundle = captured.bundle;
+    let mut bundle = captured.bundle;
+    let ttl = config.handoff.code_ttl;
+    let expires_at_ms = now_ms() + ttl.as_millis() as u64;
+    // Inside the bundle (and so the file) too: another server's handoff reads whom it is for.
+    bundle.recipient = args.to.clone().map(|user_id| Recipient {
+        user_id,
+        expires_at: MilliSecondsSinceUnixEpoch(UInt::new_saturating(expires_at_ms)),
+    });
     let summary = bundle.summary();
     let id = bot.store.put_bundle(&ctx.sender, &bundle).await?;
     let trimmed = bot.store.trim_bundles(&ctx.sender, MAX_BUNDLES_PER_USER).await?;
     let code = TransferCode::generate();
-    let ttl = config.handoff.code_ttl;
     let record = CodeRecord {
         owner: ctx.sender.clone(),
-        bundle: id,
-        expires_at_ms: now_ms() + ttl.as_millis() as u64,
+        bundle: id.clone(),
+        expires_at_ms,
         bound_to: args.to.clone(),
         redeemed_by: None,
     };
@@ -199,6 +215,13 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
     let bound = match &args.to {
         Some(to) if args.auto => format!(
             "Only {to} can use it. As soon as {to} is first active (signs in, or writes to the handoff bot), the bot asks {to} in a DM whether to accept the move; nothing changes there before {to} answers `accept`."
+        ),
+        Some(to) if to.server_name() != config.homeserver.domain && args.file => format!(
+            "Only {to} can use it. {to} is on another server: send them the file below and the code; they drop the file into a DM with the handoff bot of {} and send `import CODE` there.",
+            to.server_name()
+        ),
+        Some(to) if to.server_name() != config.homeserver.domain => format!(
+            "Only {to} can use it. {to} is on another server: without `--file` they can only accept your invites from their client; `export --to {to} --file` also carries tags, DMs and settings."
         ),
         Some(to) => format!("Only {to} can use it."),
         None => "Any account can use it; you will be asked to approve the import.".to_owned(),
@@ -231,6 +254,12 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
     );
     bot.send_notice(ctx, 1, RoomMessageEventContent::notice_html(plain, html)).await?;
 
+    // A code for another server's account: reserve its seats now, before it ever signs in.
+    let remote = args.to.as_ref().filter(|to| to.server_name() != config.homeserver.domain);
+    if let Some(to) = remote {
+        reserve(bot, ctx, id, to, bundle.rooms.len()).await?;
+    }
+
     if args.file {
         let sealed = file::seal(&bundle, &code.display());
         let filename = format!(
@@ -249,6 +278,39 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
         .await?;
     }
     Ok(())
+}
+
+/// `export --to @new:other.server`: the old account invites the new one into every room of the
+/// bundle right away (the seat reservation), journaled and resumed like a transfer, with progress
+/// and a report here. It acts only as the old account, who asked for it.
+async fn reserve(bot: &Bot, ctx: &Ctx, bundle: BundleId, to: &UserId, rooms: usize) -> Result<(), BotError> {
+    let records = bot.records.lock().await;
+    if let Some(refusal) = start_refusal_of(bot, &[&ctx.sender])? {
+        drop(records);
+        let text = format!(
+            "Your seats were not reserved for {to}: {refusal} Export again once it is over, or {to} asks to be invited."
+        );
+        return bot.reply_n(ctx, 4, text).await;
+    }
+    let requirements = Requirements { only: None, max_rooms: Some(bot.config.handoff.max_rooms), history: 0 };
+    let id = bot.journal.new_id()?;
+    let mut t = Transfer::new(
+        id,
+        ctx.sender.clone(),
+        to.to_owned(),
+        bundle,
+        requirements,
+        ctx.room_id.clone(),
+        Some(ctx.room_id.clone()),
+    );
+    t.kind = TransferKind::Reserve;
+    bot.journal.put(&t).await?;
+    drop(records);
+    bot.engine.spawn(id);
+    let text = format!(
+        "Reserving {to}'s seats: you invite {to} into your {rooms} rooms now, so the seats wait for them; progress follows here."
+    );
+    bot.reply_n(ctx, 4, text).await
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use super::{Args, Command, CommandError, Spec};
 use crate::bot::consent::start_refusal;
+use crate::bot::receive;
 use crate::bot::state::{Bot, BotError, Ctx, WRONG_CODE_LIMIT};
 use crate::bundle::Only;
 use crate::code::TransferCode;
@@ -68,15 +69,21 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
         return bot.reply(ctx, "Too many wrong codes: wait ten minutes before trying again.".into()).await;
     }
     let hash = args.code.hash();
+    // The server's limit applies whatever the importer asks for.
+    let max_rooms = Some(args.max_rooms.map_or(bot.config.handoff.max_rooms, |m| m.min(bot.config.handoff.max_rooms)));
+    let requirements = Requirements { only: args.only, max_rooms, history: args.history };
     // Look before using the code up: a dry run, or the same account, leaves it valid.
     let record = match bot.store.peek_code(&hash, new)? {
         Ok(r) => r,
-        Err(e) => {
-            if e == RedeemError::NotFound {
-                bot.wrong_codes.record(new);
+        Err(RedeemError::NotFound) => {
+            // Not one of this server's codes: perhaps the code of a bundle file from another server.
+            if receive::import_file(bot, ctx, &args, requirements).await? {
+                return Ok(());
             }
-            return bot.reply(ctx, format!("{e}.")).await;
+            bot.wrong_codes.record(new);
+            return bot.reply(ctx, format!("{}. If the code came with a bundle file from another server, drop the file here first, then send `import CODE` again.", RedeemError::NotFound)).await;
         }
+        Err(e) => return bot.reply(ctx, format!("{e}.")).await,
     };
     let old = record.owner.clone();
     if &old == new {
@@ -87,9 +94,6 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
     let Some(stored) = bot.store.get_bundle(&record.bundle)? else {
         return bot.reply(ctx, "The bundle of this code is gone (deleted with `forget`, or past its retention). Ask for a new one with `export`.".into()).await;
     };
-    // The server's limit applies whatever the importer asks for.
-    let max_rooms = Some(args.max_rooms.map_or(bot.config.handoff.max_rooms, |m| m.min(bot.config.handoff.max_rooms)));
-    let requirements = Requirements { only: args.only, max_rooms, history: args.history };
     if args.dry_run {
         let plan = bot.engine.preview(&stored.bundle, new, &requirements).await?;
         let text = format!(
