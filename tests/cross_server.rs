@@ -75,6 +75,30 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     bob.invite(&private, &alice.id).await;
     alice.join_via(&private, &[&name_b]).await;
     let rooms = [dm.clone(), favourite.clone(), public.clone(), private.clone()];
+    // Two rooms that can't reach B: one that does not federate, one whose server ACL denies B.
+    let mut req = create_room::v3::Request::new();
+    req.name = Some("Only on A".into());
+    req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
+    req.creation_content = Some(ruma::serde::Raw::new(&json!({"m.federate": false})).unwrap().cast_unchecked());
+    let local_only = alice.send(req).await.room_id;
+    let acl = room_of(&alice, "No B here", false).await;
+    let content = json!({"allow": ["*"], "deny": [name_b.as_str()], "allow_ip_literals": true});
+    let req = ruma::api::client::state::send_state_event::v3::Request::new_raw(
+        acl.clone(),
+        StateEventType::RoomServerAcl,
+        String::new(),
+        ruma::serde::Raw::new(&content).unwrap().cast_unchecked(),
+    );
+    alice.send(req).await;
+
+    // An avatar on A, copied to B by the move (a 1×1 PNG).
+    let png = hex_png();
+    let avatar = alice.upload("avatar.png", png.clone()).await;
+    let req = ruma::api::client::profile::set_profile_field::v3::Request::new(
+        alice.id.clone(),
+        ruma::profile::ProfileFieldValue::AvatarUrl(avatar.clone()),
+    );
+    alice.send(req).await;
 
     // The new account on B: nothing on A knows it, and it never writes to A's bot.
     let newbie = fh.b.user("newbie").await;
@@ -85,9 +109,14 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
 
     // A reserves the seats right away: the new account is invited into every room the old one may
     // invite to (in the public room, only moderators may: it is joined without an invite).
+    // Before anything changes, the two rooms that can't reach B are named, with why.
+    let preflight = fh.a.bot_says(&alice, &alice_dm, 0, "the preflight", |b| b.contains("can't be moved to")).await;
+    assert!(preflight.starts_with(&format!("2 of your rooms can't be moved to {}", newbie.id)), "{preflight}");
+    assert!(preflight.contains("Only on A: the room is limited to the old account's server"), "{preflight}");
+    assert!(preflight.contains("No B here: the room's server ACL excludes the new account's server"), "{preflight}");
     let reserved =
         fh.a.bot_says(&alice, &alice_dm, 0, "the reservation's report", |b| b.contains("reserved for")).await;
-    assert!(reserved.starts_with(&format!("4 of 4 rooms reserved for {}", newbie.id)), "{reserved}");
+    assert!(reserved.starts_with(&format!("4 of 6 rooms reserved for {}", newbie.id)), "{reserved}");
     println!("seats reserved {:.1?} after the export", exported.elapsed());
     let invited = [dm.clone(), favourite.clone(), private.clone()];
     eventually("every reservation on B", || async {
@@ -119,13 +148,14 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     }
     let invites = newbie.invites().await;
     assert!(invited.iter().all(|r| invites.contains(r)), "still invited: {invites:?}");
+    assert!(!invites.contains(&local_only) && !invites.contains(&acl), "invited where it can't go: {invites:?}");
 
     // The right code moves everything into the new account.
     let imported = Instant::now();
     fh.b.ask(&newbie, &new_dm, &format!("import {code}"), "The code opens the bundle file of").await;
     let report = fh.b.bot_says(&newbie, &new_dm, 0, "the report", |b| b.contains("rooms moved to")).await;
     println!("import on B done in {:.1?}", imported.elapsed());
-    assert!(report.starts_with(&format!("4 of 4 rooms moved to {}", newbie.id)), "{report}");
+    assert!(report.starts_with(&format!("4 of 6 rooms moved to {}", newbie.id)), "{report}");
     assert!(report.contains("✓ direct"), "{report}");
     for room in &rooms {
         assert_eq!(membership(&newbie, room).await, "join", "{room}");
@@ -138,6 +168,12 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     }
     assert!(newbie.tags(&favourite).await.contains_key(&TagName::Favorite));
     assert_eq!(newbie.account_data("m.direct").await, Some(json!({ carol.id.as_str(): [dm] })));
+    // The avatar is a copy on B, with the same bytes.
+    let profile = newbie.send(ruma::api::client::profile::get_profile::v3::Request::new(newbie.id.clone())).await;
+    let copied: ruma::OwnedMxcUri = serde_json::from_value(profile.get("avatar_url").cloned().unwrap()).unwrap();
+    assert_eq!(copied.server_name().unwrap().as_str(), name_b.as_str(), "{copied} is not on B");
+    let req = ruma::api::client::authenticated_media::get_content::v1::Request::from_uri(&copied).unwrap();
+    assert_eq!(newbie.send(req).await.file, png, "the copy holds the avatar's bytes");
     // The old account sees the new one in the rooms it hosts.
     assert_eq!(alice.membership_of(&favourite, &newbie.id).await["membership"], "join");
 
@@ -216,4 +252,13 @@ async fn a_received_move_stopped_midway_completes_when_the_service_is_back() {
         assert_eq!(common::memberships(&timeline, &newbie.id), ["invite", "join"], "{room}: joined once");
     }
     println!("whole test: {:.1?}", started.elapsed());
+}
+
+/// A 1×1 PNG.
+fn hex_png() -> Vec<u8> {
+    hex::decode(
+        "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d49444154789c6360f8cfc0f01f0005\
+         0001ff5ba8e6ea0000000049454e44ae426082",
+    )
+    .unwrap()
 }

@@ -43,7 +43,7 @@ pub async fn import_file(bot: &Bot, ctx: &Ctx, args: &Import, requirements: Requ
     let passphrase = args.code.display();
     // scrypt: off the async threads.
     let opened = tokio::task::spawn_blocking(move || file::open(&bytes, &passphrase)).await.expect("no panic");
-    let bundle = match opened {
+    let mut bundle = match opened {
         Ok(b) => b,
         Err(file::FileError::WrongPassphrase) => {
             bot.wrong_codes.record(new);
@@ -56,6 +56,8 @@ pub async fn import_file(bot: &Bot, ctx: &Ctx, args: &Import, requirements: Requ
             return Ok(true);
         }
     };
+    // A login token is for the device side's own account; this server never keeps one.
+    bundle.login_token = None;
     if let Some(refusal) = refusal(bot, ctx, &bundle) {
         bot.reply(ctx, format!("{refusal} Nothing was changed.")).await?;
         return Ok(true);

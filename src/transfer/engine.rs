@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures_util::stream::{self, StreamExt};
+use ruma::api::client::media::create_content;
+use ruma::events::room::MediaSource;
 use ruma::{OwnedRoomId, UserId};
 
 use super::account::{AFTER_ROOMS, AccountWork};
@@ -318,7 +320,14 @@ impl Engine {
             if local && !self.cancel_requested(id) {
                 // The profile goes before the joins: set after them, it would add a member event
                 // to every room.
-                self.account_steps(&mut t, &bundle, &[AccountStep::Profile], Class::Start).await?;
+                if t.kind == TransferKind::Receive && !t.account_steps.contains_key(&AccountStep::Profile) {
+                    // The avatar lives on the old server: a copy here outlives it.
+                    let mut own = bundle.clone();
+                    self.carry_avatar(&t.new, &mut own).await;
+                    self.account_steps(&mut t, &own, &[AccountStep::Profile], Class::Start).await?;
+                } else {
+                    self.account_steps(&mut t, &bundle, &[AccountStep::Profile], Class::Start).await?;
+                }
                 tracing::debug!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "profile step done");
             }
             Ok::<_, Error>(())
@@ -537,6 +546,28 @@ impl Engine {
         Ok(())
     }
 
+    /// Copies an avatar kept on another server into this one's media repository, as `new`, and
+    /// points the bundle at the copy. If that fails the avatar stays where it is (still shown
+    /// while its server is up), and the log says why.
+    async fn carry_avatar(&self, new: &UserId, bundle: &mut Bundle) {
+        let Some(url) = bundle.profile.avatar_url.clone() else { return };
+        if url.server_name().is_ok_and(|s| s == self.config.homeserver.domain) {
+            return;
+        }
+        let copied = async {
+            let bytes = self.acting.download(&MediaSource::Plain(url.clone()), AVATAR_MAX).await?;
+            let mut upload = create_content::v3::Request::new(bytes);
+            // The homeserver makes thumbnails only for an image type.
+            upload.content_type = Some(image_type(&upload.file).into());
+            upload.filename = Some("avatar".into());
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(self.acting.send_as(new, upload).await?.content_uri)
+        };
+        match copied.await {
+            Ok(copy) => bundle.profile.avatar_url = Some(copy),
+            Err(e) => tracing::warn!(error = %e, "the avatar was not copied from the old server; it is linked there"),
+        }
+    }
+
     /// The account steps that hand files over to the new account's DM.
     async fn deliver(&self, step: AccountStep, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<String, Error> {
         match step {
@@ -692,5 +723,19 @@ impl Progress {
         let seated = plan.rooms.iter().filter(|r| step(&r.room_id).is_seated()).count();
         let done = plan.rooms.iter().filter(|r| step(&r.room_id).is_final()).count();
         Progress { seated: AtomicUsize::new(seated), done: AtomicUsize::new(done), total: plan.total() }
+    }
+}
+
+/// The largest avatar copied from another server.
+const AVATAR_MAX: u64 = 10 * 1024 * 1024;
+
+/// An image's type from its first bytes (the download says none): PNG, JPEG, GIF, WebP.
+fn image_type(bytes: &[u8]) -> &'static str {
+    match bytes {
+        [0x89, b'P', b'N', b'G', ..] => "image/png",
+        [0xFF, 0xD8, 0xFF, ..] => "image/jpeg",
+        [b'G', b'I', b'F', b'8', ..] => "image/gif",
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => "image/webp",
+        _ => "application/octet-stream",
     }
 }

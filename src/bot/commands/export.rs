@@ -11,12 +11,12 @@ use crate::bot::consent::start_refusal_of;
 use crate::bot::state::{Bot, BotError, Ctx};
 use crate::bundle::capture::{self, CaptureOptions};
 use crate::bundle::file;
-use crate::bundle::{BundleId, Only, Recipient};
+use crate::bundle::{Bundle, BundleId, Only, Recipient};
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
 use crate::html::{escape, to_html};
 use crate::store::{AutoStart, CodeRecord, now_ms};
-use crate::transfer::plan::Requirements;
+use crate::transfer::plan::{Action, Requirements};
 use crate::transfer::{Transfer, TransferKind};
 
 pub const SPEC: Spec = Spec {
@@ -257,7 +257,7 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
     // A code for another server's account: reserve its seats now, before it ever signs in.
     let remote = args.to.as_ref().filter(|to| to.server_name() != config.homeserver.domain);
     if let Some(to) = remote {
-        reserve(bot, ctx, id, to, bundle.rooms.len()).await?;
+        reserve(bot, ctx, id, &bundle, to).await?;
     }
 
     if args.file {
@@ -283,7 +283,30 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
 /// `export --to @new:other.server`: the old account invites the new one into every room of the
 /// bundle right away (the seat reservation), journaled and resumed like a transfer, with progress
 /// and a report here. It acts only as the old account, who asked for it.
-async fn reserve(bot: &Bot, ctx: &Ctx, bundle: BundleId, to: &UserId, rooms: usize) -> Result<(), BotError> {
+async fn reserve(bot: &Bot, ctx: &Ctx, id: BundleId, bundle: &Bundle, to: &UserId) -> Result<(), BotError> {
+    let requirements = Requirements { only: None, max_rooms: Some(bot.config.handoff.max_rooms), history: 0 };
+    // Preflight, before anything changes: the rooms that can't reach the new account's server
+    // (a server ACL, `m.federate: false`) or where it can't be seated, each with the reason.
+    let plan = bot.engine.preview(bundle, to, &requirements).await?;
+    let blocked: Vec<String> = plan
+        .rooms
+        .iter()
+        .filter_map(|r| match r.action {
+            Action::Blocked(b) => {
+                Some(format!("- {}: {}", r.name.clone().unwrap_or_else(|| r.room_id.to_string()), b.explain()))
+            }
+            _ => None,
+        })
+        .collect();
+    if !blocked.is_empty() {
+        let text = format!(
+            "{} of your rooms can't be moved to {to}, and {to} won't be invited there:\n{}",
+            blocked.len(),
+            blocked.join("\n")
+        );
+        bot.reply_n(ctx, 5, text).await?;
+    }
+    let rooms = plan.rooms.len() - blocked.len();
     let records = bot.records.lock().await;
     if let Some(refusal) = start_refusal_of(bot, &[&ctx.sender])? {
         drop(records);
@@ -292,13 +315,12 @@ async fn reserve(bot: &Bot, ctx: &Ctx, bundle: BundleId, to: &UserId, rooms: usi
         );
         return bot.reply_n(ctx, 4, text).await;
     }
-    let requirements = Requirements { only: None, max_rooms: Some(bot.config.handoff.max_rooms), history: 0 };
-    let id = bot.journal.new_id()?;
+    let tid = bot.journal.new_id()?;
     let mut t = Transfer::new(
-        id,
+        tid,
         ctx.sender.clone(),
         to.to_owned(),
-        bundle,
+        id,
         requirements,
         ctx.room_id.clone(),
         Some(ctx.room_id.clone()),
@@ -306,7 +328,7 @@ async fn reserve(bot: &Bot, ctx: &Ctx, bundle: BundleId, to: &UserId, rooms: usi
     t.kind = TransferKind::Reserve;
     bot.journal.put(&t).await?;
     drop(records);
-    bot.engine.spawn(id);
+    bot.engine.spawn(tid);
     let text = format!(
         "Reserving {to}'s seats: you invite {to} into your {rooms} rooms now, so the seats wait for them; progress follows here."
     );
