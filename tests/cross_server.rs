@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt};
 
-use common::federation::FederatedHarness;
-use common::{Harness, User, body, eventually, eventually_within, export_file, move_notices, with_concurrency};
+use common::federation::{FederatedHarness, drop_file};
+use common::{User, body, eventually, eventually_within, export_file, move_notices, with_concurrency};
 use handoff::sandbox::Side;
 use ruma::api::client::membership::joined_rooms;
 use ruma::api::client::room::{Visibility, create_room};
 use ruma::api::client::state::get_state_event_for_key;
 use ruma::events::StateEventType;
-use ruma::events::room::MediaSource;
 use ruma::events::tag::TagName;
 use ruma::{OwnedRoomId, RoomId};
 use serde_json::{Value, json};
@@ -45,14 +44,6 @@ async fn membership(user: &User, room: &RoomId) -> String {
         Err(e) if e.contains("not in room") => "none".to_owned(),
         Err(e) => panic!("{room}: {e}"),
     }
-}
-
-/// Drops `file` into `dm` as `user` (as a client sends a file) and waits for the bot's receipt.
-async fn drop_file(h: &Harness, user: &User, dm: &RoomId, file: &[u8]) {
-    let before = user.messages_from(dm, &h.bot).await.len();
-    let mxc = user.upload("handoff-alice.age", file.to_vec()).await;
-    user.send_file(dm, "handoff-alice.age", MediaSource::Plain(mxc)).await;
-    h.bot_says(user, dm, before, "the file's receipt", |b| b.contains("This is a handoff bundle file")).await;
 }
 
 #[tokio::test]

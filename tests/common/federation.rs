@@ -9,6 +9,7 @@ use ruma::api::Direction;
 use ruma::api::client::membership::join_room_by_id_or_alias;
 use ruma::api::client::message::get_message_events;
 use ruma::events::AnyTimelineEvent;
+use ruma::events::room::MediaSource;
 use ruma::serde::Raw;
 use ruma::{OwnedServerName, RoomId, ServerName, UserId};
 use serde_json::Value;
@@ -101,4 +102,12 @@ pub async fn health(h: &Harness) -> u16 {
         .await
         .expect("handoff answers /health");
     resp.status().as_u16()
+}
+
+/// Drops `file` into `dm` as `user` (as a client sends a file) and waits for the bot's receipt.
+pub async fn drop_file(h: &Harness, user: &User, dm: &RoomId, file: &[u8]) {
+    let before = user.messages_from(dm, &h.bot).await.len();
+    let mxc = user.upload("handoff-alice.age", file.to_vec()).await;
+    user.send_file(dm, "handoff-alice.age", MediaSource::Plain(mxc)).await;
+    h.bot_says(user, dm, before, "the file's receipt", |b| b.contains("This is a handoff bundle file")).await;
 }
