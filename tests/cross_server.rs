@@ -244,3 +244,56 @@ fn hex_png() -> Vec<u8> {
     )
     .unwrap()
 }
+
+/// Where the new account's homeserver runs no handoff, the device side does the receiving side:
+/// `handoff import FILE` with the code, logged in as the new account, joins the reserved rooms.
+#[cfg(feature = "e2ee")]
+#[tokio::test]
+async fn the_device_side_receives_a_move_from_another_server() {
+    let fh = FederatedHarness::start().await;
+    let name_b = fh.server_name(Side::B);
+    let alice = fh.a.user("alice").await;
+    let bob = fh.b.user("bob").await;
+    let favourite = room_of(&alice, "Favourite on A", false).await;
+    alice.tag(&favourite, "m.favourite", Some(0.5)).await;
+    let private = room_of(&bob, "Private on B", false).await;
+    bob.invite(&private, &alice.id).await;
+    alice.join_via(&private, &[&name_b]).await;
+
+    let newdev = fh.b.user("newdev").await;
+    let alice_dm = fh.a.dm_with_bot(&alice).await;
+    let (code, file) = export_file(&fh.a, &alice, &alice_dm, &format!("--to {}", newdev.id)).await;
+    let reserved =
+        fh.a.bot_says(&alice, &alice_dm, 0, "the reservation's report", |b| b.contains("reserved for")).await;
+    assert!(reserved.starts_with("2 of 2 rooms reserved"), "{reserved}");
+    eventually("the reservations on B", || async {
+        let invites = newdev.invites().await;
+        [&favourite, &private].iter().all(|r| invites.contains(r)).then_some(())
+    })
+    .await;
+
+    let work = tempfile::tempdir().unwrap();
+    let (bundle, code_file) = (work.path().join("alice.age"), work.path().join("code"));
+    std::fs::write(&bundle, &file).unwrap();
+    std::fs::write(&code_file, &code).unwrap();
+    let data = work.path().join("data");
+    let url = fh.b.synapse().url.clone();
+    let (status, _, err) = common::device_cli(
+        &data,
+        &["login", newdev.id.as_str(), "--homeserver", url.as_str(), "--password-stdin"],
+        "password\n",
+    );
+    assert!(status.success(), "{err}");
+    let (status, out, err) = common::device_cli(
+        &data,
+        &["import", bundle.to_str().unwrap(), "--passphrase-file", code_file.to_str().unwrap()],
+        "",
+    );
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("2 of 2 room(s) moved"), "{out}");
+    for room in [&favourite, &private] {
+        assert_eq!(membership(&newdev, room).await, "join", "{room}");
+        assert_eq!(move_notices(&newdev.timeline(room).await).len(), 1, "{room}: one notice");
+    }
+    assert!(newdev.tags(&favourite).await.contains_key(&TagName::Favorite));
+}
