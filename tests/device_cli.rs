@@ -262,41 +262,22 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
         handoff(data.path(), &args, "")
     };
 
+    // `handoff export` of alice's bundle with the recovery key in `key_file`.
+    let export_with_key = |key_file: &str| {
+        let key = format!("--recovery-key={key_file}");
+        let args = ["export", "--as", "@alice:localhost", "--out", bundle_arg, "--passphrase-file", &pass, &key];
+        handoff(data.path(), &args, "")
+    };
+
     // A wrong recovery key stops the export before anything is written.
     let wrong_key = write("wrong-key", "EsTc 1234 5678 90ab cdef 1234 5678 90ab cdef 1234 5678 90ab");
-    let (status, _, err) = handoff(
-        data.path(),
-        &[
-            "export",
-            "--as",
-            "@alice:localhost",
-            "--out",
-            bundle_arg,
-            "--passphrase-file",
-            &pass,
-            &format!("--recovery-key={wrong_key}"),
-        ],
-        "",
-    );
+    let (status, _, err) = export_with_key(&wrong_key);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("recovery key does not unlock the key backup of @alice:localhost"), "{err}");
     assert!(!bundle.exists());
 
     // The export carries the keys of the key backup, encrypted with the bundle's passphrase.
-    let (status, out, err) = handoff(
-        data.path(),
-        &[
-            "export",
-            "--as",
-            "@alice:localhost",
-            "--out",
-            bundle_arg,
-            "--passphrase-file",
-            &pass,
-            &format!("--recovery-key={alice_key_file}"),
-        ],
-        "",
-    );
+    let (status, out, err) = export_with_key(&alice_key_file);
     assert!(status.success(), "{err}");
     assert!(out.contains("room key(s) from your key backup travel inside it"), "{out}");
 

@@ -13,13 +13,13 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::commands::import::Import;
 use super::consent::start_refusal_of;
 use super::state::{Bot, BotError, Ctx};
 use crate::bundle::{Bundle, file};
+use crate::code::TransferCode;
 use crate::store::{CodeRecord, now_ms};
 use crate::transfer::plan::{self, Requirements};
-use crate::transfer::{Transfer, TransferKind};
+use crate::transfer::{ClientProfile, Transfer, TransferKind};
 
 /// What a bundle file starts with (the age format).
 pub const AGE_MAGIC: &[u8] = b"age-encryption.org/";
@@ -37,10 +37,17 @@ pub async fn on_bundle_file(bot: &Bot, ctx: &Ctx, bytes: &[u8]) -> Result<(), Bo
 /// `import CODE` when the code is not one of this server's: opens the bundle file the sender
 /// dropped here with it, checks whom it is for, and starts a transfer that acts only as the sender.
 /// `Ok(false)` when the sender has no file here (the code is then simply unknown).
-pub async fn import_file(bot: &Bot, ctx: &Ctx, args: &Import, requirements: Requirements) -> Result<bool, BotError> {
+pub async fn import_file(
+    bot: &Bot,
+    ctx: &Ctx,
+    code: &TransferCode,
+    dry_run: bool,
+    profile: ClientProfile,
+    requirements: Requirements,
+) -> Result<bool, BotError> {
     let new = &ctx.sender;
     let Some(bytes) = bot.store.dropped_file(new)? else { return Ok(false) };
-    let passphrase = args.code.display();
+    let passphrase = code.display();
     // scrypt: off the async threads.
     let opened = tokio::task::spawn_blocking(move || file::open(&bytes, &passphrase)).await.expect("no panic");
     let mut bundle = match opened {
@@ -63,7 +70,7 @@ pub async fn import_file(bot: &Bot, ctx: &Ctx, args: &Import, requirements: Requ
         return Ok(true);
     }
     let old = bundle.source.user_id.clone();
-    if args.dry_run {
+    if dry_run {
         let plan = bot.engine.plan_received(&bundle, new, &requirements).await?;
         let text = format!(
             "Dry run: nothing was changed, and the code is still valid.\n{}\n{} to join, {} already joined; {} without an invite from {old} (joined only if public, no move notice).",
@@ -92,7 +99,7 @@ pub async fn import_file(bot: &Bot, ctx: &Ctx, args: &Import, requirements: Requ
         bound_to: Some(new.clone()),
         redeemed_by: Some(new.clone()),
     };
-    if !bot.store.claim_code(&args.code.hash(), &record).await? {
+    if !bot.store.claim_code(&code.hash(), &record).await? {
         bot.store.remove_bundle(&id).await?;
         drop(records);
         bot.reply(
@@ -106,7 +113,7 @@ pub async fn import_file(bot: &Bot, ctx: &Ctx, args: &Import, requirements: Requ
     let tid = bot.journal.new_id()?;
     let mut t = Transfer::new(tid, old.clone(), new.clone(), id, requirements, ctx.room_id.clone(), None);
     t.kind = TransferKind::Receive;
-    t.profile = args.profile;
+    t.profile = profile;
     bot.journal.put(&t).await?;
     drop(records);
     bot.engine.spawn(tid);

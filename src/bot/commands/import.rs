@@ -77,7 +77,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
         Ok(r) => r,
         Err(RedeemError::NotFound) => {
             // Not one of this server's codes: perhaps the code of a bundle file from another server.
-            if receive::import_file(bot, ctx, &args, requirements).await? {
+            if receive::import_file(bot, ctx, &args.code, args.dry_run, args.profile, requirements).await? {
                 return Ok(());
             }
             bot.wrong_codes.record(new);
