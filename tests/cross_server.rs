@@ -66,13 +66,15 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     bob.invite(&private, &alice.id).await;
     alice.join_via(&private, &[&name_b]).await;
     let rooms = [dm.clone(), favourite.clone(), public.clone(), private.clone()];
-    // A room that can't reach B: it does not federate. (A server ACL can't tell the two servers of
-    // this test bed apart: ACLs match hosts, and both are 127.0.0.1; the planner's test covers it.)
+    // Two rooms that can't take B's accounts: one does not federate, one's server ACL denies B.
     let mut req = create_room::v3::Request::new();
     req.name = Some("Only on A".into());
     req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
     req.creation_content = Some(ruma::serde::Raw::new(&json!({"m.federate": false})).unwrap().cast_unchecked());
     let local_only = alice.send(req).await.room_id;
+    let denying = room_of(&alice, "Denies B", false).await;
+    let acl = json!({"allow": ["*"], "deny": [Side::B.host().to_string()], "allow_ip_literals": true});
+    alice.send_state(&denying, "m.room.server_acl", acl).await;
 
     // An avatar on A, copied to B by the move (a 1×1 PNG).
     let png = hex_png();
@@ -94,11 +96,12 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     // invite to (in the public room, only moderators may: it is joined without an invite).
     // Before anything changes, the room that can't reach B is named, with why.
     let preflight = fh.a.bot_says(&alice, &alice_dm, 0, "the preflight", |b| b.contains("can't be moved to")).await;
-    assert!(preflight.starts_with(&format!("1 of your rooms can't be moved to {}", newbie.id)), "{preflight}");
+    assert!(preflight.starts_with(&format!("2 of your rooms can't be moved to {}", newbie.id)), "{preflight}");
     assert!(preflight.contains("Only on A: the room is limited to the old account's server"), "{preflight}");
+    assert!(preflight.contains("Denies B: the room's server ACL excludes the new account's server"), "{preflight}");
     let reserved =
         fh.a.bot_says(&alice, &alice_dm, 0, "the reservation's report", |b| b.contains("reserved for")).await;
-    assert!(reserved.starts_with(&format!("4 of 5 rooms reserved for {}", newbie.id)), "{reserved}");
+    assert!(reserved.starts_with(&format!("4 of 6 rooms reserved for {}", newbie.id)), "{reserved}");
     println!("seats reserved {:.1?} after the export", exported.elapsed());
     let invited = [dm.clone(), favourite.clone(), private.clone()];
     eventually("every reservation on B", || async {
@@ -130,14 +133,16 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     }
     let invites = newbie.invites().await;
     assert!(invited.iter().all(|r| invites.contains(r)), "still invited: {invites:?}");
-    assert!(!invites.contains(&local_only), "invited where it can't go: {invites:?}");
+    for room in [&local_only, &denying] {
+        assert!(!invites.contains(room), "invited where it can't go: {invites:?}");
+    }
 
     // The right code moves everything into the new account.
     let imported = Instant::now();
     fh.b.ask(&newbie, &new_dm, &format!("import {code}"), "The code opens the bundle file of").await;
     let report = fh.b.bot_says(&newbie, &new_dm, 0, "the report", |b| b.contains("rooms moved to")).await;
     println!("import on B done in {:.1?}", imported.elapsed());
-    assert!(report.starts_with(&format!("4 of 5 rooms moved to {}", newbie.id)), "{report}");
+    assert!(report.starts_with(&format!("4 of 6 rooms moved to {}", newbie.id)), "{report}");
     assert!(report.contains("✓ direct"), "{report}");
     for room in &rooms {
         assert_eq!(membership(&newbie, room).await, "join", "{room}");

@@ -1,7 +1,8 @@
 //! Two sandboxes, A and B, whose Synapses federate with each other over TLS on loopback: the test
 //! bed for moves to an account on another homeserver. Server names are IP literals with the
-//! federation port (`127.0.0.1:<port>`): no `.well-known` or SRV lookup, nothing leaves the
-//! machine, and parallel runs don't collide.
+//! federation port, each side on its own loopback address (`127.0.0.1:<port>` and
+//! `127.0.0.2:<port>`: a server ACL tells them apart, as it matches hosts, not ports): no
+//! `.well-known` or SRV lookup, nothing leaves the machine, and parallel runs don't collide.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ruma::{OwnedServerName, ServerName};
 
-use super::{FederationListener, Sandbox, SynapseOptions, ensure_synapse_installed, free_port, run_command};
+use super::{FederationListener, Sandbox, SynapseOptions, ensure_synapse_installed, run_command};
 
 /// One of the two homeservers of a [`Federation`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +25,14 @@ impl Side {
         match self {
             Side::A => Side::B,
             Side::B => Side::A,
+        }
+    }
+
+    /// The side's loopback address: its federation listens there, and its server name is it.
+    pub fn host(self) -> std::net::Ipv4Addr {
+        match self {
+            Side::A => std::net::Ipv4Addr::new(127, 0, 0, 1),
+            Side::B => std::net::Ipv4Addr::new(127, 0, 0, 2),
         }
     }
 
@@ -77,22 +86,19 @@ impl Federation {
     ) -> Result<Federation> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
-        let port_a = free_port();
-        let port_b = loop {
-            let p = free_port();
-            if p != port_a {
-                break p;
-            }
-        };
-        let name = |port: u16| ServerName::parse(format!("127.0.0.1:{port}")).expect("an IP literal server name");
-        let names = FederationNames { a: name(port_a), b: name(port_b) };
+        let port_a = free_port_on(Side::A.host());
+        let port_b = free_port_on(Side::B.host());
+        let name =
+            |side: Side, port: u16| ServerName::parse(format!("{}:{port}", side.host())).expect("an IP literal");
+        let names = FederationNames { a: name(Side::A, port_a), b: name(Side::B, port_b) };
         let tls = dir.join("tls");
         std::fs::create_dir_all(&tls)?;
-        make_certificates(&tls, &["a", "b"])?;
+        make_certificates(&tls, &[Side::A, Side::B])?;
         let ca = tls.join("ca.pem");
         let options = |side: Side, port: u16| SynapseOptions {
             server_name: names.of(side).to_owned(),
             federation: Some(FederationListener {
+                host: side.host().into(),
                 port,
                 certificate: tls.join(format!("{}.pem", side.lowercase())),
                 private_key: tls.join(format!("{}.key", side.lowercase())),
@@ -127,13 +133,24 @@ impl Federation {
     }
 }
 
-/// Writes a throwaway CA (`ca.pem`; its key is never written) and, for each of `servers`, a
-/// certificate `<server>.pem` + `<server>.key` for IP 127.0.0.1, with Synapse's venv Python:
-/// its `cryptography` package is there wherever Synapse is, `openssl` may not be.
-fn make_certificates(out: &Path, servers: &[&str]) -> Result<()> {
+/// A port nobody listens on right now at `host` (any loopback address can be bound on Linux).
+fn free_port_on(host: std::net::Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((host, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on {host}: {e}"))
+}
+
+/// Writes a throwaway CA (`ca.pem`; its key is never written) and, for each side, a certificate
+/// `<side>.pem` + `<side>.key` for the side's IP, with Synapse's venv Python: its `cryptography`
+/// package is there wherever Synapse is, `openssl` may not be.
+fn make_certificates(out: &Path, sides: &[Side]) -> Result<()> {
     let python = ensure_synapse_installed()?;
     let mut cmd = Command::new(python);
-    cmd.arg("-c").arg(CERTIFICATES_PY).arg(out).args(servers);
+    cmd.arg("-c").arg(CERTIFICATES_PY).arg(out);
+    for side in sides {
+        cmd.arg(format!("{}={}", side.lowercase(), side.host()));
+    }
     run_command(&mut cmd, "make the federation's TLS certificates")
 }
 
@@ -171,14 +188,15 @@ ca = (
 write(f"{out}/ca.pem", ca.public_bytes(serialization.Encoding.PEM))
 
 for server in servers:
+    server, ip = server.split("=")
     k = key()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)]))
         .issuer_name(ca_name).public_key(k.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(valid_from).not_valid_after(valid_to)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())

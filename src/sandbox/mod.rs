@@ -119,6 +119,8 @@ impl Default for SynapseOptions {
 /// certificates against `ca`, the only CA it then trusts for federation).
 #[derive(Clone, Debug)]
 pub struct FederationListener {
+    /// The loopback address it listens on (the server name's host).
+    pub host: std::net::IpAddr,
     pub port: u16,
     pub certificate: PathBuf,
     pub private_key: PathBuf,
@@ -325,7 +327,7 @@ fn federation_yaml(f: &FederationListener) -> String {
     let blocklist: Vec<String> = IP_RANGE_BLOCKLIST.iter().map(|r| format!("{r:?}")).collect();
     format!(
         r#"  - port: {port}
-    bind_addresses: ["127.0.0.1"]
+    bind_addresses: ["{host}"]
     type: http
     tls: true
     x_forwarded: false
@@ -342,6 +344,7 @@ federation:
   destination_max_retry_interval: 2s
 rc_federation: {{window_size: 1000, sleep_limit: 10000, sleep_delay: 100, reject_limit: 10000, concurrent: 100}}
 "#,
+        host = f.host,
         port = f.port,
         certificate = f.certificate.display().to_string(),
         private_key = f.private_key.display().to_string(),

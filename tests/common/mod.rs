@@ -16,7 +16,7 @@ use ruma::api::client::media::create_content;
 use ruma::api::client::membership::{invite_user, join_room_by_id};
 use ruma::api::client::message::{get_message_events, send_message_event};
 use ruma::api::client::room::create_room;
-use ruma::api::client::state::get_state_event_for_key;
+use ruma::api::client::state::{get_state_event_for_key, send_state_event};
 use ruma::api::client::tag::{create_tag, get_tags};
 use ruma::events::room::MediaSource;
 use ruma::events::room::message::{FileMessageEventContent, MessageType, RoomMessageEventContent};
@@ -275,6 +275,12 @@ impl User {
         let req =
             invite_user::v3::Request::new(room.to_owned(), invite_user::v3::InviteUserId::new(user.to_owned()).into());
         self.client.send_request(req).await.unwrap();
+    }
+
+    /// Sets the room's state event of type `kind` (empty state key).
+    pub async fn send_state(&self, room: &RoomId, kind: &str, content: Value) {
+        let req = send_state_event::v3::Request::new_raw(room.to_owned(), kind.into(), String::new(), raw(content));
+        self.send(req).await;
     }
 
     pub async fn join(&self, room: &RoomId) {
