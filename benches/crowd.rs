@@ -339,6 +339,9 @@ mod simulated {
         fn finished<'a>(&'a self, _: &'a Transfer, _: &'a Report) -> BoxFuture<'a, Result<(), HsError>> {
             Box::pin(async { Ok(()) })
         }
+        fn taken_up<'a>(&'a self, _: &'a Transfer, _: &'a Report) -> BoxFuture<'a, Result<(), HsError>> {
+            Box::pin(async { Ok(()) })
+        }
     }
 
     /// A homeserver that answers `/versions` and holds every other request open, counting them.

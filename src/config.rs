@@ -136,6 +136,11 @@ pub struct HandoffConfig {
     /// How long a stored bundle is kept before it is deleted.
     #[serde(with = "humantime_serde")]
     pub bundle_retention: Duration,
+    /// How long a room waits for another homeserver its move needs (the new account's, or the
+    /// room's via servers) before it is reported as not reached; this homeserver itself is waited
+    /// for however long it takes.
+    #[serde(with = "humantime_serde")]
+    pub federation_patience: Duration,
 }
 
 impl Default for HandoffConfig {
@@ -150,6 +155,7 @@ impl Default for HandoffConfig {
             concurrency: Concurrency(16),
             max_transfers: MaxTransfers(32),
             bundle_retention: Duration::from_secs(7 * 24 * 3600),
+            federation_patience: Duration::from_secs(10 * 60),
         }
     }
 }

@@ -46,6 +46,12 @@ impl HsError {
         }
     }
 
+    /// The homeserver answered with a server error (5xx): it is there, but it (or a server it
+    /// had to reach) could not do it.
+    pub fn is_server_answer(&self) -> bool {
+        matches!(self, HsError::Matrix { status, .. } if status.is_server_error())
+    }
+
     /// Worth trying again later: the server was away, overloaded or rate-limiting.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -140,14 +146,28 @@ pub struct Retry {
     pub backoff: Duration,
     /// No single wait is longer than this.
     pub max_wait: Duration,
+    /// Whether the homeserver's own 5xx answers are retried. A request that makes it reach
+    /// another server (an invite to a remote user, a join through via servers) is answered 5xx
+    /// when that server is away: its caller decides how long that one is worth waiting for.
+    pub server_errors: bool,
 }
 
 impl Retry {
     /// For start-up checks: one attempt, so a wrong address fails at once.
-    pub const NONE: Retry = Retry { attempts: 1, backoff: Duration::ZERO, max_wait: Duration::ZERO };
+    pub const NONE: Retry =
+        Retry { attempts: 1, backoff: Duration::ZERO, max_wait: Duration::ZERO, server_errors: true };
     /// For ordinary work such as bot replies.
-    pub const DEFAULT: Retry =
-        Retry { attempts: 6, backoff: Duration::from_millis(250), max_wait: Duration::from_secs(30) };
+    pub const DEFAULT: Retry = Retry {
+        attempts: 6,
+        backoff: Duration::from_millis(250),
+        max_wait: Duration::from_secs(30),
+        server_errors: true,
+    };
+
+    /// The same, leaving the homeserver's 5xx answers to the caller ([`Retry::server_errors`]).
+    pub const fn without_server_errors(self) -> Retry {
+        Retry { server_errors: false, ..self }
+    }
 }
 
 /// A client of the homeserver holding one appservice token.
@@ -416,7 +436,11 @@ impl Homeserver {
             tries += 1;
             match attempt().await {
                 Ok(v) => return Ok(v),
-                Err(e) if e.transient().is_some() && tries < self.retry.attempts => {
+                Err(e)
+                    if e.transient().is_some()
+                        && tries < self.retry.attempts
+                        && (self.retry.server_errors || !e.server_answer()) =>
+                {
                     let delay = e.transient().flatten().unwrap_or(wait).min(self.retry.max_wait);
                     tracing::debug!(error = %e, ?delay, "transient homeserver error, retrying");
                     tokio::time::sleep(delay).await;
@@ -441,11 +465,16 @@ where
 trait Retryable {
     /// `Some` if transient, with the wait the server asked for, if it did.
     fn transient(&self) -> Option<Option<Duration>>;
+    /// A 5xx answer of the homeserver ([`HsError::is_server_answer`]).
+    fn server_answer(&self) -> bool;
 }
 
 impl Retryable for HsError {
     fn transient(&self) -> Option<Option<Duration>> {
         self.is_transient().then(|| self.retry_after())
+    }
+    fn server_answer(&self) -> bool {
+        self.is_server_answer()
     }
 }
 
@@ -455,6 +484,9 @@ impl Retryable for DownloadError {
             DownloadError::Hs(e) => e.transient(),
             _ => None,
         }
+    }
+    fn server_answer(&self) -> bool {
+        matches!(self, DownloadError::Hs(e) if e.is_server_answer())
     }
 }
 

@@ -12,10 +12,12 @@ use common::federation::{FederatedHarness, drop_file};
 use common::{User, body, eventually, eventually_within, export_file, move_notices, with_concurrency};
 use handoff::sandbox::Side;
 use ruma::api::client::membership::joined_rooms;
+use ruma::api::client::push::{get_pushrules_all, set_pushrule};
 use ruma::api::client::room::{Visibility, create_room};
-use ruma::api::client::state::get_state_event_for_key;
+use ruma::api::client::state::{get_state_event_for_key, send_state_event};
 use ruma::events::StateEventType;
 use ruma::events::tag::TagName;
+use ruma::push::{NewPushRule, NewSimplePushRule};
 use ruma::{OwnedRoomId, RoomId};
 use serde_json::{Value, json};
 
@@ -53,19 +55,87 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     let name_b = fh.server_name(Side::B);
     println!("both homeservers and handoffs up in {:.1?}", started.elapsed());
 
-    // The old account on A: a DM and a favourite hosted on A, a public and a private room on B.
+    // The old account on A, in 20 rooms hosted on A and on B: DMs with a contact on each side,
+    // favourites, a space with a child on each side, a restricted room, an encrypted room, a
+    // public and a private room on B, and plain rooms on both.
     let alice = fh.a.user("alice").await;
     let carol = fh.a.user("carol").await;
     let bob = fh.b.user("bob").await;
-    let dm = alice.dms_with(&[&carol]).await.remove(0);
+    let dms = alice.dms_with(&[&carol, &bob]).await;
+    let (dm, dm_b) = (dms[0].clone(), dms[1].clone());
+    let on_b = |name: &'static str| {
+        let (alice, bob, name_b) = (&alice, &bob, &name_b);
+        async move {
+            let room = room_of(bob, name, false).await;
+            bob.invite(&room, &alice.id).await;
+            alice.join_via(&room, &[name_b]).await;
+            room
+        }
+    };
     let favourite = room_of(&alice, "Favourite on A", false).await;
     alice.tag(&favourite, "m.favourite", Some(0.5)).await;
+    let favourite_b = on_b("Favourite on B").await;
+    alice.tag(&favourite_b, "m.favourite", Some(0.7)).await;
     let public = room_of(&bob, "Public on B", true).await;
     alice.join_via(&public, &[&name_b]).await;
-    let private = room_of(&bob, "Private on B", false).await;
-    bob.invite(&private, &alice.id).await;
-    alice.join_via(&private, &[&name_b]).await;
-    let rooms = [dm.clone(), favourite.clone(), public.clone(), private.clone()];
+    let private = on_b("Private on B").await;
+    let child_a = room_of(&alice, "Child on A", false).await;
+    let child_b = on_b("Child on B").await;
+    let mut req = create_room::v3::Request::new();
+    req.name = Some("Space".into());
+    req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
+    req.creation_content = Some(ruma::serde::Raw::new(&json!({"type": "m.space"})).unwrap().cast_unchecked());
+    let space = alice.send(req).await.room_id;
+    for (child, via) in [(&child_a, fh.server_name(Side::A)), (&child_b, name_b.clone())] {
+        let req = send_state_event::v3::Request::new_raw(
+            space.clone(),
+            "m.space.child".into(),
+            child.to_string(),
+            common::raw(json!({"via": [via]})),
+        );
+        alice.send(req).await;
+    }
+    // Restricted to the members of the child on B (it is B's, so B can check).
+    let restricted = on_b("Restricted on B").await;
+    let rule = json!({"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": child_b}]});
+    bob.send_state(&restricted, "m.room.join_rules", rule).await;
+    let mut req = create_room::v3::Request::new();
+    req.name = Some("Encrypted on A".into());
+    req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
+    req.initial_state = vec![common::raw(json!({"type": "m.room.encryption", "state_key": "",
+        "content": {"algorithm": "m.megolm.v1.aes-sha2"}}))];
+    let encrypted = alice.send(req).await.room_id;
+    let mut plain = alice.create_rooms(4).await;
+    for name in ["Plain on B 1", "Plain on B 2", "Plain on B 3"] {
+        plain.push(on_b(name).await);
+    }
+    let mut rooms = vec![
+        dm.clone(),
+        dm_b.clone(),
+        favourite.clone(),
+        favourite_b.clone(),
+        public.clone(),
+        private.clone(),
+        space.clone(),
+        child_a.clone(),
+        child_b.clone(),
+        restricted.clone(),
+        encrypted.clone(),
+    ];
+    rooms.extend(plain.iter().cloned());
+    assert_eq!(rooms.len(), 18, "18 movable rooms, and 2 that can't be moved below");
+    // Preferences: a room's notifications, a client setting, an ignored user, a display name.
+    alice
+        .send(set_pushrule::v3::Request::new(NewPushRule::Room(NewSimplePushRule::new(favourite_b.clone(), vec![]))))
+        .await;
+    alice.set_account_data("im.vector.web.settings", json!({"theme": "dark"})).await;
+    let spammer = format!("@spammer:{}", fh.server_name(Side::A));
+    alice.set_account_data("m.ignored_user_list", json!({"ignored_users": {spammer.as_str(): {}}})).await;
+    let req = ruma::api::client::profile::set_profile_field::v3::Request::new(
+        alice.id.clone(),
+        ruma::profile::ProfileFieldValue::DisplayName("Alice of A".into()),
+    );
+    alice.send(req).await;
     // Two rooms that can't take B's accounts: one does not federate, one's server ACL denies B.
     let mut req = create_room::v3::Request::new();
     req.name = Some("Only on A".into());
@@ -101,9 +171,10 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     assert!(preflight.contains("Denies B: the room's server ACL excludes the new account's server"), "{preflight}");
     let reserved =
         fh.a.bot_says(&alice, &alice_dm, 0, "the reservation's report", |b| b.contains("reserved for")).await;
-    assert!(reserved.starts_with(&format!("4 of 6 rooms reserved for {}", newbie.id)), "{reserved}");
+    assert!(reserved.starts_with(&format!("18 of 20 rooms reserved for {}", newbie.id)), "{reserved}");
     println!("seats reserved {:.1?} after the export", exported.elapsed());
-    let invited = [dm.clone(), favourite.clone(), private.clone()];
+    // Every room but the public one (only its moderators may invite there).
+    let invited: Vec<OwnedRoomId> = rooms.iter().filter(|r| **r != public).cloned().collect();
     eventually("every reservation on B", || async {
         let invites = newbie.invites().await;
         invited.iter().all(|r| invites.contains(r)).then_some(())
@@ -142,7 +213,7 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     fh.b.ask(&newbie, &new_dm, &format!("import {code}"), "The code opens the bundle file of").await;
     let report = fh.b.bot_says(&newbie, &new_dm, 0, "the report", |b| b.contains("rooms moved to")).await;
     println!("import on B done in {:.1?}", imported.elapsed());
-    assert!(report.starts_with(&format!("4 of 6 rooms moved to {}", newbie.id)), "{report}");
+    assert!(report.starts_with(&format!("18 of 20 rooms moved to {}", newbie.id)), "{report}");
     assert!(report.contains("✓ direct"), "{report}");
     for room in &rooms {
         assert_eq!(membership(&newbie, room).await, "join", "{room}");
@@ -153,16 +224,50 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
         assert_eq!(notices[0]["content"]["org.handoff.move"]["from"], alice.id.as_str());
         assert!(body(notices[0]).contains(alice.id.as_str()), "{}", body(notices[0]));
     }
-    assert!(newbie.tags(&favourite).await.contains_key(&TagName::Favorite));
-    assert_eq!(newbie.account_data("m.direct").await, Some(json!({ carol.id.as_str(): [dm] })));
-    // The avatar is a copy on B, with the same bytes.
+    for room in [&favourite, &favourite_b] {
+        assert!(newbie.tags(room).await.contains_key(&TagName::Favorite), "{room}: a favourite");
+    }
+    assert_eq!(
+        newbie.account_data("m.direct").await,
+        Some(json!({ carol.id.as_str(): [dm], bob.id.as_str(): [dm_b] }))
+    );
+    let rules = newbie.send(get_pushrules_all::v3::Request::new()).await.global;
+    assert!(rules.room.iter().any(|r| r.rule_id == favourite_b && r.actions.is_empty()), "its push rule");
+    assert_eq!(newbie.account_data("im.vector.web.settings").await, Some(json!({"theme": "dark"})));
+    let ignored = newbie.account_data("m.ignored_user_list").await.unwrap_or_default();
+    assert!(ignored["ignored_users"].get(&spammer).is_some(), "{ignored}");
+    let child_state = newbie.membership_of(&child_b, &newbie.id).await;
+    assert_eq!(child_state["membership"], "join", "the space's child on B");
+    // The display name is carried; the avatar is a copy on B, with the same bytes.
     let profile = newbie.send(ruma::api::client::profile::get_profile::v3::Request::new(newbie.id.clone())).await;
+    assert_eq!(profile.get("displayname"), Some(&json!("Alice of A")));
     let copied: ruma::OwnedMxcUri = serde_json::from_value(profile.get("avatar_url").cloned().unwrap()).unwrap();
     assert_eq!(copied.server_name().unwrap().as_str(), name_b.as_str(), "{copied} is not on B");
     let req = ruma::api::client::authenticated_media::get_content::v1::Request::from_uri(&copied).unwrap();
     assert_eq!(newbie.send(req).await.file, png, "the copy holds the avatar's bytes");
     // The old account sees the new one in the rooms it hosts.
     assert_eq!(alice.membership_of(&favourite, &newbie.id).await["membership"], "join");
+
+    // The old side learns, from the new account's joins it can read, that the move is complete,
+    // and says so in the old account's DM (without being asked: its watch looks by itself).
+    let learned = Instant::now();
+    let taken = eventually_within("the old side's news", Duration::from_secs(200), || async {
+        let msgs = alice.messages_from(&alice_dm, &fh.a.bot).await;
+        msgs.iter().map(|m| body(m).to_owned()).find(|b| b.contains("is complete"))
+    })
+    .await;
+    println!("A learned the move was done {:.1?} after B's report", learned.elapsed());
+    assert!(
+        taken.starts_with(&format!(
+            "{} has joined 18 of your 20 rooms: your move to {} is complete",
+            newbie.id, newbie.id
+        )),
+        "{taken}"
+    );
+    assert!(taken.contains("Denies B: the room's server ACL excludes"), "{taken}");
+    assert!(taken.contains("`finish --leave`"), "{taken}");
+    let status = fh.a.ask(&alice, &alice_dm, "status", "Transfer").await;
+    assert!(status.contains("20 rooms: 18 moved, 0 awaiting accept, 2 skipped, 0 failed"), "{status}");
 
     // The code works once.
     let again = fh.b.ask(&newbie, &new_dm, &format!("import {code}"), "already used").await;
@@ -238,6 +343,123 @@ async fn a_received_move_stopped_midway_completes_when_the_service_is_back() {
         assert_eq!(move_notices(&timeline).len(), 1, "{room}: one notice across the restart");
         assert_eq!(common::memberships(&timeline, &newbie.id), ["invite", "join"], "{room}: joined once");
     }
+    println!("whole test: {:.1?}", started.elapsed());
+}
+
+/// `config` with `handoff.federation_patience` set to `patience`.
+fn with_patience(config: String, patience: &str) -> String {
+    common::edit(config, "federation_patience: 10m", &format!("federation_patience: {patience}"))
+}
+
+/// Rooms on A that a reservation is reserving when B's homeserver goes away.
+const OUTAGE_ROOMS: usize = 10;
+
+/// Alice on A with `OUTAGE_ROOMS` rooms of her own, her DM with A's bot, and the new account on B.
+async fn reserving(fh: &FederatedHarness) -> (common::User, OwnedRoomId, common::User, Vec<OwnedRoomId>) {
+    let alice = fh.a.user("alice").await;
+    let newbie = fh.b.user("newbie").await;
+    let rooms = alice.create_rooms(OUTAGE_ROOMS).await;
+    let dm = fh.a.dm_with_bot(&alice).await;
+    (alice, dm, newbie, rooms)
+}
+
+/// How many of `rooms` `user` has `membership` in, as `reader` (in them all) sees it.
+async fn count_membership(
+    reader: &common::User,
+    rooms: &[OwnedRoomId],
+    user: &ruma::UserId,
+    membership: &str,
+) -> usize {
+    let mut n = 0;
+    for room in rooms {
+        let req = get_state_event_for_key::v3::Request::new(room.clone(), StateEventType::RoomMember, user.to_string());
+        // No member event (404): no membership at all.
+        if let Ok(resp) = reader.try_send(req).await {
+            let content: Value = serde_json::from_str(resp.event_or_content.get()).unwrap();
+            n += usize::from(content["membership"] == membership);
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn a_reservation_waits_for_the_new_accounts_server_and_completes_when_it_is_back() {
+    let started = Instant::now();
+    // One room at a time on A, so the reservation is still going when B goes away.
+    let mut fh = FederatedHarness::start_with(
+        |side, _, c| if side == Side::A { with_patience(with_concurrency(c, 1), "5m") } else { c },
+        "",
+    )
+    .await;
+    let (alice, dm, newbie, rooms) = reserving(&fh).await;
+    fh.a.ask(&alice, &dm, &format!("export --to {}", newbie.id), "Reserving").await;
+    eventually("the first seats reserved", || async {
+        (count_membership(&alice, &rooms, &newbie.id, "invite").await > 0).then_some(())
+    })
+    .await;
+    fh.b.sandbox.synapse.stop();
+    let before = count_membership(&alice, &rooms, &newbie.id, "invite").await;
+    println!("B stopped with {before} of {OUTAGE_ROOMS} seats reserved");
+    assert!(before < OUTAGE_ROOMS, "B stopped mid-reservation, or the test proves nothing");
+    // A keeps trying while B is away, and reports nothing as failed meanwhile.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = count_membership(&alice, &rooms, &newbie.id, "invite").await;
+    assert!(during < OUTAGE_ROOMS, "{during} reserved with B away");
+    let msgs = alice.messages_from(&dm, &fh.a.bot).await;
+    assert!(!msgs.iter().any(|m| body(m).contains("reserved for")), "no report while B is away");
+
+    let back = Instant::now();
+    fh.b.sandbox.synapse.restart().await.expect("B restarts");
+    let report = eventually_within("the reservation's report", Duration::from_secs(180), || async {
+        let msgs = alice.messages_from(&dm, &fh.a.bot).await;
+        msgs.iter().map(|m| body(m).to_owned()).find(|b| b.contains("reserved for"))
+    })
+    .await;
+    println!("reservation done {:.1?} after B was back", back.elapsed());
+    assert!(report.starts_with(&format!("{OUTAGE_ROOMS} of {OUTAGE_ROOMS} rooms reserved")), "{report}");
+    for room in &rooms {
+        let timeline = alice.timeline(room).await;
+        assert_eq!(common::memberships(&timeline, &newbie.id), ["invite"], "{room}: invited once");
+    }
+    eventually("every invite on B", || async {
+        let invites = newbie.invites().await;
+        rooms.iter().all(|r| invites.contains(r)).then_some(())
+    })
+    .await;
+    println!("whole test: {:.1?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn rooms_that_need_a_server_gone_too_long_are_reported_each_with_what_to_do() {
+    let started = Instant::now();
+    let mut fh =
+        FederatedHarness::start_with(|side, _, c| if side == Side::A { with_patience(c, "3s") } else { c }, "").await;
+    let (alice, dm, newbie, rooms) = reserving(&fh).await;
+    // B is gone before the reservation starts, and stays gone.
+    fh.b.sandbox.synapse.stop();
+    let asked = Instant::now();
+    fh.a.ask(&alice, &dm, &format!("export --to {}", newbie.id), "Reserving").await;
+    let report = eventually_within("the reservation's report", Duration::from_secs(120), || async {
+        let msgs = alice.messages_from(&dm, &fh.a.bot).await;
+        msgs.iter().map(|m| body(m).to_owned()).find(|b| b.contains("reserved for"))
+    })
+    .await;
+    println!("reported {:.1?} after the export, B away all along:\n{report}", asked.elapsed());
+    assert!(
+        report.starts_with(&format!("0 of {OUTAGE_ROOMS} rooms reserved for {}, {OUTAGE_ROOMS} failed", newbie.id)),
+        "{report}"
+    );
+    let name_b = fh.server_name(Side::B);
+    let why = format!("{name_b} did not answer for");
+    assert_eq!(report.matches(&why).count(), OUTAGE_ROOMS, "each room, with why: {report}");
+    assert!(report.contains(&format!("once it is back, invite {} from your client", newbie.id)), "{report}");
+    // Once the first room has waited out the patience, the others don't wait as long again.
+    assert!(asked.elapsed() < Duration::from_secs(60), "{:.1?}", asked.elapsed());
+    assert_eq!(count_membership(&alice, &rooms, &newbie.id, "invite").await, 0, "nothing half-done");
+    // Nothing is watched: no seat waits.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let msgs = alice.messages_from(&dm, &fh.a.bot).await;
+    assert!(!msgs.iter().any(|m| body(m).contains("is complete")), "no completion news");
     println!("whole test: {:.1?}", started.elapsed());
 }
 

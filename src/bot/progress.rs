@@ -195,6 +195,40 @@ impl Reporter for ChatReporter {
             Ok(())
         })
     }
+
+    fn taken_up<'a>(&'a self, t: &'a Transfer, report: &'a Report) -> BoxFuture<'a, Result<(), HsError>> {
+        Box::pin(async move {
+            let text = taken_up_text(t, report);
+            self.post(&t.new_dm, &format!("taken-up-{}", t.id), &text).await?;
+            Ok(())
+        })
+    }
+}
+
+/// The old account's news that the new one, on its own server, has taken its reserved seats.
+fn taken_up_text(t: &Transfer, r: &Report) -> String {
+    let mut out =
+        format!("{} has joined {} of your {} rooms: your move to {} is complete.", t.new, r.moved, r.total, t.new);
+    if !r.skipped.is_empty() || !r.failed.is_empty() {
+        out.push_str(
+            "
+
+Not moved:",
+        );
+        for (room, why) in r.skipped.iter().chain(&r.failed) {
+            out.push_str(&format!(
+                "
+• {room}: {why}"
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "
+
+When you are ready, `finish --leave` takes this account out of the rooms where {} now holds at least your rank, and `finish --advertise` puts {} in your display name.",
+        t.new, t.new
+    ));
+    out
 }
 
 fn progress_bar(done: usize, total: usize) -> String {
@@ -286,7 +320,12 @@ fn plain(r: &Report) -> String {
         }
     };
     section(&mut out, "Skipped (what you can do)", &r.skipped);
-    section(&mut out, "Failed (run `import` again with a new code to retry)", &r.failed);
+    let retry = if r.kind == TransferKind::Reserve {
+        "Failed (what you can do, or `export --to` again later)"
+    } else {
+        "Failed (run `import` again with a new code to retry)"
+    };
+    section(&mut out, retry, &r.failed);
     // The same warning in many rooms (a creator's rank, say) is said once, with the rooms.
     let mut grouped: Vec<(String, Vec<&str>)> = Vec::new();
     for (room, warning) in &r.warnings {

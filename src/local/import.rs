@@ -38,6 +38,7 @@ const PATIENCE: Retry = Retry {
     attempts: 10,
     backoff: std::time::Duration::from_millis(500),
     max_wait: std::time::Duration::from_secs(10),
+    server_errors: true,
 };
 
 /// The old account, when this device can act for it too (a second login, or its access token):

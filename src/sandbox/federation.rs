@@ -88,8 +88,7 @@ impl Federation {
         let dir = dir.canonicalize()?;
         let port_a = free_port_on(Side::A.host());
         let port_b = free_port_on(Side::B.host());
-        let name =
-            |side: Side, port: u16| ServerName::parse(format!("{}:{port}", side.host())).expect("an IP literal");
+        let name = |side: Side, port: u16| ServerName::parse(format!("{}:{port}", side.host())).expect("an IP literal");
         let names = FederationNames { a: name(Side::A, port_a), b: name(Side::B, port_b) };
         let tls = dir.join("tls");
         std::fs::create_dir_all(&tls)?;

@@ -23,7 +23,9 @@ use super::plan::{self, Plan, Requirements, RoomPlan};
 use super::progress::{Counts, Delivery, Place, Reporter, RoomHistory, Stopped};
 use super::report::Report;
 use super::room::RoomWork;
-use super::{AccountStep, Error, PATIENT, RoomStep, Stage, StepOutcome, Transfer, TransferKind, TransferState, world};
+use super::{
+    AccountStep, Error, PATIENT, RoomStep, Stage, StepOutcome, Transfer, TransferKind, TransferState, watch, world,
+};
 use crate::budget::{Budget, Class};
 use crate::bundle::{Bundle, Priority, RoomKind};
 use crate::config::{Config, PermissionLevel};
@@ -78,9 +80,12 @@ impl Engine {
         Arc::new(Engine {
             rooms: RoomWork {
                 acting: acting.clone(),
+                remote: acting.with_retry(PATIENT.without_server_errors()),
                 journal: journal.clone(),
                 notify: config.handoff.notify.clone(),
                 domain: config.homeserver.domain.clone(),
+                patience: config.handoff.federation_patience,
+                reach: Default::default(),
             },
             account: AccountWork { acting: acting.clone() },
             acting,
@@ -120,9 +125,12 @@ impl Engine {
             // Takes it out of the line however the task ends (finished, failed, panicked), and
             // starts the next one waiting.
             let _entry = RunningEntry { engine: Arc::clone(&engine), id };
-            if let Err(e) = engine.run(id).await {
-                metrics::transfer_finished(TransferOutcome::Failed);
-                tracing::error!(transfer = id, error = %e, "transfer stopped with an error; it resumes at the next start");
+            match engine.run(id).await {
+                Ok(()) => engine.watch_if_reserved(id),
+                Err(e) => {
+                    metrics::transfer_finished(TransferOutcome::Failed);
+                    tracing::error!(transfer = id, error = %e, "transfer stopped with an error; it resumes at the next start");
+                }
             }
         });
         line.run(id, task.abort_handle());
@@ -196,9 +204,63 @@ impl Engine {
                 tracing::info!(transfer = t.id, old = %t.old, new = %t.new, "resuming transfer");
                 self.spawn(t.id);
                 n += 1;
+            } else if watch::is_watched(&t) {
+                self.watch(t.id);
             }
         }
         Ok(n)
+    }
+
+    /// A reservation that just finished: its seats are watched from now on, if any waits.
+    fn watch_if_reserved(self: &Arc<Self>, id: u64) {
+        if let Ok(Some(t)) = self.journal.get(id)
+            && watch::is_watched(&t)
+        {
+            self.watch(id);
+        }
+    }
+
+    /// Follows a finished reservation's seats until none waits ([`watch`]), then tells the old
+    /// account. Runs in the background until then, across restarts, while the record is kept.
+    fn watch(self: &Arc<Self>, id: u64) {
+        let engine = Arc::clone(self);
+        self.shutdown.spawn(async move {
+            let mut wait = watch::FIRST_LOOK;
+            loop {
+                tokio::time::sleep(wait).await;
+                match engine.look_at_seats(id).await {
+                    Ok(None) => return,
+                    Ok(Some(look)) => wait = watch::next_wait(wait, Some(look)),
+                    Err(e) => {
+                        tracing::warn!(transfer = id, error = %e, "cannot look at the reserved seats; trying later");
+                        wait = watch::next_wait(wait, None);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Looks at a watched reservation's seats now (also for `status`); when none waits any more,
+    /// tells the old account and stops watching. `None` once it is not watched.
+    pub async fn look_at_seats(&self, id: u64) -> Result<Option<watch::Look>, Error> {
+        let Some(t) = self.journal.get(id)?.filter(watch::is_watched) else { return Ok(None) };
+        let look = {
+            let _slot = self.budget.acquire(id, Class::Normal).await;
+            watch::look(&self.acting, &self.journal, &t).await?
+        };
+        if look.waiting > 0 {
+            return Ok(Some(look));
+        }
+        let plan = t.plan.clone().expect("a finished transfer was planned");
+        let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, false);
+        tracing::info!(transfer = id, joined = report.moved, "every reserved seat is taken or declined");
+        // Nothing was ever reserved (the reservation's report said so): nothing more to say. Said
+        // before it is stored otherwise: a crash in between says it again (posted once).
+        if report.moved > 0 || look.settled > 0 {
+            self.reporter.taken_up(&t, &report).await?;
+        }
+        self.journal.update(id, |s| s.taken_up = true).await?;
+        Ok(None)
     }
 
     /// The whole plan a transfer of `bundle` into `new` would follow now (`import --dry-run`):
@@ -701,6 +763,8 @@ struct RunningEntry {
 
 impl Drop for RunningEntry {
     fn drop(&mut self) {
+        // The next run learns afresh which servers are away.
+        self.engine.rooms.reach.forget(self.id);
         if let Ok(mut line) = self.engine.line.lock() {
             line.remove(self.id);
             self.engine.fill(&mut line);

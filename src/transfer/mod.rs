@@ -4,7 +4,8 @@
 //!   [`merge`] decides, purely too, how the account's settings merge into what the new account has.
 //! - [`engine`] runs transfers: [`room`] takes one room through its stages, [`account`] applies
 //!   the account merges, each step journaled ([`journal`]) before and after it runs, so a
-//!   restarted service resumes where it stopped and nothing is done twice.
+//!   restarted service resumes where it stopped and nothing is done twice. After a reservation,
+//!   [`watch`] follows the seats until the new account's server has taken them.
 //! - The engine tells the people it works for how it goes through a port, [`progress::Reporter`]:
 //!   the bot renders it into chat. The engine never formats a message or imports the bot.
 
@@ -17,6 +18,7 @@ pub mod plan;
 pub mod progress;
 pub mod report;
 pub mod room;
+pub mod watch;
 pub mod world;
 
 use std::collections::BTreeMap;
@@ -35,6 +37,7 @@ pub const PATIENT: Retry = Retry {
     attempts: u32::MAX,
     backoff: std::time::Duration::from_millis(250),
     max_wait: std::time::Duration::from_secs(15),
+    server_errors: true,
 };
 
 /// Why a transfer could not go on. Either is retried at the next start: the journal says where.
@@ -145,6 +148,9 @@ pub struct Transfer {
     /// While awaiting approval: when the request lapses (with its code).
     #[serde(default)]
     pub expires_at_ms: Option<u64>,
+    /// A reservation's seats are all taken or declined, and the old account was told ([`watch`]).
+    #[serde(default)]
+    pub taken_up: bool,
 }
 
 impl Transfer {
@@ -174,6 +180,7 @@ impl Transfer {
             account_steps: BTreeMap::new(),
             created_at_ms: now_ms(),
             expires_at_ms: None,
+            taken_up: false,
         }
     }
 

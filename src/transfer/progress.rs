@@ -70,4 +70,6 @@ pub trait Reporter: Send + Sync {
     fn deliver<'a>(&'a self, t: &'a Transfer, what: Delivery<'a>) -> BoxFuture<'a, Result<String, HsError>>;
     /// The transfer ended (done or cancelled): its report.
     fn finished<'a>(&'a self, t: &'a Transfer, report: &'a Report) -> BoxFuture<'a, Result<(), HsError>>;
+    /// A reservation's new account has taken (or declined) every seat: the move is complete.
+    fn taken_up<'a>(&'a self, t: &'a Transfer, report: &'a Report) -> BoxFuture<'a, Result<(), HsError>>;
 }

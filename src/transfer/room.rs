@@ -3,6 +3,10 @@
 //! applies the tags, posts the move notice). A resumed stage re-checks the room before acting
 //! again, and the notice's transaction ID comes from the transfer, so nothing happens twice.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use ruma::api::Direction;
 use ruma::api::client::membership::{invite_user, join_room_by_id_or_alias};
 use ruma::api::client::message::{get_message_events, send_message_event};
@@ -31,13 +35,79 @@ pub const MOVE_FIELD: &str = "org.handoff.move";
 /// What a room's stages need: the acting client, the journal, the notice settings.
 pub struct RoomWork {
     pub acting: Homeserver,
+    /// The same client for requests that reach another homeserver: its 5xx answers (that server
+    /// away) are [`RoomWork::across`]'s to wait for, up to `patience`.
+    pub remote: Homeserver,
     pub journal: Journal,
     pub notify: NotifyConfig,
     /// The homeserver's domain: a new account there is joined by the service.
     pub domain: OwnedServerName,
+    /// How long a room waits for another homeserver it needs (`handoff.federation_patience`).
+    pub patience: Duration,
+    pub reach: Reach,
+}
+
+/// Other homeservers that a transfer's rooms wait for, and since when each has been out of
+/// reach: once one has been away longer than the patience, the next rooms that need it are
+/// reported at once, instead of each waiting as long again.
+#[derive(Default)]
+pub struct Reach(Mutex<HashMap<(u64, String), Instant>>);
+
+impl Reach {
+    /// How long `servers` have been away for transfer `id` (zero the first time).
+    fn away(&self, id: u64, servers: &str) -> Duration {
+        self.0.lock().expect("lock").entry((id, servers.to_owned())).or_insert_with(Instant::now).elapsed()
+    }
+
+    fn back(&self, id: u64, servers: &str) {
+        self.0.lock().expect("lock").remove(&(id, servers.to_owned()));
+    }
+
+    /// Forgets a transfer's servers (at its end).
+    pub fn forget(&self, id: u64) {
+        self.0.lock().expect("lock").retain(|(t, _), _| *t != id);
+    }
+}
+
+/// Why a request that needs another homeserver did not succeed.
+enum Unreached {
+    /// Those servers did not answer for the whole patience: the last error, and how long.
+    Away(HsError, Duration),
+    /// A plain refusal (or any error that waiting would not cure).
+    Refused(HsError),
 }
 
 impl RoomWork {
+    /// Runs `op`, a request that needs the homeservers `servers`: a 5xx answer (one of them
+    /// away) is tried again with backoff until they have been away for the patience; this
+    /// homeserver's own absence is waited out by the client, however long.
+    async fn across<F, Fut>(&self, t: &Transfer, servers: &str, mut op: F) -> Result<(), Unreached>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), HsError>>,
+    {
+        let mut wait = Duration::from_millis(500);
+        loop {
+            match op().await {
+                Ok(()) => {
+                    self.reach.back(t.id, servers);
+                    return Ok(());
+                }
+                Err(e) if e.is_server_answer() => {
+                    let away = self.reach.away(t.id, servers);
+                    if away >= self.patience {
+                        tracing::warn!(transfer = t.id, servers, error = %e, "another homeserver stayed out of reach");
+                        return Err(Unreached::Away(e, away));
+                    }
+                    tracing::info!(transfer = t.id, servers, error = %e, "another homeserver is out of reach, waiting");
+                    tokio::time::sleep(wait.min(self.patience - away)).await;
+                    wait = (wait * 2).min(Duration::from_secs(15));
+                }
+                Err(e) => return Err(Unreached::Refused(e)),
+            }
+        }
+    }
+
     fn is_local(&self, user: &UserId) -> bool {
         user.server_name() == self.domain
     }
@@ -81,10 +151,27 @@ impl RoomWork {
                 Some(MembershipState::Join) | Some(MembershipState::Invite) => {}
                 Some(MembershipState::Ban) => return Ok(Some(RoomStep::Skipped(Blocked::Banned.explain().into()))),
                 _ => {
-                    if let Err(e) = invite(&self.acting, &t.old, rid, &t.new).await {
+                    let invited = if self.is_local(&t.new) {
+                        invite(&self.acting, &t.old, rid, &t.new).await.map_err(Unreached::Refused)
+                    } else {
+                        // The new account's server signs the invite: it must answer.
+                        let server = t.new.server_name();
+                        self.across(t, server.as_str(), || invite(&self.remote, &t.old, rid, &t.new)).await
+                    };
+                    match invited {
+                        Ok(()) => {}
+                        Err(Unreached::Away(e, away)) => {
+                            return Ok(Some(RoomStep::Failed(format!(
+                                "{} did not answer for {}, so the invite could not be sent ({e}): once it is back, invite {} from your client",
+                                t.new.server_name(),
+                                rounded(away),
+                                t.new
+                            ))));
+                        }
                         // A public room can be joined without the invite.
-                        let public = room.action == Action::Join && matches!(e.kind(), Some(ErrorKind::Forbidden));
-                        if !public {
+                        Err(Unreached::Refused(e))
+                            if room.action == Action::Join && matches!(e.kind(), Some(ErrorKind::Forbidden)) => {}
+                        Err(Unreached::Refused(e)) => {
                             return Ok(Some(RoomStep::Failed(format!("the invite failed: {e}"))));
                         }
                     }
@@ -169,17 +256,28 @@ impl RoomWork {
             // is not in answers forbidden).
             let joined = matches!(from, RoomStep::Started(_))
                 && matches!(membership(&self.acting, &t.new, rid, &t.new).await, Ok(Some(MembershipState::Join)));
-            if !joined && let Err(e) = join(&self.acting, &t.new, rid, &room.via).await {
-                if e.is_transient() {
-                    return Err(e.into());
+            // The join goes through the room's servers: they must answer.
+            let servers = room.via.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+            let joined = if joined {
+                Ok(())
+            } else {
+                self.across(t, &servers, || join(&self.remote, &t.new, rid, &room.via)).await
+            };
+            match joined {
+                Ok(()) => {}
+                Err(Unreached::Away(e, away)) => {
+                    return Ok(Some(RoomStep::Failed(format!(
+                        "the servers the room is reached through ({servers}) did not answer for {} ({e}): once they are back, join {rid} from your client",
+                        rounded(away)
+                    ))));
                 }
-                if matches!(e.kind(), Some(ErrorKind::Forbidden)) {
+                Err(Unreached::Refused(e)) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
                     return Ok(Some(RoomStep::Skipped(format!(
                         "the room is not public and no invite from {} reached you: ask them (or anyone in the room) to invite you, then join it from your client",
                         t.old
                     ))));
                 }
-                return Ok(Some(RoomStep::Failed(format!("joining failed: {e}"))));
+                Err(Unreached::Refused(e)) => return Ok(Some(RoomStep::Failed(format!("joining failed: {e}")))),
             }
         }
         self.started(t, rid, Stage::Joined).await?;
@@ -210,6 +308,11 @@ impl RoomWork {
         let notice = Notice { template: &self.notify.template, id: t.id, old: &t.old, new: &t.new, profile: t.profile };
         Ok(notice.post(&self.acting, &sender, room).await?)
     }
+}
+
+/// A wait, to the second, for people.
+fn rounded(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(d.as_secs().max(1)))
 }
 
 /// One room's membership of `user`, as `reader` sees it (`None`: it has none).

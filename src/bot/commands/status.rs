@@ -6,7 +6,7 @@ use super::{Args, Command, CommandError, Spec};
 use crate::bot::consent::state_text;
 use crate::bot::state::{Bot, BotError, Ctx};
 use crate::config::PermissionLevel;
-use crate::transfer::RoomStep;
+use crate::transfer::{RoomStep, TransferKind, watch};
 
 pub const SPEC: Spec = Spec {
     name: "status",
@@ -34,6 +34,13 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
         };
         return bot.reply(ctx, text).await;
     };
+    // A reservation's seats are looked at now: what `status` says is what is true.
+    if watch::is_watched(&t)
+        && let Err(e) = bot.engine.look_at_seats(t.id).await
+    {
+        tracing::warn!(transfer = t.id, error = %e, "cannot look at the reserved seats");
+    }
+    let t = bot.journal.get(t.id)?.unwrap_or(t);
     let steps = bot.journal.room_steps(t.id)?;
     let state = match bot.engine.place(t.id) {
         Some(place) => {
@@ -76,6 +83,9 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
             let state = match steps.get(&r.room_id) {
                 None | Some(RoomStep::Pending) => "to do".to_owned(),
                 Some(RoomStep::Done) => "moved".to_owned(),
+                Some(RoomStep::AwaitingAccept) if t.kind == TransferKind::Reserve => {
+                    format!("reserved: {} joins when it imports the bundle file on its own server", t.new)
+                }
                 Some(RoomStep::AwaitingAccept) => "invited: accept it from your client".to_owned(),
                 Some(RoomStep::Skipped(w)) => format!("skipped: {w}"),
                 Some(RoomStep::Failed(w)) => format!("failed: {w}"),
