@@ -463,6 +463,69 @@ async fn rooms_that_need_a_server_gone_too_long_are_reported_each_with_what_to_d
     println!("whole test: {:.1?}", started.elapsed());
 }
 
+/// Rooms reserved while the import on B already runs.
+const RACING_ROOMS: usize = 30;
+
+#[tokio::test]
+async fn an_import_started_while_the_seats_are_still_being_reserved_waits_for_them() {
+    let started = Instant::now();
+    // One room at a time on A, so B's import starts while A still sends the invites; B waits
+    // 20 s at most for an invite that does not come.
+    let fh = FederatedHarness::start_with(
+        |side, _, c| match side {
+            Side::A => with_concurrency(c, 1),
+            Side::B => with_patience(c, "20s"),
+        },
+        "",
+    )
+    .await;
+    let alice = fh.a.user("alice").await;
+    let carol = fh.a.user("carol").await;
+    let newbie = fh.b.user("newbie").await;
+    let rooms = alice.create_rooms(RACING_ROOMS).await;
+    // A room where only its moderators may invite: alice can't reserve a seat there.
+    let mut req = create_room::v3::Request::new();
+    req.name = Some("Moderators invite".into());
+    req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
+    req.power_level_content_override = Some(common::raw(json!({"invite": 50})));
+    let closed = carol.send(req).await.room_id;
+    carol.invite(&closed, &alice.id).await;
+    alice.join(&closed).await;
+    println!("{RACING_ROOMS} rooms on A in {:.1?}", started.elapsed());
+
+    let alice_dm = fh.a.dm_with_bot(&alice).await;
+    let (code, file) = export_file(&fh.a, &alice, &alice_dm, &format!("--to {}", newbie.id)).await;
+    let new_dm = fh.b.dm_with_bot(&newbie).await;
+    drop_file(&fh.b, &newbie, &new_dm, &file).await;
+    let invited_then = newbie.invites().await.len();
+    fh.b.ask(&newbie, &new_dm, &format!("import {code}"), "The code opens the bundle file of").await;
+    println!("import on B asked with {invited_then} of {RACING_ROOMS} invites there");
+    assert!(invited_then < RACING_ROOMS, "the import raced the reservation, or the test proves nothing");
+
+    let report = eventually_within("the report on B", Duration::from_secs(240), || async {
+        let msgs = newbie.messages_from(&new_dm, &fh.b.bot).await;
+        msgs.iter().map(|m| body(m).to_owned()).find(|b| b.contains("rooms moved to"))
+    })
+    .await;
+    println!("import on B done {:.1?} after the start", started.elapsed());
+    let total = RACING_ROOMS + 1;
+    assert!(
+        report.starts_with(&format!("{RACING_ROOMS} of {total} rooms moved to {}, 1 skipped", newbie.id)),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("Moderators invite: the room is not public and no invite from {}", alice.id)),
+        "{report}"
+    );
+    for room in &rooms {
+        let timeline = newbie.timeline(room).await;
+        assert_eq!(common::memberships(&timeline, &newbie.id), ["invite", "join"], "{room}: joined once");
+        assert_eq!(move_notices(&timeline).len(), 1, "{room}: one notice");
+    }
+    assert_eq!(membership(&newbie, &closed).await, "none");
+    println!("whole test: {:.1?}", started.elapsed());
+}
+
 /// A 1×1 PNG.
 fn hex_png() -> Vec<u8> {
     hex::decode(

@@ -69,6 +69,11 @@ impl Reach {
     }
 }
 
+/// How long a received room without its invite waits for it while none of the transfer's other
+/// joins succeeds (the old account's server reserves the seats in the same order: a pause this
+/// long means it is done, and the invite is not coming).
+pub const INVITES_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Why a request that needs another homeserver did not succeed.
 enum Unreached {
     /// Those servers did not answer for the whole patience: the last error, and how long.
@@ -256,32 +261,54 @@ impl RoomWork {
             // is not in answers forbidden).
             let joined = matches!(from, RoomStep::Started(_))
                 && matches!(membership(&self.acting, &t.new, rid, &t.new).await, Ok(Some(MembershipState::Join)));
-            // The join goes through the room's servers: they must answer.
-            let servers = room.via.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
-            let joined = if joined {
-                Ok(())
-            } else {
-                self.across(t, &servers, || join(&self.remote, &t.new, rid, &room.via)).await
-            };
-            match joined {
-                Ok(()) => {}
-                Err(Unreached::Away(e, away)) => {
-                    return Ok(Some(RoomStep::Failed(format!(
-                        "the servers the room is reached through ({servers}) did not answer for {} ({e}): once they are back, join {rid} from your client",
-                        rounded(away)
-                    ))));
-                }
-                Err(Unreached::Refused(e)) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
-                    return Ok(Some(RoomStep::Skipped(format!(
-                        "the room is not public and no invite from {} reached you: ask them (or anyone in the room) to invite you, then join it from your client",
-                        t.old
-                    ))));
-                }
-                Err(Unreached::Refused(e)) => return Ok(Some(RoomStep::Failed(format!("joining failed: {e}")))),
+            if !joined && let Some(end) = self.join_through(t, room).await {
+                return Ok(Some(end));
             }
         }
         self.started(t, rid, Stage::Joined).await?;
         Ok(None)
+    }
+
+    /// Joins a received room through its via servers (they must answer). The old account's
+    /// server may still be reserving the seats while this import runs: where the move is proven
+    /// (some invite of it arrived), a room without its invite yet waits for it as long as invites
+    /// keep arriving (a join in this transfer succeeded within the last [`INVITES_PATIENCE`]).
+    /// `Some` is the room's final step when it could not be joined.
+    async fn join_through(&self, t: &Transfer, room: &RoomPlan) -> Option<RoomStep> {
+        let rid = &room.room_id;
+        let servers = room.via.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+        let invites = format!("the invites of {}", t.old);
+        let proven = !room.warnings.contains(&Warning::Unreserved);
+        let patience = self.patience.min(INVITES_PATIENCE);
+        let mut wait = Duration::from_millis(500);
+        loop {
+            match self.across(t, &servers, || join(&self.remote, &t.new, rid, &room.via)).await {
+                Ok(()) => {
+                    self.reach.back(t.id, &invites);
+                    return None;
+                }
+                Err(Unreached::Away(e, away)) => {
+                    return Some(RoomStep::Failed(format!(
+                        "the servers the room is reached through ({servers}) did not answer for {} ({e}): once they are back, join {rid} from your client",
+                        rounded(away)
+                    )));
+                }
+                Err(Unreached::Refused(e)) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
+                    let away = self.reach.away(t.id, &invites);
+                    if proven && away < patience {
+                        tracing::debug!(transfer = t.id, room_id = %rid, "no invite yet: waiting for the reservation");
+                        tokio::time::sleep(wait.min(patience - away)).await;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                    return Some(RoomStep::Skipped(format!(
+                        "the room is not public and no invite from {} reached you: ask them (or anyone in the room) to invite you, then join it from your client",
+                        t.old
+                    )));
+                }
+                Err(Unreached::Refused(e)) => return Some(RoomStep::Failed(format!("joining failed: {e}"))),
+            }
+        }
     }
 
     async fn membership(
