@@ -227,7 +227,11 @@ impl Engine {
         self.shutdown.spawn(async move {
             let mut wait = watch::FIRST_LOOK;
             loop {
-                tokio::time::sleep(wait).await;
+                // A stop does not wait for the next look: the watch resumes at the next start.
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = engine.shutdown.begun() => return,
+                }
                 match engine.look_at_seats(id).await {
                     Ok(None) => return,
                     Ok(Some(look)) => wait = watch::next_wait(wait, Some(look)),
@@ -244,6 +248,12 @@ impl Engine {
     /// tells the old account and stops watching. `None` once it is not watched.
     pub async fn look_at_seats(&self, id: u64) -> Result<Option<watch::Look>, Error> {
         let Some(t) = self.journal.get(id)?.filter(watch::is_watched) else { return Ok(None) };
+        // It reads as the old account: not once that account may no longer use handoff.
+        if self.config.permission(&t.old) < PermissionLevel::User {
+            tracing::info!(transfer = id, "seats no longer watched: the old account may no longer use handoff");
+            return Ok(None);
+        }
+        let Some(plan) = t.plan.clone() else { return Ok(None) };
         let look = {
             let _slot = self.budget.acquire(id, Class::Normal).await;
             watch::look(&self.acting, &self.journal, &t).await?
@@ -251,7 +261,6 @@ impl Engine {
         if look.waiting > 0 {
             return Ok(Some(look));
         }
-        let plan = t.plan.clone().expect("a finished transfer was planned");
         let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, false);
         tracing::info!(transfer = id, joined = report.moved, "every reserved seat is taken or declined");
         // Nothing was ever reserved (the reservation's report said so): nothing more to say. Said

@@ -110,7 +110,8 @@ pub enum TransferKind {
     Move,
     /// `export --to @new:other.server`: the old account (local) invites the remote new one into
     /// every room right away (the reservation) and gives it its rank. Nothing else: the new
-    /// account's own server moves the rest when it imports the bundle file.
+    /// account's own server moves the rest when it imports the bundle file; once done, this side
+    /// watches the seats being taken ([`watch`]) and tells the old account.
     Reserve,
     /// `import CODE` of a bundle file from another server: the old account is remote and is never
     /// acted for. The new account (local) joins by room ID through the bundle's via servers, and

@@ -458,3 +458,23 @@ pub async fn notice_exists(hs: &Homeserver, sender: &UserId, room: &RoomId, id: 
             == Some(id)
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_is_away_since_its_first_failure_until_it_answers_and_per_transfer() {
+        let reach = Reach::default();
+        assert!(reach.away(1, "b.org") < Duration::from_millis(5), "the first failure starts the clock");
+        std::thread::sleep(Duration::from_millis(20));
+        // The next room that needs it sees how long it has been away already, not zero.
+        assert!(reach.away(1, "b.org") >= Duration::from_millis(20));
+        assert!(reach.away(2, "b.org") < Duration::from_millis(5), "another transfer has its own clock");
+        reach.back(1, "b.org");
+        assert!(reach.away(1, "b.org") < Duration::from_millis(5), "back: the clock starts again");
+        std::thread::sleep(Duration::from_millis(20));
+        reach.forget(2);
+        assert!(reach.away(2, "b.org") < Duration::from_millis(5), "forgotten at the transfer's end");
+    }
+}
