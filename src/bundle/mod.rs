@@ -117,6 +117,36 @@ pub struct Bundle {
 pub struct Recipient {
     pub user_id: OwnedUserId,
     pub expires_at: MilliSecondsSinceUnixEpoch,
+    /// For an account on another server: the rooms where the old server will reserve no seat,
+    /// and why (its preflight). That server's import then expects no invite there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unreserved: BTreeMap<OwnedRoomId, Blocked>,
+}
+
+/// Why a room can't be moved into the new account, whatever is tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Blocked {
+    /// The new account is banned from the room.
+    Banned,
+    /// The room's server ACL excludes the new account's server.
+    ServerAcl,
+    /// The room does not federate (`m.federate: false`) and the new account is on another server.
+    NoFederation,
+    /// The room is not public and the old account may not invite.
+    CannotInvite,
+}
+
+impl Blocked {
+    /// What happened and what the user can do about it.
+    pub fn explain(self) -> &'static str {
+        match self {
+            Blocked::Banned => "the new account is banned there: ask a moderator to unban it",
+            Blocked::ServerAcl => "the room's server ACL excludes the new account's server",
+            Blocked::NoFederation => "the room is limited to the old account's server",
+            Blocked::CannotInvite => "the old account may not invite there: ask a moderator to invite the new account",
+        }
+    }
 }
 
 /// A login token (`m.login.token`) and when the homeserver said it expires.

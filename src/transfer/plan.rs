@@ -15,6 +15,7 @@ use ruma::room::{AllowRule, JoinRule};
 use ruma::{Int, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
+pub use crate::bundle::Blocked;
 use crate::bundle::{Bundle, Only, Priority, RoomEntry, RoomKind};
 
 /// The current state of the bundle's rooms, as the old account sees them. A room missing from
@@ -114,31 +115,6 @@ pub enum Action {
     Gone,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Blocked {
-    /// The new account is banned from the room.
-    Banned,
-    /// The room's server ACL excludes the new account's server.
-    ServerAcl,
-    /// The room does not federate (`m.federate: false`) and the new account is on another server.
-    NoFederation,
-    /// The room is not public and the old account may not invite.
-    CannotInvite,
-}
-
-impl Blocked {
-    /// What happened and what the user can do about it.
-    pub fn explain(self) -> &'static str {
-        match self {
-            Blocked::Banned => "the new account is banned there: ask a moderator to unban it",
-            Blocked::ServerAcl => "the room's server ACL excludes the new account's server",
-            Blocked::NoFederation => "the room is limited to the old account's server",
-            Blocked::CannotInvite => "the old account may not invite there: ask a moderator to invite the new account",
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "warning")]
 pub enum Warning {
@@ -229,6 +205,15 @@ pub fn blind(bundle: &Bundle, new: &UserId, req: &Requirements, joined: &BTreeSe
             warnings: vec![],
         })
         .collect();
+    // Where the old server said it would reserve no seat (its preflight, in the bundle), no
+    // invite is coming: skipped at once, with its reason.
+    if let Some(recipient) = &bundle.recipient {
+        for room in &mut plan.rooms {
+            if let (Action::Join, Some(b)) = (room.action, recipient.unreserved.get(&room.room_id)) {
+                room.action = Action::Blocked(*b);
+            }
+        }
+    }
     plan
 }
 
@@ -636,6 +621,32 @@ mod tests {
         let p = received(&b, &new(), &Requirements::default(), &joined, &elsewhere);
         assert_eq!(unproven(&p), 3);
         assert!(p.table().contains("no move notice is posted"));
+    }
+
+    #[test]
+    fn a_room_the_old_servers_preflight_blocked_is_blocked_on_the_new_one_too() {
+        let mut b = bundle(vec![
+            room("!invited:o", "Invited", json!({}), "group"),
+            room("!local:o", "Local only", json!({}), "group"),
+            room("!in:o", "In already", json!({}), "group"),
+        ]);
+        let id = |s: &str| OwnedRoomId::try_from(s).unwrap();
+        b.recipient = Some(crate::bundle::Recipient {
+            user_id: new(),
+            expires_at: ruma::MilliSecondsSinceUnixEpoch(ruma::UInt::MAX),
+            unreserved: BTreeMap::from([(id("!local:o"), Blocked::NoFederation), (id("!in:o"), Blocked::ServerAcl)]),
+        });
+        let p = received(
+            &b,
+            &new(),
+            &Requirements::default(),
+            &BTreeSet::from([id("!in:o")]),
+            &BTreeSet::from([id("!invited:o")]),
+        );
+        let action = |room: &str| p.rooms.iter().find(|r| r.room_id == room).unwrap().action;
+        assert_eq!(action("!invited:o"), Action::Join);
+        assert_eq!(action("!local:o"), Action::Blocked(Blocked::NoFederation), "no invite is coming there");
+        assert_eq!(action("!in:o"), Action::AlreadyJoined, "a room it is in already stays so");
     }
 
     #[test]

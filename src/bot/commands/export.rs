@@ -1,22 +1,23 @@
 //! `export [--to @new:server] [--only favourites|dms|rooms] [--exclude ROOM]… [--history N] [--file]`:
 //! capture the sender's account into a bundle and hand back a one-time transfer code.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use ruma::events::room::message::RoomMessageEventContent;
-use ruma::{MilliSecondsSinceUnixEpoch, OwnedUserId, UInt, UserId};
+use ruma::{MilliSecondsSinceUnixEpoch, OwnedRoomId, OwnedUserId, UInt, UserId};
 
 use super::{Args, Command, CommandError, Spec};
 use crate::bot::consent::start_refusal_of;
 use crate::bot::state::{Bot, BotError, Ctx};
 use crate::bundle::capture::{self, CaptureOptions};
 use crate::bundle::file;
-use crate::bundle::{Bundle, BundleId, Only, Recipient};
+use crate::bundle::{Blocked, BundleId, Only, Recipient};
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
 use crate::html::{escape, to_html};
 use crate::store::{AutoStart, CodeRecord, now_ms};
-use crate::transfer::plan::{Action, Requirements};
+use crate::transfer::plan::{Action, Plan, Requirements};
 use crate::transfer::{Transfer, TransferKind};
 
 pub const SPEC: Spec = Spec {
@@ -174,10 +175,31 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
     let mut bundle = captured.bundle;
     let ttl = config.handoff.code_ttl;
     let expires_at_ms = now_ms() + ttl.as_millis() as u64;
+    // An account on another server gets its seats reserved: planned now, before anything is
+    // stored, so the bundle can say where no seat will wait (that server's import then expects
+    // no invite there).
+    let remote = args.to.as_ref().filter(|to| to.server_name() != config.homeserver.domain);
+    let reservation = match remote {
+        Some(to) => {
+            let requirements = Requirements { only: None, max_rooms: Some(config.handoff.max_rooms), history: 0 };
+            let plan = bot.engine.preview(&bundle, to, &requirements).await?;
+            Some((to.clone(), requirements, plan))
+        }
+        None => None,
+    };
+    let unreserved: BTreeMap<OwnedRoomId, Blocked> = reservation
+        .iter()
+        .flat_map(|(_, _, plan)| &plan.rooms)
+        .filter_map(|r| match r.action {
+            Action::Blocked(b) => Some((r.room_id.clone(), b)),
+            _ => None,
+        })
+        .collect();
     // Inside the bundle (and so the file) too: another server's handoff reads whom it is for.
     bundle.recipient = args.to.clone().map(|user_id| Recipient {
         user_id,
         expires_at: MilliSecondsSinceUnixEpoch(UInt::new_saturating(expires_at_ms)),
+        unreserved,
     });
     let summary = bundle.summary();
     let id = bot.store.put_bundle(&ctx.sender, &bundle).await?;
@@ -255,9 +277,8 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
     bot.send_notice(ctx, 1, RoomMessageEventContent::notice_html(plain, html)).await?;
 
     // A code for another server's account: reserve its seats now, before it ever signs in.
-    let remote = args.to.as_ref().filter(|to| to.server_name() != config.homeserver.domain);
-    if let Some(to) = remote {
-        reserve(bot, ctx, id, &bundle, to).await?;
+    if let Some((to, requirements, plan)) = reservation {
+        reserve(bot, ctx, id, &to, requirements, &plan).await?;
     }
 
     if args.file {
@@ -283,11 +304,16 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
 /// `export --to @new:other.server`: the old account invites the new one into every room of the
 /// bundle right away (the seat reservation), journaled and resumed like a transfer, with progress
 /// and a report here. It acts only as the old account, who asked for it.
-async fn reserve(bot: &Bot, ctx: &Ctx, id: BundleId, bundle: &Bundle, to: &UserId) -> Result<(), BotError> {
-    let requirements = Requirements { only: None, max_rooms: Some(bot.config.handoff.max_rooms), history: 0 };
+async fn reserve(
+    bot: &Bot,
+    ctx: &Ctx,
+    id: BundleId,
+    to: &UserId,
+    requirements: Requirements,
+    plan: &Plan,
+) -> Result<(), BotError> {
     // Preflight, before anything changes: the rooms that can't reach the new account's server
     // (a server ACL, `m.federate: false`) or where it can't be seated, each with the reason.
-    let plan = bot.engine.preview(bundle, to, &requirements).await?;
     let blocked: Vec<String> = plan
         .rooms
         .iter()
