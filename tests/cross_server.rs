@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{self, StreamExt};
 
 use common::federation::{FederatedHarness, drop_file};
-use common::{User, body, eventually, eventually_within, export_file, move_notices, with_concurrency};
+use common::{User, body, eventually, export_file, move_notices, with_concurrency};
 use handoff::sandbox::Side;
 use ruma::api::client::membership::joined_rooms;
 use ruma::api::client::push::{get_pushrules_all, set_pushrule};
@@ -262,11 +262,7 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     // The old side learns, from the new account's joins it can read, that the move is complete,
     // and says so in the old account's DM (without being asked: its watch looks by itself).
     let learned = Instant::now();
-    let taken = eventually_within("the old side's news", Duration::from_secs(200), || async {
-        let msgs = alice.messages_from(&alice_dm, &fh.a.bot).await;
-        msgs.iter().map(|m| body(m).to_owned()).find(|b| b.contains("is complete"))
-    })
-    .await;
+    let taken = fh.a.bot_says_within(&alice, &alice_dm, "is complete", Duration::from_secs(200)).await;
     println!("A learned the move was done {:.1?} after B's report", learned.elapsed());
     assert!(
         taken.starts_with(&format!(
@@ -342,11 +338,7 @@ async fn a_received_move_stopped_midway_completes_when_the_service_is_back() {
 
     let restarted = Instant::now();
     fh.b.start_handoff().await;
-    let report = eventually_within("the report after the restart", Duration::from_secs(120), || async {
-        let msgs = newbie.messages_from(&new_dm, &fh.b.bot).await;
-        msgs.iter().map(|m| body(m).to_owned()).find(|b| b.contains("rooms moved to"))
-    })
-    .await;
+    let report = fh.b.bot_says_within(&newbie, &new_dm, "rooms moved to", Duration::from_secs(120)).await;
     println!("the move completed {:.1?} after the restart", restarted.elapsed());
     assert!(report.starts_with(&format!("{ROOMS} of {ROOMS} rooms moved to {}", newbie.id)), "{report}");
     for room in &rooms {
@@ -421,11 +413,7 @@ async fn a_reservation_waits_for_the_new_accounts_server_and_completes_when_it_i
 
     let back = Instant::now();
     fh.b.sandbox.synapse.restart().await.expect("B restarts");
-    let report = eventually_within("the reservation's report", Duration::from_secs(180), || async {
-        let msgs = alice.messages_from(&dm, &fh.a.bot).await;
-        msgs.iter().map(|m| body(m).to_owned()).find(|b| b.contains("reserved for"))
-    })
-    .await;
+    let report = fh.a.bot_says_within(&alice, &dm, "reserved for", Duration::from_secs(180)).await;
     println!("reservation done {:.1?} after B was back", back.elapsed());
     assert!(report.starts_with(&format!("{OUTAGE_ROOMS} of {OUTAGE_ROOMS} rooms reserved")), "{report}");
     for room in &rooms {
@@ -450,11 +438,7 @@ async fn rooms_that_need_a_server_gone_too_long_are_reported_each_with_what_to_d
     fh.b.sandbox.synapse.stop();
     let asked = Instant::now();
     fh.a.ask(&alice, &dm, &format!("export --to {}", newbie.id), "Reserving").await;
-    let report = eventually_within("the reservation's report", Duration::from_secs(120), || async {
-        let msgs = alice.messages_from(&dm, &fh.a.bot).await;
-        msgs.iter().map(|m| body(m).to_owned()).find(|b| b.contains("reserved for"))
-    })
-    .await;
+    let report = fh.a.bot_says_within(&alice, &dm, "reserved for", Duration::from_secs(120)).await;
     println!("reported {:.1?} after the export, B away all along:\n{report}", asked.elapsed());
     assert!(
         report.starts_with(&format!("0 of {OUTAGE_ROOMS} rooms reserved for {}, {OUTAGE_ROOMS} failed", newbie.id)),
@@ -507,11 +491,7 @@ async fn an_import_started_while_the_seats_are_still_being_reserved_waits_for_th
     println!("import on B asked with {invited_then} of {RACING_ROOMS} invites there");
     assert!(invited_then < RACING_ROOMS, "the import raced the reservation, or the test proves nothing");
 
-    let report = eventually_within("the report on B", Duration::from_secs(240), || async {
-        let msgs = newbie.messages_from(&new_dm, &fh.b.bot).await;
-        msgs.iter().map(|m| body(m).to_owned()).find(|b| b.contains("rooms moved to"))
-    })
-    .await;
+    let report = fh.b.bot_says_within(&newbie, &new_dm, "rooms moved to", Duration::from_secs(240)).await;
     println!("import on B done {:.1?} after the start", started.elapsed());
     let total = RACING_ROOMS + 1;
     assert!(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use ruma::api::client::config::get_global_account_data;
-use ruma::api::client::filter::FilterDefinition;
+use ruma::api::client::filter::{FilterDefinition, create_filter};
 use ruma::api::client::membership::joined_rooms;
 use ruma::api::client::profile::get_profile;
 use ruma::api::client::state::get_state_events;
@@ -177,8 +177,11 @@ pub async fn read_new_view(
     filter.room.state.types = Some(nothing.clone());
     filter.room.ephemeral.types = Some(nothing.clone());
     filter.room.account_data.types = Some(nothing);
+    // Uploaded, not inlined: a filter naming hundreds of rooms makes a query string longer than
+    // the homeserver takes (with 500 rooms, Synapse never answered and the request hung).
+    let uploaded = hs.send_as(new, create_filter::v3::Request::new(new.to_owned(), filter)).await?;
     let mut req = sync_events::v3::Request::new();
-    req.filter = Some(Filter::FilterDefinition(filter));
+    req.filter = Some(Filter::FilterId(uploaded.filter_id));
     req.timeout = Some(std::time::Duration::ZERO);
     let invites = hs.send_as(new, req).await?.rooms.invite;
     let reason = reservation_reason(old);

@@ -498,6 +498,15 @@ impl Harness {
         (sent.elapsed(), reply)
     }
 
+    /// Waits up to `patience` for a bot message in `dm` that contains `needle`; returns its text.
+    pub async fn bot_says_within(&self, user: &User, dm: &RoomId, needle: &str, patience: Duration) -> String {
+        eventually_within(&format!("a bot message containing {needle:?}"), patience, || async {
+            let msgs = user.messages_from(dm, &self.bot).await;
+            msgs.iter().map(|m| body(m).to_owned()).find(|b| b.contains(needle))
+        })
+        .await
+    }
+
     /// Waits for a bot message in `dm`, after the first `skip`, whose text satisfies `matches`.
     pub async fn bot_says(
         &self,
