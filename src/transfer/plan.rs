@@ -205,9 +205,9 @@ pub fn blind(bundle: &Bundle, new: &UserId, req: &Requirements, joined: &BTreeSe
             warnings: vec![],
         })
         .collect();
-    // Where the old server said it would reserve no seat (its preflight, in the bundle), no
-    // invite is coming: skipped at once, with its reason.
-    if let Some(recipient) = &bundle.recipient {
+    // Where the old server said it would reserve no seat for this account (its preflight, in
+    // the bundle), no invite is coming: skipped at once, with its reason.
+    if let Some(recipient) = bundle.recipient.as_ref().filter(|r| r.user_id == new) {
         for room in &mut plan.rooms {
             if let (Action::Join, Some(b)) = (room.action, recipient.unreserved.get(&room.room_id)) {
                 room.action = Action::Blocked(*b);
@@ -647,6 +647,10 @@ mod tests {
         assert_eq!(action("!invited:o"), Action::Join);
         assert_eq!(action("!local:o"), Action::Blocked(Blocked::NoFederation), "no invite is coming there");
         assert_eq!(action("!in:o"), Action::AlreadyJoined, "a room it is in already stays so");
+        // The preflight was for the recipient's server: any other account plans without it.
+        let other = OwnedUserId::try_from("@other:else.org").unwrap();
+        let p = blind(&b, &other, &Requirements::default(), &BTreeSet::new());
+        assert!(p.rooms.iter().all(|r| r.action == Action::Join), "{:?}", p.rooms);
     }
 
     #[test]
