@@ -217,6 +217,21 @@ impl Device {
         // One sync before anyone is told the bot is up: its keys are uploaded, and the rooms and
         // members it knows are current.
         device.client.sync_once(device.sync_settings().timeout(Duration::ZERO)).await.map_err(sdk_error)?;
+        if record.recovery_key.is_some() && !device.cross_signed().await {
+            // A fresh device's signature from recovered keys can race the upload of its own keys
+            // (seen under load): sign it again now that they are up, and sync to read it back.
+            match device.client.encryption().get_own_device().await {
+                Ok(Some(own)) => match own.verify().await {
+                    Ok(()) => {
+                        let settings = device.sync_settings().timeout(Duration::ZERO);
+                        device.client.sync_once(settings).await.map_err(sdk_error)?;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot sign the bot's device with its cross-signing keys"),
+                },
+                Ok(None) => tracing::warn!("the bot's own device is not known yet: it stays unverified for now"),
+                Err(e) => tracing::warn!(error = %e, "cannot read the bot's own device"),
+            }
+        }
         device.health.lock().expect("lock").last_ok = Some(Instant::now());
         tracing::info!(device_id = %record.device_id, cross_signed = device.cross_signed().await, "the bot's device is ready");
         Ok(device)
