@@ -91,6 +91,14 @@ pub struct CodeRecord {
     pub redeemed_by: Option<OwnedUserId>,
 }
 
+impl CodeRecord {
+    /// A used code is kept, without its bundle, until it expires, through `forget` and trimming:
+    /// the same file and code would otherwise open again here (a claim starts from no record).
+    pub fn remembered_as_used(&self, now: u64) -> bool {
+        self.redeemed_by.is_some() && self.expires_at_ms > now
+    }
+}
+
 /// Why a code can't be redeemed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RedeemError {
@@ -392,9 +400,11 @@ impl Store {
         for key in &keys[..old] {
             self.bundles.remove(key)?;
         }
+        let now = now_ms();
         for item in self.codes.iter() {
             let (k, v) = item?;
-            if gone.contains(&self.code_record(&v)?.bundle) {
+            let record = self.code_record(&v)?;
+            if gone.contains(&record.bundle) && !record.remembered_as_used(now) {
                 self.codes.remove(k)?;
             }
         }
@@ -521,10 +531,12 @@ impl Store {
             self.bundles.remove(key?)?;
             gone.bundles += 1;
         }
+        let now = now_ms();
         for item in self.codes.iter() {
             let (k, v) = item?;
             let record = self.code_record(&v)?;
-            if record.owner == user || record.redeemed_by.as_deref() == Some(user) {
+            if (record.owner == user || record.redeemed_by.as_deref() == Some(user)) && !record.remembered_as_used(now)
+            {
                 self.codes.remove(k)?;
                 gone.codes += 1;
             }
@@ -844,10 +856,14 @@ mod tests {
         assert_eq!(store.redeem_code(&other.hash(), newer).await.unwrap(), Err(RedeemError::Expired));
 
         let gone = store.forget(owner).await.unwrap();
-        assert_eq!(gone, Forgotten { bundles: 1, codes: 2, ..Default::default() });
+        assert_eq!(gone, Forgotten { bundles: 1, codes: 1, ..Default::default() });
         assert!(store.latest_bundle(owner).unwrap().is_none());
-        assert!(store.codes_of(owner).unwrap().is_empty());
         assert!(store.raw_bundle_bytes().is_empty());
+        // The used code outlives `forget` (by either account) until it expires: it opens nothing.
+        store.forget(newer).await.unwrap();
+        assert_eq!(store.redeem_code(&code.hash(), newer).await.unwrap(), Err(RedeemError::Used));
+        assert!(!store.claim_code(&code.hash(), &redeemed).await.unwrap(), "a claim of it is refused");
+        assert_eq!(store.codes_of(owner).unwrap().len(), 1);
     }
 
     #[tokio::test]
