@@ -394,7 +394,9 @@ mod simulated {
             "preferences": {},
             "profile": {"display_name": format!("Old {user}")},
         });
-        Bundle::from_json(&serde_json::to_vec(&json).unwrap()).unwrap()
+        handoff::bundle::border::open(&serde_json::to_vec(&json).unwrap(), &handoff::bundle::border::Limits::DEVICE)
+            .unwrap()
+            .bundle
     }
 
     /// The heap's size once it has stopped growing: the least of its sizes over a second (work

@@ -185,7 +185,10 @@ async fn a_whole_move_in_encrypted_dms_on_a_homeserver_that_encrypts_every_room(
     assert!(bundle.encrypted);
     let bundle_plain = old_phone.file(&bundle).await;
     assert!(bundle_plain.starts_with(b"age-encryption.org/v1\n"), "the client opens the bundle file");
-    assert!(handoff::bundle::file::open(&bundle_plain, &code).is_ok(), "the code opens it");
+    assert!(
+        handoff::bundle::file::open(&bundle_plain, &code, &handoff::bundle::file::Policy::DEVICE).is_ok(),
+        "the code opens it"
+    );
 
     // A key export from the old account's own device, dropped into the encrypted DM.
     let keys_dir = tempfile::tempdir().unwrap();

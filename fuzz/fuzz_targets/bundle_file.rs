@@ -1,38 +1,30 @@
-//! Bundle files (age, passphrase-encrypted) and the bundle JSON inside them.
+//! Bundle files (age, passphrase-encrypted) and the bundle JSON inside them, through the border
+//! that every bundle from outside crosses.
 //!
 //! Input: one length byte, that many bytes of passphrase, then the file.
 #![no_main]
 
-use handoff::bundle::Bundle;
+use handoff::bundle::border::{self, Limits};
+use handoff::bundle::file::{self, Policy};
 use libfuzzer_sys::fuzz_target;
 
-/// Highest scrypt work factor (log2 N) run. `open` accepts up to 22 on purpose (files from
-/// `age -p`), but 2^22 needs 4 GiB and seconds per run: that is by design, not a finding, and it
-/// would only trip the fuzzer's memory limit. Handoff seals with 15; above 22 `open` refuses
-/// before any work, so those inputs still run.
-const MAX_WORK_FACTOR: u64 = 16;
-const OPEN_MAX_WORK_FACTOR: u64 = 22;
+/// What the service opens a file from another server with. Its work factor ceiling (16: 64 MiB,
+/// well inside the fuzzer's memory limit) is refused before any derivation above it, so every
+/// input runs.
+const LIMITS: Limits = Limits { max_rooms: 1000, max_history: 50 };
 
 fuzz_target!(|data: &[u8]| {
-    // The inner JSON parser, on the whole input: most inputs never decrypt.
-    let _ = Bundle::from_json(data);
+    // The border on the whole input: most inputs never decrypt.
+    if let Ok(opened) = border::open(data, &LIMITS) {
+        // What crossed, crosses again unchanged (nothing it keeps is over a bound).
+        let again = border::open(&opened.bundle.to_json(), &LIMITS).expect("a checked bundle opens");
+        assert!(again.dropped.is_empty(), "{:?}", again.dropped);
+        assert_eq!(again.bundle.to_json(), opened.bundle.to_json());
+    }
 
     let Some((&n, rest)) = data.split_first() else {
         return;
     };
-    let (passphrase, file) = rest.split_at(usize::from(n).min(rest.len()));
-    if asks_for_more_work(file) {
-        return;
-    }
-    let _ = handoff::bundle::file::open(file, &String::from_utf8_lossy(passphrase));
+    let (passphrase, bytes) = rest.split_at(usize::from(n).min(rest.len()));
+    let _ = file::open(bytes, &String::from_utf8_lossy(passphrase), &Policy::service(LIMITS));
 });
-
-/// Whether an scrypt stanza (`-> scrypt SALT WORK_FACTOR`) asks for more than [`MAX_WORK_FACTOR`]
-/// that `open` would still compute; any numeric argument counts, to be safe.
-fn asks_for_more_work(file: &[u8]) -> bool {
-    file.split(|&b| b == b'\n').filter_map(|line| line.strip_prefix(b"-> scrypt ")).any(|args| {
-        args.split(|&b| b == b' ')
-            .filter_map(|a| std::str::from_utf8(a).ok()?.parse::<u64>().ok())
-            .any(|wf| (MAX_WORK_FACTOR + 1..=OPEN_MAX_WORK_FACTOR).contains(&wf))
-    })
-}

@@ -306,6 +306,9 @@ fn digest(r: &Report) -> String {
     if r.awaiting > 0 {
         out.push_str("\nAccept the pending invites from your client.");
     }
+    if !r.dropped.is_empty() {
+        out.push_str(&format!("\n{}", crate::bundle::border::describe(&r.dropped)));
+    }
     out
 }
 
@@ -367,6 +370,9 @@ fn plain(r: &Report) -> String {
     }
     if r.left_out > 0 {
         out.push_str(&format!("\n{} room(s) of the bundle were left out by your import options.\n", r.left_out));
+    }
+    if !r.dropped.is_empty() {
+        out.push_str(&format!("\n{}\n", crate::bundle::border::describe(&r.dropped)));
     }
     out.trim_end().to_owned()
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use super::consent::start_refusal_of;
 use super::state::{Bot, BotError, Ctx};
+use crate::bundle::border::{self, Limits};
 use crate::bundle::{Bundle, file};
 use crate::code::TransferCode;
 use crate::store::{CodeRecord, now_ms};
@@ -48,10 +49,15 @@ pub async fn import_file(
     let new = &ctx.sender;
     let Some(bytes) = bot.store.dropped_file(new)? else { return Ok(false) };
     let passphrase = code.display();
+    // The file came from another server: it opens only as a file this service could have made.
+    let policy = file::Policy::service(Limits {
+        max_rooms: bot.config.handoff.max_rooms,
+        max_history: bot.config.handoff.history_messages,
+    });
     // scrypt: off the async threads.
-    let opened = tokio::task::spawn_blocking(move || file::open(&bytes, &passphrase)).await.expect("no panic");
-    let mut bundle = match opened {
-        Ok(b) => b,
+    let opened = tokio::task::spawn_blocking(move || file::open(&bytes, &passphrase, &policy)).await.expect("no panic");
+    let (mut bundle, dropped) = match opened {
+        Ok(opened) => (opened.bundle, opened.dropped),
         Err(file::FileError::WrongPassphrase) => {
             bot.wrong_codes.record(new);
             bot.reply(ctx, "No such transfer code for this account, and it does not open the bundle file you dropped here. Check the code the old account's bot showed with the file.".into()).await?;
@@ -72,13 +78,16 @@ pub async fn import_file(
     let old = bundle.source.user_id.clone();
     if dry_run {
         let plan = bot.engine.plan_received(&bundle, new, &requirements).await?;
-        let text = format!(
+        let mut text = format!(
             "Dry run: nothing was changed, and the code is still valid.\n{}\n{} to join, {} already joined; {} without an invite from {old} (joined only if public, no move notice).",
             plan.table(),
             plan.count(|a| *a == plan::Action::Join),
             plan.count(|a| *a == plan::Action::AlreadyJoined),
             plan.rooms.iter().filter(|r| r.warnings.contains(&plan::Warning::Unreserved)).count(),
         );
+        if !dropped.is_empty() {
+            text.push_str(&format!("\n{}", border::describe(&dropped)));
+        }
         bot.reply(ctx, text).await?;
         return Ok(true);
     }
@@ -110,10 +119,13 @@ pub async fn import_file(
         return Ok(true);
     }
     bot.store.remove_dropped_file(new).await?;
+    // Kept like the account's own exports: the newest few (no move of this account runs now).
+    bot.store.trim_bundles(new, super::commands::export::MAX_BUNDLES_PER_USER).await?;
     let tid = bot.journal.new_id()?;
     let mut t = Transfer::new(tid, old.clone(), new.clone(), id, requirements, ctx.room_id.clone(), None);
     t.kind = TransferKind::Receive;
     t.profile = profile;
+    t.dropped = dropped;
     bot.journal.put(&t).await?;
     drop(records);
     bot.engine.spawn(tid);

@@ -26,8 +26,8 @@ use ruma::{Int, MilliSecondsSinceUnixEpoch, OwnedMxcUri, OwnedRoomId, OwnedServe
 use serde_json::Value as JsonValue;
 
 use super::{
-    BUNDLE_VERSION, Bundle, Contact, Extra, History, HistoryMessage, Only, Preferences, Priority, Profile, Rank,
-    RoomEntry, RoomKind, RoomNotifications, Source,
+    BUNDLE_VERSION, Bundle, Contact, History, HistoryMessage, Only, Preferences, Priority, Profile, Rank, RoomEntry,
+    RoomKind, RoomNotifications, Source,
 };
 use crate::budget::{Budget, Class};
 use crate::homeserver::{Homeserver, HsError};
@@ -127,7 +127,7 @@ pub async fn capture(
         .map(|(peer, dm_rooms)| async move {
             let _slot = pool.acquire(party, Class::Normal).await;
             let (display_name, avatar_url) = profile_of(hs, user, &peer).await?;
-            Ok::<_, HsError>(Contact { user_id: peer, display_name, avatar_url, dm_rooms, extra: Extra::new() })
+            Ok::<_, HsError>(Contact { user_id: peer, display_name, avatar_url, dm_rooms })
         })
         .buffer_unordered(concurrency)
         .try_collect()
@@ -147,7 +147,6 @@ pub async fn capture(
             homeserver_url: homeserver_url.to_owned(),
             exported_at: MilliSecondsSinceUnixEpoch::now(),
             client: opts.client.clone(),
-            extra: Extra::new(),
         },
         rooms,
         contacts,
@@ -155,13 +154,11 @@ pub async fn capture(
             push_rules: account.push_rules,
             ignored_users: account.ignored_users,
             client_settings: account.client_settings,
-            extra: Extra::new(),
         },
-        profile: Profile { display_name, avatar_url, extra: Extra::new() },
+        profile: Profile { display_name, avatar_url },
         room_keys: None,
         login_token: None,
         recipient: None,
-        extra: Extra::new(),
     };
     Ok(Captured { bundle, left_out })
 }
@@ -268,7 +265,6 @@ async fn room_entry(
         room_version: None,
         children: vec![],
         history: None,
-        extra: Extra::new(),
     };
     let mut creators: BTreeSet<OwnedUserId> = BTreeSet::new();
     let mut privileged_creators = false;

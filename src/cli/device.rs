@@ -126,6 +126,10 @@ pub enum Command {
         /// Print the report (or, with --dry-run, the plan) as JSON on stdout, and no progress.
         #[arg(long)]
         json: bool,
+        /// Accept a file whose passphrase asks for more scrypt work than handoff's own (17), up to
+        /// 22 (4 GiB of memory): for a file you made yourself on your own machine (`age -p`).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=22))]
+        max_work_factor: Option<u8>,
     },
 }
 
@@ -178,8 +182,10 @@ pub fn main(data_dir: Option<PathBuf>, command: Command) -> ExitCode {
                 recovery_key,
                 room_keys_passphrase_file,
                 json,
+                max_work_factor,
             } => {
                 let import = ImportCmd {
+                    policy: crate::bundle::file::Policy::device(max_work_factor),
                     file,
                     as_user,
                     passphrase_file,
@@ -352,6 +358,7 @@ struct ImportCmd {
     recovery_key: Option<Option<PathBuf>>,
     room_keys_passphrase_file: Option<PathBuf>,
     json: bool,
+    policy: crate::bundle::file::Policy,
 }
 
 impl ImportCmd {
@@ -359,8 +366,13 @@ impl ImportCmd {
         let bytes = std::fs::read(&self.file).with_context(|| format!("cannot read {}", self.file.display()))?;
         let passphrase =
             secret("Passphrase (or transfer code) of the bundle: ", self.passphrase_file.as_deref(), false)?;
-        let bundle = crate::bundle::file::open_typed(&bytes, passphrase.expose())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.file.display()))?;
+        let opened = crate::bundle::file::open_typed(&bytes, passphrase.expose(), &self.policy)
+            .map_err(|e| crate::bundle::file::explain(e, &self.file))?;
+        // Said before the plan and the moves, so the dry run and the real one both say it.
+        if !opened.dropped.is_empty() {
+            eprintln!("{}", crate::bundle::border::describe(&opened.dropped));
+        }
+        let bundle = opened.bundle;
         let session = self.session(data, &bundle).await?;
         let old = match (&self.old, &self.old_access_token) {
             (Some(user), _) => {

@@ -51,6 +51,10 @@ enum Cmd {
         /// Print the whole bundle as JSON instead of a summary.
         #[arg(long)]
         json: bool,
+        /// Accept a file whose passphrase asks for more scrypt work than handoff's own (17), up to
+        /// 22 (4 GiB of memory): for a file you made yourself on your own machine (`age -p`).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=22))]
+        max_work_factor: Option<u8>,
     },
     #[cfg(feature = "e2ee")]
     #[command(flatten)]
@@ -105,7 +109,12 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(2, e),
         },
-        Cmd::Inspect { file, passphrase_file, json } => match inspect(&file, passphrase_file.as_deref(), json) {
+        Cmd::Inspect { file, passphrase_file, json, max_work_factor } => match inspect(
+            &file,
+            passphrase_file.as_deref(),
+            json,
+            &crate::bundle::file::Policy::device(max_work_factor),
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(1, e),
         },
@@ -125,16 +134,26 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn inspect(file: &std::path::Path, passphrase_file: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
+fn inspect(
+    file: &std::path::Path,
+    passphrase_file: Option<&std::path::Path>,
+    json: bool,
+    policy: &crate::bundle::file::Policy,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let passphrase = match passphrase_file {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        // The line, not its ending: a passphrase may start or end with a space.
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned(),
         None => rpassword::prompt_password("Transfer code or passphrase: ")
             .context("cannot ask for the passphrase (use --passphrase-file)")?,
     };
-    let bundle =
-        crate::bundle::file::open_typed(&bytes, &passphrase).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let opened = crate::bundle::file::open_typed(&bytes, &passphrase, policy)
+        .map_err(|e| crate::bundle::file::explain(e, file))?;
+    let bundle = opened.bundle;
     if json {
         let mut bundle = bundle;
         // The file's owner may read it; a terminal, a log or a pasted issue should not.
@@ -157,6 +176,9 @@ fn inspect(file: &std::path::Path, passphrase_file: Option<&std::path::Path>, js
         s.client
     );
     println!("{}", bundle.summary());
+    if !opened.dropped.is_empty() {
+        println!("{}", crate::bundle::border::describe(&opened.dropped));
+    }
     Ok(())
 }
 

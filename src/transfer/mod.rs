@@ -152,6 +152,9 @@ pub struct Transfer {
     /// A reservation's seats are all taken or declined, and the old account was told ([`watch`]).
     #[serde(default)]
     pub taken_up: bool,
+    /// What the bundle held that its border let not through (a bundle from another server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<crate::bundle::border::Dropped>,
 }
 
 impl Transfer {
@@ -182,6 +185,7 @@ impl Transfer {
             created_at_ms: now_ms(),
             expires_at_ms: None,
             taken_up: false,
+            dropped: Vec::new(),
         }
     }
 

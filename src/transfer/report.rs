@@ -24,6 +24,8 @@ pub struct Report {
     pub left_out: usize,
     pub cancelled: bool,
     pub kind: TransferKind,
+    /// What the bundle's border left out of it.
+    pub dropped: Vec<crate::bundle::border::Dropped>,
 }
 
 impl Report {
@@ -40,6 +42,7 @@ impl Report {
             left_out: plan.left_out,
             cancelled,
             kind: t.kind,
+            dropped: t.dropped.clone(),
         };
         for r in &plan.rooms {
             match steps.get(&r.room_id) {

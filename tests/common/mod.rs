@@ -577,13 +577,15 @@ pub async fn export_file(h: &Harness, user: &User, dm: &RoomId, args: &str) -> (
     let attachment = user.attachment(&file).await;
     assert!(attachment.plain.starts_with(b"age-encryption.org/v1\n"), "the bundle file is an age file");
     assert!(!attachment.readable_at_rest("age-encryption.org"), "an age file in the media repository");
-    assert!(handoff::bundle::file::open(&attachment.raw, &code).is_err());
+    assert!(handoff::bundle::file::open(&attachment.raw, &code, &handoff::bundle::file::Policy::DEVICE).is_err());
     (code, attachment.plain)
 }
 
 /// Opens a bundle file with its transfer code.
 pub fn open_bundle(bytes: &[u8], code: &str) -> handoff::bundle::Bundle {
-    handoff::bundle::file::open(bytes, code).expect("the file opens with the code")
+    handoff::bundle::file::open(bytes, code, &handoff::bundle::file::Policy::DEVICE)
+        .expect("the file opens with the code")
+        .bundle
 }
 
 /// Waits for the bot to invite `user` into a DM of its own making; joins it and returns it.
