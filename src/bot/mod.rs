@@ -30,7 +30,7 @@ use ruma::{OwnedRoomId, OwnedUserId, UserId};
 
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
-use crate::encryption::{Decrypted, Unreadable};
+use crate::encryption::{Decrypted, Unreadable, is_message};
 use crate::html::escape;
 use crate::metrics;
 use crate::store::{StoreError, now_ms};
@@ -115,6 +115,10 @@ impl Bot {
     /// per event ID, as a transaction of its own) and queued like one from a transaction.
     pub async fn accept_decrypted(self: &Arc<Self>, decrypted: Decrypted) -> Result<(), StoreError> {
         let Decrypted { room_id, event } = decrypted;
+        // The device took messages only; checked again here, where it matters.
+        if !is_message(&event) {
+            return Ok(());
+        }
         // The device checked the payload's room against the room it came in; `addressed` and the
         // handlers read it from the event, as in a transaction.
         let Ok(mut object) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(event.json().get())
