@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, Secret};
 use crate::encryption::{Decrypted, Unreadable, is_message};
 use crate::homeserver::{Homeserver, HsError};
-use crate::metrics::{self, Outcome};
+use crate::metrics::{self, Outcome, Problem};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError, now_ms};
 
@@ -84,6 +84,19 @@ pub enum DeviceError {
     CryptoStore { path: String, message: String },
 }
 
+impl DeviceError {
+    /// What `/health` may say of it: no error text (it can hold the homeserver's address or the
+    /// crypto store's path); the log has that.
+    pub fn summary(&self) -> String {
+        match self {
+            DeviceError::LoginRefused(_) => "the homeserver refused to log the bot in with m.login.application_service (homeservers that delegate login to MAS, or a registration with io.element.msc4190, don't allow it yet): the bot works in unencrypted DMs only".into(),
+            DeviceError::Homeserver(e) => Problem::of_homeserver(e).as_str().into(),
+            DeviceError::Store(_) => Problem::DatabaseError.as_str().into(),
+            DeviceError::CryptoStore { .. } => "the bot's crypto store does not open (the log says where it is)".into(),
+        }
+    }
+}
+
 /// The sealed record of the device, in the store's `meta` tree.
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -110,7 +123,8 @@ pub struct Device {
 #[derive(Default)]
 struct SyncHealth {
     last_ok: Option<Instant>,
-    last_error: Option<String>,
+    /// What the last failed sync ran into, as `/health` may say it (the log has the error).
+    last_error: Option<Problem>,
 }
 
 struct Undecrypted {
@@ -351,7 +365,7 @@ impl Device {
                     Err(e) => {
                         let e = sdk_error(e);
                         tracing::warn!(error = %e, retry_in = ?backoff, "the bot's device cannot sync");
-                        this.health.lock().expect("lock").last_error = Some(e.to_string());
+                        this.health.lock().expect("lock").last_error = Some(Problem::of_homeserver(&e));
                         tokio::select! {
                             _ = stop.begun() => return,
                             _ = tokio::time::sleep(backoff) => {}
@@ -522,14 +536,14 @@ impl Device {
     pub async fn health(&self) -> serde_json::Value {
         let (last_ok, last_error) = {
             let h = self.health.lock().expect("lock");
-            (h.last_ok.map(|t| t.elapsed().as_secs()), h.last_error.clone())
+            (h.last_ok.map(|t| t.elapsed().as_secs()), h.last_error)
         };
         // A sync answers within its long-poll; one that has not for a few of them is stuck.
         let syncing = last_ok.is_some_and(|s| s < 3 * SYNC_TIMEOUT.as_secs());
         serde_json::json!({
             "device_id": self.client.device_id().map(|d| d.to_string()),
             "cross_signed": self.cross_signed().await,
-            "sync": if syncing { "ok".to_owned() } else { last_error.unwrap_or_else(|| "not syncing".into()) },
+            "sync": if syncing { "ok" } else { last_error.map_or("not syncing", Problem::as_str) },
             "last_sync_seconds_ago": last_ok,
             "waiting_for_keys": self.undecrypted.lock().expect("lock").len(),
         })

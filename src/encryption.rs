@@ -33,7 +33,8 @@ impl Encryption {
             Ok(device) => Encryption::On(device),
             Err(e) => {
                 tracing::error!("{e}");
-                Encryption::Unavailable(e.to_string())
+                // Not the error's text: it may name the homeserver's address or a path.
+                Encryption::Unavailable(e.summary())
             }
         }
     }

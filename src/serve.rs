@@ -130,11 +130,11 @@ pub async fn run(config: Config) -> Result<()> {
             },
         );
     }
+    let health = appservice::Health::start(store.clone(), hs.clone(), &shutdown).await;
     let state = AppState {
         hs_token: config.appservice.hs_token.clone(),
         bot: Arc::clone(&bot),
-        store: store.clone(),
-        hs: hs.clone(),
+        health,
         encryption: Arc::new(encryption),
     };
     // Stopped with the main server (below), not on its own: a scrape is never worth waiting for.
