@@ -475,6 +475,8 @@ impl Device {
                 tracing::debug!(room_id = %room_id, "an encrypted event decrypted once its keys came");
                 if is_message(&d.event) {
                     out.push(Decrypted { room_id, event: d.event });
+                } else {
+                    tracing::debug!(room_id = %room_id, "a decrypted event that is not a message is ignored");
                 }
             }
         }
