@@ -9,8 +9,8 @@
 // Early returns carry an axum `Response`; boxing it would buy nothing on this path.
 #![allow(clippy::result_large_err)]
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -22,7 +22,7 @@ use ruma::api::appservice::event::push_events;
 use ruma::api::appservice::ping::send_ping;
 use ruma::api::appservice::query::{query_room_alias, query_user_id};
 use ruma::api::auth_scheme::{AccessToken, AuthScheme};
-use ruma::api::client::discovery::get_supported_versions;
+use ruma::api::client::account::whoami;
 use ruma::api::error::{ErrorBody, ErrorKind, StandardErrorBody};
 use ruma::api::{IncomingRequest, OutgoingResponse};
 use subtle::ConstantTimeEq;
@@ -31,7 +31,8 @@ use crate::bot::Bot;
 use crate::config::Secret;
 use crate::encryption::Encryption;
 use crate::homeserver::{Homeserver, Retry};
-use crate::metrics;
+use crate::metrics::{self, Problem};
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 
 /// Synapse sends at most 100 events (plus as many ephemeral ones) per transaction; 16 MiB is ample.
@@ -41,8 +42,8 @@ pub const MAX_BODY: usize = 16 << 20;
 pub struct AppState {
     pub hs_token: Secret,
     pub bot: Arc<Bot>,
-    pub store: Store,
-    pub hs: Homeserver,
+    /// What `/health` serves, kept fresh in the background.
+    pub health: Arc<Health>,
     /// The bot's device, for `/health`.
     pub encryption: Arc<Encryption>,
 }
@@ -189,22 +190,100 @@ async fn ping(State(state): State<AppState>, req: Request) -> Response {
     ruma_response(send_ping::v1::Response::new())
 }
 
-/// 200 when the store answers and the homeserver is reachable; 503 naming what isn't. The bot's
-/// device is shown, not judged: without it the bot still serves unencrypted DMs.
+/// How often `/health`'s state is checked again. A hit reads the last check: however often a
+/// load balancer or a stranger asks, the homeserver gets one request per period.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(10);
+/// A check the homeserver has not answered by then finds it unreachable.
+const HEALTH_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The state `/health` serves: the last check of the store and of the homeserver.
+pub struct Health {
+    last: RwLock<Checked>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Checked {
+    store: Option<Problem>,
+    homeserver: Option<Problem>,
+    at: Instant,
+}
+
+impl Health {
+    /// Checks once now (so the first hit has an answer), then every [`HEALTH_EVERY`] until the stop.
+    /// `hs` acts as the bot: asking who it is proves the homeserver is there and takes the token.
+    pub async fn start(store: Store, hs: Homeserver, shutdown: &Shutdown) -> Arc<Health> {
+        let hs = hs.with_retry(Retry::NONE);
+        let first = check(&store, &hs, None).await;
+        let health = Arc::new(Health { last: RwLock::new(first) });
+        let (this, stop) = (Arc::clone(&health), shutdown.clone());
+        shutdown.spawn(async move {
+            let mut every = tokio::time::interval(HEALTH_EVERY);
+            every.tick().await; // the first tick is now: checked above
+            loop {
+                tokio::select! {
+                    _ = stop.begun() => return,
+                    _ = every.tick() => {}
+                }
+                let before = *this.last.read().expect("lock");
+                let now = check(&store, &hs, Some(before)).await;
+                *this.last.write().expect("lock") = now;
+            }
+        });
+        health
+    }
+}
+
+/// One check. What changed since `before` is logged once, with the error's details (for the
+/// admin); `/health` only ever shows its category.
+async fn check(store: &Store, hs: &Homeserver, before: Option<Checked>) -> Checked {
+    let store_problem = match store.check() {
+        Ok(()) => None,
+        Err(e) => {
+            if before.is_none_or(|b| b.store.is_none()) {
+                tracing::error!(error = %e, "health: the database fails");
+            }
+            Some(Problem::DatabaseError)
+        }
+    };
+    let asked = tokio::time::timeout(HEALTH_PATIENCE, hs.send(whoami::v3::Request::new())).await;
+    let homeserver = match asked {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => {
+            let problem = Problem::of_homeserver(&e);
+            if before.is_none_or(|b| b.homeserver != Some(problem)) {
+                tracing::warn!(error = %e, problem = problem.as_str(), "health: the homeserver check fails");
+            }
+            Some(problem)
+        }
+        Err(_) => {
+            if before.is_none_or(|b| b.homeserver != Some(Problem::HomeserverUnreachable)) {
+                tracing::warn!(patience = ?HEALTH_PATIENCE, "health: the homeserver did not answer in time");
+            }
+            Some(Problem::HomeserverUnreachable)
+        }
+    };
+    if let Some(b) = before
+        && (b.store.is_some() || b.homeserver.is_some())
+        && store_problem.is_none()
+        && homeserver.is_none()
+    {
+        tracing::info!("health: ok again");
+    }
+    Checked { store: store_problem, homeserver, at: Instant::now() }
+}
+
+/// 200 when the store answered and the homeserver took the bot's token at the last check; 503
+/// naming what did not, in a few words. The bot's device is shown, not judged: without it the bot
+/// still serves unencrypted DMs.
 async fn health(State(state): State<AppState>) -> Response {
-    let store = state.store.check().map_err(|e| e.to_string());
-    let homeserver = state
-        .hs
-        .with_retry(Retry::NONE)
-        .send(get_supported_versions::Request::new())
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string());
-    let ok = store.is_ok() && homeserver.is_ok();
+    let last = *state.health.last.read().expect("lock");
+    let ok = last.store.is_none() && last.homeserver.is_none();
+    let word = |p: Option<Problem>| p.map_or("ok", Problem::as_str);
     let body = serde_json::json!({
         "status": if ok { "ok" } else { "unhealthy" },
-        "store": store.err().unwrap_or_else(|| "ok".into()),
-        "homeserver": homeserver.err().unwrap_or_else(|| "ok".into()),
+        "store": word(last.store),
+        "homeserver": word(last.homeserver),
+        "checked_seconds_ago": last.at.elapsed().as_secs(),
         "encryption": state.encryption.health().await,
     });
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -45,9 +45,9 @@ use ruma::{OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUs
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Secret};
-use crate::encryption::{Decrypted, Unreadable};
+use crate::encryption::{Decrypted, Unreadable, is_message};
 use crate::homeserver::{Homeserver, HsError};
-use crate::metrics::{self, Outcome};
+use crate::metrics::{self, Outcome, Problem};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError, now_ms};
 
@@ -59,6 +59,9 @@ const DISPLAY_NAME: &str = "handoff bot";
 
 /// Events kept until their keys arrive, at most (a flood of undecryptable events costs no more).
 const MAX_UNDECRYPTED: usize = 256;
+/// Events of one sender kept until their keys arrive, at most: a person's client sends a few
+/// commands before its keys follow, not dozens.
+const MAX_UNDECRYPTED_PER_SENDER: usize = 16;
 /// How long an undecryptable event waits for its keys before its sender is told.
 const UNREADABLE_AFTER: Duration = Duration::from_secs(10);
 /// A room is told of an unreadable event at most this often.
@@ -79,6 +82,19 @@ pub enum DeviceError {
     Store(#[from] StoreError),
     #[error("the bot's crypto store {path}: {message}")]
     CryptoStore { path: String, message: String },
+}
+
+impl DeviceError {
+    /// What `/health` may say of it: no error text (it can hold the homeserver's address or the
+    /// crypto store's path); the log has that.
+    pub fn summary(&self) -> String {
+        match self {
+            DeviceError::LoginRefused(_) => "the homeserver refused to log the bot in with m.login.application_service (homeservers that delegate login to MAS, or a registration with io.element.msc4190, don't allow it yet): the bot works in unencrypted DMs only".into(),
+            DeviceError::Homeserver(e) => Problem::of_homeserver(e).as_str().into(),
+            DeviceError::Store(_) => Problem::DatabaseError.as_str().into(),
+            DeviceError::CryptoStore { .. } => "the bot's crypto store does not open (the log says where it is)".into(),
+        }
+    }
 }
 
 /// The sealed record of the device, in the store's `meta` tree.
@@ -107,13 +123,41 @@ pub struct Device {
 #[derive(Default)]
 struct SyncHealth {
     last_ok: Option<Instant>,
-    last_error: Option<String>,
+    /// What the last failed sync ran into, as `/health` may say it (the log has the error).
+    last_error: Option<Problem>,
 }
 
 struct Undecrypted {
     room_id: OwnedRoomId,
+    /// Whose it is, for the per-sender bound (the homeserver vouches for it, as for any event).
+    sender: Option<OwnedUserId>,
     event: Raw<OriginalSyncRoomEncryptedEvent>,
     since: Instant,
+}
+
+/// Adds `new` to the events waiting for their keys, within the bounds: a sender at its own bound
+/// loses its own oldest; when all are full, the sender with the most waiting loses its oldest.
+/// Either way a flood pushes out the flooder's events, never another user's waiting command
+/// (unless that user is among the biggest senders).
+fn keep_waiting(waiting: &mut Vec<Undecrypted>, new: Undecrypted) {
+    let mine = waiting.iter().filter(|u| u.sender == new.sender).count();
+    let evict = if mine >= MAX_UNDECRYPTED_PER_SENDER {
+        waiting.iter().position(|u| u.sender == new.sender)
+    } else if waiting.len() >= MAX_UNDECRYPTED {
+        let mut counts: HashMap<&Option<OwnedUserId>, usize> = HashMap::new();
+        for u in waiting.iter() {
+            *counts.entry(&u.sender).or_default() += 1;
+        }
+        let most = counts.values().copied().max().unwrap_or(0);
+        // Oldest first: the first event of a sender with the most is that sender's oldest.
+        waiting.iter().position(|u| counts[&u.sender] == most)
+    } else {
+        None
+    };
+    if let Some(i) = evict {
+        waiting.remove(i);
+    }
+    waiting.push(new);
 }
 
 impl Device {
@@ -321,7 +365,7 @@ impl Device {
                     Err(e) => {
                         let e = sdk_error(e);
                         tracing::warn!(error = %e, retry_in = ?backoff, "the bot's device cannot sync");
-                        this.health.lock().expect("lock").last_error = Some(e.to_string());
+                        this.health.lock().expect("lock").last_error = Some(Problem::of_homeserver(&e));
                         tokio::select! {
                             _ = stop.begun() => return,
                             _ = tokio::time::sleep(backoff) => {}
@@ -383,21 +427,24 @@ impl Device {
         match event.kind {
             TimelineEventKind::Decrypted(d) => {
                 let ts = d.event.get_field::<u64>("origin_server_ts").ok().flatten();
+                if !is_message(&d.event) {
+                    tracing::debug!(room_id = %room_id, "a decrypted event that is not a message is ignored");
+                    return None;
+                }
                 (!before_device(ts)).then(|| Decrypted { room_id: room_id.to_owned(), event: d.event })
             }
             TimelineEventKind::UnableToDecrypt { event, utd_info } => {
                 let ts = event.get_field::<u64>("origin_server_ts").ok().flatten();
                 if !before_device(ts) {
                     tracing::debug!(room_id = %room_id, reason = ?utd_info.reason, "an encrypted event waits for its keys");
-                    let mut waiting = self.undecrypted.lock().expect("lock");
-                    if waiting.len() >= MAX_UNDECRYPTED {
-                        waiting.remove(0);
-                    }
-                    waiting.push(Undecrypted {
+                    let sender = event.get_field::<OwnedUserId>("sender").ok().flatten();
+                    let new = Undecrypted {
                         room_id: room_id.to_owned(),
+                        sender,
                         event: event.cast_unchecked(),
                         since: Instant::now(),
-                    });
+                    };
+                    keep_waiting(&mut self.undecrypted.lock().expect("lock"), new);
                 }
                 None
             }
@@ -426,7 +473,11 @@ impl Device {
                     .expect("lock")
                     .retain(|u| u.event.get_field::<OwnedEventId>("event_id").ok().flatten() != id);
                 tracing::debug!(room_id = %room_id, "an encrypted event decrypted once its keys came");
-                out.push(Decrypted { room_id, event: d.event });
+                if is_message(&d.event) {
+                    out.push(Decrypted { room_id, event: d.event });
+                } else {
+                    tracing::debug!(room_id = %room_id, "a decrypted event that is not a message is ignored");
+                }
             }
         }
         out
@@ -487,14 +538,14 @@ impl Device {
     pub async fn health(&self) -> serde_json::Value {
         let (last_ok, last_error) = {
             let h = self.health.lock().expect("lock");
-            (h.last_ok.map(|t| t.elapsed().as_secs()), h.last_error.clone())
+            (h.last_ok.map(|t| t.elapsed().as_secs()), h.last_error)
         };
         // A sync answers within its long-poll; one that has not for a few of them is stuck.
         let syncing = last_ok.is_some_and(|s| s < 3 * SYNC_TIMEOUT.as_secs());
         serde_json::json!({
             "device_id": self.client.device_id().map(|d| d.to_string()),
             "cross_signed": self.cross_signed().await,
-            "sync": if syncing { "ok".to_owned() } else { last_error.unwrap_or_else(|| "not syncing".into()) },
+            "sync": if syncing { "ok" } else { last_error.map_or("not syncing", Problem::as_str) },
             "last_sync_seconds_ago": last_ok,
             "waiting_for_keys": self.undecrypted.lock().expect("lock").len(),
         })
@@ -593,9 +644,12 @@ pub fn sdk_error(e: matrix_sdk::Error) -> HsError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use matrix_sdk::deserialized_responses::{UnableToDecryptInfo, UnableToDecryptReason};
+    use matrix_sdk::deserialized_responses::{
+        AlgorithmInfo, DecryptedRoomEvent, EncryptionInfo, UnableToDecryptInfo, UnableToDecryptReason,
+        VerificationState,
+    };
     use ruma::events::AnySyncTimelineEvent;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     /// A device of a client that never talks to a homeserver: what `take` decides is local.
     async fn offline(created_ms: u64) -> Device {
@@ -603,10 +657,10 @@ mod tests {
         Device { client, created_ms, health: Arc::default(), undecrypted: Arc::default() }
     }
 
-    fn raw(n: u64, ts: u64, kind: &str) -> Raw<AnySyncTimelineEvent> {
+    fn raw_from(sender: &str, n: u64, ts: u64, kind: &str) -> Raw<AnySyncTimelineEvent> {
         Raw::from_json(
             serde_json::value::to_raw_value(&json!({
-                "type": kind, "event_id": format!("$e{n}"), "sender": "@alice:example.org",
+                "type": kind, "event_id": format!("$e{n}"), "sender": sender,
                 "origin_server_ts": ts, "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "x",
                     "sender_key": "k", "device_id": "D", "session_id": "s"},
             }))
@@ -614,12 +668,50 @@ mod tests {
         )
     }
 
-    fn undecryptable(n: u64, ts: u64) -> TimelineEvent {
+    fn raw(n: u64, ts: u64, kind: &str) -> Raw<AnySyncTimelineEvent> {
+        raw_from("@alice:example.org", n, ts, kind)
+    }
+
+    fn undecryptable_from(sender: &str, n: u64, ts: u64) -> TimelineEvent {
         let info = UnableToDecryptInfo {
             session_id: Some("s".into()),
             reason: UnableToDecryptReason::MalformedEncryptedEvent,
         };
-        TimelineEvent::from_utd(raw(n, ts, "m.room.encrypted"), info)
+        TimelineEvent::from_utd(raw_from(sender, n, ts, "m.room.encrypted"), info)
+    }
+
+    fn undecryptable(n: u64, ts: u64) -> TimelineEvent {
+        undecryptable_from("@alice:example.org", n, ts)
+    }
+
+    /// An event as the device decrypts it: its payload (type, content, room, and whatever else
+    /// the sender's client put there) with the encrypted event's sender, ID and time.
+    fn decrypted(payload: Value, ts: u64) -> TimelineEvent {
+        let mut event = payload;
+        event["sender"] = "@mallory:example.org".into();
+        event["event_id"] = "$d".into();
+        event["origin_server_ts"] = ts.into();
+        let encryption_info = EncryptionInfo {
+            sender: "@mallory:example.org".try_into().unwrap(),
+            sender_device: None,
+            forwarder: None,
+            algorithm_info: AlgorithmInfo::MegolmV1AesSha2 {
+                curve25519_key: "k".into(),
+                sender_claimed_keys: Default::default(),
+                session_id: Some("s".into()),
+            },
+            verification_state: VerificationState::Verified,
+        };
+        let event = Raw::from_json(serde_json::value::to_raw_value(&event).unwrap());
+        TimelineEvent::from_decrypted(
+            DecryptedRoomEvent { event, encryption_info: Arc::new(encryption_info), unsigned_encryption_info: None },
+            None,
+        )
+    }
+
+    fn waiting_ids(device: &Device) -> Vec<String> {
+        let waiting = device.undecrypted.lock().unwrap();
+        waiting.iter().map(|u| u.event.get_field::<String>("event_id").unwrap().unwrap()).collect()
     }
 
     #[tokio::test]
@@ -636,19 +728,68 @@ mod tests {
         assert!(device.take(&room, undecryptable(1, created - 120_000)).is_none());
         assert_eq!(device.undecrypted.lock().unwrap().len(), 0);
 
-        // Newer ones wait for their keys; a flood keeps only the latest MAX_UNDECRYPTED.
-        for n in 0..(MAX_UNDECRYPTED as u64 + 40) {
+        // Newer ones wait for their keys; one sender's flood keeps only its latest few.
+        for n in 0..(MAX_UNDECRYPTED_PER_SENDER as u64 + 40) {
             assert!(device.take(&room, undecryptable(100 + n, created + n)).is_none());
         }
-        let (len, first) = {
-            let waiting = device.undecrypted.lock().unwrap();
-            (waiting.len(), waiting[0].event.get_field::<String>("event_id").unwrap().unwrap())
-        };
-        assert_eq!(len, MAX_UNDECRYPTED);
-        assert_eq!(first, "$e140", "the oldest were dropped");
+        let ids = waiting_ids(&device);
+        assert_eq!(ids.len(), MAX_UNDECRYPTED_PER_SENDER);
+        assert_eq!(ids[0], "$e140", "the oldest were dropped");
 
         // Without their keys, trying again decrypts nothing and keeps them waiting.
         assert!(device.retry_undecrypted(None).await.is_empty());
-        assert_eq!(device.undecrypted.lock().unwrap().len(), MAX_UNDECRYPTED);
+        assert_eq!(device.undecrypted.lock().unwrap().len(), MAX_UNDECRYPTED_PER_SENDER);
+    }
+
+    #[tokio::test]
+    async fn a_flood_pushes_out_only_the_flooders_own_waiting_events() {
+        let created = 1_000_000_000;
+        let device = offline(created).await;
+        let (dm, group): (OwnedRoomId, OwnedRoomId) =
+            ("!dm:example.org".try_into().unwrap(), "!group:example.org".try_into().unwrap());
+        // A user's command waits for its keys; then a member of another room floods.
+        device.take(&dm, undecryptable_from("@alice:example.org", 1, created));
+        for n in 0..1000 {
+            device.take(&group, undecryptable_from("@flood:evil.org", 1000 + n, created + n));
+        }
+        let ids = waiting_ids(&device);
+        assert!(ids.contains(&"$e1".to_owned()), "alice's command still waits");
+        assert_eq!(ids.len(), 1 + MAX_UNDECRYPTED_PER_SENDER);
+
+        // Many flooders: the global bound holds, and alice's one event is never the one to go
+        // while anyone has more waiting.
+        for n in 0..(MAX_UNDECRYPTED as u64 * 2) {
+            let sender = format!("@flood{}:evil.org", n % 40);
+            device.take(&group, undecryptable_from(&sender, 10_000 + n, created + n));
+        }
+        let ids = waiting_ids(&device);
+        assert_eq!(ids.len(), MAX_UNDECRYPTED);
+        assert!(ids.contains(&"$e1".to_owned()), "alice's command still waits");
+    }
+
+    #[tokio::test]
+    async fn a_decrypted_event_is_taken_only_as_a_message() {
+        let created = 1_000_000_000;
+        let device = offline(created).await;
+        let room: OwnedRoomId = "!dm:example.org".try_into().unwrap();
+        let message =
+            json!({"type": "m.room.message", "room_id": room, "content": {"msgtype": "m.text", "body": "help"}});
+        assert!(device.take(&room, decrypted(message.clone(), created)).is_some(), "a message is taken");
+
+        // A payload that says it is the bot's leave, or a DM invite from its sender: state, in
+        // the sender's words only.
+        for membership in ["leave", "invite"] {
+            let member = json!({
+                "type": "m.room.member", "room_id": room, "state_key": "@handoff:example.org",
+                "content": {"membership": membership, "is_direct": true},
+            });
+            assert!(device.take(&room, decrypted(member, created)).is_none(), "{membership}");
+        }
+        // A message with a state key is state too; other types are nothing the bot handles.
+        let mut keyed = message;
+        keyed["state_key"] = "".into();
+        assert!(device.take(&room, decrypted(keyed, created)).is_none());
+        let reaction = json!({"type": "m.reaction", "room_id": room, "content": {}});
+        assert!(device.take(&room, decrypted(reaction, created)).is_none());
     }
 }

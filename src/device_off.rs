@@ -13,13 +13,27 @@ use crate::homeserver::{Homeserver, HsError};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 
+/// Why there is no device: this build has none.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this build of handoff has no encryption (built without the `e2ee` feature): the bot works in unencrypted DMs only"
+)]
+pub struct DeviceError;
+
+impl DeviceError {
+    /// What `/health` says of it.
+    pub fn summary(&self) -> String {
+        self.to_string()
+    }
+}
+
 /// No device can exist in this build: the type has no values.
 #[derive(Clone)]
 pub enum Device {}
 
 impl Device {
-    pub async fn start(_config: &Config, _hs: &Homeserver, _store: &Store) -> Result<Device, String> {
-        Err("this build of handoff has no encryption (built without the `e2ee` feature): the bot works in unencrypted DMs only".into())
+    pub async fn start(_config: &Config, _hs: &Homeserver, _store: &Store) -> Result<Device, DeviceError> {
+        Err(DeviceError)
     }
 
     pub fn spawn_sync<F, Fut, G, GFut>(&self, _shutdown: &Shutdown, _store: Store, _accept: F, _unreadable: G)

@@ -33,7 +33,8 @@ impl Encryption {
             Ok(device) => Encryption::On(device),
             Err(e) => {
                 tracing::error!("{e}");
-                Encryption::Unavailable(e.to_string())
+                // Not the error's text: it may name the homeserver's address or a path.
+                Encryption::Unavailable(e.summary())
             }
         }
     }
@@ -63,6 +64,15 @@ impl Encryption {
 pub struct Decrypted {
     pub room_id: OwnedRoomId,
     pub event: Raw<AnyTimelineEvent>,
+}
+
+/// Whether a decrypted event is one the bot may take: a message. Inside the encryption the sender
+/// writes the whole payload, `type` and all: an `m.room.member` with a `state_key` would read as
+/// a membership change the room never had (the bot's leave, a DM's invite). State comes in the
+/// clear, through the appservice's transactions, and nowhere else.
+pub fn is_message(event: &Raw<AnyTimelineEvent>) -> bool {
+    event.get_field::<String>("type").ok().flatten().as_deref() == Some("m.room.message")
+        && matches!(event.get_field::<serde::de::IgnoredAny>("state_key"), Ok(None))
 }
 
 /// An encrypted event the device could not decrypt in time: its keys never reached this device

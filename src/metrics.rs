@@ -295,6 +295,45 @@ fn describe() {
     transfers_in_line(0, 0);
 }
 
+/// What `/health` may say is wrong: a short category, never an error's own text (which can carry
+/// the homeserver's internal address or the database's path). The details go to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    /// No answer, a timeout, or a 5xx (a proxy before a homeserver that is down).
+    HomeserverUnreachable,
+    /// The homeserver does not take the registration's token (or its namespace).
+    TokenRefused,
+    /// Any other answer that is not what was asked for.
+    HomeserverError,
+    DatabaseError,
+}
+
+impl Problem {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Problem::HomeserverUnreachable => "homeserver unreachable",
+            Problem::TokenRefused => "homeserver refused the token",
+            Problem::HomeserverError => "homeserver error",
+            Problem::DatabaseError => "database error",
+        }
+    }
+
+    pub fn of_homeserver(e: &crate::homeserver::HsError) -> Problem {
+        use crate::homeserver::HsError;
+        use ruma::api::error::ErrorKind;
+        match e {
+            HsError::Unreachable(_) => Problem::HomeserverUnreachable,
+            HsError::Matrix { status, .. } if status.is_server_error() => Problem::HomeserverUnreachable,
+            HsError::Matrix {
+                kind: ErrorKind::UnknownToken(_) | ErrorKind::MissingToken | ErrorKind::Forbidden,
+                ..
+            } => Problem::TokenRefused,
+            HsError::Matrix { status, .. } if *status == StatusCode::UNAUTHORIZED => Problem::TokenRefused,
+            HsError::Matrix { .. } | HsError::Protocol(_) => Problem::HomeserverError,
+        }
+    }
+}
+
 /// Installs the Prometheus recorder for the whole process (once: a second call fails) and returns
 /// the handle that renders it. Also starts the periodic upkeep that keeps histograms bounded when
 /// nobody scrapes; call it inside the Tokio runtime.

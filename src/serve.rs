@@ -130,11 +130,11 @@ pub async fn run(config: Config) -> Result<()> {
             },
         );
     }
+    let health = appservice::Health::start(store.clone(), hs.clone(), &shutdown).await;
     let state = AppState {
         hs_token: config.appservice.hs_token.clone(),
-        bot,
-        store: store.clone(),
-        hs: hs.clone(),
+        bot: Arc::clone(&bot),
+        health,
         encryption: Arc::new(encryption),
     };
     // Stopped with the main server (below), not on its own: a scrape is never worth waiting for.
@@ -170,6 +170,7 @@ pub async fn run(config: Config) -> Result<()> {
     // at the next start); events in hand get a few seconds to finish, the rest stay in the inbox.
     let transfers = engine.stop_all();
     let unfinished = shutdown.stop(STOP_PATIENCE).await;
+    bot.release_in_hand().await;
     let flushed = store.flush().await;
     served.context("server task failed")??;
     flushed?;

@@ -12,6 +12,8 @@
 //! - `auto`: new account -> [`AutoStart`]: moves offered to that account when it becomes active.
 //! - `inbox`: events accepted from the homeserver and not handled yet (sealed: they hold
 //!   commands, and commands hold codes), so an acknowledged transaction survives a crash.
+//! - `inbox_attempts`: inbox number -> how many times its handling began (u32, big-endian),
+//!   written durably before each, so an event that kills the process is not tried forever.
 //! - `meta`: schema version; the bot's device record (sealed: it holds the device's access token
 //!   and the passphrase of its crypto store), whose meaning is `device`'s business.
 //!
@@ -66,6 +68,7 @@ pub struct Store {
     /// user, sealed, with when it came (8 bytes, big-endian ms) in front.
     dropped: sled::Tree,
     inbox: sled::Tree,
+    inbox_attempts: sled::Tree,
     meta: sled::Tree,
     commit: Arc<GroupCommit>,
     cipher: XChaCha20Poly1305,
@@ -168,6 +171,7 @@ impl Store {
             auto: db.open_tree("auto")?,
             dropped: db.open_tree("dropped_files")?,
             inbox: db.open_tree("inbox")?,
+            inbox_attempts: db.open_tree("inbox_attempts")?,
             meta,
             commit: Arc::new(GroupCommit::default()),
             db,
@@ -220,7 +224,44 @@ impl Store {
 
     /// An inbox event was handled: it is not replayed after a restart.
     pub fn inbox_done(&self, number: u64) -> Result<(), StoreError> {
-        self.inbox.remove(number.to_be_bytes())?;
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let key = number.to_be_bytes();
+        // Together: an attempt count left behind would be a leak, never a wrong count (numbers
+        // are not reused), but one write is as cheap as two.
+        (&self.inbox, &self.inbox_attempts)
+            .transaction(|(inbox, attempts)| {
+                inbox.remove(&key[..])?;
+                attempts.remove(&key[..])?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => StoreError::Corrupt("transaction aborted".into()),
+            })
+    }
+
+    /// Handling of an inbox event begins: the attempt is counted and durable before this returns,
+    /// so a process killed while handling it (out of memory, `kill -9`) has counted it too.
+    /// Returns which attempt this is (1 the first time).
+    pub async fn inbox_attempt(&self, number: u64) -> Result<u32, StoreError> {
+        let count = self.inbox_attempts.update_and_fetch(number.to_be_bytes(), |old| {
+            Some(attempts(old).saturating_add(1).to_be_bytes().to_vec())
+        })?;
+        self.durable().await?;
+        Ok(attempts(count.as_deref()))
+    }
+
+    /// Attempts that a clean stop interrupted (the event was not to blame) are not counted.
+    pub async fn inbox_attempts_undo(&self, numbers: &[u64]) -> Result<(), StoreError> {
+        for number in numbers {
+            // An event done meanwhile has no count left to lower, and gets none.
+            self.inbox_attempts.update_and_fetch(number.to_be_bytes(), |old| {
+                old.map(|_| attempts(old).saturating_sub(1).to_be_bytes().to_vec())
+            })?;
+        }
+        if !numbers.is_empty() {
+            self.durable().await?;
+        }
         Ok(())
     }
 
@@ -769,6 +810,11 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
     }
 }
 
+/// An inbox event's attempt count as stored (none: 0; a record that does not read: counted as 0).
+fn attempts(stored: Option<&[u8]>) -> u32 {
+    stored.and_then(|v| v.try_into().ok()).map(u32::from_be_bytes).unwrap_or(0)
+}
+
 /// What a dropped file's seal is bound to: its user (a record moved to another key won't open).
 fn dropped_aad(user: &UserId) -> Vec<u8> {
     [b"dropped\0".as_slice(), user.as_bytes()].concat()
@@ -804,6 +850,60 @@ mod tests {
         assert_eq!(inbox.len(), 1);
         assert_eq!(inbox[0].1, b"{\"a\":1}");
         assert!(!store.inbox.iter().values().any(|v| v.unwrap().windows(5).any(|w| w == b"\"a\":1")));
+    }
+
+    #[tokio::test]
+    async fn attempts_count_across_restarts_until_the_event_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let numbers = {
+            let store = Store::open(&path).unwrap();
+            let numbers = store.accept_txn("t", &[b"{}".to_vec(), b"{}".to_vec()]).await.unwrap().unwrap();
+            assert_eq!(store.inbox_attempt(numbers[0]).await.unwrap(), 1);
+            numbers
+        };
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.inbox_attempt(numbers[0]).await.unwrap(), 2, "counted across the restart");
+        assert_eq!(store.inbox_attempt(numbers[1]).await.unwrap(), 1, "each event has its own count");
+        // A clean stop interrupted the second attempt: it does not count.
+        store.inbox_attempts_undo(&numbers[..1]).await.unwrap();
+        assert_eq!(store.inbox_attempt(numbers[0]).await.unwrap(), 2);
+        // Done: the count goes with the event, and an undo after it makes none.
+        store.inbox_done(numbers[0]).unwrap();
+        store.inbox_attempts_undo(&numbers[..1]).await.unwrap();
+        assert!(store.inbox_attempts.get(numbers[0].to_be_bytes()).unwrap().is_none());
+        assert_eq!(store.inbox().unwrap().len(), 1);
+    }
+
+    /// The child half of the test below: counts an attempt, then is killed by SIGKILL.
+    const KILLED_CHILD: &str = "HANDOFF_TEST_KILLED_STORE";
+
+    #[tokio::test]
+    async fn an_attempt_counted_before_a_kill_9_is_still_counted() {
+        if let Ok(path) = std::env::var(KILLED_CHILD) {
+            let store = Store::open(Path::new(&path)).unwrap();
+            let number = store.inbox().unwrap()[0].0;
+            store.inbox_attempt(number).await.unwrap();
+            // As the out-of-memory killer would: no destructor runs, nothing is flushed on the way out.
+            std::process::Command::new("kill").arg("-KILL").arg(std::process::id().to_string()).status().unwrap();
+            std::thread::sleep(Duration::from_secs(60));
+            unreachable!("not killed");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let number = {
+            let store = Store::open(&path).unwrap();
+            store.accept_txn("t", &[b"{}".to_vec()]).await.unwrap().unwrap()[0]
+        };
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "store::tests::an_attempt_counted_before_a_kill_9_is_still_counted", "--nocapture"])
+            .env(KILLED_CHILD, &path)
+            .status()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "the child was killed: {status}");
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.inbox_attempt(number).await.unwrap(), 2, "the killed attempt counted");
     }
 
     #[tokio::test]

@@ -138,6 +138,33 @@ async fn without_a_device_the_bot_says_it_cannot_read_an_encrypted_dm() {
     h.ask(&alice, &dm, "help", "• help — show the commands").await;
 }
 
+/// A member of an encrypted room writes the whole encrypted payload, its `type` included: what
+/// decrypts as a membership change (the bot's leave, a DM invite) is no such thing, and the bot
+/// takes nothing but messages from its device. matrix-sdk puts no `state_key` in a payload, so a
+/// payload with one (a forged client's) is tested in `device::tests` only; here the types.
+#[tokio::test]
+async fn encrypted_member_events_are_not_taken_for_state() {
+    let h = Harness::start().await;
+    let alice = h.user("alice").await;
+    let phone = E2eeClient::login(&h.synapse().url, &alice.id, "password").await;
+    let dm = phone.create_dm(&h.bot).await;
+    phone.wait_for(&dm, &h.bot, 0, "the greeting", |m| m.body().contains("help")).await;
+    let room = phone.room(&dm).await;
+    for membership in ["leave", "ban", "invite"] {
+        let content = json!({"membership": membership, "is_direct": true, "reason": "forged"});
+        room.send_raw("m.room.member", content).await.unwrap();
+    }
+    // Still there, and the DM still a DM: a bare command is answered.
+    phone.ask(&dm, &h.bot, "help", "• help — show the commands").await;
+    assert_eq!(alice.membership_of(&dm, &h.bot).await["membership"], "join");
+    let log = h.log();
+    assert_eq!(
+        log.matches("a decrypted event that is not a message is ignored").count(),
+        3,
+        "each forged member event ignored by the device:\n{log}"
+    );
+}
+
 /// The bot's `m.file` messages in `room` as `client` shows them, with the ciphertext the media
 /// repository holds for each.
 async fn files_at_rest(

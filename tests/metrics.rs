@@ -59,7 +59,7 @@ fn sum(samples: &[Sample], name: &str, filter: impl Fn(&BTreeMap<String, String>
 #[tokio::test]
 async fn metrics_listener_serves_what_an_admin_checks_after_a_help() {
     let metrics_port = handoff::sandbox::free_port();
-    let h = Harness::start_with(|config| with_metrics(config, metrics_port)).await;
+    let mut h = Harness::start_with(|config| with_metrics(config, metrics_port)).await;
     let base = format!("http://127.0.0.1:{metrics_port}");
     let http = reqwest::Client::new();
 
@@ -157,5 +157,40 @@ async fn metrics_listener_serves_what_an_admin_checks_after_a_help() {
     }
     for id in [alice.id.as_str(), h.bot.as_str(), dm.as_str(), "localhost"] {
         assert!(!text.contains(id), "{id} in /metrics: {text}");
+    }
+
+    // /health serves the state its background check keeps: twenty hits, on both listeners, ask
+    // the homeserver nothing (one periodic check may fall in between).
+    let requests = |text: &str, endpoint: Option<&str>| {
+        sum(&parse(text), "handoff_homeserver_requests_total", |l| endpoint.is_none_or(|e| l["endpoint"] == e))
+    };
+    let scrape = || async { http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap() };
+    let whoami = Some("/_matrix/client/v3/account/whoami");
+    let before = scrape().await;
+    for n in 0..20 {
+        let url = if n % 2 == 0 { format!("{base}/health") } else { format!("{}/health", h.handoff_url) };
+        assert_eq!(http.get(url).send().await.unwrap().status(), 200);
+    }
+    let after = scrape().await;
+    assert!(requests(&after, whoami) - requests(&before, whoami) <= 1.0, "a check per hit?\n{before}\n{after}");
+    assert!(requests(&after, None) - requests(&before, None) <= 2.0, "requests per hit?\n{before}\n{after}");
+
+    // The homeserver goes away: /health says so in a few words, never with its address or a path.
+    h.sandbox.synapse.stop();
+    let (status, health) = eventually("/health to see the homeserver gone", || async {
+        let r = http.get(format!("{base}/health")).send().await.unwrap();
+        let status = r.status();
+        let health: Value = r.json().await.unwrap();
+        (status == 503).then_some((status, health))
+    })
+    .await;
+    assert_eq!(status, 503);
+    assert_eq!(health["status"], "unhealthy", "{health}");
+    assert_eq!(health["homeserver"], "homeserver unreachable", "{health}");
+    assert_eq!(health["store"], "ok", "{health}");
+    let text = health.to_string();
+    let dir = h.sandbox.dir.display().to_string();
+    for leak in ["http", "127.0.0.1", "localhost", "/_matrix", dir.as_str(), "handoff.db"] {
+        assert!(!text.contains(leak), "{leak} in /health: {text}");
     }
 }

@@ -30,7 +30,7 @@ use ruma::{OwnedRoomId, OwnedUserId, UserId};
 
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
-use crate::encryption::{Decrypted, Unreadable};
+use crate::encryption::{Decrypted, Unreadable, is_message};
 use crate::html::escape;
 use crate::metrics;
 use crate::store::{StoreError, now_ms};
@@ -115,6 +115,10 @@ impl Bot {
     /// per event ID, as a transaction of its own) and queued like one from a transaction.
     pub async fn accept_decrypted(self: &Arc<Self>, decrypted: Decrypted) -> Result<(), StoreError> {
         let Decrypted { room_id, event } = decrypted;
+        // The device took messages only; checked again here, where it matters.
+        if !is_message(&event) {
+            return Ok(());
+        }
         // The device checked the payload's room against the room it came in; `addressed` and the
         // handlers read it from the event, as in a transaction.
         let Ok(mut object) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(event.json().get())
@@ -201,6 +205,18 @@ impl Bot {
             }
             Job::Event { inbox, event } => {
                 let reply_to = self.reply_target(&event);
+                // Counted durably before it runs: if this event takes the process down, the next
+                // start knows, however it died.
+                match self.store.inbox_attempt(inbox).await {
+                    Ok(attempt) if !queue::may_run(attempt) => return self.give_up(inbox, &event, reply_to).await,
+                    Ok(1) => {}
+                    Ok(attempt) => {
+                        tracing::info!(attempt, "handling again an event that was in hand when the service stopped")
+                    }
+                    // Not counted: handled anyway, a store failure is no reason to ignore a user.
+                    Err(e) => tracing::warn!(error = %e, "cannot count an attempt at an inbox event"),
+                }
+                self.in_hand.lock().expect("lock").insert(inbox);
                 let bot = Arc::clone(&self);
                 let outcome = tokio::spawn(async move { bot.handle_event(&event).await }).await;
                 let failure = match outcome {
@@ -222,7 +238,46 @@ impl Bot {
                 if let Err(e) = self.store.inbox_done(inbox) {
                     tracing::warn!(error = %e, "cannot mark an inbox event handled");
                 }
+                self.in_hand.lock().expect("lock").remove(&inbox);
             }
+        }
+    }
+
+    /// An event that was in hand each of the [`queue::MAX_ATTEMPTS`] times the service died is
+    /// not run again: its sender is told in their DM, and the log says so once (without what it
+    /// said: it may hold a code).
+    async fn give_up(&self, inbox: u64, event: &Raw<AnyTimelineEvent>, reply_to: Option<Ctx>) {
+        let sender = event.get_field::<OwnedUserId>("sender").ok().flatten();
+        tracing::warn!(
+            sender = ?sender.as_ref().map(|s| s.as_str()),
+            attempts = queue::MAX_ATTEMPTS,
+            "the service stopped each time it handled this event: dropped without running it again"
+        );
+        if let Some(mut ctx) = reply_to {
+            // Said in the sender's DM with the bot when the message came elsewhere.
+            let in_dm = matches!(self.store.dm_room_user(&ctx.room_id), Ok(Some(owner)) if owner == ctx.sender);
+            if !in_dm && let Some(dm) = self.store.dm_rooms_of(&ctx.sender).ok().and_then(|r| r.into_iter().next()) {
+                ctx.room_id = dm;
+            }
+            let text = format!(
+                "Sorry: the service stopped while handling that message, each of the {} times it was tried, so I did not run it again. Please tell the server admin before you send it again.",
+                queue::MAX_ATTEMPTS
+            );
+            if let Err(e) = self.reply_n(&ctx, 9, text).await {
+                tracing::warn!(error = %e, "cannot tell a user their message was dropped");
+            }
+        }
+        if let Err(e) = self.store.inbox_done(inbox) {
+            tracing::warn!(error = %e, "cannot drop an inbox event");
+        }
+    }
+
+    /// At a clean stop, after the patience for the events in hand: those still in hand were
+    /// interrupted by the stop, not the cause of a death, and their attempt is not counted.
+    pub async fn release_in_hand(&self) {
+        let numbers: Vec<u64> = self.in_hand.lock().expect("lock").iter().copied().collect();
+        if let Err(e) = self.store.inbox_attempts_undo(&numbers).await {
+            tracing::warn!(error = %e, "cannot uncount the attempts a stop interrupted");
         }
     }
 

@@ -16,6 +16,17 @@ use crate::shutdown::Shutdown;
 /// queue this long is a script or a flood.
 pub const MAX_QUEUED: usize = 64;
 
+/// How many times the handling of one inbox event may begin: once, and twice more after the
+/// process died with it in hand. An event that kills the process (a command that exhausts memory)
+/// would otherwise run again at every start: a crash loop.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// Whether the `attempt`th handling of an event (1 the first) may run. The store counts
+/// attempts durably before each ([`crate::store::Store::inbox_attempt`]).
+pub fn may_run(attempt: u32) -> bool {
+    attempt <= MAX_ATTEMPTS
+}
+
 /// What happened to a job offered to a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Queued {
@@ -144,6 +155,36 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(*log.lock().unwrap(), vec![100, 0, 1, 2, 3, 4], "the flooder's jobs in order");
+    }
+
+    /// A crash loop, played out on a real store: each "start" replays the inbox, counts the
+    /// attempt, and "dies" (drops the store) before the event is done.
+    #[tokio::test]
+    async fn an_event_in_hand_at_every_death_runs_three_times_then_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = crate::store::Store::open(&path).unwrap();
+            store.accept_txn("t", &[b"{\"deadly\":1}".to_vec()]).await.unwrap().unwrap();
+        }
+        let (mut ran, mut dropped) = (0, 0);
+        for _start in 0..10 {
+            let store = crate::store::Store::open(&path).unwrap();
+            let pending = store.inbox().unwrap();
+            if pending.is_empty() {
+                break;
+            }
+            for (number, _) in pending {
+                if may_run(store.inbox_attempt(number).await.unwrap()) {
+                    ran += 1; // ...and the process dies here, the event still in the inbox
+                } else {
+                    dropped += 1;
+                    store.inbox_done(number).unwrap();
+                }
+            }
+        }
+        assert_eq!((ran, dropped), (MAX_ATTEMPTS, 1));
+        assert!(crate::store::Store::open(&path).unwrap().inbox().unwrap().is_empty(), "no fifth start with it");
     }
 
     #[tokio::test]

@@ -52,6 +52,9 @@ pub struct Bot {
     pub(in crate::bot) records: tokio::sync::Mutex<()>,
     /// Every background task of the bot is spawned here, so a stop waits for it.
     pub(in crate::bot) shutdown: Shutdown,
+    /// Inbox events being handled now: a clean stop that interrupts one does not count it as
+    /// an attempt that killed the process.
+    pub(in crate::bot) in_hand: Mutex<HashSet<u64>>,
 }
 
 /// Work in a user's queue.
@@ -94,6 +97,7 @@ impl Bot {
             exports: Mutex::new(HashSet::new()),
             records: tokio::sync::Mutex::new(()),
             shutdown,
+            in_hand: Mutex::new(HashSet::new()),
         }
     }
 
