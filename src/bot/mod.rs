@@ -26,7 +26,7 @@ use ruma::events::{
     OriginalStateEvent, StateEvent,
 };
 use ruma::serde::Raw;
-use ruma::{OwnedRoomId, OwnedUserId, UserId};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
@@ -37,6 +37,54 @@ use crate::store::{StoreError, now_ms};
 use commands::Place;
 use queue::Queued;
 pub use state::{Bot, BotError, Ctx, Job};
+
+/// Who an event is for the bot from, as [`addressed`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addressed {
+    pub sender: OwnedUserId,
+    /// The event invites the bot into a DM (`is_direct`): this room.
+    pub dm_invite: Option<OwnedRoomId>,
+}
+
+/// The bot's filter of pushed events, whatever a remote server put in them: an invite or leave of
+/// the bot (`me`), or a message for it — from someone else in their DM with the bot (`dm_owner`
+/// says whose DM a room is), or a command (with `prefix`) in any other room: the chatter of group
+/// rooms the bot sits in is not for it. Everything else is dropped before it is stored.
+pub fn addressed(
+    event: &Raw<AnyTimelineEvent>,
+    me: &UserId,
+    prefix: &str,
+    dm_owner: impl Fn(&RoomId) -> Option<OwnedUserId>,
+) -> Option<Addressed> {
+    let kind = event.get_field::<String>("type").ok().flatten()?;
+    let sender = event.get_field::<OwnedUserId>("sender").ok().flatten()?;
+    match kind.as_str() {
+        "m.room.member" => {
+            let key = event.get_field::<String>("state_key").ok().flatten()?;
+            if key != me.as_str() {
+                return None;
+            }
+            let content = event.get_field::<RoomMemberEventContent>("content").ok().flatten();
+            let room = event.get_field::<OwnedRoomId>("room_id").ok().flatten();
+            let dm_invite = content
+                .filter(|c| c.membership == MembershipState::Invite && c.is_direct == Some(true))
+                .and(room);
+            Some(Addressed { sender, dm_invite })
+        }
+        "m.room.message" if sender != me => {
+            let room = event.get_field::<OwnedRoomId>("room_id").ok().flatten()?;
+            let in_dm = dm_owner(&room).is_some_and(|owner| owner == sender);
+            let content = event.get_field::<serde_json::Value>("content").ok().flatten();
+            let body = content.as_ref().and_then(|c| c.get("body")?.as_str()).unwrap_or_default();
+            // An edit would re-run a command that already ran.
+            let edit =
+                content.as_ref().and_then(|c| c.pointer("/m.relates_to/rel_type")?.as_str()) == Some("m.replace");
+            let for_bot = in_dm || body.trim_start().starts_with(prefix);
+            (for_bot && !edit).then_some(Addressed { sender, dm_invite: None })
+        }
+        _ => None,
+    }
+}
 
 impl Bot {
     /// Starts the background watch for `export --auto` offers.
@@ -49,49 +97,19 @@ impl Bot {
         consent::sweep_revoked(self).await
     }
 
-    /// The user an event is addressed by, if the bot acts on it: an invite or leave of the bot,
-    /// or a message for it (below). Everything else is dropped before it is stored.
+    /// The user an event is addressed by, if the bot acts on it ([`addressed`]); a DM invite of
+    /// the bot is recorded as the inviter's DM as it arrives, not when the invite is handled from
+    /// the queue: the inviter's first bare command may come right behind it, and a bare message
+    /// is kept only in a known DM.
     fn addressed(&self, event: &Raw<AnyTimelineEvent>) -> Option<OwnedUserId> {
-        let kind = event.get_field::<String>("type").ok().flatten()?;
-        let sender = event.get_field::<OwnedUserId>("sender").ok().flatten()?;
-        match kind.as_str() {
-            "m.room.member" => {
-                let key = event.get_field::<String>("state_key").ok().flatten()?;
-                if key != self.user_id.as_str() {
-                    return None;
-                }
-                self.note_dm_invite(event, &sender);
-                Some(sender)
-            }
-            // A message from someone else in their DM with the bot, or a command (with the prefix)
-            // in any other room: the chatter of group rooms the bot sits in is not for it.
-            "m.room.message" if sender != self.user_id => {
-                let room = event.get_field::<OwnedRoomId>("room_id").ok().flatten()?;
-                let in_dm = matches!(self.store.dm_room_user(&room), Ok(Some(owner)) if owner == sender);
-                let content = event.get_field::<serde_json::Value>("content").ok().flatten();
-                let body = content.as_ref().and_then(|c| c.get("body")?.as_str()).unwrap_or_default();
-                // An edit would re-run a command that already ran.
-                let edit =
-                    content.as_ref().and_then(|c| c.pointer("/m.relates_to/rel_type")?.as_str()) == Some("m.replace");
-                let for_bot = in_dm || body.trim_start().starts_with(&self.config.handoff.command_prefix);
-                (for_bot && !edit).then_some(sender)
-            }
-            _ => None,
-        }
-    }
-
-    /// A DM invite of the bot is recorded as the inviter's DM as it arrives, not when the invite
-    /// is handled from the queue: the inviter's first bare command may come right behind it, and
-    /// [`Bot::addressed`] keeps a bare message only in a known DM.
-    fn note_dm_invite(&self, event: &Raw<AnyTimelineEvent>, inviter: &UserId) {
-        let Ok(Some(content)) = event.get_field::<RoomMemberEventContent>("content") else { return };
-        let Ok(Some(room)) = event.get_field::<OwnedRoomId>("room_id") else { return };
-        if content.membership == MembershipState::Invite
-            && content.is_direct == Some(true)
-            && let Err(e) = self.store.set_dm_room(&room, inviter)
+        let dm_owner = |room: &RoomId| self.store.dm_room_user(room).ok().flatten();
+        let addressed = addressed(event, &self.user_id, &self.config.handoff.command_prefix, dm_owner)?;
+        if let Some(room) = &addressed.dm_invite
+            && let Err(e) = self.store.set_dm_room(room, &addressed.sender)
         {
             tracing::warn!(error = %e, "cannot record a DM room");
         }
+        Some(addressed.sender)
     }
 
     /// Accepts a transaction: the events for the bot are stored with the transaction ID in one
