@@ -552,11 +552,18 @@ impl Engine {
                     begun.store(true, Ordering::Relaxed);
                     Some(self.rooms.take_seat(t, room, &from).await)
                 });
-                // A cancel ends the wait for a slot, or for a server, at once.
+                // A cancel ends the wait for a slot at once, and a room still waiting (for a
+                // server, or to try again) after a moment's grace: a room in the middle of its
+                // requests to this homeserver finishes its seat (no invite left without its join).
                 let seat = tokio::select! {
                     biased;
                     seat = seat => seat,
-                    _ = stop.cancelled() => None,
+                    _ = async {
+                        stop.cancelled().await;
+                        if begun.load(Ordering::Relaxed) {
+                            tokio::time::sleep(CANCEL_GRACE).await;
+                        }
+                    } => None,
                 };
                 let ended = match seat {
                     None if !begun.load(Ordering::Relaxed) => {
@@ -851,6 +858,10 @@ impl Progress {
         Progress { seated: AtomicUsize::new(seated), done: AtomicUsize::new(done), total: plan.total() }
     }
 }
+
+/// How long a room that has begun may go on after a cancel: long enough for requests to this
+/// homeserver, short enough that a cancel ends a room waiting for another server within seconds.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Why a room was not reached: the transfer was cancelled before its turn.
 const NOT_STARTED: &str = "not reached: the transfer was cancelled before this room's turn; a new transfer moves it";
