@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -85,6 +86,14 @@ impl Budget {
         rx.await.expect("a waiter's sender is only dropped after sending")
     }
 
+    /// Runs `work` holding a slot of `class` for `party`; the waits inside it ([`away`]) give
+    /// the slot back while they last, and take one again before the work goes on.
+    pub async fn hold<F: Future>(self: &Arc<Self>, party: Party, class: Class, work: F) -> F::Output {
+        let slot = self.acquire(party, class).await;
+        let lease = Lease { budget: Arc::clone(self), party, class, slot: Mutex::new(Some(slot)) };
+        LEASE.scope(lease, work).await
+    }
+
     /// Counts `party` among those sharing the budget until the guard is dropped, also while it
     /// neither holds nor waits (between two steps of a transfer): the share of a running
     /// transfer is kept for it, instead of going to whoever asks first in that moment.
@@ -113,6 +122,51 @@ impl Budget {
         state.give_back(party);
         state.dispatch(self);
     }
+}
+
+tokio::task_local! {
+    /// The slot of the work running in this future ([`Budget::hold`]). A task-local, not an
+    /// argument: a room's wait is deep inside its stages (a request that needs another server),
+    /// and every stage would otherwise pass it on.
+    static LEASE: Lease;
+}
+
+/// A slot held by one piece of work, which it gives back while it waits.
+struct Lease {
+    budget: Arc<Budget>,
+    party: Party,
+    class: Class,
+    slot: Mutex<Option<Slot>>,
+}
+
+/// Waits for `wait` without the slot of the work it is part of ([`Budget::hold`]), so others'
+/// work goes on meanwhile, then takes a slot again (in its turn) before returning. Outside a
+/// held piece of work it is `wait` alone.
+pub async fn away<F: Future>(wait: F) -> F::Output {
+    let given = LEASE.try_with(|l| l.slot.lock().expect("lease lock").take().is_some()).unwrap_or(false);
+    let out = wait.await;
+    if given {
+        take_again().await;
+    }
+    out
+}
+
+/// `work` (a request that may wait long for another server), holding the slot for `grace`,
+/// then without it until the work ends: a request still running by then is waiting, not
+/// working the homeserver.
+pub async fn away_after<F: Future>(grace: Duration, work: F) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    tokio::select! {
+        out = &mut work => return out,
+        _ = tokio::time::sleep(grace) => {}
+    }
+    away(work).await
+}
+
+async fn take_again() {
+    let Ok((budget, party, class)) = LEASE.try_with(|l| (Arc::clone(&l.budget), l.party, l.class)) else { return };
+    let slot = budget.acquire(party, class).await;
+    let _ = LEASE.try_with(|l| *l.slot.lock().expect("lease lock") = Some(slot));
 }
 
 impl State {
@@ -328,6 +382,62 @@ mod tests {
         // rounds of slots, not one at a time.
         let times: Vec<_> = served.lock().unwrap().iter().map(|(_, at)| *at).collect();
         assert!(times[5].duration_since(times[0]) <= Duration::from_millis(200), "{times:?}");
+    }
+
+    /// A room that waits (for another server, say) gives its slot back for the wait: the only
+    /// slot goes to another transfer at once, and the room takes one again, in its turn, before
+    /// it goes on. A request still running after its grace lends the slot the same way.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_room_gives_its_slot_back_while_it_sleeps() {
+        let budget = Budget::new(1);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = |events: &Arc<Mutex<Vec<(&'static str, u128)>>>, what| {
+            let start = tokio::time::Instant::now();
+            let events = Arc::clone(events);
+            move || events.lock().unwrap().push((what, start.elapsed().as_millis()))
+        };
+        let waiting = {
+            let (budget, back) = (Arc::clone(&budget), log(&events, "room goes on"));
+            tokio::spawn(async move {
+                budget
+                    .hold(1, Class::First, async {
+                        away(tokio::time::sleep(Duration::from_secs(10))).await;
+                        back();
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let other = tokio::time::timeout(Duration::from_millis(1), budget.acquire(2, Class::Low)).await;
+        let other = other.expect("the sleeping room kept its slot");
+        log(&events, "other served")();
+        // The room wakes up while the other holds the slot: it waits for it.
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert!(events.lock().unwrap().iter().all(|(what, _)| *what != "room goes on"));
+        drop(other);
+        waiting.await.unwrap();
+        let order: Vec<_> = events.lock().unwrap().iter().map(|(what, _)| *what).collect();
+        assert_eq!(order, ["other served", "room goes on"]);
+
+        // A slow request: the slot is held for its grace, then lent until it ends.
+        let slow = {
+            let budget = Arc::clone(&budget);
+            tokio::spawn(async move {
+                budget
+                    .hold(
+                        1,
+                        Class::First,
+                        away_after(Duration::from_secs(2), tokio::time::sleep(Duration::from_secs(30))),
+                    )
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let early = tokio::time::timeout(Duration::from_secs(1), budget.acquire(2, Class::Low)).await;
+        assert!(early.is_err(), "lent before its grace");
+        let later = tokio::time::timeout(Duration::from_secs(2), budget.acquire(2, Class::Low)).await;
+        drop(later.expect("held past its grace"));
+        slow.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,7 +4,9 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::{FutureExt, TryFutureExt};
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
@@ -150,23 +152,123 @@ pub struct Retry {
     /// another server (an invite to a remote user, a join through via servers) is answered 5xx
     /// when that server is away: its caller decides how long that one is worth waiting for.
     pub server_errors: bool,
+    /// The one clock of a request, from its first attempt: whatever fails (no answer in time, a
+    /// refused connection, a 5xx, a rate limit), nothing is tried or waited for after it, and an
+    /// attempt still running then is cut off. `None`: as long as the attempts last.
+    pub deadline: Option<Duration>,
 }
 
 impl Retry {
     /// For start-up checks: one attempt, so a wrong address fails at once.
     pub const NONE: Retry =
-        Retry { attempts: 1, backoff: Duration::ZERO, max_wait: Duration::ZERO, server_errors: true };
+        Retry { attempts: 1, backoff: Duration::ZERO, max_wait: Duration::ZERO, server_errors: true, deadline: None };
     /// For ordinary work such as bot replies.
     pub const DEFAULT: Retry = Retry {
         attempts: 6,
         backoff: Duration::from_millis(250),
         max_wait: Duration::from_secs(30),
         server_errors: true,
+        deadline: None,
     };
 
     /// The same, leaving the homeserver's 5xx answers to the caller ([`Retry::server_errors`]).
     pub const fn without_server_errors(self) -> Retry {
         Retry { server_errors: false, ..self }
+    }
+
+    /// The same, giving up `deadline` after the first attempt ([`Retry::deadline`]).
+    pub const fn within(self, deadline: Duration) -> Retry {
+        Retry { deadline: Some(deadline), ..self }
+    }
+}
+
+/// The longest a single request may take, whatever the HTTP client it was given: a homeserver
+/// that accepts the connection and never answers costs this much, not a stuck task.
+pub const REQUEST_LIMIT: Duration = Duration::from_secs(60);
+
+/// The least time an attempt before a deadline is given: no wait ends later than this before it.
+const LAST_ATTEMPT: Duration = Duration::from_millis(500);
+
+/// The one way handoff tries again (backon): a wait that doubles from `first` to `longest`, at
+/// most `retries` times, never past `until`; a rate limit's `retry_after_ms` replaces the next
+/// wait. Every wait gives back the budget slot of the room it is for while it lasts
+/// ([`crate::budget::away`]), and, being a future, ends the moment its caller drops it (a cancel).
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub first: Duration,
+    pub longest: Duration,
+    /// Tries after the first; `None`: no limit but `until`.
+    pub retries: Option<usize>,
+    pub until: Option<Instant>,
+}
+
+impl Backoff {
+    pub const fn new(first: Duration, longest: Duration) -> Backoff {
+        Backoff { first, longest, retries: None, until: None }
+    }
+
+    pub const fn retries(self, retries: usize) -> Backoff {
+        Backoff { retries: Some(retries), ..self }
+    }
+
+    pub const fn until(self, until: Option<Instant>) -> Backoff {
+        Backoff { until, ..self }
+    }
+
+    /// The waits themselves, without a deadline (for a caller with a loop of its own).
+    pub fn builder(&self) -> backon::ExponentialBuilder {
+        let builder =
+            backon::ExponentialBuilder::new().with_min_delay(self.first).with_max_delay(self.longest).with_factor(2.0);
+        match self.retries {
+            Some(n) => builder.with_max_times(n),
+            None => builder.without_max_times(),
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, fails in a way `again` says is not worth another try,
+    /// the tries are spent or the next one would start after `until`: then the last error.
+    pub async fn run<T, E, F, Fut>(self, attempt: F, mut again: impl FnMut(&E) -> bool) -> Result<T, E>
+    where
+        E: Transient + std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        use backon::Retryable as _;
+        let (until, longest) = (self.until, self.longest);
+        attempt
+            .retry(self.builder())
+            .when(|e| again(e))
+            .adjust(move |e, next| {
+                // The tries are spent: a rate limit does not add one.
+                let wait = e.retry_after().map_or(next?, |asked| asked.min(longest));
+                let Some(until) = until else { return Some(wait) };
+                // The last attempt has a moment to be answered in, not none.
+                let left = until.saturating_duration_since(Instant::now()).checked_sub(LAST_ATTEMPT)?;
+                (!left.is_zero()).then(|| wait.min(left))
+            })
+            .notify(|e, wait| tracing::debug!(error = %e, ?wait, "trying again"))
+            .sleep(|wait| crate::budget::away(tokio::time::sleep(wait)))
+            .await
+    }
+}
+
+/// `attempt`, cut off at [`REQUEST_LIMIT`] or at `until` if sooner, as a homeserver that did not
+/// answer ([`HsError::Unreachable`]).
+pub async fn within<T, E: From<HsError>>(
+    until: Option<Instant>,
+    attempt: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let limit = until.map_or(REQUEST_LIMIT, |u| u.saturating_duration_since(Instant::now()).min(REQUEST_LIMIT));
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(result) => result,
+        Err(_) => {
+            // For people: to the second (a deadline's remainder is never round).
+            let shown = match limit.as_secs_f64().round() as u64 {
+                0 => Duration::from_millis(limit.as_millis() as u64),
+                secs => Duration::from_secs(secs),
+            };
+            Err(HsError::Unreachable(format!("no answer within {}", humantime::format_duration(shown))).into())
+        }
     }
 }
 
@@ -355,10 +457,11 @@ impl Homeserver {
             MediaSource::Encrypted(file) => &file.url,
         };
         let endpoint = metrics::endpoint::<get_content::v1::Request>(Cow::Borrowed(&self.versions));
+        let until = self.until();
         let bytes = self
-            .with_retries(|| {
+            .with_retries(until, || {
                 let start = Instant::now();
-                self.download_once(url, max).inspect(move |result| {
+                within(until, self.download_once(url, max)).inspect(move |result| {
                     let outcome = match result {
                         Ok(_) => Outcome::Ok,
                         Err(DownloadError::Hs(e)) => e.outcome(),
@@ -414,9 +517,10 @@ impl Homeserver {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ruma_client::Error<reqwest::Error, E>>>,
     {
-        self.with_retries(|| {
+        let until = self.until();
+        self.with_retries(until, || {
             let start = Instant::now();
-            attempt().map_err(HsError::from).inspect(move |result| {
+            within(until, attempt().map_err(HsError::from)).inspect(move |result| {
                 let outcome = result.as_ref().map_or_else(HsError::outcome, |_| Outcome::Ok);
                 metrics::homeserver_request(endpoint, outcome, start.elapsed());
             })
@@ -424,31 +528,25 @@ impl Homeserver {
         .await
     }
 
-    async fn with_retries<T, E, F, Fut>(&self, mut attempt: F) -> Result<T, E>
+    /// The clock of one request under this client's [`Retry`], from now.
+    fn until(&self) -> Option<Instant> {
+        self.retry.deadline.map(|d| Instant::now() + d)
+    }
+
+    /// Tries again what is worth it: transient failures (5xx only if [`Retry::server_errors`]),
+    /// as often as [`Retry::attempts`] and as long as [`Retry::deadline`] allow.
+    async fn with_retries<T, E, F, Fut>(&self, until: Option<Instant>, attempt: F) -> Result<T, E>
     where
-        E: Retryable + std::fmt::Display,
+        E: Transient + std::fmt::Display,
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let mut wait = self.retry.backoff;
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match attempt().await {
-                Ok(v) => return Ok(v),
-                Err(e)
-                    if e.transient().is_some()
-                        && tries < self.retry.attempts
-                        && (self.retry.server_errors || !e.server_answer()) =>
-                {
-                    let delay = e.transient().flatten().unwrap_or(wait).min(self.retry.max_wait);
-                    tracing::debug!(error = %e, ?delay, "transient homeserver error, retrying");
-                    tokio::time::sleep(delay).await;
-                    wait = (wait * 2).min(self.retry.max_wait);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let retry = self.retry;
+        Backoff::new(retry.backoff, retry.max_wait)
+            .retries(retry.attempts.saturating_sub(1) as usize)
+            .until(until)
+            .run(attempt, |e| e.is_transient() && (retry.server_errors || !e.server_answer()))
+            .await
     }
 }
 
@@ -461,27 +559,39 @@ where
     metrics::endpoint::<R>(R::PathBuilder::get_path_builder_input(client))
 }
 
-/// An error that may be worth another attempt.
-trait Retryable {
-    /// `Some` if transient, with the wait the server asked for, if it did.
-    fn transient(&self) -> Option<Option<Duration>>;
+/// An error that may be worth another attempt ([`Backoff::run`]).
+pub trait Transient {
+    /// The server was away, overloaded or rate-limiting.
+    fn is_transient(&self) -> bool;
+    /// The wait the server asked for, if it did.
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
     /// A 5xx answer of the homeserver ([`HsError::is_server_answer`]).
-    fn server_answer(&self) -> bool;
+    fn server_answer(&self) -> bool {
+        false
+    }
 }
 
-impl Retryable for HsError {
-    fn transient(&self) -> Option<Option<Duration>> {
-        self.is_transient().then(|| self.retry_after())
+impl Transient for HsError {
+    fn is_transient(&self) -> bool {
+        HsError::is_transient(self)
+    }
+    fn retry_after(&self) -> Option<Duration> {
+        HsError::retry_after(self)
     }
     fn server_answer(&self) -> bool {
         self.is_server_answer()
     }
 }
 
-impl Retryable for DownloadError {
-    fn transient(&self) -> Option<Option<Duration>> {
+impl Transient for DownloadError {
+    fn is_transient(&self) -> bool {
+        matches!(self, DownloadError::Hs(e) if e.is_transient())
+    }
+    fn retry_after(&self) -> Option<Duration> {
         match self {
-            DownloadError::Hs(e) => e.transient(),
+            DownloadError::Hs(e) => e.retry_after(),
             _ => None,
         }
     }
@@ -549,6 +659,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
+    use crate::transfer::PATIENT;
+
     /// A homeserver whose `whoami` answers with `script[n]` on its n-th call, then 200.
     async fn mock(script: Vec<(u16, serde_json::Value)>) -> (String, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
@@ -601,6 +713,80 @@ mod tests {
         let err = hs.send(whoami::v3::Request::new()).await.unwrap_err();
         assert!(matches!(err.kind(), Some(ErrorKind::Forbidden)), "{err}");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// The one clock of a request with a deadline: spent whatever fails, a 5xx answer, no
+    /// answer at all (the attempt is cut off), or a refused connection; then the last error.
+    #[tokio::test]
+    async fn a_deadline_covers_5xx_silence_and_refused_connections_alike() {
+        let patience = PATIENT.within(Duration::from_secs(2));
+        let timed = |hs: Homeserver| async move {
+            let start = Instant::now();
+            let err = hs.with_retry(patience).send(whoami::v3::Request::new()).await.unwrap_err();
+            let took = start.elapsed();
+            // Up to the deadline, less the last attempt's time if it was answered at once.
+            assert!(took >= Duration::from_millis(1400) && took < Duration::from_millis(3000), "took {took:?}: {err}");
+            err
+        };
+
+        let oops = json!({"errcode": "M_UNKNOWN", "error": "oops"});
+        let (url, calls) = mock(vec![(502, oops); 1000]).await;
+        let err = timed(Homeserver::connect(&url, "token", reqwest::Client::new()).await.unwrap()).await;
+        assert!(err.is_server_answer(), "{err}");
+        assert!(calls.load(Ordering::SeqCst) >= 3, "tried again meanwhile");
+
+        let (url, calls) = silent().await;
+        let err = timed(Homeserver::connect(&url, "token", reqwest::Client::new()).await.unwrap()).await;
+        assert!(matches!(err, HsError::Unreachable(_)), "{err}");
+        assert_eq!(err.to_string(), "cannot reach the homeserver: no answer within 2s");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one attempt, cut at the deadline");
+
+        // Connected, then the homeserver goes away: its port refuses.
+        let (url, stop) = going_away().await;
+        // No kept-alive connection: the one to `/versions` would outlive the listener.
+        let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        let hs = Homeserver::connect(&url, "token", http).await.unwrap();
+        stop.cancel();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let err = timed(hs).await;
+        assert!(err.to_string().contains("Connection refused"), "{err}");
+    }
+
+    /// A homeserver that answers `/versions`, then takes every `whoami` and never answers it.
+    async fn silent() -> (String, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let app = axum::Router::new()
+            .route("/_matrix/client/versions", get(|| async { Json(json!({"versions": ["v1.11"]})) }))
+            .route(
+                "/_matrix/client/v3/account/whoami",
+                get(move || {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<Json<serde_json::Value>>()
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), calls)
+    }
+
+    /// A homeserver that answers `/versions` until the token is cancelled, then is gone: its
+    /// listener and connections closed.
+    async fn going_away() -> (String, tokio_util::sync::CancellationToken) {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let app = axum::Router::new()
+            .route("/_matrix/client/versions", get(|| async { Json(json!({"versions": ["v1.11"]})) }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = axum::serve(listener, app) => {}
+                _ = stopped.cancelled() => {}
+            }
+        });
+        (format!("http://{addr}"), stop)
     }
 
     #[tokio::test]

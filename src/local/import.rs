@@ -39,6 +39,7 @@ const PATIENCE: Retry = Retry {
     backoff: std::time::Duration::from_millis(500),
     max_wait: std::time::Duration::from_secs(10),
     server_errors: true,
+    deadline: None,
 };
 
 /// The old account, when this device can act for it too (a second login, or its access token):

@@ -6,8 +6,8 @@
 //! Every step is journaled before and after it runs; the engine only tells the [`Reporter`] how it
 //! goes. At most `handoff.max_transfers` run at once; the others wait their turn in [`Line`].
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -15,6 +15,7 @@ use futures_util::stream::{self, StreamExt};
 use ruma::api::client::media::create_content;
 use ruma::events::room::MediaSource;
 use ruma::{OwnedRoomId, UserId};
+use tokio_util::sync::CancellationToken;
 
 use super::account::{AFTER_ROOMS, AccountWork};
 use super::journal::Journal;
@@ -29,7 +30,7 @@ use super::{
 use crate::budget::{Budget, Class};
 use crate::bundle::{Bundle, Priority, RoomKind};
 use crate::config::{Config, PermissionLevel};
-use crate::homeserver::{Homeserver, HsError};
+use crate::homeserver::{Homeserver, HsError, Retry};
 use crate::metrics::{self, RoomInFlight, RoomOutcome, TransferOutcome};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
@@ -58,8 +59,9 @@ pub struct Engine {
     /// Transfers running in this process (with the handle that stops one at once), and those
     /// waiting for a place.
     line: Mutex<Line<tokio::task::AbortHandle>>,
-    /// Transfers asked to stop (also persisted as `Cancelling`, for a restart).
-    cancelling: Mutex<HashSet<u64>>,
+    /// Each transfer's stop: cancelled when it is asked to stop (also persisted as `Cancelling`,
+    /// for a restart); a room waiting for a server or its turn ends at once.
+    cancelling: Mutex<HashMap<u64, CancellationToken>>,
     /// Work in flight across every transfer and capture (`handoff.concurrency`): what the
     /// homeserver sees stays bounded however many users move at once, and rooms are served by
     /// priority class, then in turn across transfers ([`Budget`]).
@@ -80,7 +82,9 @@ impl Engine {
         Arc::new(Engine {
             rooms: RoomWork {
                 acting: acting.clone(),
-                remote: acting.with_retry(PATIENT.without_server_errors()),
+                // Every failure of a request that needs another server counts against one clock
+                // (`federation_patience`), kept by `RoomWork::across`: no retries of its own.
+                remote: acting.with_retry(Retry::NONE),
                 journal: journal.clone(),
                 notify: config.handoff.notify.clone(),
                 domain: config.homeserver.domain.clone(),
@@ -93,7 +97,7 @@ impl Engine {
             journal,
             reporter,
             line: Mutex::new(Line::new(config.handoff.max_transfers.0)),
-            cancelling: Mutex::new(HashSet::new()),
+            cancelling: Mutex::new(HashMap::new()),
             budget: Budget::new(config.handoff.concurrency.0),
             shutdown,
             config,
@@ -225,23 +229,42 @@ impl Engine {
     fn watch(self: &Arc<Self>, id: u64) {
         let engine = Arc::clone(self);
         self.shutdown.spawn(async move {
-            let mut wait = watch::FIRST_LOOK;
-            loop {
-                // A stop does not wait for the next look: the watch resumes at the next start.
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = engine.shutdown.begun() => return,
-                }
-                match engine.look_at_seats(id).await {
-                    Ok(None) => return,
-                    Ok(Some(look)) => wait = watch::next_wait(wait, Some(look)),
-                    Err(e) => {
-                        tracing::warn!(transfer = id, error = %e, "cannot look at the reserved seats; trying later");
-                        wait = watch::next_wait(wait, None);
-                    }
-                }
+            // A stop does not wait for the next look: the watch resumes at the next start.
+            tokio::select! {
+                _ = engine.watch_seats(id) => {}
+                _ = engine.shutdown.begun() => {}
             }
         });
+    }
+
+    /// Looks at the seats until none waits: soon after a look that found a seat taken, less
+    /// and less often while nothing changes or the homeserver is away ([`watch::SLOWER`]).
+    async fn watch_seats(&self, id: u64) {
+        loop {
+            tokio::time::sleep(watch::FIRST_LOOK).await;
+            let changed = watch::SLOWER
+                .run(
+                    || async {
+                        match self.look_at_seats(id).await {
+                            Ok(None) => Ok(false),
+                            Ok(Some(look)) if look.settled > 0 => Ok(true),
+                            Ok(Some(_)) => Err(watch::Unchanged::Waiting),
+                            Err(e) => Err(watch::Unchanged::Unread(e)),
+                        }
+                    },
+                    |unchanged| {
+                        if let watch::Unchanged::Unread(e) = unchanged {
+                            tracing::warn!(transfer = id, error = %e, "cannot look at the reserved seats; trying later");
+                        }
+                        true
+                    },
+                )
+                .await;
+            // Done with (or no longer watched): the watch ends; a seat taken: quick looks again.
+            if !matches!(changed, Ok(true)) {
+                return;
+            }
+        }
     }
 
     /// Looks at a watched reservation's seats now (also for `status`); when none waits any more,
@@ -297,7 +320,7 @@ impl Engine {
     /// and ends at once (it changed nothing yet, unless it had run before a restart: then it
     /// finishes the rooms it had joined, as a running one does). Returns whether it was waiting.
     pub fn cancel(self: &Arc<Self>, id: u64) -> bool {
-        self.cancelling.lock().expect("lock").insert(id);
+        self.stop_token(id).cancel();
         let mut line = self.line.lock().expect("lock");
         let waiting = line.unqueue(id);
         if waiting {
@@ -308,7 +331,12 @@ impl Engine {
     }
 
     fn cancel_requested(&self, id: u64) -> bool {
-        self.cancelling.lock().expect("lock").contains(&id)
+        self.cancelling.lock().expect("lock").get(&id).is_some_and(CancellationToken::is_cancelled)
+    }
+
+    /// The token that is cancelled when `id` is asked to stop.
+    fn stop_token(&self, id: u64) -> CancellationToken {
+        self.cancelling.lock().expect("lock").entry(id).or_default().clone()
     }
 
     fn is_local(&self, user: &UserId) -> bool {
@@ -329,7 +357,7 @@ impl Engine {
             return Ok(());
         }
         if t.state == TransferState::Cancelling {
-            self.cancelling.lock().expect("lock").insert(id);
+            self.stop_token(id).cancel();
         }
         if self.cancel_requested(id) && t.plan.is_none() {
             // Cancelled while it waited for a place, before it ever ran (a run stores its plan
@@ -502,6 +530,7 @@ impl Engine {
         let progress = Progress::new(plan, &steps);
         let (progress, steps) = (&progress, &steps);
         let concurrency = self.config.handoff.concurrency.0;
+        let stop = &self.stop_token(t.id);
 
         // Pass 1, seats: every room's invite and join, highest priority first, so the new account
         // is in its rooms as early as the homeserver allows.
@@ -513,21 +542,47 @@ impl Engine {
                 if from.is_seated() {
                     return Seat::Taken(index, from);
                 }
-                let _slot = self.budget.acquire(t.id, class_of(room)).await;
-                let _flight = RoomInFlight::start();
-                if self.cancel_requested(t.id) {
-                    return Seat::NotStarted;
-                }
-                let ended = match self.rooms.take_seat(t, room, &from).await {
-                    Ok(None) => {
+                // Its slot is given back while it waits for a server (and taken again to try).
+                let begun = AtomicBool::new(false);
+                let seat = self.budget.hold(t.id, class_of(room), async {
+                    let _flight = RoomInFlight::start();
+                    if stop.is_cancelled() {
+                        return None;
+                    }
+                    begun.store(true, Ordering::Relaxed);
+                    Some(self.rooms.take_seat(t, room, &from).await)
+                });
+                // A cancel ends the wait for a slot at once, and a room still waiting (for a
+                // server, or to try again) after a moment's grace: a room in the middle of its
+                // requests to this homeserver finishes its seat (no invite left without its join).
+                let seat = tokio::select! {
+                    biased;
+                    seat = seat => seat,
+                    _ = async {
+                        stop.cancelled().await;
+                        if begun.load(Ordering::Relaxed) {
+                            tokio::time::sleep(CANCEL_GRACE).await;
+                        }
+                    } => None,
+                };
+                let ended = match seat {
+                    None if !begun.load(Ordering::Relaxed) => {
+                        self.end_room(t, progress, &room.room_id, &RoomStep::Skipped(NOT_STARTED.into())).await;
+                        return Seat::NotStarted;
+                    }
+                    None => {
+                        tracing::info!(transfer = t.id, room_id = %room.room_id, "cancelled while the room waited");
+                        RoomStep::Skipped(INTERRUPTED.into())
+                    }
+                    Some(Ok(None)) => {
                         tracing::debug!(transfer = t.id, class = ?class_of(room), elapsed_ms = started.elapsed().as_millis() as u64, "room seated");
                         metrics::room_seated();
                         progress.seated.fetch_add(1, Ordering::Relaxed);
                         self.tell_progress(t, progress).await;
                         return Seat::Taken(index, RoomStep::Started(Stage::Joined));
                     }
-                    Ok(Some(step)) => step,
-                    Err(e) => RoomStep::Failed(e.to_string()),
+                    Some(Ok(Some(step))) => step,
+                    Some(Err(e)) => RoomStep::Failed(e.to_string()),
                 };
                 self.end_room(t, progress, &room.room_id, &ended).await;
                 Seat::Ended
@@ -626,7 +681,9 @@ impl Engine {
             return;
         }
         let copied = async {
-            let bytes = self.acting.download(&MediaSource::Plain(url.clone()), AVATAR_MAX).await?;
+            // The old server serves it through this one: its clock is `federation_patience`.
+            let remote = self.acting.with_retry(PATIENT.within(self.config.handoff.federation_patience));
+            let bytes = remote.download(&MediaSource::Plain(url.clone()), AVATAR_MAX).await?;
             let mut upload = create_content::v3::Request::new(bytes);
             // The homeserver makes thumbnails only for an image type.
             upload.content_type = Some(image_type(&upload.file).into());
@@ -774,6 +831,9 @@ impl Drop for RunningEntry {
     fn drop(&mut self) {
         // The next run learns afresh which servers are away.
         self.engine.rooms.reach.forget(self.id);
+        if let Ok(mut stops) = self.engine.cancelling.lock() {
+            stops.remove(&self.id);
+        }
         if let Ok(mut line) = self.engine.line.lock() {
             line.remove(self.id);
             self.engine.fill(&mut line);
@@ -798,6 +858,17 @@ impl Progress {
         Progress { seated: AtomicUsize::new(seated), done: AtomicUsize::new(done), total: plan.total() }
     }
 }
+
+/// How long a room that has begun may go on after a cancel: long enough for requests to this
+/// homeserver, short enough that a cancel ends a room waiting for another server within seconds.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Why a room was not reached: the transfer was cancelled before its turn.
+const NOT_STARTED: &str = "not reached: the transfer was cancelled before this room's turn; a new transfer moves it";
+/// Why a room was not reached: the transfer was cancelled while the room waited (for another
+/// server, or its turn to try again).
+const INTERRUPTED: &str =
+    "not reached: the transfer was cancelled while this room waited for a server; a new transfer moves it";
 
 /// The largest avatar copied from another server.
 const AVATAR_MAX: u64 = 10 * 1024 * 1024;

@@ -38,6 +38,7 @@ pub const PATIENT: Retry = Retry {
     backoff: std::time::Duration::from_millis(250),
     max_wait: std::time::Duration::from_secs(15),
     server_errors: true,
+    deadline: None,
 };
 
 /// Why a transfer could not go on. Either is retried at the next start: the journal says where.

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ruma::api::Direction;
 use ruma::api::client::membership::{invite_user, join_room_by_id_or_alias};
@@ -20,13 +20,15 @@ use ruma::events::{MessageLikeEventType, StateEventType};
 use ruma::serde::Raw;
 use ruma::{Int, OwnedServerName, RoomId, UInt, UserId};
 use serde_json::{Value as JsonValue, json};
+use tokio::time::Instant;
 
 use super::journal::Journal;
 use super::plan::{Action, Blocked, RoomPlan, Warning};
 use super::{ClientProfile, Error, RoomStep, Stage, Transfer, TransferKind};
+use crate::budget;
 use crate::bundle::RoomEntry;
 use crate::config::{NotifyConfig, NotifySender};
-use crate::homeserver::{Homeserver, HsError};
+use crate::homeserver::{Backoff, Homeserver, HsError, Transient, within};
 use crate::html::to_html;
 
 /// The field of move notices that clients and bots can read.
@@ -35,8 +37,9 @@ pub const MOVE_FIELD: &str = "org.handoff.move";
 /// What a room's stages need: the acting client, the journal, the notice settings.
 pub struct RoomWork {
     pub acting: Homeserver,
-    /// The same client for requests that reach another homeserver: its 5xx answers (that server
-    /// away) are [`RoomWork::across`]'s to wait for, up to `patience`.
+    /// The same client for requests that reach another homeserver, trying each once: every
+    /// failure of theirs (no answer in time, a refused connection, a 5xx) is
+    /// [`RoomWork::across`]'s to wait for, up to `patience`.
     pub remote: Homeserver,
     pub journal: Journal,
     pub notify: NotifyConfig,
@@ -56,7 +59,17 @@ pub struct Reach(Mutex<HashMap<(u64, String), Instant>>);
 impl Reach {
     /// How long `servers` have been away for transfer `id` (zero the first time).
     fn away(&self, id: u64, servers: &str) -> Duration {
-        self.0.lock().expect("lock").entry((id, servers.to_owned())).or_insert_with(Instant::now).elapsed()
+        self.failed(id, servers, Instant::now()).elapsed()
+    }
+
+    /// Since when `servers` have been away for transfer `id`, if they are.
+    fn since(&self, id: u64, servers: &str) -> Option<Instant> {
+        self.0.lock().expect("lock").get(&(id, servers.to_owned())).copied()
+    }
+
+    /// An attempt that began `at` failed: they are away since then, unless since before.
+    fn failed(&self, id: u64, servers: &str, at: Instant) -> Instant {
+        *self.0.lock().expect("lock").entry((id, servers.to_owned())).or_insert(at)
     }
 
     fn back(&self, id: u64, servers: &str) {
@@ -74,7 +87,16 @@ impl Reach {
 /// long means it is done, and the invite is not coming).
 pub const INVITES_PATIENCE: Duration = Duration::from_secs(60);
 
+/// A room whose servers have been away for the whole patience already (another room waited it
+/// out) still tries once, this long at most: a server that came back is noticed.
+const LAST_LOOK: Duration = Duration::from_secs(5);
+
+/// How long a request that needs another server holds its room's budget slot: one still running
+/// after this is waiting for that server, not working this one, and lets others' work go first.
+const WORKING: Duration = Duration::from_secs(2);
+
 /// Why a request that needs another homeserver did not succeed.
+#[derive(Debug)]
 enum Unreached {
     /// Those servers did not answer for the whole patience: the last error, and how long.
     Away(HsError, Duration),
@@ -82,34 +104,65 @@ enum Unreached {
     Refused(HsError),
 }
 
+impl std::fmt::Display for Unreached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unreached::Away(e, _) | Unreached::Refused(e) => e.fmt(f),
+        }
+    }
+}
+
+/// What is worth another try is the caller's to say ([`RoomWork::join_through`]).
+impl Transient for Unreached {
+    fn is_transient(&self) -> bool {
+        false
+    }
+}
+
 impl RoomWork {
-    /// Runs `op`, a request that needs the homeservers `servers`: a 5xx answer (one of them
-    /// away) is tried again with backoff until they have been away for the patience; this
-    /// homeserver's own absence is waited out by the client, however long.
+    /// Runs `op`, a request that needs the homeservers `servers`, with one clock for them per
+    /// transfer: whatever fails (no answer in time, a refused connection, a 5xx, a rate limit),
+    /// it is tried again with backoff until they have been away for the patience, each attempt
+    /// cut off at that deadline. The room's budget slot is given back while it waits.
     async fn across<F, Fut>(&self, t: &Transfer, servers: &str, mut op: F) -> Result<(), Unreached>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<(), HsError>>,
     {
-        let mut wait = Duration::from_millis(500);
-        loop {
-            match op().await {
-                Ok(()) => {
-                    self.reach.back(t.id, servers);
-                    return Ok(());
-                }
-                Err(e) if e.is_server_answer() => {
-                    let away = self.reach.away(t.id, servers);
-                    if away >= self.patience {
-                        tracing::warn!(transfer = t.id, servers, error = %e, "another homeserver stayed out of reach");
-                        return Err(Unreached::Away(e, away));
+        let now = Instant::now();
+        // Away already (another room waited): what is left of their clock, or one last look.
+        let since = self.reach.since(t.id, servers).unwrap_or(now);
+        let until = (since + self.patience).max(now + LAST_LOOK.min(self.patience));
+        let tried = Backoff::new(Duration::from_millis(500), Duration::from_secs(15))
+            .until(Some(until))
+            .run(
+                || {
+                    let (started, attempt) = (Instant::now(), op());
+                    async move {
+                        let result = budget::away_after(WORKING, within(Some(until), attempt)).await;
+                        if let Err(e) = &result
+                            && e.is_transient()
+                        {
+                            self.reach.failed(t.id, servers, started);
+                            tracing::info!(transfer = t.id, servers, error = %e, "another homeserver is out of reach, waiting");
+                        }
+                        result
                     }
-                    tracing::info!(transfer = t.id, servers, error = %e, "another homeserver is out of reach, waiting");
-                    tokio::time::sleep(wait.min(self.patience - away)).await;
-                    wait = (wait * 2).min(Duration::from_secs(15));
-                }
-                Err(e) => return Err(Unreached::Refused(e)),
+                },
+                |e: &HsError| e.is_transient(),
+            )
+            .await;
+        match tried {
+            Ok(()) => {
+                self.reach.back(t.id, servers);
+                Ok(())
             }
+            Err(e) if e.is_transient() => {
+                let away = self.reach.away(t.id, servers);
+                tracing::warn!(transfer = t.id, servers, error = %e, "another homeserver stayed out of reach");
+                Err(Unreached::Away(e, away))
+            }
+            Err(e) => Err(Unreached::Refused(e)),
         }
     }
 
@@ -280,34 +333,39 @@ impl RoomWork {
         let invites = format!("the invites of {}", t.old);
         let proven = !room.warnings.contains(&Warning::Unreserved);
         let patience = self.patience.min(INVITES_PATIENCE);
-        let mut wait = Duration::from_millis(500);
-        loop {
-            match self.across(t, &servers, || join(&self.remote, &t.new, rid, &room.via)).await {
-                Ok(()) => {
-                    self.reach.back(t.id, &invites);
-                    return None;
-                }
-                Err(Unreached::Away(e, away)) => {
-                    return Some(RoomStep::Failed(format!(
-                        "the servers the room is reached through ({servers}) did not answer for {} ({e}): once they are back, join {rid} from your client",
-                        rounded(away)
-                    )));
-                }
-                Err(Unreached::Refused(e)) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
-                    let away = self.reach.away(t.id, &invites);
-                    if proven && away < patience {
-                        tracing::debug!(transfer = t.id, room_id = %rid, "no invite yet: waiting for the reservation");
-                        tokio::time::sleep(wait.min(patience - away)).await;
-                        wait = (wait * 2).min(Duration::from_secs(5));
-                        continue;
+        // Forbidden: no invite yet. Waited for while the reservation goes on (its clock starts
+        // again at each join that succeeds, so it is asked for at each failure).
+        let joined = Backoff::new(Duration::from_millis(500), Duration::from_secs(5))
+            .run(
+                || self.across(t, &servers, || join(&self.remote, &t.new, rid, &room.via)),
+                |e| match e {
+                    Unreached::Refused(e) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
+                        let waiting = proven && self.reach.away(t.id, &invites) < patience;
+                        if waiting {
+                            tracing::debug!(transfer = t.id, room_id = %rid, "no invite yet: waiting for the reservation");
+                        }
+                        waiting
                     }
-                    return Some(RoomStep::Skipped(format!(
-                        "the room is not public and no invite from {} reached you: ask them (or anyone in the room) to invite you, then join it from your client",
-                        t.old
-                    )));
-                }
-                Err(Unreached::Refused(e)) => return Some(RoomStep::Failed(format!("joining failed: {e}"))),
+                    _ => false,
+                },
+            )
+            .await;
+        match joined {
+            Ok(()) => {
+                self.reach.back(t.id, &invites);
+                None
             }
+            Err(Unreached::Away(e, away)) => Some(RoomStep::Failed(format!(
+                "the servers the room is reached through ({servers}) did not answer for {} ({e}): once they are back, join {rid} from your client",
+                rounded(away)
+            ))),
+            Err(Unreached::Refused(e)) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
+                Some(RoomStep::Skipped(format!(
+                    "the room is not public and no invite from {} reached you: ask them (or anyone in the room) to invite you, then join it from your client",
+                    t.old
+                )))
+            }
+            Err(Unreached::Refused(e)) => Some(RoomStep::Failed(format!("joining failed: {e}"))),
         }
     }
 
@@ -462,6 +520,137 @@ pub async fn notice_exists(hs: &Homeserver, sender: &UserId, room: &RoomId, id: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Json;
+    use axum::http::StatusCode;
+    use axum::routing::{get, post};
+    use serde_json::json;
+    use tokio_util::sync::CancellationToken;
+
+    use crate::budget::{Budget, Class};
+    use crate::bundle::{BundleId, Priority, RoomKind};
+    use crate::homeserver::Retry;
+    use crate::store::Store;
+    use crate::transfer::PATIENT;
+
+    /// A homeserver whose invites (to another server's user) never get an answer (`None`), or
+    /// always get `Some(status)`; it counts them.
+    async fn inviting(answer: Option<u16>) -> (String, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let app = axum::Router::new()
+            .route("/_matrix/client/versions", get(|| async { Json(json!({"versions": ["v1.11"]})) }))
+            .route(
+                "/_matrix/client/v3/rooms/{room}/invite",
+                post(move || {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let Some(status) = answer else { return std::future::pending().await };
+                        let body = json!({"errcode": "M_UNKNOWN", "error": "Failed to send request"});
+                        (StatusCode::from_u16(status).unwrap(), Json(body))
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), calls)
+    }
+
+    /// The stages of a reservation for `@new:b.org` (another server), against `url`.
+    async fn reserving(url: &str, patience: Duration, dir: &tempfile::TempDir) -> (RoomWork, Transfer, RoomPlan) {
+        let acting = Homeserver::connect(url, "token", reqwest::Client::new()).await.unwrap().with_retry(PATIENT);
+        let work = RoomWork {
+            remote: acting.with_retry(Retry::NONE),
+            acting,
+            journal: Journal::new(Store::open(&dir.path().join("db")).unwrap()),
+            notify: NotifyConfig::default(),
+            domain: "a.org".try_into().unwrap(),
+            patience,
+            reach: Reach::default(),
+        };
+        let old: ruma::OwnedUserId = "@old:a.org".try_into().unwrap();
+        let mut t = Transfer::new(
+            1,
+            old.clone(),
+            "@new:b.org".try_into().unwrap(),
+            BundleId::new(&old, 1),
+            Default::default(),
+            "!dm:a.org".try_into().unwrap(),
+            None,
+        );
+        t.kind = TransferKind::Reserve;
+        let room = RoomPlan {
+            room_id: "!room:a.org".try_into().unwrap(),
+            via: vec![],
+            name: None,
+            kind: RoomKind::Group,
+            priority: Priority::Normal,
+            action: Action::Join,
+            give_level: None,
+            warnings: vec![],
+        };
+        (work, t, room)
+    }
+
+    /// A server that takes the connection and never answers costs the room its patience, not
+    /// the HTTP client's limit (or forever): then it is reported with what to do.
+    #[tokio::test]
+    async fn a_server_that_never_answers_costs_the_patience_then_the_room_says_so() {
+        let (url, calls) = inviting(None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (work, t, room) = reserving(&url, Duration::from_secs(2), &dir).await;
+        let start = std::time::Instant::now();
+        let step = work.take_seat(&t, &room, &RoomStep::Pending).await.unwrap();
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "took {took:?}");
+        let Some(RoomStep::Failed(why)) = step else { panic!("{step:?}") };
+        assert!(why.starts_with("b.org did not answer for 2s"), "{why}");
+        assert!(why.contains("no answer within"), "{why}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one attempt, cut at the deadline");
+    }
+
+    /// A room waiting for a server that answers 502 gives its slot back between attempts (the
+    /// budget's only one: another party gets it at once), and a cancel ends the wait at once,
+    /// slot included, with no attempt after it.
+    #[tokio::test]
+    async fn a_waiting_room_lends_its_slot_and_a_cancel_ends_the_wait_at_once() {
+        let (url, calls) = inviting(Some(502)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (work, t, room) = reserving(&url, Duration::from_secs(600), &dir).await;
+        let budget = Budget::new(1);
+        let stop = CancellationToken::new();
+        let seat = work.take_seat(&t, &room, &RoomStep::Pending);
+        // Boxed, as the engine's spawned task has it: a debug build's futures are large.
+        let seat = Box::pin(budget.hold(t.id, Class::Normal, seat));
+        let waiting = async {
+            tokio::select! {
+                seat = seat => Some(seat),
+                _ = stop.cancelled() => None,
+            }
+        };
+        let others = async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let asked = std::time::Instant::now();
+            let slot = tokio::time::timeout(Duration::from_secs(1), budget.acquire(2, Class::Low)).await;
+            assert!(slot.is_ok(), "the waiting room kept the only slot");
+            drop(slot);
+            assert!(asked.elapsed() < Duration::from_secs(1));
+            stop.cancel();
+            std::time::Instant::now()
+        };
+        let (seat, cancelled_at) = tokio::join!(waiting, others);
+        assert!(seat.is_none(), "the room's wait outlived the patience of the test: {seat:?}");
+        assert!(cancelled_at.elapsed() < Duration::from_millis(100), "the cancel took {:?}", cancelled_at.elapsed());
+        let tries = calls.load(Ordering::SeqCst);
+        assert!(tries >= 2, "tried again while it waited: {tries}");
+        // Nothing left running: no attempt after the cancel, and the slot is back.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), tries);
+        assert!(tokio::time::timeout(Duration::from_millis(10), budget.acquire(3, Class::Low)).await.is_ok());
+    }
 
     #[test]
     fn a_server_is_away_since_its_first_failure_until_it_answers_and_per_transfer() {

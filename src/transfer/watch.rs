@@ -13,12 +13,33 @@ use ruma::events::room::member::MembershipState;
 use super::journal::Journal;
 use super::room::membership;
 use super::{Error, RoomStep, Transfer, TransferKind, TransferState};
-use crate::homeserver::Homeserver;
+use crate::homeserver::{Backoff, Homeserver, Transient};
 
 /// The wait before the first look, and again after a look that found a seat taken.
 pub const FIRST_LOOK: Duration = Duration::from_secs(5);
 /// The longest wait between two looks (it doubles while nothing changes).
 pub const LONGEST_WAIT: Duration = Duration::from_secs(5 * 60);
+
+/// The waits between looks after the first, while nothing changes: doubling from twice the
+/// first to the longest, for as long as the seats wait (no deadline: a reservation may wait for
+/// days, and each look costs one read per seat still waiting). A look that finds a seat taken
+/// ends the round, and the next round starts at [`FIRST_LOOK`] again.
+pub const SLOWER: Backoff = Backoff::new(FIRST_LOOK.saturating_mul(2), LONGEST_WAIT);
+
+/// Why a look changed nothing: the next one comes later.
+#[derive(Debug, thiserror::Error)]
+pub enum Unchanged {
+    #[error("every seat still waits")]
+    Waiting,
+    #[error("{0}")]
+    Unread(Error),
+}
+
+impl Transient for Unchanged {
+    fn is_transient(&self) -> bool {
+        true
+    }
+}
 
 /// Whether `t` is a finished reservation whose seats are still watched.
 pub fn is_watched(t: &Transfer) -> bool {
@@ -68,30 +89,14 @@ pub async fn look(acting: &Homeserver, journal: &Journal, t: &Transfer) -> Resul
     Ok(look)
 }
 
-/// The wait before the next look, after `previous` and a look that found `look`.
-pub fn next_wait(previous: Duration, look: Option<Look>) -> Duration {
-    match look {
-        Some(l) if l.settled > 0 => FIRST_LOOK,
-        _ => (previous * 2).min(LONGEST_WAIT),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn looks_slow_down_while_nothing_changes_and_speed_up_when_a_seat_is_taken() {
-        let quiet = Some(Look { settled: 0, waiting: 3 });
-        let mut wait = FIRST_LOOK;
-        let mut waits = vec![];
-        for _ in 0..8 {
-            wait = next_wait(wait, quiet);
-            waits.push(wait.as_secs());
-        }
+    fn looks_slow_down_while_nothing_changes() {
+        use backon::BackoffBuilder;
+        let waits: Vec<u64> = SLOWER.builder().build().take(8).map(|w| w.as_secs()).collect();
         assert_eq!(waits, [10, 20, 40, 80, 160, 300, 300, 300]);
-        assert_eq!(next_wait(LONGEST_WAIT, Some(Look { settled: 1, waiting: 2 })), FIRST_LOOK);
-        // A look that failed (the homeserver away) waits longer too.
-        assert_eq!(next_wait(Duration::from_secs(20), None), Duration::from_secs(40));
     }
 }
