@@ -137,8 +137,10 @@ pub struct HandoffConfig {
     #[serde(with = "humantime_serde")]
     pub bundle_retention: Duration,
     /// How long a room waits for another homeserver its move needs (the new account's, or the
-    /// room's via servers) before it is reported as not reached; this homeserver itself is waited
-    /// for however long it takes.
+    /// room's via servers) before it is reported as not reached: one clock, whatever the failure
+    /// (no answer, a refused connection, a 5xx). Such a request can't tell this homeserver away
+    /// from the other one, so it ends after this too; every other request to this homeserver is
+    /// waited for however long it takes.
     #[serde(with = "humantime_serde")]
     pub federation_patience: Duration,
 }
