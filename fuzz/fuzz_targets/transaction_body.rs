@@ -26,7 +26,10 @@ fuzz_target!(|data: &[u8]| {
     let dm_owner = |_: &RoomId| Some(owned_user_id!("@alice:localhost"));
     for raw in &txn.events {
         if let Some(a) = addressed(raw, &bot, "!handoff", dm_owner) {
-            assert!(a.dm_invite.is_none() || raw.get_field::<String>("type").ok().flatten().as_deref() == Some("m.room.member"));
+            assert!(
+                a.dm_invite.is_none()
+                    || raw.get_field::<String>("type").ok().flatten().as_deref() == Some("m.room.member")
+            );
         }
         let _: Result<AnyTimelineEvent, _> = raw.deserialize();
     }

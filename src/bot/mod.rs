@@ -66,9 +66,8 @@ pub fn addressed(
             }
             let content = event.get_field::<RoomMemberEventContent>("content").ok().flatten();
             let room = event.get_field::<OwnedRoomId>("room_id").ok().flatten();
-            let dm_invite = content
-                .filter(|c| c.membership == MembershipState::Invite && c.is_direct == Some(true))
-                .and(room);
+            let dm_invite =
+                content.filter(|c| c.membership == MembershipState::Invite && c.is_direct == Some(true)).and(room);
             Some(Addressed { sender, dm_invite })
         }
         "m.room.message" if sender != me => {
