@@ -355,6 +355,28 @@ async fn a_reservation_gives_the_rank_only_after_the_join_and_cancel_takes_back_
     println!("whole test: {:.1?}", started.elapsed());
 }
 
+#[tokio::test]
+async fn the_invites_of_a_reservation_not_imported_before_its_code_expires_are_withdrawn() {
+    let started = Instant::now();
+    // The shortest code A allows, and little grace after it (the federation patience).
+    let short = |side, _: &_, c: String| {
+        if side == Side::A { with_patience(common::edit(c, "code_ttl: 15m", "code_ttl: 30s"), "3s") } else { c }
+    };
+    let fh = FederatedHarness::start_with(short, "").await;
+    let (alice, dm, newbie, rooms) = reserving(&fh).await;
+    fh.a.ask(&alice, &dm, &format!("export --to {}", newbie.id), "Reserving").await;
+    fh.a.bot_says(&alice, &dm, 0, "the reservation's report", |b| b.contains("reserved for")).await;
+    assert_eq!(count_membership(&alice, &rooms, &newbie.id, "invite").await, OUTAGE_ROOMS);
+    // Nobody imports: past the code's expiry, A's watch takes every invite back.
+    let taken_back = fh.a.bot_says_within(&alice, &dm, "Not moved", Duration::from_secs(150)).await;
+    println!("invites withdrawn {:.1?} after the export", started.elapsed());
+    assert!(taken_back.contains("the reservation expired before"), "{taken_back}");
+    assert_eq!(count_membership(&alice, &rooms, &newbie.id, "leave").await, OUTAGE_ROOMS);
+    let member = alice.membership_of(&rooms[0], &newbie.id).await;
+    assert!(member["reason"].as_str().unwrap_or_default().contains("expired"), "{member}");
+    println!("whole test: {:.1?}", started.elapsed());
+}
+
 /// Rooms of the move that B's handoff is stopped in the middle of.
 const ROOMS: usize = 24;
 

@@ -112,13 +112,15 @@ impl Why {
         }
     }
 
-    fn journaled(self, new: &UserId) -> String {
+    /// The room's end in the journal; `withdrawn` says whether an invite was taken back.
+    fn journaled(self, new: &UserId, withdrawn: bool) -> String {
         let what = match self {
             Why::Cancelled => "the reservation was cancelled",
             Why::Expired => "the reservation expired",
             Why::Forgotten => "the reservation was forgotten",
         };
-        format!("{what} before {new} joined: the invite was withdrawn")
+        let invite = if withdrawn { ": the invite was withdrawn" } else { "" };
+        format!("{what} before {new} joined{invite}")
     }
 }
 
@@ -143,7 +145,7 @@ pub async fn withdraw(
                 step
             }
             Ok(Some(MembershipState::Join)) => RoomStep::Done,
-            Ok(_) => RoomStep::Skipped(why.journaled(&t.new)),
+            Ok(_) => RoomStep::Skipped(why.journaled(&t.new, false)),
             Err(e) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => RoomStep::Skipped(format!(
                 "{} left the room before {} joined, so whether it did can't be seen from here",
                 t.old, t.new
@@ -172,7 +174,7 @@ async fn withdraw_one(acting: &Homeserver, t: &Transfer, room: &RoomId, why: Why
     let mut req = kick_user::v3::Request::new(room.to_owned(), t.new.clone());
     req.reason = Some(why.reason(&t.old));
     match acting.send_as(&t.old, req).await {
-        Ok(_) => RoomStep::Skipped(why.journaled(&t.new)),
+        Ok(_) => RoomStep::Skipped(why.journaled(&t.new, true)),
         Err(e) => {
             tracing::warn!(transfer = t.id, room_id = %room, error = %e, "withdrawing an invite failed");
             RoomStep::Failed(withdraw_failed(&t.new, &e))
