@@ -15,9 +15,10 @@ use matrix_sdk::authentication::matrix::MatrixSession;
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::store::RoomLoadSettings;
 use matrix_sdk::{Client, SessionMeta, SessionTokens};
+use reqwest::Url;
 use ruma::api::client::account::whoami;
 use ruma::api::error::ErrorKind;
-use ruma::{OwnedDeviceId, OwnedUserId, UserId};
+use ruma::{OwnedDeviceId, OwnedUserId, ServerName, UserId};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::LoginToken;
@@ -295,12 +296,28 @@ impl Session {
 /// The homeserver of `user`'s server, from its `.well-known` (matrix-sdk's discovery).
 pub async fn discover(user: &UserId) -> Result<String> {
     let server = user.server_name();
-    let client = Client::builder().server_name(server).build().await.map_err(|e| {
+    let url = find_homeserver(server).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot find the homeserver of {server} ({e}): pass its address with --homeserver https://matrix.{server}"
         )
     })?;
-    Ok(client.homeserver().as_str().trim_end_matches('/').to_owned())
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+/// The homeserver `server` leads to (`.well-known/matrix/client`, else the server itself), as
+/// matrix-sdk finds it; nothing but that discovery is sent.
+pub async fn find_homeserver(server: &ServerName) -> Result<Url, matrix_sdk::ClientBuildError> {
+    Ok(Client::builder().server_name(server).build().await?.homeserver())
+}
+
+/// Whether `written` (an address from a bundle) names the homeserver at `found`: the same scheme,
+/// host, port and path, whatever a trailing slash or the default port's spelling.
+pub fn same_homeserver(found: &Url, written: &str) -> bool {
+    let Ok(written) = Url::parse(written) else { return false };
+    found.scheme() == written.scheme()
+        && found.host_str() == written.host_str()
+        && found.port_or_known_default() == written.port_or_known_default()
+        && found.path().trim_end_matches('/') == written.path().trim_end_matches('/')
 }
 
 async fn build(homeserver: &str, dir: &Path, passphrase: &Secret) -> Result<Client> {
@@ -356,4 +373,28 @@ fn create_private_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bundle_address_is_the_found_homeserver_only_when_it_names_the_same_server() {
+        let found = Url::parse("https://matrix.example.org").unwrap();
+        for same in ["https://matrix.example.org", "https://matrix.example.org/", "https://MATRIX.example.org:443"] {
+            assert!(same_homeserver(&found, same), "{same}");
+        }
+        for other in [
+            "http://matrix.example.org",
+            "https://matrix.example.org:8448",
+            "https://matrix.example.org.evil.net",
+            "https://evil.net/matrix.example.org",
+            "https://127.0.0.1:8008",
+            "not a url",
+            "",
+        ] {
+            assert!(!same_homeserver(&found, other), "{other}");
+        }
+    }
 }

@@ -252,12 +252,8 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     assert_eq!(copied.server_name().unwrap().as_str(), name_b.as_str(), "{copied} is not on B");
     let req = ruma::api::client::authenticated_media::get_content::v1::Request::from_uri(&copied).unwrap();
     assert_eq!(newbie.send(req).await.file, png, "the copy holds the avatar's bytes");
-    // The old account sees the new one in the rooms it hosts, and its moderator rank carried.
+    // The old account sees the new one in the rooms it hosts.
     assert_eq!(alice.membership_of(&favourite, &newbie.id).await["membership"], "join");
-    let req =
-        get_state_event_for_key::v3::Request::new(moderated.clone(), StateEventType::RoomPowerLevels, String::new());
-    let levels: Value = serde_json::from_str(alice.send(req).await.event_or_content.get()).unwrap();
-    assert_eq!(levels["users"][newbie.id.as_str()], 50, "{levels}");
 
     // The old side learns, from the new account's joins it can read, that the move is complete,
     // and says so in the old account's DM (without being asked: its watch looks by itself).
@@ -273,6 +269,8 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     );
     assert!(taken.contains("Denies B: the room's server ACL excludes"), "{taken}");
     assert!(taken.contains("`finish --leave`"), "{taken}");
+    // The moderator rank is carried, once A has seen the new account joined.
+    assert_eq!(level_of(&alice, &moderated, &newbie.id).await, Some(50));
     let status = fh.a.ask(&alice, &alice_dm, "status", "Transfer").await;
     assert!(status.contains("20 rooms: 18 moved, 0 awaiting accept, 2 skipped, 0 failed"), "{status}");
 
@@ -280,6 +278,102 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     let again = fh.b.ask(&newbie, &new_dm, &format!("import {code}"), "already used").await;
     assert!(again.contains("ask for a new one"), "{again}");
     assert_eq!(move_notices(&newbie.timeline(&favourite).await).len(), 1, "still one notice");
+    println!("whole test: {:.1?}", started.elapsed());
+}
+
+/// `user`'s power level in the room's `users`, as `reader` reads it (`None`: not named there).
+async fn level_of(reader: &User, room: &RoomId, user: &ruma::UserId) -> Option<i64> {
+    let req =
+        get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomPowerLevels, String::new());
+    let levels: Value = serde_json::from_str(reader.send(req).await.event_or_content.get()).unwrap();
+    levels["users"][user.as_str()].as_i64()
+}
+
+#[tokio::test]
+async fn a_reservation_gives_the_rank_only_after_the_join_and_cancel_takes_back_the_invites() {
+    let started = Instant::now();
+    let fh = FederatedHarness::start().await;
+    let name_a = fh.server_name(Side::A);
+    let alice = fh.a.user("alice").await;
+    let carol = fh.a.user("carol").await;
+    let newbie = fh.b.user("newbie").await;
+    // Where alice moderates, and two rooms of her own (a creator: the plan gives 100).
+    let moderated = room_of(&carol, "Moderated", false).await;
+    carol.invite(&moderated, &alice.id).await;
+    alice.join(&moderated).await;
+    carol.send_state(&moderated, "m.room.power_levels", json!({"users": {alice.id.as_str(): 50}})).await;
+    let own = alice.create_rooms(2).await;
+    let rooms: Vec<OwnedRoomId> = [moderated.clone()].into_iter().chain(own.iter().cloned()).collect();
+    let dm = fh.a.dm_with_bot(&alice).await;
+
+    let reserving = fh.a.ask(&alice, &dm, &format!("export --to {}", newbie.id), "Reserving").await;
+    assert!(reserving.contains("once it has joined it"), "{reserving}");
+    let report = fh.a.bot_says(&alice, &dm, 0, "the reservation's report", |b| b.contains("reserved for")).await;
+    assert!(report.starts_with(&format!("3 of 3 rooms reserved for {}", newbie.id)), "{report}");
+    eventually("every invite on B", || async {
+        let invites = newbie.invites().await;
+        rooms.iter().all(|r| invites.contains(r)).then_some(())
+    })
+    .await;
+    // Invited only: no rank anywhere (a typo in `--to` gives a stranger nothing).
+    for room in &rooms {
+        assert_eq!(level_of(&alice, room, &newbie.id).await, None, "{room}: a rank before the join");
+    }
+
+    // The new account joins one room from its client: A's watch gives it alice's rank there only.
+    newbie.join_via(&moderated, &[&name_a]).await;
+    eventually("the rank after the join", || async {
+        (level_of(&alice, &moderated, &newbie.id).await == Some(50)).then_some(())
+    })
+    .await;
+    println!("rank given {:.1?} into the test", started.elapsed());
+    for room in &own {
+        assert_eq!(level_of(&alice, room, &newbie.id).await, None, "{room}: a rank without a join");
+    }
+
+    // `cancel` takes back the invites not taken; the joined room keeps the new account and its rank.
+    let cancelled = fh.a.ask(&alice, &dm, "cancel", "reservation").await;
+    assert!(cancelled.contains("invites not taken yet are being withdrawn"), "{cancelled}");
+    eventually("the invites withdrawn", || async {
+        (count_membership(&alice, &own, &newbie.id, "leave").await == own.len()).then_some(())
+    })
+    .await;
+    for room in &own {
+        let member = alice.membership_of(room, &newbie.id).await;
+        assert_eq!(member["reason"], format!("{} cancelled the move to this account (handoff)", alice.id), "{member}");
+    }
+    assert_eq!(alice.membership_of(&moderated, &newbie.id).await["membership"], "join");
+    assert_eq!(level_of(&alice, &moderated, &newbie.id).await, Some(50));
+    eventually("no invite left on B", || async {
+        let invites = newbie.invites().await;
+        own.iter().all(|r| !invites.contains(r)).then_some(())
+    })
+    .await;
+    let status = fh.a.ask(&alice, &dm, "status", "Transfer").await;
+    assert!(status.contains("cancelled"), "{status}");
+    assert!(status.contains("1 moved, 0 awaiting accept, 2 skipped"), "{status}");
+    println!("whole test: {:.1?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn the_invites_of_a_reservation_not_imported_before_its_code_expires_are_withdrawn() {
+    let started = Instant::now();
+    // The shortest code A allows, and little grace after it (the federation patience).
+    let short = |side, _: &_, c: String| {
+        if side == Side::A { with_patience(common::edit(c, "code_ttl: 15m", "code_ttl: 30s"), "3s") } else { c }
+    };
+    let fh = FederatedHarness::start_with(short, "").await;
+    let (alice, dm, newbie, rooms) = reserving(&fh).await;
+    fh.a.ask(&alice, &dm, &format!("export --to {}", newbie.id), "Reserving").await;
+    fh.a.bot_says(&alice, &dm, 0, "the reservation's report", |b| b.contains("reserved for")).await;
+    assert_eq!(count_membership(&alice, &rooms, &newbie.id, "invite").await, OUTAGE_ROOMS);
+    // Nobody imports: past the code's expiry, A's watch takes every invite back.
+    let taken_back = fh.a.bot_says_within(&alice, &dm, "Not moved", Duration::from_secs(150)).await;
+    println!("invites withdrawn {:.1?} after the export", started.elapsed());
+    assert!(taken_back.contains("the reservation expired before"), "{taken_back}");
+    assert_eq!(count_membership(&alice, &rooms, &newbie.id, "leave").await, OUTAGE_ROOMS);
+    let member = alice.membership_of(&rooms[0], &newbie.id).await;
+    assert!(member["reason"].as_str().unwrap_or_default().contains("expired"), "{member}");
     println!("whole test: {:.1?}", started.elapsed());
 }
 

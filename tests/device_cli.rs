@@ -309,9 +309,10 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
     assert!(out.contains("Nothing was changed"), "{out}");
     // The same with the old account's access token instead of its login here; someone else's is refused.
     let alice_token = write("alice-token", &alice.token);
+    // (The server name `localhost` leads to no homeserver: --homeserver says where it is.)
     let with_token = |token_file: &str| {
         let token = format!("--old-access-token={token_file}");
-        import(bundle_arg, &pass, &[token.as_str(), "--dry-run", "--json"])
+        import(bundle_arg, &pass, &[token.as_str(), "--homeserver", url.as_str(), "--dry-run", "--json"])
     };
     let (status, out, err) = with_token(&alice_token);
     assert!(status.success(), "{err}");
@@ -443,7 +444,9 @@ async fn a_login_token_in_the_bundle_signs_a_new_device_in_without_the_password(
     // The new device: nothing logged in there, no password given.
     let before = device_names(&alice).await.len();
     let phone = tempfile::tempdir().unwrap();
-    let (status, out, err) = handoff(phone.path(), &["import", bundle, "--passphrase-file", pass], "");
+    // (The server name `localhost` leads to no homeserver: --homeserver says where it is.)
+    let import = ["import", bundle, "--passphrase-file", pass, "--homeserver", url.as_str()];
+    let (status, out, err) = handoff(phone.path(), &import, "");
     assert!(status.success(), "{out}{err}");
     assert!(err.contains("Logged in as @alice:localhost on this device with the bundle's login token"), "{err}");
     assert!(out.contains("1 of 1 room(s) moved") || out.contains("room(s) moved"), "{out}");
@@ -454,8 +457,117 @@ async fn a_login_token_in_the_bundle_signs_a_new_device_in_without_the_password(
 
     // A used token fails cleanly on a third device, and leaves nothing behind there.
     let third = tempfile::tempdir().unwrap();
-    let (status, _, err) = handoff(third.path(), &["import", bundle, "--passphrase-file", pass], "");
+    let (status, _, err) = handoff(third.path(), &import, "");
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("expired or was used already") && err.contains("handoff login @alice:localhost"), "{err}");
+    assert!(err.contains("--password-stdin"), "{err}");
     assert!(!third.path().join("accounts").join("@alice:localhost").exists());
+}
+
+/// The bundle in an age file sealed with `passphrase`, as JSON.
+fn unseal(file: &Path, passphrase: &str) -> Value {
+    use std::io::Read;
+    let bytes = std::fs::read(file).unwrap();
+    let identity = age::scrypt::Identity::new(age::secrecy::SecretString::from(passphrase.to_owned()));
+    let decryptor = age::Decryptor::new_buffered(&bytes[..]).unwrap();
+    let mut reader = decryptor.decrypt(std::iter::once(&identity as &dyn age::Identity)).unwrap();
+    let mut json = Vec::new();
+    reader.read_to_end(&mut json).unwrap();
+    serde_json::from_slice(&json).unwrap()
+}
+
+/// `bundle` sealed into `file` with `passphrase`, as a bundle file is.
+fn seal(file: &Path, bundle: &Value, passphrase: &str) {
+    use std::io::Write;
+    let mut recipient = age::scrypt::Recipient::new(age::secrecy::SecretString::from(passphrase.to_owned()));
+    recipient.set_work_factor(12);
+    let encryptor = age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient)).unwrap();
+    let mut out = Vec::new();
+    let mut writer = encryptor.wrap_output(&mut out).unwrap();
+    writer.write_all(&serde_json::to_vec(bundle).unwrap()).unwrap();
+    writer.finish().unwrap();
+    std::fs::write(file, out).unwrap();
+}
+
+/// A listener on loopback that answers nothing and counts the connections made to it.
+async fn recording_listener() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn a_bundle_naming_another_homeserver_gets_no_token_and_no_password() {
+    let h = Harness::start().await;
+    let url = h.synapse().url.clone();
+    let alice = user_with_password(&h, "alice").await;
+    let bob = user_with_password(&h, "bob").await;
+    let room = alice.create_room("Kept").await;
+    let work = tempfile::tempdir().unwrap();
+    let pass = work.path().join("passphrase");
+    std::fs::write(&pass, "bundle passphrase").unwrap();
+    let pass = pass.to_str().unwrap();
+    let bundle = work.path().join("alice.handoff");
+    let bundle_arg = bundle.to_str().unwrap();
+    let laptop = tempfile::tempdir().unwrap();
+    cli_login(laptop.path(), &url, &alice.id);
+    let (status, _, err) = handoff(laptop.path(), &["export", "--out", bundle_arg, "--passphrase-file", pass], "");
+    assert!(status.success(), "{err}");
+
+    // Someone edits the file: a login token (as `export --login-token` puts one), and their own
+    // server as the account's homeserver, where the token and then the password would go.
+    let (thief, seen) = recording_listener().await;
+    let mut edited = unseal(&bundle, "bundle passphrase");
+    edited["source"]["homeserver_url"] = Value::from(thief.clone());
+    let in_ten_minutes = ruma::MilliSecondsSinceUnixEpoch::now().get() + ruma::UInt::from(600_000u32);
+    edited["login_token"] = serde_json::json!({"token": "syt_not_a_real_token", "expires_at": in_ten_minutes});
+    seal(&bundle, &edited, "bundle passphrase");
+
+    // A new device: `localhost` leads to no homeserver, and the bundle's own word is not taken.
+    let phone = tempfile::tempdir().unwrap();
+    let import = |extra: &[&str], stdin: &str| {
+        let mut args = vec!["import", bundle_arg, "--passphrase-file", pass];
+        args.extend_from_slice(extra);
+        handoff(phone.path(), &args, stdin)
+    };
+    let (status, _, err) = import(&["--password-stdin"], &format!("{PASSWORD}\n"));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot find the homeserver of @alice:localhost"), "{err}");
+    assert!(err.contains("nothing was sent") && err.contains("--homeserver"), "{err}");
+    assert!(err.contains(&format!("the bundle names {thief}")), "{err}");
+    assert!(!phone.path().join("accounts").join("@alice:localhost").exists());
+    // The old account's access token given for the invites goes nowhere either.
+    cli_login(laptop.path(), &url, &bob.id);
+    let token_file = work.path().join("alice-token");
+    std::fs::write(&token_file, &alice.token).unwrap();
+    let old_token = format!("--old-access-token={}", token_file.display());
+    let args = ["import", bundle_arg, "--passphrase-file", pass, "--as", "@bob:localhost", &old_token, "--dry-run"];
+    let (status, _, err) = handoff(laptop.path(), &args, "");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot find the homeserver of @alice:localhost"), "{err}");
+
+    // Where the person says the account lives: the token goes there (and is refused there);
+    // without a terminal the password is not asked, and the error says how to give it.
+    let (status, _, err) = import(&["--homeserver", url.as_str()], "");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("expired or was used already") && err.contains("--password-stdin"), "{err}");
+    // With --password-stdin, the password goes there too, and the import goes on.
+    let (status, out, err) = import(&["--homeserver", url.as_str(), "--password-stdin"], &format!("{PASSWORD}\n"));
+    assert!(status.success(), "{out}{err}");
+    assert!(err.contains("log in with your password instead"), "{err}");
+    assert!(out.contains("room(s) moved"), "{out}");
+    assert!(phone.path().join("accounts").join("@alice:localhost").join("session.json").exists());
+    assert!(joined(&alice).await.contains(&room));
+
+    // Not one connection reached the server the bundle named.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0, "a request reached {thief}");
 }

@@ -207,8 +207,12 @@ impl Reporter for ChatReporter {
 
 /// The old account's news that the new one, on its own server, has taken its reserved seats.
 fn taken_up_text(t: &Transfer, r: &Report) -> String {
-    let mut out =
-        format!("{} has joined {} of your {} rooms: your move to {} is complete.", t.new, r.moved, r.total, t.new);
+    let mut out = if r.moved == 0 {
+        // Every invite was declined, or withdrawn (the code expired): nothing moved.
+        format!("{} joined none of your {} rooms: your reservation for {} is over.", t.new, r.total, t.new)
+    } else {
+        format!("{} has joined {} of your {} rooms: your move to {} is complete.", t.new, r.moved, r.total, t.new)
+    };
     if !r.skipped.is_empty() || !r.failed.is_empty() {
         out.push_str(
             "
@@ -221,6 +225,9 @@ Not moved:",
 • {room}: {why}"
             ));
         }
+    }
+    if r.moved == 0 {
+        return out;
     }
     out.push_str(&format!(
         "

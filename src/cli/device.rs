@@ -96,6 +96,13 @@ pub enum Command {
         /// Read the bundle's passphrase (or transfer code) from this file instead of asking.
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
+        /// The homeserver of the bundle's account, when its server name does not lead to it
+        /// (`.well-known`): its login token, its password and --old-access-token go there only.
+        #[arg(long)]
+        homeserver: Option<String>,
+        /// Read the password, when the bundle's login token is refused, from stdin instead of asking.
+        #[arg(long)]
+        password_stdin: bool,
         /// Only part of the bundle: favourites, dms or rooms.
         #[arg(long)]
         only: Option<Only>,
@@ -173,6 +180,8 @@ pub fn main(data_dir: Option<PathBuf>, command: Command) -> ExitCode {
                 file,
                 as_user,
                 passphrase_file,
+                homeserver,
+                password_stdin,
                 only,
                 max_rooms,
                 dry_run,
@@ -189,6 +198,8 @@ pub fn main(data_dir: Option<PathBuf>, command: Command) -> ExitCode {
                     file,
                     as_user,
                     passphrase_file,
+                    homeserver,
+                    password_stdin,
                     requirements: Requirements { only, max_rooms, history: 0 },
                     dry_run,
                     notify: !no_notify,
@@ -209,12 +220,13 @@ pub fn main(data_dir: Option<PathBuf>, command: Command) -> ExitCode {
 }
 
 /// A secret: from `file` when given, else asked without echo at a terminal, else (with
-/// `stdin_ok`) one line of stdin.
-fn secret(prompt: &str, file: Option<&Path>, stdin_ok: bool) -> Result<Secret> {
+/// `stdin_ok`) one line of stdin. `how` is the flag that gives it without a terminal, named when
+/// it cannot be asked.
+fn secret(prompt: &str, file: Option<&Path>, stdin_ok: bool, how: &str) -> Result<Secret> {
     let value = match file {
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
         None if std::io::stdin().is_terminal() || !stdin_ok => rpassword::prompt_password(prompt)
-            .with_context(|| format!("cannot ask: {}", prompt.trim_end_matches(": ")))?,
+            .map_err(|e| anyhow::anyhow!("cannot ask for the {} (not a terminal? {e}): use {how}", what(prompt)))?,
         None => {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;
@@ -222,13 +234,25 @@ fn secret(prompt: &str, file: Option<&Path>, stdin_ok: bool) -> Result<Secret> {
         }
     };
     let value = value.trim_end_matches(['\r', '\n']).to_owned();
-    anyhow::ensure!(!value.is_empty(), "nothing given for: {}", prompt.trim_end_matches(": "));
+    anyhow::ensure!(!value.is_empty(), "nothing given for the {}", what(prompt));
     Ok(Secret::new(value))
 }
 
-/// `--flag[=FILE]`: `None` not given, `Some(None)` ask, `Some(Some(file))` read it.
-fn optional_secret(flag: &Option<Option<PathBuf>>, prompt: &str) -> Result<Option<Secret>> {
-    flag.as_ref().map(|file| secret(prompt, file.as_deref(), false)).transpose()
+/// What a prompt asks for, within a sentence: "Recovery key of @a:b: " → "recovery key of @a:b".
+fn what(prompt: &str) -> String {
+    let prompt = prompt.trim_end_matches(": ");
+    let mut chars = prompt.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => "secret".to_owned(),
+    }
+}
+
+/// `--flag[=FILE]`: `None` not given, `Some(None)` ask, `Some(Some(file))` read it. `flag` is its
+/// name, for the error when it cannot be asked.
+fn optional_secret(value: &Option<Option<PathBuf>>, prompt: &str, flag: &str) -> Result<Option<Secret>> {
+    let how = format!("{flag}=FILE");
+    value.as_ref().map(|file| secret(prompt, file.as_deref(), false, &how)).transpose()
 }
 
 async fn login(
@@ -264,10 +288,11 @@ async fn login(
 /// The bundle's passphrase, asked twice, or read from a file.
 fn new_passphrase(file: Option<&Path>) -> Result<Secret> {
     let passphrase = match file {
-        Some(_) => secret("", file, false)?,
+        Some(_) => secret("", file, false, "--passphrase-file")?,
         None => {
-            let first = secret("Passphrase for the bundle file: ", None, false)?;
-            let again = secret("The same passphrase again: ", None, false)?;
+            let how = "--passphrase-file FILE";
+            let first = secret("Passphrase for the bundle file: ", None, false, how)?;
+            let again = secret("The same passphrase again: ", None, false, how)?;
             anyhow::ensure!(first == again, "the two passphrases differ; nothing was written");
             first
         }
@@ -294,7 +319,7 @@ impl Export {
         // What can be wrong with the input fails before anything is asked or read.
         self.options.room_keys = self.room_keys.as_deref().map(local::read_room_keys).transpose()?;
         let passphrase = new_passphrase(self.passphrase_file.as_deref())?;
-        let recovery_key = optional_secret(&self.recovery_key, "Recovery key: ")?;
+        let recovery_key = optional_secret(&self.recovery_key, "Recovery key: ", "--recovery-key")?;
         let session = Session::open(data, self.as_user.as_deref()).await?;
         let mut keys_from_backup = None;
         if let Some(key) = &recovery_key {
@@ -311,7 +336,7 @@ impl Export {
         if self.login_token {
             let stdin = self.password_stdin;
             let prompt = format!("Password for {}: ", session.user_id);
-            let token = session.login_token(|| secret(&prompt, None, stdin)).await?;
+            let token = session.login_token(|| secret(&prompt, None, stdin, "--password-stdin")).await?;
             exported.bundle.login_token = Some(token);
         }
         let sealed = crate::bundle::file::seal_with_passphrase(&exported.bundle, passphrase.expose());
@@ -350,6 +375,8 @@ struct ImportCmd {
     file: PathBuf,
     as_user: Option<OwnedUserId>,
     passphrase_file: Option<PathBuf>,
+    homeserver: Option<String>,
+    password_stdin: bool,
     requirements: Requirements,
     dry_run: bool,
     notify: bool,
@@ -365,7 +392,9 @@ impl ImportCmd {
     async fn run(self, data: &Path) -> Result<ExitCode> {
         let bytes = std::fs::read(&self.file).with_context(|| format!("cannot read {}", self.file.display()))?;
         let passphrase =
-            secret("Passphrase (or transfer code) of the bundle: ", self.passphrase_file.as_deref(), false)?;
+            secret("Passphrase (or transfer code) of the bundle: ", self.passphrase_file.as_deref(), false, {
+                "--passphrase-file FILE"
+            })?;
         let opened = crate::bundle::file::open_typed(&bytes, passphrase.expose(), &self.policy)
             .map_err(|e| crate::bundle::file::explain(e, &self.file))?;
         // Said before the plan and the moves, so the dry run and the real one both say it.
@@ -385,16 +414,15 @@ impl ImportCmd {
             }
             (None, Some(file)) => {
                 let old_user = &bundle.source.user_id;
-                let token = secret(&format!("Access token of {old_user}: "), file.as_deref(), false)?;
-                let address = match session::discover(old_user).await {
-                    Ok(url) => url,
-                    Err(_) => bundle.source.homeserver_url.clone(),
-                };
-                Some(local::import::old_from_token(old_user, &address, &token).await?)
+                let how = "--old-access-token=FILE";
+                let token = secret(&format!("Access token of {old_user}: "), file.as_deref(), false, how)?;
+                let address = bundle_homeserver(&bundle, self.homeserver.as_deref()).await?;
+                Some(local::import::old_from_token(old_user, address.as_str().trim_end_matches('/'), &token).await?)
             }
             (None, None) => None,
         };
-        let recovery_key = optional_secret(&self.recovery_key, &format!("Recovery key of {}: ", session.user_id))?;
+        let recovery_key =
+            optional_secret(&self.recovery_key, &format!("Recovery key of {}: ", session.user_id), "--recovery-key")?;
         let mut key_passphrases = Vec::new();
         if let Some(keys) = &bundle.room_keys
             && !self.dry_run
@@ -403,7 +431,8 @@ impl ImportCmd {
                 key_passphrases.push(passphrase.clone());
             } else {
                 let prompt = "Passphrase of the key export in the bundle: ";
-                key_passphrases.push(secret(prompt, self.room_keys_passphrase_file.as_deref(), false)?);
+                let how = "--room-keys-passphrase-file FILE";
+                key_passphrases.push(secret(prompt, self.room_keys_passphrase_file.as_deref(), false, how)?);
             }
         }
         let options = ImportOptions {
@@ -445,20 +474,49 @@ impl ImportCmd {
         if self.as_user.as_ref().is_some_and(|u| u != owner) || Session::exists(data, owner) {
             return Session::open(data, self.as_user.as_deref()).await;
         }
-        let address = Some(bundle.source.homeserver_url.as_str());
+        let address = bundle_homeserver(bundle, self.homeserver.as_deref()).await?;
+        let address = Some(address.as_str());
         match Session::login(data, owner, address, Credential::LoginToken(token.token.clone())).await {
             Ok(session) => {
                 eprintln!("Logged in as {owner} on this device with the bundle's login token.");
                 Ok(session)
             }
-            Err(e) if std::io::stdin().is_terminal() => {
+            Err(e) if self.password_stdin || std::io::stdin().is_terminal() => {
                 eprintln!("handoff: {e:#}; log in with your password instead.");
-                let password = secret(&format!("Password for {owner}: "), None, false)?;
+                let prompt = format!("Password for {owner}: ");
+                let password = secret(&prompt, None, self.password_stdin, "--password-stdin")?;
                 Session::login(data, owner, address, Credential::Password(password)).await
             }
-            Err(e) => bail!("{e:#}: log in with `handoff login {owner}` and run the import again"),
+            Err(e) => {
+                bail!("{e:#}: run the import again with --password-stdin, or log in with `handoff login {owner}` first")
+            }
         }
     }
+}
+
+/// The homeserver of the bundle's account, the only one its secrets (the login token, the
+/// password, the old account's access token) may go to: the one given with `--homeserver`, else
+/// the one its server name leads to. The address written in the bundle is only compared: a bundle
+/// edited to name another server would collect them there.
+async fn bundle_homeserver(bundle: &Bundle, given: Option<&str>) -> Result<reqwest::Url> {
+    let owner = &bundle.source.user_id;
+    let written = &bundle.source.homeserver_url;
+    if let Some(given) = given {
+        return reqwest::Url::parse(given).with_context(|| format!("--homeserver {given} is not a URL"));
+    }
+    let found = session::find_homeserver(owner.server_name()).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot find the homeserver of {owner} ({e}); nothing was sent: pass its address with --homeserver URL \
+             (the bundle names {written}: pass that if you trust it)"
+        )
+    })?;
+    anyhow::ensure!(
+        session::same_homeserver(&found, written),
+        "the bundle names {written} as the homeserver of {owner}, but {} leads to {found}: nothing was sent. \
+         If you trust {written}, pass --homeserver {written}",
+        owner.server_name()
+    );
+    Ok(found)
 }
 
 fn print_report(report: &ImportReport) {

@@ -33,7 +33,7 @@ use crate::config::{Config, PermissionLevel};
 use crate::homeserver::{Homeserver, HsError, Retry};
 use crate::metrics::{self, RoomInFlight, RoomOutcome, TransferOutcome};
 use crate::shutdown::Shutdown;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, now_ms};
 
 /// How pass 1 left a room.
 enum Seat {
@@ -210,9 +210,64 @@ impl Engine {
                 n += 1;
             } else if watch::is_watched(&t) {
                 self.watch(t.id);
+            } else if t.kind == TransferKind::Reserve && t.state == TransferState::Cancelled && !t.withdrawn {
+                self.withdraw_later(t.id, watch::Why::Cancelled);
             }
         }
         Ok(n)
+    }
+
+    /// Withdraws the invites a cancelled or expired reservation's new account has not taken
+    /// ([`watch::withdraw`]), as the old account, one at a time in the transfer's share of the
+    /// budget; marked done in the record, so a restart in the middle does the rest. Returns how
+    /// many were withdrawn.
+    pub async fn withdraw_seats(&self, id: u64, why: watch::Why) -> Result<usize, Error> {
+        let Some(t) = self.journal.get(id)? else { return Ok(0) };
+        // It acts as the old account: not once that account may no longer use handoff.
+        if t.kind != TransferKind::Reserve || t.withdrawn || self.config.permission(&t.old) < PermissionLevel::User {
+            return Ok(0);
+        }
+        let rooms = watch::withdrawable(&self.journal, &t)?;
+        let withdrawn = {
+            let _slot = self.budget.acquire(id, Class::Normal).await;
+            watch::withdraw(&self.acting, Some(&self.journal), &t, &rooms, why).await?
+        };
+        self.journal.update(id, |s| s.withdrawn = true).await?;
+        tracing::info!(transfer = id, withdrawn, ?why, "a reservation's invites not taken were withdrawn");
+        Ok(withdrawn)
+    }
+
+    /// [`Engine::withdraw_seats`] in the background (after a `cancel` of a finished reservation,
+    /// or at a start that finds one not done).
+    pub fn withdraw_later(self: &Arc<Self>, id: u64, why: watch::Why) {
+        let engine = Arc::clone(self);
+        self.shutdown.spawn(async move {
+            if let Err(e) = engine.withdraw_seats(id, why).await {
+                tracing::warn!(transfer = id, error = %e, "cannot withdraw a reservation's invites; trying at the next start");
+            }
+        });
+    }
+
+    /// `forget` of a reservation: its invites not taken are withdrawn in the background, from
+    /// what its journal says now (its records are deleted right after, so nothing is journaled,
+    /// and a restart before it is done does not resume it).
+    pub fn withdraw_forgotten(self: &Arc<Self>, t: &Transfer) -> Result<(), Error> {
+        if t.kind != TransferKind::Reserve || t.withdrawn || t.taken_up {
+            return Ok(());
+        }
+        let rooms = watch::withdrawable(&self.journal, t)?;
+        if rooms.is_empty() {
+            return Ok(());
+        }
+        let (engine, t) = (Arc::clone(self), t.clone());
+        self.shutdown.spawn(async move {
+            let _slot = engine.budget.acquire(t.id, Class::Normal).await;
+            match watch::withdraw(&engine.acting, None, &t, &rooms, watch::Why::Forgotten).await {
+                Ok(n) => tracing::info!(withdrawn = n, "a forgotten reservation's invites not taken were withdrawn"),
+                Err(e) => tracing::warn!(error = %e, "cannot withdraw a forgotten reservation's invites"),
+            }
+        });
+        Ok(())
     }
 
     /// A reservation that just finished: its seats are watched from now on, if any waits.
@@ -277,9 +332,14 @@ impl Engine {
             return Ok(None);
         }
         let Some(plan) = t.plan.clone() else { return Ok(None) };
+        // Once the code has expired, no import can take the seats any more: the invites still
+        // waiting are withdrawn. After a grace of the federation patience, for an import redeemed
+        // at the last moment that still waits for a server.
+        let grace = self.config.handoff.federation_patience.as_millis() as u64;
+        let expired = t.expires_at_ms.is_some_and(|at| now_ms() > at.saturating_add(grace));
         let look = {
             let _slot = self.budget.acquire(id, Class::Normal).await;
-            watch::look(&self.acting, &self.journal, &t).await?
+            watch::look(&self.acting, &self.journal, &t, expired).await?
         };
         if look.waiting > 0 {
             return Ok(Some(look));
@@ -487,6 +547,12 @@ impl Engine {
         // The report goes out before the final state is stored: a crash in between resumes and
         // posts it again (the reporter posts it once), instead of never.
         if cancelled || t.state == TransferState::Cancelling {
+            // A cancelled reservation takes back the invites it sent (before the report, which
+            // then says so; a crash in between does it again at the resume).
+            if t.kind == TransferKind::Reserve {
+                self.withdraw_seats(id, watch::Why::Cancelled).await?;
+                t = self.journal.get(id)?.ok_or(Error::Missing(id))?;
+            }
             let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, true);
             return self.finish_with(&mut t, TransferState::Cancelled, &report).await;
         }

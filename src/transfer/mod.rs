@@ -110,9 +110,10 @@ pub enum TransferKind {
     #[default]
     Move,
     /// `export --to @new:other.server`: the old account (local) invites the remote new one into
-    /// every room right away (the reservation) and gives it its rank. Nothing else: the new
-    /// account's own server moves the rest when it imports the bundle file; once done, this side
-    /// watches the seats being taken ([`watch`]) and tells the old account.
+    /// every room right away (the reservation). Nothing else: the new account's own server moves
+    /// the rest when it imports the bundle file; once done, this side watches the seats being
+    /// taken ([`watch`]), gives the old account's rank in each room the new one joined, and tells
+    /// the old account.
     Reserve,
     /// `import CODE` of a bundle file from another server: the old account is remote and is never
     /// acted for. The new account (local) joins by room ID through the bundle's via servers, and
@@ -156,6 +157,10 @@ pub struct Transfer {
     /// What the bundle held that its border let not through (a bundle from another server).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dropped: Vec<crate::bundle::border::Dropped>,
+    /// A cancelled reservation's invites not taken were withdrawn ([`watch::withdraw`]); until
+    /// then, each start withdraws them.
+    #[serde(default)]
+    pub withdrawn: bool,
 }
 
 impl Transfer {
@@ -187,6 +192,7 @@ impl Transfer {
             expires_at_ms: None,
             taken_up: false,
             dropped: Vec::new(),
+            withdrawn: false,
         }
     }
 

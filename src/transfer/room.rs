@@ -263,10 +263,11 @@ impl RoomWork {
         // A reservation seats a remote account (its server joins it); a received bundle's new
         // account is this server's own.
         let local_new = self.is_local(&t.new) && t.kind != TransferKind::Reserve;
-        // 3. Carry rank: re-read the power levels right before writing them (never planned for a
-        // received bundle: its old account is not acted for).
+        // 3. Carry rank: re-read the power levels right before writing them. Only in a whole move:
+        // a received bundle's old account is not acted for, and a reservation's invitee gets the
+        // rank once the seat watch sees it joined (an invite alone, a typo in `--to`, gets none).
         if !from.completed(Stage::Rank)
-            && t.kind != TransferKind::Receive
+            && t.kind == TransferKind::Move
             && let Some(level) = room.give_level
         {
             self.started(t, rid, Stage::Rank).await?;

@@ -4,16 +4,25 @@
 //! help. Each seat taken (or declined) is journaled; when none is left waiting, the old account
 //! is told that the move is complete. Looks come quickly while seats are being taken and slow
 //! down while nothing changes, so a reservation that waits for days costs next to nothing.
+//!
+//! The old account's rank is given here, in each room where the new account is seen joined, and
+//! never before: an invite (a typo in `--to`, a stranger) gets no rights. The room is journaled
+//! done only after the rank is given, so a crash in between gives it at the next look (giving it
+//! reads the power levels first: a rank already there is not written twice), and a room
+//! journaled done never gets it again. A reservation that is cancelled, expires or is forgotten
+//! withdraws the invites not taken yet ([`withdraw`]).
 
 use std::time::Duration;
 
+use ruma::api::client::membership::kick_user;
 use ruma::api::error::ErrorKind;
 use ruma::events::room::member::MembershipState;
+use ruma::{OwnedRoomId, RoomId, UserId};
 
 use super::journal::Journal;
-use super::room::membership;
+use super::room::{carry_rank, membership};
 use super::{Error, RoomStep, Transfer, TransferKind, TransferState};
-use crate::homeserver::{Backoff, Homeserver, Transient};
+use crate::homeserver::{Backoff, Homeserver, HsError, Transient};
 
 /// The wait before the first look, and again after a look that found a seat taken.
 pub const FIRST_LOOK: Duration = Duration::from_secs(5);
@@ -56,8 +65,9 @@ pub struct Look {
 }
 
 /// Reads, as the old account, the new account's membership in every room whose seat still waits,
-/// and journals each that was taken or declined.
-pub async fn look(acting: &Homeserver, journal: &Journal, t: &Transfer) -> Result<Look, Error> {
+/// and journals each that was taken (after giving it the old account's rank) or declined. With
+/// `expired`, the invites still waiting are withdrawn too.
+pub async fn look(acting: &Homeserver, journal: &Journal, t: &Transfer, expired: bool) -> Result<Look, Error> {
     let waiting: Vec<_> = journal
         .room_steps(t.id)?
         .into_iter()
@@ -67,7 +77,11 @@ pub async fn look(acting: &Homeserver, journal: &Journal, t: &Transfer) -> Resul
     let mut look = Look { settled: 0, waiting: 0 };
     for room in waiting {
         let settled = match membership(acting, &t.old, &room, &t.new).await {
-            Ok(Some(MembershipState::Join)) => Some(RoomStep::Done),
+            Ok(Some(MembershipState::Join)) => {
+                give_rank(acting, t, &room).await;
+                Some(RoomStep::Done)
+            }
+            Ok(Some(MembershipState::Invite)) if expired => Some(withdraw_one(acting, t, &room, Why::Expired).await),
             Ok(Some(MembershipState::Leave)) => Some(RoomStep::Skipped(format!("{} declined the invite", t.new))),
             Ok(Some(MembershipState::Ban)) => Some(RoomStep::Skipped(format!("{} was banned from the room", t.new))),
             Ok(_) => None,
@@ -87,6 +101,110 @@ pub async fn look(acting: &Homeserver, journal: &Journal, t: &Transfer) -> Resul
         }
     }
     Ok(look)
+}
+
+/// Gives the new account, seen joined in `room`, the rank the plan found for it (as the old
+/// account, re-reading the power levels first). A refusal (the old account lost the right since)
+/// is logged: the seat is taken all the same.
+async fn give_rank(acting: &Homeserver, t: &Transfer, room: &RoomId) {
+    let level = t.plan.as_ref().and_then(|p| p.rooms.iter().find(|r| r.room_id == room)).and_then(|r| r.give_level);
+    if let Some(level) = level
+        && let Err(e) = carry_rank(acting, &t.old, room, &t.new, level).await
+    {
+        tracing::warn!(transfer = t.id, room_id = %room, error = %e, "carrying the rank after the join failed");
+    }
+}
+
+/// Why a reservation's invites are withdrawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    Cancelled,
+    Expired,
+    Forgotten,
+}
+
+impl Why {
+    /// The kick's reason, which the new account's client shows.
+    fn reason(self, old: &UserId) -> String {
+        match self {
+            Why::Cancelled => format!("{old} cancelled the move to this account (handoff)"),
+            Why::Expired => format!("{old}'s move to this account expired before it was imported (handoff)"),
+            Why::Forgotten => format!("{old} withdrew the move to this account (handoff)"),
+        }
+    }
+
+    /// The room's end in the journal; `withdrawn` says whether an invite was taken back.
+    fn journaled(self, new: &UserId, withdrawn: bool) -> String {
+        let what = match self {
+            Why::Cancelled => "the reservation was cancelled",
+            Why::Expired => "the reservation expired",
+            Why::Forgotten => "the reservation was forgotten",
+        };
+        let invite = if withdrawn { ": the invite was withdrawn" } else { "" };
+        format!("{what} before {new} joined{invite}")
+    }
+}
+
+/// Withdraws a reservation's invites that were not taken: in every room that may hold one (its
+/// seat waits, or was in flight), where the new account is still only invited, the old account
+/// takes the invite back, saying why. A room the new account joined is left alone (without the
+/// rank: the move is off). Returns how many invites were withdrawn.
+/// `journal` records each room's end (none for a forgotten reservation: its records are gone).
+pub async fn withdraw(
+    acting: &Homeserver,
+    journal: Option<&Journal>,
+    t: &Transfer,
+    rooms: &[OwnedRoomId],
+    why: Why,
+) -> Result<usize, Error> {
+    let mut withdrawn = 0;
+    for room in rooms {
+        let step = match membership(acting, &t.old, room, &t.new).await {
+            Ok(Some(MembershipState::Invite)) => {
+                let step = withdraw_one(acting, t, room, why).await;
+                withdrawn += usize::from(!matches!(step, RoomStep::Failed(_)));
+                step
+            }
+            Ok(Some(MembershipState::Join)) => RoomStep::Done,
+            Ok(_) => RoomStep::Skipped(why.journaled(&t.new, false)),
+            Err(e) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => RoomStep::Skipped(format!(
+                "{} left the room before {} joined, so whether it did can't be seen from here",
+                t.old, t.new
+            )),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(journal) = journal {
+            journal.set_room_step(t.id, room, &step).await?;
+        }
+    }
+    Ok(withdrawn)
+}
+
+/// The rooms of a reservation that may hold an invite not taken: its seat waits, or was in flight.
+pub fn withdrawable(journal: &Journal, t: &Transfer) -> Result<Vec<OwnedRoomId>, Error> {
+    Ok(journal
+        .room_steps(t.id)?
+        .into_iter()
+        .filter(|(_, step)| matches!(step, RoomStep::AwaitingAccept | RoomStep::Started(_)))
+        .map(|(room, _)| room)
+        .collect())
+}
+
+/// Takes back one invite of the new account, as the old account (a kick of an invitee).
+async fn withdraw_one(acting: &Homeserver, t: &Transfer, room: &RoomId, why: Why) -> RoomStep {
+    let mut req = kick_user::v3::Request::new(room.to_owned(), t.new.clone());
+    req.reason = Some(why.reason(&t.old));
+    match acting.send_as(&t.old, req).await {
+        Ok(_) => RoomStep::Skipped(why.journaled(&t.new, true)),
+        Err(e) => {
+            tracing::warn!(transfer = t.id, room_id = %room, error = %e, "withdrawing an invite failed");
+            RoomStep::Failed(withdraw_failed(&t.new, &e))
+        }
+    }
+}
+
+fn withdraw_failed(new: &UserId, e: &HsError) -> String {
+    format!("the invite of {new} could not be withdrawn ({e}): a moderator of the room can take it back")
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use super::{Args, Command, CommandError, Spec};
 use crate::bot::consent::state_text;
 use crate::bot::state::{Bot, BotError, Ctx};
 use crate::config::PermissionLevel;
-use crate::transfer::TransferState;
+use crate::transfer::{TransferState, watch};
 
 pub const SPEC: Spec = Spec {
     name: "cancel",
@@ -33,19 +33,30 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
     };
     // Changed in place: the running engine writes the same record (its plan, its progress).
     let mut was = latest.state;
+    let mut reserved = false;
     let t = bot
         .journal
         .update(latest.id, |t| {
             was = t.state;
+            // A finished reservation whose seats still wait is called off: that ends its watch.
+            reserved = watch::is_watched(t);
             t.state = match t.state {
                 TransferState::Running => TransferState::Cancelling,
                 TransferState::AwaitingApproval => TransferState::Cancelled,
+                TransferState::Done if reserved => TransferState::Cancelled,
                 other => other,
             };
         })
         .await?
         .unwrap_or(latest);
     let text = match was {
+        TransferState::Done if reserved => {
+            bot.engine.withdraw_later(t.id, watch::Why::Cancelled);
+            format!(
+                "Cancelled your reservation for {}: the invites not taken yet are being withdrawn. Rooms {} has joined already keep it.",
+                t.new, t.new
+            )
+        }
         TransferState::Running => {
             if bot.engine.cancel(t.id) {
                 "Cancelled before its turn came: nothing was changed.".to_owned()

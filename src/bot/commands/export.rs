@@ -278,7 +278,7 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
 
     // A code for another server's account: reserve its seats now, before it ever signs in.
     if let Some((to, requirements, plan)) = reservation {
-        reserve(bot, ctx, id, &to, requirements, &plan).await?;
+        reserve(bot, ctx, id, &to, requirements, &plan, expires_at_ms).await?;
     }
 
     if args.file {
@@ -303,7 +303,8 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
 
 /// `export --to @new:other.server`: the old account invites the new one into every room of the
 /// bundle right away (the seat reservation), journaled and resumed like a transfer, with progress
-/// and a report here. It acts only as the old account, who asked for it.
+/// and a report here. It acts only as the old account, who asked for it. The invites not taken
+/// when the code expires (`expires_at_ms`) are withdrawn.
 async fn reserve(
     bot: &Bot,
     ctx: &Ctx,
@@ -311,6 +312,7 @@ async fn reserve(
     to: &UserId,
     requirements: Requirements,
     plan: &Plan,
+    expires_at_ms: u64,
 ) -> Result<(), BotError> {
     // Preflight, before anything changes: the rooms that can't reach the new account's server
     // (a server ACL, `m.federate: false`) or where it can't be seated, each with the reason.
@@ -352,11 +354,12 @@ async fn reserve(
         Some(ctx.room_id.clone()),
     );
     t.kind = TransferKind::Reserve;
+    t.expires_at_ms = Some(expires_at_ms);
     bot.journal.put(&t).await?;
     drop(records);
     bot.engine.spawn(tid);
     let text = format!(
-        "Reserving {to}'s seats: you invite {to} into your {rooms} rooms now, so the seats wait for them; progress follows here."
+        "Reserving {to}'s seats: you invite {to} into your {rooms} rooms now, so the seats wait for them; progress follows here. {to} gets your rank in a room once it has joined it; the invites not taken by the time the code expires are withdrawn (and at once with `cancel`)."
     );
     bot.reply_n(ctx, 4, text).await
 }

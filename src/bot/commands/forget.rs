@@ -26,6 +26,13 @@ pub async fn run(bot: &Bot, ctx: &Ctx) -> Result<(), BotError> {
         // A running transfer would write its journal again after the records are gone.
         bot.engine.stop(t.id);
     }
+    // A reservation of this account's seats takes back the invites not taken (in the background,
+    // from what its journal says before it goes).
+    for t in transfers.iter().filter(|t| t.old == *user) {
+        if let Err(e) = bot.engine.withdraw_forgotten(t) {
+            tracing::warn!(transfer = t.id, error = %e, "cannot withdraw a forgotten reservation's invites");
+        }
+    }
     bot.wrong_codes.forget(user);
     let forgotten = match bot.store.forget(user).await {
         Ok(gone) => bot.journal.forget(user).await.map(|transfers| (gone, transfers)),
