@@ -15,14 +15,9 @@ use crate::config::PermissionLevel;
 use crate::store::now_ms;
 use crate::transfer::{Transfer, TransferState};
 
-/// Why a transfer between `old` and `new` can't start now, if it can't: either account may no
-/// longer use handoff, or already takes part in a running transfer (one at a time).
-pub fn start_refusal(bot: &Bot, old: &UserId, new: &UserId) -> Result<Option<String>, BotError> {
-    start_refusal_of(bot, &[old, new])
-}
-
-/// [`start_refusal`] for a transfer that acts for `users` alone (a reservation acts only as the
-/// old account, a received bundle only as the new one: the other is on another server).
+/// Why a transfer that acts for `users` can't start now, if it can't: one of them may no longer
+/// use handoff, or already takes part in a running transfer (one at a time). A reservation acts
+/// only as the old account, a received bundle only as the new one (the other is on another server).
 pub fn start_refusal_of(bot: &Bot, users: &[&UserId]) -> Result<Option<String>, BotError> {
     if let Some(user) = users.iter().find(|u| bot.config.permission(u) < PermissionLevel::User) {
         return Ok(Some(format!("{user} may no longer use handoff on this server.")));

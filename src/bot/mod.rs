@@ -7,6 +7,7 @@
 
 pub mod commands;
 mod consent;
+pub mod door;
 mod keys;
 pub mod outbox;
 pub mod progress;

@@ -13,14 +13,14 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::consent::start_refusal_of;
+use super::door::{self, Entry, Refused, Ticket};
 use super::state::{Bot, BotError, Ctx};
 use crate::bundle::border::{self, Limits};
 use crate::bundle::{Bundle, file};
 use crate::code::TransferCode;
-use crate::store::{CodeRecord, now_ms};
+use crate::store::now_ms;
+use crate::transfer::ClientProfile;
 use crate::transfer::plan::{self, Requirements};
-use crate::transfer::{ClientProfile, Transfer, TransferKind};
 
 /// What a bundle file starts with (the age format).
 pub const AGE_MAGIC: &[u8] = b"age-encryption.org/";
@@ -93,43 +93,20 @@ pub async fn import_file(
     }
     let expires_at_ms = bundle.recipient.as_ref().map_or(0, |r| u64::from(r.expires_at.get()));
     let rooms = bundle.rooms.len();
-    let records = bot.records.lock().await;
-    if let Some(refusal) = start_refusal_of(bot, &[new])? {
-        drop(records);
-        bot.reply(ctx, format!("{refusal} The code is still valid.")).await?;
-        return Ok(true);
-    }
-    // Held for the new account, which may `forget` it.
-    let id = bot.store.put_bundle(new, &bundle).await?;
-    let record = CodeRecord {
-        owner: old.clone(),
-        bundle: id.clone(),
-        expires_at_ms,
-        bound_to: Some(new.clone()),
-        redeemed_by: Some(new.clone()),
+    let entry =
+        Entry { old: old.clone(), new: new.clone(), requirements, profile, new_dm: ctx.room_id.clone(), old_dm: None };
+    let ticket = Ticket::Received { code: code.hash(), bundle: Box::new(bundle), expires_at_ms, dropped };
+    let tid = match door::enter(bot, entry, ticket).await? {
+        Ok(entered) => entered.transfer.id,
+        Err(refused @ Refused::Busy(_)) => {
+            bot.reply(ctx, format!("{refused} The code is still valid.")).await?;
+            return Ok(true);
+        }
+        Err(refused) => {
+            bot.reply(ctx, refused.to_string()).await?;
+            return Ok(true);
+        }
     };
-    if !bot.store.claim_code(&code.hash(), &record).await? {
-        bot.store.remove_bundle(&id).await?;
-        drop(records);
-        bot.reply(
-            ctx,
-            "This transfer code was already used here; ask the old account for a new one with `export --to`.".into(),
-        )
-        .await?;
-        return Ok(true);
-    }
-    bot.store.remove_dropped_file(new).await?;
-    // Kept like the account's own exports: the newest few (no move of this account runs now).
-    bot.store.trim_bundles(new, super::commands::export::MAX_BUNDLES_PER_USER).await?;
-    let tid = bot.journal.new_id()?;
-    let mut t = Transfer::new(tid, old.clone(), new.clone(), id, requirements, ctx.room_id.clone(), None);
-    t.kind = TransferKind::Receive;
-    t.profile = profile;
-    t.dropped = dropped;
-    bot.journal.put(&t).await?;
-    drop(records);
-    bot.engine.spawn(tid);
-    tracing::info!(transfer = tid, old = %old, new = %new, rooms, "bundle file from another server imported");
     let text = match bot.engine.place(tid) {
         Some(_) => format!(
             "The code opens the bundle file of {old}. Your move of {rooms} rooms waits for its turn: see below."

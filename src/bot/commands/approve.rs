@@ -4,10 +4,10 @@
 use ruma::OwnedUserId;
 
 use super::{Args, Command, CommandError, Spec};
-use crate::bot::consent::{pending_for, start_refusal};
+use crate::bot::consent::pending_for;
+use crate::bot::door::{self, Refused};
 use crate::bot::state::{Bot, BotError, Ctx};
 use crate::config::PermissionLevel;
-use crate::transfer::TransferState;
 
 pub const APPROVE: Spec = Spec {
     name: "approve",
@@ -53,29 +53,20 @@ pub async fn run(bot: &Bot, ctx: &Ctx, importer: Option<OwnedUserId>, yes: bool)
         };
         return bot.reply(ctx, text).await;
     };
-    let records = bot.records.lock().await;
-    // Re-read under the lock: the request may have been answered or cancelled meanwhile.
-    let Some(mut t) = pending_for(bot, &ctx.sender)?.into_iter().find(|t| t.new == importer) else {
-        drop(records);
-        return bot
-            .reply(
-                ctx,
-                format!("No import by {importer} is waiting for your approval (it may have lapsed with its code)."),
-            )
-            .await;
+    let t = match door::answer(bot, &ctx.sender, &importer, yes).await? {
+        Ok(t) => t,
+        Err(Refused::NotWaiting) => {
+            let text =
+                format!("No import by {importer} is waiting for your approval (it may have lapsed with its code).");
+            return bot.reply(ctx, text).await;
+        }
+        Err(refused) => {
+            return bot.reply(ctx, format!("{refused} The request stays open until its code expires.")).await;
+        }
     };
-    if yes && let Some(refusal) = start_refusal(bot, &t.old, &t.new)? {
-        drop(records);
-        return bot.reply(ctx, format!("{refusal} The request stays open until its code expires.")).await;
-    }
-    t.state = if yes { TransferState::Running } else { TransferState::Denied };
-    t.expires_at_ms = None;
-    bot.journal.put(&t).await?;
-    drop(records);
     let to_new = Ctx { room_id: t.new_dm.clone(), event_id: ctx.event_id.clone(), sender: t.new.clone() };
     if yes {
         bot.reply_n(&to_new, 6, format!("{} approved the import. Moving rooms now; progress follows.", t.old)).await?;
-        bot.engine.spawn(t.id);
         bot.reply(ctx, format!("Approved: moving your rooms to {}.", t.new)).await
     } else {
         bot.reply_n(&to_new, 6, format!("{} refused the import. Nothing was changed.", t.old)).await?;

@@ -8,7 +8,7 @@ use ruma::events::room::message::RoomMessageEventContent;
 use ruma::{MilliSecondsSinceUnixEpoch, OwnedRoomId, OwnedUserId, UInt, UserId};
 
 use super::{Args, Command, CommandError, Spec};
-use crate::bot::consent::start_refusal_of;
+use crate::bot::door::{self, Entry, Ticket};
 use crate::bot::state::{Bot, BotError, Ctx};
 use crate::bundle::capture::{self, CaptureOptions};
 use crate::bundle::file;
@@ -18,7 +18,6 @@ use crate::config::PermissionLevel;
 use crate::html::{escape, to_html};
 use crate::store::{AutoStart, CodeRecord, now_ms};
 use crate::transfer::plan::{Action, Plan, Requirements};
-use crate::transfer::{Transfer, TransferKind};
 
 pub const SPEC: Spec = Spec {
     name: "export",
@@ -335,29 +334,20 @@ async fn reserve(
         bot.reply_n(ctx, 5, text).await?;
     }
     let rooms = plan.rooms.len() - blocked.len();
-    let records = bot.records.lock().await;
-    if let Some(refusal) = start_refusal_of(bot, &[&ctx.sender])? {
-        drop(records);
+    let entry = Entry {
+        old: ctx.sender.clone(),
+        new: to.to_owned(),
+        requirements,
+        profile: Default::default(),
+        new_dm: ctx.room_id.clone(),
+        old_dm: Some(ctx.room_id.clone()),
+    };
+    if let Err(refused) = door::enter(bot, entry, Ticket::Reservation { bundle: id, expires_at_ms }).await? {
         let text = format!(
-            "Your seats were not reserved for {to}: {refusal} Export again once it is over, or {to} asks to be invited."
+            "Your seats were not reserved for {to}: {refused} Export again once it is over, or {to} asks to be invited."
         );
         return bot.reply_n(ctx, 4, text).await;
     }
-    let tid = bot.journal.new_id()?;
-    let mut t = Transfer::new(
-        tid,
-        ctx.sender.clone(),
-        to.to_owned(),
-        id,
-        requirements,
-        ctx.room_id.clone(),
-        Some(ctx.room_id.clone()),
-    );
-    t.kind = TransferKind::Reserve;
-    t.expires_at_ms = Some(expires_at_ms);
-    bot.journal.put(&t).await?;
-    drop(records);
-    bot.engine.spawn(tid);
     let text = format!(
         "Reserving {to}'s seats: you invite {to} into your {rooms} rooms now, so the seats wait for them; progress follows here. {to} gets your rank in a room once it has joined it; the invites not taken by the time the code expires are withdrawn (and at once with `cancel`)."
     );

@@ -2,15 +2,15 @@
 //! redeem a transfer code on the new account; the options are the second client's requirements.
 
 use super::{Args, Command, CommandError, Spec};
-use crate::bot::consent::start_refusal;
+use crate::bot::door::{self, Entry, Refused, Ticket};
 use crate::bot::receive;
 use crate::bot::state::{Bot, BotError, Ctx, WRONG_CODE_LIMIT};
 use crate::bundle::Only;
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
 use crate::store::RedeemError;
+use crate::transfer::ClientProfile;
 use crate::transfer::plan::{self, Requirements};
-use crate::transfer::{ClientProfile, Transfer, TransferState};
 
 pub const SPEC: Spec = Spec {
     name: "import",
@@ -106,43 +106,32 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
         );
         return bot.reply(ctx, text).await;
     }
-    let approved = record.bound_to.as_deref() == Some(new.as_ref());
-    let records = bot.records.lock().await;
-    if let Some(refusal) = start_refusal(bot, &old, new)? {
-        drop(records);
-        return bot.reply(ctx, format!("{refusal} The code is still valid.")).await;
-    }
-    let record = match bot.store.redeem_code(&hash, new).await? {
-        Ok(r) => r,
-        // Redeemed by a concurrent import in between.
-        Err(e) => {
-            drop(records);
-            return bot.reply(ctx, format!("{e}.")).await;
-        }
-    };
     let old_dm = bot.store.dm_rooms_of(&old)?.into_iter().next();
-    let id = bot.journal.new_id()?;
-    let mut t =
-        Transfer::new(id, old.clone(), new.clone(), record.bundle, requirements, ctx.room_id.clone(), old_dm.clone());
-    t.profile = args.profile;
-    if !approved {
-        t.state = TransferState::AwaitingApproval;
-        // An unanswered request lapses with its code.
-        t.expires_at_ms = Some(record.expires_at_ms);
-    }
-    bot.journal.put(&t).await?;
-    drop(records);
-    if approved {
-        // Started before the answer is sent: the first rooms don't wait for it.
-        bot.engine.spawn(t.id);
-        let n = stored.bundle.rooms.len();
-        let text = match bot.engine.place(t.id) {
-            // Its place follows in a message of its own (also after a restart or an approval).
-            Some(_) => format!("The code is good. Your move of {n} rooms from {old} waits for its turn: see below."),
-            None => format!("The code is good. Moving {n} rooms from {old} here; progress follows."),
-        };
-        return bot.reply(ctx, text).await;
-    }
+    let entry = Entry {
+        old: old.clone(),
+        new: new.clone(),
+        requirements,
+        profile: args.profile,
+        new_dm: ctx.room_id.clone(),
+        old_dm: old_dm.clone(),
+    };
+    let t = match door::enter(bot, entry, Ticket::Code(hash)).await? {
+        Ok(entered) if entered.running => {
+            let n = stored.bundle.rooms.len();
+            let text = match bot.engine.place(entered.transfer.id) {
+                // Its place follows in a message of its own (also after a restart or an approval).
+                Some(_) => {
+                    format!("The code is good. Your move of {n} rooms from {old} waits for its turn: see below.")
+                }
+                None => format!("The code is good. Moving {n} rooms from {old} here; progress follows."),
+            };
+            return bot.reply(ctx, text).await;
+        }
+        Ok(entered) => entered.transfer,
+        Err(refused @ Refused::Busy(_)) => return bot.reply(ctx, format!("{refused} The code is still valid.")).await,
+        // Redeemed by a concurrent import in between.
+        Err(refused) => return bot.reply(ctx, refused.to_string()).await,
+    };
     let Some(old_dm) = old_dm else {
         return bot
             .reply(ctx, format!("{old} must approve this import, but has no DM with the handoff bot. Ask them to start one and export again with `export --to {new}`."))
