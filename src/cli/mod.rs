@@ -188,7 +188,13 @@ pub(crate) fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
 }
 
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // A room's move nests deep futures (its seat, the budget's hold, deadlines, matrix-sdk's
+        // requests): a debug build overflowed tokio's 2 MiB worker stack in a received move.
+        .thread_stack_size(8 << 20)
+        .build()
+        .expect("tokio runtime")
 }
 
 /// matrix-sdk (the bot's device) logs every 404 it expects as an error, and a lot at info: quiet

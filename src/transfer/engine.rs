@@ -616,7 +616,8 @@ impl Engine {
                         return None;
                     }
                     begun.store(true, Ordering::Relaxed);
-                    Some(self.rooms.take_seat(t, room, &from).await)
+                    // Boxed: the seat's future is large, and this one nests it in several more.
+                    Some(Box::pin(self.rooms.take_seat(t, room, &from)).await)
                 });
                 // A cancel ends the wait for a slot at once, and a room still waiting (for a
                 // server, or to try again) after a moment's grace: a room in the middle of its
@@ -682,7 +683,7 @@ impl Engine {
                 let _slot = self.budget.acquire(t.id, finish_class_of(room)).await;
                 let _flight = RoomInFlight::start();
                 let entry = bundle.rooms.iter().find(|e| e.room_id == room.room_id);
-                let step = match self.rooms.finish(t, entry, room, &from).await {
+                let step = match Box::pin(self.rooms.finish(t, entry, room, &from)).await {
                     Ok(step) => step,
                     Err(e) => RoomStep::Failed(e.to_string()),
                 };
