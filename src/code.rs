@@ -4,7 +4,11 @@
 use std::fmt;
 
 use rand::Rng;
+use ruma::{OwnedUserId, UserId};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::bundle::BundleId;
 
 /// RFC 4648 base32 alphabet: no 0/1/8/9, so O/I/B/g can't be mistaken for digits.
 const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
@@ -66,6 +70,53 @@ impl fmt::Debug for TransferCode {
     }
 }
 
+/// What is kept about a transfer code (by its hash), and the rules of its use: the store only
+/// keeps the record and swaps it atomically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRecord {
+    pub owner: OwnedUserId,
+    pub bundle: BundleId,
+    pub expires_at_ms: u64,
+    /// With `export --to`: only this account may redeem the code.
+    pub bound_to: Option<OwnedUserId>,
+    pub redeemed_by: Option<OwnedUserId>,
+}
+
+impl CodeRecord {
+    /// A used code is kept, without its bundle, until it expires, through `forget` and trimming:
+    /// the same file and code would otherwise open again here (a claim starts from no record).
+    pub fn remembered_as_used(&self, now: u64) -> bool {
+        self.redeemed_by.is_some() && self.expires_at_ms > now
+    }
+}
+
+/// Why a code can't be redeemed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RedeemError {
+    /// Also what a code bound to another account looks like: nobody learns that it exists.
+    #[error("no such transfer code for this account")]
+    NotFound,
+    #[error("this transfer code has expired; ask for a new one with `export`")]
+    Expired,
+    #[error("this transfer code was already used; ask for a new one with `export`")]
+    Used,
+}
+
+/// Whether `redeemer` may use the code of `record` at `now`: it must be unexpired, unused, and (if
+/// bound) bound to `redeemer`. A code bound to someone else looks like no code at all.
+pub fn check(record: CodeRecord, redeemer: &UserId, now: u64) -> Result<CodeRecord, RedeemError> {
+    if record.bound_to.as_deref().is_some_and(|b| b != redeemer) {
+        return Err(RedeemError::NotFound);
+    }
+    if record.redeemed_by.is_some() {
+        return Err(RedeemError::Used);
+    }
+    if record.expires_at_ms <= now {
+        return Err(RedeemError::Expired);
+    }
+    Ok(record)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +143,24 @@ mod tests {
             assert_eq!(parsed, code);
             assert_eq!(parsed.hash(), code.hash());
         }
+    }
+
+    #[test]
+    fn a_code_is_for_its_account_once_and_until_it_expires() {
+        let (old, new, other) = (ruma::user_id!("@o:x.org"), ruma::user_id!("@n:x.org"), ruma::user_id!("@e:x.org"));
+        let record = CodeRecord {
+            owner: old.to_owned(),
+            bundle: BundleId::new(old, 1),
+            expires_at_ms: 1_000,
+            bound_to: Some(new.to_owned()),
+            redeemed_by: None,
+        };
+        assert!(check(record.clone(), new, 999).is_ok());
+        assert_eq!(check(record.clone(), other, 999), Err(RedeemError::NotFound));
+        assert_eq!(check(record.clone(), new, 1_000), Err(RedeemError::Expired));
+        let used = CodeRecord { redeemed_by: Some(new.to_owned()), ..record.clone() };
+        assert_eq!(check(used.clone(), new, 999), Err(RedeemError::Used));
+        assert!(used.remembered_as_used(999) && !used.remembered_as_used(1_000) && !record.remembered_as_used(0));
     }
 
     #[test]

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::{Bundle, BundleId};
 use crate::code::CodeHash;
+pub use crate::code::{CodeRecord, RedeemError};
 
 const SCHEMA_VERSION: u32 = 1;
 
@@ -81,37 +82,6 @@ pub struct StoredBundle {
     pub owner: OwnedUserId,
     pub created_at_ms: u64,
     pub bundle: Bundle,
-}
-
-/// What the store keeps about a transfer code.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CodeRecord {
-    pub owner: OwnedUserId,
-    pub bundle: BundleId,
-    pub expires_at_ms: u64,
-    /// With `export --to`: only this account may redeem the code.
-    pub bound_to: Option<OwnedUserId>,
-    pub redeemed_by: Option<OwnedUserId>,
-}
-
-impl CodeRecord {
-    /// A used code is kept, without its bundle, until it expires, through `forget` and trimming:
-    /// the same file and code would otherwise open again here (a claim starts from no record).
-    pub fn remembered_as_used(&self, now: u64) -> bool {
-        self.redeemed_by.is_some() && self.expires_at_ms > now
-    }
-}
-
-/// Why a code can't be redeemed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RedeemError {
-    /// Also what a code bound to another account looks like: nobody learns that it exists.
-    #[error("no such transfer code for this account")]
-    NotFound,
-    #[error("this transfer code has expired; ask for a new one with `export`")]
-    Expired,
-    #[error("this transfer code was already used; ask for a new one with `export`")]
-    Used,
 }
 
 /// `export --to NEW --auto`: when NEW first becomes active, the bot offers NEW the move in a DM;
@@ -471,20 +441,7 @@ impl Store {
             return Ok(Err(RedeemError::NotFound));
         };
         let record = self.code_record(&current)?;
-        Ok(Self::check_code(record, redeemer, now_ms()))
-    }
-
-    fn check_code(record: CodeRecord, redeemer: &UserId, now: u64) -> Result<CodeRecord, RedeemError> {
-        if record.bound_to.as_deref().is_some_and(|b| b != redeemer) {
-            return Err(RedeemError::NotFound);
-        }
-        if record.redeemed_by.is_some() {
-            return Err(RedeemError::Used);
-        }
-        if record.expires_at_ms <= now {
-            return Err(RedeemError::Expired);
-        }
-        Ok(record)
+        Ok(crate::code::check(record, redeemer, now_ms()))
     }
 
     /// Redeems a code for `redeemer`: it must exist, be unexpired, unused, and (if bound) bound to
@@ -498,7 +455,7 @@ impl Store {
             let Some(current) = self.codes.get(hash.0)? else {
                 return Ok(Err(RedeemError::NotFound));
             };
-            let mut record = match Self::check_code(self.code_record(&current)?, redeemer, now_ms()) {
+            let mut record = match crate::code::check(self.code_record(&current)?, redeemer, now_ms()) {
                 Ok(r) => r,
                 Err(e) => return Ok(Err(e)),
             };

@@ -13,7 +13,7 @@ use super::state::{Bot, BotError};
 use crate::bundle::border::Dropped;
 use crate::bundle::{Bundle, BundleId};
 use crate::code::CodeHash;
-use crate::store::{CodeRecord, RedeemError};
+use crate::code::{CodeRecord, RedeemError};
 use crate::transfer::plan::Requirements;
 use crate::transfer::{ClientProfile, Transfer, TransferKind, TransferState};
 

@@ -13,10 +13,11 @@ use crate::bot::state::{Bot, BotError, Ctx};
 use crate::bundle::capture::{self, CaptureOptions};
 use crate::bundle::file;
 use crate::bundle::{Blocked, BundleId, Only, Recipient};
+use crate::code::CodeRecord;
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
 use crate::html::{escape, to_html};
-use crate::store::{AutoStart, CodeRecord, now_ms};
+use crate::store::{AutoStart, now_ms};
 use crate::transfer::plan::{Action, Plan, Requirements};
 
 pub const SPEC: Spec = Spec {

@@ -6,9 +6,9 @@ use crate::bot::door::{self, Entry, Refused, Ticket};
 use crate::bot::receive;
 use crate::bot::state::{Bot, BotError, Ctx, WRONG_CODE_LIMIT};
 use crate::bundle::Only;
+use crate::code::RedeemError;
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
-use crate::store::RedeemError;
 use crate::transfer::ClientProfile;
 use crate::transfer::plan::{self, Requirements};
 
