@@ -249,7 +249,7 @@ async fn check(store: &Store, hs: &Homeserver, before: Option<Checked>) -> Check
     let homeserver = match asked {
         Ok(Ok(_)) => None,
         Ok(Err(e)) => {
-            let problem = Problem::of_homeserver(&e);
+            let problem = e.problem();
             if before.is_none_or(|b| b.homeserver != Some(problem)) {
                 tracing::warn!(error = %e, problem = problem.as_str(), "health: the homeserver check fails");
             }

@@ -90,7 +90,7 @@ impl DeviceError {
     pub fn summary(&self) -> String {
         match self {
             DeviceError::LoginRefused(_) => "the homeserver refused to log the bot in with m.login.application_service (homeservers that delegate login to MAS, or a registration with io.element.msc4190, don't allow it yet): the bot works in unencrypted DMs only".into(),
-            DeviceError::Homeserver(e) => Problem::of_homeserver(e).as_str().into(),
+            DeviceError::Homeserver(e) => e.problem().as_str().into(),
             DeviceError::Store(_) => Problem::DatabaseError.as_str().into(),
             DeviceError::CryptoStore { .. } => "the bot's crypto store does not open (the log says where it is)".into(),
         }
@@ -365,7 +365,7 @@ impl Device {
                     Err(e) => {
                         let e = sdk_error(e);
                         tracing::warn!(error = %e, retry_in = ?backoff, "the bot's device cannot sync");
-                        this.health.lock().expect("lock").last_error = Some(Problem::of_homeserver(&e));
+                        this.health.lock().expect("lock").last_error = Some(e.problem());
                         tokio::select! {
                             _ = stop.begun() => return,
                             _ = tokio::time::sleep(backoff) => {}

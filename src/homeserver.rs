@@ -25,7 +25,7 @@ use ruma::{MxcUri, OwnedDeviceId, OwnedUserId, UserId};
 use ruma_client::{SupportedPathBuilder, TokenMode};
 
 use crate::attachment::{self, AttachmentError};
-use crate::metrics::{self, Outcome};
+use crate::metrics::{self, Outcome, Problem};
 
 type Client = ruma_client::Client<reqwest::Client>;
 
@@ -62,6 +62,20 @@ impl HsError {
                 matches!(kind, ErrorKind::LimitExceeded(_)) || status.is_server_error()
             }
             HsError::Protocol(_) => false,
+        }
+    }
+
+    /// What `/health` says of it: a category, never an address.
+    pub fn problem(&self) -> Problem {
+        match self {
+            HsError::Unreachable(_) => Problem::HomeserverUnreachable,
+            HsError::Matrix { status, .. } if status.is_server_error() => Problem::HomeserverUnreachable,
+            HsError::Matrix {
+                kind: ErrorKind::UnknownToken(_) | ErrorKind::MissingToken | ErrorKind::Forbidden,
+                ..
+            } => Problem::TokenRefused,
+            HsError::Matrix { status, .. } if *status == http::StatusCode::UNAUTHORIZED => Problem::TokenRefused,
+            HsError::Matrix { .. } | HsError::Protocol(_) => Problem::HomeserverError,
         }
     }
 

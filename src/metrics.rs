@@ -317,21 +317,6 @@ impl Problem {
             Problem::DatabaseError => "database error",
         }
     }
-
-    pub fn of_homeserver(e: &crate::homeserver::HsError) -> Problem {
-        use crate::homeserver::HsError;
-        use ruma::api::error::ErrorKind;
-        match e {
-            HsError::Unreachable(_) => Problem::HomeserverUnreachable,
-            HsError::Matrix { status, .. } if status.is_server_error() => Problem::HomeserverUnreachable,
-            HsError::Matrix {
-                kind: ErrorKind::UnknownToken(_) | ErrorKind::MissingToken | ErrorKind::Forbidden,
-                ..
-            } => Problem::TokenRefused,
-            HsError::Matrix { status, .. } if *status == StatusCode::UNAUTHORIZED => Problem::TokenRefused,
-            HsError::Matrix { .. } | HsError::Protocol(_) => Problem::HomeserverError,
-        }
-    }
 }
 
 /// Installs the Prometheus recorder for the whole process (once: a second call fails) and returns

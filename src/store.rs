@@ -39,6 +39,10 @@ pub use crate::code::{CodeRecord, RedeemError};
 
 const SCHEMA_VERSION: u32 = 1;
 
+/// Stored bundles kept per account (its exports and the bundles it received): a new one beyond
+/// this deletes the oldest.
+pub const MAX_BUNDLES_PER_USER: usize = 5;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the database at {path}: {source} (is another `handoff serve` using it? check database.path)")]

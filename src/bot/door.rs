@@ -7,13 +7,13 @@
 
 use ruma::{OwnedRoomId, OwnedUserId, UserId};
 
-use super::commands::export::MAX_BUNDLES_PER_USER;
 use super::consent::{pending_for, start_refusal_of};
 use super::state::{Bot, BotError};
 use crate::bundle::border::Dropped;
 use crate::bundle::{Bundle, BundleId};
 use crate::code::CodeHash;
 use crate::code::{CodeRecord, RedeemError};
+use crate::store::MAX_BUNDLES_PER_USER;
 use crate::transfer::plan::Requirements;
 use crate::transfer::{ClientProfile, Transfer, TransferKind, TransferState};
 

@@ -17,7 +17,7 @@ use crate::code::CodeRecord;
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
 use crate::html::{escape, to_html};
-use crate::store::{AutoStart, now_ms};
+use crate::store::{AutoStart, MAX_BUNDLES_PER_USER, now_ms};
 use crate::transfer::plan::{Action, Plan, Requirements};
 
 pub const SPEC: Spec = Spec {
@@ -69,9 +69,6 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
     }
     Ok(Command::Export(Export { to, only, exclude, history, file, auto }))
 }
-
-/// Stored bundles kept per account: a new export beyond this deletes the oldest.
-pub const MAX_BUNDLES_PER_USER: usize = 5;
 
 /// Checks an `export`, then captures (it runs in the background: the dispatcher knows it runs
 /// long). One export per user at a time.
