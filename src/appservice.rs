@@ -28,8 +28,8 @@ use ruma::api::{IncomingRequest, OutgoingResponse};
 use subtle::ConstantTimeEq;
 
 use crate::bot::Bot;
+use crate::bot::device::Encryption;
 use crate::config::Secret;
-use crate::encryption::Encryption;
 use crate::homeserver::{Homeserver, Retry};
 use crate::metrics::{self, Problem};
 use crate::shutdown::Shutdown;

@@ -4,8 +4,9 @@
 //! Data flows one way: the homeserver pushes transactions to [`appservice`] (the HTTP edge), which
 //! hands events to the [`bot`]; the bot talks back through [`homeserver`], the only client of the
 //! homeserver; state lives in [`store`]. [`config`] and [`registration`] are the admin's side;
-//! [`metrics`] is what they can watch. The bot's own end-to-end encrypted [`device`] is a second
-//! client, for its encrypted DMs only.
+//! [`metrics`] is what they can watch. The bot's own end-to-end encrypted device
+//! ([`bot::device`]) is a second client, for its encrypted DMs only. The user's own device side
+//! (`handoff login/export/import`) is [`cli`], [`session`] and [`local`].
 
 // matrix-sdk's futures are deep: without this, rustc 1.95 overflows proving a spawned sync `Send`.
 #![recursion_limit = "256"]
@@ -18,12 +19,6 @@ pub mod bundle;
 pub mod cli;
 pub mod code;
 pub mod config;
-#[cfg(feature = "e2ee")]
-pub mod device;
-#[cfg(not(feature = "e2ee"))]
-#[path = "device_off.rs"]
-pub mod device;
-pub mod encryption;
 pub mod homeserver;
 pub mod html;
 pub mod keys;

@@ -20,10 +20,10 @@ use tokio::net::TcpListener;
 
 use crate::appservice::{self, AppState};
 use crate::bot::Bot;
+use crate::bot::device::Encryption;
 use crate::bot::outbox::Outbox;
 use crate::bot::progress::ChatReporter;
 use crate::config::Config;
-use crate::encryption::Encryption;
 use crate::homeserver::{Homeserver, HsError, Retry};
 use crate::metrics;
 use crate::registration;

@@ -21,9 +21,9 @@ use ruma::api::error::ErrorKind;
 use ruma::{OwnedDeviceId, OwnedUserId, ServerName, UserId};
 use serde::{Deserialize, Serialize};
 
+use crate::bot::device::sdk_error;
 use crate::bundle::LoginToken;
 use crate::config::Secret;
-use crate::device::sdk_error;
 use crate::homeserver::{Homeserver, HsError};
 
 /// What the device is called in the account's device list.

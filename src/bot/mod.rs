@@ -7,6 +7,7 @@
 
 pub mod commands;
 mod consent;
+pub mod device;
 pub mod door;
 mod keys;
 pub mod outbox;
@@ -31,11 +32,11 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
-use crate::encryption::{Decrypted, Unreadable, is_message};
 use crate::html::escape;
 use crate::metrics;
 use crate::store::{StoreError, now_ms};
 use commands::Place;
+use device::{Decrypted, Unreadable, is_message};
 use queue::Queued;
 pub use state::{Bot, BotError, Ctx, Job};
 

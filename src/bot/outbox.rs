@@ -12,7 +12,7 @@ use ruma::events::StateEventType;
 use ruma::events::room::message::RoomMessageEventContent;
 use ruma::{OwnedEventId, OwnedTransactionId, RoomId};
 
-use crate::device::Device;
+use super::device::Device;
 use crate::homeserver::{Homeserver, HsError, Retry};
 
 /// How long a send waits for the device's sync to bring a room the bot joined a moment ago.

@@ -1,13 +1,21 @@
-//! Whether the bot reads encrypted rooms, as `serve` started it, and what the bot's device hands
-//! the bot. Shared by both builds of [`crate::device`]: with the `e2ee` feature (matrix-sdk) and
-//! without it (where no device can start).
+//! The bot's own end-to-end encrypted device, for its encrypted DMs: whether the bot reads
+//! encrypted rooms, as `serve` started it ([`Encryption`]), and what the device hands the bot
+//! ([`event`]). Two builds of the device itself: with the `e2ee` feature, matrix-sdk's ([`sdk`]);
+//! without it, one that never starts ([`off`]).
 
-use ruma::events::AnyTimelineEvent;
-use ruma::serde::Raw;
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
+mod event;
+#[cfg(not(feature = "e2ee"))]
+mod off;
+#[cfg(feature = "e2ee")]
+mod sdk;
+
+pub use event::{Decrypted, Unreadable, is_message};
+#[cfg(not(feature = "e2ee"))]
+pub use off::*;
+#[cfg(feature = "e2ee")]
+pub use sdk::*;
 
 use crate::config::Config;
-use crate::device::Device;
 use crate::homeserver::Homeserver;
 use crate::store::Store;
 
@@ -58,27 +66,4 @@ impl Encryption {
             }
         }
     }
-}
-
-/// A command that arrived encrypted, decrypted: handled like one from a transaction.
-pub struct Decrypted {
-    pub room_id: OwnedRoomId,
-    pub event: Raw<AnyTimelineEvent>,
-}
-
-/// Whether a decrypted event is one the bot may take: a message. Inside the encryption the sender
-/// writes the whole payload, `type` and all: an `m.room.member` with a `state_key` would read as
-/// a membership change the room never had (the bot's leave, a DM's invite). State comes in the
-/// clear, through the appservice's transactions, and nowhere else.
-pub fn is_message(event: &Raw<AnyTimelineEvent>) -> bool {
-    event.get_field::<String>("type").ok().flatten().as_deref() == Some("m.room.message")
-        && matches!(event.get_field::<serde::de::IgnoredAny>("state_key"), Ok(None))
-}
-
-/// An encrypted event the device could not decrypt in time: its keys never reached this device
-/// (the sender's client did not know the device yet, or withheld them).
-pub struct Unreadable {
-    pub room_id: OwnedRoomId,
-    pub event_id: OwnedEventId,
-    pub sender: OwnedUserId,
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use ruma::events::room::message::RoomMessageEventContent;
 use ruma::{OwnedEventId, OwnedTransactionId, RoomId};
 
+use super::event::{Decrypted, Unreadable};
 use crate::config::Config;
-use crate::encryption::{Decrypted, Unreadable};
 use crate::homeserver::{Homeserver, HsError};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};

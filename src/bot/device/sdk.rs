@@ -44,8 +44,8 @@ use ruma::serde::Raw;
 use ruma::{OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId, UInt};
 use serde::{Deserialize, Serialize};
 
+use super::event::{Decrypted, Unreadable, is_message};
 use crate::config::{Config, Secret};
-use crate::encryption::{Decrypted, Unreadable, is_message};
 use crate::homeserver::{Homeserver, HsError};
 use crate::metrics::{self, Outcome, Problem};
 use crate::shutdown::Shutdown;
