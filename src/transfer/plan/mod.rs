@@ -427,6 +427,9 @@ impl Plan {
 }
 
 #[cfg(test)]
+mod worlds;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
