@@ -427,6 +427,9 @@ impl Plan {
 }
 
 #[cfg(test)]
+mod worlds;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -512,145 +515,6 @@ mod tests {
         let p = plan(&b, &new(), &max, &w);
         assert_eq!(p.rooms.len(), 2);
         assert_eq!(p.left_out, 3);
-    }
-
-    #[test]
-    fn restricted_rooms_follow_the_rooms_they_depend_on() {
-        let b = bundle(vec![
-            room("!a-restricted:o", "A restricted", json!({"m.favourite": {"order": 0.1}}), "group"),
-            room("!space:o", "Space", json!({}), "space"),
-        ]);
-        let restricted = facts(json!({"join_rules": {"join_rule": "restricted",
-            "allow": [{"type": "m.room_membership", "room_id": "!space:o"}]}}));
-        let w = world(vec![("!a-restricted:o", restricted), ("!space:o", facts(json!({})))]);
-        let p = plan(&b, &new(), &Requirements::default(), &w);
-        let order: Vec<_> = p.rooms.iter().map(|r| r.room_id.as_str()).collect();
-        assert_eq!(order, ["!space:o", "!a-restricted:o"]);
-    }
-
-    #[test]
-    fn preflight_classifies_blocked_and_gone_rooms() {
-        let b = bundle(vec![
-            room("!banned:o", "Banned", json!({}), "group"),
-            room("!acl:o", "Acl", json!({}), "group"),
-            room("!local:o", "Local", json!({}), "group"),
-            room("!noinvite:o", "NoInvite", json!({}), "group"),
-            room("!public:o", "Public", json!({}), "group"),
-            room("!gone:o", "Gone", json!({}), "group"),
-            room("!joined:o", "Joined", json!({}), "group"),
-        ]);
-        let w = world(vec![
-            ("!banned:o", facts(json!({"new_membership": "ban"}))),
-            ("!acl:o", facts(json!({"server_acl": {"allow": ["old.org"], "deny": [], "allow_ip_literals": false}}))),
-            ("!local:o", facts(json!({"create": {"room_version": "11", "m.federate": false}}))),
-            ("!noinvite:o", facts(json!({"power_levels": {"users": {"@old:old.org": 0}, "invite": 50}}))),
-            (
-                "!public:o",
-                facts(json!({"power_levels": {"users": {}, "invite": 50}, "join_rules": {"join_rule": "public"}})),
-            ),
-            ("!joined:o", facts(json!({"new_membership": "join"}))),
-        ]);
-        let p = plan(&b, &new(), &Requirements::default(), &w);
-        let action = |name: &str| p.rooms.iter().find(|r| r.name.as_deref() == Some(name)).unwrap().action;
-        assert_eq!(action("Banned"), Action::Blocked(Blocked::Banned));
-        assert_eq!(action("Acl"), Action::Blocked(Blocked::ServerAcl));
-        assert_eq!(action("Local"), Action::Blocked(Blocked::NoFederation));
-        assert_eq!(action("NoInvite"), Action::Blocked(Blocked::CannotInvite));
-        assert_eq!(action("Public"), Action::Join);
-        assert_eq!(action("Gone"), Action::Gone);
-        assert_eq!(action("Joined"), Action::AlreadyJoined);
-        assert!(p.table().contains("blocked: the new account is banned there"));
-    }
-
-    #[test]
-    fn v12_creators_give_the_highest_level_they_can_and_history_warns() {
-        let b = bundle(vec![room("!v12:o", "Mine", json!({}), "group")]);
-        let f = facts(json!({
-            "creator": "@old:old.org",
-            "create": {"room_version": "12"},
-            "power_levels": {"users": {}, "events": {"m.room.tombstone": 150}},
-            "history_visibility": "joined",
-        }));
-        let p = plan(&b, &new(), &Requirements::default(), &world(vec![("!v12:o", f)]));
-        let r = &p.rooms[0];
-        assert_eq!(r.action, Action::Join);
-        assert_eq!(r.give_level, Some(Int::from(150u32)));
-        assert!(r.warnings.contains(&Warning::HistoryHidden { visibility: HistoryVisibility::Joined }));
-        assert!(r.warnings.iter().any(|w| matches!(w, Warning::RankNotCarried { .. })));
-    }
-
-    #[test]
-    fn a_blind_plan_tries_every_room_in_order() {
-        let b = bundle(vec![
-            room("!n:o", "Normal", json!({}), "group"),
-            room("!f:o", "Fav", json!({"m.favourite": {"order": 0.1}}), "group"),
-            room("!in:o", "In already", json!({}), "group"),
-        ]);
-        let joined = BTreeSet::from([OwnedRoomId::try_from("!in:o").unwrap()]);
-        let p = blind(&b, &new(), &Requirements::default(), &joined);
-        let rooms: Vec<_> = p.rooms.iter().map(|r| (r.name.clone().unwrap(), r.action)).collect();
-        assert_eq!(
-            rooms,
-            [
-                ("Fav".into(), Action::Join),
-                ("In already".into(), Action::AlreadyJoined),
-                ("Normal".into(), Action::Join)
-            ]
-        );
-        assert!(p.unplanned.is_empty());
-        assert_eq!(p.rooms[0].via, ["old.org"]);
-    }
-
-    #[test]
-    fn a_received_plan_is_proven_by_one_reservation() {
-        let b = bundle(vec![
-            room("!invited:o", "Invited", json!({}), "group"),
-            room("!public:o", "Public", json!({}), "group"),
-            room("!in:o", "In already", json!({}), "group"),
-        ]);
-        let id = |s: &str| OwnedRoomId::try_from(s).unwrap();
-        let joined = BTreeSet::from([id("!in:o")]);
-        let unproven = |p: &Plan| p.rooms.iter().filter(|r| r.warnings.contains(&Warning::Unreserved)).count();
-        let reserved = BTreeSet::from([id("!invited:o")]);
-        let p = received(&b, &new(), &Requirements::default(), &joined, &reserved);
-        assert_eq!(unproven(&p), 0);
-        assert_eq!(p.count(|a| *a == Action::AlreadyJoined), 1);
-        assert!(p.rooms.iter().all(|r| r.give_level.is_none()), "nothing is planned for the old account");
-        // An invite into a room of another bundle proves nothing about this one.
-        let elsewhere = BTreeSet::from([id("!other:o")]);
-        let p = received(&b, &new(), &Requirements::default(), &joined, &elsewhere);
-        assert_eq!(unproven(&p), 3);
-        assert!(p.table().contains("no move notice is posted"));
-    }
-
-    #[test]
-    fn a_room_the_old_servers_preflight_blocked_is_blocked_on_the_new_one_too() {
-        let mut b = bundle(vec![
-            room("!invited:o", "Invited", json!({}), "group"),
-            room("!local:o", "Local only", json!({}), "group"),
-            room("!in:o", "In already", json!({}), "group"),
-        ]);
-        let id = |s: &str| OwnedRoomId::try_from(s).unwrap();
-        b.recipient = Some(crate::bundle::Recipient {
-            user_id: new(),
-            expires_at: ruma::MilliSecondsSinceUnixEpoch(ruma::UInt::MAX),
-            unreserved: BTreeMap::from([(id("!local:o"), Blocked::NoFederation), (id("!in:o"), Blocked::ServerAcl)]),
-        });
-        let p = received(
-            &b,
-            &new(),
-            &Requirements::default(),
-            &BTreeSet::from([id("!in:o")]),
-            &BTreeSet::from([id("!invited:o")]),
-        );
-        let action = |room: &str| p.rooms.iter().find(|r| r.room_id == room).unwrap().action;
-        assert_eq!(action("!invited:o"), Action::Join);
-        assert_eq!(action("!local:o"), Action::Blocked(Blocked::NoFederation), "no invite is coming there");
-        assert_eq!(action("!in:o"), Action::AlreadyJoined, "a room it is in already stays so");
-        // The preflight was for the recipient's server: any other account plans without it.
-        let other = OwnedUserId::try_from("@other:else.org").unwrap();
-        let p = blind(&b, &other, &Requirements::default(), &BTreeSet::new());
-        assert!(p.rooms.iter().all(|r| r.action == Action::Join), "{:?}", p.rooms);
     }
 
     #[test]
