@@ -397,29 +397,50 @@ impl Config {
     }
 }
 
-/// A token from the config. Its `Debug` never shows the value, so it can't leak into logs.
-#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
+/// A token, password or passphrase. `secrecy` keeps it: wiped from memory when dropped, and its
+/// `Debug` never shows the value, so it can't leak into logs. Compared in constant time.
+#[derive(Clone)]
+pub struct Secret(secrecy::SecretString);
 
 impl Secret {
     pub fn new(value: String) -> Self {
-        Secret(value)
+        Secret(value.into())
     }
     fn placeholder() -> Self {
-        Secret(PLACEHOLDER_TOKEN.into())
+        Secret::new(PLACEHOLDER_TOKEN.into())
     }
     pub fn expose(&self) -> &str {
-        &self.0
+        secrecy::ExposeSecret::expose_secret(&self.0)
     }
     pub fn is_placeholder(&self) -> bool {
-        self.0.is_empty() || self.0 == PLACEHOLDER_TOKEN
+        self.expose().is_empty() || self.expose() == PLACEHOLDER_TOKEN
     }
 }
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        subtle::ConstantTimeEq::ct_eq(self.expose().as_bytes(), other.expose().as_bytes()).into()
+    }
+}
+
+impl Eq for Secret {}
+
+/// Written where a secret is meant to be kept (the sealed store, a bundle file, the config).
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.expose())
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
     }
 }
 
