@@ -260,7 +260,7 @@ impl Backoff {
                 let left = until.saturating_duration_since(Instant::now()).checked_sub(LAST_ATTEMPT)?;
                 (!left.is_zero()).then(|| wait.min(left))
             })
-            .notify(|e, wait| tracing::debug!(error = %e, ?wait, "trying again"))
+            .notify(|e, wait| tracing::debug!(error = %e, ?wait, "transient homeserver error, retrying"))
             .sleep(|wait| crate::budget::away(tokio::time::sleep(wait)))
             .await
     }
