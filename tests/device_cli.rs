@@ -14,6 +14,8 @@ use std::process::ExitStatus;
 use common::{Harness, User};
 use e2ee::E2eeClient;
 use ruma::api::client::device::get_devices;
+use ruma::api::client::profile::{get_profile, set_profile_field};
+use ruma::profile::ProfileFieldValue;
 use serde_json::Value;
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -26,6 +28,10 @@ fn handoff(data: &Path, args: &[&str], stdin: &str) -> (ExitStatus, String, Stri
 async fn user_with_password(h: &Harness, localpart: &str) -> User {
     let (id, token) = h.synapse().register_user(localpart, PASSWORD, false).await.unwrap();
     User::new(&h.synapse().url, id, token).await
+}
+
+async fn display_name(user: &User) -> Option<Value> {
+    user.send(get_profile::v3::Request::new(user.id.clone())).await.get("displayname").cloned()
 }
 
 async fn device_names(user: &User) -> Vec<(String, Option<String>)> {
@@ -235,6 +241,11 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
     let public = public_room(&alice, "Town square").await;
     let dm = alice.dms_with(&[&carol]).await.remove(0);
     let phone = E2eeClient::login(&url, &alice.id, PASSWORD).await;
+    // Both have a display name of their own: bob keeps his until he asks for the old one.
+    for (user, name) in [(&alice, "Alice A."), (&bob, "Bob B.")] {
+        user.send(set_profile_field::v3::Request::new(user.id.clone(), ProfileFieldValue::DisplayName(name.into())))
+            .await;
+    }
     let secret = phone.create_dm(&carol.id).await;
     carol.join(&secret).await;
     phone.send_text(&secret, "said before the move").await;
@@ -339,15 +350,23 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
     assert!(out.contains("Private plans"), "{out}");
     assert!(joined(&bob).await.contains(&public));
     assert!(!joined(&bob).await.contains(&private));
+    let kept = r#"profile: kept your own display name (the old one was "Alice A."): use --profile-from-old to take it"#;
+    assert!(out.contains(kept), "{out}");
+    assert_eq!(display_name(&bob).await, Some(Value::from("Bob B.")));
 
     // With the second login as the old account, which invites: every room, as JSON for scripts.
     let bob_phone = E2eeClient::login(&url, &bob.id, PASSWORD).await;
     let bob_key = bob_phone.enable_recovery().await;
     let bob_key_file = write("bob-recovery-key", &bob_key);
     let recovery = format!("--recovery-key={bob_key_file}");
-    let (status, out, err) = import(bundle_arg, &pass, &["--old", "@alice:localhost", &recovery, "--json"]);
+    let args = ["--old", "@alice:localhost", &recovery, "--profile-from-old", "--json"];
+    let (status, out, err) = import(bundle_arg, &pass, &args);
     assert!(status.success(), "{out}{err}");
     let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    // Asked for: the old display name replaces bob's own.
+    let profile = report["settings"].as_array().unwrap().iter().find(|s| s["step"] == "profile").cloned();
+    assert_eq!(profile.map(|p| p["detail"].clone()), Some(Value::from("display name set")), "{report:#}");
+    assert_eq!(display_name(&bob).await, Some(Value::from("Alice A.")));
     assert!(report["rooms"].as_array().unwrap().iter().all(|r| r["outcome"] == "moved"), "{report:#}");
     assert!(report["room_keys"]["total"].as_u64().unwrap() >= 1, "{report:#}");
     assert_eq!(report["room_keys"]["backed_up"], true);
@@ -449,7 +468,8 @@ async fn a_login_token_in_the_bundle_signs_a_new_device_in_without_the_password(
     let (status, out, err) = handoff(phone.path(), &import, "");
     assert!(status.success(), "{out}{err}");
     assert!(err.contains("Logged in as @alice:localhost on this device with the bundle's login token"), "{err}");
-    assert!(out.contains("1 of 1 room(s) moved") || out.contains("room(s) moved"), "{out}");
+    // Alice's one room ("Kept"), into the same account on the new device.
+    assert!(out.contains("into @alice:localhost: 1 of 1 room(s) moved."), "{out}");
     assert_eq!(device_names(&alice).await.len(), before + 1, "no new device");
     assert!(phone.path().join("accounts").join("@alice:localhost").join("session.json").exists());
     // The same account: no notice about a move to itself.
@@ -563,7 +583,7 @@ async fn a_bundle_naming_another_homeserver_gets_no_token_and_no_password() {
     let (status, out, err) = import(&["--homeserver", url.as_str(), "--password-stdin"], &format!("{PASSWORD}\n"));
     assert!(status.success(), "{out}{err}");
     assert!(err.contains("log in with your password instead"), "{err}");
-    assert!(out.contains("room(s) moved"), "{out}");
+    assert!(out.contains("into @alice:localhost: 1 of 1 room(s) moved."), "{out}");
     assert!(phone.path().join("accounts").join("@alice:localhost").join("session.json").exists());
     assert!(joined(&alice).await.contains(&room));
 

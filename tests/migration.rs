@@ -168,6 +168,9 @@ async fn populate(h: &Harness, alice: &User, bob: &User) -> Setup {
         vec![Action::Notify, Action::SetTweak(ruma::push::Tweak::Sound("default".into()))],
     );
     alice.send(set_pushrule::v3::Request::new(NewPushRule::Content(content_rule))).await;
+    // The new account has its own rule of this ID (below): not applied.
+    let lunch = NewPatternedPushRule::new("handoff-test-lunch".into(), "lunch".into(), vec![Action::Notify]);
+    alice.send(set_pushrule::v3::Request::new(NewPushRule::Content(lunch))).await;
     alice
         .send(set_pushrule_enabled::v3::Request::new(RuleKind::Override, ".m.rule.suppress_notices".into(), false))
         .await;
@@ -227,6 +230,11 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     let own_dm = bob.create_dm(&own.id).await;
     bob.set_account_data("m.direct", json!({own.id.as_str(): [own_dm]})).await;
     bob.set_account_data("m.ignored_user_list", json!({"ignored_users": {"@bobsenemy:localhost": {}}})).await;
+    // Its own display name (no avatar), and a keyword rule of the same ID as one of alice's.
+    bob.send(set_profile_field::v3::Request::new(bob.id.clone(), ProfileFieldValue::DisplayName("Bob B.".into())))
+        .await;
+    let dinner = NewPatternedPushRule::new("handoff-test-lunch".into(), "dinner".into(), vec![Action::Notify]);
+    bob.send(set_pushrule::v3::Request::new(NewPushRule::Content(dinner))).await;
 
     let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
 
@@ -255,6 +263,10 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     assert!(report.contains("No invites: the old account may not invite there"), "{report}");
     assert!(report.contains("Banned: the new account is banned there"), "{report}");
     assert!(report.contains("Joined history: history visibility is `joined`"), "{report}");
+    // What bob had of his own is kept, and named with the old value and how to take it.
+    let kept = "profile: avatar set; kept your own display name (the old one was \"Alice A.\"): use --profile-from-old to take it";
+    assert!(report.contains(kept), "{report}");
+    assert!(report.contains("not applied: the old account's handoff-test-lunch"), "{report}");
 
     // Joined everywhere it could be; exactly one notice per moved room.
     let joined: Vec<OwnedRoomId> = bob.send(joined_rooms::v3::Request::new()).await.joined_rooms;
@@ -303,6 +315,7 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     // Push rules: the keyword, the per-room settings, the default rule switched off, old mentions.
     let rules = bob.send(get_pushrules_all::v3::Request::new()).await.global;
     assert!(rules.content.iter().any(|r| r.rule_id == "handoff-test-keyword" && r.pattern == "deploy"));
+    assert!(rules.content.iter().any(|r| r.rule_id == "handoff-test-lunch" && r.pattern == "dinner"), "bob's own kept");
     assert!(rules.room.iter().any(|r| r.rule_id == s.mentions_only && r.actions.is_empty()));
     assert!(rules.override_.iter().any(|r| r.rule_id == s.muted.as_str()));
     assert!(rules.override_.iter().any(|r| r.rule_id == ".m.rule.suppress_notices" && !r.enabled));
@@ -312,9 +325,9 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     assert_eq!(bob.account_data("im.vector.setting.integration_provisioning").await, Some(json!({"enabled": false})));
     assert!(bob.account_data("im.vector.setting.breadcrumbs").await.is_some());
     assert_eq!(bob.account_data("org.example.private").await, None);
-    // Profile.
+    // Profile: bob's own display name kept; the avatar he had not, taken.
     let profile = bob.send(get_profile::v3::Request::new(bob.id.clone())).await;
-    assert_eq!(profile.get("displayname"), Some(&json!("Alice A.")));
+    assert_eq!(profile.get("displayname"), Some(&json!("Bob B.")));
     assert_eq!(profile.get("avatar_url"), Some(&json!("mxc://localhost/aliceavatar")));
     // Rank: 50 where alice had 50; where alice is a v12 creator, the highest level she can give.
     assert_eq!(power_of(&alice, &s.peer_room, &bob.id).await, Some(50));

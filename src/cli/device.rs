@@ -109,6 +109,10 @@ pub enum Command {
         /// At most this many rooms (highest priority first).
         #[arg(long)]
         max_rooms: Option<usize>,
+        /// Set the old account's display name and avatar even where this account has its own
+        /// (without it, its own are kept and the report says so).
+        #[arg(long)]
+        profile_from_old: bool,
         /// Show the plan and change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -184,6 +188,7 @@ pub fn main(data_dir: Option<PathBuf>, command: Command) -> ExitCode {
                 password_stdin,
                 only,
                 max_rooms,
+                profile_from_old,
                 dry_run,
                 no_notify,
                 old,
@@ -200,7 +205,7 @@ pub fn main(data_dir: Option<PathBuf>, command: Command) -> ExitCode {
                     passphrase_file,
                     homeserver,
                     password_stdin,
-                    requirements: Requirements { only, max_rooms, history: 0 },
+                    requirements: Requirements { only, max_rooms, history: 0, profile_from_old },
                     dry_run,
                     notify: !no_notify,
                     old,

@@ -247,7 +247,7 @@ impl<'a> Import<'a> {
         moved: &BTreeSet<OwnedRoomId>,
         world: &AccountWorld,
     ) -> Result<SettingResult> {
-        let setting = step.setting().expect("SETTINGS are settings");
+        let setting = step.setting(&self.options.requirements).expect("SETTINGS are settings");
         let old = &self.bundle.source.user_id;
         let (ok, detail) = match account.apply(setting, old, self.new_user(), self.bundle, moved, world).await {
             Ok(done) => (true, done),

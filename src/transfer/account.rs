@@ -13,6 +13,7 @@ use ruma::{OwnedRoomId, UserId};
 use serde::Serialize;
 
 use super::merge::{self, AccountWorld};
+use super::plan::Requirements;
 use super::{AccountStep, Error};
 use crate::bundle::Bundle;
 use crate::homeserver::{Homeserver, HsError};
@@ -21,7 +22,10 @@ use crate::homeserver::{Homeserver, HsError};
 /// profile, decided by [`merge`] from what it has. The other account steps hand files over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Setting {
-    Profile,
+    /// `from_old`: the import asked for the old display name and avatar over the account's own.
+    Profile {
+        from_old: bool,
+    },
     Direct,
     IgnoredUsers,
     PushRules,
@@ -30,10 +34,10 @@ pub enum Setting {
 }
 
 impl AccountStep {
-    /// The setting this step merges, if it is one.
-    pub fn setting(self) -> Option<Setting> {
+    /// The setting this step merges, if it is one, as the import asked for it.
+    pub fn setting(self, asked: &Requirements) -> Option<Setting> {
         Some(match self {
-            AccountStep::Profile => Setting::Profile,
+            AccountStep::Profile => Setting::Profile { from_old: asked.profile_from_old },
             AccountStep::Direct => Setting::Direct,
             AccountStep::IgnoredUsers => Setting::IgnoredUsers,
             AccountStep::PushRules => Setting::PushRules,
@@ -84,8 +88,8 @@ impl AccountWork {
         world: &AccountWorld,
     ) -> Result<String, Error> {
         match setting {
-            Setting::Profile => {
-                let writes = merge::profile(world, bundle);
+            Setting::Profile { from_old } => {
+                let writes = merge::profile(world, bundle, new, from_old);
                 if let Some(name) = writes.display_name {
                     let req = set_profile_field::v3::Request::new(new.to_owned(), ProfileFieldValue::DisplayName(name));
                     self.acting.send_as(new, req).await?;

@@ -724,7 +724,7 @@ impl Engine {
             .collect();
         for step in todo {
             let _slot = self.budget.acquire(t.id, class).await;
-            let done = match step.setting() {
+            let done = match step.setting(&t.requirements) {
                 Some(setting) => self.account.apply(setting, &t.old, &t.new, bundle, &seated, &world).await,
                 None => self.deliver(step, t, bundle, &plan).await,
             };

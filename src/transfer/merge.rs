@@ -4,7 +4,10 @@
 //! tested on JSON worlds with snapshots, and the executor (`account`) only applies them.
 //!
 //! The rules, the same for every setting: the new account keeps what it has; what the old one
-//! had is added where the new one has nothing; nothing is ever removed.
+//! had is added where the new one has nothing; nothing is ever removed; what is not applied
+//! because the new account has its own is named in the summary the user reads. The profile alone
+//! can be asked for over the account's own (`--profile-from-old`): it is one value, not a list
+//! both accounts' entries fit into.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -78,11 +81,14 @@ pub fn ignored_users(world: &AccountWorld, bundle: &Bundle) -> Merge<IgnoredUser
 }
 
 /// The push rule writes: the old account's own rules the new one lacks (with their enabled
-/// flags), and the server-default rules whose enabled flag differs, switched to match.
+/// flags), and the server-default rules whose enabled flag differs, switched to match. A rule the
+/// new account has under the same kind and ID, set otherwise, stays as it is and is named in
+/// `kept`: the person made it there.
 #[derive(Debug, Clone, Default)]
 pub struct PushRules {
     pub add: Vec<(NewPushRule, bool)>,
     pub switch: Vec<(RuleKind, String, bool)>,
+    pub kept: Vec<String>,
     pub summary: String,
 }
 
@@ -91,19 +97,31 @@ pub fn push_rules(world: &AccountWorld, bundle: &Bundle) -> PushRules {
         return PushRules { summary: "none in the bundle".into(), ..Default::default() };
     };
     let current = world.push_rules.clone().unwrap_or_default();
-    let existing: BTreeMap<&str, bool> = current.iter().map(|r| (r.rule_id(), r.enabled())).collect();
-    let add: Vec<(NewPushRule, bool)> = rules
-        .iter()
-        .filter(|r| !r.is_server_default() && !existing.contains_key(r.rule_id()))
-        .filter_map(|r| Some((new_rule(&r)?, r.enabled())))
-        .collect();
+    let (mut add, mut kept) = (Vec::new(), Vec::new());
+    for rule in rules.iter().filter(|r| !r.is_server_default()) {
+        let Some(new) = new_rule(&rule) else { continue };
+        match current.get(kind_of(&rule), rule.rule_id()) {
+            None => add.push((new, rule.enabled())),
+            // Compared as written (kind, ID, conditions or pattern, actions) and switched on or off.
+            Some(own)
+                if new_rule(&own).map(|o| describe(&o)) == Some(describe(&new)) && own.enabled() == rule.enabled() => {}
+            Some(_) => kept.push(rule.rule_id().to_owned()),
+        }
+    }
     let switch: Vec<(RuleKind, String, bool)> = rules
         .iter()
-        .filter(|r| r.is_server_default() && existing.get(r.rule_id()).is_some_and(|e| *e != r.enabled()))
+        .filter(|r| r.is_server_default())
+        .filter(|r| current.get(kind_of(r), r.rule_id()).is_some_and(|e| e.enabled() != r.enabled()))
         .map(|r| (kind_of(&r), r.rule_id().to_owned(), r.enabled()))
         .collect();
-    let summary = format!("{} push rule(s) added, {} default rule(s) switched to match", add.len(), switch.len());
-    PushRules { add, switch, summary }
+    let mut summary = format!("{} push rule(s) added, {} default rule(s) switched to match", add.len(), switch.len());
+    if !kept.is_empty() {
+        summary.push_str(&format!(
+            "; not applied: the old account's {} (you have your own rule of that ID, kept as it is)",
+            kept.join(", ")
+        ));
+    }
+    PushRules { add, switch, kept, summary }
 }
 
 /// The rule that keeps mentions of the old user ID notifying the new account.
@@ -142,8 +160,11 @@ pub fn client_settings(world: &AccountWorld, bundle: &Bundle) -> Merge<Vec<(Stri
     Merge { write: (!set.is_empty()).then_some(set), summary }
 }
 
-/// The profile to set: the old account's display name and avatar, where they differ from the new
-/// account's (the person is the same; the new account was usually just created).
+/// The profile to set. Where the new account has no display name or avatar of its own, the old
+/// account's are set (the person is the same; the new account was usually just created). One it
+/// has is kept unless the import asked for the old ones (`from_old`, `--profile-from-old`), and
+/// the summary says what was kept and how to take the old one. A display name equal to the
+/// localpart is the homeserver's default at registration (Synapse's), not one of its own.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProfileWrites {
     pub display_name: Option<String>,
@@ -151,14 +172,40 @@ pub struct ProfileWrites {
     pub summary: String,
 }
 
-pub fn profile(world: &AccountWorld, bundle: &Bundle) -> ProfileWrites {
-    let display_name = bundle.profile.display_name.clone().filter(|n| world.display_name.as_ref() != Some(n));
-    let avatar_url = bundle.profile.avatar_url.clone().filter(|a| world.avatar_url.as_ref() != Some(a));
-    let done: Vec<&str> = [display_name.as_ref().map(|_| "display name"), avatar_url.as_ref().map(|_| "avatar")]
-        .into_iter()
-        .flatten()
-        .collect();
-    let summary = if done.is_empty() { "nothing to set".into() } else { format!("{} set", done.join(" and ")) };
+/// The flag that asks for the old account's display name and avatar over the new one's own.
+pub const PROFILE_FROM_OLD: &str = "--profile-from-old";
+
+pub fn profile(world: &AccountWorld, bundle: &Bundle, new: &UserId, from_old: bool) -> ProfileWrites {
+    let own_name = world.display_name.as_ref().filter(|n| !n.is_empty() && n.as_str() != new.localpart());
+    let (mut set, mut kept) = (Vec::new(), Vec::new());
+    let display_name = bundle.profile.display_name.clone().filter(|old| match own_name {
+        Some(own) if own == old => false,
+        Some(_) if !from_old => {
+            kept.push(format!("your own display name (the old one was \"{old}\")"));
+            false
+        }
+        // Not yet the old one (the default, or its own and the import asked): set.
+        _ => world.display_name.as_ref() != Some(old),
+    });
+    let avatar_url = bundle.profile.avatar_url.clone().filter(|old| match &world.avatar_url {
+        Some(own) if own == old => false,
+        Some(_) if !from_old => {
+            kept.push(format!("your own avatar (the old one is {old})"));
+            false
+        }
+        _ => true,
+    });
+    set.extend(display_name.as_ref().map(|_| "display name"));
+    set.extend(avatar_url.as_ref().map(|_| "avatar"));
+    let mut parts = Vec::new();
+    if !set.is_empty() {
+        parts.push(format!("{} set", set.join(" and ")));
+    }
+    if !kept.is_empty() {
+        let them = if kept.len() > 1 { "them" } else { "it" };
+        parts.push(format!("kept {}: use {PROFILE_FROM_OLD} to take {them}", kept.join(" and ")));
+    }
+    let summary = if parts.is_empty() { "nothing to set".into() } else { parts.join("; ") };
     ProfileWrites { display_name, avatar_url, summary }
 }
 
@@ -291,13 +338,19 @@ mod tests {
                 "m.accepted_terms": {"accepted": ["https://old.org/terms"]},
                 "im.vector.analytics": null
             },
-            "display_name": "Old Me",
+            "display_name": "Me, lately",
             "avatar_url": "mxc://new.org/other"
         }))
         .unwrap()
     }
 
-    /// Everything the merges decide for one world, as one JSON document.
+    /// The new account of every world here (Synapse gave it the display name `new`).
+    fn new() -> ruma::OwnedUserId {
+        "@new:new.org".try_into().unwrap()
+    }
+
+    /// Everything the merges decide for one world, as one JSON document (an import that did not
+    /// ask for the old profile).
     fn decide(world: &AccountWorld) -> JsonValue {
         let b = bundle();
         // Alice's second DM and Bob's DM were not moved (skipped, say): they are not marked.
@@ -309,11 +362,12 @@ mod tests {
             "push_rules": {
                 "add": rules.add.iter().map(|(r, enabled)| json!({"rule": describe(r), "enabled": enabled})).collect::<Vec<_>>(),
                 "switch": rules.switch.iter().map(|(k, id, on)| json!([k.as_str(), id, on])).collect::<Vec<_>>(),
+                "kept": rules.kept,
                 "summary": rules.summary,
             },
             "old_mentions": describe(&old_mentions(&b.source.user_id)),
             "client_settings": client_settings(world, &b),
-            "profile": profile(world, &b),
+            "profile": profile(world, &b, &new(), false),
         })
     }
 
@@ -325,6 +379,29 @@ mod tests {
     #[test]
     fn into_a_lived_in_account_nothing_it_has_is_changed() {
         insta::assert_json_snapshot!(decide(&lived_in()));
+    }
+
+    #[test]
+    fn a_lived_in_account_that_asks_for_the_old_profile_gets_it() {
+        let p = profile(&lived_in(), &bundle(), &new(), true);
+        assert_eq!(p.display_name.as_deref(), Some("Old Me"));
+        assert_eq!(p.avatar_url.as_ref().map(|a| a.as_str()), Some("mxc://old.org/avatar"));
+        assert_eq!(p.summary, "display name and avatar set");
+    }
+
+    #[test]
+    fn an_account_with_only_a_display_name_of_its_own_gets_the_old_avatar() {
+        let mut world = lived_in();
+        world.avatar_url = None;
+        let p = profile(&world, &bundle(), &new(), false);
+        assert_eq!(
+            (p.display_name.as_deref(), p.avatar_url.as_ref().map(|a| a.as_str())),
+            (None, Some("mxc://old.org/avatar"))
+        );
+        assert_eq!(
+            p.summary,
+            "avatar set; kept your own display name (the old one was \"Old Me\"): use --profile-from-old to take it"
+        );
     }
 
     #[test]
@@ -343,7 +420,15 @@ mod tests {
         assert!(direct(&world, &b, &moved).write.is_none());
         assert!(ignored_users(&world, &b).write.is_none());
         assert!(client_settings(&world, &b).write.is_none());
-        let p = profile(&world, &b);
-        assert!(p.display_name.is_none() && p.avatar_url.is_none(), "{p:?}");
+        // Asked for or not: the old profile is what it has now.
+        for from_old in [false, true] {
+            let p = profile(&world, &b, &new(), from_old);
+            assert!(p.display_name.is_none() && p.avatar_url.is_none(), "{p:?}");
+            assert_eq!(p.summary, "nothing to set");
+        }
+        // The rules as the first merge left them: the same as the old account's.
+        world.push_rules = b.preferences.push_rules.clone();
+        let rules = push_rules(&world, &b);
+        assert!(rules.add.is_empty() && rules.switch.is_empty() && rules.kept.is_empty(), "{}", rules.summary);
     }
 }

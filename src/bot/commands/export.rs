@@ -178,7 +178,7 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
     let remote = args.to.as_ref().filter(|to| to.server_name() != config.homeserver.domain);
     let reservation = match remote {
         Some(to) => {
-            let requirements = Requirements { only: None, max_rooms: Some(config.handoff.max_rooms), history: 0 };
+            let requirements = Requirements { max_rooms: Some(config.handoff.max_rooms), ..Default::default() };
             let plan = bot.engine.preview(&bundle, to, &requirements).await?;
             Some((to.clone(), requirements, plan))
         }

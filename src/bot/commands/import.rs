@@ -1,5 +1,7 @@
-//! `import CODE [--only favourites|dms|rooms] [--max-rooms N] [--profile mobile|desktop] [--dry-run]`:
+//! `import CODE [--only favourites|dms|rooms] [--max-rooms N] [--profile mobile|desktop] [--profile-from-old] [--dry-run]`:
 //! redeem a transfer code on the new account; the options are the second client's requirements.
+//! (`--profile` is the second client's kind; `--profile-from-old` takes the old display name and
+//! avatar over the account's own.)
 
 use super::{Args, Command, CommandError, Spec};
 use crate::bot::door::{self, Entry, Refused, Ticket};
@@ -10,12 +12,13 @@ use crate::code::RedeemError;
 use crate::code::TransferCode;
 use crate::config::PermissionLevel;
 use crate::transfer::ClientProfile;
+use crate::transfer::merge::PROFILE_FROM_OLD;
 use crate::transfer::plan::{self, Requirements};
 
 pub const SPEC: Spec = Spec {
     name: "import",
-    usage: "import CODE [--only favourites|dms|rooms] [--max-rooms N] [--history N] [--profile mobile|desktop] [--dry-run]",
-    summary: "on the new account: move the bundle of a transfer code here (--dry-run shows the plan and changes nothing)",
+    usage: "import CODE [--only favourites|dms|rooms] [--max-rooms N] [--history N] [--profile mobile|desktop] [--profile-from-old] [--dry-run]",
+    summary: "on the new account: move the bundle of a transfer code here (--dry-run shows the plan and changes nothing); this account keeps a display name and avatar of its own unless --profile-from-old",
     anywhere: false,
     permission: PermissionLevel::User,
     runs_long: false,
@@ -29,6 +32,8 @@ pub struct Import {
     /// Deliver up to N captured messages per room (as a file in the DM).
     pub history: usize,
     pub profile: ClientProfile,
+    /// Take the old display name and avatar even where this account has its own.
+    pub profile_from_old: bool,
     pub dry_run: bool,
 }
 
@@ -49,6 +54,7 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
         None => 0,
     };
     let profile = args.option("--profile").map_err(usage)?.map(|p| p.parse()).transpose().map_err(usage)?;
+    let profile_from_old = args.flag(PROFILE_FROM_OLD);
     let dry_run = args.flag("--dry-run");
     // The code may have been pasted with spaces between its groups: take every remaining word.
     let mut words = Vec::new();
@@ -60,7 +66,15 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
         return Err(usage("give the transfer code that `export` showed on the old account".into()));
     }
     let code = TransferCode::parse(&words.join("")).map_err(|e| usage(e.to_string()))?;
-    Ok(Command::Import(Import { code, only, max_rooms, history, profile: profile.unwrap_or_default(), dry_run }))
+    Ok(Command::Import(Import {
+        code,
+        only,
+        max_rooms,
+        history,
+        profile: profile.unwrap_or_default(),
+        profile_from_old,
+        dry_run,
+    }))
 }
 
 pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
@@ -71,7 +85,8 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
     let hash = args.code.hash();
     // The server's limit applies whatever the importer asks for.
     let max_rooms = Some(args.max_rooms.map_or(bot.config.handoff.max_rooms, |m| m.min(bot.config.handoff.max_rooms)));
-    let requirements = Requirements { only: args.only, max_rooms, history: args.history };
+    let requirements =
+        Requirements { only: args.only, max_rooms, history: args.history, profile_from_old: args.profile_from_old };
     // Look before using the code up: a dry run, or the same account, leaves it valid.
     let record = match bot.store.peek_code(&hash, new)? {
         Ok(r) => r,
@@ -145,4 +160,27 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
     bot.reply_n(&prompt_ctx, 5, prompt).await?;
     bot.reply(ctx, format!("The code is good. {old} has been asked to approve; the move starts as soon as they do."))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Place, parse as parse_command};
+    use super::*;
+
+    fn import(text: &str) -> Import {
+        match parse_command(text, Place::Dm, "!h").unwrap() {
+            Ok(Command::Import(i)) => i,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_old_profile_is_asked_for_apart_from_the_client_profile() {
+        let code = TransferCode::generate().display();
+        let i = import(&format!("import {code} --profile mobile --profile-from-old"));
+        assert_eq!((i.profile, i.profile_from_old), (ClientProfile::Mobile, true));
+        let i = import(&format!("import {code} --profile-from-old"));
+        assert_eq!((i.profile, i.profile_from_old), (ClientProfile::Desktop, true));
+        assert!(!import(&format!("import {code}")).profile_from_old);
+    }
 }

@@ -71,6 +71,10 @@ pub struct Requirements {
     /// How many captured messages per room to deliver to the new account (0: none).
     #[serde(default)]
     pub history: usize,
+    /// Set the old account's display name and avatar even where the new account has its own
+    /// (`--profile-from-old`); without it, its own are kept and the report says so.
+    #[serde(default)]
+    pub profile_from_old: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -507,11 +511,11 @@ mod tests {
 
         let dm = b.rooms.iter().find(|r| r.room_id == "!f3:o").unwrap();
         assert!(is_first(dm));
-        let only = Requirements { only: Some(Only::Dms), max_rooms: None, history: 0 };
+        let only = Requirements { only: Some(Only::Dms), ..Default::default() };
         let p = plan(&b, &new(), &only, &w);
         assert_eq!(p.rooms.len(), 1);
         assert_eq!(p.left_out, 4);
-        let max = Requirements { only: None, max_rooms: Some(2), history: 0 };
+        let max = Requirements { max_rooms: Some(2), ..Default::default() };
         let p = plan(&b, &new(), &max, &w);
         assert_eq!(p.rooms.len(), 2);
         assert_eq!(p.left_out, 3);
