@@ -239,8 +239,11 @@ async fn homeserver_outage_mid_transfer_is_waited_out() {
     let report = h.bot_says(&bob, &bdm, 0, "the report after the outage", |b| b.contains("rooms moved to")).await;
     assert!(report.starts_with("30 of 30 rooms moved"), "{report}");
     // A request of the transfer met the homeserver gone, and was tried again (the retry helper's
-    // line: "trying again error=cannot reach the homeserver: …").
-    let waited = h.log().lines().any(|l| l.contains("trying again") && l.contains("cannot reach the homeserver"));
+    // line: "transient homeserver error, retrying error=cannot reach the homeserver: …").
+    let waited = h
+        .log()
+        .lines()
+        .any(|l| l.contains("transient homeserver error, retrying") && l.contains("cannot reach the homeserver"));
     assert!(waited, "the outage landed mid-transfer");
     assert_moved_once(&alice, &bob, &rooms).await;
 }
