@@ -13,7 +13,7 @@ use ruma::{OwnedRoomId, UserId};
 use serde::Serialize;
 
 use super::merge::{self, AccountWorld};
-use super::{AccountStep, Error};
+use super::{AccountStep, Error, StepDone};
 use crate::bundle::Bundle;
 use crate::homeserver::{Homeserver, HsError};
 
@@ -73,7 +73,7 @@ pub const SETTINGS: [AccountStep; 6] = [
 
 impl AccountWork {
     /// Applies one setting from `old`'s bundle to `new`; `moved` are the rooms the new account
-    /// has its seat in now. Returns what it did, for the report.
+    /// has its seat in now. Returns what it did, for the report (a merge words its own summary).
     pub async fn apply(
         &self,
         setting: Setting,
@@ -82,8 +82,8 @@ impl AccountWork {
         bundle: &Bundle,
         moved: &BTreeSet<OwnedRoomId>,
         world: &AccountWorld,
-    ) -> Result<String, Error> {
-        match setting {
+    ) -> Result<StepDone, Error> {
+        let merged: Result<String, Error> = match setting {
             Setting::Profile => {
                 let writes = merge::profile(world, bundle);
                 if let Some(name) = writes.display_name {
@@ -133,9 +133,10 @@ impl AccountWork {
             }
             Setting::OldMentions => {
                 self.acting.send_as(new, set_pushrule::v3::Request::new(merge::old_mentions(old))).await?;
-                Ok(format!("mentions of {old} notify you"))
+                return Ok(StepDone::OldMentions { old: old.to_owned() });
             }
-        }
+        };
+        merged.map(StepDone::Merged)
     }
 
     async fn set_global_data(&self, user: &UserId, kind: &str, content: &impl Serialize) -> Result<(), Error> {

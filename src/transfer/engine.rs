@@ -25,7 +25,8 @@ use super::progress::{Counts, Delivery, Place, Reporter, RoomHistory, Stopped};
 use super::report::Report;
 use super::room::RoomWork;
 use super::{
-    AccountStep, Error, PATIENT, RoomStep, Stage, StepOutcome, Transfer, TransferKind, TransferState, watch, world,
+    AccountStep, Error, FailReason, PATIENT, RoomStep, SkipReason, Stage, StepDone, StepFailure, StepOutcome, Transfer,
+    TransferKind, TransferState, Withdrawal, watch, world,
 };
 use crate::budget::{Budget, Class};
 use crate::bundle::{Bundle, Priority, RoomKind};
@@ -211,7 +212,7 @@ impl Engine {
             } else if watch::is_watched(&t) {
                 self.watch(t.id);
             } else if t.kind == TransferKind::Reserve && t.state == TransferState::Cancelled && !t.withdrawn {
-                self.withdraw_later(t.id, watch::Why::Cancelled);
+                self.withdraw_later(t.id, Withdrawal::Cancelled);
             }
         }
         Ok(n)
@@ -221,7 +222,7 @@ impl Engine {
     /// ([`watch::withdraw`]), as the old account, one at a time in the transfer's share of the
     /// budget; marked done in the record, so a restart in the middle does the rest. Returns how
     /// many were withdrawn.
-    pub async fn withdraw_seats(&self, id: u64, why: watch::Why) -> Result<usize, Error> {
+    pub async fn withdraw_seats(&self, id: u64, why: Withdrawal) -> Result<usize, Error> {
         let Some(t) = self.journal.get(id)? else { return Ok(0) };
         // It acts as the old account: not once that account may no longer use handoff.
         if t.kind != TransferKind::Reserve || t.withdrawn || self.config.permission(&t.old) < PermissionLevel::User {
@@ -239,7 +240,7 @@ impl Engine {
 
     /// [`Engine::withdraw_seats`] in the background (after a `cancel` of a finished reservation,
     /// or at a start that finds one not done).
-    pub fn withdraw_later(self: &Arc<Self>, id: u64, why: watch::Why) {
+    pub fn withdraw_later(self: &Arc<Self>, id: u64, why: Withdrawal) {
         let engine = Arc::clone(self);
         self.shutdown.spawn(async move {
             if let Err(e) = engine.withdraw_seats(id, why).await {
@@ -262,7 +263,7 @@ impl Engine {
         let (engine, t) = (Arc::clone(self), t.clone());
         self.shutdown.spawn(async move {
             let _slot = engine.budget.acquire(t.id, Class::Normal).await;
-            match watch::withdraw(&engine.acting, None, &t, &rooms, watch::Why::Forgotten).await {
+            match watch::withdraw(&engine.acting, None, &t, &rooms, Withdrawal::Forgotten).await {
                 Ok(n) => tracing::info!(withdrawn = n, "a forgotten reservation's invites not taken were withdrawn"),
                 Err(e) => tracing::warn!(error = %e, "cannot withdraw a forgotten reservation's invites"),
             }
@@ -550,7 +551,7 @@ impl Engine {
             // A cancelled reservation takes back the invites it sent (before the report, which
             // then says so; a crash in between does it again at the resume).
             if t.kind == TransferKind::Reserve {
-                self.withdraw_seats(id, watch::Why::Cancelled).await?;
+                self.withdraw_seats(id, Withdrawal::Cancelled).await?;
                 t = self.journal.get(id)?.ok_or(Error::Missing(id))?;
             }
             let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, true);
@@ -560,19 +561,12 @@ impl Engine {
         if self.is_local(&t.new) {
             self.account_steps(&mut t, &bundle, &AFTER_ROOMS, Class::First).await?;
         } else if !t.account_steps.contains_key(&AccountStep::Remote) {
-            let why = match t.kind {
-                TransferKind::Reserve => format!(
-                    "{} is on another server: it joins, and gets its tags, DMs, push rules, settings and profile, when it imports the bundle file with the code on its own server's handoff",
-                    t.new
-                ),
-                _ => format!(
-                    "{} is on another server: tags, DMs, ignored users, push rules, settings and profile are applied by that server's handoff or your client",
-                    t.new
-                ),
-            };
             // For a reservation that is the plan, not a shortfall.
-            let outcome =
-                if t.kind == TransferKind::Reserve { StepOutcome::Done(why) } else { StepOutcome::Failed(why) };
+            let new = t.new.clone();
+            let outcome = match t.kind {
+                TransferKind::Reserve => StepOutcome::Done(StepDone::Reserved { new }),
+                _ => StepOutcome::Failed(StepFailure::Elsewhere { new }),
+            };
             t.account_steps.insert(AccountStep::Remote, outcome);
             self.save(&mut t).await?;
         }
@@ -634,12 +628,12 @@ impl Engine {
                 };
                 let ended = match seat {
                     None if !begun.load(Ordering::Relaxed) => {
-                        self.end_room(t, progress, &room.room_id, &RoomStep::Skipped(NOT_STARTED.into())).await;
+                        self.end_room(t, progress, &room.room_id, &RoomStep::Skipped(SkipReason::NotStarted)).await;
                         return Seat::NotStarted;
                     }
                     None => {
                         tracing::info!(transfer = t.id, room_id = %room.room_id, "cancelled while the room waited");
-                        RoomStep::Skipped(INTERRUPTED.into())
+                        RoomStep::Skipped(SkipReason::Interrupted)
                     }
                     Some(Ok(None)) => {
                         tracing::debug!(transfer = t.id, class = ?class_of(room), elapsed_ms = started.elapsed().as_millis() as u64, "room seated");
@@ -649,7 +643,7 @@ impl Engine {
                         return Seat::Taken(index, RoomStep::Started(Stage::Joined));
                     }
                     Some(Ok(Some(step))) => step,
-                    Some(Err(e)) => RoomStep::Failed(e.to_string()),
+                    Some(Err(e)) => RoomStep::Failed(FailReason::Error(e.to_string())),
                 };
                 self.end_room(t, progress, &room.room_id, &ended).await;
                 Seat::Ended
@@ -685,7 +679,7 @@ impl Engine {
                 let entry = bundle.rooms.iter().find(|e| e.room_id == room.room_id);
                 let step = match Box::pin(self.rooms.finish(t, entry, room, &from)).await {
                     Ok(step) => step,
-                    Err(e) => RoomStep::Failed(e.to_string()),
+                    Err(e) => RoomStep::Failed(FailReason::Error(e.to_string())),
                 };
                 self.end_room(t, progress, &room.room_id, &step).await;
             })
@@ -730,7 +724,7 @@ impl Engine {
             };
             let outcome = match done {
                 Ok(done) => StepOutcome::Done(done),
-                Err(Error::Hs(e)) if !e.is_transient() => StepOutcome::Failed(e.to_string()),
+                Err(Error::Hs(e)) if !e.is_transient() => StepOutcome::Failed(StepFailure::Homeserver(e.to_string())),
                 Err(e) => return Err(e),
             };
             t.account_steps.insert(step, outcome);
@@ -764,25 +758,25 @@ impl Engine {
     }
 
     /// The account steps that hand files over to the new account's DM.
-    async fn deliver(&self, step: AccountStep, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<String, Error> {
+    async fn deliver(&self, step: AccountStep, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<StepDone, Error> {
         match step {
             AccountStep::RoomKeys => {
                 let Some(keys) = &bundle.room_keys else {
-                    return Ok("no key export in the bundle".into());
+                    return Ok(StepDone::NoKeyExport);
                 };
                 self.reporter.deliver(t, Delivery::RoomKeys { armored: &keys.armored }).await?;
-                Ok("key export delivered".into())
+                Ok(StepDone::KeysDelivered)
             }
             AccountStep::History => self.history(t, bundle, plan).await,
-            _ => Ok(String::new()),
+            _ => Ok(StepDone::Nothing),
         }
     }
 
     /// With `import --history N`: the last N captured messages of each moved room.
-    async fn history(&self, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<String, Error> {
+    async fn history(&self, t: &Transfer, bundle: &Bundle, plan: &Plan) -> Result<StepDone, Error> {
         let n = t.requirements.history;
         if n == 0 {
-            return Ok("not asked for (import --history N)".into());
+            return Ok(StepDone::HistoryNotAsked);
         }
         let rooms: Vec<RoomHistory<'_>> = plan
             .rooms
@@ -799,11 +793,11 @@ impl Engine {
             })
             .collect();
         if rooms.is_empty() {
-            return Ok("the bundle carries no history (export --history N)".into());
+            return Ok(StepDone::NoHistory);
         }
         let (count, messages) = (rooms.len(), rooms.iter().map(|r| r.messages.len()).sum::<usize>());
-        let name = self.reporter.deliver(t, Delivery::History(rooms)).await?;
-        Ok(format!("{messages} message(s) from {count} room(s) delivered as {name}"))
+        let file = self.reporter.deliver(t, Delivery::History(rooms)).await?;
+        Ok(StepDone::HistoryDelivered { messages, rooms: count, file })
     }
 
     /// Tells the reporter the end, then stores the final state. A report that can't be posted
@@ -929,13 +923,6 @@ impl Progress {
 /// How long a room that has begun may go on after a cancel: long enough for requests to this
 /// homeserver, short enough that a cancel ends a room waiting for another server within seconds.
 const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// Why a room was not reached: the transfer was cancelled before its turn.
-const NOT_STARTED: &str = "not reached: the transfer was cancelled before this room's turn; a new transfer moves it";
-/// Why a room was not reached: the transfer was cancelled while the room waited (for another
-/// server, or its turn to try again).
-const INTERRUPTED: &str =
-    "not reached: the transfer was cancelled while this room waited for a server; a new transfer moves it";
 
 /// The largest avatar copied from another server.
 const AVATAR_MAX: u64 = 10 * 1024 * 1024;
