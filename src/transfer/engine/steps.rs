@@ -130,13 +130,34 @@ impl Engine {
 /// The largest avatar copied from another server.
 const AVATAR_MAX: u64 = 10 * 1024 * 1024;
 
-/// An image's type from its first bytes (the download says none): PNG, JPEG, GIF, WebP.
+/// An image's type from its first bytes (the download says none), or none that the homeserver
+/// would make thumbnails for.
 fn image_type(bytes: &[u8]) -> &'static str {
-    match bytes {
-        [0x89, b'P', b'N', b'G', ..] => "image/png",
-        [0xFF, 0xD8, 0xFF, ..] => "image/jpeg",
-        [b'G', b'I', b'F', b'8', ..] => "image/gif",
-        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => "image/webp",
+    match infer::get(bytes) {
+        Some(kind) if kind.matcher_type() == infer::MatcherType::Image => kind.mime_type(),
         _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first bytes of each kind of avatar clients upload, padded as a file would be.
+    fn file(head: &[u8]) -> Vec<u8> {
+        let mut bytes = head.to_vec();
+        bytes.resize(64, 0);
+        bytes
+    }
+
+    #[test]
+    fn an_avatar_is_typed_from_its_first_bytes() {
+        assert_eq!(image_type(&file(b"\x89PNG\r\n\x1a\n")), "image/png");
+        assert_eq!(image_type(&file(b"\xFF\xD8\xFF\xE0")), "image/jpeg");
+        assert_eq!(image_type(&file(b"GIF89a")), "image/gif");
+        assert_eq!(image_type(&file(b"RIFF\0\0\0\0WEBPVP8 ")), "image/webp");
+        // Not an image (a PDF), or nothing at all: no image type, so no thumbnails.
+        assert_eq!(image_type(&file(b"%PDF-1.7")), "application/octet-stream");
+        assert_eq!(image_type(b""), "application/octet-stream");
     }
 }
