@@ -171,3 +171,52 @@ impl Drop for RunningEntry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::Harness;
+    use super::*;
+
+    /// Takes the engine's only place with a task that runs until it is stopped.
+    fn take_the_place(h: &Harness) -> u64 {
+        let busy = u64::MAX;
+        let task = tokio::spawn(std::future::pending::<()>());
+        let mut line = h.engine.line.lock().unwrap();
+        assert!(matches!(line.admit(busy), Admit::Start));
+        line.run(busy, task.abort_handle());
+        busy
+    }
+
+    /// With every place taken, a transfer waits in line and is told its place; cancelled there,
+    /// it leaves the line and ends without having run.
+    #[tokio::test]
+    async fn a_transfer_cancelled_in_line_ends_without_running() {
+        let h = Harness::new(1).await;
+        take_the_place(&h);
+        let t = h.transfer("@old:example.org").await;
+        h.engine.spawn(t.id);
+        assert_eq!(h.engine.place(t.id), Some(Place { ahead: 0, running: 1 }));
+        assert!(h.engine.cancel(t.id), "it was waiting");
+        h.until(t.id, TransferState::Cancelled).await;
+        assert_eq!(h.engine.place(t.id), None);
+        assert!(h.told.said().contains(&format!("{} stopped CancelledWaiting", t.id)), "{:?}", h.told.said());
+    }
+
+    /// A place that frees up (a transfer stopped) goes to the first one waiting, which starts by
+    /// itself; once it ends, the line is empty.
+    #[tokio::test]
+    async fn a_freed_place_starts_the_next_in_line() {
+        let h = Harness::new(1).await;
+        let busy = take_the_place(&h);
+        let (first, second) = (h.transfer("@old:example.org").await, h.transfer("@old:example.org").await);
+        h.engine.spawn(first.id);
+        h.engine.spawn(second.id);
+        assert_eq!(h.engine.place(second.id), Some(Place { ahead: 1, running: 1 }));
+        h.engine.stop(busy);
+        // Each ends at once (its bundle was never stored), giving its place to the next.
+        h.until(first.id, TransferState::Cancelled).await;
+        h.until(second.id, TransferState::Cancelled).await;
+        assert_eq!(h.engine.place(second.id), None);
+        assert_eq!(h.engine.stop_all(), 0, "nothing left running");
+    }
+}

@@ -213,3 +213,62 @@ impl Progress {
 /// How long a room that has begun may go on after a cancel: long enough for requests to this
 /// homeserver, short enough that a cancel ends a room waiting for another server within seconds.
 const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transfer::plan::Action;
+    use crate::transfer::{SkipReason, Stage};
+
+    fn room(id: &str, priority: Priority, kind: RoomKind) -> RoomPlan {
+        RoomPlan {
+            room_id: id.try_into().unwrap(),
+            via: vec![],
+            name: None,
+            kind,
+            priority,
+            action: Action::Join,
+            give_level: None,
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn favourites_and_dms_go_first_and_stay_first_when_finishing() {
+        let cases = [
+            (Priority::High, RoomKind::Group, Class::First, Class::First),
+            (Priority::Normal, RoomKind::Dm, Class::First, Class::First),
+            (Priority::Normal, RoomKind::Group, Class::Normal, Class::Finishing),
+            (Priority::Low, RoomKind::Group, Class::Low, Class::Finishing),
+        ];
+        for (priority, kind, seat, finish) in cases {
+            let r = room("!r:a.org", priority, kind);
+            assert_eq!((class_of(&r), finish_class_of(&r)), (seat, finish), "{priority:?} {kind:?}");
+        }
+    }
+
+    /// A resumed transfer's progress starts from its journal: seated is past pass 1 (finished or
+    /// not), done is final (moved, skipped or failed), and the total counts rooms not planned yet.
+    #[test]
+    fn progress_counts_what_the_journal_says_was_done() {
+        let ids = ["!a:a.org", "!b:a.org", "!c:a.org", "!d:a.org"];
+        let plan = Plan {
+            old: "@old:a.org".try_into().unwrap(),
+            new: "@new:a.org".try_into().unwrap(),
+            rooms: ids.iter().map(|id| room(id, Priority::Normal, RoomKind::Group)).collect(),
+            unplanned: vec!["!e:a.org".try_into().unwrap()],
+            left_out: 0,
+        };
+        let steps: BTreeMap<OwnedRoomId, RoomStep> = [
+            (ids[0], RoomStep::Done),
+            (ids[1], RoomStep::Started(Stage::Joined)),
+            (ids[2], RoomStep::Skipped(SkipReason::NotStarted)),
+            (ids[3], RoomStep::Started(Stage::Invite)),
+        ]
+        .into_iter()
+        .map(|(id, step)| (id.try_into().unwrap(), step))
+        .collect();
+        let p = Progress::new(&plan, &steps);
+        assert_eq!((p.seated.into_inner(), p.done.into_inner(), p.total), (2, 2, 5));
+    }
+}

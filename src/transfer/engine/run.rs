@@ -253,3 +253,32 @@ impl Engine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::Harness;
+    use crate::transfer::TransferState;
+
+    /// A transfer whose bundle is gone (forgotten, or past its retention) ends at its start, and
+    /// says so.
+    #[tokio::test]
+    async fn a_transfer_whose_bundle_is_gone_ends_and_says_so() {
+        let h = Harness::new(4).await;
+        let t = h.transfer("@old:example.org").await;
+        h.engine.run(t.id).await.unwrap();
+        assert_eq!(h.state(t.id), TransferState::Cancelled);
+        assert_eq!(h.told.said(), [format!("{} stopped BundleGone", t.id)]);
+    }
+
+    /// Permission is checked at every start: an account that may not use handoff (here, one of
+    /// another server) stops the transfer before anything is read or written.
+    #[tokio::test]
+    async fn a_transfer_for_an_account_that_may_not_use_handoff_stops_first() {
+        let h = Harness::new(4).await;
+        let t = h.transfer("@old:elsewhere.org").await;
+        h.engine.run(t.id).await.unwrap();
+        assert_eq!(h.state(t.id), TransferState::Cancelled);
+        let said = h.told.said();
+        assert!(said.len() == 1 && said[0].contains("Revoked") && said[0].contains("@old:elsewhere.org"), "{said:?}");
+    }
+}

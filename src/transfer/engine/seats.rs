@@ -149,3 +149,33 @@ impl Engine {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::Harness;
+    use super::*;
+
+    /// Only a finished reservation is watched, and only a reservation has invites to withdraw.
+    #[tokio::test]
+    async fn a_move_is_not_watched_and_withdraws_nothing() {
+        let h = Harness::new(1).await;
+        let t = h.transfer("@old:example.org").await;
+        assert_eq!(h.engine.look_at_seats(t.id).await.unwrap(), None);
+        assert_eq!(h.engine.withdraw_seats(t.id, Withdrawal::Cancelled).await.unwrap(), 0);
+        assert!(!h.journal.get(t.id).unwrap().unwrap().withdrawn);
+        h.engine.withdraw_forgotten(&t).unwrap();
+    }
+
+    /// A reservation's withdrawal is marked done in its record once every invite not taken was
+    /// withdrawn (none here: no seat was reserved), so no start does it again.
+    #[tokio::test]
+    async fn a_reservations_withdrawal_is_marked_done() {
+        let h = Harness::new(1).await;
+        let mut t = h.transfer("@old:example.org").await;
+        t.kind = TransferKind::Reserve;
+        h.journal.put(&t).await.unwrap();
+        assert_eq!(h.engine.withdraw_seats(t.id, Withdrawal::Expired).await.unwrap(), 0);
+        assert!(h.journal.get(t.id).unwrap().unwrap().withdrawn);
+        assert_eq!(h.engine.withdraw_seats(t.id, Withdrawal::Expired).await.unwrap(), 0);
+    }
+}
