@@ -8,7 +8,7 @@
 //!   [`watch`] follows the seats until the new account's server has taken them.
 //! - The engine tells the people it works for how it goes through a port, [`progress::Reporter`]:
 //!   the bot renders it into chat. Why a room or step ended is a type ([`reason`]), worded at the
-//!   edges (`crate::wording`). The engine never formats a message or imports the bot.
+//!   edges (`crate::wording`). The engine words no report and never imports the bot.
 
 pub mod account;
 pub mod engine;

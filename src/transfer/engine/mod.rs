@@ -5,6 +5,10 @@
 //! join), pass 2 finishes them (rank, tags, notice). Then the account steps, then the report.
 //! Every step is journaled before and after it runs; the engine only tells the [`Reporter`] how it
 //! goes. At most `handoff.max_transfers` run at once; the others wait their turn in [`Line`].
+//!
+//! Its parts: `lifecycle` (the line and the tasks: spawn, stop, cancel, resume), `run` (one
+//! transfer, from its record to its report), `rooms` (the two passes), `steps` (the account steps
+//! and the deliveries) and `seats` (after a reservation, the seat watch and the withdrawals).
 
 mod lifecycle;
 mod rooms;
