@@ -33,3 +33,4 @@ pub mod session;
 pub mod shutdown;
 pub mod store;
 pub mod transfer;
+pub mod wording;

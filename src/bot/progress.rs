@@ -2,6 +2,7 @@
 //! ([`Reporter`]) into a status message that is edited as rooms complete, files, and the report.
 
 use std::collections::HashMap;
+use std::fmt::Display;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -219,7 +220,7 @@ fn taken_up_text(t: &Transfer, r: &Report) -> String {
 
 Not moved:",
         );
-        for (room, why) in r.skipped.iter().chain(&r.failed) {
+        for (room, why) in not_moved(r) {
             out.push_str(&format!(
                 "
 • {room}: {why}"
@@ -236,6 +237,12 @@ When you are ready, `finish --leave` takes this account out of the rooms where {
         t.new, t.new
     ));
     out
+}
+
+/// Every room not moved and why, skipped ones first.
+fn not_moved(r: &Report) -> impl Iterator<Item = (&String, &dyn Display)> {
+    let skipped = r.skipped.iter().map(|(room, why)| (room, why as &dyn Display));
+    skipped.chain(r.failed.iter().map(|(room, why)| (room, why as &dyn Display)))
 }
 
 fn progress_bar(done: usize, total: usize) -> String {
@@ -307,7 +314,7 @@ fn headline(r: &Report) -> String {
 /// For mobile: short, plain.
 fn digest(r: &Report) -> String {
     let mut out = headline(r);
-    for (room, why) in r.skipped.iter().chain(&r.failed) {
+    for (room, why) in not_moved(r) {
         out.push_str(&format!("\n✗ {room}: {why}"));
     }
     if r.awaiting > 0 {
@@ -321,14 +328,14 @@ fn digest(r: &Report) -> String {
 
 fn plain(r: &Report) -> String {
     let mut out = format!("{}.\n", headline(r));
-    let section = |out: &mut String, title: &str, items: &[(String, String)]| {
+    fn section(out: &mut String, title: &str, items: &[(String, impl Display)]) {
         if !items.is_empty() {
             out.push_str(&format!("\n{title}:\n"));
             for (room, why) in items {
                 out.push_str(&format!("• {room}: {why}\n"));
             }
         }
-    };
+    }
     section(&mut out, "Skipped (what you can do)", &r.skipped);
     let retry = if r.kind == TransferKind::Reserve {
         "Failed (what you can do, or `export --to` again later)"

@@ -27,7 +27,8 @@ use crate::transfer::account::{AccountWork, SETTINGS};
 use crate::transfer::merge::AccountWorld;
 use crate::transfer::plan::{self, Action, Plan, Requirements, RoomPlan};
 use crate::transfer::room::{self as stages, Notice};
-use crate::transfer::{AccountStep, ClientProfile, Error, world};
+use crate::transfer::{AccountStep, ClientProfile, Error, FailReason, SkipReason, world};
+use crate::wording;
 
 /// Rooms in flight at once: one person's account, from their own device.
 const IN_FLIGHT: usize = 8;
@@ -83,8 +84,9 @@ pub enum RoomOutcome {
     /// The room is not public and nobody invited the new account: with the old account's access
     /// (`--old`), it invites; otherwise someone in the room must.
     NeedsInvite,
-    Skipped(String),
-    Failed(String),
+    /// Worded as the service words it, in `--json` too.
+    Skipped(#[serde(serialize_with = "wording::as_text")] SkipReason),
+    Failed(#[serde(serialize_with = "wording::as_text")] FailReason),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -250,7 +252,7 @@ impl<'a> Import<'a> {
         let setting = step.setting(&self.options.requirements).expect("SETTINGS are settings");
         let old = &self.bundle.source.user_id;
         let (ok, detail) = match account.apply(setting, old, self.new_user(), self.bundle, moved, world).await {
-            Ok(done) => (true, done),
+            Ok(done) => (true, done.to_string()),
             Err(Error::Hs(e)) => (false, e.to_string()),
             Err(e) => return Err(e.into()),
         };
@@ -293,7 +295,7 @@ impl<'a> Import<'a> {
                 return result;
             }
             Err(e) => {
-                result.outcome = RoomOutcome::Failed(e.to_string());
+                result.outcome = RoomOutcome::Failed(FailReason::Error(e.to_string()));
                 return result;
             }
         }
@@ -304,12 +306,8 @@ impl<'a> Import<'a> {
     async fn seat(&self, room: &RoomPlan) -> Result<RoomOutcome, HsError> {
         let (rid, new) = (&room.room_id, self.new_user());
         match room.action {
-            Action::Blocked(b) => return Ok(RoomOutcome::Skipped(b.explain().into())),
-            Action::Gone => {
-                return Ok(RoomOutcome::Skipped(
-                    "the old account is no longer in this room, or it no longer exists".into(),
-                ));
-            }
+            Action::Blocked(b) => return Ok(RoomOutcome::Skipped(SkipReason::Blocked(b))),
+            Action::Gone => return Ok(RoomOutcome::Skipped(SkipReason::Gone)),
             Action::AlreadyJoined => return Ok(RoomOutcome::Moved),
             Action::Join => {}
         }
@@ -317,12 +315,14 @@ impl<'a> Import<'a> {
             match stages::membership(&old.hs, &old.user, rid, new).await? {
                 Some(MembershipState::Join) => return Ok(RoomOutcome::Moved),
                 Some(MembershipState::Invite) => {}
-                Some(MembershipState::Ban) => return Ok(RoomOutcome::Skipped(plan::Blocked::Banned.explain().into())),
+                Some(MembershipState::Ban) => {
+                    return Ok(RoomOutcome::Skipped(SkipReason::Blocked(plan::Blocked::Banned)));
+                }
                 _ => {
                     if let Err(e) = stages::invite(&old.hs, &old.user, rid, new).await {
                         // A public room is joined without the invite.
                         if !matches!(e.kind(), Some(ErrorKind::Forbidden)) {
-                            return Ok(RoomOutcome::Failed(format!("the invite failed: {e}")));
+                            return Ok(RoomOutcome::Failed(FailReason::Invite { error: e.to_string() }));
                         }
                     }
                 }
@@ -334,7 +334,7 @@ impl<'a> Import<'a> {
                 Ok(RoomOutcome::NeedsInvite)
             }
             Err(e) if e.is_transient() => Err(e),
-            Err(e) => Ok(RoomOutcome::Failed(format!("joining failed: {e}"))),
+            Err(e) => Ok(RoomOutcome::Failed(FailReason::Join { error: e.to_string() })),
         }
     }
 

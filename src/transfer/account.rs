@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::merge::{self, AccountWorld};
 use super::plan::Requirements;
-use super::{AccountStep, Error};
+use super::{AccountStep, Error, StepDone};
 use crate::bundle::Bundle;
 use crate::homeserver::{Homeserver, HsError};
 
@@ -77,7 +77,7 @@ pub const SETTINGS: [AccountStep; 6] = [
 
 impl AccountWork {
     /// Applies one setting from `old`'s bundle to `new`; `moved` are the rooms the new account
-    /// has its seat in now. Returns what it did, for the report.
+    /// has its seat in now. Returns what it did, for the report (a merge words its own summary).
     pub async fn apply(
         &self,
         setting: Setting,
@@ -86,8 +86,8 @@ impl AccountWork {
         bundle: &Bundle,
         moved: &BTreeSet<OwnedRoomId>,
         world: &AccountWorld,
-    ) -> Result<String, Error> {
-        match setting {
+    ) -> Result<StepDone, Error> {
+        let merged: Result<String, Error> = match setting {
             Setting::Profile { from_old } => {
                 let writes = merge::profile(world, bundle, new, from_old);
                 if let Some(name) = writes.display_name {
@@ -137,9 +137,10 @@ impl AccountWork {
             }
             Setting::OldMentions => {
                 self.acting.send_as(new, set_pushrule::v3::Request::new(merge::old_mentions(old))).await?;
-                Ok(format!("mentions of {old} notify you"))
+                return Ok(StepDone::OldMentions { old: old.to_owned() });
             }
-        }
+        };
+        merged.map(StepDone::Merged)
     }
 
     async fn set_global_data(&self, user: &UserId, kind: &str, content: &impl Serialize) -> Result<(), Error> {

@@ -7,7 +7,8 @@
 //!   restarted service resumes where it stopped and nothing is done twice. After a reservation,
 //!   [`watch`] follows the seats until the new account's server has taken them.
 //! - The engine tells the people it works for how it goes through a port, [`progress::Reporter`]:
-//!   the bot renders it into chat. The engine never formats a message or imports the bot.
+//!   the bot renders it into chat. Why a room or step ended is a type ([`reason`]), worded at the
+//!   edges (`crate::wording`). The engine words no report and never imports the bot.
 
 pub mod account;
 pub mod engine;
@@ -16,6 +17,7 @@ pub mod line;
 pub mod merge;
 pub mod plan;
 pub mod progress;
+pub mod reason;
 pub mod report;
 pub mod room;
 pub mod watch;
@@ -30,6 +32,7 @@ use crate::bundle::BundleId;
 use crate::homeserver::{HsError, Retry};
 use crate::store::{StoreError, now_ms};
 use plan::{Plan, Requirements};
+pub use reason::{FailReason, SkipReason, StepDone, StepFailure, Withdrawal};
 
 /// Transient failures (homeserver away, rate limits) are waited out, however long it takes: a
 /// transfer completes when the homeserver is back.
@@ -243,9 +246,10 @@ pub enum RoomStep {
     Done,
     /// Left invited: a remote new account accepts the invite from its own client.
     AwaitingAccept,
-    /// Not moved, with the reason shown to the user.
-    Skipped(String),
-    Failed(String),
+    /// Not moved: nothing failed, the room or the move's course kept it out.
+    Skipped(SkipReason),
+    /// Not moved this time: trying again may do it.
+    Failed(FailReason),
 }
 
 impl RoomStep {
@@ -312,6 +316,6 @@ impl AccountStep {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "outcome", content = "detail")]
 pub enum StepOutcome {
-    Done(String),
-    Failed(String),
+    Done(StepDone),
+    Failed(StepFailure),
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use ruma::{OwnedRoomId, OwnedUserId};
 
 use super::plan::{Plan, RoomPlan, Warning};
-use super::{AccountStep, RoomStep, StepOutcome, Transfer, TransferKind};
+use super::{AccountStep, FailReason, RoomStep, SkipReason, StepOutcome, Transfer, TransferKind};
 
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -16,8 +16,8 @@ pub struct Report {
     /// Left invited: a remote new account accepts from its client.
     pub awaiting: usize,
     /// Room label and why.
-    pub skipped: Vec<(String, String)>,
-    pub failed: Vec<(String, String)>,
+    pub skipped: Vec<(String, SkipReason)>,
+    pub failed: Vec<(String, FailReason)>,
     pub warnings: Vec<(String, Warning)>,
     pub account: Vec<(AccountStep, StepOutcome)>,
     /// Rooms of the bundle left out by the import options.

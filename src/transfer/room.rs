@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use super::journal::Journal;
 use super::plan::{Action, Blocked, RoomPlan, Warning};
-use super::{ClientProfile, Error, RoomStep, Stage, Transfer, TransferKind};
+use super::{ClientProfile, Error, FailReason, RoomStep, SkipReason, Stage, Transfer, TransferKind};
 use crate::budget;
 use crate::bundle::RoomEntry;
 use crate::config::{NotifyConfig, NotifySender};
@@ -182,12 +182,8 @@ impl RoomWork {
     pub async fn take_seat(&self, t: &Transfer, room: &RoomPlan, from: &RoomStep) -> Result<Option<RoomStep>, Error> {
         let rid = &room.room_id;
         match room.action {
-            Action::Blocked(b) => return Ok(Some(RoomStep::Skipped(b.explain().into()))),
-            Action::Gone => {
-                return Ok(Some(RoomStep::Skipped(
-                    "the old account is no longer in this room, or it no longer exists".into(),
-                )));
-            }
+            Action::Blocked(b) => return Ok(Some(RoomStep::Skipped(SkipReason::Blocked(b)))),
+            Action::Gone => return Ok(Some(RoomStep::Skipped(SkipReason::Gone))),
             Action::Join | Action::AlreadyJoined => {}
         }
         if t.kind == TransferKind::Receive {
@@ -207,7 +203,7 @@ impl RoomWork {
             };
             match membership {
                 Some(MembershipState::Join) | Some(MembershipState::Invite) => {}
-                Some(MembershipState::Ban) => return Ok(Some(RoomStep::Skipped(Blocked::Banned.explain().into()))),
+                Some(MembershipState::Ban) => return Ok(Some(RoomStep::Skipped(SkipReason::Blocked(Blocked::Banned)))),
                 _ => {
                     let invited = if self.is_local(&t.new) {
                         invite(&self.acting, &t.old, rid, &t.new).await.map_err(Unreached::Refused)
@@ -219,18 +215,18 @@ impl RoomWork {
                     match invited {
                         Ok(()) => {}
                         Err(Unreached::Away(e, away)) => {
-                            return Ok(Some(RoomStep::Failed(format!(
-                                "{} did not answer for {}, so the invite could not be sent ({e}): once it is back, invite {} from your client",
-                                t.new.server_name(),
-                                rounded(away),
-                                t.new
-                            ))));
+                            return Ok(Some(RoomStep::Failed(FailReason::InviteUnanswered {
+                                server: t.new.server_name().to_owned(),
+                                waited_secs: FailReason::seconds(away),
+                                error: e.to_string(),
+                                new: t.new.clone(),
+                            })));
                         }
                         // A public room can be joined without the invite.
                         Err(Unreached::Refused(e))
                             if room.action == Action::Join && matches!(e.kind(), Some(ErrorKind::Forbidden)) => {}
                         Err(Unreached::Refused(e)) => {
-                            return Ok(Some(RoomStep::Failed(format!("the invite failed: {e}"))));
+                            return Ok(Some(RoomStep::Failed(FailReason::Invite { error: e.to_string() })));
                         }
                     }
                 }
@@ -242,7 +238,7 @@ impl RoomWork {
             if !resumed || self.membership(&t.old, rid, &t.new).await? != Some(MembershipState::Join) {
                 // The old account is local and in the room, so this server is too: no via servers needed.
                 if let Err(e) = join(&self.acting, &t.new, rid, &[]).await {
-                    return Ok(Some(RoomStep::Failed(format!("joining failed: {e}"))));
+                    return Ok(Some(RoomStep::Failed(FailReason::Join { error: e.to_string() })));
                 }
             }
         }
@@ -356,17 +352,16 @@ impl RoomWork {
                 self.reach.back(t.id, &invites);
                 None
             }
-            Err(Unreached::Away(e, away)) => Some(RoomStep::Failed(format!(
-                "the servers the room is reached through ({servers}) did not answer for {} ({e}): once they are back, join {rid} from your client",
-                rounded(away)
-            ))),
+            Err(Unreached::Away(e, away)) => Some(RoomStep::Failed(FailReason::Unreached {
+                servers: room.via.clone(),
+                waited_secs: FailReason::seconds(away),
+                error: e.to_string(),
+                room: rid.clone(),
+            })),
             Err(Unreached::Refused(e)) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
-                Some(RoomStep::Skipped(format!(
-                    "the room is not public and no invite from {} reached you: ask them (or anyone in the room) to invite you, then join it from your client",
-                    t.old
-                )))
+                Some(RoomStep::Skipped(SkipReason::NeedsInvite { old: t.old.clone() }))
             }
-            Err(Unreached::Refused(e)) => Some(RoomStep::Failed(format!("joining failed: {e}"))),
+            Err(Unreached::Refused(e)) => Some(RoomStep::Failed(FailReason::Join { error: e.to_string() })),
         }
     }
 
@@ -394,11 +389,6 @@ impl RoomWork {
         let notice = Notice { template: &self.notify.template, id: t.id, old: &t.old, new: &t.new, profile: t.profile };
         Ok(notice.post(&self.acting, &sender, room).await?)
     }
-}
-
-/// A wait, to the second, for people.
-fn rounded(d: Duration) -> humantime::FormattedDuration {
-    humantime::format_duration(Duration::from_secs(d.as_secs().max(1)))
 }
 
 /// One room's membership of `user`, as `reader` sees it (`None`: it has none).
@@ -607,9 +597,11 @@ mod tests {
         let step = work.take_seat(&t, &room, &RoomStep::Pending).await.unwrap();
         let took = start.elapsed();
         assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "took {took:?}");
-        let Some(RoomStep::Failed(why)) = step else { panic!("{step:?}") };
-        assert!(why.starts_with("b.org did not answer for 2s"), "{why}");
-        assert!(why.contains("no answer within"), "{why}");
+        let Some(RoomStep::Failed(FailReason::InviteUnanswered { server, waited_secs, error, .. })) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!((server.as_str(), waited_secs), ("b.org", 2));
+        assert!(error.contains("no answer within"), "{error}");
         assert_eq!(calls.load(Ordering::SeqCst), 1, "one attempt, cut at the deadline");
     }
 

@@ -21,8 +21,8 @@ use ruma::{OwnedRoomId, RoomId, UserId};
 
 use super::journal::Journal;
 use super::room::{carry_rank, membership};
-use super::{Error, RoomStep, Transfer, TransferKind, TransferState};
-use crate::homeserver::{Backoff, Homeserver, HsError, Transient};
+use super::{Error, FailReason, RoomStep, SkipReason, Transfer, TransferKind, TransferState, Withdrawal};
+use crate::homeserver::{Backoff, Homeserver, Transient};
 
 /// The wait before the first look, and again after a look that found a seat taken.
 pub const FIRST_LOOK: Duration = Duration::from_secs(5);
@@ -81,15 +81,14 @@ pub async fn look(acting: &Homeserver, journal: &Journal, t: &Transfer, expired:
                 give_rank(acting, t, &room).await;
                 Some(RoomStep::Done)
             }
-            Ok(Some(MembershipState::Invite)) if expired => Some(withdraw_one(acting, t, &room, Why::Expired).await),
-            Ok(Some(MembershipState::Leave)) => Some(RoomStep::Skipped(format!("{} declined the invite", t.new))),
-            Ok(Some(MembershipState::Ban)) => Some(RoomStep::Skipped(format!("{} was banned from the room", t.new))),
+            Ok(Some(MembershipState::Invite)) if expired => {
+                Some(withdraw_one(acting, t, &room, Withdrawal::Expired).await)
+            }
+            Ok(Some(MembershipState::Leave)) => Some(RoomStep::Skipped(SkipReason::Declined { new: t.new.clone() })),
+            Ok(Some(MembershipState::Ban)) => Some(RoomStep::Skipped(SkipReason::BannedSince { new: t.new.clone() })),
             Ok(_) => None,
             // The old account left: it can no longer see the room, nor is it the one to move.
-            Err(e) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => Some(RoomStep::Skipped(format!(
-                "{} left the room before {} joined, so whether it did can't be seen from here",
-                t.old, t.new
-            ))),
+            Err(e) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => Some(RoomStep::Skipped(old_left(t))),
             Err(e) => return Err(e.into()),
         };
         match settled {
@@ -115,34 +114,24 @@ async fn give_rank(acting: &Homeserver, t: &Transfer, room: &RoomId) {
     }
 }
 
-/// Why a reservation's invites are withdrawn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Why {
-    Cancelled,
-    Expired,
-    Forgotten,
+/// The kick's reason, which the new account's client shows: part of the request (the new
+/// account's server keeps it), not of the report.
+fn kick_reason(why: Withdrawal, old: &UserId) -> String {
+    match why {
+        Withdrawal::Cancelled => format!("{old} cancelled the move to this account (handoff)"),
+        Withdrawal::Expired => format!("{old}'s move to this account expired before it was imported (handoff)"),
+        Withdrawal::Forgotten => format!("{old} withdrew the move to this account (handoff)"),
+    }
 }
 
-impl Why {
-    /// The kick's reason, which the new account's client shows.
-    fn reason(self, old: &UserId) -> String {
-        match self {
-            Why::Cancelled => format!("{old} cancelled the move to this account (handoff)"),
-            Why::Expired => format!("{old}'s move to this account expired before it was imported (handoff)"),
-            Why::Forgotten => format!("{old} withdrew the move to this account (handoff)"),
-        }
-    }
+/// A reserved room's end when the reservation ends; `withdrawn` says whether an invite was taken back.
+fn ended(why: Withdrawal, t: &Transfer, withdrawn: bool) -> RoomStep {
+    RoomStep::Skipped(SkipReason::Reservation { why, new: t.new.clone(), withdrawn })
+}
 
-    /// The room's end in the journal; `withdrawn` says whether an invite was taken back.
-    fn journaled(self, new: &UserId, withdrawn: bool) -> String {
-        let what = match self {
-            Why::Cancelled => "the reservation was cancelled",
-            Why::Expired => "the reservation expired",
-            Why::Forgotten => "the reservation was forgotten",
-        };
-        let invite = if withdrawn { ": the invite was withdrawn" } else { "" };
-        format!("{what} before {new} joined{invite}")
-    }
+/// The old account left the room: it can't see whether the new one joined.
+fn old_left(t: &Transfer) -> SkipReason {
+    SkipReason::OldLeft { old: t.old.clone(), new: t.new.clone() }
 }
 
 /// Withdraws a reservation's invites that were not taken: in every room that may hold one (its
@@ -155,7 +144,7 @@ pub async fn withdraw(
     journal: Option<&Journal>,
     t: &Transfer,
     rooms: &[OwnedRoomId],
-    why: Why,
+    why: Withdrawal,
 ) -> Result<usize, Error> {
     let mut withdrawn = 0;
     for room in rooms {
@@ -166,11 +155,8 @@ pub async fn withdraw(
                 step
             }
             Ok(Some(MembershipState::Join)) => RoomStep::Done,
-            Ok(_) => RoomStep::Skipped(why.journaled(&t.new, false)),
-            Err(e) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => RoomStep::Skipped(format!(
-                "{} left the room before {} joined, so whether it did can't be seen from here",
-                t.old, t.new
-            )),
+            Ok(_) => ended(why, t, false),
+            Err(e) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => RoomStep::Skipped(old_left(t)),
             Err(e) => return Err(e.into()),
         };
         if let Some(journal) = journal {
@@ -191,20 +177,16 @@ pub fn withdrawable(journal: &Journal, t: &Transfer) -> Result<Vec<OwnedRoomId>,
 }
 
 /// Takes back one invite of the new account, as the old account (a kick of an invitee).
-async fn withdraw_one(acting: &Homeserver, t: &Transfer, room: &RoomId, why: Why) -> RoomStep {
+async fn withdraw_one(acting: &Homeserver, t: &Transfer, room: &RoomId, why: Withdrawal) -> RoomStep {
     let mut req = kick_user::v3::Request::new(room.to_owned(), t.new.clone());
-    req.reason = Some(why.reason(&t.old));
+    req.reason = Some(kick_reason(why, &t.old));
     match acting.send_as(&t.old, req).await {
-        Ok(_) => RoomStep::Skipped(why.journaled(&t.new, true)),
+        Ok(_) => ended(why, t, true),
         Err(e) => {
             tracing::warn!(transfer = t.id, room_id = %room, error = %e, "withdrawing an invite failed");
-            RoomStep::Failed(withdraw_failed(&t.new, &e))
+            RoomStep::Failed(FailReason::Withdraw { new: t.new.clone(), error: e.to_string() })
         }
     }
-}
-
-fn withdraw_failed(new: &UserId, e: &HsError) -> String {
-    format!("the invite of {new} could not be withdrawn ({e}): a moderator of the room can take it back")
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use super::{Args, Command, CommandError, Spec};
 use crate::bot::consent::state_text;
 use crate::bot::state::{Bot, BotError, Ctx};
 use crate::config::PermissionLevel;
-use crate::transfer::{TransferState, watch};
+use crate::transfer::{TransferState, Withdrawal, watch};
 
 pub const SPEC: Spec = Spec {
     name: "cancel",
@@ -51,7 +51,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
         .unwrap_or(latest);
     let text = match was {
         TransferState::Done if reserved => {
-            bot.engine.withdraw_later(t.id, watch::Why::Cancelled);
+            bot.engine.withdraw_later(t.id, Withdrawal::Cancelled);
             format!(
                 "Cancelled your reservation for {}: the invites not taken yet are being withdrawn. Rooms {} has joined already keep it.",
                 t.new, t.new

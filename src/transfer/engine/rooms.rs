@@ -1,0 +1,274 @@
+//! The two-pass room mover: pass 1 takes every room's seat, highest priority first; pass 2
+//! finishes the seated rooms. Each room draws on the budget and ends journaled.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use futures_util::stream::{self, StreamExt};
+use ruma::OwnedRoomId;
+
+use super::Engine;
+use crate::budget::Class;
+use crate::bundle::{Bundle, Priority, RoomKind};
+use crate::metrics::{self, RoomInFlight, RoomOutcome};
+use crate::transfer::plan::{Plan, RoomPlan};
+use crate::transfer::progress::Counts;
+use crate::transfer::{Error, FailReason, RoomStep, SkipReason, Stage, Transfer};
+
+/// How pass 1 left a room.
+enum Seat {
+    /// Seated (its index in the plan, and its step): pass 2 finishes it.
+    Taken(usize, RoomStep),
+    /// Skipped or failed, journaled as such.
+    Ended,
+    /// Not started: the transfer was cancelled first.
+    NotStarted,
+}
+
+impl Engine {
+    /// Moves the planned rooms that are not finished: pass 1 seats them all, pass 2 finishes the
+    /// seated ones. Returns whether a cancel stopped pass 1.
+    pub(super) async fn move_rooms(
+        &self,
+        t: &Transfer,
+        bundle: &Bundle,
+        plan: &Plan,
+        started: Instant,
+    ) -> Result<bool, Error> {
+        let steps = self.journal.room_steps(t.id)?;
+        // Plan indices of the rooms left to do (indices, not references, keep the futures `Send`).
+        let todo: Vec<usize> = (0..plan.rooms.len())
+            .filter(|&i| !steps.get(&plan.rooms[i].room_id).is_some_and(RoomStep::is_final))
+            .collect();
+        if todo.is_empty() {
+            return Ok(false);
+        }
+        let progress = Progress::new(plan, &steps);
+        let (progress, steps) = (&progress, &steps);
+        let concurrency = self.config.handoff.concurrency.0;
+        let stop = &self.stop_token(t.id);
+
+        // Pass 1, seats: every room's invite and join, highest priority first, so the new account
+        // is in its rooms as early as the homeserver allows.
+        let seats: Vec<Seat> = stream::iter(todo)
+            .map(|index: usize| async move {
+                let room = &plan.rooms[index];
+                let from = steps.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
+                // Seated before a restart: straight to pass 2, without taking a slot.
+                if from.is_seated() {
+                    return Seat::Taken(index, from);
+                }
+                // Its slot is given back while it waits for a server (and taken again to try).
+                let begun = AtomicBool::new(false);
+                let seat = self.budget.hold(t.id, class_of(room), async {
+                    let _flight = RoomInFlight::start();
+                    if stop.is_cancelled() {
+                        return None;
+                    }
+                    begun.store(true, Ordering::Relaxed);
+                    // Boxed: the seat's future is large, and this one nests it in several more.
+                    Some(Box::pin(self.rooms.take_seat(t, room, &from)).await)
+                });
+                // A cancel ends the wait for a slot at once, and a room still waiting (for a
+                // server, or to try again) after a moment's grace: a room in the middle of its
+                // requests to this homeserver finishes its seat (no invite left without its join).
+                let seat = tokio::select! {
+                    biased;
+                    seat = seat => seat,
+                    _ = async {
+                        stop.cancelled().await;
+                        if begun.load(Ordering::Relaxed) {
+                            tokio::time::sleep(CANCEL_GRACE).await;
+                        }
+                    } => None,
+                };
+                let ended = match seat {
+                    None if !begun.load(Ordering::Relaxed) => {
+                        self.end_room(t, progress, &room.room_id, &RoomStep::Skipped(SkipReason::NotStarted)).await;
+                        return Seat::NotStarted;
+                    }
+                    None => {
+                        tracing::info!(transfer = t.id, room_id = %room.room_id, "cancelled while the room waited");
+                        RoomStep::Skipped(SkipReason::Interrupted)
+                    }
+                    Some(Ok(None)) => {
+                        tracing::debug!(transfer = t.id, class = ?class_of(room), elapsed_ms = started.elapsed().as_millis() as u64, "room seated");
+                        metrics::room_seated();
+                        progress.seated.fetch_add(1, Ordering::Relaxed);
+                        self.tell_progress(t, progress).await;
+                        return Seat::Taken(index, RoomStep::Started(Stage::Joined));
+                    }
+                    Some(Ok(Some(step))) => step,
+                    Some(Err(e)) => RoomStep::Failed(FailReason::Error(e.to_string())),
+                };
+                self.end_room(t, progress, &room.room_id, &ended).await;
+                Seat::Ended
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let cancelled = seats.iter().any(|s| matches!(s, Seat::NotStarted));
+        let mut seated: Vec<(usize, RoomStep)> = seats
+            .into_iter()
+            .filter_map(|s| match s {
+                Seat::Taken(index, from) => Some((index, from)),
+                _ => None,
+            })
+            .collect();
+        seated.sort_by_key(|(index, _)| *index);
+        if plan.unplanned.is_empty() {
+            tracing::info!(
+                transfer = t.id,
+                seated = progress.seated.load(Ordering::Relaxed),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "rooms joined"
+            );
+        }
+
+        // Pass 2: rank, tags and the notice of every seated room, in the same order. A cancel does
+        // not stop it: every room the new account was joined to is finished and announced.
+        stream::iter(seated)
+            .map(|(index, from): (usize, RoomStep)| async move {
+                let room = &plan.rooms[index];
+                let _slot = self.budget.acquire(t.id, finish_class_of(room)).await;
+                let _flight = RoomInFlight::start();
+                let entry = bundle.rooms.iter().find(|e| e.room_id == room.room_id);
+                let step = match Box::pin(self.rooms.finish(t, entry, room, &from)).await {
+                    Ok(step) => step,
+                    Err(e) => RoomStep::Failed(FailReason::Error(e.to_string())),
+                };
+                self.end_room(t, progress, &room.room_id, &step).await;
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<()>>()
+            .await;
+        Ok(cancelled)
+    }
+
+    /// Journals a room's final step and counts it.
+    async fn end_room(&self, t: &Transfer, progress: &Progress, room: &OwnedRoomId, step: &RoomStep) {
+        if let Err(e) = self.journal.set_room_step(t.id, room, step).await {
+            tracing::error!(error = %e, "cannot journal a room's outcome");
+        }
+        metrics::room_finished(match step {
+            RoomStep::AwaitingAccept => RoomOutcome::Awaiting,
+            RoomStep::Skipped(_) => RoomOutcome::Skipped,
+            RoomStep::Failed(_) => RoomOutcome::Failed,
+            _ => RoomOutcome::Moved,
+        });
+        progress.done.fetch_add(1, Ordering::Relaxed);
+        self.tell_progress(t, progress).await;
+    }
+
+    pub(super) async fn tell_progress(&self, t: &Transfer, progress: &Progress) {
+        let counts = Counts {
+            seated: progress.seated.load(Ordering::Relaxed),
+            done: progress.done.load(Ordering::Relaxed),
+            total: progress.total,
+        };
+        if let Err(e) = self.reporter.progress(t, counts).await {
+            tracing::warn!(error = %e, "cannot report progress");
+        }
+    }
+}
+
+/// A room's priority class in the budget: favourites and DMs first, low-priority rooms last.
+fn class_of(room: &RoomPlan) -> Class {
+    match room.priority {
+        Priority::High => Class::First,
+        Priority::Normal if room.kind == RoomKind::Dm => Class::First,
+        Priority::Normal => Class::Normal,
+        Priority::Low => Class::Low,
+    }
+}
+
+/// A seated room's class for its finishing (rank, tags, notice): favourites and DMs stay first,
+/// the others come after every transfer's seats.
+fn finish_class_of(room: &RoomPlan) -> Class {
+    match class_of(room) {
+        Class::First => Class::First,
+        _ => Class::Finishing,
+    }
+}
+
+/// Counts for progress, across the parts of a transfer.
+pub(super) struct Progress {
+    seated: AtomicUsize,
+    done: AtomicUsize,
+    total: usize,
+}
+
+impl Progress {
+    /// Counts what the journal says was done before.
+    pub(super) fn new(plan: &Plan, steps: &BTreeMap<OwnedRoomId, RoomStep>) -> Progress {
+        let step = |id: &OwnedRoomId| steps.get(id).cloned().unwrap_or(RoomStep::Pending);
+        // Seated: past pass 1, whether finished since or not (skipped and failed rooms never were).
+        let seated = plan.rooms.iter().filter(|r| step(&r.room_id).is_seated()).count();
+        let done = plan.rooms.iter().filter(|r| step(&r.room_id).is_final()).count();
+        Progress { seated: AtomicUsize::new(seated), done: AtomicUsize::new(done), total: plan.total() }
+    }
+}
+
+/// How long a room that has begun may go on after a cancel: long enough for requests to this
+/// homeserver, short enough that a cancel ends a room waiting for another server within seconds.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transfer::plan::Action;
+    use crate::transfer::{SkipReason, Stage};
+
+    fn room(id: &str, priority: Priority, kind: RoomKind) -> RoomPlan {
+        RoomPlan {
+            room_id: id.try_into().unwrap(),
+            via: vec![],
+            name: None,
+            kind,
+            priority,
+            action: Action::Join,
+            give_level: None,
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn favourites_and_dms_go_first_and_stay_first_when_finishing() {
+        let cases = [
+            (Priority::High, RoomKind::Group, Class::First, Class::First),
+            (Priority::Normal, RoomKind::Dm, Class::First, Class::First),
+            (Priority::Normal, RoomKind::Group, Class::Normal, Class::Finishing),
+            (Priority::Low, RoomKind::Group, Class::Low, Class::Finishing),
+        ];
+        for (priority, kind, seat, finish) in cases {
+            let r = room("!r:a.org", priority, kind);
+            assert_eq!((class_of(&r), finish_class_of(&r)), (seat, finish), "{priority:?} {kind:?}");
+        }
+    }
+
+    /// A resumed transfer's progress starts from its journal: seated is past pass 1 (finished or
+    /// not), done is final (moved, skipped or failed), and the total counts rooms not planned yet.
+    #[test]
+    fn progress_counts_what_the_journal_says_was_done() {
+        let ids = ["!a:a.org", "!b:a.org", "!c:a.org", "!d:a.org"];
+        let plan = Plan {
+            old: "@old:a.org".try_into().unwrap(),
+            new: "@new:a.org".try_into().unwrap(),
+            rooms: ids.iter().map(|id| room(id, Priority::Normal, RoomKind::Group)).collect(),
+            unplanned: vec!["!e:a.org".try_into().unwrap()],
+            left_out: 0,
+        };
+        let steps: BTreeMap<OwnedRoomId, RoomStep> = [
+            (ids[0], RoomStep::Done),
+            (ids[1], RoomStep::Started(Stage::Joined)),
+            (ids[2], RoomStep::Skipped(SkipReason::NotStarted)),
+            (ids[3], RoomStep::Started(Stage::Invite)),
+        ]
+        .into_iter()
+        .map(|(id, step)| (id.try_into().unwrap(), step))
+        .collect();
+        let p = Progress::new(&plan, &steps);
+        assert_eq!((p.seated.into_inner(), p.done.into_inner(), p.total), (2, 2, 5));
+    }
+}

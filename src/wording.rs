@@ -1,0 +1,184 @@
+//! How the engine's reasons read, for people: each reason worded once, here, for the bot's chat
+//! (`bot::progress`, `status`) and the device side's terminal and `--json` alike. The engine
+//! decides why ([`crate::transfer::reason`]); this says it.
+
+use std::fmt::{self, Display, Formatter};
+use std::time::Duration;
+
+use serde::Serializer;
+
+use crate::transfer::reason::{FailReason, SkipReason, StepDone, StepFailure, Withdrawal};
+
+impl Display for SkipReason {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            SkipReason::Blocked(b) => f.write_str(b.explain()),
+            SkipReason::Gone => f.write_str("the old account is no longer in this room, or it no longer exists"),
+            SkipReason::NotStarted => {
+                f.write_str("not reached: the transfer was cancelled before this room's turn; a new transfer moves it")
+            }
+            SkipReason::Interrupted => f.write_str(
+                "not reached: the transfer was cancelled while this room waited for a server; a new transfer moves it",
+            ),
+            SkipReason::NeedsInvite { old } => write!(
+                f,
+                "the room is not public and no invite from {old} reached you: ask them (or anyone in the room) to invite you, then join it from your client"
+            ),
+            SkipReason::Declined { new } => write!(f, "{new} declined the invite"),
+            SkipReason::BannedSince { new } => write!(f, "{new} was banned from the room"),
+            SkipReason::OldLeft { old, new } => {
+                write!(f, "{old} left the room before {new} joined, so whether it did can't be seen from here")
+            }
+            SkipReason::Reservation { why, new, withdrawn } => {
+                let what = match why {
+                    Withdrawal::Cancelled => "the reservation was cancelled",
+                    Withdrawal::Expired => "the reservation expired",
+                    Withdrawal::Forgotten => "the reservation was forgotten",
+                };
+                let invite = if *withdrawn { ": the invite was withdrawn" } else { "" };
+                write!(f, "{what} before {new} joined{invite}")
+            }
+            SkipReason::Legacy(said) => f.write_str(said),
+        }
+    }
+}
+
+impl Display for FailReason {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            FailReason::InviteUnanswered { server, waited_secs, error, new } => write!(
+                f,
+                "{server} did not answer for {}, so the invite could not be sent ({error}): once it is back, invite {new} from your client",
+                seconds(*waited_secs)
+            ),
+            FailReason::Invite { error } => write!(f, "the invite failed: {error}"),
+            FailReason::Join { error } => write!(f, "joining failed: {error}"),
+            FailReason::Unreached { servers, waited_secs, error, room } => {
+                let servers = servers.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+                write!(
+                    f,
+                    "the servers the room is reached through ({servers}) did not answer for {} ({error}): once they are back, join {room} from your client",
+                    seconds(*waited_secs)
+                )
+            }
+            FailReason::Withdraw { new, error } => write!(
+                f,
+                "the invite of {new} could not be withdrawn ({error}): a moderator of the room can take it back"
+            ),
+            FailReason::Error(error) => f.write_str(error),
+            FailReason::Legacy(said) => f.write_str(said),
+        }
+    }
+}
+
+impl Display for StepDone {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            StepDone::Merged(summary) => f.write_str(summary),
+            StepDone::OldMentions { old } => write!(f, "mentions of {old} notify you"),
+            StepDone::NoKeyExport => f.write_str("no key export in the bundle"),
+            StepDone::KeysDelivered => f.write_str("key export delivered"),
+            StepDone::HistoryNotAsked => f.write_str("not asked for (import --history N)"),
+            StepDone::NoHistory => f.write_str("the bundle carries no history (export --history N)"),
+            StepDone::HistoryDelivered { messages, rooms, file } => {
+                write!(f, "{messages} message(s) from {rooms} room(s) delivered as {file}")
+            }
+            StepDone::Reserved { new } => write!(
+                f,
+                "{new} is on another server: it joins, and gets its tags, DMs, push rules, settings and profile, when it imports the bundle file with the code on its own server's handoff"
+            ),
+            StepDone::Nothing => Ok(()),
+            StepDone::Legacy(said) => f.write_str(said),
+        }
+    }
+}
+
+impl Display for StepFailure {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            StepFailure::Homeserver(error) => f.write_str(error),
+            StepFailure::Elsewhere { new } => write!(
+                f,
+                "{new} is on another server: tags, DMs, ignored users, push rules, settings and profile are applied by that server's handoff or your client"
+            ),
+            StepFailure::Legacy(said) => f.write_str(said),
+        }
+    }
+}
+
+/// A wait, to the second, for people.
+fn seconds(secs: u64) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(secs.max(1)))
+}
+
+/// Serialises a reason as it reads (the device side's `--json` keeps its sentences).
+pub fn as_text<S: Serializer>(reason: &impl Display, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::Blocked;
+    use ruma::OwnedUserId;
+
+    fn user(id: &str) -> OwnedUserId {
+        id.try_into().unwrap()
+    }
+
+    /// The phrases the reports have always carried (tests on Synapse look for some of them).
+    #[test]
+    fn reasons_read_as_before() {
+        let (old, new) = (user("@old:a.org"), user("@new:b.org"));
+        let cases: Vec<(String, &str)> = vec![
+            (
+                SkipReason::Blocked(Blocked::Banned).to_string(),
+                "the new account is banned there: ask a moderator to unban it",
+            ),
+            (
+                SkipReason::NotStarted.to_string(),
+                "not reached: the transfer was cancelled before this room's turn; a new transfer moves it",
+            ),
+            (SkipReason::Declined { new: new.clone() }.to_string(), "@new:b.org declined the invite"),
+            (
+                SkipReason::Reservation { why: Withdrawal::Expired, new: new.clone(), withdrawn: true }.to_string(),
+                "the reservation expired before @new:b.org joined: the invite was withdrawn",
+            ),
+            (
+                SkipReason::Reservation { why: Withdrawal::Cancelled, new: new.clone(), withdrawn: false }.to_string(),
+                "the reservation was cancelled before @new:b.org joined",
+            ),
+            (
+                FailReason::InviteUnanswered {
+                    server: "b.org".try_into().unwrap(),
+                    waited_secs: 600,
+                    error: "no answer within 10s".into(),
+                    new: new.clone(),
+                }
+                .to_string(),
+                "b.org did not answer for 10m, so the invite could not be sent (no answer within 10s): once it is back, invite @new:b.org from your client",
+            ),
+            (
+                FailReason::Unreached {
+                    servers: vec!["b.org".try_into().unwrap(), "c.org".try_into().unwrap()],
+                    waited_secs: 0,
+                    error: "502".into(),
+                    room: "!r:b.org".try_into().unwrap(),
+                }
+                .to_string(),
+                "the servers the room is reached through (b.org, c.org) did not answer for 1s (502): once they are back, join !r:b.org from your client",
+            ),
+            (FailReason::Join { error: "M_FORBIDDEN".into() }.to_string(), "joining failed: M_FORBIDDEN"),
+            (
+                StepDone::HistoryDelivered { messages: 2, rooms: 1, file: "history.html".into() }.to_string(),
+                "2 message(s) from 1 room(s) delivered as history.html",
+            ),
+            (StepDone::OldMentions { old }.to_string(), "mentions of @old:a.org notify you"),
+            (StepDone::Legacy("3 set".into()).to_string(), "3 set"),
+            (StepFailure::Homeserver("M_FORBIDDEN: no".into()).to_string(), "M_FORBIDDEN: no"),
+        ];
+        for (said, expected) in cases {
+            assert_eq!(said, expected);
+        }
+    }
+}
