@@ -120,22 +120,20 @@ pub fn generate(config_path: &Path) -> Result<Generated> {
     Ok(Generated { main, acting, tokens_generated })
 }
 
-/// Writes a file that holds secrets with mode 0600.
+/// Writes a file that holds secrets: mode 0600 from its creation (a fresh temporary file beside
+/// it, which tempfile makes 0600 under a name nobody can guess), then put in place whole.
 pub fn write_private(path: &Path, contents: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut file = private_file_beside(path)?;
+    std::io::Write::write_all(&mut file, contents.as_bytes())?;
+    file.as_file().sync_all()?;
+    file.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// A new temporary file (mode 0600) in `path`'s folder, to be persisted as `path`.
+pub fn private_file_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write into {}", dir.display()))
 }
 
 /// One `key: value` line of a block-style YAML mapping, with the dotted path of its key.

@@ -756,15 +756,11 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
         Ok(bytes) => bytes.try_into().map_err(|b: Vec<u8>| err(format!("expected 32 bytes, found {}", b.len()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
             let key: [u8; 32] = XChaCha20Poly1305::generate_key(&mut OsRng).into();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| err(e.to_string()))?;
-            f.write_all(&key).and_then(|_| f.sync_all()).map_err(|e| err(e.to_string()))?;
+            // Whole or not at all: a crash mid-write must not leave a short key behind.
+            let mut f = crate::registration::private_file_beside(path).map_err(|e| err(format!("{e:#}")))?;
+            f.write_all(&key).and_then(|_| f.as_file().sync_all()).map_err(|e| err(e.to_string()))?;
+            f.persist_noclobber(path).map_err(|e| err(e.error.to_string()))?;
             Ok(key)
         }
         Err(e) => Err(err(e.to_string())),

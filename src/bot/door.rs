@@ -15,7 +15,10 @@ use crate::code::CodeHash;
 use crate::code::{CodeRecord, RedeemError};
 use crate::store::MAX_BUNDLES_PER_USER;
 use crate::transfer::plan::Requirements;
-use crate::transfer::{ClientProfile, Transfer, TransferKind, TransferState};
+use crate::transfer::{ClientProfile, Transfer, TransferKind, TransferState, watch};
+
+/// Reservations of one account whose seats are watched at once ([`watch`]).
+pub const MAX_WATCHED_PER_USER: usize = 5;
 
 /// What lets a transfer start: the consent each way in brings.
 pub enum Ticket {
@@ -102,6 +105,15 @@ pub async fn enter(bot: &Bot, entry: Entry, ticket: Ticket) -> Result<Result<Ent
     let users: Vec<&UserId> = users.iter().map(|u| &**u).collect();
     if let Some(refusal) = start_refusal_of(bot, &users)? {
         return Ok(Err(Refused::Busy(refusal)));
+    }
+    // Each reservation whose seats are still watched costs a look now and then: a few per account.
+    if kind == TransferKind::Reserve {
+        let watched = bot.journal.of(&old)?.iter().filter(|t| watch::is_watched(t)).count();
+        if watched >= MAX_WATCHED_PER_USER {
+            return Ok(Err(Refused::Busy(format!(
+                "{old} already has {watched} reservations whose seats are still waiting for their new accounts (at most {MAX_WATCHED_PER_USER}); `cancel` one, or wait until they are taken or expire."
+            ))));
+        }
     }
     let (bundle, running, expires_at_ms, dropped) = match ticket {
         Ticket::Code(hash) => match bot.store.redeem_code(&hash, &new).await? {

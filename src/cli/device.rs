@@ -6,7 +6,6 @@
 //! line itself, where other users of the machine could read them.
 
 use std::io::{IsTerminal, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -345,15 +344,13 @@ impl Export {
             exported.bundle.login_token = Some(token);
         }
         let sealed = crate::bundle::file::seal_with_passphrase(&exported.bundle, passphrase.expose());
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(out)
-            .with_context(|| format!("cannot create {}", out.display()))?;
+        // Written whole beside it, then put in place only if nothing is there (never overwriting,
+        // never leaving half a file).
+        let mut file = crate::registration::private_file_beside(out)?;
         file.write_all(&sealed)
-            .and_then(|_| file.sync_all())
+            .and_then(|_| file.as_file().sync_all())
             .with_context(|| format!("cannot write {}", out.display()))?;
+        file.persist_noclobber(out).map_err(|e| anyhow::anyhow!("cannot create {}: {}", out.display(), e.error))?;
         println!("Wrote the bundle of {} to {}, encrypted with your passphrase.", session.user_id, out.display());
         println!("{}", exported.bundle.summary());
         match keys_from_backup {

@@ -74,7 +74,13 @@ impl Engine {
             self.reporter.stopped(&t, Stopped::BundleGone).await?;
             return Ok(());
         };
-        let bundle = stored.bundle;
+        // Through the border again: a bundle stored by an earlier handoff (before it checked what
+        // it received) is held to the same bounds as one opened today.
+        let limits = crate::bundle::border::Limits {
+            max_rooms: self.config.handoff.max_rooms,
+            max_history: self.config.handoff.history_messages,
+        };
+        let bundle = crate::bundle::border::check(stored.bundle, &limits).bundle;
         if t.plan.is_none() {
             t.plan = Some(match t.kind {
                 // The old account's rooms can't be read here: planned at once, as the new account
