@@ -175,6 +175,8 @@ impl Journal {
 
 /// Where a room's stages write their steps: the service's journal, or nowhere (the device side,
 /// which keeps no state: a second run re-checks every stage instead).
+// One per engine or import, built once: its size does not matter, an indirection would.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum RoomJournal {
     Sled(Journal),

@@ -53,6 +53,8 @@ pub struct RoomWork {
 /// homeserver goes through a `remote` twin that tries each once: every failure of theirs (no
 /// answer in time, a refused connection, a 5xx) is [`RoomWork::across`]'s to wait for, up to the
 /// patience.
+// One per engine or import, built once: its size does not matter, an indirection would.
+#[allow(clippy::large_enum_variant)]
 pub enum Accounts {
     /// The service: the registration acts as the accounts of `domain` (`?user_id=`).
     Service { acting: Homeserver, remote: Homeserver, domain: OwnedServerName },
@@ -452,8 +454,8 @@ impl RoomWork {
             self.started(t, rid, Stage::Join).await?;
             // A resumed join re-checks first; the new account reads its own membership (a room it
             // is not in answers forbidden).
-            let joined = self.resumed(from)
-                && matches!(self.reads(t.new, rid, t.new).await, Ok(Some(MembershipState::Join)));
+            let joined =
+                self.resumed(from) && matches!(self.reads(t.new, rid, t.new).await, Ok(Some(MembershipState::Join)));
             if !joined {
                 match self.join_through(t, room).await {
                     Ok(()) => {}
@@ -680,8 +682,8 @@ mod tests {
     use crate::budget::{Budget, Class};
     use crate::bundle::{BundleId, Priority, RoomKind};
     use crate::store::Store;
-    use crate::transfer::journal::Journal;
     use crate::transfer::PATIENT;
+    use crate::transfer::journal::Journal;
 
     /// A homeserver whose invites (to another server's user) never get an answer (`None`), or
     /// always get `Some(status)`; it counts them.
@@ -818,5 +820,130 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         reach.forget(2);
         assert!(reach.away(2, "b.org") < Duration::from_millis(5), "forgotten at the transfer's end");
+    }
+
+    /// Requests a device-side homeserver was sent, by kind.
+    #[derive(Default)]
+    struct Asked {
+        reads: AtomicUsize,
+        invites: AtomicUsize,
+        joins: AtomicUsize,
+        sends: AtomicUsize,
+    }
+
+    /// A homeserver where the new account has no membership yet, invites and joins succeed, and
+    /// the new account's last messages hold the notice of move 7.
+    async fn own_homeserver() -> (String, Arc<Asked>) {
+        let asked = Arc::new(Asked::default());
+        let count = |f: fn(&Asked) -> &AtomicUsize| {
+            let asked = asked.clone();
+            move || {
+                f(&asked).fetch_add(1, Ordering::SeqCst);
+                std::future::ready(())
+            }
+        };
+        let (read, inv, joined, sent) =
+            (count(|a| &a.reads), count(|a| &a.invites), count(|a| &a.joins), count(|a| &a.sends));
+        let notice = json!({
+            "type": "m.room.message", "sender": "@new:a.org", "event_id": "$n", "origin_server_ts": 1,
+            "room_id": "!room:a.org",
+            "content": {"msgtype": "m.notice", "body": "moved", MOVE_FIELD: {"transfer": 7}},
+        });
+        let app = axum::Router::new()
+            .route("/_matrix/client/versions", get(|| async { Json(json!({"versions": ["v1.11"]})) }))
+            .route(
+                "/_matrix/client/v3/rooms/{room}/state/m.room.member/{user}",
+                get(move || {
+                    let counted = read();
+                    async move {
+                        counted.await;
+                        (StatusCode::NOT_FOUND, Json(json!({"errcode": "M_NOT_FOUND", "error": "none"})))
+                    }
+                }),
+            )
+            .route(
+                "/_matrix/client/v3/rooms/{room}/invite",
+                post(move || {
+                    let counted = inv();
+                    async move {
+                        counted.await;
+                        Json(json!({}))
+                    }
+                }),
+            )
+            .route(
+                "/_matrix/client/v3/join/{room}",
+                post(move || {
+                    let counted = joined();
+                    async move {
+                        counted.await;
+                        Json(json!({"room_id": "!room:a.org"}))
+                    }
+                }),
+            )
+            .route(
+                "/_matrix/client/v3/rooms/{room}/messages",
+                get(move || {
+                    let notice = notice.clone();
+                    async move { Json(json!({"chunk": [notice], "start": "s"})) }
+                }),
+            )
+            .route(
+                "/_matrix/client/v3/rooms/{room}/send/{kind}/{txn}",
+                axum::routing::put(move || {
+                    let counted = sent();
+                    async move {
+                        counted.await;
+                        Json(json!({"event_id": "$new"}))
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), asked)
+    }
+
+    /// The device side: its own sessions, no journal. Every stage is one that may have run before,
+    /// so the room is read before the invite and the join, and a notice already posted is found.
+    #[tokio::test]
+    async fn without_a_journal_every_stage_rechecks_and_posts_nothing_twice() {
+        let (url, asked) = own_homeserver().await;
+        let session = |user: &str, token: &'static str| {
+            let url = url.clone();
+            let user: ruma::OwnedUserId = user.try_into().unwrap();
+            async move {
+                OwnSession::new(user, Homeserver::connect_user(&url, token, reqwest::Client::new()).await.unwrap())
+            }
+        };
+        let work = RoomWork {
+            accounts: Accounts::Own {
+                new: session("@new:a.org", "new-token").await,
+                old: Some(session("@old:a.org", "old-token").await),
+            },
+            journal: RoomJournal::Nothing,
+            notify: Some(NotifyConfig { sender: NotifySender::New, ..NotifyConfig::default() }),
+            patience: Duration::from_secs(5),
+            invites_patience: Duration::ZERO,
+            reach: Reach::default(),
+        };
+        let (old, new) = (<&UserId>::try_from("@old:a.org").unwrap(), <&UserId>::try_from("@new:a.org").unwrap());
+        let t = Move { id: 7, old, new, kind: TransferKind::Move, profile: ClientProfile::Desktop };
+        let room = RoomPlan {
+            room_id: "!room:a.org".try_into().unwrap(),
+            via: vec![],
+            name: None,
+            kind: RoomKind::Group,
+            priority: Priority::Normal,
+            action: Action::Join,
+            give_level: None,
+            warnings: vec![],
+        };
+        assert!(work.take_seat(t, &room, &RoomStep::Pending).await.unwrap().is_none(), "seated");
+        let n = |c: &AtomicUsize| c.load(Ordering::SeqCst);
+        assert_eq!((n(&asked.reads), n(&asked.invites), n(&asked.joins)), (2, 1, 1), "read before each");
+        let finish = work.finish_stages(t, None, &room, &RoomStep::Started(Stage::Joined)).await;
+        assert!(matches!(finish.end, Ok(RoomStep::Done)), "{finish:?}");
+        assert_eq!(n(&asked.sends), 0, "the notice of move 7 is there already");
     }
 }
