@@ -1,5 +1,6 @@
 //! `handoff import FILE`: a bundle applied to the account logged in on this device, with the
-//! planner and the merges the service uses, and the requests of its room stages.
+//! planner, the merges and the room stages the service uses ([`RoomWork`]), acting through this
+//! device's sessions.
 //!
 //! There is no journal here: every step is one a second run finds done and leaves alone (a join
 //! of a room the account is in, a tag that is set, a merge that adds nothing, a notice that is
@@ -7,12 +8,11 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures_util::stream::{self, StreamExt};
 use ruma::api::client::membership::joined_rooms;
-use ruma::api::error::ErrorKind;
-use ruma::events::room::member::MembershipState;
 use ruma::{OwnedRoomId, OwnedUserId, UserId};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -20,14 +20,17 @@ use sha2::{Digest, Sha256};
 use super::room_keys;
 use crate::budget::{Budget, Class};
 use crate::bundle::Bundle;
-use crate::config::{NotifyConfig, Secret};
-use crate::homeserver::{Homeserver, HsError, Retry};
+use crate::config::{NotifyConfig, NotifySender, Secret};
+use crate::homeserver::{Homeserver, Retry};
 use crate::session::Session;
 use crate::transfer::account::{AccountWork, SETTINGS};
+use crate::transfer::journal::RoomJournal;
 use crate::transfer::merge::AccountWorld;
-use crate::transfer::plan::{self, Action, Plan, Requirements, RoomPlan};
-use crate::transfer::room::{self as stages, Notice};
-use crate::transfer::{AccountStep, ClientProfile, Error, FailReason, SkipReason, world};
+use crate::transfer::plan::{self, Plan, Requirements, RoomPlan};
+use crate::transfer::room::{Accounts, Move, OwnSession, Reach, RoomWork};
+use crate::transfer::{
+    AccountStep, ClientProfile, Error, FailReason, RoomStep, SkipReason, Stage, TransferKind, world,
+};
 use crate::wording;
 
 /// Rooms in flight at once: one person's account, from their own device.
@@ -42,6 +45,11 @@ const PATIENCE: Retry = Retry {
     server_errors: true,
     deadline: None,
 };
+
+/// How long a room waits for the other homeservers it needs (its via servers, or the new
+/// account's for an invite), then is reported as failed (a second run picks it up): a command line
+/// should not wait as long as the service.
+const FEDERATION_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The old account, when this device can act for it too (a second login, or its access token):
 /// it sends the invites (the reservation) and carries the rank, and the plan reads its rooms.
@@ -87,6 +95,18 @@ pub enum RoomOutcome {
     /// Worded as the service words it, in `--json` too.
     Skipped(#[serde(serialize_with = "wording::as_text")] SkipReason),
     Failed(#[serde(serialize_with = "wording::as_text")] FailReason),
+}
+
+/// A room's final step as the device side reports it.
+impl From<RoomStep> for RoomOutcome {
+    fn from(step: RoomStep) -> RoomOutcome {
+        match step {
+            RoomStep::Skipped(SkipReason::NeedsInvite { .. }) => RoomOutcome::NeedsInvite,
+            RoomStep::Skipped(why) => RoomOutcome::Skipped(why),
+            RoomStep::Failed(why) => RoomOutcome::Failed(why),
+            RoomStep::Done | RoomStep::AwaitingAccept | RoomStep::Pending | RoomStep::Started(_) => RoomOutcome::Moved,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -207,9 +227,10 @@ impl<'a> Import<'a> {
         settings.push(self.setting(&account, AccountStep::Profile, &none, &world).await?);
 
         progress.rooms(plan.rooms.len());
+        let (work, t) = (&self.room_work(), self.as_move(self.notice_id()));
         let rooms: Vec<RoomResult> = stream::iter(&plan.rooms)
             .map(|room| async move {
-                let result = self.room(room).await;
+                let result = self.room(work, t, room).await;
                 progress.room(&result);
                 result
             })
@@ -279,98 +300,61 @@ impl<'a> Import<'a> {
         Ok(Some(room_keys::Imported { imported: result.imported_count, total: result.total_count, backed_up }))
     }
 
-    /// One room: the reservation (with the old account's access), the join by ID through the
-    /// bundle's via servers, the rank, the tags and the notice.
-    async fn room(&self, room: &RoomPlan) -> RoomResult {
+    /// The service's room stages, acting through this device's sessions, with no journal: every
+    /// stage re-checks the room, so a second run does nothing twice.
+    fn room_work(&self) -> RoomWork {
+        let old = self.options.old.as_ref().map(|o| OwnSession::new(o.user.clone(), o.hs.clone()));
+        RoomWork {
+            accounts: Accounts::Own { new: OwnSession::new(self.new_user().to_owned(), self.new.clone()), old },
+            journal: RoomJournal::Nothing,
+            // The new account is the one this device acts for in every run: it says it moved.
+            notify: (self.options.notify && !self.same_account())
+                .then(|| NotifyConfig { sender: NotifySender::New, ..NotifyConfig::default() }),
+            patience: FEDERATION_PATIENCE,
+            // No reservation runs alongside: a room without its invite is said at once.
+            invites_patience: Duration::ZERO,
+            reach: Reach::default(),
+        }
+    }
+
+    /// This import as the stages see a move: a whole one where the old account is acted for too,
+    /// else a received one.
+    fn as_move(&self, id: u64) -> Move<'_> {
+        let kind = if self.options.old.is_some() { TransferKind::Move } else { TransferKind::Receive };
+        Move { id, old: &self.bundle.source.user_id, new: self.new_user(), kind, profile: ClientProfile::Desktop }
+    }
+
+    /// One room through the stages: the reservation (with the old account's access), the join by
+    /// ID, then the rank, the tags and the notice, whose failures are notes (the seat is taken).
+    async fn room(&self, work: &RoomWork, t: Move<'_>, room: &RoomPlan) -> RoomResult {
         let mut result = RoomResult {
             room_id: room.room_id.clone(),
             name: room.name.clone(),
             outcome: RoomOutcome::Moved,
             notes: vec![],
         };
-        match self.seat(room).await {
-            Ok(RoomOutcome::Moved) => {}
-            Ok(outcome) => {
-                result.outcome = outcome;
-                return result;
-            }
-            Err(e) => {
-                result.outcome = RoomOutcome::Failed(FailReason::Error(e.to_string()));
-                return result;
-            }
+        let ended = match work.take_seat(t, room, &RoomStep::Pending).await {
+            Ok(None) => None,
+            Ok(Some(step)) => Some(step),
+            Err(e) => Some(RoomStep::Failed(FailReason::Error(e.to_string()))),
+        };
+        if let Some(step) = ended {
+            result.outcome = RoomOutcome::from(step);
+            return result;
         }
-        result.notes = self.finish(room).await;
+        let entry = self.bundle.rooms.iter().find(|e| e.room_id == room.room_id);
+        let finish = work.finish_stages(t, entry, room, &RoomStep::Started(Stage::Joined)).await;
+        if let Some(e) = finish.rank {
+            result.notes.push(format!("the rank was not carried: {e}"));
+        }
+        if let Err((stage, e)) = finish.end {
+            result.notes.push(match stage {
+                Stage::Tags => format!("the tags were not set: {e}"),
+                Stage::Notify => format!("the notice was not posted: {e}"),
+                _ => e.to_string(),
+            });
+        }
         result
-    }
-
-    async fn seat(&self, room: &RoomPlan) -> Result<RoomOutcome, HsError> {
-        let (rid, new) = (&room.room_id, self.new_user());
-        match room.action {
-            Action::Blocked(b) => return Ok(RoomOutcome::Skipped(SkipReason::Blocked(b))),
-            Action::Gone => return Ok(RoomOutcome::Skipped(SkipReason::Gone)),
-            Action::AlreadyJoined => return Ok(RoomOutcome::Moved),
-            Action::Join => {}
-        }
-        if let Some(old) = &self.options.old {
-            match stages::membership(&old.hs, &old.user, rid, new).await? {
-                Some(MembershipState::Join) => return Ok(RoomOutcome::Moved),
-                Some(MembershipState::Invite) => {}
-                Some(MembershipState::Ban) => {
-                    return Ok(RoomOutcome::Skipped(SkipReason::Blocked(plan::Blocked::Banned)));
-                }
-                _ => {
-                    if let Err(e) = stages::invite(&old.hs, &old.user, rid, new).await {
-                        // A public room is joined without the invite.
-                        if !matches!(e.kind(), Some(ErrorKind::Forbidden)) {
-                            return Ok(RoomOutcome::Failed(FailReason::Invite { error: e.to_string() }));
-                        }
-                    }
-                }
-            }
-        }
-        match stages::join(&self.new, new, rid, &room.via).await {
-            Ok(()) => Ok(RoomOutcome::Moved),
-            Err(e) if matches!(e.kind(), Some(ErrorKind::Forbidden)) && self.options.old.is_none() => {
-                Ok(RoomOutcome::NeedsInvite)
-            }
-            Err(e) if e.is_transient() => Err(e),
-            Err(e) => Ok(RoomOutcome::Failed(FailReason::Join { error: e.to_string() })),
-        }
-    }
-
-    /// Rank, tags and notice of a seated room; what failed of them, as notes.
-    async fn finish(&self, room: &RoomPlan) -> Vec<String> {
-        let (rid, new) = (&room.room_id, self.new_user());
-        let mut notes = Vec::new();
-        if let (Some(old), Some(level)) = (&self.options.old, room.give_level)
-            && let Err(e) = stages::carry_rank(&old.hs, &old.user, rid, new, level).await
-        {
-            notes.push(format!("the rank was not carried: {e}"));
-        }
-        if let Some(entry) = self.bundle.rooms.iter().find(|e| e.room_id == *rid)
-            && let Err(e) = stages::apply_tags(&self.new, new, rid, entry).await
-        {
-            notes.push(format!("the tags were not set: {e}"));
-        }
-        if self.options.notify
-            && !self.same_account()
-            && let Err(e) = self.notify(room).await
-        {
-            notes.push(format!("the notice was not posted: {e}"));
-        }
-        notes
-    }
-
-    /// One notice per room, by the new account (the one this device acts for in every run, with
-    /// or without the old one's access); a second run finds it and posts none.
-    async fn notify(&self, room: &RoomPlan) -> Result<(), HsError> {
-        let template = NotifyConfig::default().template;
-        let (old, new) = (&self.bundle.source.user_id, self.new_user());
-        let notice = Notice { template: &template, id: self.notice_id(), old, new, profile: ClientProfile::Desktop };
-        if stages::notice_exists(&self.new, new, &room.room_id, notice.id).await? {
-            return Ok(());
-        }
-        notice.post(&self.new, new, &room.room_id).await
     }
 
     /// The move's number, the same on every run of this bundle into this account (48 bits: a JSON

@@ -173,6 +173,32 @@ impl Journal {
     }
 }
 
+/// Where a room's stages write their steps: the service's journal, or nowhere (the device side,
+/// which keeps no state: a second run re-checks every stage instead).
+// One per engine or import, built once: its size does not matter, an indirection would.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum RoomJournal {
+    Sled(Journal),
+    /// Records nothing, so every stage may have run before: each re-checks the room first.
+    Nothing,
+}
+
+impl RoomJournal {
+    /// Journals a room's step (durable before returning), or does nothing.
+    pub async fn set_room_step(&self, id: u64, room: &RoomId, step: &RoomStep) -> Result<(), StoreError> {
+        match self {
+            RoomJournal::Sled(journal) => journal.set_room_step(id, room, step).await,
+            RoomJournal::Nothing => Ok(()),
+        }
+    }
+
+    /// Whether a step not journaled was surely never started (what lets a fresh stage skip its checks).
+    pub fn records(&self) -> bool {
+        matches!(self, RoomJournal::Sled(_))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,8 @@
-//! One room's stages, from wherever its journal says it got to. Pass 1 takes the new account's
-//! seat (the old account invites, the new one joins); pass 2 finishes the room (carries the rank,
-//! applies the tags, posts the move notice). A resumed stage re-checks the room before acting
-//! again, and the notice's transaction ID comes from the transfer, so nothing happens twice.
+//! One room's stages, from wherever its journal says it got to, for the service and the device
+//! side alike. Pass 1 takes the new account's seat (the old account invites, the new one joins);
+//! pass 2 finishes the room (carries the rank, applies the tags, posts the move notice). A resumed
+//! stage re-checks the room before acting again (without a journal, every stage is one), and the
+//! notice's transaction ID comes from the move, so nothing happens twice.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -18,36 +19,121 @@ use ruma::events::room::message::RoomMessageEventContent;
 use ruma::events::room::power_levels::RoomPowerLevelsEventContent;
 use ruma::events::{MessageLikeEventType, StateEventType};
 use ruma::serde::Raw;
-use ruma::{Int, OwnedServerName, RoomId, UInt, UserId};
+use ruma::{Int, OwnedServerName, OwnedUserId, RoomId, UInt, UserId};
 use serde_json::{Value as JsonValue, json};
 use tokio::time::Instant;
 
-use super::journal::Journal;
+use super::journal::RoomJournal;
 use super::plan::{Action, Blocked, RoomPlan, Warning};
 use super::{ClientProfile, Error, FailReason, RoomStep, SkipReason, Stage, Transfer, TransferKind};
 use crate::budget;
 use crate::bundle::RoomEntry;
 use crate::config::{NotifyConfig, NotifySender};
-use crate::homeserver::{Backoff, Homeserver, HsError, Transient, within};
+use crate::homeserver::{Backoff, Homeserver, HsError, Retry, Transient, within};
 use crate::html::to_html;
 
 /// The field of move notices that clients and bots can read.
 pub const MOVE_FIELD: &str = "org.handoff.move";
 
-/// What a room's stages need: the acting client, the journal, the notice settings.
+/// What a room's stages need: who acts, the journal, the notice settings.
 pub struct RoomWork {
-    pub acting: Homeserver,
-    /// The same client for requests that reach another homeserver, trying each once: every
-    /// failure of theirs (no answer in time, a refused connection, a 5xx) is
-    /// [`RoomWork::across`]'s to wait for, up to `patience`.
-    pub remote: Homeserver,
-    pub journal: Journal,
-    pub notify: NotifyConfig,
-    /// The homeserver's domain: a new account there is joined by the service.
-    pub domain: OwnedServerName,
+    pub accounts: Accounts,
+    pub journal: RoomJournal,
+    /// The move notice; `None`: none is posted.
+    pub notify: Option<NotifyConfig>,
     /// How long a room waits for another homeserver it needs (`handoff.federation_patience`).
     pub patience: Duration,
+    /// How long a received room without its invite waits for it ([`INVITES_PATIENCE`]); zero:
+    /// not at all (no reservation is running alongside).
+    pub invites_patience: Duration,
     pub reach: Reach,
+}
+
+/// Whom a room's stages act as, and through which client. Every request that needs another
+/// homeserver goes through a `remote` twin that tries each once: every failure of theirs (no
+/// answer in time, a refused connection, a 5xx) is [`RoomWork::across`]'s to wait for, up to the
+/// patience.
+// One per engine or import, built once: its size does not matter, an indirection would.
+#[allow(clippy::large_enum_variant)]
+pub enum Accounts {
+    /// The service: the registration acts as the accounts of `domain` (`?user_id=`).
+    Service { acting: Homeserver, remote: Homeserver, domain: OwnedServerName },
+    /// The device side: each account through its own session; the old one only where given.
+    Own { new: OwnSession, old: Option<OwnSession> },
+}
+
+/// One account's session on the device side.
+pub struct OwnSession {
+    pub user: OwnedUserId,
+    pub hs: Homeserver,
+    remote: Homeserver,
+}
+
+impl OwnSession {
+    pub fn new(user: OwnedUserId, hs: Homeserver) -> OwnSession {
+        OwnSession { user, remote: hs.with_retry(Retry::NONE), hs }
+    }
+}
+
+impl Accounts {
+    /// Whether the stages can act as `user`.
+    pub fn acts_for(&self, user: &UserId) -> bool {
+        match self {
+            Accounts::Service { domain, .. } => user.server_name() == domain,
+            Accounts::Own { .. } => self.own(user).is_some(),
+        }
+    }
+
+    fn own(&self, user: &UserId) -> Option<&OwnSession> {
+        let Accounts::Own { new, old } = self else { return None };
+        [Some(new), old.as_ref()].into_iter().flatten().find(|s| s.user == user)
+    }
+
+    /// The client acting as `user`: the service asserts any of its accounts, and each stage acts
+    /// only for accounts its move's kind lets it; the device side holds the sessions it was given.
+    fn client(&self, user: &UserId) -> Result<&Homeserver, HsError> {
+        match self {
+            Accounts::Service { acting, .. } => Ok(acting),
+            Accounts::Own { .. } => self.own(user).map(|s| &s.hs).ok_or_else(|| not_here(user)),
+        }
+    }
+
+    /// The same, trying each request once ([`RoomWork::across`] waits).
+    fn remote(&self, user: &UserId) -> Result<&Homeserver, HsError> {
+        match self {
+            Accounts::Service { remote, .. } => Ok(remote),
+            Accounts::Own { .. } => self.own(user).map(|s| &s.remote).ok_or_else(|| not_here(user)),
+        }
+    }
+}
+
+fn not_here(user: &UserId) -> HsError {
+    HsError::Protocol(format!("this device has no session of {user}"))
+}
+
+/// One move as a room's stages see it: a service's [`Transfer`], or a device side's import.
+#[derive(Debug, Clone, Copy)]
+pub struct Move<'a> {
+    /// The move's number: the key of its journal and its servers' clocks, and of its notice.
+    pub id: u64,
+    pub old: &'a UserId,
+    pub new: &'a UserId,
+    pub kind: TransferKind,
+    pub profile: ClientProfile,
+}
+
+impl<'a> From<&'a Transfer> for Move<'a> {
+    fn from(t: &'a Transfer) -> Move<'a> {
+        Move { id: t.id, old: &t.old, new: &t.new, kind: t.kind, profile: t.profile }
+    }
+}
+
+/// How pass 2 went: the room's final step, or the stage that stopped it with its error; and the
+/// rank's error, which stops no room.
+#[derive(Debug)]
+pub struct Finish {
+    pub end: Result<RoomStep, (Stage, Error)>,
+    pub rank: Option<HsError>,
 }
 
 /// Other homeservers that a transfer's rooms wait for, and since when each has been out of
@@ -124,7 +210,7 @@ impl RoomWork {
     /// transfer: whatever fails (no answer in time, a refused connection, a 5xx, a rate limit),
     /// it is tried again with backoff until they have been away for the patience, each attempt
     /// cut off at that deadline. The room's budget slot is given back while it waits.
-    async fn across<F, Fut>(&self, t: &Transfer, servers: &str, mut op: F) -> Result<(), Unreached>
+    async fn across<F, Fut>(&self, t: Move<'_>, servers: &str, mut op: F) -> Result<(), Unreached>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<(), HsError>>,
@@ -166,20 +252,28 @@ impl RoomWork {
         }
     }
 
-    fn is_local(&self, user: &UserId) -> bool {
-        user.server_name() == self.domain
-    }
-
     /// Journals `Started(stage)` before a stage runs: the record of the previous stage's end, and
     /// what tells a resumed transfer to re-check the room before acting again.
-    async fn started(&self, t: &Transfer, room: &RoomId, stage: Stage) -> Result<(), Error> {
+    async fn started(&self, t: Move<'_>, room: &RoomId, stage: Stage) -> Result<(), Error> {
         Ok(self.journal.set_room_step(t.id, room, &RoomStep::Started(stage)).await?)
+    }
+
+    /// Whether a stage from `from` may have run before, and so re-checks the room first: one
+    /// journaled as started, or any without a journal.
+    fn resumed(&self, from: &RoomStep) -> bool {
+        matches!(from, RoomStep::Started(_)) || !self.journal.records()
     }
 
     /// Pass 1: reserve (the old account invites) and join. `None` when the new account has its
     /// seat (joined, or invited if it is on another server) and the room goes on to pass 2;
     /// otherwise the room's final step.
-    pub async fn take_seat(&self, t: &Transfer, room: &RoomPlan, from: &RoomStep) -> Result<Option<RoomStep>, Error> {
+    pub async fn take_seat<'t>(
+        &self,
+        t: impl Into<Move<'t>>,
+        room: &RoomPlan,
+        from: &RoomStep,
+    ) -> Result<Option<RoomStep>, Error> {
+        let t = t.into();
         let rid = &room.room_id;
         match room.action {
             Action::Blocked(b) => return Ok(Some(RoomStep::Skipped(SkipReason::Blocked(b)))),
@@ -189,15 +283,18 @@ impl RoomWork {
         if t.kind == TransferKind::Receive {
             return self.join_received(t, room, from).await;
         }
-        let local_new = self.is_local(&t.new) && t.kind == TransferKind::Move;
-        let resumed = matches!(from, RoomStep::Started(_));
+        let local_new = self.accounts.acts_for(t.new) && t.kind == TransferKind::Move;
+        let resumed = self.resumed(from);
+        // The invite and the join reach another homeserver when the accounts' servers differ (the
+        // service acts as the old account only on its own server).
+        let other_server = t.new.server_name() != t.old.server_name();
 
         // 1. Reserve: the old account invites the new one (checked against the room first).
         if !from.completed(Stage::Invite) {
             self.started(t, rid, Stage::Invite).await?;
             // Fresh rooms were read when planning; a resumed stage re-checks the room first.
             let membership = match room.action {
-                _ if resumed => self.membership(&t.old, rid, &t.new).await?,
+                _ if resumed => self.membership(t.old, rid, t.new).await?,
                 Action::AlreadyJoined => Some(MembershipState::Join),
                 _ => None,
             };
@@ -205,12 +302,12 @@ impl RoomWork {
                 Some(MembershipState::Join) | Some(MembershipState::Invite) => {}
                 Some(MembershipState::Ban) => return Ok(Some(RoomStep::Skipped(SkipReason::Blocked(Blocked::Banned)))),
                 _ => {
-                    let invited = if self.is_local(&t.new) {
-                        invite(&self.acting, &t.old, rid, &t.new).await.map_err(Unreached::Refused)
+                    let invited = if !other_server {
+                        invite(self.accounts.client(t.old)?, t.old, rid, t.new).await.map_err(Unreached::Refused)
                     } else {
                         // The new account's server signs the invite: it must answer.
-                        let server = t.new.server_name();
-                        self.across(t, server.as_str(), || invite(&self.remote, &t.old, rid, &t.new)).await
+                        let (server, remote) = (t.new.server_name(), self.accounts.remote(t.old)?);
+                        self.across(t, server.as_str(), || invite(remote, t.old, rid, t.new)).await
                     };
                     match invited {
                         Ok(()) => {}
@@ -219,7 +316,7 @@ impl RoomWork {
                                 server: t.new.server_name().to_owned(),
                                 waited_secs: FailReason::seconds(away),
                                 error: e.to_string(),
-                                new: t.new.clone(),
+                                new: t.new.to_owned(),
                             })));
                         }
                         // A public room can be joined without the invite.
@@ -235,10 +332,22 @@ impl RoomWork {
         // 2. Join: a local new account is joined by the service; a remote one accepts from its client.
         if !from.completed(Stage::Join) && local_new {
             self.started(t, rid, Stage::Join).await?;
-            if !resumed || self.membership(&t.old, rid, &t.new).await? != Some(MembershipState::Join) {
-                // The old account is local and in the room, so this server is too: no via servers needed.
-                if let Err(e) = join(&self.acting, &t.new, rid, &[]).await {
-                    return Ok(Some(RoomStep::Failed(FailReason::Join { error: e.to_string() })));
+            if !resumed || self.membership(t.old, rid, t.new).await? != Some(MembershipState::Join) {
+                if !other_server {
+                    // The old account is in the room, so its server (the new one's) is too: no via
+                    // servers needed.
+                    if let Err(e) = join(self.accounts.client(t.new)?, t.new, rid, &[]).await {
+                        return Ok(Some(RoomStep::Failed(FailReason::Join { error: e.to_string() })));
+                    }
+                } else {
+                    // Acting as both accounts on two servers (the device side): through the via servers.
+                    match self.join_through(t, room).await {
+                        Ok(()) => {}
+                        Err(Unreached::Away(e, away)) => return Ok(Some(unreached(room, e, away))),
+                        Err(Unreached::Refused(e)) => {
+                            return Ok(Some(RoomStep::Failed(FailReason::Join { error: e.to_string() })));
+                        }
+                    }
                 }
             }
         }
@@ -248,17 +357,42 @@ impl RoomWork {
     }
 
     /// Pass 2 for a seated room: carry rank, tags, notify. Returns the room's final step.
-    pub async fn finish(
+    pub async fn finish<'t>(
         &self,
-        t: &Transfer,
+        t: impl Into<Move<'t>>,
         entry: Option<&RoomEntry>,
         room: &RoomPlan,
         from: &RoomStep,
     ) -> Result<RoomStep, Error> {
+        self.finish_stages(t.into(), entry, room, from).await.end.map_err(|(_, e)| e)
+    }
+
+    /// Pass 2, saying which stage stopped it and whether the rank was carried.
+    pub async fn finish_stages(
+        &self,
+        t: Move<'_>,
+        entry: Option<&RoomEntry>,
+        room: &RoomPlan,
+        from: &RoomStep,
+    ) -> Finish {
+        let mut rank = None;
+        let end = self.finish_steps(t, entry, room, from, &mut rank).await;
+        Finish { end, rank }
+    }
+
+    async fn finish_steps(
+        &self,
+        t: Move<'_>,
+        entry: Option<&RoomEntry>,
+        room: &RoomPlan,
+        from: &RoomStep,
+        rank: &mut Option<HsError>,
+    ) -> Result<RoomStep, (Stage, Error)> {
         let rid = &room.room_id;
+        let at = |stage| move |e: Error| (stage, e);
         // A reservation seats a remote account (its server joins it); a received bundle's new
         // account is this server's own.
-        let local_new = self.is_local(&t.new) && t.kind != TransferKind::Reserve;
+        let local_new = self.accounts.acts_for(t.new) && t.kind != TransferKind::Reserve;
         // 3. Carry rank: re-read the power levels right before writing them. Only in a whole move:
         // a received bundle's old account is not acted for, and a reservation's invitee gets the
         // rank once the seat watch sees it joined (an invite alone, a typo in `--to`, gets none).
@@ -266,9 +400,14 @@ impl RoomWork {
             && t.kind == TransferKind::Move
             && let Some(level) = room.give_level
         {
-            self.started(t, rid, Stage::Rank).await?;
-            if let Err(e) = carry_rank(&self.acting, &t.old, rid, &t.new, level).await {
+            self.started(t, rid, Stage::Rank).await.map_err(at(Stage::Rank))?;
+            let carried = match self.accounts.client(t.old) {
+                Ok(hs) => carry_rank(hs, t.old, rid, t.new, level).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = carried {
                 tracing::warn!(room_id = %rid, error = %e, "carrying the rank failed");
+                *rank = Some(e);
             }
         }
         // 4. Tags, on the new account (PUT is idempotent).
@@ -276,26 +415,32 @@ impl RoomWork {
             && local_new
             && let Some(entry) = entry.filter(|e| !e.tags.is_empty())
         {
-            self.started(t, rid, Stage::Tags).await?;
-            apply_tags(&self.acting, &t.new, rid, entry).await?;
+            self.started(t, rid, Stage::Tags).await.map_err(at(Stage::Tags))?;
+            let tagged = match self.accounts.client(t.new) {
+                Ok(hs) => apply_tags(hs, t.new, rid, entry).await,
+                Err(e) => Err(e),
+            };
+            tagged.map_err(|e| (Stage::Tags, e.into()))?;
         }
         // 5. Notify: one notice per room, never two. A reservation announces nothing yet (the move
         // is announced when the new account takes its seat); a received bundle only when the old
         // account's invites prove the move, and only in rooms the old account is in.
-        let announce = match t.kind {
-            TransferKind::Move => true,
-            TransferKind::Reserve => false,
-            TransferKind::Receive => {
-                !from.completed(Stage::Notify)
-                    && !room.warnings.contains(&Warning::Unreserved)
-                    && matches!(membership(&self.acting, &t.new, rid, &t.old).await, Ok(Some(MembershipState::Join)))
-            }
-        };
+        let announce = self.notify.is_some()
+            && match t.kind {
+                TransferKind::Move => true,
+                TransferKind::Reserve => false,
+                TransferKind::Receive => {
+                    !from.completed(Stage::Notify)
+                        && !room.warnings.contains(&Warning::Unreserved)
+                        && matches!(self.reads(t.new, rid, t.old).await, Ok(Some(MembershipState::Join)))
+                }
+            };
         if announce && !from.completed(Stage::Notify) {
-            self.started(t, rid, Stage::Notify).await?;
-            // Only a notify stage that was started may have posted its notice already.
-            let resumed = *from == RoomStep::Started(Stage::Notify);
-            self.notify(t, rid, local_new, resumed).await?;
+            self.started(t, rid, Stage::Notify).await.map_err(at(Stage::Notify))?;
+            // Only a notify stage that was started (or any, without a journal) may have posted its
+            // notice already.
+            let resumed = *from == RoomStep::Started(Stage::Notify) || !self.journal.records();
+            self.notify(t, rid, local_new, resumed).await.map_err(at(Stage::Notify))?;
         }
         Ok(if local_new { RoomStep::Done } else { RoomStep::AwaitingAccept })
     }
@@ -303,38 +448,47 @@ impl RoomWork {
     /// Pass 1 of a received bundle: the new account joins by the room's ID through the bundle's
     /// via servers. No invite (the old account's server sent it, or nobody did): a room that is
     /// not public and has no invite is skipped, saying what to do.
-    async fn join_received(&self, t: &Transfer, room: &RoomPlan, from: &RoomStep) -> Result<Option<RoomStep>, Error> {
+    async fn join_received(&self, t: Move<'_>, room: &RoomPlan, from: &RoomStep) -> Result<Option<RoomStep>, Error> {
         let rid = &room.room_id;
         if room.action == Action::Join && !from.completed(Stage::Join) {
             self.started(t, rid, Stage::Join).await?;
             // A resumed join re-checks first; the new account reads its own membership (a room it
             // is not in answers forbidden).
-            let joined = matches!(from, RoomStep::Started(_))
-                && matches!(membership(&self.acting, &t.new, rid, &t.new).await, Ok(Some(MembershipState::Join)));
-            if !joined && let Some(end) = self.join_through(t, room).await {
-                return Ok(Some(end));
+            let joined =
+                self.resumed(from) && matches!(self.reads(t.new, rid, t.new).await, Ok(Some(MembershipState::Join)));
+            if !joined {
+                match self.join_through(t, room).await {
+                    Ok(()) => {}
+                    Err(Unreached::Away(e, away)) => return Ok(Some(unreached(room, e, away))),
+                    Err(Unreached::Refused(e)) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
+                        return Ok(Some(RoomStep::Skipped(SkipReason::NeedsInvite { old: t.old.to_owned() })));
+                    }
+                    Err(Unreached::Refused(e)) => {
+                        return Ok(Some(RoomStep::Failed(FailReason::Join { error: e.to_string() })));
+                    }
+                }
             }
         }
         self.started(t, rid, Stage::Joined).await?;
         Ok(None)
     }
 
-    /// Joins a received room through its via servers (they must answer). The old account's
-    /// server may still be reserving the seats while this import runs: where the move is proven
+    /// Joins a room through its via servers (they must answer). The old account's server may
+    /// still be reserving the seats while a received bundle is imported: where the move is proven
     /// (some invite of it arrived), a room without its invite yet waits for it as long as invites
-    /// keep arriving (a join in this transfer succeeded within the last [`INVITES_PATIENCE`]).
-    /// `Some` is the room's final step when it could not be joined.
-    async fn join_through(&self, t: &Transfer, room: &RoomPlan) -> Option<RoomStep> {
+    /// keep arriving (a join in this transfer succeeded within the last `invites_patience`).
+    async fn join_through(&self, t: Move<'_>, room: &RoomPlan) -> Result<(), Unreached> {
         let rid = &room.room_id;
         let servers = room.via.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
         let invites = format!("the invites of {}", t.old);
         let proven = !room.warnings.contains(&Warning::Unreserved);
-        let patience = self.patience.min(INVITES_PATIENCE);
+        let patience = self.patience.min(self.invites_patience);
+        let remote = self.accounts.remote(t.new).map_err(Unreached::Refused)?;
         // Forbidden: no invite yet. Waited for while the reservation goes on (its clock starts
         // again at each join that succeeds, so it is asked for at each failure).
         let joined = Backoff::new(Duration::from_millis(500), Duration::from_secs(5))
             .run(
-                || self.across(t, &servers, || join(&self.remote, &t.new, rid, &room.via)),
+                || self.across(t, &servers, || join(remote, t.new, rid, &room.via)),
                 |e| match e {
                     Unreached::Refused(e) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
                         let waiting = proven && self.reach.away(t.id, &invites) < patience;
@@ -347,22 +501,10 @@ impl RoomWork {
                 },
             )
             .await;
-        match joined {
-            Ok(()) => {
-                self.reach.back(t.id, &invites);
-                None
-            }
-            Err(Unreached::Away(e, away)) => Some(RoomStep::Failed(FailReason::Unreached {
-                servers: room.via.clone(),
-                waited_secs: FailReason::seconds(away),
-                error: e.to_string(),
-                room: rid.clone(),
-            })),
-            Err(Unreached::Refused(e)) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
-                Some(RoomStep::Skipped(SkipReason::NeedsInvite { old: t.old.clone() }))
-            }
-            Err(Unreached::Refused(e)) => Some(RoomStep::Failed(FailReason::Join { error: e.to_string() })),
+        if joined.is_ok() {
+            self.reach.back(t.id, &invites);
         }
+        joined
     }
 
     async fn membership(
@@ -371,24 +513,41 @@ impl RoomWork {
         room: &RoomId,
         user: &UserId,
     ) -> Result<Option<MembershipState>, Error> {
-        Ok(membership(&self.acting, reader, room, user).await?)
+        Ok(self.reads(reader, room, user).await?)
     }
 
-    /// Posts the move notice. A resumed stage first looks for one of this transfer in the room.
-    async fn notify(&self, t: &Transfer, room: &RoomId, local_new: bool, resumed: bool) -> Result<(), Error> {
-        let sender = match self.notify.sender {
+    /// `user`'s membership of the room as `reader` sees it, through `reader`'s client.
+    async fn reads(&self, reader: &UserId, room: &RoomId, user: &UserId) -> Result<Option<MembershipState>, HsError> {
+        membership(self.accounts.client(reader)?, reader, room, user).await
+    }
+
+    /// Posts the move notice. A resumed stage first looks for one of this move in the room.
+    async fn notify(&self, t: Move<'_>, room: &RoomId, local_new: bool, resumed: bool) -> Result<(), Error> {
+        let Some(notify) = &self.notify else { return Ok(()) };
+        let sender = match notify.sender {
             // The old account of a received bundle is remote: the new one says it moved.
-            _ if t.kind == TransferKind::Receive => t.new.clone(),
-            NotifySender::New if local_new => t.new.clone(),
+            _ if t.kind == TransferKind::Receive => t.new,
+            NotifySender::New if local_new => t.new,
             // The bot is not in the users' rooms, and a remote new account can't be acted for.
-            _ => t.old.clone(),
+            _ => t.old,
         };
-        if resumed && notice_exists(&self.acting, &sender, room, t.id).await? {
+        let hs = self.accounts.client(sender)?;
+        if resumed && notice_exists(hs, sender, room, t.id).await? {
             return Ok(());
         }
-        let notice = Notice { template: &self.notify.template, id: t.id, old: &t.old, new: &t.new, profile: t.profile };
-        Ok(notice.post(&self.acting, &sender, room).await?)
+        let notice = Notice { template: &notify.template, id: t.id, old: t.old, new: t.new, profile: t.profile };
+        Ok(notice.post(hs, sender, room).await?)
     }
+}
+
+/// A room whose via servers did not answer for `away`.
+fn unreached(room: &RoomPlan, e: HsError, away: Duration) -> RoomStep {
+    RoomStep::Failed(FailReason::Unreached {
+        servers: room.via.clone(),
+        waited_secs: FailReason::seconds(away),
+        error: e.to_string(),
+        room: room.room_id.clone(),
+    })
 }
 
 /// One room's membership of `user`, as `reader` sees it (`None`: it has none).
@@ -522,9 +681,9 @@ mod tests {
 
     use crate::budget::{Budget, Class};
     use crate::bundle::{BundleId, Priority, RoomKind};
-    use crate::homeserver::Retry;
     use crate::store::Store;
     use crate::transfer::PATIENT;
+    use crate::transfer::journal::Journal;
 
     /// A homeserver whose invites (to another server's user) never get an answer (`None`), or
     /// always get `Some(status)`; it counts them.
@@ -554,12 +713,15 @@ mod tests {
     async fn reserving(url: &str, patience: Duration, dir: &tempfile::TempDir) -> (RoomWork, Transfer, RoomPlan) {
         let acting = Homeserver::connect(url, "token", reqwest::Client::new()).await.unwrap().with_retry(PATIENT);
         let work = RoomWork {
-            remote: acting.with_retry(Retry::NONE),
-            acting,
-            journal: Journal::new(Store::open(&dir.path().join("db")).unwrap()),
-            notify: NotifyConfig::default(),
-            domain: "a.org".try_into().unwrap(),
+            accounts: Accounts::Service {
+                remote: acting.with_retry(Retry::NONE),
+                acting,
+                domain: "a.org".try_into().unwrap(),
+            },
+            journal: RoomJournal::Sled(Journal::new(Store::open(&dir.path().join("db")).unwrap())),
+            notify: Some(NotifyConfig::default()),
             patience,
+            invites_patience: INVITES_PATIENCE,
             reach: Reach::default(),
         };
         let old: ruma::OwnedUserId = "@old:a.org".try_into().unwrap();
@@ -658,5 +820,130 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         reach.forget(2);
         assert!(reach.away(2, "b.org") < Duration::from_millis(5), "forgotten at the transfer's end");
+    }
+
+    /// Requests a device-side homeserver was sent, by kind.
+    #[derive(Default)]
+    struct Asked {
+        reads: AtomicUsize,
+        invites: AtomicUsize,
+        joins: AtomicUsize,
+        sends: AtomicUsize,
+    }
+
+    /// A homeserver where the new account has no membership yet, invites and joins succeed, and
+    /// the new account's last messages hold the notice of move 7.
+    async fn own_homeserver() -> (String, Arc<Asked>) {
+        let asked = Arc::new(Asked::default());
+        let count = |f: fn(&Asked) -> &AtomicUsize| {
+            let asked = asked.clone();
+            move || {
+                f(&asked).fetch_add(1, Ordering::SeqCst);
+                std::future::ready(())
+            }
+        };
+        let (read, inv, joined, sent) =
+            (count(|a| &a.reads), count(|a| &a.invites), count(|a| &a.joins), count(|a| &a.sends));
+        let notice = json!({
+            "type": "m.room.message", "sender": "@new:a.org", "event_id": "$n", "origin_server_ts": 1,
+            "room_id": "!room:a.org",
+            "content": {"msgtype": "m.notice", "body": "moved", MOVE_FIELD: {"transfer": 7}},
+        });
+        let app = axum::Router::new()
+            .route("/_matrix/client/versions", get(|| async { Json(json!({"versions": ["v1.11"]})) }))
+            .route(
+                "/_matrix/client/v3/rooms/{room}/state/m.room.member/{user}",
+                get(move || {
+                    let counted = read();
+                    async move {
+                        counted.await;
+                        (StatusCode::NOT_FOUND, Json(json!({"errcode": "M_NOT_FOUND", "error": "none"})))
+                    }
+                }),
+            )
+            .route(
+                "/_matrix/client/v3/rooms/{room}/invite",
+                post(move || {
+                    let counted = inv();
+                    async move {
+                        counted.await;
+                        Json(json!({}))
+                    }
+                }),
+            )
+            .route(
+                "/_matrix/client/v3/join/{room}",
+                post(move || {
+                    let counted = joined();
+                    async move {
+                        counted.await;
+                        Json(json!({"room_id": "!room:a.org"}))
+                    }
+                }),
+            )
+            .route(
+                "/_matrix/client/v3/rooms/{room}/messages",
+                get(move || {
+                    let notice = notice.clone();
+                    async move { Json(json!({"chunk": [notice], "start": "s"})) }
+                }),
+            )
+            .route(
+                "/_matrix/client/v3/rooms/{room}/send/{kind}/{txn}",
+                axum::routing::put(move || {
+                    let counted = sent();
+                    async move {
+                        counted.await;
+                        Json(json!({"event_id": "$new"}))
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), asked)
+    }
+
+    /// The device side: its own sessions, no journal. Every stage is one that may have run before,
+    /// so the room is read before the invite and the join, and a notice already posted is found.
+    #[tokio::test]
+    async fn without_a_journal_every_stage_rechecks_and_posts_nothing_twice() {
+        let (url, asked) = own_homeserver().await;
+        let session = |user: &str, token: &'static str| {
+            let url = url.clone();
+            let user: ruma::OwnedUserId = user.try_into().unwrap();
+            async move {
+                OwnSession::new(user, Homeserver::connect_user(&url, token, reqwest::Client::new()).await.unwrap())
+            }
+        };
+        let work = RoomWork {
+            accounts: Accounts::Own {
+                new: session("@new:a.org", "new-token").await,
+                old: Some(session("@old:a.org", "old-token").await),
+            },
+            journal: RoomJournal::Nothing,
+            notify: Some(NotifyConfig { sender: NotifySender::New, ..NotifyConfig::default() }),
+            patience: Duration::from_secs(5),
+            invites_patience: Duration::ZERO,
+            reach: Reach::default(),
+        };
+        let (old, new) = (<&UserId>::try_from("@old:a.org").unwrap(), <&UserId>::try_from("@new:a.org").unwrap());
+        let t = Move { id: 7, old, new, kind: TransferKind::Move, profile: ClientProfile::Desktop };
+        let room = RoomPlan {
+            room_id: "!room:a.org".try_into().unwrap(),
+            via: vec![],
+            name: None,
+            kind: RoomKind::Group,
+            priority: Priority::Normal,
+            action: Action::Join,
+            give_level: None,
+            warnings: vec![],
+        };
+        assert!(work.take_seat(t, &room, &RoomStep::Pending).await.unwrap().is_none(), "seated");
+        let n = |c: &AtomicUsize| c.load(Ordering::SeqCst);
+        assert_eq!((n(&asked.reads), n(&asked.invites), n(&asked.joins)), (2, 1, 1), "read before each");
+        let finish = work.finish_stages(t, None, &room, &RoomStep::Started(Stage::Joined)).await;
+        assert!(matches!(finish.end, Ok(RoomStep::Done)), "{finish:?}");
+        assert_eq!(n(&asked.sends), 0, "the notice of move 7 is there already");
     }
 }

@@ -23,10 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::PATIENT;
 use super::account::AccountWork;
-use super::journal::Journal;
+use super::journal::{Journal, RoomJournal};
 use super::line::Line;
 use super::progress::Reporter;
-use super::room::RoomWork;
+use super::room::{Accounts, INVITES_PATIENCE, RoomWork};
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::homeserver::{Homeserver, Retry};
@@ -69,14 +69,17 @@ impl Engine {
         let acting = acting.with_retry(PATIENT);
         Arc::new(Engine {
             rooms: RoomWork {
-                acting: acting.clone(),
-                // Every failure of a request that needs another server counts against one clock
-                // (`federation_patience`), kept by `RoomWork::across`: no retries of its own.
-                remote: acting.with_retry(Retry::NONE),
-                journal: journal.clone(),
-                notify: config.handoff.notify.clone(),
-                domain: config.homeserver.domain.clone(),
+                accounts: Accounts::Service {
+                    acting: acting.clone(),
+                    // Every failure of a request that needs another server counts against one
+                    // clock (`federation_patience`), kept by `RoomWork::across`: no retries of its own.
+                    remote: acting.with_retry(Retry::NONE),
+                    domain: config.homeserver.domain.clone(),
+                },
+                journal: RoomJournal::Sled(journal.clone()),
+                notify: Some(config.handoff.notify.clone()),
                 patience: config.handoff.federation_patience,
+                invites_patience: INVITES_PATIENCE,
                 reach: Default::default(),
             },
             account: AccountWork { acting: acting.clone() },
