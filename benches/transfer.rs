@@ -474,7 +474,10 @@ async fn run() {
         };
         let start = Instant::now();
         let bundle =
-            handoff::bundle::capture::capture(&acting, &alice.user.id, &h.synapse().url, &opts).await.unwrap().bundle;
+            handoff::bundle::capture::capture(&acting, &alice.user.id, &h.synapse().url.parse().unwrap(), &opts)
+                .await
+                .unwrap()
+                .bundle;
         let library = start.elapsed();
         assert_eq!(bundle.rooms.len(), n + 1, "every room and the bot's DM");
         let (capture, _) = h.ask_timed(&alice.user, &alice.dm, "export", "Your transfer code").await;

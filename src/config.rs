@@ -68,7 +68,7 @@ pub struct AppserviceConfig {
 impl Default for AppserviceConfig {
     fn default() -> Self {
         Self {
-            address: HttpUrl("http://127.0.0.1:29340".into()),
+            address: HttpUrl::parse("http://127.0.0.1:29340").expect("a URL"),
             hostname: "127.0.0.1".into(),
             port: Port(29340),
             id: "handoff".into(),
@@ -444,31 +444,55 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
-/// An `http://` or `https://` URL without a trailing slash.
+/// An `http://` or `https://` URL with a host: a homeserver's address (the config's, a session's,
+/// the one a bundle names).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpUrl(String);
+pub struct HttpUrl(url::Url);
 
 impl HttpUrl {
+    /// Parses `s`, refusing any other scheme and a URL without a host.
+    pub fn parse(s: &str) -> Result<HttpUrl, String> {
+        let refused = || format!("expected an http:// or https:// URL, found {s:?}");
+        let url = url::Url::parse(s).map_err(|_| refused())?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+            return Err(refused());
+        }
+        Ok(HttpUrl(url))
+    }
+
+    /// The address without a trailing slash, ready for `{address}/_matrix/...`.
     pub fn as_str(&self) -> &str {
+        self.0.as_str().trim_end_matches('/')
+    }
+
+    pub fn url(&self) -> &url::Url {
         &self.0
     }
 }
 
 impl fmt::Display for HttpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for HttpUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<HttpUrl, String> {
+        HttpUrl::parse(s)
+    }
+}
+
+/// Written as read: without the trailing slash.
+impl Serialize for HttpUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
 impl<'de> Deserialize<'de> for HttpUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let ok = ["http://", "https://"].iter().any(|scheme| s.starts_with(scheme) && s.len() > scheme.len())
-            && s.parse::<http::Uri>().is_ok();
-        if !ok {
-            return Err(de::Error::custom(format!("expected an http:// or https:// URL, found {s:?}")));
-        }
-        Ok(HttpUrl(s.trim_end_matches('/').to_owned()))
+        HttpUrl::parse(&String::deserialize(d)?).map_err(de::Error::custom)
     }
 }
 
@@ -594,6 +618,17 @@ mod tests {
         let text = EXAMPLE.replace("    concurrency: 16", "    concurrency: 16\n    concurency: 3");
         let err = Config::parse(&text).unwrap_err();
         assert!(err.contains("unknown key handoff.concurency"), "{err}");
+    }
+
+    #[test]
+    fn a_homeserver_address_is_an_http_url_with_a_host() {
+        for refused in ["", "not a url", "localhost:8008", "ftp://example.org", "http://", "file:///etc/passwd"] {
+            assert!(HttpUrl::parse(refused).is_err(), "{refused:?}");
+        }
+        let url = HttpUrl::parse("https://matrix.example.org/").unwrap();
+        assert_eq!(url.as_str(), "https://matrix.example.org");
+        assert_eq!(serde_json::to_string(&url).unwrap(), "\"https://matrix.example.org\"");
+        assert_eq!(HttpUrl::parse("http://127.0.0.1:8008/base/").unwrap().to_string(), "http://127.0.0.1:8008/base");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! homeserver; state lives in [`store`]. [`config`] and [`registration`] are the admin's side;
 //! [`metrics`] is what they can watch. The bot's own end-to-end encrypted device
 //! ([`bot::device`]) is a second client, for its encrypted DMs only. The user's own device side
-//! (`handoff login/export/import`) is [`cli`], [`session`] and [`local`].
+//! (`handoff login/export/import`) is [`client`], driven from the command line ([`cli`]).
 
 // matrix-sdk's futures are deep: without this, rustc 1.95 overflows proving a spawned sync `Send`.
 #![recursion_limit = "256"]
@@ -17,19 +17,17 @@ pub mod bot;
 pub mod budget;
 pub mod bundle;
 pub mod cli;
+#[cfg(feature = "e2ee")]
+pub mod client;
 pub mod code;
 pub mod config;
 pub mod homeserver;
 pub mod html;
 pub mod keys;
-#[cfg(feature = "e2ee")]
-pub mod local;
 pub mod metrics;
 pub mod registration;
 pub mod sandbox;
 pub mod serve;
-#[cfg(feature = "e2ee")]
-pub mod session;
 pub mod shutdown;
 pub mod store;
 pub mod transfer;

@@ -45,7 +45,7 @@ async fn export_file_inspect_only_exclude_keys_and_forget() {
     assert_eq!(bundle.contacts.len(), 1);
     assert_eq!(bundle.contacts[0].dm_rooms, vec![dm_room.clone()]);
     assert_eq!(bundle.source.user_id, alice.id);
-    assert_eq!(bundle.source.homeserver_url, h.synapse().url);
+    assert_eq!(bundle.source.homeserver_url.as_str(), h.synapse().url);
 
     // `handoff inspect` with the code (typed in lower case), then a wrong code and a tampered file.
     let dir = tempfile::tempdir().unwrap();

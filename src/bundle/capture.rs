@@ -30,6 +30,7 @@ use super::{
     RoomKind, RoomNotifications, Source,
 };
 use crate::budget::{Budget, Class};
+use crate::config::HttpUrl;
 use crate::homeserver::{Homeserver, HsError};
 
 /// Client-settings account data that a bundle carries: exact types, and prefixes ending in `.`.
@@ -76,7 +77,7 @@ pub struct Captured {
 pub async fn capture(
     hs: &Homeserver,
     user: &UserId,
-    homeserver_url: &str,
+    homeserver_url: &HttpUrl,
     opts: &CaptureOptions,
 ) -> Result<Captured, HsError> {
     let pool = &opts.pool;
@@ -144,7 +145,7 @@ pub async fn capture(
         source: Source {
             user_id: user.to_owned(),
             server_name: user.server_name().to_owned(),
-            homeserver_url: homeserver_url.to_owned(),
+            homeserver_url: homeserver_url.clone(),
             exported_at: MilliSecondsSinceUnixEpoch::now(),
             client: opts.client.clone(),
         },

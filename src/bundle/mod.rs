@@ -25,7 +25,7 @@ use serde_json::Value as JsonValue;
 
 pub use summary::Summary;
 
-use crate::config::Secret;
+use crate::config::{HttpUrl, Secret};
 use crate::keys::KeyExport;
 
 /// The bundle format this handoff writes and reads.
@@ -159,7 +159,7 @@ pub struct Source {
     pub user_id: OwnedUserId,
     pub server_name: OwnedServerName,
     /// The client-server API base URL of the exporting account's homeserver.
-    pub homeserver_url: String,
+    pub homeserver_url: HttpUrl,
     pub exported_at: MilliSecondsSinceUnixEpoch,
     /// How the bundle was made (`handoff-bot`, `handoff-cli`), with the handoff version.
     pub client: String,
@@ -330,7 +330,7 @@ pub(crate) mod tests {
             source: Source {
                 user_id: owned_user_id!("@old:example.org"),
                 server_name: owned_server_name!("example.org"),
-                homeserver_url: "https://matrix.example.org".into(),
+                homeserver_url: "https://matrix.example.org".parse().expect("a URL"),
                 exported_at: MilliSecondsSinceUnixEpoch(1_700_000_000_000u64.try_into().unwrap()),
                 client: "handoff-bot 0.1.0".into(),
             },

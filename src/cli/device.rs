@@ -16,10 +16,10 @@ use ruma::{OwnedUserId, UserId};
 
 use super::{fail, init_logging, runtime};
 use crate::bundle::{Bundle, Only};
+use crate::client::import::{Import, ImportOptions, ImportReport, Progress, RoomOutcome, RoomResult};
+use crate::client::session::{self, Credential, Session};
+use crate::client::{self, ExportOptions, room_keys};
 use crate::config::{LogFormat, Secret};
-use crate::local::import::{Import, ImportOptions, ImportReport, Progress, RoomOutcome, RoomResult};
-use crate::local::{self, ExportOptions, room_keys};
-use crate::session::{self, Credential, Session};
 use crate::transfer::plan::Requirements;
 
 /// An import that finished with rooms or settings it could not move.
@@ -321,7 +321,7 @@ impl Export {
         let out = &self.out;
         anyhow::ensure!(!out.exists(), "{} exists already: choose another --out", out.display());
         // What can be wrong with the input fails before anything is asked or read.
-        self.options.room_keys = self.room_keys.as_deref().map(local::read_room_keys).transpose()?;
+        self.options.room_keys = self.room_keys.as_deref().map(client::read_room_keys).transpose()?;
         let passphrase = new_passphrase(self.passphrase_file.as_deref())?;
         let recovery_key = optional_secret(&self.recovery_key, "Recovery key: ", "--recovery-key")?;
         let session = Session::open(data, self.as_user.as_deref()).await?;
@@ -329,7 +329,7 @@ impl Export {
         if let Some(key) = &recovery_key {
             room_keys::recover(&session, key).await?;
         }
-        let mut exported = local::export(&session, &self.options).await?;
+        let mut exported = client::export(&session, &self.options).await?;
         if recovery_key.is_some() {
             let rooms = exported.bundle.rooms.iter().filter(|r| r.encrypted).map(|r| r.room_id.as_ref());
             let (mut export, count) = room_keys::from_backup(&session, rooms, &passphrase).await?;
@@ -412,14 +412,14 @@ impl ImportCmd {
                     "the bundle is {}'s, not {user}'s: name its account with --old",
                     bundle.source.user_id
                 );
-                Some(local::import::old_from_session(&Session::open(data, Some(user)).await?).await?)
+                Some(client::import::old_from_session(&Session::open(data, Some(user)).await?).await?)
             }
             (None, Some(file)) => {
                 let old_user = &bundle.source.user_id;
                 let how = "--old-access-token=FILE";
                 let token = secret(&format!("Access token of {old_user}: "), file.as_deref(), false, how)?;
                 let address = bundle_homeserver(&bundle, self.homeserver.as_deref()).await?;
-                Some(local::import::old_from_token(old_user, address.as_str().trim_end_matches('/'), &token).await?)
+                Some(client::import::old_from_token(old_user, address.as_str().trim_end_matches('/'), &token).await?)
             }
             (None, None) => None,
         };

@@ -168,7 +168,7 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
         max_rooms: config.handoff.max_rooms,
         client: format!("handoff-bot {}", env!("CARGO_PKG_VERSION")),
     };
-    let captured = capture::capture(&bot.acting, &ctx.sender, config.homeserver.address.as_str(), &opts).await?;
+    let captured = capture::capture(&bot.acting, &ctx.sender, &config.homeserver.address, &opts).await?;
     let mut bundle = captured.bundle;
     let ttl = config.handoff.code_ttl;
     let expires_at_ms = now_ms() + ttl.as_millis() as u64;

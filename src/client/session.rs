@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bot::device::sdk_error;
 use crate::bundle::LoginToken;
-use crate::config::Secret;
+use crate::config::{HttpUrl, Secret};
 use crate::homeserver::{Homeserver, HsError};
 
 /// What the device is called in the account's device list.
@@ -44,7 +44,7 @@ pub enum Credential {
 struct Saved {
     user_id: OwnedUserId,
     device_id: OwnedDeviceId,
-    homeserver: String,
+    homeserver: HttpUrl,
     access_token: Secret,
     passphrase: Secret,
 }
@@ -54,7 +54,7 @@ pub struct Session {
     pub client: Client,
     pub user_id: OwnedUserId,
     pub device_id: OwnedDeviceId,
-    pub homeserver: String,
+    pub homeserver: HttpUrl,
     access_token: Secret,
     /// This account's folder on this device.
     dir: PathBuf,
@@ -90,7 +90,7 @@ impl Session {
             bail!("{user} is already logged in here (run `handoff logout {user}` first to log in again)");
         }
         let homeserver = match homeserver {
-            Some(url) => url.trim_end_matches('/').to_owned(),
+            Some(url) => url.parse().map_err(|e| anyhow::anyhow!("--homeserver: {e}"))?,
             None => discover(user).await?,
         };
         create_private_dir(&dir)?;
@@ -289,19 +289,19 @@ impl Session {
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| HsError::Protocol(e.to_string()))?;
-        Homeserver::connect_user(&self.homeserver, self.access_token.expose(), http).await
+        Homeserver::connect_user(self.homeserver.as_str(), self.access_token.expose(), http).await
     }
 }
 
 /// The homeserver of `user`'s server, from its `.well-known` (matrix-sdk's discovery).
-pub async fn discover(user: &UserId) -> Result<String> {
+pub async fn discover(user: &UserId) -> Result<HttpUrl> {
     let server = user.server_name();
     let url = find_homeserver(server).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot find the homeserver of {server} ({e}): pass its address with --homeserver https://matrix.{server}"
         )
     })?;
-    Ok(url.as_str().trim_end_matches('/').to_owned())
+    HttpUrl::parse(url.as_str()).map_err(|e| anyhow::anyhow!("{server} leads to a homeserver handoff cannot use: {e}"))
 }
 
 /// The homeserver `server` leads to (`.well-known/matrix/client`, else the server itself), as
@@ -312,17 +312,17 @@ pub async fn find_homeserver(server: &ServerName) -> Result<Url, matrix_sdk::Cli
 
 /// Whether `written` (an address from a bundle) names the homeserver at `found`: the same scheme,
 /// host, port and path, whatever a trailing slash or the default port's spelling.
-pub fn same_homeserver(found: &Url, written: &str) -> bool {
-    let Ok(written) = Url::parse(written) else { return false };
+pub fn same_homeserver(found: &Url, written: &HttpUrl) -> bool {
+    let written = written.url();
     found.scheme() == written.scheme()
         && found.host_str() == written.host_str()
         && found.port_or_known_default() == written.port_or_known_default()
         && found.path().trim_end_matches('/') == written.path().trim_end_matches('/')
 }
 
-async fn build(homeserver: &str, dir: &Path, passphrase: &Secret) -> Result<Client> {
+async fn build(homeserver: &HttpUrl, dir: &Path, passphrase: &Secret) -> Result<Client> {
     Client::builder()
-        .homeserver_url(homeserver)
+        .homeserver_url(homeserver.as_str())
         .sqlite_store(dir.join("store"), Some(passphrase.expose()))
         .build()
         .await
@@ -338,8 +338,8 @@ async fn restore(client: &Client, user: &UserId, device: &OwnedDeviceId, token: 
     Ok(())
 }
 
-async fn whoami_of(homeserver: &str, token: &Secret) -> Result<whoami::v3::Response> {
-    let hs = Homeserver::connect_user(homeserver, token.expose(), reqwest::Client::new())
+async fn whoami_of(homeserver: &HttpUrl, token: &Secret) -> Result<whoami::v3::Response> {
+    let hs = Homeserver::connect_user(homeserver.as_str(), token.expose(), reqwest::Client::new())
         .await
         .with_context(|| format!("cannot reach {homeserver}"))?;
     hs.send(whoami::v3::Request::new()).await.map_err(|e| match e.kind() {
@@ -383,7 +383,7 @@ mod tests {
     fn a_bundle_address_is_the_found_homeserver_only_when_it_names_the_same_server() {
         let found = Url::parse("https://matrix.example.org").unwrap();
         for same in ["https://matrix.example.org", "https://matrix.example.org/", "https://MATRIX.example.org:443"] {
-            assert!(same_homeserver(&found, same), "{same}");
+            assert!(same_homeserver(&found, &same.parse().unwrap()), "{same}");
         }
         for other in [
             "http://matrix.example.org",
@@ -391,10 +391,8 @@ mod tests {
             "https://matrix.example.org.evil.net",
             "https://evil.net/matrix.example.org",
             "https://127.0.0.1:8008",
-            "not a url",
-            "",
         ] {
-            assert!(!same_homeserver(&found, other), "{other}");
+            assert!(!same_homeserver(&found, &other.parse().unwrap()), "{other}");
         }
     }
 }

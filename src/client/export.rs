@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use crate::budget::Budget;
 use crate::bundle::capture::{CaptureOptions, capture};
 use crate::bundle::{Bundle, Only};
+use crate::client::session::Session;
 use crate::keys::{self, KeyExport};
-use crate::session::Session;
 
 /// Requests in flight at once: one person's account, from their own device.
 const IN_FLIGHT: usize = 8;

@@ -15,9 +15,9 @@ use matrix_sdk::encryption::{KeyExportError, RoomKeyImportError, RoomKeyImportRe
 use ruma::RoomId;
 use serde::Serialize;
 
+use crate::client::session::Session;
 use crate::config::Secret;
 use crate::keys::{self, KeyExport};
-use crate::session::Session;
 
 /// Unlocks the account's secret storage with its recovery key, which turns on this device's use
 /// of the key backup. Done first, so a wrong key stops a command before it changed anything.
