@@ -314,6 +314,7 @@ impl<'a> Import<'a> {
             // No reservation runs alongside: a room without its invite is said at once.
             invites_patience: Duration::ZERO,
             reach: Reach::default(),
+            pace: Default::default(),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod journal;
 pub mod line;
 pub mod merge;
+pub mod pace;
 pub mod plan;
 pub mod progress;
 pub mod reason;

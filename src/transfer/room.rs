@@ -31,6 +31,7 @@ use crate::bundle::RoomEntry;
 use crate::config::{NotifyConfig, NotifySender};
 use crate::homeserver::{Backoff, Homeserver, HsError, Retry, Transient, within};
 use crate::html::to_html;
+use crate::transfer::pace::{Pace, Verdict};
 
 /// The field of move notices that clients and bots can read.
 pub const MOVE_FIELD: &str = "org.handoff.move";
@@ -47,6 +48,8 @@ pub struct RoomWork {
     /// not at all (no reservation is running alongside).
     pub invites_patience: Duration,
     pub reach: Reach,
+    /// The pace of reservation invites to servers that limit them.
+    pub pace: Pace,
 }
 
 /// Whom a room's stages act as, and through which client. Every request that needs another
@@ -210,7 +213,23 @@ impl RoomWork {
     /// transfer: whatever fails (no answer in time, a refused connection, a 5xx, a rate limit),
     /// it is tried again with backoff until they have been away for the patience, each attempt
     /// cut off at that deadline. The room's budget slot is given back while it waits.
-    async fn across<F, Fut>(&self, t: Move<'_>, servers: &str, mut op: F) -> Result<(), Unreached>
+    async fn across<F, Fut>(&self, t: Move<'_>, servers: &str, op: F) -> Result<(), Unreached>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), HsError>>,
+    {
+        self.across_unless(t, servers, op, |_| false).await
+    }
+
+    /// [`RoomWork::across`], ending early (as away) when `stop` says a failure is not worth
+    /// waiting for on this clock.
+    async fn across_unless<F, Fut>(
+        &self,
+        t: Move<'_>,
+        servers: &str,
+        mut op: F,
+        stop: impl Fn(&HsError) -> bool,
+    ) -> Result<(), Unreached>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<(), HsError>>,
@@ -235,7 +254,7 @@ impl RoomWork {
                         result
                     }
                 },
-                |e: &HsError| e.is_transient(),
+                |e: &HsError| e.is_transient() && !stop(e),
             )
             .await;
         match tried {
@@ -249,6 +268,55 @@ impl RoomWork {
                 Err(Unreached::Away(e, away))
             }
             Err(e) => Err(Unreached::Refused(e)),
+        }
+    }
+
+    /// Sends an invite that the new account's server must sign, at the lane's pace ([`Pace`]):
+    /// at full speed on the patience clock until the refusals show that server limits these
+    /// invites, then one try at a time at the rate that gets through, until nothing has landed
+    /// for [`Pace::gave_up`]'s span.
+    async fn invite_across<F, Fut>(&self, t: Move<'_>, mut op: F) -> Result<(), Unreached>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), HsError>>,
+    {
+        let server = t.new.server_name().to_owned();
+        loop {
+            if !self.pace.is_paced(t.id) {
+                let stop = |_: &HsError| self.pace.refused(t.id, &server, false) == Verdict::Paced;
+                match self.across_unless(t, server.as_str(), &mut op, stop).await {
+                    Ok(()) => {
+                        self.pace.landed(t.id, &server);
+                        return Ok(());
+                    }
+                    Err(Unreached::Away(..)) if self.pace.is_paced(t.id) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            // Paced: the room gives its budget slot back while it waits for its turn.
+            let tried = budget::away(async {
+                let turn = self.pace.turn(t.id).await?;
+                let until = Some(Instant::now() + self.patience);
+                Some((turn, within(until, op()).await))
+            })
+            .await;
+            match tried {
+                // Back to full speed meanwhile.
+                None => {}
+                Some((_turn, Ok(()))) => {
+                    self.reach.back(t.id, server.as_str());
+                    self.pace.landed(t.id, &server);
+                    return Ok(());
+                }
+                Some((_turn, Err(e))) if e.is_transient() => {
+                    self.pace.refused(t.id, &server, true);
+                    if let Some(quiet) = self.pace.gave_up(t.id, self.patience) {
+                        tracing::warn!(transfer = t.id, server = %server, error = %e, "no paced invite landed for long: the server is away");
+                        return Err(Unreached::Away(e, quiet));
+                    }
+                }
+                Some((_turn, Err(e))) => return Err(Unreached::Refused(e)),
+            }
         }
     }
 
@@ -305,9 +373,10 @@ impl RoomWork {
                     let invited = if !other_server {
                         invite(self.accounts.client(t.old)?, t.old, rid, t.new).await.map_err(Unreached::Refused)
                     } else {
-                        // The new account's server signs the invite: it must answer.
-                        let (server, remote) = (t.new.server_name(), self.accounts.remote(t.old)?);
-                        self.across(t, server.as_str(), || invite(remote, t.old, rid, t.new)).await
+                        // The new account's server signs the invite: it must answer, and may limit
+                        // how many its user receives.
+                        let remote = self.accounts.remote(t.old)?;
+                        self.invite_across(t, || invite(remote, t.old, rid, t.new)).await
                     };
                     match invited {
                         Ok(()) => {}
@@ -723,6 +792,7 @@ mod tests {
             patience,
             invites_patience: INVITES_PATIENCE,
             reach: Reach::default(),
+            pace: Default::default(),
         };
         let old: ruma::OwnedUserId = "@old:a.org".try_into().unwrap();
         let mut t = Transfer::new(
@@ -926,6 +996,7 @@ mod tests {
             patience: Duration::from_secs(5),
             invites_patience: Duration::ZERO,
             reach: Reach::default(),
+            pace: Default::default(),
         };
         let (old, new) = (<&UserId>::try_from("@old:a.org").unwrap(), <&UserId>::try_from("@new:a.org").unwrap());
         let t = Move { id: 7, old, new, kind: TransferKind::Move, profile: ClientProfile::Desktop };

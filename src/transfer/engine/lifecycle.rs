@@ -162,6 +162,7 @@ impl Drop for RunningEntry {
     fn drop(&mut self) {
         // The next run learns afresh which servers are away.
         self.engine.rooms.reach.forget(self.id);
+        self.engine.rooms.pace.forget(self.id);
         if let Ok(mut stops) = self.engine.cancelling.lock() {
             stops.remove(&self.id);
         }

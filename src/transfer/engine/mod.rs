@@ -81,6 +81,7 @@ impl Engine {
                 patience: config.handoff.federation_patience,
                 invites_patience: INVITES_PATIENCE,
                 reach: Default::default(),
+                pace: Default::default(),
             },
             account: AccountWork { acting: acting.clone() },
             acting,
