@@ -738,113 +738,306 @@ pub async fn notice_exists(hs: &Homeserver, sender: &UserId, room: &RoomId, id: 
 
 #[cfg(test)]
 mod tests {
+    //! The stages against the in-memory homeserver ([`Fake`]), in simulated time where they wait:
+    //! what a user would check of a room (the new account in it, tagged, ranked, one notice),
+    //! after a crash at any write, and with another server away.
     use super::*;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use axum::Json;
-    use axum::http::StatusCode;
-    use axum::routing::{get, post};
-    use serde_json::json;
+    use ruma::{OwnedRoomId, owned_room_id, owned_server_name, owned_user_id};
     use tokio_util::sync::CancellationToken;
 
     use crate::budget::{Budget, Class};
     use crate::bundle::{BundleId, Priority, RoomKind};
+    use crate::homeserver::fake::{Answer, Endpoint, Fake};
     use crate::store::Store;
     use crate::transfer::PATIENT;
     use crate::transfer::journal::Journal;
 
-    /// A homeserver whose invites (to another server's user) never get an answer (`None`), or
-    /// always get `Some(status)`; it counts them.
-    async fn inviting(answer: Option<u16>) -> (String, Arc<AtomicUsize>) {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counter = calls.clone();
-        let app = axum::Router::new()
-            .route("/_matrix/client/versions", get(|| async { Json(json!({"versions": ["v1.11"]})) }))
-            .route(
-                "/_matrix/client/v3/rooms/{room}/invite",
-                post(move || {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        let Some(status) = answer else { return std::future::pending().await };
-                        let body = json!({"errcode": "M_UNKNOWN", "error": "Failed to send request"});
-                        (StatusCode::from_u16(status).unwrap(), Json(body))
-                    }
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (format!("http://{addr}"), calls)
+    fn old() -> OwnedUserId {
+        owned_user_id!("@old:example.org")
     }
 
-    /// The stages of a reservation for `@new:b.org` (another server), against `url`.
-    async fn reserving(url: &str, patience: Duration, dir: &tempfile::TempDir) -> (RoomWork, Transfer, RoomPlan) {
-        let acting = Homeserver::connect(url, "token", reqwest::Client::new()).await.unwrap().with_retry(PATIENT);
-        let work = RoomWork {
+    fn new() -> OwnedUserId {
+        owned_user_id!("@new:example.org")
+    }
+
+    /// A new account on another server (a reservation's).
+    fn remote_new() -> OwnedUserId {
+        owned_user_id!("@new:other.org")
+    }
+
+    fn room_id() -> OwnedRoomId {
+        owned_room_id!("!room:example.org")
+    }
+
+    /// The homeserver of example.org with one room, the old account in it at power level 100.
+    fn homeserver() -> Fake {
+        let fake = Fake::new("example.org");
+        fake.create_room(&room_id(), &old());
+        fake
+    }
+
+    /// The plan of a room to join, where the new account gets power level 50.
+    fn plan(room_id: OwnedRoomId, via: Vec<OwnedServerName>) -> RoomPlan {
+        RoomPlan {
+            room_id,
+            via,
+            name: None,
+            kind: RoomKind::Group,
+            priority: Priority::Normal,
+            action: Action::Join,
+            give_level: Some(Int::from(50)),
+            warnings: vec![],
+        }
+    }
+
+    /// The bundle's entry of the room: a favourite (order 0.25).
+    fn entry() -> RoomEntry {
+        let mut entry = crate::bundle::tests::sample().rooms.remove(0);
+        entry.room_id = room_id();
+        entry
+    }
+
+    /// The service's stages, as the engine builds them.
+    async fn service(fake: &Fake, journal: RoomJournal, patience: Duration) -> RoomWork {
+        let acting = fake.appservice().await.with_retry(PATIENT);
+        RoomWork {
             accounts: Accounts::Service {
                 remote: acting.with_retry(Retry::NONE),
                 acting,
-                domain: "a.org".try_into().unwrap(),
+                domain: owned_server_name!("example.org"),
             },
-            journal: RoomJournal::Sled(Journal::new(Store::open(&dir.path().join("db")).unwrap())),
+            journal,
             notify: Some(NotifyConfig::default()),
             patience,
             invites_patience: INVITES_PATIENCE,
             reach: Reach::default(),
             pace: Default::default(),
+        }
+    }
+
+    /// The device side's stages, as `import` builds them: each account's own session, no journal.
+    async fn device(fake: &Fake, old: Option<&UserId>, new: &UserId, patience: Duration) -> RoomWork {
+        let old = match old {
+            Some(old) => Some(OwnSession::new(old.to_owned(), fake.session(old).await)),
+            None => None,
         };
-        let old: ruma::OwnedUserId = "@old:a.org".try_into().unwrap();
+        RoomWork {
+            accounts: Accounts::Own { new: OwnSession::new(new.to_owned(), fake.session(new).await), old },
+            journal: RoomJournal::Nothing,
+            notify: Some(NotifyConfig { sender: NotifySender::New, ..NotifyConfig::default() }),
+            patience,
+            invites_patience: Duration::ZERO,
+            reach: Reach::default(),
+            pace: Default::default(),
+        }
+    }
+
+    /// Transfer 1, from the old account to `new`.
+    fn transfer(new: OwnedUserId, kind: TransferKind) -> Transfer {
+        let old = old();
         let mut t = Transfer::new(
             1,
             old.clone(),
-            "@new:b.org".try_into().unwrap(),
+            new,
             BundleId::new(&old, 1),
             Default::default(),
-            "!dm:a.org".try_into().unwrap(),
+            "!dm:example.org".try_into().unwrap(),
             None,
         );
-        t.kind = TransferKind::Reserve;
-        let room = RoomPlan {
-            room_id: "!room:a.org".try_into().unwrap(),
-            via: vec![],
-            name: None,
-            kind: RoomKind::Group,
-            priority: Priority::Normal,
-            action: Action::Join,
-            give_level: None,
-            warnings: vec![],
-        };
-        (work, t, room)
+        t.kind = kind;
+        t
     }
 
-    /// A server that takes the connection and never answers costs the room its patience, not
-    /// the HTTP client's limit (or forever): then it is reported with what to do.
+    /// A room through both passes from `from`, as the engine runs it.
+    async fn run(work: &RoomWork, t: Move<'_>, room: &RoomPlan, from: RoomStep) -> RoomStep {
+        let from = match from {
+            from if from.is_seated() => from,
+            from => match work.take_seat(t, room, &from).await.unwrap() {
+                Some(end) => return end,
+                None => RoomStep::Started(Stage::Joined),
+            },
+        };
+        work.finish(t, Some(&entry()), room, &from).await.unwrap()
+    }
+
+    /// What a user checks of a moved room: the new account in it, with its favourite tag and
+    /// its rank, and one notice of the move.
+    fn assert_moved(fake: &Fake, new: &UserId, why: &str) {
+        let room = room_id();
+        assert_eq!(fake.membership(&room, new), Some(MembershipState::Join), "{why}");
+        assert_eq!(fake.tags(new, &room).get("m.favourite").and_then(|t| t.order), Some(0.25), "{why}");
+        assert_eq!(fake.level(&room, new), 50, "{why}");
+        let notices = fake.messages(&room).iter().filter(|ev| ev["content"][MOVE_FIELD]["transfer"] == 1).count();
+        assert_eq!(notices, 1, "{why}");
+    }
+
     #[tokio::test]
-    async fn a_server_that_never_answers_costs_the_patience_then_the_room_says_so() {
-        let (url, calls) = inviting(None).await;
+    async fn a_room_moves_whole_joined_tagged_ranked_and_announced_once() {
+        let fake = homeserver();
         let dir = tempfile::tempdir().unwrap();
-        let (work, t, room) = reserving(&url, Duration::from_secs(2), &dir).await;
-        let start = std::time::Instant::now();
-        let step = work.take_seat(&t, &room, &RoomStep::Pending).await.unwrap();
-        let took = start.elapsed();
-        assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "took {took:?}");
-        let Some(RoomStep::Failed(FailReason::InviteUnanswered { server, waited_secs, error, .. })) = step else {
+        let journal = RoomJournal::Sled(Journal::new(Store::open(&dir.path().join("db")).unwrap()));
+        let work = service(&fake, journal, Duration::from_secs(600)).await;
+        let t = transfer(new(), TransferKind::Move);
+        assert_eq!(run(&work, (&t).into(), &plan(room_id(), vec![]), RoomStep::Pending).await, RoomStep::Done);
+        assert_moved(&fake, &new(), "moved");
+        // The old account invited, the service joined the new one, and the old one announced it.
+        let by = |endpoint| fake.seen().into_iter().filter(|s| s.endpoint == endpoint).map(|s| s.user).collect();
+        let who: [Vec<_>; 3] = [by(Endpoint::Invite), by(Endpoint::Join), by(Endpoint::Send)];
+        assert_eq!(who, [vec![Some(old())], vec![Some(new())], vec![Some(old())]]);
+    }
+
+    /// A crash right after the homeserver applied any of the move's writes (its answer lost, the
+    /// journal one step behind): resumed from the journal, the room ends moved, and nothing was
+    /// asked twice: the invite, the join, the rank and the notice are re-checked first.
+    #[tokio::test]
+    async fn a_crash_after_any_write_then_a_resume_does_nothing_twice() {
+        // The move's writes in order: invite, join, power levels, the tag, the notice.
+        for crash in 1..=5 {
+            let fake = homeserver();
+            let dir = tempfile::tempdir().unwrap();
+            let journal = Journal::new(Store::open(&dir.path().join("db")).unwrap());
+            let work = service(&fake, RoomJournal::Sled(journal.clone()), Duration::from_secs(600)).await;
+            let (t, room) = (transfer(new(), TransferKind::Move), plan(room_id(), vec![]));
+            let crashed = fake.crash_after(crash);
+            tokio::select! {
+                end = run(&work, (&t).into(), &room, RoomStep::Pending) => panic!("no crash at write {crash}: {end:?}"),
+                _ = crashed.notified() => {}
+            }
+            fake.restart();
+            let from = journal.room_steps(t.id).unwrap().remove(&room_id()).expect("journaled");
+            assert!(matches!(from, RoomStep::Started(_)), "{from:?}");
+            let why = format!("crash after write {crash}, resumed from {from:?}");
+            assert_eq!(run(&work, (&t).into(), &room, from).await, RoomStep::Done, "{why}");
+            assert_moved(&fake, &new(), &why);
+            let asked =
+                [Endpoint::Invite, Endpoint::Join, Endpoint::SetPowerLevels, Endpoint::Send].map(|e| fake.count(e));
+            assert_eq!(asked, [1, 1, 1, 1], "{why}: invites, joins, power levels, notices asked");
+        }
+    }
+
+    /// The device side: its own sessions, no journal, so every stage re-checks the room. A
+    /// second run finds everything done and asks nothing twice; no identity is asserted.
+    #[tokio::test]
+    async fn the_device_side_run_twice_without_a_journal_does_nothing_twice() {
+        let fake = homeserver();
+        let work = device(&fake, Some(&old()), &new(), Duration::from_secs(600)).await;
+        let (old, new) = (old(), new());
+        let t = Move { id: 1, old: &old, new: &new, kind: TransferKind::Move, profile: ClientProfile::Desktop };
+        let room = plan(room_id(), vec![]);
+        for run_ in ["first run", "second run"] {
+            assert_eq!(run(&work, t, &room, RoomStep::Pending).await, RoomStep::Done, "{run_}");
+            assert_moved(&fake, &new, run_);
+        }
+        let asked = [Endpoint::Invite, Endpoint::Join, Endpoint::SetPowerLevels, Endpoint::Send].map(|e| fake.count(e));
+        assert_eq!(asked, [1, 1, 1, 1], "invites, joins, power levels, notices asked");
+        let seen = fake.seen();
+        assert!(seen.iter().all(|s| s.query.iter().all(|(k, _)| k != "user_id")), "an identity was asserted");
+        let sent = seen.iter().find(|s| s.endpoint == Endpoint::Send).unwrap();
+        assert_eq!(sent.user.as_ref(), Some(&new), "the new account says it moved");
+    }
+
+    /// The new account's server (a reservation's invitee) away for the whole patience, whether it
+    /// fails at once, refuses the connection or never answers: the room fails naming it, after
+    /// the patience and not later. The transfer's next room that needs it has one last look.
+    #[tokio::test(start_paused = true)]
+    async fn another_server_away_for_the_patience_fails_the_room_naming_it() {
+        let patience = Duration::from_secs(600);
+        for away in [Answer::other_server_away(), Answer::Refused, Answer::Silent] {
+            let fake = homeserver();
+            let next = owned_room_id!("!next:example.org");
+            fake.create_room(&next, &old());
+            fake.script(Endpoint::Invite, away.clone(), None);
+            let work = service(&fake, RoomJournal::Nothing, patience).await;
+            let t = transfer(remote_new(), TransferKind::Reserve);
+
+            let start = Instant::now();
+            let step = work.take_seat(&t, &plan(room_id(), vec![]), &RoomStep::Pending).await.unwrap();
+            let took = start.elapsed();
+            let Some(RoomStep::Failed(FailReason::InviteUnanswered { server, waited_secs, new, .. })) = step else {
+                panic!("{away:?}: {step:?}")
+            };
+            assert_eq!((server.as_str(), new), ("other.org", remote_new()), "{away:?}");
+            // The last attempt is given its moment before the deadline: no wait ends closer to it.
+            assert!((599..=600).contains(&waited_secs), "{away:?}: waited {waited_secs}");
+            assert!(took >= patience - Duration::from_millis(500) && took <= patience, "{away:?}: took {took:?}");
+            let tries = fake.count(Endpoint::Invite);
+            match away {
+                // Each attempt waits a minute at most (`REQUEST_LIMIT`), the last one cut at the deadline.
+                Answer::Silent => assert_eq!(tries, 9, "attempts without an answer"),
+                _ => assert!(tries > 10, "{away:?}: tried again meanwhile ({tries})"),
+            }
+
+            let start = Instant::now();
+            let step = work.take_seat(&t, &plan(next, vec![]), &RoomStep::Pending).await.unwrap();
+            let Some(RoomStep::Failed(FailReason::InviteUnanswered { waited_secs, .. })) = step else {
+                panic!("{away:?}: {step:?}")
+            };
+            assert!(waited_secs >= 599, "{away:?}: the server's clock went on ({waited_secs})");
+            assert!(start.elapsed() <= LAST_LOOK, "{away:?}: took {:?}", start.elapsed());
+        }
+    }
+
+    /// The device side imports a received room through its via servers, which stay away: the
+    /// room fails naming them after the patience.
+    #[tokio::test(start_paused = true)]
+    async fn a_received_room_whose_servers_stay_away_fails_naming_them() {
+        let fake = Fake::new("example.org");
+        fake.script(Endpoint::Join, Answer::other_server_away(), None);
+        let patience = Duration::from_secs(60);
+        let work = device(&fake, None, &new(), patience).await;
+        let (old, new) = (owned_user_id!("@old:other.org"), new());
+        let t = Move { id: 1, old: &old, new: &new, kind: TransferKind::Receive, profile: ClientProfile::Desktop };
+        let far = plan(owned_room_id!("!far:other.org"), vec![owned_server_name!("other.org")]);
+        let start = Instant::now();
+        let step = work.take_seat(t, &far, &RoomStep::Pending).await.unwrap();
+        let Some(RoomStep::Failed(FailReason::Unreached { servers, waited_secs, room, .. })) = step else {
             panic!("{step:?}")
         };
-        assert_eq!((server.as_str(), waited_secs), ("b.org", 2));
-        assert!(error.contains("no answer within"), "{error}");
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "one attempt, cut at the deadline");
+        assert_eq!((servers, room), (vec![owned_server_name!("other.org")], far.room_id));
+        assert!((59..=60).contains(&waited_secs), "waited {waited_secs}");
+        assert!(start.elapsed() <= patience, "took {:?}", start.elapsed());
+        let joins = fake.seen().into_iter().filter(|s| s.endpoint == Endpoint::Join).collect::<Vec<_>>();
+        assert!(joins.len() > 5, "tried again meanwhile");
+        assert!(joins.iter().all(|j| j.query.contains(&("via".into(), "other.org".into()))), "{joins:?}");
+    }
+
+    /// `M_LIMIT_EXCEEDED` is waited out as long as the homeserver asked (`retry_after_ms`), not
+    /// the backoff's first wait, then the stage goes on: on the device side's own session, and
+    /// in the service's wait for another server.
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_is_waited_out_as_asked_then_the_stage_goes_on() {
+        let fake = homeserver();
+        fake.script(Endpoint::Join, Answer::limited(20_000), Some(1));
+        let work = device(&fake, Some(&old()), &new(), Duration::from_secs(600)).await;
+        let (old, new) = (old(), new());
+        let t = Move { id: 1, old: &old, new: &new, kind: TransferKind::Move, profile: ClientProfile::Desktop };
+        let start = Instant::now();
+        assert_eq!(work.take_seat(t, &plan(room_id(), vec![]), &RoomStep::Pending).await.unwrap(), None);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(20) && took < Duration::from_secs(21), "took {took:?}");
+        assert_eq!((fake.count(Endpoint::Join), fake.membership(&room_id(), &new)), (2, Some(MembershipState::Join)));
+
+        let fake = homeserver();
+        fake.script(Endpoint::Invite, Answer::limited(3_000), Some(1));
+        let work = service(&fake, RoomJournal::Nothing, Duration::from_secs(600)).await;
+        let t = transfer(remote_new(), TransferKind::Reserve);
+        let start = Instant::now();
+        assert_eq!(work.take_seat(&t, &plan(room_id(), vec![]), &RoomStep::Pending).await.unwrap(), None);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(4), "took {took:?}");
+        let invited = fake.membership(&room_id(), &remote_new());
+        assert_eq!((fake.count(Endpoint::Invite), invited), (2, Some(MembershipState::Invite)));
     }
 
     /// A room waiting for a server that answers 502 gives its slot back between attempts (the
     /// budget's only one: another party gets it at once), and a cancel ends the wait at once,
     /// slot included, with no attempt after it.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_waiting_room_lends_its_slot_and_a_cancel_ends_the_wait_at_once() {
-        let (url, calls) = inviting(Some(502)).await;
-        let dir = tempfile::tempdir().unwrap();
-        let (work, t, room) = reserving(&url, Duration::from_secs(600), &dir).await;
+        let fake = homeserver();
+        fake.script(Endpoint::Invite, Answer::other_server_away(), None);
+        let work = service(&fake, RoomJournal::Nothing, Duration::from_secs(600)).await;
+        let (t, room) = (transfer(remote_new(), TransferKind::Reserve), plan(room_id(), vec![]));
         let budget = Budget::new(1);
         let stop = CancellationToken::new();
         let seat = work.take_seat(&t, &room, &RoomStep::Pending);
@@ -858,22 +1051,22 @@ mod tests {
         };
         let others = async {
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            let asked = std::time::Instant::now();
+            let asked = Instant::now();
             let slot = tokio::time::timeout(Duration::from_secs(1), budget.acquire(2, Class::Low)).await;
             assert!(slot.is_ok(), "the waiting room kept the only slot");
             drop(slot);
             assert!(asked.elapsed() < Duration::from_secs(1));
             stop.cancel();
-            std::time::Instant::now()
+            Instant::now()
         };
         let (seat, cancelled_at) = tokio::join!(waiting, others);
         assert!(seat.is_none(), "the room's wait outlived the patience of the test: {seat:?}");
         assert!(cancelled_at.elapsed() < Duration::from_millis(100), "the cancel took {:?}", cancelled_at.elapsed());
-        let tries = calls.load(Ordering::SeqCst);
+        let tries = fake.count(Endpoint::Invite);
         assert!(tries >= 2, "tried again while it waited: {tries}");
         // Nothing left running: no attempt after the cancel, and the slot is back.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(calls.load(Ordering::SeqCst), tries);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(fake.count(Endpoint::Invite), tries);
         assert!(tokio::time::timeout(Duration::from_millis(10), budget.acquire(3, Class::Low)).await.is_ok());
     }
 
@@ -890,131 +1083,5 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         reach.forget(2);
         assert!(reach.away(2, "b.org") < Duration::from_millis(5), "forgotten at the transfer's end");
-    }
-
-    /// Requests a device-side homeserver was sent, by kind.
-    #[derive(Default)]
-    struct Asked {
-        reads: AtomicUsize,
-        invites: AtomicUsize,
-        joins: AtomicUsize,
-        sends: AtomicUsize,
-    }
-
-    /// A homeserver where the new account has no membership yet, invites and joins succeed, and
-    /// the new account's last messages hold the notice of move 7.
-    async fn own_homeserver() -> (String, Arc<Asked>) {
-        let asked = Arc::new(Asked::default());
-        let count = |f: fn(&Asked) -> &AtomicUsize| {
-            let asked = asked.clone();
-            move || {
-                f(&asked).fetch_add(1, Ordering::SeqCst);
-                std::future::ready(())
-            }
-        };
-        let (read, inv, joined, sent) =
-            (count(|a| &a.reads), count(|a| &a.invites), count(|a| &a.joins), count(|a| &a.sends));
-        let notice = json!({
-            "type": "m.room.message", "sender": "@new:a.org", "event_id": "$n", "origin_server_ts": 1,
-            "room_id": "!room:a.org",
-            "content": {"msgtype": "m.notice", "body": "moved", MOVE_FIELD: {"transfer": 7}},
-        });
-        let app = axum::Router::new()
-            .route("/_matrix/client/versions", get(|| async { Json(json!({"versions": ["v1.11"]})) }))
-            .route(
-                "/_matrix/client/v3/rooms/{room}/state/m.room.member/{user}",
-                get(move || {
-                    let counted = read();
-                    async move {
-                        counted.await;
-                        (StatusCode::NOT_FOUND, Json(json!({"errcode": "M_NOT_FOUND", "error": "none"})))
-                    }
-                }),
-            )
-            .route(
-                "/_matrix/client/v3/rooms/{room}/invite",
-                post(move || {
-                    let counted = inv();
-                    async move {
-                        counted.await;
-                        Json(json!({}))
-                    }
-                }),
-            )
-            .route(
-                "/_matrix/client/v3/join/{room}",
-                post(move || {
-                    let counted = joined();
-                    async move {
-                        counted.await;
-                        Json(json!({"room_id": "!room:a.org"}))
-                    }
-                }),
-            )
-            .route(
-                "/_matrix/client/v3/rooms/{room}/messages",
-                get(move || {
-                    let notice = notice.clone();
-                    async move { Json(json!({"chunk": [notice], "start": "s"})) }
-                }),
-            )
-            .route(
-                "/_matrix/client/v3/rooms/{room}/send/{kind}/{txn}",
-                axum::routing::put(move || {
-                    let counted = sent();
-                    async move {
-                        counted.await;
-                        Json(json!({"event_id": "$new"}))
-                    }
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (format!("http://{addr}"), asked)
-    }
-
-    /// The device side: its own sessions, no journal. Every stage is one that may have run before,
-    /// so the room is read before the invite and the join, and a notice already posted is found.
-    #[tokio::test]
-    async fn without_a_journal_every_stage_rechecks_and_posts_nothing_twice() {
-        let (url, asked) = own_homeserver().await;
-        let session = |user: &str, token: &'static str| {
-            let url = url.clone();
-            let user: ruma::OwnedUserId = user.try_into().unwrap();
-            async move {
-                OwnSession::new(user, Homeserver::connect_user(&url, token, reqwest::Client::new()).await.unwrap())
-            }
-        };
-        let work = RoomWork {
-            accounts: Accounts::Own {
-                new: session("@new:a.org", "new-token").await,
-                old: Some(session("@old:a.org", "old-token").await),
-            },
-            journal: RoomJournal::Nothing,
-            notify: Some(NotifyConfig { sender: NotifySender::New, ..NotifyConfig::default() }),
-            patience: Duration::from_secs(5),
-            invites_patience: Duration::ZERO,
-            reach: Reach::default(),
-            pace: Default::default(),
-        };
-        let (old, new) = (<&UserId>::try_from("@old:a.org").unwrap(), <&UserId>::try_from("@new:a.org").unwrap());
-        let t = Move { id: 7, old, new, kind: TransferKind::Move, profile: ClientProfile::Desktop };
-        let room = RoomPlan {
-            room_id: "!room:a.org".try_into().unwrap(),
-            via: vec![],
-            name: None,
-            kind: RoomKind::Group,
-            priority: Priority::Normal,
-            action: Action::Join,
-            give_level: None,
-            warnings: vec![],
-        };
-        assert!(work.take_seat(t, &room, &RoomStep::Pending).await.unwrap().is_none(), "seated");
-        let n = |c: &AtomicUsize| c.load(Ordering::SeqCst);
-        assert_eq!((n(&asked.reads), n(&asked.invites), n(&asked.joins)), (2, 1, 1), "read before each");
-        let finish = work.finish_stages(t, None, &room, &RoomStep::Started(Stage::Joined)).await;
-        assert!(matches!(finish.end, Ok(RoomStep::Done)), "{finish:?}");
-        assert_eq!(n(&asked.sends), 0, "the notice of move 7 is there already");
     }
 }

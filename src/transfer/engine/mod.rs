@@ -180,6 +180,11 @@ mod testing {
             let url = format!("http://{}", listener.local_addr().unwrap());
             tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
             let acting = Homeserver::connect(&url, "token", reqwest::Client::new()).await.unwrap();
+            Harness::on(places, acting)
+        }
+
+        /// The same, acting through `acting` (the in-memory homeserver's client, say).
+        pub fn on(places: usize, acting: Homeserver) -> Harness {
             let yaml = include_str!("../../../bridge-config.yaml")
                 .replace("max_transfers: 32", &format!("max_transfers: {places}"));
             let config = Arc::new(Config::parse(&yaml).unwrap());

@@ -217,6 +217,13 @@ const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    use ruma::owned_user_id;
+
+    use crate::bundle::BundleId;
+    use crate::homeserver::fake::{Answer, Endpoint, Fake};
+    use crate::transfer::engine::testing::Harness;
     use crate::transfer::plan::Action;
     use crate::transfer::{SkipReason, Stage};
 
@@ -270,5 +277,44 @@ mod tests {
         .collect();
         let p = Progress::new(&plan, &steps);
         assert_eq!((p.seated.into_inner(), p.done.into_inner(), p.total), (2, 2, 5));
+    }
+
+    /// A cancel ends a room that waits for another server (the new account's, answering 502
+    /// to every invite) within the grace, journaled as interrupted, with no attempt after it.
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_ends_a_room_waiting_for_another_server_within_the_grace() {
+        let fake = Fake::new("example.org");
+        let (old, new) = (owned_user_id!("@old:example.org"), owned_user_id!("@new:other.org"));
+        let waiting = room("!waiting:example.org", Priority::Normal, RoomKind::Group);
+        fake.create_room(&waiting.room_id, &old);
+        fake.script(Endpoint::Invite, Answer::other_server_away(), None);
+        let h = Harness::on(1, fake.appservice().await);
+        let id = h.journal.new_id().unwrap();
+        let bundle_id = BundleId::new(&old, id);
+        let dm = "!dm:example.org".try_into().unwrap();
+        let t = Transfer::new(id, old.clone(), new.clone(), bundle_id, Default::default(), dm, None);
+        h.journal.put(&t).await.unwrap();
+        let plan = Plan { old, new, rooms: vec![waiting.clone()], unplanned: vec![], left_out: 0 };
+        let bundle = crate::bundle::tests::sample();
+
+        let moving = async {
+            let cancelled = h.engine.move_rooms(&t, &bundle, &plan, Instant::now()).await.unwrap();
+            (cancelled, tokio::time::Instant::now(), fake.count(Endpoint::Invite))
+        };
+        // Once the room is waiting (it tried again), well within the patience (ten minutes).
+        let cancel = async {
+            while fake.count(Endpoint::Invite) < 3 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(!h.engine.cancel(id), "it was running, not waiting for a place");
+            tokio::time::Instant::now()
+        };
+        let ((cancelled, ended, tries), asked) = tokio::join!(moving, cancel);
+        assert!(!cancelled, "the room had begun: it is interrupted, not left unstarted");
+        assert!(ended - asked <= CANCEL_GRACE, "the cancel took {:?}", ended - asked);
+        let steps = h.journal.room_steps(id).unwrap();
+        assert_eq!(steps.get(&waiting.room_id), Some(&RoomStep::Skipped(SkipReason::Interrupted)));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(fake.count(Endpoint::Invite), tries, "no attempt after the room ended");
     }
 }

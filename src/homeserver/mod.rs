@@ -1,6 +1,12 @@
 //! The only client of the homeserver: typed ruma requests, acting as a user through the acting
 //! registration, and waiting out `M_LIMIT_EXCEEDED` and brief outages. Every attempt is counted
 //! and timed in [`crate::metrics`] under its endpoint's path template.
+//!
+//! Requests go through a [`Transport`]: HTTP, or in unit tests an in-memory homeserver
+//! ([`fake`]), so the stages that use this client run their real code against it.
+
+#[cfg(test)]
+pub mod fake;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -27,7 +33,51 @@ use ruma_client::{SupportedPathBuilder, TokenMode};
 use crate::attachment::{self, AttachmentError};
 use crate::metrics::{self, Outcome, Problem};
 
-type Client = ruma_client::Client<reqwest::Client>;
+type Client = ruma_client::Client<Transport>;
+
+/// How requests reach the homeserver: over HTTP, or to the in-memory [`fake::Fake`] (unit tests
+/// only: no test-only path in the code that sends).
+#[derive(Clone)]
+pub(crate) enum Transport {
+    Http(reqwest::Client),
+    #[cfg(test)]
+    Fake(fake::Fake),
+}
+
+impl Transport {
+    /// The HTTP client, for what ruma's client can't do (a download read chunk by chunk).
+    fn http(&self) -> Result<&reqwest::Client, HsError> {
+        match self {
+            Transport::Http(http) => Ok(http),
+            #[cfg(test)]
+            Transport::Fake(_) => Err(HsError::Protocol("the fake homeserver serves no media".into())),
+        }
+    }
+}
+
+/// A request that got no answer is [`HsError::Unreachable`] from the start.
+impl ruma_client::HttpClient for Transport {
+    type RequestBody = Vec<u8>;
+    type ResponseBody = Vec<u8>;
+    type Error = HsError;
+
+    async fn send_http_request(&self, req: http::Request<Vec<u8>>) -> Result<http::Response<Vec<u8>>, HsError> {
+        match self {
+            Transport::Http(http) => {
+                let req = reqwest::Request::try_from(req).map_err(cannot_reach)?;
+                let mut res = http.execute(req).await.map_err(cannot_reach)?;
+                let mut answer = http::Response::builder().status(res.status()).version(res.version());
+                if let Some(headers) = answer.headers_mut() {
+                    std::mem::swap(headers, res.headers_mut());
+                }
+                let body = res.bytes().await.map_err(cannot_reach)?;
+                answer.body(body.into()).map_err(|e| HsError::Protocol(e.to_string()))
+            }
+            #[cfg(test)]
+            Transport::Fake(fake) => fake.answer(req).await,
+        }
+    }
+}
 
 /// What went wrong talking to the homeserver.
 #[derive(Debug, thiserror::Error)]
@@ -123,10 +173,10 @@ impl EndpointError for UiaaResponse {
     }
 }
 
-impl<E: EndpointError> From<ruma_client::Error<reqwest::Error, E>> for HsError {
-    fn from(err: ruma_client::Error<reqwest::Error, E>) -> Self {
+impl<E: EndpointError> From<ruma_client::Error<HsError, E>> for HsError {
+    fn from(err: ruma_client::Error<HsError, E>) -> Self {
         match err {
-            ruma_client::Error::Response(e) => HsError::Unreachable(describe_reqwest(&e)),
+            ruma_client::Error::Response(e) => e,
             ruma_client::Error::FromHttpResponse(FromHttpResponseError::Server(e)) => match e.matrix_error() {
                 Some(e) => {
                     let (kind, message) = match &e.body {
@@ -294,7 +344,7 @@ pub struct Homeserver {
     address: String,
     /// For the requests ruma's client can't make, such as a download read chunk by chunk.
     token: String,
-    http: reqwest::Client,
+    transport: Transport,
     versions: SupportedVersions,
     /// Whom [`Homeserver::send`] acts as (`?user_id=`); the registration's own user when `None`.
     user: Option<OwnedUserId>,
@@ -306,38 +356,52 @@ pub struct Homeserver {
 impl Homeserver {
     /// Connects with `as_token`: asks `/versions` once, which also proves the address is right.
     pub async fn connect(address: &str, as_token: &str, http: reqwest::Client) -> Result<Self, HsError> {
+        Self::connect_through(address, as_token, Transport::Http(http)).await
+    }
+
+    /// [`Homeserver::connect`] through any transport.
+    pub(crate) async fn connect_through(address: &str, as_token: &str, transport: Transport) -> Result<Self, HsError> {
         let empty = SupportedVersions::from_parts(&[], &BTreeMap::new());
         let bootstrap: Client = ruma_client::Client::builder()
             .homeserver_url(address.to_owned())
             .supported_matrix_versions(empty)
-            .http_client(http.clone())
+            .http_client(transport.clone())
             .await?;
         let versions = bootstrap.send_request(get_supported_versions::Request::new()).await?.as_supported_versions();
-        Self::build(address, as_token, http, versions).await
+        Self::build(address, as_token, transport, versions).await
     }
 
     /// Connects with a user's own `access_token` (from a login on the user's device): every
     /// request is that user's, so [`Homeserver::send_as`] asserts nothing.
     pub async fn connect_user(address: &str, access_token: &str, http: reqwest::Client) -> Result<Self, HsError> {
-        let hs = Self::connect(address, access_token, http).await?;
+        Self::connect_user_through(address, access_token, Transport::Http(http)).await
+    }
+
+    /// [`Homeserver::connect_user`] through any transport.
+    pub(crate) async fn connect_user_through(
+        address: &str,
+        access_token: &str,
+        transport: Transport,
+    ) -> Result<Self, HsError> {
+        let hs = Self::connect_through(address, access_token, transport).await?;
         let client = ruma_client::Client::builder()
             .homeserver_url(address.to_owned())
             .access_token(Some(access_token.to_owned()))
             .supported_matrix_versions(hs.versions.clone())
-            .http_client(hs.http.clone())
+            .http_client(hs.transport.clone())
             .await?;
         Ok(Homeserver { client, own: true, ..hs })
     }
 
     /// The same homeserver with another appservice token (no second `/versions`).
     pub async fn with_token(&self, as_token: &str) -> Result<Self, HsError> {
-        Self::build(&self.address, as_token, self.http.clone(), self.versions.clone()).await
+        Self::build(&self.address, as_token, self.transport.clone(), self.versions.clone()).await
     }
 
     async fn build(
         address: &str,
         as_token: &str,
-        http: reqwest::Client,
+        transport: Transport,
         versions: SupportedVersions,
     ) -> Result<Self, HsError> {
         let client = ruma_client::Client::builder()
@@ -345,14 +409,14 @@ impl Homeserver {
             .access_token(Some(as_token.to_owned()))
             .token_mode(TokenMode::AppService)
             .supported_matrix_versions(versions.clone())
-            .http_client(http.clone())
+            .http_client(transport.clone())
             .await?;
         Ok(Homeserver {
             client,
             retry: Retry::DEFAULT,
             address: address.to_owned(),
             token: as_token.to_owned(),
-            http,
+            transport,
             versions,
             user: None,
             own: false,
@@ -435,7 +499,7 @@ impl Homeserver {
             .homeserver_url(self.address.clone())
             .access_token(Some(token.to_owned()))
             .supported_matrix_versions(self.versions.clone())
-            .http_client(self.http.clone())
+            .http_client(self.transport.clone())
             .await?;
         let endpoint = endpoint_of::<logout::v3::Request>(&client);
         self.retrying(endpoint, || client.send_request(logout::v3::Request::new())).await?;
@@ -505,14 +569,14 @@ impl Homeserver {
             )
             .map_err(|e| HsError::Protocol(e.to_string()))?;
         let request = reqwest::Request::try_from(request).map_err(|e| HsError::Protocol(describe_reqwest(&e)))?;
-        let mut response = self.http.execute(request).await.map_err(cannot_reach)?;
+        let mut response = self.transport.http()?.execute(request).await.map_err(cannot_reach)?;
         let status = response.status();
         if !status.is_success() {
             let body = read_capped(&mut response, ERROR_BODY_MAX).await?.unwrap_or_default();
             let answer =
                 http::Response::builder().status(status).body(body).map_err(|e| HsError::Protocol(e.to_string()))?;
             return Err(match get_content::v1::Response::try_from_http_response(answer) {
-                Err(e) => HsError::from(ruma_client::Error::<reqwest::Error, _>::FromHttpResponse(e)),
+                Err(e) => HsError::from(ruma_client::Error::<HsError, _>::FromHttpResponse(e)),
                 Ok(_) => HsError::Protocol(format!("the homeserver answered {status} with a file")),
             }
             .into());
@@ -529,7 +593,7 @@ impl Homeserver {
     where
         E: EndpointError,
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, ruma_client::Error<reqwest::Error, E>>>,
+        Fut: Future<Output = Result<T, ruma_client::Error<HsError, E>>>,
     {
         let until = self.until();
         self.with_retries(until, || {
