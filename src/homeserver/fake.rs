@@ -116,6 +116,30 @@ struct World {
     crash: Option<(usize, Arc<Notify>)>,
     /// Crashed: nothing is answered until [`Fake::restart`].
     down: bool,
+    /// The other server's limit on the invites its users receive ([`Fake::limit_remote_invites`]).
+    remote_invites: Option<Bucket>,
+}
+
+/// A token bucket, as Synapse's rate limiters: `burst` at most, one more every `every`.
+struct Bucket {
+    burst: f64,
+    every: std::time::Duration,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let refill = (now - self.at).as_secs_f64() / self.every.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.at = now;
+        let ok = self.tokens >= 1.0;
+        if ok {
+            self.tokens -= 1.0;
+        }
+        ok
+    }
 }
 
 struct Rule {
@@ -269,6 +293,7 @@ impl Fake {
             writes: 0,
             crash: None,
             down: false,
+            remote_invites: None,
         })))
     }
 
@@ -288,6 +313,14 @@ impl Fake {
         Homeserver::connect_user_through(ADDRESS, &token, Transport::Fake(self.clone()))
             .await
             .expect("the fake connects")
+    }
+
+    /// The invitees' server (every other server) takes `burst` invites, then one every `every`,
+    /// refusing the others over federation; this server then answers 502, as Synapse does when
+    /// `rc_invites.per_user` refuses its invite on the other side.
+    pub fn limit_remote_invites(&self, burst: u32, every: std::time::Duration) {
+        let tokens = f64::from(burst);
+        self.world().remote_invites = Some(Bucket { burst: tokens, every, tokens, at: tokio::time::Instant::now() });
     }
 
     /// A private room that `creator` is in, with power level 100.
@@ -538,6 +571,17 @@ impl World {
                     req.body["user_id"].as_str().unwrap_or_default().try_into().map_err(bad_json)?;
                 if level_of(&room.power_levels, user) < room.power_levels["invite"].as_i64().unwrap_or(0) {
                     return Err(forbidden("You don't have permission to invite users"));
+                }
+                let remote = invitee.server_name() != self.server;
+                if remote
+                    && let Some(bucket) = &mut self.remote_invites
+                    && !bucket.take()
+                {
+                    return Err(Refusal(
+                        StatusCode::BAD_GATEWAY,
+                        "M_UNKNOWN",
+                        format!("Can't connect to server {}", invitee.server_name()),
+                    ));
                 }
                 match room.members.get(&invitee) {
                     Some(MembershipState::Join) => Err(forbidden(format!("{invitee} is already in the room."))),

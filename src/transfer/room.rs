@@ -742,6 +742,7 @@ mod tests {
     //! what a user would check of a room (the new account in it, tagged, ranked, one notice),
     //! after a crash at any write, and with another server away.
     use super::*;
+    use futures_util::StreamExt;
     use ruma::{OwnedRoomId, owned_room_id, owned_server_name, owned_user_id};
     use tokio_util::sync::CancellationToken;
 
@@ -1027,6 +1028,49 @@ mod tests {
         assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(4), "took {took:?}");
         let invited = fake.membership(&room_id(), &remote_new());
         assert_eq!((fake.count(Endpoint::Invite), invited), (2, Some(MembershipState::Invite)));
+    }
+
+    /// A reservation of 8 rooms to a server that takes 3 invites, then one every 100 s (the
+    /// shape of Synapse's `rc_invites.per_user`, faster): every room is reserved, none failed
+    /// though it takes longer than the patience, in about the time the limit allows, the paced
+    /// lane says the rate it measured, and the refused invites stay few.
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_to_a_server_that_limits_invites_is_paced_not_failed() {
+        let fake = Fake::new("example.org");
+        let rooms: Vec<OwnedRoomId> =
+            (0..8).map(|i| OwnedRoomId::try_from(format!("!room{i}:example.org")).unwrap()).collect();
+        for room in &rooms {
+            fake.create_room(room, &old());
+        }
+        let every = Duration::from_secs(100);
+        fake.limit_remote_invites(3, every);
+        // A patience shorter than the whole: a paced room must not fail on it.
+        let work = service(&fake, RoomJournal::Nothing, Duration::from_secs(120)).await;
+        let t = transfer(remote_new(), TransferKind::Reserve);
+        let start = Instant::now();
+        let news = work.pace.watch(t.id, &owned_server_name!("other.org"));
+        let seats = futures_util::stream::iter(&rooms)
+            .map(|room| {
+                let (work, t) = (&work, &t);
+                async move { work.take_seat(t, &plan(room.clone(), vec![]), &RoomStep::Pending).await.unwrap() }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+        let took = start.elapsed();
+        assert!(seats.iter().all(Option::is_none), "{seats:?}");
+        for room in &rooms {
+            assert_eq!(fake.membership(room, &remote_new()), Some(MembershipState::Invite), "{room}");
+        }
+        // 5 invites after the burst, one per 100 s: 500 s at best; the probes cost a little more.
+        assert!(took >= Duration::from_secs(500) && took < Duration::from_secs(800), "took {took:?}");
+        let sent = fake.count(Endpoint::Invite);
+        assert!(sent <= 8 + 16 + 5 * 3, "{sent} invites sent for 8 rooms");
+        assert!(news.has_changed().unwrap(), "the lane never said it was paced");
+        let note = work.pace.note(t.id).expect("still paced at the end");
+        let measured = note.every.expect("a measured rate");
+        assert!(measured >= every && measured < every * 3, "{measured:?}");
+        assert_eq!(note.landed, 8);
     }
 
     /// A room waiting for a server that answers 502 gives its slot back between attempts (the
