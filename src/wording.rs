@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Serializer;
 
+use crate::transfer::pace::Paced;
 use crate::transfer::reason::{FailReason, SkipReason, StepDone, StepFailure, Withdrawal};
 
 impl Display for SkipReason {
@@ -106,6 +107,35 @@ impl Display for StepFailure {
     }
 }
 
+/// A paced reservation, for the old account: `reserved` of `total` rooms so far.
+pub fn paced(p: &Paced, reserved: usize, total: usize) -> String {
+    let server = &p.server;
+    let left = total.saturating_sub(reserved);
+    let rate = match p.every {
+        Some(every) => {
+            let every = Duration::from_secs(every.as_secs().max(1));
+            format!(
+                ", about one every {} (about {} for the {left} left)",
+                humantime::format_duration(every),
+                humantime::format_duration(every * left as u32)
+            )
+        }
+        None => String::new(),
+    };
+    format!(
+        "{server} limits the invites one of its users receives, and refuses the rest for now \
+         (Synapse: `rc_invites.per_user`). {reserved} of your {total} rooms are reserved; handoff sends the \
+         other invites one at a time at the rate {server} lets through{rate}, and fails none of them for it. \
+         Its admin can raise `rc_invites.per_user` (say `per_second: 1, burst_count: 500`) to make it \
+         minutes: handoff goes back to full speed by itself."
+    )
+}
+
+/// The same, back at full speed.
+pub fn full_speed(server: &ruma::ServerName) -> String {
+    format!("Invites to {server} land at full speed again.")
+}
+
 /// A wait, to the second, for people.
 fn seconds(secs: u64) -> humantime::FormattedDuration {
     humantime::format_duration(Duration::from_secs(secs.max(1)))
@@ -121,6 +151,20 @@ mod tests {
     use super::*;
     use crate::bundle::Blocked;
     use ruma::OwnedUserId;
+
+    #[test]
+    fn a_paced_reservation_says_how_far_how_fast_and_what_the_admin_can_change() {
+        let server: ruma::OwnedServerName = "b.example".try_into().unwrap();
+        let p = Paced { server: server.clone(), landed: 5, every: None };
+        let text = paced(&p, 5, 12);
+        assert!(text.contains("b.example limits the invites"), "{text}");
+        assert!(text.contains("5 of your 12 rooms are reserved"), "{text}");
+        assert!(text.contains("`rc_invites.per_user`"), "{text}");
+        assert!(!text.contains("about one every"), "no rate before one is measured: {text}");
+        let p = Paced { server, landed: 6, every: Some(Duration::from_millis(333_400)) };
+        let text = paced(&p, 6, 12);
+        assert!(text.contains("about one every 5m 33s (about 33m 18s for the 6 left)"), "{text}");
+    }
 
     fn user(id: &str) -> OwnedUserId {
         id.try_into().unwrap()

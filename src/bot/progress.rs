@@ -13,10 +13,12 @@ use ruma::{OwnedEventId, RoomId};
 use super::outbox::Outbox;
 use crate::homeserver::HsError;
 use crate::html::{escape, to_html};
+use crate::transfer::pace::Paced;
 use crate::transfer::plan::Warning;
 use crate::transfer::progress::{Counts, Delivery, Place, Reporter, RoomHistory, Stopped};
 use crate::transfer::report::Report;
 use crate::transfer::{ClientProfile, PATIENT, StepOutcome, Transfer, TransferKind};
+use crate::wording;
 
 /// A chat message is edited at most this often (a 500-room move would otherwise be 1,000 edits).
 const EDIT_EVERY: Duration = Duration::from_secs(2);
@@ -193,6 +195,19 @@ impl Reporter for ChatReporter {
                 }
             };
             self.send(&t.new_dm, &format!("report-{}", t.id), content).await?;
+            Ok(())
+        })
+    }
+
+    fn paced<'a>(&'a self, t: &'a Transfer, pace: Option<&'a Paced>, c: Counts) -> BoxFuture<'a, Result<(), HsError>> {
+        Box::pin(async move {
+            let (key, text) = match pace {
+                Some(p) => {
+                    (format!("paced-{}-{}-{}", t.id, p.landed, p.every.is_some()), wording::paced(p, c.seated, c.total))
+                }
+                None => (format!("full-speed-{}-{}", t.id, c.seated), wording::full_speed(t.new.server_name())),
+            };
+            self.post(&t.new_dm, &key, &text).await?;
             Ok(())
         })
     }

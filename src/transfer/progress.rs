@@ -6,6 +6,7 @@ use futures_util::future::BoxFuture;
 use ruma::{OwnedEventId, OwnedUserId};
 
 use super::Transfer;
+use super::pace::Paced;
 use super::report::Report;
 use crate::bundle::HistoryMessage;
 use crate::homeserver::HsError;
@@ -70,6 +71,17 @@ pub trait Reporter: Send + Sync {
     fn deliver<'a>(&'a self, t: &'a Transfer, what: Delivery<'a>) -> BoxFuture<'a, Result<String, HsError>>;
     /// The transfer ended (done or cancelled): its report.
     fn finished<'a>(&'a self, t: &'a Transfer, report: &'a Report) -> BoxFuture<'a, Result<(), HsError>>;
+    /// A reservation's invites are paced by the other server's limit (`Some`, said again once
+    /// the rate is measured), or land at full speed again (`None`). By default, nothing is said.
+    fn paced<'a>(
+        &'a self,
+        t: &'a Transfer,
+        pace: Option<&'a Paced>,
+        counts: Counts,
+    ) -> BoxFuture<'a, Result<(), HsError>> {
+        let _ = (t, pace, counts);
+        Box::pin(async { Ok(()) })
+    }
     /// A reservation's new account has taken (or declined) every seat: the move is complete.
     fn taken_up<'a>(&'a self, t: &'a Transfer, report: &'a Report) -> BoxFuture<'a, Result<(), HsError>>;
 }

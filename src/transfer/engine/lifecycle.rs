@@ -99,6 +99,11 @@ impl Engine {
     }
 
     /// Where `id` waits: how many are ahead of it, and how many run. `None` if it is not waiting.
+    /// How transfer `id`'s reservation invites are paced by the other server, if they are.
+    pub fn paced(&self, id: u64) -> Option<crate::transfer::pace::Paced> {
+        self.rooms.pace.note(id)
+    }
+
     pub fn place(&self, id: u64) -> Option<Place> {
         let line = self.line.lock().expect("lock");
         line.ahead_of(id).map(|ahead| Place { ahead, running: line.running() })

@@ -14,7 +14,7 @@ use crate::bundle::{Bundle, Priority, RoomKind};
 use crate::metrics::{self, RoomInFlight, RoomOutcome};
 use crate::transfer::plan::{Plan, RoomPlan};
 use crate::transfer::progress::Counts;
-use crate::transfer::{Error, FailReason, RoomStep, SkipReason, Stage, Transfer};
+use crate::transfer::{Error, FailReason, RoomStep, SkipReason, Stage, Transfer, TransferKind};
 
 /// How pass 1 left a room.
 enum Seat {
@@ -51,7 +51,7 @@ impl Engine {
 
         // Pass 1, seats: every room's invite and join, highest priority first, so the new account
         // is in its rooms as early as the homeserver allows.
-        let seats: Vec<Seat> = stream::iter(todo)
+        let seats = stream::iter(todo)
             .map(|index: usize| async move {
                 let room = &plan.rooms[index];
                 let from = steps.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
@@ -106,8 +106,12 @@ impl Engine {
                 Seat::Ended
             })
             .buffer_unordered(concurrency)
-            .collect()
-            .await;
+            .collect::<Vec<Seat>>();
+        // Meanwhile, a reservation tells the old account when the other server paces its invites.
+        let seats = tokio::select! {
+            seats = seats => seats,
+            never = self.tell_pace(t, progress) => match never {},
+        };
         let cancelled = seats.iter().any(|s| matches!(s, Seat::NotStarted));
         let mut seated: Vec<(usize, RoomStep)> = seats
             .into_iter()
@@ -161,13 +165,33 @@ impl Engine {
         self.tell_progress(t, progress).await;
     }
 
+    /// Tells the old account of a reservation to another server how its invites are paced, as
+    /// it changes: when they are, when the rate is measured, when they land at full speed again.
+    /// Never returns (pass 1 ends it).
+    async fn tell_pace(&self, t: &Transfer, progress: &Progress) -> std::convert::Infallible {
+        if t.kind != TransferKind::Reserve || t.new.server_name() == t.old.server_name() {
+            return std::future::pending().await;
+        }
+        let mut news = self.rooms.pace.watch(t.id, &t.new.server_name().to_owned());
+        let mut said: Option<(bool, bool)> = None;
+        while news.changed().await.is_ok() {
+            let note = news.borrow_and_update().clone();
+            // Paced or not, and whether the rate is known: each is said once.
+            let now = note.as_ref().map(|p| p.every.is_some());
+            let state = (now.is_some(), now.unwrap_or(false));
+            if said == Some(state) || (said.is_none() && note.is_none()) {
+                continue;
+            }
+            said = Some(state);
+            if let Err(e) = self.reporter.paced(t, note.as_ref(), progress.counts()).await {
+                tracing::warn!(transfer = t.id, error = %e, "cannot tell how the invites are paced");
+            }
+        }
+        std::future::pending().await
+    }
+
     pub(super) async fn tell_progress(&self, t: &Transfer, progress: &Progress) {
-        let counts = Counts {
-            seated: progress.seated.load(Ordering::Relaxed),
-            done: progress.done.load(Ordering::Relaxed),
-            total: progress.total,
-        };
-        if let Err(e) = self.reporter.progress(t, counts).await {
+        if let Err(e) = self.reporter.progress(t, progress.counts()).await {
             tracing::warn!(error = %e, "cannot report progress");
         }
     }
@@ -200,6 +224,14 @@ pub(super) struct Progress {
 }
 
 impl Progress {
+    fn counts(&self) -> Counts {
+        Counts {
+            seated: self.seated.load(Ordering::Relaxed),
+            done: self.done.load(Ordering::Relaxed),
+            total: self.total,
+        }
+    }
+
     /// Counts what the journal says was done before.
     pub(super) fn new(plan: &Plan, steps: &BTreeMap<OwnedRoomId, RoomStep>) -> Progress {
         let step = |id: &OwnedRoomId| steps.get(id).cloned().unwrap_or(RoomStep::Pending);
