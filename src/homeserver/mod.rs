@@ -250,12 +250,15 @@ impl Retry {
 /// that accepts the connection and never answers costs this much, not a stuck task.
 pub const REQUEST_LIMIT: Duration = Duration::from_secs(60);
 
+/// The most one request waits in all for the homeserver's rate limits (`retry_after_ms`).
+pub const RATE_LIMITS_IN_ALL: Duration = Duration::from_secs(30 * 60);
+
 /// The least time an attempt before a deadline is given: no wait ends later than this before it.
 const LAST_ATTEMPT: Duration = Duration::from_millis(500);
 
 /// The one way handoff tries again (backon): a wait that doubles from `first` to `longest`, at
-/// most `retries` times, never past `until`; a rate limit's `retry_after_ms` replaces the next
-/// wait. Every wait gives back the budget slot of the room it is for while it lasts
+/// most `retries` times, never past `until`; a rate limit's `retry_after_ms` is the next wait,
+/// in full and without spending a try ([`RATE_LIMITS_IN_ALL`]). Every wait gives back the budget slot of the room it is for while it lasts
 /// ([`crate::budget::away`]), and, being a future, ends the moment its caller drops it (a cancel).
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -298,13 +301,24 @@ impl Backoff {
         Fut: Future<Output = Result<T, E>>,
     {
         use backon::Retryable as _;
-        let (until, longest) = (self.until, self.longest);
+        let until = self.until;
+        // A client that tries once (Retry::NONE) leaves every wait to its caller.
+        let once = self.retries == Some(0);
+        let mut limited = Duration::ZERO;
         attempt
             .retry(self.builder())
             .when(|e| again(e))
             .adjust(move |e, next| {
-                // The tries are spent: a rate limit does not add one.
-                let wait = e.retry_after().map_or(next?, |asked| asked.min(longest));
+                // A rate limit is waited out as the homeserver asks, spending no try, up to
+                // RATE_LIMITS_IN_ALL per request (a Synapse at its defaults asks up to 100 s for a
+                // join to another server); any other failure spends one.
+                let wait = match e.retry_after() {
+                    Some(asked) if !once && limited + asked <= RATE_LIMITS_IN_ALL => {
+                        limited += asked;
+                        asked
+                    }
+                    _ => next?,
+                };
                 let Some(until) = until else { return Some(wait) };
                 // The last attempt has a moment to be answered in, not none.
                 let left = until.saturating_duration_since(Instant::now()).checked_sub(LAST_ATTEMPT)?;

@@ -1030,6 +1030,23 @@ mod tests {
         assert_eq!((fake.count(Endpoint::Invite), invited), (2, Some(MembershipState::Invite)));
     }
 
+    /// Synapse at its defaults lets a user join rooms on other servers once per 100 s after a
+    /// burst: the device side's join is asked to wait 100 s eight times in a row, more tries than
+    /// its retries allow and longer than its longest wait, and still joins, when asked.
+    #[tokio::test(start_paused = true)]
+    async fn the_device_side_waits_out_a_long_rate_limit_in_full() {
+        let fake = homeserver();
+        fake.script(Endpoint::Join, Answer::limited(100_000), Some(8));
+        let work = device(&fake, Some(&old()), &new(), Duration::from_secs(600)).await;
+        let (old, new) = (old(), new());
+        let t = Move { id: 1, old: &old, new: &new, kind: TransferKind::Move, profile: ClientProfile::Desktop };
+        let start = Instant::now();
+        assert_eq!(work.take_seat(t, &plan(room_id(), vec![]), &RoomStep::Pending).await.unwrap(), None);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(800) && took < Duration::from_secs(802), "took {took:?}");
+        assert_eq!((fake.count(Endpoint::Join), fake.membership(&room_id(), &new)), (9, Some(MembershipState::Join)));
+    }
+
     /// A reservation of 8 rooms to a server that takes 3 invites, then one every 100 s (the
     /// shape of Synapse's `rc_invites.per_user`, faster): every room is reserved, none failed
     /// though it takes longer than the patience, in about the time the limit allows, the paced
