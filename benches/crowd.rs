@@ -109,12 +109,18 @@ async fn mover(h: &Harness, name: &str, n: usize, favourites: usize, dms: usize)
 
 async fn fresh() -> Harness {
     let metrics_port = handoff::sandbox::free_port();
-    let mut h = Harness::start_with(|c| {
-        // HANDOFF_BENCH_LOG=FILTER: handoff logs at that level, and each run's log is kept in the temp dir.
-        let level = std::env::var("HANDOFF_BENCH_LOG").unwrap_or_else(|_| "warn".into());
-        let quiet = edit(c, "level: \"info,handoff=debug\"", &format!("level: \"{level}\""));
-        with_metrics(quiet, metrics_port)
-    })
+    // Every rate limit lifted: the benchmark measures handoff's throughput under a crowd, which
+    // Synapse's limits on the crowd's own requests (their rooms, their `import`) would set.
+    let lifted = handoff::sandbox::lifted(handoff::sandbox::RateLimit::ALL);
+    let mut h = Harness::start_with_homeserver(
+        |c| {
+            // HANDOFF_BENCH_LOG=FILTER: handoff logs at that level, and each run's log is kept in the temp dir.
+            let level = std::env::var("HANDOFF_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+            let quiet = edit(c, "level: \"info,handoff=debug\"", &format!("level: \"{level}\""));
+            with_metrics(quiet, metrics_port)
+        },
+        &lifted,
+    )
     .await;
     h.patience = PATIENCE;
     h.poll = Duration::from_millis(500);

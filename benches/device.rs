@@ -90,6 +90,13 @@ fn handoff(data: &Path, args: &[&str], stdin: &str) -> Duration {
     took
 }
 
+/// A harness at log level `warn`, every rate limit lifted: the benchmark measures the device side's
+/// throughput, which Synapse's limits on its joins (10, then one each 10 s) would set alone.
+async fn quiet_harness() -> Harness {
+    let lifted = handoff::sandbox::lifted(handoff::sandbox::RateLimit::ALL);
+    Harness::start_with_homeserver(|c| common::edit(c, "level: \"info,handoff=debug\"", "level: warn"), &lifted).await
+}
+
 async fn run() {
     let sessions = env_or("HANDOFF_BENCH_SESSIONS", 10_000);
     let rooms = env_or("HANDOFF_BENCH_ROOMS", 500);
@@ -131,7 +138,7 @@ async fn run() {
     assert_eq!(validated.encrypted_len + 69, keys_len(&file));
 
     // The bundle's keys into a fresh device of the command line, on Synapse.
-    let h = Harness::start_with(|c| common::edit(c, "level: \"info,handoff=debug\"", "level: warn")).await;
+    let h = quiet_harness().await;
     let url = h.synapse().url.clone();
     let owner = h.user("keys").await;
     let work = tempfile::tempdir().unwrap();
@@ -156,7 +163,7 @@ async fn run() {
     drop(h);
 
     println!("a {rooms}-room move on one Synapse:");
-    let h = Harness::start_with(|c| common::edit(c, "level: \"info,handoff=debug\"", "level: warn")).await;
+    let h = quiet_harness().await;
     let url = h.synapse().url.clone();
     let old = h.old_account("old", rooms, 10, 3).await;
     let (by_device, by_service) = (h.user("device").await, h.user("service").await);

@@ -90,6 +90,8 @@ async fn run() -> Result<()> {
     // handoff: the real binary, started as the end-to-end tests start it, at the shipped log level
     // (the tests' harness turns on debug logging for handoff).
     let t = Instant::now();
+    // Synapse's default rate limits: nothing measured goes through Synapse (the transactions are
+    // pushed to handoff directly).
     let h = Harness::start_with(|c| edit(c, "level: \"info,handoff=debug\"", "level: info")).await;
     let token = h.config_value("appservice.hs_token");
     let port = config_port(&h.sandbox.config_path)?;

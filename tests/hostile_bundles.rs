@@ -154,6 +154,8 @@ async fn a_hostile_file_given_to_the_device_side_writes_nothing_capture_would_no
     let json = serde_json::to_vec(&hostile_bundle(carol.id.as_str(), &square)).unwrap();
     let data = tempfile::tempdir().unwrap();
     let url = h.synapse().url.clone();
+    // From here the device side acts as carol, with her own token: under the defaults.
+    carol.under_defaults().await;
     let login = ["login", carol.id.as_str(), "--homeserver", url.as_str(), "--access-token", "--password-stdin"];
     let (status, _, err) = common::device_cli(data.path(), &login, &format!("{}\n", carol.token));
     assert!(status.success(), "{err}");

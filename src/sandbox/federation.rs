@@ -74,15 +74,16 @@ impl Federation {
     /// Creates both sandboxes in `dir/a` and `dir/b` (certificates in `dir/tls`) and starts both
     /// Synapses side by side.
     pub async fn create(dir: &Path) -> Result<Federation> {
-        Self::create_with(dir, |_, _, config| config, "").await
+        Self::create_with(dir, |_, _, config| config, |_| String::new()).await
     }
 
     /// Like [`Federation::create`]; `edit` may change each side's handoff config text first,
-    /// and `homeserver_extra` (YAML) is appended to both Synapse configs.
+    /// and `homeserver_extra` gives the YAML appended to each side's Synapse config (both keep
+    /// Synapse's default rate limits unless it lifts some, see [`super::lifted`]).
     pub async fn create_with(
         dir: &Path,
         edit: impl Fn(Side, &FederationNames, String) -> String,
-        homeserver_extra: &str,
+        homeserver_extra: impl Fn(Side) -> String,
     ) -> Result<Federation> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
@@ -103,7 +104,7 @@ impl Federation {
                 private_key: tls.join(format!("{}.key", side.lowercase())),
                 ca: ca.clone(),
             }),
-            extra: homeserver_extra.to_owned(),
+            extra: homeserver_extra(side),
         };
         let (dir_a, dir_b) = (dir.join(Side::A.lowercase()), dir.join(Side::B.lowercase()));
         let (a, b) = tokio::try_join!(

@@ -243,10 +243,12 @@ impl Drop for Synapse {
     }
 }
 
+/// The config of a sandbox Synapse. It sets no rate limit (`rc_*`): Synapse's defaults apply, as on
+/// a homeserver in production; a test or benchmark about something else lifts the ones in its
+/// way with [`lifted`] in [`SynapseOptions::extra`], saying why beside it.
 fn homeserver_yaml(dir: &Path, port: u16, app_service_files: &[PathBuf], options: &SynapseOptions) -> String {
     let d = dir.display();
     let files: Vec<String> = app_service_files.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
-    let unlimited = "{per_second: 10000, burst_count: 100000}";
     let server_name = &options.server_name;
     let federation = match &options.federation {
         None => "federation_domain_whitelist: []\n".to_owned(),
@@ -276,26 +278,145 @@ trusted_key_servers: []
 suppress_key_server_warning: true
 presence: {{enabled: false}}
 app_service_config_files: [{files}]
-rc_message: {unlimited}
-rc_registration: {unlimited}
-rc_login: {{address: {unlimited}, account: {unlimited}, failed_attempts: {unlimited}}}
-rc_joins: {{local: {unlimited}, remote: {unlimited}}}
-rc_joins_per_room: {unlimited}
-rc_invites: {{per_room: {unlimited}, per_user: {unlimited}, per_issuer: {unlimited}}}
-rc_third_party_invite: {unlimited}
-rc_room_creation: {unlimited}
-rc_key_requests: {unlimited}
-rc_3pid_validation: {unlimited}
-rc_media_create: {unlimited}
-rc_profile: {unlimited}
-rc_presence: {{per_user: {unlimited}}}
-rc_delayed_event_mgmt: {unlimited}
-rc_user_directory: {unlimited}
-rc_reports: {unlimited}
-rc_admin_redaction: {unlimited}
 "#,
         files = files.join(", ")
     ) + options.extra.as_str()
+}
+
+/// One of Synapse's rate limits (an `rc_*` setting, or one part of it). A sandbox Synapse keeps
+/// Synapse's default for every one of them; [`lifted`] lifts the ones named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateLimit {
+    /// `rc_message`: events sent by a user (0.2/s, burst 10 by default).
+    Message,
+    /// `rc_registration`: registrations per IP address (the shared-secret admin API is not limited).
+    Registration,
+    /// `rc_login.address`: logins per IP address (0.003/s, burst 5).
+    LoginAddress,
+    /// `rc_login.account`: logins per account (0.003/s, burst 5).
+    LoginAccount,
+    /// `rc_login.failed_attempts`: failed logins per account (0.17/s, burst 3).
+    LoginFailedAttempts,
+    /// `rc_joins.local`: joins by a user to rooms its server is in (0.1/s, burst 10).
+    JoinsLocal,
+    /// `rc_joins.remote`: joins by a user over federation (0.01/s, burst 10).
+    JoinsRemote,
+    /// `rc_joins_per_room`: joins into one room, from any user (1/s, burst 10).
+    JoinsPerRoom,
+    /// `rc_invites.per_room`: invites sent into one room (0.3/s, burst 10).
+    InvitesPerRoom,
+    /// `rc_invites.per_user`: invites received by one user, from this or another server (0.003/s, burst 5).
+    InvitesPerUser,
+    /// `rc_invites.per_issuer`: invites sent by one user (0.3/s, burst 10).
+    InvitesPerIssuer,
+    /// `rc_third_party_invite`.
+    ThirdPartyInvite,
+    /// `rc_room_creation`: rooms created by a user (0.016/s, burst 10).
+    RoomCreation,
+    /// `rc_key_requests`: to-device room key requests (20/s, burst 100).
+    KeyRequests,
+    /// `rc_3pid_validation`.
+    ThreepidValidation,
+    /// `rc_media_create`: media IDs created by a user (10/s, burst 50).
+    MediaCreate,
+    /// `rc_presence.per_user`.
+    Presence,
+    /// `rc_delayed_event_mgmt`.
+    DelayedEventManagement,
+    /// `rc_admin_redaction`: redactions by server admins (the default is `rc_message`'s).
+    AdminRedaction,
+    /// `rc_federation`: requests each remote server may make of this one at once and per window
+    /// (sleeps past 10 a second, refuses past 50, 3 at a time).
+    Federation,
+}
+
+impl RateLimit {
+    /// Every one: for a benchmark measuring throughput, where any limit would be what it measures.
+    pub const ALL: &[RateLimit] = &[
+        RateLimit::Message,
+        RateLimit::Registration,
+        RateLimit::LoginAddress,
+        RateLimit::LoginAccount,
+        RateLimit::LoginFailedAttempts,
+        RateLimit::JoinsLocal,
+        RateLimit::JoinsRemote,
+        RateLimit::JoinsPerRoom,
+        RateLimit::InvitesPerRoom,
+        RateLimit::InvitesPerUser,
+        RateLimit::InvitesPerIssuer,
+        RateLimit::ThirdPartyInvite,
+        RateLimit::RoomCreation,
+        RateLimit::KeyRequests,
+        RateLimit::ThreepidValidation,
+        RateLimit::MediaCreate,
+        RateLimit::Presence,
+        RateLimit::DelayedEventManagement,
+        RateLimit::AdminRedaction,
+        RateLimit::Federation,
+    ];
+
+    /// Its setting in Synapse's config: the `rc_*` key and, for a part of one, the part's key.
+    pub fn setting(self) -> (&'static str, Option<&'static str>) {
+        use RateLimit::*;
+        match self {
+            Message => ("rc_message", None),
+            Registration => ("rc_registration", None),
+            LoginAddress => ("rc_login", Some("address")),
+            LoginAccount => ("rc_login", Some("account")),
+            LoginFailedAttempts => ("rc_login", Some("failed_attempts")),
+            JoinsLocal => ("rc_joins", Some("local")),
+            JoinsRemote => ("rc_joins", Some("remote")),
+            JoinsPerRoom => ("rc_joins_per_room", None),
+            InvitesPerRoom => ("rc_invites", Some("per_room")),
+            InvitesPerUser => ("rc_invites", Some("per_user")),
+            InvitesPerIssuer => ("rc_invites", Some("per_issuer")),
+            ThirdPartyInvite => ("rc_third_party_invite", None),
+            RoomCreation => ("rc_room_creation", None),
+            KeyRequests => ("rc_key_requests", None),
+            ThreepidValidation => ("rc_3pid_validation", None),
+            MediaCreate => ("rc_media_create", None),
+            Presence => ("rc_presence", Some("per_user")),
+            DelayedEventManagement => ("rc_delayed_event_mgmt", None),
+            AdminRedaction => ("rc_admin_redaction", None),
+            Federation => ("rc_federation", None),
+        }
+    }
+}
+
+/// Synapse config (YAML, for [`SynapseOptions::extra`]) lifting `limits`, and only them: every
+/// other rate limit keeps Synapse's default. Each use says why beside it: a test lifts a limit
+/// only when it is about something else, and keeps the others.
+pub fn lifted(limits: &[RateLimit]) -> String {
+    const UNLIMITED: &str = "{per_second: 10000, burst_count: 100000}";
+    const FEDERATION_UNLIMITED: &str =
+        "{window_size: 1000, sleep_limit: 10000, sleep_delay: 100, reject_limit: 10000, concurrent: 100}";
+    // Parts of one setting go together under its key: a key given twice would keep only the last.
+    let mut settings: Vec<(&str, Vec<&str>)> = Vec::new();
+    for limit in limits {
+        let (key, part) = limit.setting();
+        let i = settings.iter().position(|(k, _)| *k == key).unwrap_or_else(|| {
+            settings.push((key, Vec::new()));
+            settings.len() - 1
+        });
+        if let Some(part) = part
+            && !settings[i].1.contains(&part)
+        {
+            settings[i].1.push(part);
+        }
+    }
+    let mut yaml = String::new();
+    for (key, parts) in settings {
+        let value = if key == "rc_federation" {
+            FEDERATION_UNLIMITED.to_owned()
+        } else if parts.is_empty() {
+            UNLIMITED.to_owned()
+        } else {
+            let parts: Vec<String> = parts.iter().map(|p| format!("{p}: {UNLIMITED}")).collect();
+            format!("{{{}}}", parts.join(", "))
+        };
+        yaml.push_str(&format!("{key}: {value}\n"));
+    }
+    yaml
 }
 
 /// Synapse's default `ip_range_blacklist` without 127.0.0.0/8: it blocks federation to
@@ -322,7 +443,8 @@ const IP_RANGE_BLOCKLIST: &[&str] = &[
 ];
 
 /// The federation listener and what federating on loopback needs; retries are fast so that a
-/// stopped and restarted server catches up within seconds, not Synapse's minutes.
+/// stopped and restarted server catches up within seconds, not Synapse's minutes. Incoming
+/// federation traffic keeps Synapse's default rate limit (`rc_federation`), as a real server does.
 fn federation_yaml(f: &FederationListener) -> String {
     let blocklist: Vec<String> = IP_RANGE_BLOCKLIST.iter().map(|r| format!("{r:?}")).collect();
     format!(
@@ -342,7 +464,6 @@ federation:
   max_short_retry_delay: 1s
   destination_min_retry_interval: 1s
   destination_max_retry_interval: 2s
-rc_federation: {{window_size: 1000, sleep_limit: 10000, sleep_delay: 100, reject_limit: 10000, concurrent: 100}}
 "#,
         host = f.host,
         port = f.port,
@@ -493,4 +614,33 @@ pub async fn run_interactive(dir: Option<PathBuf>) -> Result<()> {
     println!();
     let config = crate::config::Config::load(&sandbox.config_path)?;
     crate::serve::run(config).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sandbox_synapse_keeps_the_default_rate_limits() {
+        let yaml = homeserver_yaml(Path::new("/tmp/x"), 8008, &[], &SynapseOptions::default());
+        assert!(!yaml.contains("rc_"), "{yaml}");
+    }
+
+    #[test]
+    fn lifted_limits_are_the_named_ones_with_the_parts_of_one_setting_together() {
+        use RateLimit::*;
+        let yaml = lifted(&[Message, InvitesPerUser, JoinsLocal, InvitesPerRoom, InvitesPerUser]);
+        let unlimited = "{per_second: 10000, burst_count: 100000}";
+        assert_eq!(
+            yaml,
+            format!(
+                "rc_message: {unlimited}\nrc_invites: {{per_user: {unlimited}, per_room: {unlimited}}}\nrc_joins: {{local: {unlimited}}}\n"
+            )
+        );
+        let parsed: serde_json::Value = serde_norway::from_str(&lifted(RateLimit::ALL)).unwrap();
+        let keys: std::collections::BTreeSet<&str> = RateLimit::ALL.iter().map(|l| l.setting().0).collect();
+        assert_eq!(parsed.as_object().unwrap().len(), keys.len(), "one key per setting");
+        assert_eq!(parsed["rc_login"].as_object().unwrap().len(), 3);
+        assert_eq!(parsed["rc_federation"]["reject_limit"], 10000);
+    }
 }

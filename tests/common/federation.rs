@@ -36,6 +36,15 @@ impl FederatedHarness {
         change: impl Fn(Side, &FederationNames, String) -> String,
         homeserver_extra: &str,
     ) -> FederatedHarness {
+        Self::start_with_homeservers(change, |_| homeserver_extra.to_owned()).await
+    }
+
+    /// Like [`FederatedHarness::start_with`], with `homeserver_extra(side)` (YAML) appended to
+    /// each side's Synapse config: one side may lift a rate limit the other keeps.
+    pub async fn start_with_homeservers(
+        change: impl Fn(Side, &FederationNames, String) -> String,
+        homeserver_extra: impl Fn(Side) -> String,
+    ) -> FederatedHarness {
         let tmp = tempfile::tempdir().unwrap();
         let debug = |side, names: &FederationNames, c| {
             change(side, names, edit(c, "level: info", "level: \"info,handoff=debug\""))

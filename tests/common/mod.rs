@@ -1,5 +1,15 @@
 //! End-to-end harness: a real Synapse (from `handoff::sandbox`), the real `handoff` binary
 //! serving it, and clients that act as users with their own access tokens.
+//!
+//! Rate limits: every Synapse runs with Synapse's default rate limits, as a homeserver in
+//! production does. handoff's service acts through its registrations, which are not rate-limited
+//! there either (`rate_limited: false`); its bot's own device, its device side (`handoff login`,
+//! `export`, `import`, with a person's own token) and what one server sends another are limited
+//! as anywhere. The users a test makes with [`Harness::user`] are exempt ([`User::exempt`]): what
+//! they do builds the test's world or plays the person at their client, and is not under test. A
+//! test that runs the device side as one of them first puts it under the defaults
+//! ([`User::under_defaults`]). A test that lifts a limit does it with
+//! `handoff::sandbox::lifted`, saying why beside it.
 #![allow(dead_code)]
 
 pub mod federation;
@@ -46,6 +56,8 @@ pub struct Harness {
     /// looks less often, to leave the homeserver to the transfer.
     pub patience: Duration,
     pub poll: Duration,
+    /// A server admin of the homeserver, for its admin API (the users' exemption from rate limits).
+    pub admin: Admin,
     /// The folder it all lives in, when the harness owns it (not when a [`federation`] does).
     _tmp: Option<tempfile::TempDir>,
 }
@@ -77,7 +89,9 @@ impl Harness {
     pub async fn serving(sandbox: Sandbox, tmp: Option<tempfile::TempDir>) -> Harness {
         let handoff_url = format!("http://127.0.0.1:{}", sandbox.handoff_port);
         let bot = sandbox.bot_user_id().expect("the sandbox's config loads");
-        let mut h = Harness { sandbox, handoff: None, handoff_url, bot, patience: PATIENCE, poll: POLL, _tmp: tmp };
+        let admin = Admin::of(&sandbox.synapse).await;
+        let mut h =
+            Harness { sandbox, handoff: None, handoff_url, bot, patience: PATIENCE, poll: POLL, admin, _tmp: tmp };
         h.start_handoff().await;
         h
     }
@@ -146,10 +160,16 @@ impl Harness {
         v.as_str().unwrap_or_else(|| panic!("{key} in config")).to_owned()
     }
 
-    /// Registers a user and returns a client acting with that user's own access token.
+    /// Registers a user and returns a client acting with that user's own access token, exempt from
+    /// the homeserver's rate limits (what a test's users do is not under test; handoff's service
+    /// acts as them through its registration, which this changes nothing for). Before the device
+    /// side acts with its token, [`User::under_defaults`].
     pub async fn user(&self, localpart: &str) -> User {
         let (user_id, token) = self.synapse().register_user(localpart, "password", false).await.unwrap();
-        User::new(&self.synapse().url, user_id, token).await
+        let mut user = User::new(&self.synapse().url, user_id, token).await;
+        user.admin = Some(self.admin.clone());
+        user.exempt().await;
+        user
     }
 }
 
@@ -171,6 +191,47 @@ pub struct User {
     pub token: String,
     client: ruma_client::Client<reqwest::Client>,
     txn: std::sync::atomic::AtomicU64,
+    /// Its homeserver's admin, when the user may be exempted from rate limits ([`Harness::user`]).
+    admin: Option<Admin>,
+}
+
+/// The admin API of a homeserver, as a server admin of it: what exempts a test's users from the
+/// homeserver's rate limits ([`User::exempt`]).
+#[derive(Clone)]
+pub struct Admin {
+    url: String,
+    token: String,
+}
+
+impl Admin {
+    /// Registers a server admin on `synapse` (with the shared secret: no rate limit applies to it).
+    pub async fn of(synapse: &Synapse) -> Admin {
+        let (_, token) = synapse.register_user("fixtures-admin", "password", true).await.unwrap();
+        Admin { url: synapse.url.clone(), token }
+    }
+
+    /// Exempts `user` from the homeserver's rate limits (`exempt`), or puts it back under them.
+    /// Synapse's override (`messages_per_second: 0`) exempts the user from every limit that knows
+    /// who asks: events, joins (local and remote), invites sent, room creation, media, profile, …;
+    /// not from what is counted per IP address (logins, registration) nor from the limit another
+    /// server applies to invites it receives. It applies at once: setting or deleting it
+    /// invalidates Synapse's cache of it.
+    pub async fn set_exempt(&self, user: &UserId, exempt: bool) {
+        let url = format!("{}/_synapse/admin/v1/users/{user}/override_ratelimit", self.url);
+        let http = reqwest::Client::new();
+        let req = if exempt {
+            http.post(&url).json(&json!({"messages_per_second": 0, "burst_count": 0}))
+        } else {
+            http.delete(&url)
+        };
+        let resp = req.bearer_auth(&self.token).send().await.unwrap();
+        let status = resp.status();
+        assert!(
+            status.is_success(),
+            "override_ratelimit of {user} ({exempt}): {status} {}",
+            resp.text().await.unwrap()
+        );
+    }
 }
 
 impl User {
@@ -181,7 +242,19 @@ impl User {
             .http_client(reqwest::Client::new())
             .await
             .unwrap();
-        User { id, token, client, txn: Default::default() }
+        User { id, token, client, txn: Default::default(), admin: None }
+    }
+
+    /// Exempts this user from its homeserver's rate limits (see [`Admin::set_exempt`]): a user of
+    /// [`Harness::user`] is, from the start.
+    pub async fn exempt(&self) {
+        self.admin.as_ref().expect("a user of Harness::user").set_exempt(&self.id, true).await;
+    }
+
+    /// Puts this user back under its homeserver's default rate limits: before handoff's device side
+    /// acts with its own token (the device side is under test, and must meet them).
+    pub async fn under_defaults(&self) {
+        self.admin.as_ref().expect("a user of Harness::user").set_exempt(&self.id, false).await;
     }
 
     /// Creates a DM (is_direct, trusted private chat) with `other` invited.
@@ -668,9 +741,10 @@ pub fn refusing(config: String, user: &str) -> String {
     edit(config, domain, &format!("{domain}        \"{user}\": none\n"))
 }
 
-/// Runs the handoff binary with `args`; returns its exit status and stderr.
 /// Runs the device side, `handoff ARGS`, with `data` as its data directory and `stdin` as its
-/// input; returns how it exited and what it printed on stdout and stderr.
+/// input; returns how it exited and what it printed on stdout and stderr. It is under test: a user
+/// of [`Harness::user`] it acts as is put under the default rate limits first
+/// ([`User::under_defaults`]).
 pub fn device_cli(data: &Path, args: &[&str], stdin: &str) -> (ExitStatus, String, String) {
     use std::io::Write;
     let mut child = Command::new(HANDOFF)
@@ -686,6 +760,7 @@ pub fn device_cli(data: &Path, args: &[&str], stdin: &str) -> (ExitStatus, Strin
     (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Runs the handoff binary with `args`; returns its exit status and stderr.
 pub fn run_handoff(args: &[&str], cwd: &Path) -> (ExitStatus, String) {
     let out = Command::new(HANDOFF).args(args).current_dir(cwd).output().unwrap();
     (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
