@@ -512,6 +512,20 @@ async fn count_membership(
     n
 }
 
+/// Each of `rooms` holds exactly one invite of `newbie` (as `alice`, in them all, reads its
+/// timeline), and every invite has reached B.
+async fn invited_once_each(alice: &common::User, newbie: &common::User, rooms: &[OwnedRoomId]) {
+    for room in rooms {
+        let timeline = alice.timeline(room).await;
+        assert_eq!(common::memberships(&timeline, &newbie.id), ["invite"], "{room}: invited once");
+    }
+    eventually("every invite on B", || async {
+        let invites = newbie.invites().await;
+        rooms.iter().all(|r| invites.contains(r)).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_reservation_waits_for_the_new_accounts_server_and_completes_when_it_is_back() {
     let started = Instant::now();
@@ -545,15 +559,7 @@ async fn a_reservation_waits_for_the_new_accounts_server_and_completes_when_it_i
     let report = fh.a.bot_says_within(&alice, &dm, "reserved for", Duration::from_secs(180)).await;
     println!("reservation done {:.1?} after B was back", back.elapsed());
     assert!(report.starts_with(&format!("{OUTAGE_ROOMS} of {OUTAGE_ROOMS} rooms reserved")), "{report}");
-    for room in &rooms {
-        let timeline = alice.timeline(room).await;
-        assert_eq!(common::memberships(&timeline, &newbie.id), ["invite"], "{room}: invited once");
-    }
-    eventually("every invite on B", || async {
-        let invites = newbie.invites().await;
-        rooms.iter().all(|r| invites.contains(r)).then_some(())
-    })
-    .await;
+    invited_once_each(&alice, &newbie, &rooms).await;
     println!("whole test: {:.1?}", started.elapsed());
 }
 
@@ -583,15 +589,7 @@ async fn a_reservation_to_a_server_that_limits_invites_is_paced_told_and_complet
     let report = fh.a.bot_says_within(&alice, &dm, "reserved for", Duration::from_secs(300)).await;
     println!("reservation reported {:.1?} after the start:\n{report}", started.elapsed());
     assert!(report.starts_with(&format!("{OUTAGE_ROOMS} of {OUTAGE_ROOMS} rooms reserved")), "{report}");
-    for room in &rooms {
-        let timeline = alice.timeline(room).await;
-        assert_eq!(common::memberships(&timeline, &newbie.id), ["invite"], "{room}: invited once");
-    }
-    eventually("every invite on B", || async {
-        let invites = newbie.invites().await;
-        rooms.iter().all(|r| invites.contains(r)).then_some(())
-    })
-    .await;
+    invited_once_each(&alice, &newbie, &rooms).await;
     println!("whole test: {:.1?}", started.elapsed());
 }
 

@@ -1007,16 +1007,9 @@ mod tests {
     /// in the service's wait for another server.
     #[tokio::test(start_paused = true)]
     async fn a_rate_limit_is_waited_out_as_asked_then_the_stage_goes_on() {
-        let fake = homeserver();
-        fake.script(Endpoint::Join, Answer::limited(20_000), Some(1));
-        let work = device(&fake, Some(&old()), &new(), Duration::from_secs(600)).await;
-        let (old, new) = (old(), new());
-        let t = Move { id: 1, old: &old, new: &new, kind: TransferKind::Move, profile: ClientProfile::Desktop };
-        let start = Instant::now();
-        assert_eq!(work.take_seat(t, &plan(room_id(), vec![]), &RoomStep::Pending).await.unwrap(), None);
-        let took = start.elapsed();
+        let (took, joins, joined) = device_join_limited(20_000, 1).await;
         assert!(took >= Duration::from_secs(20) && took < Duration::from_secs(21), "took {took:?}");
-        assert_eq!((fake.count(Endpoint::Join), fake.membership(&room_id(), &new)), (2, Some(MembershipState::Join)));
+        assert_eq!((joins, joined), (2, Some(MembershipState::Join)));
 
         let fake = homeserver();
         fake.script(Endpoint::Invite, Answer::limited(3_000), Some(1));
@@ -1035,16 +1028,22 @@ mod tests {
     /// its retries allow and longer than its longest wait, and still joins, when asked.
     #[tokio::test(start_paused = true)]
     async fn the_device_side_waits_out_a_long_rate_limit_in_full() {
+        let (took, joins, joined) = device_join_limited(100_000, 8).await;
+        assert!(took >= Duration::from_secs(800) && took < Duration::from_secs(802), "took {took:?}");
+        assert_eq!((joins, joined), (9, Some(MembershipState::Join)));
+    }
+
+    /// The device side's seat in a room whose join is refused `times` in a row, each asking to
+    /// wait `ms`: how long it took, the joins sent, and the new account's membership after.
+    async fn device_join_limited(ms: u64, times: usize) -> (Duration, usize, Option<MembershipState>) {
         let fake = homeserver();
-        fake.script(Endpoint::Join, Answer::limited(100_000), Some(8));
+        fake.script(Endpoint::Join, Answer::limited(ms), Some(times));
         let work = device(&fake, Some(&old()), &new(), Duration::from_secs(600)).await;
         let (old, new) = (old(), new());
         let t = Move { id: 1, old: &old, new: &new, kind: TransferKind::Move, profile: ClientProfile::Desktop };
         let start = Instant::now();
         assert_eq!(work.take_seat(t, &plan(room_id(), vec![]), &RoomStep::Pending).await.unwrap(), None);
-        let took = start.elapsed();
-        assert!(took >= Duration::from_secs(800) && took < Duration::from_secs(802), "took {took:?}");
-        assert_eq!((fake.count(Endpoint::Join), fake.membership(&room_id(), &new)), (9, Some(MembershipState::Join)));
+        (start.elapsed(), fake.count(Endpoint::Join), fake.membership(&room_id(), &new))
     }
 
     /// A reservation of 8 rooms to a server that takes 3 invites, then one every 100 s (the

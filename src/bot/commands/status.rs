@@ -54,13 +54,13 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
         None => state_text(t.state).to_owned(),
     };
     let mut text = format!("Transfer {} → {}: {state}", t.old, t.new);
-    if let (Some(paced), Some(plan)) = (bot.engine.paced(t.id), &t.plan) {
-        let reserved = plan.rooms.iter().filter(|r| steps.get(&r.room_id).is_some_and(RoomStep::is_seated)).count();
-        text.push_str(&format!("\n{}", crate::wording::paced(&paced, reserved, plan.total())));
-    }
     if let Some(plan) = &t.plan {
         let count =
             |f: &dyn Fn(&RoomStep) -> bool| plan.rooms.iter().filter(|r| steps.get(&r.room_id).is_some_and(f)).count();
+        if let Some(paced) = bot.engine.paced(t.id) {
+            let reserved = count(&RoomStep::is_seated);
+            text.push_str(&format!("\n{}", crate::wording::paced(&paced, reserved, plan.total())));
+        }
         let done = count(&|s| *s == RoomStep::Done);
         let awaiting = count(&|s| *s == RoomStep::AwaitingAccept);
         let skipped = count(&|s| matches!(s, RoomStep::Skipped(_)));
