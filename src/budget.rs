@@ -90,6 +90,13 @@ impl Budget {
     /// the slot back while they last, and take one again before the work goes on.
     pub async fn hold<F: Future>(self: &Arc<Self>, party: Party, class: Class, work: F) -> F::Output {
         let slot = self.acquire(party, class).await;
+        self.lend(slot, class, work).await
+    }
+
+    /// [`Budget::hold`] with a slot taken already (of `class`, by its party): for work whose
+    /// future is only made once it has its slot.
+    pub async fn lend<F: Future>(self: &Arc<Self>, slot: Slot, class: Class, work: F) -> F::Output {
+        let party = slot.party;
         let lease = Lease { budget: Arc::clone(self), party, class, slot: Mutex::new(Some(slot)) };
         LEASE.scope(lease, work).await
     }

@@ -470,7 +470,10 @@ impl Homeserver {
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
         R::PathBuilder: SupportedPathBuilder,
     {
-        self.retrying(endpoint_of::<R>(&self.client), || self.client.send_request(request.clone())).await
+        // Boxed, here and in `send_as`: a request's future with its retries and deadline is a few
+        // KiB, and every step awaiting one would otherwise carry that much inline while it waits
+        // for anything (a transfer's whole future held in a crowd that waits for a slot).
+        Box::pin(self.retrying(endpoint_of::<R>(&self.client), || self.client.send_request(request.clone()))).await
     }
 
     /// Sends a request as `user` (identity assertion with `?user_id=`; with a user's own token, as
@@ -486,8 +489,10 @@ impl Homeserver {
             return self.send_with_token(request).await;
         }
         let endpoint = endpoint_of::<R>(&self.client);
-        self.retrying(endpoint, || self.client.send_request_as(AppserviceUserIdentity::new(user), request.clone()))
-            .await
+        Box::pin(
+            self.retrying(endpoint, || self.client.send_request_as(AppserviceUserIdentity::new(user), request.clone())),
+        )
+        .await
     }
 
     /// Logs the registration's own user in with `m.login.application_service`, as a new device or

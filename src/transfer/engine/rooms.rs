@@ -2,14 +2,15 @@
 //! finishes the seated rooms. Each room draws on the budget and ends journaled.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use futures_util::stream::{self, StreamExt};
 use ruma::OwnedRoomId;
+use tokio_util::sync::CancellationToken;
 
 use super::Engine;
-use crate::budget::Class;
+use crate::budget::{Class, Slot};
 use crate::bundle::{Bundle, Priority, RoomKind};
 use crate::metrics::{self, RoomInFlight, RoomOutcome};
 use crate::transfer::plan::{Plan, RoomPlan};
@@ -59,35 +60,21 @@ impl Engine {
                 if from.is_seated() {
                     return Seat::Taken(index, from);
                 }
-                // Its slot is given back while it waits for a server (and taken again to try).
-                let begun = AtomicBool::new(false);
-                let seat = self.budget.hold(t.id, class_of(room), async {
-                    let _flight = RoomInFlight::start();
-                    if stop.is_cancelled() {
-                        return None;
-                    }
-                    begun.store(true, Ordering::Relaxed);
-                    // Boxed: the seat's future is large, and this one nests it in several more.
-                    Some(Box::pin(self.rooms.take_seat(t, room, &from)).await)
-                });
-                // A cancel ends the wait for a slot at once, and a room still waiting (for a
-                // server, or to try again) after a moment's grace: a room in the middle of its
-                // requests to this homeserver finishes its seat (no invite left without its join).
-                let seat = tokio::select! {
+                // Most of a crowd's rooms wait here for a slot, so this part of the future is kept
+                // small: the seat's own (larger) future is made and boxed once the slot is taken.
+                let slot = tokio::select! {
                     biased;
-                    seat = seat => seat,
-                    _ = async {
-                        stop.cancelled().await;
-                        if begun.load(Ordering::Relaxed) {
-                            tokio::time::sleep(CANCEL_GRACE).await;
-                        }
-                    } => None,
+                    slot = self.budget.acquire(t.id, class_of(room)) => Some(slot),
+                    _ = stop.cancelled() => None,
                 };
-                let ended = match seat {
-                    None if !begun.load(Ordering::Relaxed) => {
+                let seat = match slot {
+                    Some(slot) if !stop.is_cancelled() => Box::pin(self.take_seat(t, room, &from, slot, stop)).await,
+                    _ => {
                         self.end_room(t, progress, &room.room_id, &RoomStep::Skipped(SkipReason::NotStarted)).await;
                         return Seat::NotStarted;
                     }
+                };
+                let ended = match seat {
                     None => {
                         tracing::info!(transfer = t.id, room_id = %room.room_id, "cancelled while the room waited");
                         RoomStep::Skipped(SkipReason::Interrupted)
@@ -148,6 +135,33 @@ impl Engine {
             .collect::<Vec<()>>()
             .await;
         Ok(cancelled)
+    }
+
+    /// Takes a room's seat with the budget `slot` it was given, which it lends back while it
+    /// waits for a server. A cancel ends it after a moment's grace (`None`): a room in the middle
+    /// of its requests to this homeserver finishes its seat (no invite left without its join),
+    /// one waiting for another server, or to try again, ends within seconds.
+    async fn take_seat(
+        &self,
+        t: &Transfer,
+        room: &RoomPlan,
+        from: &RoomStep,
+        slot: Slot,
+        stop: &CancellationToken,
+    ) -> Option<Result<Option<RoomStep>, Error>> {
+        let seat = self.budget.lend(slot, class_of(room), async {
+            let _flight = RoomInFlight::start();
+            // Boxed: the seat's future is large, and this one nests it in several more.
+            Box::pin(self.rooms.take_seat(t, room, from)).await
+        });
+        tokio::select! {
+            biased;
+            seat = seat => Some(seat),
+            _ = async {
+                stop.cancelled().await;
+                tokio::time::sleep(CANCEL_GRACE).await;
+            } => None,
+        }
     }
 
     /// Journals a room's final step and counts it.
