@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Serializer;
 
+use crate::transfer::arrivals::Awaited;
 use crate::transfer::pace::Paced;
 use crate::transfer::reason::{FailReason, SkipReason, StepDone, StepFailure, Withdrawal};
 
@@ -128,6 +129,33 @@ pub fn paced(p: &Paced, reserved: usize, total: usize) -> String {
          other invites one at a time at the rate {server} lets through{rate}, and fails none of them for it. \
          Its admin can raise `rc_invites.per_user` (say `per_second: 1, burst_count: 500`) to make it \
          minutes: handoff goes back to full speed by itself."
+    )
+}
+
+/// Received rooms that wait for their invites, for the new account: `joined` of `total` rooms
+/// so far, `old` the account whose server sends the invites.
+pub fn awaiting_invites(a: &Awaited, old: &ruma::UserId, joined: usize, total: usize) -> String {
+    let rate = match a.every {
+        Some(every) => {
+            let every = Duration::from_secs(every.as_secs().max(1));
+            format!(
+                " They come about one every {} (about {} for the {} waiting).",
+                humantime::format_duration(every),
+                humantime::format_duration(every * a.waiting as u32),
+                a.waiting
+            )
+        }
+        None => String::new(),
+    };
+    format!(
+        "{joined} of your {total} rooms are joined; {waiting} wait for the invites of {old}, which {server} \
+         sends while this server lets them in at a limited rate (Synapse: `rc_invites.per_user`, by default \
+         5 at once, then one every 5m 33s). Each room is joined as its invite comes, nothing to do meanwhile.{rate} \
+         A room whose invite has not come after {quiet} without any is skipped, saying so. This server's \
+         admin can raise `rc_invites.per_user` (say `per_second: 1, burst_count: 500`) to make it minutes.",
+        waiting = a.waiting,
+        server = old.server_name(),
+        quiet = humantime::format_duration(Duration::from_secs(a.quiet.as_secs().max(1))),
     )
 }
 

@@ -13,6 +13,7 @@ use ruma::{OwnedEventId, RoomId};
 use super::outbox::Outbox;
 use crate::homeserver::HsError;
 use crate::html::{escape, to_html};
+use crate::transfer::arrivals::Awaited;
 use crate::transfer::pace::Paced;
 use crate::transfer::plan::Warning;
 use crate::transfer::progress::{Counts, Delivery, Place, Reporter, RoomHistory, Stopped};
@@ -208,6 +209,19 @@ impl Reporter for ChatReporter {
                 None => (format!("full-speed-{}-{}", t.id, c.seated), wording::full_speed(t.new.server_name())),
             };
             self.post(&t.new_dm, &key, &text).await?;
+            Ok(())
+        })
+    }
+
+    fn awaiting_invites<'a>(
+        &'a self,
+        t: &'a Transfer,
+        awaited: &'a Awaited,
+        c: Counts,
+    ) -> BoxFuture<'a, Result<(), HsError>> {
+        Box::pin(async move {
+            let key = format!("awaiting-{}-{}", t.id, awaited.every.is_some());
+            self.post(&t.new_dm, &key, &wording::awaiting_invites(awaited, &t.old, c.seated, c.total)).await?;
             Ok(())
         })
     }

@@ -313,6 +313,7 @@ impl<'a> Import<'a> {
             patience: FEDERATION_PATIENCE,
             // No reservation runs alongside: a room without its invite is said at once.
             invites_patience: Duration::ZERO,
+            arrivals: Default::default(),
             reach: Reach::default(),
             pace: Default::default(),
         }

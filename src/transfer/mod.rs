@@ -11,6 +11,7 @@
 //!   edges (`crate::wording`). The engine words no report and never imports the bot.
 
 pub mod account;
+pub mod arrivals;
 pub mod engine;
 pub mod journal;
 pub mod line;

@@ -6,6 +6,7 @@ use futures_util::future::BoxFuture;
 use ruma::{OwnedEventId, OwnedUserId};
 
 use super::Transfer;
+use super::arrivals::Awaited;
 use super::pace::Paced;
 use super::report::Report;
 use crate::bundle::HistoryMessage;
@@ -80,6 +81,18 @@ pub trait Reporter: Send + Sync {
         counts: Counts,
     ) -> BoxFuture<'a, Result<(), HsError>> {
         let _ = (t, pace, counts);
+        Box::pin(async { Ok(()) })
+    }
+    /// A received bundle's rooms wait for the invites of the old account's server, which this
+    /// server lets in at a limited rate (said once they have waited a while, and again once the
+    /// rate is measured). By default, nothing is said.
+    fn awaiting_invites<'a>(
+        &'a self,
+        t: &'a Transfer,
+        awaited: &'a Awaited,
+        counts: Counts,
+    ) -> BoxFuture<'a, Result<(), HsError>> {
+        let _ = (t, awaited, counts);
         Box::pin(async { Ok(()) })
     }
     /// A reservation's new account has taken (or declined) every seat: the move is complete.

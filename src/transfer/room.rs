@@ -31,6 +31,7 @@ use crate::bundle::RoomEntry;
 use crate::config::{NotifyConfig, NotifySender};
 use crate::homeserver::{Backoff, Homeserver, HsError, Retry, Transient, within};
 use crate::html::to_html;
+use crate::transfer::arrivals::{Arrival, Arrivals};
 use crate::transfer::pace::{Pace, Verdict};
 
 /// The field of move notices that clients and bots can read.
@@ -44,9 +45,11 @@ pub struct RoomWork {
     pub notify: Option<NotifyConfig>,
     /// How long a room waits for another homeserver it needs (`handoff.federation_patience`).
     pub patience: Duration,
-    /// How long a received room without its invite waits for it ([`INVITES_PATIENCE`]); zero:
-    /// not at all (no reservation is running alongside).
+    /// How long a received room without its invite waits for it at least while no other invite
+    /// of the move comes ([`super::arrivals::QUIET`]); zero: not at all (no reservation runs alongside).
     pub invites_patience: Duration,
+    /// The invites that received rooms wait for.
+    pub arrivals: Arrivals,
     pub reach: Reach,
     /// The pace of reservation invites to servers that limit them.
     pub pace: Pace,
@@ -171,10 +174,6 @@ impl Reach {
     }
 }
 
-/// How long a received room without its invite waits for it while none of the transfer's other
-/// joins succeeds (the old account's server reserves the seats in the same order: a pause this
-/// long means it is done, and the invite is not coming).
-pub const INVITES_PATIENCE: Duration = Duration::from_secs(60);
 
 /// A room whose servers have been away for the whole patience already (another room waited it
 /// out) still tries once, this long at most: a server that came back is noticed.
@@ -543,37 +542,31 @@ impl RoomWork {
     }
 
     /// Joins a room through its via servers (they must answer). The old account's server may
-    /// still be reserving the seats while a received bundle is imported: where the move is proven
-    /// (some invite of it arrived), a room without its invite yet waits for it as long as invites
-    /// keep arriving (a join in this transfer succeeded within the last `invites_patience`).
+    /// still be reserving the seats while a received bundle is imported, at the rate this server
+    /// lets its invites in: where the move is proven (some invite of it came) and the bundle does
+    /// not say the old server won't reserve the room, a room without its invite yet waits for it,
+    /// without its budget slot, while invites keep coming ([`super::arrivals`]).
     async fn join_through(&self, t: Move<'_>, room: &RoomPlan) -> Result<(), Unreached> {
         let rid = &room.room_id;
         let servers = room.via.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
-        let invites = format!("the invites of {}", t.old);
-        let proven = !room.warnings.contains(&Warning::Unreserved);
-        let patience = self.patience.min(self.invites_patience);
+        let awaits = !room.warnings.contains(&Warning::Unreserved) && !self.invites_patience.is_zero();
         let remote = self.accounts.remote(t.new).map_err(Unreached::Refused)?;
-        // Forbidden: no invite yet. Waited for while the reservation goes on (its clock starts
-        // again at each join that succeeds, so it is asked for at each failure).
-        let joined = Backoff::new(Duration::from_millis(500), Duration::from_secs(5))
-            .run(
-                || self.across(t, &servers, || join(remote, t.new, rid, &room.via)),
-                |e| match e {
-                    Unreached::Refused(e) if matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
-                        let waiting = proven && self.reach.away(t.id, &invites) < patience;
-                        if waiting {
-                            tracing::debug!(transfer = t.id, room_id = %rid, "no invite yet: waiting for the reservation");
-                        }
-                        waiting
+        let mut waited = false;
+        loop {
+            match self.across(t, &servers, || join(remote, t.new, rid, &room.via)).await {
+                // Forbidden: no invite yet. Once it came, the join is tried once more.
+                Err(Unreached::Refused(e)) if awaits && !waited && matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
+                    tracing::debug!(transfer = t.id, room_id = %rid, "no invite yet: waiting for the reservation");
+                    let reader = self.accounts.client(t.new).map_err(Unreached::Refused)?;
+                    let wait = self.arrivals.wait_for(reader, t.id, t.new, t.old, rid, self.invites_patience);
+                    match budget::away(wait).await {
+                        Arrival::Came => waited = true,
+                        Arrival::Quiet => return Err(Unreached::Refused(e)),
                     }
-                    _ => false,
-                },
-            )
-            .await;
-        if joined.is_ok() {
-            self.reach.back(t.id, &invites);
+                }
+                joined => return joined,
+            }
         }
-        joined
     }
 
     async fn membership(
@@ -810,7 +803,8 @@ mod tests {
             journal,
             notify: Some(NotifyConfig::default()),
             patience,
-            invites_patience: INVITES_PATIENCE,
+            invites_patience: crate::transfer::arrivals::QUIET,
+            arrivals: Arrivals::default(),
             reach: Reach::default(),
             pace: Default::default(),
         }
@@ -828,6 +822,7 @@ mod tests {
             notify: Some(NotifyConfig { sender: NotifySender::New, ..NotifyConfig::default() }),
             patience,
             invites_patience: Duration::ZERO,
+            arrivals: Arrivals::default(),
             reach: Reach::default(),
             pace: Default::default(),
         }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use ruma::api::client::config::get_global_account_data;
@@ -165,13 +166,24 @@ pub async fn read_new_view(
     rooms: &[OwnedRoomId],
 ) -> Result<NewView, HsError> {
     let joined = hs.send_as(new, joined_rooms::v3::Request::new()).await?.joined_rooms.into_iter().collect();
-    // Pending invites are only in a sync. Everything else is filtered out by a type that exists
-    // nowhere; being new each time, it also keeps Synapse from answering from its sync cache.
+    let filter = invites_filter(hs, new, Some(rooms.to_vec())).await?;
+    let reserved = reservation_invites(hs, new, old, &filter, None, Duration::ZERO).await?.0;
+    Ok(NewView { joined, reserved })
+}
+
+/// Uploads a filter of `new`'s sync that keeps only its pending invites (of `rooms`, or all):
+/// everything else is filtered out by a type that exists nowhere; being new each time, it also
+/// keeps Synapse from answering from its sync cache.
+pub async fn invites_filter(
+    hs: &Homeserver,
+    new: &UserId,
+    rooms: Option<Vec<OwnedRoomId>>,
+) -> Result<String, HsError> {
     let nothing = vec![format!("org.handoff.none.{}", rand::random::<u64>())];
     let mut filter = FilterDefinition::default();
     filter.presence.types = Some(nothing.clone());
     filter.account_data.types = Some(nothing.clone());
-    filter.room.rooms = Some(rooms.to_vec());
+    filter.room.rooms = rooms;
     filter.room.timeline.types = Some(nothing.clone());
     filter.room.timeline.limit = Some(UInt::from(1u32));
     filter.room.state.types = Some(nothing.clone());
@@ -179,13 +191,30 @@ pub async fn read_new_view(
     filter.room.account_data.types = Some(nothing);
     // Uploaded, not inlined: a filter naming hundreds of rooms makes a query string longer than
     // the homeserver takes (with 500 rooms, Synapse never answered and the request hung).
-    let uploaded = hs.send_as(new, create_filter::v3::Request::new(new.to_owned(), filter)).await?;
+    Ok(hs.send_as(new, create_filter::v3::Request::new(new.to_owned(), filter)).await?.filter_id)
+}
+
+/// The rooms `old` invited `new` to for a move and it has not answered yet (pending invites are
+/// only in a sync), through `filter` ([`invites_filter`]): all of them without `since`, those
+/// that came since then with it, waiting up to `timeout` for one (a long poll). With the sync's
+/// token for the next call.
+pub async fn reservation_invites(
+    hs: &Homeserver,
+    new: &UserId,
+    old: &UserId,
+    filter: &str,
+    since: Option<String>,
+    timeout: Duration,
+) -> Result<(BTreeSet<OwnedRoomId>, String), HsError> {
     let mut req = sync_events::v3::Request::new();
-    req.filter = Some(Filter::FilterId(uploaded.filter_id));
-    req.timeout = Some(std::time::Duration::ZERO);
-    let invites = hs.send_as(new, req).await?.rooms.invite;
+    req.filter = Some(Filter::FilterId(filter.to_owned()));
+    req.since = since;
+    req.timeout = Some(timeout);
+    let answer = hs.send_as(new, req).await?;
     let reason = reservation_reason(old);
-    let reserved = invites
+    let reserved = answer
+        .rooms
+        .invite
         .into_iter()
         .filter(|(_, room)| {
             room.invite_state.events.iter().any(|raw| match raw.deserialize() {
@@ -200,5 +229,5 @@ pub async fn read_new_view(
         })
         .map(|(room, _)| room)
         .collect();
-    Ok(NewView { joined, reserved })
+    Ok((reserved, answer.next_batch))
 }

@@ -61,6 +61,10 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
             let reserved = count(&RoomStep::is_seated);
             text.push_str(&format!("\n{}", crate::wording::paced(&paced, reserved, plan.total())));
         }
+        if let Some(awaited) = bot.engine.awaited(t.id) {
+            let joined = count(&RoomStep::is_seated);
+            text.push_str(&format!("\n{}", crate::wording::awaiting_invites(&awaited, &t.old, joined, plan.total())));
+        }
         let done = count(&|s| *s == RoomStep::Done);
         let awaiting = count(&|s| *s == RoomStep::AwaitingAccept);
         let skipped = count(&|s| matches!(s, RoomStep::Skipped(_)));

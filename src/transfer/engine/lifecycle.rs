@@ -98,12 +98,17 @@ impl Engine {
         running.len()
     }
 
-    /// Where `id` waits: how many are ahead of it, and how many run. `None` if it is not waiting.
     /// How transfer `id`'s reservation invites are paced by the other server, if they are.
     pub fn paced(&self, id: u64) -> Option<crate::transfer::pace::Paced> {
         self.rooms.pace.note(id)
     }
 
+    /// How transfer `id`'s received rooms wait for their invites, while some do.
+    pub fn awaited(&self, id: u64) -> Option<crate::transfer::arrivals::Awaited> {
+        self.rooms.arrivals.note(id, self.rooms.invites_patience)
+    }
+
+    /// Where `id` waits: how many are ahead of it, and how many run. `None` if it is not waiting.
     pub fn place(&self, id: u64) -> Option<Place> {
         let line = self.line.lock().expect("lock");
         line.ahead_of(id).map(|ahead| Place { ahead, running: line.running() })
@@ -168,6 +173,7 @@ impl Drop for RunningEntry {
         // The next run learns afresh which servers are away.
         self.engine.rooms.reach.forget(self.id);
         self.engine.rooms.pace.forget(self.id);
+        self.engine.rooms.arrivals.forget(self.id);
         if let Ok(mut stops) = self.engine.cancelling.lock() {
             stops.remove(&self.id);
         }

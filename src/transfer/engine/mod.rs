@@ -26,7 +26,8 @@ use super::account::AccountWork;
 use super::journal::{Journal, RoomJournal};
 use super::line::Line;
 use super::progress::Reporter;
-use super::room::{Accounts, INVITES_PATIENCE, RoomWork};
+use super::arrivals::{self, Arrivals};
+use super::room::{Accounts, RoomWork};
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::homeserver::{Homeserver, Retry};
@@ -79,7 +80,8 @@ impl Engine {
                 journal: RoomJournal::Sled(journal.clone()),
                 notify: Some(config.handoff.notify.clone()),
                 patience: config.handoff.federation_patience,
-                invites_patience: INVITES_PATIENCE,
+                invites_patience: arrivals::QUIET,
+                arrivals: Arrivals::default(),
                 reach: Default::default(),
                 pace: Default::default(),
             },

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Engine;
 use crate::budget::{Class, Slot};
+use crate::transfer::arrivals::SAY_AFTER;
 use crate::bundle::{Bundle, Priority, RoomKind};
 use crate::metrics::{self, RoomInFlight, RoomOutcome};
 use crate::transfer::plan::{Plan, RoomPlan};
@@ -183,6 +184,9 @@ impl Engine {
     /// it changes: when they are, when the rate is measured, when they land at full speed again.
     /// Never returns (pass 1 ends it).
     async fn tell_pace(&self, t: &Transfer, progress: &Progress) -> std::convert::Infallible {
+        if t.kind == TransferKind::Receive {
+            return self.tell_arrivals(t, progress).await;
+        }
         if t.kind != TransferKind::Reserve || t.new.server_name() == t.old.server_name() {
             return std::future::pending().await;
         }
@@ -202,6 +206,24 @@ impl Engine {
             }
         }
         std::future::pending().await
+    }
+
+    /// Tells the new account of a received bundle when its rooms wait for their invites: once
+    /// they have waited a while ([`SAY_AFTER`]), and again once the rate is measured. Never
+    /// returns (pass 1 ends it).
+    async fn tell_arrivals(&self, t: &Transfer, progress: &Progress) -> std::convert::Infallible {
+        let mut said = (false, false);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            let Some(awaited) = self.awaited(t.id) else { continue };
+            let now = (said.0 || awaited.since_last >= SAY_AFTER, awaited.every.is_some());
+            if now.0 && now != said {
+                said = now;
+                if let Err(e) = self.reporter.awaiting_invites(t, &awaited, progress.counts()).await {
+                    tracing::warn!(transfer = t.id, error = %e, "cannot tell that the rooms wait for their invites");
+                }
+            }
+        }
     }
 
     pub(super) async fn tell_progress(&self, t: &Transfer, progress: &Progress) {
