@@ -47,6 +47,10 @@ pub enum Endpoint {
     Send,
     /// `GET /rooms/{room}/messages`
     Messages,
+    /// `POST /user/{user}/filter`
+    Filter,
+    /// `GET /sync`: the requester's pending invites.
+    Sync,
     /// Anything else: answered `M_UNRECOGNIZED`.
     Other,
 }
@@ -155,6 +159,8 @@ struct Room {
     power_levels: JsonValue,
     /// Every event, oldest first.
     timeline: Vec<JsonValue>,
+    /// Who invited each invitee, the invite's reason, and its place in the server's order.
+    invited_by: BTreeMap<OwnedUserId, (OwnedUserId, Option<String>, u64)>,
 }
 
 /// A refusal: status, `errcode`, message.
@@ -238,6 +244,8 @@ impl Request {
             (&Method::PUT, ["v3", "user", _, "rooms", _, "tags", _]) => Endpoint::Tag,
             (&Method::PUT, ["v3", "rooms", _, "send", _, _]) => Endpoint::Send,
             (&Method::GET, ["v3", "rooms", _, "messages"]) => Endpoint::Messages,
+            (&Method::POST, ["v3", "user", _, "filter"]) => Endpoint::Filter,
+            (&Method::GET, ["v3", "sync"]) => Endpoint::Sync,
             _ => Endpoint::Other,
         };
         Request { endpoint, method, path, query, token, body }
@@ -336,6 +344,7 @@ impl Fake {
                 "invite": 0,
             }),
             timeline: Vec::new(),
+            invited_by: BTreeMap::new(),
         };
         self.world().rooms.insert(room.to_owned(), room_state);
     }
@@ -343,6 +352,16 @@ impl Fake {
     /// Anyone may join the room.
     pub fn make_public(&self, room: &RoomId) {
         self.world().room_mut(room).public = true;
+    }
+
+    /// `inviter` (of any server: an invite that came over federation) invites `invitee`.
+    pub fn invite(&self, room: &RoomId, inviter: &UserId, invitee: &UserId, reason: Option<String>) {
+        let mut world = self.world();
+        world.events += 1;
+        let seq = world.events;
+        let room = world.room_mut(room);
+        room.members.insert(invitee.to_owned(), MembershipState::Invite);
+        room.invited_by.insert(invitee.to_owned(), (inviter.to_owned(), reason, seq));
     }
 
     pub fn set_membership(&self, room: &RoomId, user: &UserId, membership: MembershipState) {
@@ -515,6 +534,12 @@ impl World {
             let message = format!("{} /{} is not served by the fake", req.method, req.path.join("/"));
             return Err(Refusal(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", message));
         }
+        match req.endpoint {
+            Endpoint::Filter => return Ok(json!({"filter_id": "1"})),
+            // No long poll: what came since `since` (the server's event count), at once.
+            Endpoint::Sync => return Ok(self.pending_invites(user, req.param("since"))),
+            _ => {}
+        }
         let room_id = req.room().ok_or_else(|| bad_json("no room in the path"))?;
         match req.endpoint {
             Endpoint::Join => return self.join(&room_id, user, req),
@@ -587,6 +612,9 @@ impl World {
                     Some(MembershipState::Join) => Err(forbidden(format!("{invitee} is already in the room."))),
                     Some(MembershipState::Ban) => Err(forbidden(format!("{invitee} is banned from the room"))),
                     _ => {
+                        self.events += 1;
+                        let reason = req.body["reason"].as_str().map(str::to_owned);
+                        room.invited_by.insert(invitee.clone(), (user.to_owned(), reason, self.events));
                         room.members.insert(invitee, MembershipState::Invite);
                         Ok(json!({}))
                     }
@@ -621,8 +649,33 @@ impl World {
                 };
                 Ok(json!({"chunk": events, "start": "t0", "end": "t1"}))
             }
-            Endpoint::Versions | Endpoint::Join | Endpoint::Tag | Endpoint::Other => unreachable!("served above"),
+            Endpoint::Versions
+            | Endpoint::Join
+            | Endpoint::Tag
+            | Endpoint::Filter
+            | Endpoint::Sync
+            | Endpoint::Other => unreachable!("served above"),
         }
+    }
+
+    /// A sync of `user`'s pending invites (those that came after `since`), as Synapse shows them:
+    /// the invite's member event among the room's stripped state.
+    fn pending_invites(&self, user: &UserId, since: Option<&str>) -> JsonValue {
+        let since: u64 = since.and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut invite = serde_json::Map::new();
+        for (room_id, room) in &self.rooms {
+            let Some((inviter, reason, seq)) = room.invited_by.get(user) else { continue };
+            if room.members.get(user) != Some(&MembershipState::Invite) || *seq <= since {
+                continue;
+            }
+            let mut content = json!({"membership": "invite"});
+            if let Some(reason) = reason {
+                content["reason"] = reason.as_str().into();
+            }
+            let member = json!({"type": "m.room.member", "state_key": user, "sender": inviter, "content": content});
+            invite.insert(room_id.to_string(), json!({"invite_state": {"events": [member]}}));
+        }
+        json!({"next_batch": self.events.to_string(), "rooms": {"invite": invite}})
     }
 
     /// A join by the room's ID: an invited user, or anyone in a public room.

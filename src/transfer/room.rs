@@ -174,7 +174,6 @@ impl Reach {
     }
 }
 
-
 /// A room whose servers have been away for the whole patience already (another room waited it
 /// out) still tries once, this long at most: a server that came back is noticed.
 const LAST_LOOK: Duration = Duration::from_secs(5);

@@ -174,11 +174,7 @@ pub async fn read_new_view(
 /// Uploads a filter of `new`'s sync that keeps only its pending invites (of `rooms`, or all):
 /// everything else is filtered out by a type that exists nowhere; being new each time, it also
 /// keeps Synapse from answering from its sync cache.
-pub async fn invites_filter(
-    hs: &Homeserver,
-    new: &UserId,
-    rooms: Option<Vec<OwnedRoomId>>,
-) -> Result<String, HsError> {
+pub async fn invites_filter(hs: &Homeserver, new: &UserId, rooms: Option<Vec<OwnedRoomId>>) -> Result<String, HsError> {
     let nothing = vec![format!("org.handoff.none.{}", rand::random::<u64>())];
     let mut filter = FilterDefinition::default();
     filter.presence.types = Some(nothing.clone());

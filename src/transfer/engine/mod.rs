@@ -23,10 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::PATIENT;
 use super::account::AccountWork;
+use super::arrivals::{self, Arrivals};
 use super::journal::{Journal, RoomJournal};
 use super::line::Line;
 use super::progress::Reporter;
-use super::arrivals::{self, Arrivals};
 use super::room::{Accounts, RoomWork};
 use crate::budget::Budget;
 use crate::config::Config;
@@ -118,6 +118,7 @@ mod testing {
     use crate::homeserver::{Homeserver, HsError};
     use crate::shutdown::Shutdown;
     use crate::store::Store;
+    use crate::transfer::arrivals::Awaited;
     use crate::transfer::journal::Journal;
     use crate::transfer::progress::{Counts, Delivery, Place, Reporter, Stopped};
     use crate::transfer::report::Report;
@@ -158,6 +159,16 @@ mod testing {
         }
         fn finished<'a>(&'a self, t: &'a Transfer, _: &'a Report) -> BoxFuture<'a, Result<(), HsError>> {
             self.note(format!("{} finished", t.id));
+            Box::pin(async { Ok(()) })
+        }
+        fn awaiting_invites<'a>(
+            &'a self,
+            t: &'a Transfer,
+            a: &'a Awaited,
+            c: Counts,
+        ) -> BoxFuture<'a, Result<(), HsError>> {
+            let rate = if a.every.is_some() { "at a measured rate" } else { "" };
+            self.note(format!("{} {} joined, {} awaiting invites {rate}", t.id, c.seated, a.waiting));
             Box::pin(async { Ok(()) })
         }
         fn taken_up<'a>(&'a self, t: &'a Transfer, _: &'a Report) -> BoxFuture<'a, Result<(), HsError>> {

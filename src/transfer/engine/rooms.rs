@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Engine;
 use crate::budget::{Class, Slot};
-use crate::transfer::arrivals::SAY_AFTER;
 use crate::bundle::{Bundle, Priority, RoomKind};
 use crate::metrics::{self, RoomInFlight, RoomOutcome};
+use crate::transfer::arrivals::SAY_AFTER;
 use crate::transfer::plan::{Plan, RoomPlan};
 use crate::transfer::progress::Counts;
 use crate::transfer::{Error, FailReason, RoomStep, SkipReason, Stage, Transfer, TransferKind};
@@ -384,5 +384,65 @@ mod tests {
         assert_eq!(steps.get(&waiting.room_id), Some(&RoomStep::Skipped(SkipReason::Interrupted)));
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(fake.count(Endpoint::Invite), tries, "no attempt after the room ended");
+    }
+
+    /// A received bundle's rooms, whose invites this server lets in slowly: the first came with
+    /// the burst, the second five minutes later (the old server's next paced invite), the third
+    /// never. Each room waits for its invite instead of being skipped after a minute, the new
+    /// account is told (and told the rate once measured), and the room whose invite never came
+    /// is skipped only once none has come for the quiet span.
+    #[tokio::test(start_paused = true)]
+    async fn received_rooms_wait_for_the_invites_this_server_lets_in_slowly() {
+        let fake = Fake::new("example.org");
+        let (old, new) = (owned_user_id!("@old:other.org"), owned_user_id!("@new:example.org"));
+        let reason = Some(crate::transfer::room::reservation_reason(&old));
+        let rooms: Vec<RoomPlan> = ["!burst:other.org", "!paced:other.org", "!never:other.org"]
+            .iter()
+            .map(|id| room(id, Priority::Normal, RoomKind::Group))
+            .collect();
+        for r in &rooms {
+            fake.create_room(&r.room_id, &old);
+        }
+        fake.invite(&rooms[0].room_id, &old, &new, reason.clone());
+        let h = Harness::on(1, fake.appservice().await);
+        let id = h.journal.new_id().unwrap();
+        let bundle_id = BundleId::new(&old, id);
+        let dm = "!dm:example.org".try_into().unwrap();
+        let mut t = Transfer::new(id, old.clone(), new.clone(), bundle_id, Default::default(), dm, None);
+        t.kind = TransferKind::Receive;
+        h.journal.put(&t).await.unwrap();
+        let plan = Plan { old: old.clone(), new: new.clone(), rooms: rooms.clone(), unplanned: vec![], left_out: 0 };
+        let bundle = crate::bundle::tests::sample();
+
+        let paced = Duration::from_secs(300);
+        let start = tokio::time::Instant::now();
+        let moving = async {
+            let cancelled = h.engine.move_rooms(&t, &bundle, &plan, Instant::now()).await.unwrap();
+            (cancelled, start.elapsed())
+        };
+        let inviting = async {
+            tokio::time::sleep(paced).await;
+            fake.invite(&rooms[1].room_id, &old, &new, reason.clone());
+        };
+        let ((cancelled, took), ()) = tokio::join!(moving, inviting);
+        assert!(!cancelled);
+        let steps = h.journal.room_steps(id).unwrap();
+        assert_eq!(steps.get(&rooms[0].room_id), Some(&RoomStep::Done));
+        assert_eq!(steps.get(&rooms[1].room_id), Some(&RoomStep::Done), "the paced room was joined");
+        assert_eq!(fake.membership(&rooms[1].room_id, &new), Some(ruma::events::room::member::MembershipState::Join));
+        assert_eq!(
+            steps.get(&rooms[2].room_id),
+            Some(&RoomStep::Skipped(SkipReason::NeedsInvite { old: old.clone() })),
+            "the room whose invite never came"
+        );
+        // None came for the quiet span after the last (three times the longest pause seen).
+        let quiet = crate::transfer::arrivals::QUIET.max(paced * 3);
+        assert!(took >= paced + quiet && took <= paced + quiet + Duration::from_secs(60), "{took:?}");
+        let said = h.told.said();
+        // Told once the rooms waited a minute, and once the rate was measured (as the paced
+        // invite came, while its room joins).
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert_eq!(said[0], format!("{id} 1 joined, 2 awaiting invites "));
+        assert!(said[1].ends_with(", 1 awaiting invites at a measured rate"), "{said:?}");
     }
 }
