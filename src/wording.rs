@@ -148,12 +148,15 @@ pub fn awaiting_invites(a: &Awaited, old: &ruma::UserId, joined: usize, total: u
         None => String::new(),
     };
     format!(
-        "{joined} of your {total} rooms are joined; {waiting} wait for the invites of {old}, which {server} \
+        "{joined} of your {total} rooms are joined; {waiting} for the invites of {old}, which {server} \
          sends while this server lets them in at a limited rate (Synapse: `rc_invites.per_user`, by default \
          5 at once, then one every 5m 33s). Each room is joined as its invite comes, nothing to do meanwhile.{rate} \
          A room whose invite has not come after {quiet} without any is skipped, saying so. This server's \
          admin can raise `rc_invites.per_user` (say `per_second: 1, burst_count: 500`) to make it minutes.",
-        waiting = a.waiting,
+        waiting = match a.waiting {
+            1 => "1 waits".to_owned(),
+            n => format!("{n} wait"),
+        },
         server = old.server_name(),
         quiet = humantime::format_duration(Duration::from_secs(a.quiet.as_secs().max(1))),
     )
@@ -192,6 +195,26 @@ mod tests {
         let p = Paced { server, landed: 6, every: Some(Duration::from_millis(333_400)) };
         let text = paced(&p, 6, 12);
         assert!(text.contains("about one every 5m 33s (about 33m 18s for the 6 left)"), "{text}");
+    }
+
+    #[test]
+    fn rooms_awaiting_invites_say_how_many_from_whom_how_fast_and_until_when() {
+        let old = user("@old:a.example");
+        let mut a =
+            Awaited { waiting: 7, since_last: Duration::from_secs(90), every: None, quiet: Duration::from_secs(720) };
+        let text = awaiting_invites(&a, &old, 5, 12);
+        assert!(
+            text.starts_with(
+                "5 of your 12 rooms are joined; 7 wait for the invites of @old:a.example, which a.example sends"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("`rc_invites.per_user`"), "{text}");
+        assert!(text.contains("after 12m without any is skipped"), "{text}");
+        assert!(!text.contains("about one every"), "no rate before one is measured: {text}");
+        a.every = Some(Duration::from_millis(333_400));
+        let text = awaiting_invites(&a, &old, 5, 12);
+        assert!(text.contains("about one every 5m 33s (about 38m 51s for the 7 waiting)"), "{text}");
     }
 
     fn user(id: &str) -> OwnedUserId {

@@ -593,6 +593,50 @@ async fn a_reservation_to_a_server_that_limits_invites_is_paced_told_and_complet
     println!("whole test: {:.1?}", started.elapsed());
 }
 
+/// B's limit on the invites one user receives, slow enough that its pauses outlast a minute
+/// (the default is 5 at once, then one each 333 s): 3 at once, then one each 80 s.
+const B_LIMITS_INVITES_SLOWLY: &str = "rc_invites:\n  per_user: {per_second: 0.0125, burst_count: 3}\n";
+
+#[tokio::test]
+async fn an_import_on_the_limiting_server_waits_for_the_paced_invites_and_says_so() {
+    let started = Instant::now();
+    let fh = FederatedHarness::start_with_homeservers(
+        |_, _, c| c,
+        |side| if side == Side::B { B_LIMITS_INVITES_SLOWLY.to_owned() } else { String::new() },
+    )
+    .await;
+    let alice = fh.a.user("alice").await;
+    let newbie = fh.b.user("newbie").await;
+    let rooms = alice.create_rooms(4).await;
+    let dm = fh.a.dm_with_bot(&alice).await;
+    let (code, file) = export_file(&fh.a, &alice, &dm, &format!("--to {}", newbie.id)).await;
+    // The new account imports at once, while A's reservation is paced by B's limit: the fourth
+    // invite comes more than a minute after the first three.
+    let new_dm = fh.b.dm_with_bot(&newbie).await;
+    drop_file(&fh.b, &newbie, &new_dm, &file).await;
+    fh.b.ask(&newbie, &new_dm, &format!("import {code}"), "The code opens the bundle file of").await;
+    let told = fh.b.bot_says_within(&newbie, &new_dm, "waits for the invites of", Duration::from_secs(150)).await;
+    println!("told {:.1?} after the start:\n{told}", started.elapsed());
+    assert!(
+        told.starts_with(&format!("3 of your 4 rooms are joined; 1 waits for the invites of {}", alice.id)),
+        "{told}"
+    );
+    assert!(told.contains("`rc_invites.per_user`"), "{told}");
+    let status = fh.b.ask(&newbie, &new_dm, "status", "Transfer").await;
+    assert!(
+        status.contains("waits for the invites of") || status.contains("4 moved"),
+        "status says what the rooms wait for (or that they are all in): {status}"
+    );
+    // Waited for, not skipped after a minute: every room is moved.
+    let report = fh.b.bot_says_within(&newbie, &new_dm, "rooms moved to", Duration::from_secs(300)).await;
+    println!("import reported {:.1?} after the start:\n{report}", started.elapsed());
+    assert!(report.starts_with("4 of 4 rooms moved"), "{report}");
+    for room in &rooms {
+        assert_eq!(membership(&newbie, room).await, "join", "{room}");
+    }
+    println!("whole test: {:.1?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn rooms_that_need_a_server_gone_too_long_are_reported_each_with_what_to_do() {
     let started = Instant::now();
