@@ -50,6 +50,19 @@ impl Engine {
         let (progress, steps) = (&progress, &steps);
         let concurrency = self.config.handoff.concurrency.0;
         let stop = &self.stop_token(t.id);
+        // Another server lets one of its users receive only a few invites at once (Synapse: 5,
+        // then one each 333 s): a reservation to it sends every favourite's and DM's invite
+        // before any other room's, so they are the ones inside the burst.
+        let remote_reservation = t.kind == TransferKind::Reserve && t.new.server_name() != t.old.server_name();
+        let first = |i: &usize| class_of(&plan.rooms[*i]) == Class::First;
+        // (They come first in a plan already; sorted all the same, as the rooms waiting for them
+        // must never be the ones taking their places in line.)
+        let mut todo = todo;
+        todo.sort_by_key(|i| !first(i));
+        let gate =
+            tokio::sync::watch::channel(if remote_reservation { todo.iter().filter(|i| first(i)).count() } else { 0 })
+                .0;
+        let gate = &gate;
 
         // Pass 1, seats: every room's invite and join, highest priority first, so the new account
         // is in its rooms as early as the homeserver allows.
@@ -57,6 +70,7 @@ impl Engine {
             .map(|index: usize| async move {
                 let room = &plan.rooms[index];
                 let from = steps.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
+                let _opens = (remote_reservation && first(&index)).then(|| Opens(gate));
                 // Seated before a restart: straight to pass 2, without taking a slot.
                 if from.is_seated() {
                     return Seat::Taken(index, from);
@@ -65,7 +79,10 @@ impl Engine {
                 // small: the seat's own (larger) future is made and boxed once the slot is taken.
                 let slot = tokio::select! {
                     biased;
-                    slot = self.budget.acquire(t.id, class_of(room)) => Some(slot),
+                    slot = async {
+                        let _ = gate.subscribe().wait_for(|firsts| *firsts == 0 || first(&index)).await;
+                        self.budget.acquire(t.id, class_of(room)).await
+                    } => Some(slot),
                     _ = stop.cancelled() => None,
                 };
                 let seat = match slot {
@@ -230,6 +247,16 @@ impl Engine {
         if let Err(e) = self.reporter.progress(t, progress.counts()).await {
             tracing::warn!(error = %e, "cannot report progress");
         }
+    }
+}
+
+/// A favourite's or DM's seat of a reservation to another server, until it ends (however it
+/// ends): the other rooms wait for all of them to end before they start.
+struct Opens<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl Drop for Opens<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|firsts| *firsts -= 1);
     }
 }
 
@@ -444,5 +471,64 @@ mod tests {
         assert_eq!(said.len(), 2, "{said:?}");
         assert_eq!(said[0], format!("{id} 1 joined, 2 awaiting invites "));
         assert!(said[1].ends_with(", 1 awaiting invites at a measured rate"), "{said:?}");
+    }
+
+    /// A reservation to a server that lets one user receive 2 invites at once: the favourite and
+    /// the DM are the ones inside the burst, whatever order the rooms come in and however long
+    /// their invites take, and the others still get their seats (paced).
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_to_another_server_sends_favourites_and_dms_inside_the_burst() {
+        let fake = Fake::new("example.org");
+        let (old, new) = (owned_user_id!("@old:example.org"), owned_user_id!("@new:other.org"));
+        let rooms = vec![
+            room("!plain1:example.org", Priority::Normal, RoomKind::Group),
+            room("!plain2:example.org", Priority::Normal, RoomKind::Group),
+            room("!low:example.org", Priority::Low, RoomKind::Group),
+            room("!favourite:example.org", Priority::High, RoomKind::Group),
+            room("!dm:example.org", Priority::Normal, RoomKind::Dm),
+        ];
+        for r in &rooms {
+            fake.create_room(&r.room_id, &old);
+        }
+        fake.limit_remote_invites(2, Duration::from_secs(30));
+        // The first invite sent (the favourite's) is held up a second by this server's own limit:
+        // the other rooms don't take its place in the burst meanwhile.
+        fake.script(Endpoint::Invite, Answer::limited(1000), Some(1));
+        let h = Harness::on(1, fake.appservice().await);
+        let id = h.journal.new_id().unwrap();
+        let bundle_id = BundleId::new(&old, id);
+        let mut t = Transfer::new(
+            id,
+            old.clone(),
+            new.clone(),
+            bundle_id,
+            Default::default(),
+            "!d:example.org".try_into().unwrap(),
+            None,
+        );
+        t.kind = TransferKind::Reserve;
+        h.journal.put(&t).await.unwrap();
+        let plan = Plan { old, new: new.clone(), rooms: rooms.clone(), unplanned: vec![], left_out: 0 };
+        let bundle = crate::bundle::tests::sample();
+
+        assert!(!h.engine.move_rooms(&t, &bundle, &plan, Instant::now()).await.unwrap());
+        let invited: Vec<String> = fake
+            .seen()
+            .into_iter()
+            .filter(|s| s.endpoint == Endpoint::Invite)
+            .filter_map(|s| s.room.map(|r| r.to_string()))
+            .collect();
+        let mut burst = invited[..3].to_vec();
+        burst.sort();
+        let firsts = ["!dm:example.org", "!favourite:example.org", "!favourite:example.org"];
+        assert_eq!(burst, firsts, "the first invites sent (the favourite's twice): {invited:?}");
+        for r in &rooms {
+            assert_eq!(
+                fake.membership(&r.room_id, &new),
+                Some(ruma::events::room::member::MembershipState::Invite),
+                "{}",
+                r.room_id
+            );
+        }
     }
 }
