@@ -162,6 +162,34 @@ pub fn awaiting_invites(a: &Awaited, old: &ruma::UserId, joined: usize, total: u
     )
 }
 
+/// What a device-side import's joins take at Synapse's default limits on one account's joins,
+/// for `--dry-run`.
+pub fn joins_at_defaults(joins: &crate::client::pace::Joins, new: &ruma::UserId) -> String {
+    use crate::client::pace::{BURST, LOCAL_EVERY, REMOTE_EVERY};
+    let server = new.server_name();
+    let time = joins.at_defaults();
+    let mut text = format!(
+        "{} joins: {} into rooms {server} is in already, {} into rooms it joins over federation.",
+        joins.total(),
+        joins.local,
+        joins.remote
+    );
+    if time.is_zero() {
+        text.push_str(" Within Synapse's default burst: they go at once.");
+    } else {
+        text.push_str(&format!(
+            " At Synapse's default limits on one account's joins (`rc_joins`: {BURST} at once, then one every {} \
+             into the first kind, one every {} into the second) they take about {}: handoff waits as {server} \
+             asks, and says so beside the progress bar. Its admin can raise `rc_joins` (`local` and `remote`) \
+             for the day to make it minutes.",
+            humantime::format_duration(LOCAL_EVERY),
+            humantime::format_duration(REMOTE_EVERY),
+            humantime::format_duration(Duration::from_secs(time.as_secs() / 60 * 60).max(Duration::from_secs(60))),
+        ));
+    }
+    text
+}
+
 /// The same, back at full speed.
 pub fn full_speed(server: &ruma::ServerName) -> String {
     format!("Invites to {server} land at full speed again.")
@@ -215,6 +243,24 @@ mod tests {
         a.every = Some(Duration::from_millis(333_400));
         let text = awaiting_invites(&a, &old, 5, 12);
         assert!(text.contains("about one every 5m 33s (about 38m 51s for the 7 waiting)"), "{text}");
+    }
+
+    #[test]
+    fn a_dry_run_says_what_the_joins_take_at_the_default_limits() {
+        use crate::client::pace::Joins;
+        let new = user("@new:b.org");
+        let text = joins_at_defaults(&Joins { local: 30, remote: 25 }, &new);
+        assert!(
+            text.starts_with("55 joins: 30 into rooms b.org is in already, 25 into rooms it joins over federation."),
+            "{text}"
+        );
+        assert!(
+            text.contains("one every 10s into the first kind, one every 1m 40s into the second) they take about 25m"),
+            "{text}"
+        );
+        assert!(text.contains("raise `rc_joins`"), "{text}");
+        let text = joins_at_defaults(&Joins { local: 4, remote: 2 }, &new);
+        assert!(text.ends_with("Within Synapse's default burst: they go at once."), "{text}");
     }
 
     fn user(id: &str) -> OwnedUserId {

@@ -8,6 +8,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
@@ -17,9 +18,11 @@ use ruma::{OwnedUserId, UserId};
 use super::{fail, init_logging, runtime};
 use crate::bundle::{Bundle, Only};
 use crate::client::import::{Import, ImportOptions, ImportReport, Progress, RoomOutcome, RoomResult};
+use crate::client::pace::{Joins, TimeLeft};
 use crate::client::session::{self, Credential, Session};
 use crate::client::{self, ExportOptions, room_keys};
 use crate::config::{LogFormat, Secret};
+use crate::homeserver::RateLimited;
 use crate::transfer::plan::Requirements;
 
 /// An import that finished with rooms or settings it could not move.
@@ -451,6 +454,10 @@ impl ImportCmd {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
             } else {
                 print!("{}", plan.table());
+                println!(
+                    "{}",
+                    crate::wording::joins_at_defaults(&Joins::of(&plan, &session.user_id), &session.user_id)
+                );
                 println!("Nothing was changed (--dry-run).");
             }
             return Ok(ExitCode::SUCCESS);
@@ -575,6 +582,7 @@ fn print_report(report: &ImportReport) {
 /// steps; nothing when stderr is not a terminal or with `--json`.
 struct Bar {
     bar: Option<ProgressBar>,
+    left: std::sync::Mutex<Option<TimeLeft>>,
 }
 
 impl Bar {
@@ -582,14 +590,14 @@ impl Bar {
         let bar = shown.then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
-                ProgressStyle::with_template("{spinner} {msg:30!} [{bar:30}] {pos}/{len} rooms")
+                ProgressStyle::with_template("{spinner} {msg:30!} [{bar:30}] {pos}/{len} rooms {prefix}")
                     .expect("a valid template")
                     .progress_chars("=> "),
             );
             bar.enable_steady_tick(std::time::Duration::from_millis(120));
             bar
         });
-        Bar { bar }
+        Bar { bar, left: std::sync::Mutex::new(None) }
     }
 
     fn done(&self) {
@@ -605,18 +613,41 @@ impl Progress for Bar {
             bar.set_message(what.to_owned());
         }
     }
-    fn rooms(&self, total: usize) {
+    fn rooms(&self, total: usize, at_defaults: Duration) {
         if let Some(bar) = &self.bar {
             bar.set_length(total as u64);
             bar.set_message("rooms");
+            let left = TimeLeft::new(total, at_defaults, Instant::now());
+            bar.set_prefix(time_left(left.left(Instant::now())));
+            *self.left.lock().expect("lock") = Some(left);
         }
     }
     fn room(&self, result: &RoomResult) {
         if let Some(bar) = &self.bar {
             bar.inc(1);
+            let now = Instant::now();
+            if let Some(left) = self.left.lock().expect("lock").as_mut() {
+                left.room_done(now);
+                bar.set_prefix(time_left(left.left(now)));
+            }
+            // The homeserver asked to wait lately: the rooms go at its rate.
+            let limited = RateLimited::last().is_some_and(|l| now - l.at < RECENTLY_LIMITED);
+            bar.set_message(if limited { "rooms, at the server's rate" } else { "rooms" });
             if let RoomOutcome::Failed(why) = &result.outcome {
                 bar.println(format!("failed {}: {why}", result.label()));
             }
         }
+    }
+}
+
+/// How long after a rate limit's wait the bar says the rooms go at the server's rate.
+const RECENTLY_LIMITED: Duration = Duration::from_secs(120);
+
+/// The bar's time left, to the minute past a minute (the rate it comes from moves).
+fn time_left(left: Duration) -> String {
+    match left.as_secs() {
+        0 => String::new(),
+        s if s < 60 => format!("(about {s}s left)"),
+        s => format!("(about {} left)", humantime::format_duration(Duration::from_secs(s / 60 * 60))),
     }
 }

@@ -17,6 +17,7 @@ use ruma::{OwnedRoomId, OwnedUserId, UserId};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::pace::Joins;
 use super::room_keys;
 use crate::budget::{Budget, Class};
 use crate::bundle::Bundle;
@@ -162,7 +163,9 @@ impl ImportReport {
 /// What an import tells the person as it goes (a progress bar, or nothing for `--json`).
 pub trait Progress: Send + Sync {
     fn step(&self, what: &str);
-    fn rooms(&self, total: usize);
+    /// The rooms begin: `total` of them, `at_defaults` the time their joins take at Synapse's
+    /// default limits ([`Joins::at_defaults`]).
+    fn rooms(&self, total: usize, at_defaults: Duration);
     fn room(&self, result: &RoomResult);
 }
 
@@ -226,7 +229,7 @@ impl<'a> Import<'a> {
         progress.step("profile");
         settings.push(self.setting(&account, AccountStep::Profile, &none, &world).await?);
 
-        progress.rooms(plan.rooms.len());
+        progress.rooms(plan.rooms.len(), Joins::of(plan, self.new_user()).at_defaults());
         let (work, t) = (&self.room_work(), self.as_move(self.notice_id()));
         let rooms: Vec<RoomResult> = stream::iter(&plan.rooms)
             .map(|room| async move {
@@ -393,8 +396,8 @@ impl<P: Progress + ?Sized> Progress for Arc<P> {
     fn step(&self, what: &str) {
         (**self).step(what)
     }
-    fn rooms(&self, total: usize) {
-        (**self).rooms(total)
+    fn rooms(&self, total: usize, at_defaults: Duration) {
+        (**self).rooms(total, at_defaults)
     }
     fn room(&self, result: &RoomResult) {
         (**self).room(result)

@@ -7,6 +7,7 @@
 
 pub mod export;
 pub mod import;
+pub mod pace;
 pub mod room_keys;
 pub mod session;
 

@@ -250,6 +250,28 @@ impl Retry {
 /// that accepts the connection and never answers costs this much, not a stuck task.
 pub const REQUEST_LIMIT: Duration = Duration::from_secs(60);
 
+/// The last wait a homeserver's rate limit asked of this process (`retry_after_ms`), and when:
+/// what a device-side import shows beside its progress. (A process-wide record: one person's
+/// command line has one homeserver's limits to show.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimited {
+    pub at: std::time::Instant,
+    pub wait: Duration,
+}
+
+static LAST_RATE_LIMIT: std::sync::Mutex<Option<RateLimited>> = std::sync::Mutex::new(None);
+
+impl RateLimited {
+    fn asked(wait: Duration) {
+        *LAST_RATE_LIMIT.lock().expect("rate limit lock") = Some(RateLimited { at: std::time::Instant::now(), wait });
+    }
+
+    /// The last wait asked, if any was.
+    pub fn last() -> Option<RateLimited> {
+        *LAST_RATE_LIMIT.lock().expect("rate limit lock")
+    }
+}
+
 /// The most one request waits in all for the homeserver's rate limits (`retry_after_ms`).
 pub const RATE_LIMITS_IN_ALL: Duration = Duration::from_secs(30 * 60);
 
@@ -315,6 +337,7 @@ impl Backoff {
                 let wait = match e.retry_after() {
                     Some(asked) if !once && limited + asked <= RATE_LIMITS_IN_ALL => {
                         limited += asked;
+                        RateLimited::asked(asked);
                         asked
                     }
                     _ => next?,
