@@ -57,8 +57,17 @@ impl Summary {
         }
     }
 
-    /// One line per topic, for chat and terminals.
+    /// One line per topic, for the bot's chat (keys come with its `keys` command).
     pub fn lines(&self) -> Vec<String> {
+        self.lines_with("send `keys` to see how")
+    }
+
+    /// The same for a terminal, where keys come with `handoff export`'s own options.
+    pub fn on_device(&self) -> String {
+        self.lines_with("export with --recovery-key, or --room-keys FILE from Element, to carry them").join("\n")
+    }
+
+    fn lines_with(&self, keys_hint: &str) -> Vec<String> {
         let mut lines = vec![
             format!("Rooms: {} ({} DMs, {} group rooms, {} spaces)", self.rooms, self.dms, self.groups, self.spaces),
             format!("Priority: {} favourites, {} normal, {} low priority", self.high, self.normal, self.low),
@@ -85,7 +94,7 @@ impl Summary {
         }
         lines.push(match self.keys {
             Some(len) => format!("Encryption keys: attached ({len} bytes, still encrypted with your passphrase)"),
-            None => "Encryption keys: none attached (send `keys` to see how)".to_owned(),
+            None => format!("Encryption keys: none attached ({keys_hint})"),
         });
         lines
     }
@@ -94,5 +103,26 @@ impl Summary {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.lines().join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bundle without keys says how to carry them where it is shown: the bot's command in chat,
+    /// `handoff export`'s options in a terminal (a terminal has no `keys` command).
+    #[test]
+    fn missing_keys_are_explained_for_where_the_summary_is_read() {
+        let summary = Summary::of(&crate::bundle::tests::sample());
+        assert_eq!(summary.keys, None);
+        let chat = summary.lines().join("\n");
+        assert!(chat.ends_with("Encryption keys: none attached (send `keys` to see how)"), "{chat}");
+        let terminal = summary.on_device();
+        assert!(
+            terminal.ends_with("(export with --recovery-key, or --room-keys FILE from Element, to carry them)"),
+            "{terminal}"
+        );
+        assert!(!terminal.contains("send `keys`"), "{terminal}");
     }
 }

@@ -355,7 +355,7 @@ impl Export {
             .with_context(|| format!("cannot write {}", out.display()))?;
         file.persist_noclobber(out).map_err(|e| anyhow::anyhow!("cannot create {}: {}", out.display(), e.error))?;
         println!("Wrote the bundle of {} to {}, encrypted with your passphrase.", session.user_id, out.display());
-        println!("{}", exported.bundle.summary());
+        println!("{}", exported.bundle.summary().on_device());
         match keys_from_backup {
             Some(n) => {
                 println!("{n} room key(s) from your key backup travel inside it, encrypted with the same passphrase.")

@@ -175,7 +175,7 @@ fn inspect(
         ),
         s.client
     );
-    println!("{}", bundle.summary());
+    println!("{}", bundle.summary().on_device());
     if !opened.dropped.is_empty() {
         println!("{}", crate::bundle::border::describe(&opened.dropped));
     }
