@@ -347,6 +347,9 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     assert!(fin.contains("Left 1 room(s)"), "{fin}");
     let still: Vec<OwnedRoomId> = alice.send(joined_rooms::v3::Request::new()).await.joined_rooms;
     assert!(!still.contains(&s.peer_room), "left the hosted room");
+    // The leave says where alice went, as the room's members see it.
+    let left = state(&bob, &s.peer_room, "m.room.member", alice.id.as_str()).await;
+    assert_eq!((&left["membership"], &left["reason"]), (&json!("leave"), &json!("moved to @bob:localhost")), "{left}");
     assert!(still.contains(&s.favourites[0]), "stays where it is the creator");
     assert!(still.contains(&s.no_invite), "stays where nothing moved");
     let name = alice.send(get_profile::v3::Request::new(alice.id.clone())).await;
