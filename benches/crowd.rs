@@ -448,7 +448,7 @@ mod simulated {
             let old = ruma::UserId::parse(format!("@old{user}:localhost")).unwrap();
             let new = ruma::UserId::parse(format!("@new{user}:localhost")).unwrap();
             let bundle: BundleId = store.put_bundle(&old, &bundle(user)).await.unwrap();
-            let id = journal.new_id().unwrap();
+            let id = journal.new_id().await.unwrap();
             let dm = OwnedRoomId::try_from(format!("!dm{user}:localhost")).unwrap();
             journal.put(&Transfer::new(id, old, new, bundle, Requirements::default(), dm, None)).await.unwrap();
             ids.push(id);
@@ -470,7 +470,7 @@ mod simulated {
         // before measuring, so the figures are the engine's; what the cache took is told apart.
         let cold = settled().await;
         for id in &ids {
-            journal.get(*id).unwrap();
+            journal.get(*id).await.unwrap();
         }
         let idle = settled().await;
         let cache = idle.saturating_sub(cold);

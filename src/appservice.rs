@@ -236,7 +236,7 @@ impl Health {
 /// One check. What changed since `before` is logged once, with the error's details (for the
 /// admin); `/health` only ever shows its category.
 async fn check(store: &Store, hs: &Homeserver, before: Option<Checked>) -> Checked {
-    let store_problem = match store.check() {
+    let store_problem = match store.check().await {
         Ok(()) => None,
         Err(e) => {
             if before.is_none_or(|b| b.store.is_none()) {

@@ -109,7 +109,7 @@ pub async fn run(config: Config) -> Result<()> {
     bot.watch_auto_starts();
     // Before the server takes new transactions: an event accepted from now on is queued by its
     // transaction alone, never a second time by the replay.
-    match bot.replay_inbox() {
+    match bot.replay_inbox().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(events = n, "handling events accepted before the last stop"),
         Err(e) => tracing::error!(error = %e, "cannot read the inbox"),
@@ -158,7 +158,7 @@ pub async fn run(config: Config) -> Result<()> {
         return Err(e);
     }
     tracing::info!(bot = %bot_user, listen = %format!("{}:{}", bind.0, bind.1), "handoff is running");
-    match engine.resume_all() {
+    match engine.resume_all().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(transfers = n, "resumed unfinished transfers"),
         Err(e) => tracing::error!(error = %e, "cannot read unfinished transfers"),

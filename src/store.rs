@@ -155,7 +155,7 @@ impl Store {
     }
 
     /// Whether this transaction ID was already handled.
-    pub fn txn_seen(&self, txn_id: &str) -> Result<bool, StoreError> {
+    pub async fn txn_seen(&self, txn_id: &str) -> Result<bool, StoreError> {
         Ok(self.txns.contains_key(txn_id)?)
     }
 
@@ -197,7 +197,7 @@ impl Store {
     }
 
     /// An inbox event was handled: it is not replayed after a restart.
-    pub fn inbox_done(&self, number: u64) -> Result<(), StoreError> {
+    pub async fn inbox_done(&self, number: u64) -> Result<(), StoreError> {
         use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
         let key = number.to_be_bytes();
         // Together: an attempt count left behind would be a leak, never a wrong count (numbers
@@ -240,7 +240,7 @@ impl Store {
     }
 
     /// Events accepted but not handled when the service stopped, oldest first.
-    pub fn inbox(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    pub async fn inbox(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for item in self.inbox.iter() {
             let (k, sealed) = item?;
@@ -255,13 +255,13 @@ impl Store {
         self.txns.len()
     }
 
-    pub fn set_dm_room(&self, room: &RoomId, user: &UserId) -> Result<(), StoreError> {
+    pub async fn set_dm_room(&self, room: &RoomId, user: &UserId) -> Result<(), StoreError> {
         self.dm_rooms.insert(room.as_str(), user.as_str())?;
         Ok(())
     }
 
     /// The user whose DM with the bot this room is, if it is one.
-    pub fn dm_room_user(&self, room: &RoomId) -> Result<Option<OwnedUserId>, StoreError> {
+    pub async fn dm_room_user(&self, room: &RoomId) -> Result<Option<OwnedUserId>, StoreError> {
         Ok(self
             .dm_rooms
             .get(room.as_str())?
@@ -269,7 +269,7 @@ impl Store {
     }
 
     /// The rooms that are `user`'s DM with the bot.
-    pub fn dm_rooms_of(&self, user: &UserId) -> Result<Vec<ruma::OwnedRoomId>, StoreError> {
+    pub async fn dm_rooms_of(&self, user: &UserId) -> Result<Vec<ruma::OwnedRoomId>, StoreError> {
         let mut rooms = Vec::new();
         for item in self.dm_rooms.iter() {
             let (k, v) = item?;
@@ -282,7 +282,7 @@ impl Store {
         Ok(rooms)
     }
 
-    pub fn remove_dm_room(&self, room: &RoomId) -> Result<(), StoreError> {
+    pub async fn remove_dm_room(&self, room: &RoomId) -> Result<(), StoreError> {
         self.dm_rooms.remove(room.as_str())?;
         Ok(())
     }
@@ -293,7 +293,7 @@ impl Store {
     }
 
     /// A cheap read and write, for `/health`.
-    pub fn check(&self) -> Result<(), StoreError> {
+    pub async fn check(&self) -> Result<(), StoreError> {
         self.db.get("health")?;
         Ok(())
     }
@@ -308,7 +308,7 @@ impl Store {
 impl Store {
     const DEVICE: &'static [u8] = b"device";
 
-    pub fn device_record(&self) -> Result<Option<Vec<u8>>, StoreError> {
+    pub async fn device_record(&self) -> Result<Option<Vec<u8>>, StoreError> {
         match self.meta.get(Self::DEVICE)? {
             Some(sealed) => Ok(Some(self.unseal(Self::DEVICE, &sealed)?)),
             None => Ok(None),
@@ -324,12 +324,12 @@ impl Store {
     const DEVICE_SYNC: &'static [u8] = b"device_sync";
 
     /// Where the device's sync stands: every event before it is in the inbox.
-    pub fn device_sync_token(&self) -> Result<Option<String>, StoreError> {
+    pub async fn device_sync_token(&self) -> Result<Option<String>, StoreError> {
         Ok(self.meta.get(Self::DEVICE_SYNC)?.map(|t| String::from_utf8_lossy(&t).into_owned()))
     }
 
     /// A new device starts its sync afresh.
-    pub fn forget_device_sync_token(&self) -> Result<(), StoreError> {
+    pub async fn forget_device_sync_token(&self) -> Result<(), StoreError> {
         self.meta.remove(Self::DEVICE_SYNC)?;
         Ok(())
     }
@@ -374,7 +374,7 @@ impl Store {
         Ok(id)
     }
 
-    pub fn get_bundle(&self, id: &BundleId) -> Result<Option<StoredBundle>, StoreError> {
+    pub async fn get_bundle(&self, id: &BundleId) -> Result<Option<StoredBundle>, StoreError> {
         let Some(sealed) = self.bundles.get(id.as_bytes())? else {
             return Ok(None);
         };
@@ -390,15 +390,15 @@ impl Store {
     }
 
     /// The owner's most recent bundle.
-    pub fn latest_bundle(&self, owner: &UserId) -> Result<Option<(BundleId, StoredBundle)>, StoreError> {
+    pub async fn latest_bundle(&self, owner: &UserId) -> Result<Option<(BundleId, StoredBundle)>, StoreError> {
         let Some((key, _)) = self.bundles.scan_prefix(owner_prefix(owner)).last().transpose()? else {
             return Ok(None);
         };
         let id = BundleId::from_stored(&key);
-        Ok(self.get_bundle(&id)?.map(|b| (id, b)))
+        Ok(self.get_bundle(&id).await?.map(|b| (id, b)))
     }
 
-    pub fn bundle_count(&self, owner: &UserId) -> usize {
+    pub async fn bundle_count(&self, owner: &UserId) -> usize {
         self.bundles.scan_prefix(owner_prefix(owner)).count()
     }
 
@@ -440,7 +440,11 @@ impl Store {
     }
 
     /// Checks a code for `redeemer` without using it up (for `import --dry-run`).
-    pub fn peek_code(&self, hash: &CodeHash, redeemer: &UserId) -> Result<Result<CodeRecord, RedeemError>, StoreError> {
+    pub async fn peek_code(
+        &self,
+        hash: &CodeHash,
+        redeemer: &UserId,
+    ) -> Result<Result<CodeRecord, RedeemError>, StoreError> {
         let Some(current) = self.codes.get(hash.0)? else {
             return Ok(Err(RedeemError::NotFound));
         };
@@ -500,7 +504,7 @@ impl Store {
     }
 
     /// The bundle file `user` dropped last, if any is kept.
-    pub fn dropped_file(&self, user: &UserId) -> Result<Option<Vec<u8>>, StoreError> {
+    pub async fn dropped_file(&self, user: &UserId) -> Result<Option<Vec<u8>>, StoreError> {
         let Some(record) = self.dropped.get(user.as_bytes())? else { return Ok(None) };
         let sealed = record.get(8..).ok_or_else(|| StoreError::Corrupt("dropped file record too short".into()))?;
         self.unseal(&dropped_aad(user), sealed).map(Some)
@@ -513,7 +517,7 @@ impl Store {
     }
 
     /// The codes `owner` made.
-    pub fn codes_of(&self, owner: &UserId) -> Result<Vec<CodeRecord>, StoreError> {
+    pub async fn codes_of(&self, owner: &UserId) -> Result<Vec<CodeRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self.codes.iter() {
             let (_, v) = item?;
@@ -546,7 +550,7 @@ impl Store {
         if self.dropped.remove(user.as_bytes())?.is_some() {
             gone.bundles += 1;
         }
-        for auto in self.autos()? {
+        for auto in self.autos().await? {
             if auto.old == user || auto.new == user {
                 self.auto.remove(auto.new.as_bytes())?;
                 gone.offers += 1;
@@ -585,7 +589,7 @@ impl Store {
                 gone.bundles += 1;
             }
         }
-        for auto in self.autos()? {
+        for auto in self.autos().await? {
             if auto.expires_at_ms < now_ms() {
                 self.auto.remove(auto.new.as_bytes())?;
                 gone.offers += 1;
@@ -613,7 +617,7 @@ impl Store {
     }
 
     /// The pending automatic move into `new`, if any.
-    pub fn auto_for(&self, new: &UserId) -> Result<Option<AutoStart>, StoreError> {
+    pub async fn auto_for(&self, new: &UserId) -> Result<Option<AutoStart>, StoreError> {
         let Some(v) = self.auto.get(new.as_bytes())? else { return Ok(None) };
         serde_json::from_slice(&v).map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
@@ -633,7 +637,7 @@ impl Store {
     }
 
     /// Every pending automatic start.
-    pub fn autos(&self) -> Result<Vec<AutoStart>, StoreError> {
+    pub async fn autos(&self) -> Result<Vec<AutoStart>, StoreError> {
         self.auto
             .iter()
             .values()
@@ -651,7 +655,7 @@ impl Store {
 /// business (`transfer::journal`). Records are sealed (they hold room names); journal entries
 /// hold steps and reasons only.
 impl Store {
-    pub fn new_transfer_id(&self) -> Result<u64, StoreError> {
+    pub async fn new_transfer_id(&self) -> Result<u64, StoreError> {
         Ok(self.db.generate_id()? + 1)
     }
 
@@ -662,7 +666,7 @@ impl Store {
         self.durable().await
     }
 
-    pub fn transfer(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    pub async fn transfer(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let key = id.to_be_bytes();
         match self.transfers.get(key)? {
             Some(sealed) => Ok(Some(self.unseal(&key, &sealed)?)),
@@ -671,7 +675,7 @@ impl Store {
     }
 
     /// Every transfer record, oldest first.
-    pub fn transfers(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    pub async fn transfers(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for item in self.transfers.iter() {
             let (k, sealed) = item?;
@@ -702,7 +706,7 @@ impl Store {
     }
 
     /// Every room's journal entry of a transfer.
-    pub fn journal(&self, id: u64) -> Result<Vec<(ruma::OwnedRoomId, Vec<u8>)>, StoreError> {
+    pub async fn journal(&self, id: u64) -> Result<Vec<(ruma::OwnedRoomId, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for item in self.journal.scan_prefix(id.to_be_bytes()) {
             let (k, v) = item?;
@@ -796,19 +800,19 @@ mod tests {
         let path = dir.path().join("db");
         {
             let store = Store::open(&path).unwrap();
-            assert!(!store.txn_seen("1").unwrap());
+            assert!(!store.txn_seen("1").await.unwrap());
             let numbers = store.accept_txn("1", &[b"{\"a\":1}".to_vec(), b"{}".to_vec()]).await.unwrap().unwrap();
             assert_eq!(numbers.len(), 2);
-            assert!(store.txn_seen("1").unwrap());
+            assert!(store.txn_seen("1").await.unwrap());
             // Seen: accepted once only, nothing more in the inbox.
             assert_eq!(store.accept_txn("1", &[b"{}".to_vec()]).await.unwrap(), None);
-            store.inbox_done(numbers[1]).unwrap();
+            store.inbox_done(numbers[1]).await.unwrap();
         }
         let store = Store::open(&path).unwrap();
-        assert!(store.txn_seen("1").unwrap());
-        assert!(!store.txn_seen("2").unwrap());
+        assert!(store.txn_seen("1").await.unwrap());
+        assert!(!store.txn_seen("2").await.unwrap());
         // The unhandled event survived the restart, sealed at rest.
-        let inbox = store.inbox().unwrap();
+        let inbox = store.inbox().await.unwrap();
         assert_eq!(inbox.len(), 1);
         assert_eq!(inbox[0].1, b"{\"a\":1}");
         assert!(!store.inbox.iter().values().any(|v| v.unwrap().windows(5).any(|w| w == b"\"a\":1")));
@@ -831,10 +835,10 @@ mod tests {
         store.inbox_attempts_undo(&numbers[..1]).await.unwrap();
         assert_eq!(store.inbox_attempt(numbers[0]).await.unwrap(), 2);
         // Done: the count goes with the event, and an undo after it makes none.
-        store.inbox_done(numbers[0]).unwrap();
+        store.inbox_done(numbers[0]).await.unwrap();
         store.inbox_attempts_undo(&numbers[..1]).await.unwrap();
         assert!(store.inbox_attempts.get(numbers[0].to_be_bytes()).unwrap().is_none());
-        assert_eq!(store.inbox().unwrap().len(), 1);
+        assert_eq!(store.inbox().await.unwrap().len(), 1);
     }
 
     /// The child half of the test below: counts an attempt, then is killed by SIGKILL.
@@ -844,7 +848,7 @@ mod tests {
     async fn an_attempt_counted_before_a_kill_9_is_still_counted() {
         if let Ok(path) = std::env::var(KILLED_CHILD) {
             let store = Store::open(Path::new(&path)).unwrap();
-            let number = store.inbox().unwrap()[0].0;
+            let number = store.inbox().await.unwrap()[0].0;
             store.inbox_attempt(number).await.unwrap();
             // As the out-of-memory killer would: no destructor runs, nothing is flushed on the way out.
             std::process::Command::new("kill").arg("-KILL").arg(std::process::id().to_string()).status().unwrap();
@@ -886,8 +890,8 @@ mod tests {
         let newer = <&UserId>::try_from("@new:x.org").unwrap();
         let bundle = crate::bundle::tests::sample();
         let id = store.put_bundle(owner, &bundle).await.unwrap();
-        assert_eq!(store.get_bundle(&id).unwrap().unwrap().bundle.to_json(), bundle.to_json());
-        assert_eq!(store.latest_bundle(owner).unwrap().unwrap().0, id);
+        assert_eq!(store.get_bundle(&id).await.unwrap().unwrap().bundle.to_json(), bundle.to_json());
+        assert_eq!(store.latest_bundle(owner).await.unwrap().unwrap().0, id);
         // Nothing readable at rest: not the display name, not a room ID.
         let raw = store.raw_bundle_bytes();
         for needle in ["Favourite", "!fav:example.org", "spam:evil.org"] {
@@ -919,13 +923,13 @@ mod tests {
 
         let gone = store.forget(owner).await.unwrap();
         assert_eq!(gone, Forgotten { bundles: 1, codes: 1, ..Default::default() });
-        assert!(store.latest_bundle(owner).unwrap().is_none());
+        assert!(store.latest_bundle(owner).await.unwrap().is_none());
         assert!(store.raw_bundle_bytes().is_empty());
         // The used code outlives `forget` (by either account) until it expires: it opens nothing.
         store.forget(newer).await.unwrap();
         assert_eq!(store.redeem_code(&code.hash(), newer).await.unwrap(), Err(RedeemError::Used));
         assert!(!store.claim_code(&code.hash(), &redeemed).await.unwrap(), "a claim of it is refused");
-        assert_eq!(store.codes_of(owner).unwrap().len(), 1);
+        assert_eq!(store.codes_of(owner).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -945,12 +949,12 @@ mod tests {
         // Within retention: nothing goes but the expired offer.
         let gone = store.purge(Duration::from_secs(3600)).await.unwrap();
         assert_eq!(gone, Forgotten { offers: 1, ..Default::default() });
-        assert!(store.txn_seen("t1").unwrap());
+        assert!(store.txn_seen("t1").await.unwrap());
         tokio::time::sleep(Duration::from_millis(5)).await;
         let gone = store.purge(Duration::from_millis(1)).await.unwrap();
         assert_eq!(gone, Forgotten { txns: 1, ..Default::default() });
-        assert!(!store.txn_seen("t1").unwrap());
-        assert!(store.autos().unwrap().is_empty());
+        assert!(!store.txn_seen("t1").await.unwrap());
+        assert!(store.autos().await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -961,11 +965,11 @@ mod tests {
         store.put_transfer(7, b"{\"name\":\"Secret room\"}").await.unwrap();
         store.put_journal_entry(7, room, b"\"done\"").await.unwrap();
         assert!(!store.transfers.iter().values().any(|v| v.unwrap().windows(6).any(|w| w == b"Secret")));
-        assert_eq!(store.transfer(7).unwrap().unwrap(), b"{\"name\":\"Secret room\"}");
-        assert_eq!(store.journal(7).unwrap(), vec![(room.to_owned(), b"\"done\"".to_vec())]);
+        assert_eq!(store.transfer(7).await.unwrap().unwrap(), b"{\"name\":\"Secret room\"}");
+        assert_eq!(store.journal(7).await.unwrap(), vec![(room.to_owned(), b"\"done\"".to_vec())]);
         store.remove_transfers(&[7]).await.unwrap();
-        assert!(store.transfer(7).unwrap().is_none());
-        assert!(store.journal(7).unwrap().is_empty());
+        assert!(store.transfer(7).await.unwrap().is_none());
+        assert!(store.journal(7).await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -987,10 +991,10 @@ mod tests {
             ids.push(id);
         }
         assert_eq!(store.trim_bundles(owner, 2).await.unwrap(), 2);
-        assert_eq!(store.bundle_count(owner), 2);
-        assert!(store.get_bundle(&ids[0]).unwrap().is_none(), "the oldest went");
-        assert!(store.get_bundle(&ids[3]).unwrap().is_some(), "the newest stayed");
-        let codes: Vec<BundleId> = store.codes_of(owner).unwrap().into_iter().map(|c| c.bundle).collect();
+        assert_eq!(store.bundle_count(owner).await, 2);
+        assert!(store.get_bundle(&ids[0]).await.unwrap().is_none(), "the oldest went");
+        assert!(store.get_bundle(&ids[3]).await.unwrap().is_some(), "the newest stayed");
+        let codes: Vec<BundleId> = store.codes_of(owner).await.unwrap().into_iter().map(|c| c.bundle).collect();
         assert_eq!(codes.len(), 2);
         assert!(codes.iter().all(|b| *b == ids[2] || *b == ids[3]));
         assert_eq!(store.trim_bundles(owner, 2).await.unwrap(), 0);
@@ -1008,19 +1012,19 @@ mod tests {
         }
         std::fs::write(key_path_for(&path), [7u8; 32]).unwrap();
         let store = Store::open(&path).unwrap();
-        let err = store.latest_bundle(owner).unwrap_err().to_string();
+        let err = store.latest_bundle(owner).await.unwrap_err().to_string();
         assert!(err.contains("does not open with the store key"), "{err}");
         assert_eq!(store.purge(Duration::ZERO).await.unwrap().bundles, 1);
     }
 
-    #[test]
-    fn dm_rooms_round_trip() {
+    #[tokio::test]
+    async fn dm_rooms_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         let room = <&RoomId>::try_from("!a:x.org").unwrap();
         let user = <&UserId>::try_from("@u:x.org").unwrap();
-        assert_eq!(store.dm_room_user(room).unwrap(), None);
-        store.set_dm_room(room, user).unwrap();
-        assert_eq!(store.dm_room_user(room).unwrap().as_deref(), Some(user));
+        assert_eq!(store.dm_room_user(room).await.unwrap(), None);
+        store.set_dm_room(room, user).await.unwrap();
+        assert_eq!(store.dm_room_user(room).await.unwrap().as_deref(), Some(user));
     }
 }

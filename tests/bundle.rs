@@ -124,18 +124,18 @@ async fn export_file_inspect_only_exclude_keys_and_forget() {
         for needle in ["Fav", "Plain", "@peer:localhost", fav.as_str()] {
             assert!(!raw.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} readable at rest");
         }
-        let latest = store.latest_bundle(&alice.id).unwrap().unwrap().1;
+        let latest = store.latest_bundle(&alice.id).await.unwrap().unwrap().1;
         assert_eq!(latest.bundle.room_keys.unwrap().armored, element_vector);
-        assert_eq!(store.bundle_count(&alice.id), 4);
-        assert_eq!(store.codes_of(&alice.id).unwrap().len(), 4);
+        assert_eq!(store.bundle_count(&alice.id).await, 4);
+        assert_eq!(store.codes_of(&alice.id).await.unwrap().len(), 4);
     }
     h.start_handoff().await;
     let forgot = h.ask(&alice, &dm, "forget", "Deleted").await;
     assert!(forgot.contains("Deleted 4 bundle(s), 4 transfer code(s)"), "{forgot}");
     h.signal_handoff("TERM");
     let store = handoff::store::Store::open(&db).unwrap();
-    assert_eq!(store.bundle_count(&alice.id), 0);
-    assert!(store.codes_of(&alice.id).unwrap().is_empty());
+    assert_eq!(store.bundle_count(&alice.id).await, 0);
+    assert!(store.codes_of(&alice.id).await.unwrap().is_empty());
     assert!(store.raw_bundle_bytes().is_empty());
 }
 

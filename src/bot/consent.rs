@@ -18,13 +18,13 @@ use crate::transfer::{Transfer, TransferState};
 /// Why a transfer that acts for `users` can't start now, if it can't: one of them may no longer
 /// use handoff, or already takes part in a running transfer (one at a time). A reservation acts
 /// only as the old account, a received bundle only as the new one (the other is on another server).
-pub fn start_refusal_of(bot: &Bot, users: &[&UserId]) -> Result<Option<String>, BotError> {
+pub async fn start_refusal_of(bot: &Bot, users: &[&UserId]) -> Result<Option<String>, BotError> {
     if let Some(user) = users.iter().find(|u| bot.config.permission(u) < PermissionLevel::User) {
         return Ok(Some(format!("{user} may no longer use handoff on this server.")));
     }
     // Only the accounts' own records are read (the journal indexes them by user).
     for user in users.iter().rev() {
-        let transfers = bot.journal.of(user)?;
+        let transfers = bot.journal.of(user).await?;
         let running = transfers.iter().find(|t| t.is_live());
         if let Some(t) = running {
             return Ok(Some(format!(
@@ -37,11 +37,12 @@ pub fn start_refusal_of(bot: &Bot, users: &[&UserId]) -> Result<Option<String>, 
 }
 
 /// `user`'s imports waiting for approval (as the old account), unexpired, oldest first.
-pub fn pending_for(bot: &Bot, user: &UserId) -> Result<Vec<Transfer>, BotError> {
+pub async fn pending_for(bot: &Bot, user: &UserId) -> Result<Vec<Transfer>, BotError> {
     let now = now_ms();
     Ok(bot
         .journal
-        .of(user)?
+        .of(user)
+        .await?
         .into_iter()
         .filter(|t| {
             t.old == user && t.state == TransferState::AwaitingApproval && t.expires_at_ms.is_none_or(|e| e > now)
@@ -64,7 +65,7 @@ pub fn state_text(s: TransferState) -> &'static str {
 /// (opened if `dm` is `None`). Nothing is written into NEW before NEW answers `accept` there. An
 /// offer is made once; an expired one is dropped.
 pub async fn offer(bot: &Bot, new: &UserId, dm: Option<OwnedRoomId>) -> Result<(), BotError> {
-    let Some(auto) = bot.store.auto_for(new)? else { return Ok(()) };
+    let Some(auto) = bot.store.auto_for(new).await? else { return Ok(()) };
     if auto.offered_in.is_some() {
         return Ok(());
     }
@@ -74,7 +75,7 @@ pub async fn offer(bot: &Bot, new: &UserId, dm: Option<OwnedRoomId>) -> Result<(
     }
     // The account's DM with the bot, if it has one; a new one only if not (a retried offer must
     // not open a room each time).
-    let known = bot.store.dm_rooms_of(new)?.into_iter().next();
+    let known = bot.store.dm_rooms_of(new).await?.into_iter().next();
     let dm = match dm.or(known) {
         Some(dm) => dm,
         None => {
@@ -83,12 +84,12 @@ pub async fn offer(bot: &Bot, new: &UserId, dm: Option<OwnedRoomId>) -> Result<(
             req.is_direct = true;
             req.preset = Some(create_room::v3::RoomPreset::TrustedPrivateChat);
             let room = bot.hs.send(req).await?.room_id;
-            bot.store.set_dm_room(&room, new)?;
+            bot.store.set_dm_room(&room, new).await?;
             room
         }
     };
-    let summary = match bot.store.codes_of(&auto.old)?.into_iter().find(|c| c.bound_to.as_deref() == Some(new)) {
-        Some(code) => match bot.store.get_bundle(&code.bundle)? {
+    let summary = match bot.store.codes_of(&auto.old).await?.into_iter().find(|c| c.bound_to.as_deref() == Some(new)) {
+        Some(code) => match bot.store.get_bundle(&code.bundle).await? {
             Some(b) => format!(" ({} rooms, their DMs, contacts and settings)", b.bundle.rooms.len()),
             None => String::new(),
         },
@@ -105,7 +106,7 @@ pub async fn offer(bot: &Bot, new: &UserId, dm: Option<OwnedRoomId>) -> Result<(
     bot.reply_n(&ctx, 7, text).await?;
     let _records = bot.records.lock().await;
     // Recorded only if it is still the same offer (not declined, replaced or forgotten meanwhile).
-    if let Some(mut current) = bot.store.auto_for(new)?
+    if let Some(mut current) = bot.store.auto_for(new).await?
         && current.code_hash == auto.code_hash
     {
         current.offered_in = Some(dm);
@@ -121,7 +122,7 @@ fn offer_event_id(cause: &str) -> OwnedEventId {
 
 /// Tells the old account of an offer what became of it, in its DM with the bot if it has one.
 pub async fn tell_old(bot: &Bot, old: &UserId, cause: &Ctx, text: String) -> Result<(), BotError> {
-    let Some(dm) = bot.store.dm_rooms_of(old)?.into_iter().next() else { return Ok(()) };
+    let Some(dm) = bot.store.dm_rooms_of(old).await?.into_iter().next() else { return Ok(()) };
     let ctx = Ctx { room_id: dm, event_id: cause.event_id.clone(), sender: old.to_owned() };
     bot.reply_n(&ctx, 6, text).await
 }
@@ -131,14 +132,14 @@ pub async fn tell_old(bot: &Bot, old: &UserId, cause: &Ctx, text: String) -> Res
 pub async fn sweep_revoked(bot: &Bot) -> Result<usize, BotError> {
     let permitted = |u: &UserId| bot.config.permission(u) >= PermissionLevel::User;
     let mut n = 0;
-    for auto in bot.store.autos()? {
+    for auto in bot.store.autos().await? {
         if !permitted(&auto.old) || !permitted(&auto.new) {
             bot.store.take_auto(&auto.new).await?;
             bot.store.remove_code(&CodeHash(auto.code_hash)).await?;
             n += 1;
         }
     }
-    for mut t in bot.journal.all()? {
+    for mut t in bot.journal.all().await? {
         if t.state == TransferState::AwaitingApproval && (!permitted(&t.old) || !permitted(&t.new)) {
             t.state = TransferState::Cancelled;
             bot.journal.put(&t).await?;

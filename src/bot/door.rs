@@ -103,12 +103,12 @@ pub async fn enter(bot: &Bot, entry: Entry, ticket: Ticket) -> Result<Result<Ent
     let records = bot.records.lock().await;
     let users = acts_for(kind, &old, &new);
     let users: Vec<&UserId> = users.iter().map(|u| &**u).collect();
-    if let Some(refusal) = start_refusal_of(bot, &users)? {
+    if let Some(refusal) = start_refusal_of(bot, &users).await? {
         return Ok(Err(Refused::Busy(refusal)));
     }
     // Each reservation whose seats are still watched costs a look now and then: a few per account.
     if kind == TransferKind::Reserve {
-        let watched = bot.journal.of(&old)?.iter().filter(|t| watch::is_watched(t)).count();
+        let watched = bot.journal.of(&old).await?.iter().filter(|t| watch::is_watched(t)).count();
         if watched >= MAX_WATCHED_PER_USER {
             return Ok(Err(Refused::Busy(format!(
                 "{old} already has {watched} reservations whose seats are still waiting for their new accounts (at most {MAX_WATCHED_PER_USER}); `cancel` one, or wait until they are taken or expire."
@@ -153,7 +153,7 @@ pub async fn enter(bot: &Bot, entry: Entry, ticket: Ticket) -> Result<Result<Ent
         }
         Ticket::Reservation { bundle, expires_at_ms } => (bundle, true, Some(expires_at_ms), vec![]),
     };
-    let id = bot.journal.new_id()?;
+    let id = bot.journal.new_id().await?;
     let mut t = Transfer::new(id, old, new, bundle, requirements, new_dm, old_dm);
     t.kind = kind;
     t.profile = profile;
@@ -182,10 +182,10 @@ pub async fn answer(
 ) -> Result<Result<Transfer, Refused>, BotError> {
     let records = bot.records.lock().await;
     // Read under the lock: the request may have been answered or cancelled meanwhile.
-    let Some(mut t) = pending_for(bot, old)?.into_iter().find(|t| t.new == importer) else {
+    let Some(mut t) = pending_for(bot, old).await?.into_iter().find(|t| t.new == importer) else {
         return Ok(Err(Refused::NotWaiting));
     };
-    if yes && let Some(refusal) = start_refusal_of(bot, &[&t.old, &t.new])? {
+    if yes && let Some(refusal) = start_refusal_of(bot, &[&t.old, &t.new]).await? {
         return Ok(Err(Refused::Busy(refusal)));
     }
     t.state = if yes { TransferState::Running } else { TransferState::Denied };

@@ -37,7 +37,7 @@ pub async fn on_file(bot: &Bot, ctx: &Ctx, file: &FileMessageEventContent) -> Re
         Ok(k) => k,
         Err(e) => return bot.reply(ctx, format!("{e}. Nothing was attached.")).await,
     };
-    let latest = match bot.store.latest_bundle(&ctx.sender) {
+    let latest = match bot.store.latest_bundle(&ctx.sender).await {
         Ok(Some(b)) => b,
         Ok(None) => {
             return bot

@@ -102,11 +102,17 @@ impl Bot {
     /// the bot is recorded as the inviter's DM as it arrives, not when the invite is handled from
     /// the queue: the inviter's first bare command may come right behind it, and a bare message
     /// is kept only in a known DM.
-    fn addressed(&self, event: &Raw<AnyTimelineEvent>) -> Option<OwnedUserId> {
-        let dm_owner = |room: &RoomId| self.store.dm_room_user(room).ok().flatten();
+    async fn addressed(&self, event: &Raw<AnyTimelineEvent>) -> Option<OwnedUserId> {
+        // Whose DM the event's room is, read before the (synchronous) filter asks.
+        let room = event.get_field::<OwnedRoomId>("room_id").ok().flatten();
+        let owner = match &room {
+            Some(room) => self.store.dm_room_user(room).await.ok().flatten(),
+            None => None,
+        };
+        let dm_owner = |asked: &RoomId| owner.clone().filter(|_| room.as_deref() == Some(asked));
         let addressed = addressed(event, &self.user_id, &self.config.handoff.command_prefix, dm_owner)?;
         if let Some(room) = &addressed.dm_invite
-            && let Err(e) = self.store.set_dm_room(room, &addressed.sender)
+            && let Err(e) = self.store.set_dm_room(room, &addressed.sender).await
         {
             tracing::warn!(error = %e, "cannot record a DM room");
         }
@@ -116,8 +122,12 @@ impl Bot {
     /// Accepts a transaction: the events for the bot are stored with the transaction ID in one
     /// durable write, then queued. A transaction seen before is acknowledged and ignored.
     pub async fn accept(self: &Arc<Self>, txn_id: &str, events: &[Raw<AnyTimelineEvent>]) -> Result<(), StoreError> {
-        let mine: Vec<(OwnedUserId, &Raw<AnyTimelineEvent>)> =
-            events.iter().filter_map(|e| self.addressed(e).map(|sender| (sender, e))).collect();
+        let mut mine: Vec<(OwnedUserId, &Raw<AnyTimelineEvent>)> = Vec::new();
+        for event in events {
+            if let Some(sender) = self.addressed(event).await {
+                mine.push((sender, event));
+            }
+        }
         let bytes: Vec<Vec<u8>> = mine.iter().map(|(_, e)| e.json().get().as_bytes().to_vec()).collect();
         let Some(numbers) = self.store.accept_txn(txn_id, &bytes).await? else {
             tracing::debug!(txn_id, "transaction already handled");
@@ -148,7 +158,7 @@ impl Bot {
         let Ok(json) = serde_json::value::to_raw_value(&object) else { return Ok(()) };
         let event = Raw::<AnyTimelineEvent>::from_json(json);
         let Some(event_id) = event.get_field::<String>("event_id").ok().flatten() else { return Ok(()) };
-        let Some(sender) = self.addressed(&event) else { return Ok(()) };
+        let Some(sender) = self.addressed(&event).await else { return Ok(()) };
         let bytes = event.json().get().as_bytes().to_vec();
         let Some(numbers) = self.store.accept_txn(&format!("decrypted-{event_id}"), &[bytes]).await? else {
             tracing::debug!("decrypted event already handled");
@@ -162,7 +172,7 @@ impl Bot {
     /// only for a permitted user) the bot says so and asks for it again; elsewhere it keeps quiet.
     pub async fn tell_unreadable(&self, unreadable: Unreadable) {
         let Unreadable { room_id, event_id, sender } = unreadable;
-        let in_dm = matches!(self.store.dm_room_user(&room_id), Ok(Some(owner)) if owner == sender);
+        let in_dm = matches!(self.store.dm_room_user(&room_id).await, Ok(Some(owner)) if owner == sender);
         if !in_dm || self.config.permission(&sender) < PermissionLevel::User {
             return;
         }
@@ -174,14 +184,18 @@ impl Bot {
     }
 
     /// Queues the events a previous run accepted but did not handle.
-    pub fn replay_inbox(self: &Arc<Self>) -> Result<usize, StoreError> {
-        let pending = self.store.inbox()?;
+    pub async fn replay_inbox(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let pending = self.store.inbox().await?;
         let n = pending.len();
         for (inbox, bytes) in pending {
             let event = serde_json::from_slice::<Raw<AnyTimelineEvent>>(&bytes).ok();
-            match event.as_ref().and_then(|e| self.addressed(e)) {
+            let sender = match &event {
+                Some(e) => self.addressed(e).await,
+                None => None,
+            };
+            match sender {
                 Some(sender) => self.enqueue(sender, Job::Event { inbox, event: event.expect("parsed") }),
-                None => self.store.inbox_done(inbox)?,
+                None => self.store.inbox_done(inbox).await?,
             }
         }
         Ok(n)
@@ -203,10 +217,13 @@ impl Bot {
             if dropped == 1 {
                 tracing::warn!(user = %user, "too many events waiting from one user: the excess is dropped");
             }
-            if let Some(n) = inbox
-                && let Err(e) = self.store.inbox_done(n)
-            {
-                tracing::warn!(error = %e, "cannot drop an inbox event");
+            if let Some(n) = inbox {
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store.inbox_done(n).await {
+                        tracing::warn!(error = %e, "cannot drop an inbox event");
+                    }
+                });
             }
         }
     }
@@ -254,7 +271,7 @@ impl Bot {
                 {
                     tracing::warn!(error = %e, "cannot report a failure");
                 }
-                if let Err(e) = self.store.inbox_done(inbox) {
+                if let Err(e) = self.store.inbox_done(inbox).await {
                     tracing::warn!(error = %e, "cannot mark an inbox event handled");
                 }
                 self.in_hand.lock().expect("lock").remove(&inbox);
@@ -274,8 +291,10 @@ impl Bot {
         );
         if let Some(mut ctx) = reply_to {
             // Said in the sender's DM with the bot when the message came elsewhere.
-            let in_dm = matches!(self.store.dm_room_user(&ctx.room_id), Ok(Some(owner)) if owner == ctx.sender);
-            if !in_dm && let Some(dm) = self.store.dm_rooms_of(&ctx.sender).ok().and_then(|r| r.into_iter().next()) {
+            let in_dm = matches!(self.store.dm_room_user(&ctx.room_id).await, Ok(Some(owner)) if owner == ctx.sender);
+            if !in_dm
+                && let Some(dm) = self.store.dm_rooms_of(&ctx.sender).await.ok().and_then(|r| r.into_iter().next())
+            {
                 ctx.room_id = dm;
             }
             let text = format!(
@@ -286,7 +305,7 @@ impl Bot {
                 tracing::warn!(error = %e, "cannot tell a user their message was dropped");
             }
         }
-        if let Err(e) = self.store.inbox_done(inbox) {
+        if let Err(e) = self.store.inbox_done(inbox).await {
             tracing::warn!(error = %e, "cannot drop an inbox event");
         }
     }
@@ -341,7 +360,7 @@ impl Bot {
         match ev.content.membership {
             MembershipState::Invite => self.on_invite(ev).await,
             MembershipState::Leave | MembershipState::Ban => {
-                if let Err(e) = self.store.remove_dm_room(&ev.room_id) {
+                if let Err(e) = self.store.remove_dm_room(&ev.room_id).await {
                     tracing::warn!(error = %e, "cannot forget a DM room");
                 }
                 Ok(())
@@ -395,7 +414,7 @@ impl Bot {
         if matches!(ev.content.relates_to, Some(Relation::Replacement(_))) {
             return Ok(());
         }
-        let place = match self.store.dm_room_user(&ev.room_id)? {
+        let place = match self.store.dm_room_user(&ev.room_id).await? {
             Some(owner) if owner == ev.sender => Place::Dm,
             _ => Place::Group,
         };
@@ -454,7 +473,7 @@ fn spawn_auto_watch(bot: Arc<Bot>) {
                 _ = bot.shutdown.begun() => return,
                 _ = every.tick() => {}
             }
-            let autos = match bot.store.autos() {
+            let autos = match bot.store.autos().await {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read pending offers");

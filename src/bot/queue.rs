@@ -180,7 +180,7 @@ mod tests {
         let (mut ran, mut dropped) = (0, 0);
         for _start in 0..10 {
             let store = open().await;
-            let pending = store.inbox().unwrap();
+            let pending = store.inbox().await.unwrap();
             if pending.is_empty() {
                 break;
             }
@@ -189,12 +189,12 @@ mod tests {
                     ran += 1; // ...and the process dies here, the event still in the inbox
                 } else {
                     dropped += 1;
-                    store.inbox_done(number).unwrap();
+                    store.inbox_done(number).await.unwrap();
                 }
             }
         }
         assert_eq!((ran, dropped), (MAX_ATTEMPTS, 1));
-        assert!(open().await.inbox().unwrap().is_empty(), "no fifth start with it");
+        assert!(open().await.inbox().await.unwrap().is_empty(), "no fifth start with it");
     }
 
     #[tokio::test]

@@ -47,7 +47,7 @@ pub async fn import_file(
     requirements: Requirements,
 ) -> Result<bool, BotError> {
     let new = &ctx.sender;
-    let Some(bytes) = bot.store.dropped_file(new)? else { return Ok(false) };
+    let Some(bytes) = bot.store.dropped_file(new).await? else { return Ok(false) };
     let passphrase = code.display();
     // The file came from another server: it opens only as a file this service could have made.
     let policy = file::Policy::service(Limits {

@@ -38,19 +38,24 @@ impl Journal {
         Journal { store, writes: Arc::default(), by_user: Arc::default() }
     }
 
-    /// The index of who takes part in which transfer, built on first use.
-    fn index(&self) -> Result<std::sync::MutexGuard<'_, ByUser>, StoreError> {
-        let mut index = self.by_user.lock().expect("journal index");
-        if index.is_none() {
+    /// The transfers `user` takes part in, from the index of who takes part in which, built on
+    /// first use. (Built outside its lock, which is never held across a read of the store; a
+    /// write meanwhile is in the store already, or indexed by `write`, so the first build wins.)
+    async fn ids_of(&self, user: &UserId) -> Result<Vec<u64>, StoreError> {
+        if self.by_user.lock().expect("journal index").is_none() {
             let mut built: HashMap<OwnedUserId, BTreeSet<u64>> = HashMap::new();
-            for t in self.all()? {
+            for t in self.all().await? {
                 for user in [&t.old, &t.new] {
                     built.entry(user.clone()).or_default().insert(t.id);
                 }
             }
-            *index = Some(built);
+            let mut index = self.by_user.lock().expect("journal index");
+            if index.is_none() {
+                *index = Some(built);
+            }
         }
-        Ok(index)
+        let index = self.by_user.lock().expect("journal index");
+        Ok(index.as_ref().and_then(|i| i.get(user)).into_iter().flatten().copied().collect())
     }
 
     /// Takes removed transfers out of the index.
@@ -69,8 +74,8 @@ impl Journal {
         }
     }
 
-    pub fn new_id(&self) -> Result<u64, StoreError> {
-        self.store.new_transfer_id()
+    pub async fn new_id(&self) -> Result<u64, StoreError> {
+        self.store.new_transfer_id().await
     }
 
     /// Writes a transfer record (a new one, or one only its writer changes) and makes it durable.
@@ -94,28 +99,33 @@ impl Journal {
     /// no other write in between. Returns the record as stored, or `None` if there is none.
     pub async fn update(&self, id: u64, change: impl FnOnce(&mut Transfer)) -> Result<Option<Transfer>, StoreError> {
         let _writing = self.writes.lock().await;
-        let Some(mut t) = self.get(id)? else { return Ok(None) };
+        let Some(mut t) = self.get(id).await? else { return Ok(None) };
         change(&mut t);
         self.write(&t).await?;
         Ok(Some(t))
     }
 
-    pub fn get(&self, id: u64) -> Result<Option<Transfer>, StoreError> {
-        self.store.transfer(id)?.map(|json| serde_json::from_slice(&json).map_err(corrupt)).transpose()
+    pub async fn get(&self, id: u64) -> Result<Option<Transfer>, StoreError> {
+        self.store.transfer(id).await?.map(|json| serde_json::from_slice(&json).map_err(corrupt)).transpose()
     }
 
     /// Every transfer, oldest first.
-    pub fn all(&self) -> Result<Vec<Transfer>, StoreError> {
-        self.store.transfers()?.into_iter().map(|(_, json)| serde_json::from_slice(&json).map_err(corrupt)).collect()
+    pub async fn all(&self) -> Result<Vec<Transfer>, StoreError> {
+        self.store
+            .transfers()
+            .await?
+            .into_iter()
+            .map(|(_, json)| serde_json::from_slice(&json).map_err(corrupt))
+            .collect()
     }
 
     /// Every transfer `user` takes part in (as the old or the new account), oldest first: only
     /// those records are read.
-    pub fn of(&self, user: &UserId) -> Result<Vec<Transfer>, StoreError> {
-        let ids: Vec<u64> = self.index()?.as_ref().and_then(|i| i.get(user)).into_iter().flatten().copied().collect();
+    pub async fn of(&self, user: &UserId) -> Result<Vec<Transfer>, StoreError> {
+        let ids = self.ids_of(user).await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(t) = self.get(id)?
+            if let Some(t) = self.get(id).await?
                 && t.involves(user)
             {
                 out.push(t);
@@ -125,8 +135,8 @@ impl Journal {
     }
 
     /// The latest transfer `user` takes part in.
-    pub fn latest_of(&self, user: &UserId) -> Result<Option<Transfer>, StoreError> {
-        Ok(self.of(user)?.pop())
+    pub async fn latest_of(&self, user: &UserId) -> Result<Option<Transfer>, StoreError> {
+        Ok(self.of(user).await?.pop())
     }
 
     /// Journals a room's step and makes it durable before returning.
@@ -135,9 +145,10 @@ impl Journal {
     }
 
     /// Every room's journaled step in a transfer.
-    pub fn room_steps(&self, id: u64) -> Result<BTreeMap<OwnedRoomId, RoomStep>, StoreError> {
+    pub async fn room_steps(&self, id: u64) -> Result<BTreeMap<OwnedRoomId, RoomStep>, StoreError> {
         self.store
-            .journal(id)?
+            .journal(id)
+            .await?
             .into_iter()
             .map(|(room, json)| Ok((room, serde_json::from_slice(&json).map_err(corrupt)?)))
             .collect()
@@ -146,7 +157,7 @@ impl Journal {
     /// Deletes every transfer record of `user` (as either account) with its journal; returns how
     /// many. The caller stops the user's running transfers first.
     pub async fn forget(&self, user: &UserId) -> Result<usize, StoreError> {
-        let gone = self.of(user)?;
+        let gone = self.of(user).await?;
         let ids: Vec<u64> = gone.iter().map(|t| t.id).collect();
         self.store.remove_transfers(&ids).await?;
         self.unindex(&gone);
@@ -158,7 +169,8 @@ impl Journal {
     pub async fn purge(&self, retention: Duration) -> Result<usize, StoreError> {
         let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
         let gone: Vec<Transfer> = self
-            .all()?
+            .all()
+            .await?
             .into_iter()
             .filter(|t| match t.state {
                 TransferState::Running | TransferState::Cancelling => false,
@@ -233,13 +245,13 @@ mod tests {
         let pending = Transfer { expires_at_ms: Some(old), ..transfer(4, TransferState::AwaitingApproval, old) };
         journal.put(&pending).await.unwrap();
         assert_eq!(journal.purge(Duration::from_secs(3600)).await.unwrap(), 0);
-        assert_eq!(journal.all().unwrap().len(), 4);
+        assert_eq!(journal.all().await.unwrap().len(), 4);
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(journal.purge(Duration::from_millis(1)).await.unwrap(), 3);
-        let left: Vec<u64> = journal.all().unwrap().iter().map(|t| t.id).collect();
+        let left: Vec<u64> = journal.all().await.unwrap().iter().map(|t| t.id).collect();
         assert_eq!(left, vec![2], "a running transfer is never purged");
-        assert!(journal.room_steps(1).unwrap().is_empty(), "journals go with their transfers");
-        assert_eq!(journal.room_steps(2).unwrap().len(), 1);
+        assert!(journal.room_steps(1).await.unwrap().is_empty(), "journals go with their transfers");
+        assert_eq!(journal.room_steps(2).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -253,7 +265,7 @@ mod tests {
         let status: ruma::OwnedEventId = "$status:x.org".try_into().unwrap();
         let stored = journal.update(1, |t| t.status_event = Some(status.clone())).await.unwrap().unwrap();
         assert_eq!(stored.state, TransferState::Cancelling, "the cancel survived the engine's write");
-        assert_eq!(journal.get(1).unwrap().unwrap().status_event, Some(status));
+        assert_eq!(journal.get(1).await.unwrap().unwrap().status_event, Some(status));
         assert!(journal.update(2, |_| {}).await.unwrap().is_none());
     }
 
@@ -265,12 +277,15 @@ mod tests {
         journal.put(&transfer(1, TransferState::Running, now_ms())).await.unwrap();
         let step = RoomStep::Started(super::super::Stage::Rank);
         journal.set_room_step(1, room, &step).await.unwrap();
-        assert_eq!(journal.room_steps(1).unwrap().get(room), Some(&step));
-        assert_eq!(journal.latest_of(<&UserId>::try_from("@new:x.org").unwrap()).unwrap().unwrap().id, 1);
+        assert_eq!(journal.room_steps(1).await.unwrap().get(room), Some(&step));
+        assert_eq!(journal.latest_of(<&UserId>::try_from("@new:x.org").unwrap()).await.unwrap().unwrap().id, 1);
         assert_eq!(journal.forget(<&UserId>::try_from("@new:x.org").unwrap()).await.unwrap(), 1);
-        assert!(journal.get(1).unwrap().is_none());
-        assert!(journal.room_steps(1).unwrap().is_empty());
-        assert!(journal.of(<&UserId>::try_from("@old:x.org").unwrap()).unwrap().is_empty(), "forgotten on both sides");
+        assert!(journal.get(1).await.unwrap().is_none());
+        assert!(journal.room_steps(1).await.unwrap().is_empty());
+        assert!(
+            journal.of(<&UserId>::try_from("@old:x.org").unwrap()).await.unwrap().is_empty(),
+            "forgotten on both sides"
+        );
     }
 
     /// A user's transfers are found through the index, whether it was built before a write or
@@ -282,17 +297,19 @@ mod tests {
         let journal = Journal::new(store.clone());
         let (old, new) = (<&UserId>::try_from("@old:x.org").unwrap(), <&UserId>::try_from("@new:x.org").unwrap());
         journal.put(&transfer(1, TransferState::Done, 0)).await.unwrap();
-        assert_eq!(journal.of(new).unwrap().len(), 1, "built from the store at first use");
+        assert_eq!(journal.of(new).await.unwrap().len(), 1, "built from the store at first use");
         journal.put(&transfer(2, TransferState::Running, now_ms())).await.unwrap();
         let mut other = transfer(3, TransferState::Running, now_ms());
         other.old = UserId::parse("@someone:x.org").unwrap();
         other.new = UserId::parse("@else:x.org").unwrap();
         journal.put(&other).await.unwrap();
-        let ids = |u: &UserId, j: &Journal| j.of(u).unwrap().iter().map(|t| t.id).collect::<Vec<_>>();
-        assert_eq!(ids(old, &journal), [1, 2], "kept with the write, oldest first, others' left out");
-        assert_eq!(ids(new, &Journal::new(store.clone())), [1, 2], "a journal opened later builds it");
+        async fn ids(u: &UserId, j: &Journal) -> Vec<u64> {
+            j.of(u).await.unwrap().iter().map(|t| t.id).collect()
+        }
+        assert_eq!(ids(old, &journal).await, [1, 2], "kept with the write, oldest first, others' left out");
+        assert_eq!(ids(new, &Journal::new(store.clone())).await, [1, 2], "a journal opened later builds it");
         journal.purge(Duration::from_secs(60)).await.unwrap();
-        assert_eq!(ids(old, &journal), [2], "the purged one left the index");
-        assert_eq!(journal.latest_of(new).unwrap().unwrap().id, 2);
+        assert_eq!(ids(old, &journal).await, [2], "the purged one left the index");
+        assert_eq!(journal.latest_of(new).await.unwrap().unwrap().id, 2);
     }
 }

@@ -899,7 +899,7 @@ mod tests {
                 _ = crashed.notified() => {}
             }
             fake.restart();
-            let from = journal.room_steps(t.id).unwrap().remove(&room_id()).expect("journaled");
+            let from = journal.room_steps(t.id).await.unwrap().remove(&room_id()).expect("journaled");
             assert!(matches!(from, RoomStep::Started(_)), "{from:?}");
             let why = format!("crash after write {crash}, resumed from {from:?}");
             assert_eq!(run(&work, (&t).into(), &room, from).await, RoomStep::Done, "{why}");

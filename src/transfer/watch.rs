@@ -69,7 +69,8 @@ pub struct Look {
 /// `expired`, the invites still waiting are withdrawn too.
 pub async fn look(acting: &Homeserver, journal: &Journal, t: &Transfer, expired: bool) -> Result<Look, Error> {
     let waiting: Vec<_> = journal
-        .room_steps(t.id)?
+        .room_steps(t.id)
+        .await?
         .into_iter()
         .filter(|(_, step)| *step == RoomStep::AwaitingAccept)
         .map(|(room, _)| room)
@@ -167,9 +168,10 @@ pub async fn withdraw(
 }
 
 /// The rooms of a reservation that may hold an invite not taken: its seat waits, or was in flight.
-pub fn withdrawable(journal: &Journal, t: &Transfer) -> Result<Vec<OwnedRoomId>, Error> {
+pub async fn withdrawable(journal: &Journal, t: &Transfer) -> Result<Vec<OwnedRoomId>, Error> {
     Ok(journal
-        .room_steps(t.id)?
+        .room_steps(t.id)
+        .await?
         .into_iter()
         .filter(|(_, step)| matches!(step, RoomStep::AwaitingAccept | RoomStep::Started(_)))
         .map(|(room, _)| room)

@@ -27,7 +27,7 @@ pub fn parse(args: Args) -> Result<Command, CommandError> {
 /// `accept`: the new account consents to the move offered to it; the transfer starts.
 pub async fn run(bot: &Bot, ctx: &Ctx) -> Result<(), BotError> {
     let new = &ctx.sender;
-    let Some(auto) = bot.store.auto_for(new)? else {
+    let Some(auto) = bot.store.auto_for(new).await? else {
         return bot.reply(ctx, "No move is waiting for your answer.".into()).await;
     };
     if auto.expires_at_ms <= now_ms() {
@@ -40,7 +40,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx) -> Result<(), BotError> {
         requirements: Requirements { max_rooms: Some(bot.config.handoff.max_rooms), ..Default::default() },
         profile: Default::default(),
         new_dm: ctx.room_id.clone(),
-        old_dm: bot.store.dm_rooms_of(&auto.old)?.into_iter().next(),
+        old_dm: bot.store.dm_rooms_of(&auto.old).await?.into_iter().next(),
     };
     // The offer's code is redeemed under the door's lock: a second `accept` finds it used.
     match door::enter(bot, entry, Ticket::Offer(CodeHash(auto.code_hash))).await? {

@@ -44,7 +44,7 @@ pub fn parse(spec: &'static Spec, mut args: Args) -> Result<Command, CommandErro
 pub async fn run(bot: &Bot, ctx: &Ctx, importer: Option<OwnedUserId>, yes: bool) -> Result<(), BotError> {
     let verb = if yes { "approve" } else { "deny" };
     let Some(importer) = importer else {
-        let text = match pending_for(bot, &ctx.sender)?.as_slice() {
+        let text = match pending_for(bot, &ctx.sender).await?.as_slice() {
             [] => "No import is waiting for your approval.".to_owned(),
             list => format!(
                 "Name the account: `{verb} @account:server`. Waiting for your answer: {}.",

@@ -27,7 +27,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
         return bot.reply(ctx, super::ADMIN_ONLY.into()).await;
     };
     let records = bot.records.lock().await;
-    let Some(latest) = bot.journal.latest_of(&user)? else {
+    let Some(latest) = bot.journal.latest_of(&user).await? else {
         drop(records);
         return bot.reply(ctx, "You have no transfer to cancel.".into()).await;
     };

@@ -73,7 +73,7 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
 /// Checks an `export`, then captures (it runs in the background: the dispatcher knows it runs
 /// long). One export per user at a time.
 pub async fn run(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
-    if let Some(refusal) = refusal(bot, ctx, &args)? {
+    if let Some(refusal) = refusal(bot, ctx, &args).await? {
         return bot.reply(ctx, refusal).await;
     }
     let Some(_capturing) = Capturing::start(bot, &ctx.sender) else {
@@ -103,7 +103,7 @@ impl Drop for Capturing<'_> {
 }
 
 /// Why this export can't go ahead, if it can't: whose consent a `--to` would need and can't get.
-fn refusal(bot: &Bot, ctx: &Ctx, args: &Export) -> Result<Option<String>, BotError> {
+async fn refusal(bot: &Bot, ctx: &Ctx, args: &Export) -> Result<Option<String>, BotError> {
     let config = &bot.config;
     if ctx.sender.server_name() != config.homeserver.domain {
         return Ok(Some(format!(
@@ -136,15 +136,15 @@ fn refusal(bot: &Bot, ctx: &Ctx, args: &Export) -> Result<Option<String>, BotErr
         )));
     }
     // Checked before capturing (to spare the work), and again under the lock when the offer is stored.
-    if args.auto && offered_by_another(bot, to, &ctx.sender)? {
+    if args.auto && offered_by_another(bot, to, &ctx.sender).await? {
         return Ok(Some(offer_taken(to)));
     }
     Ok(None)
 }
 
 /// Whether `to` holds a pending offer from another account than `old`: it is never replaced.
-fn offered_by_another(bot: &Bot, to: &UserId, old: &UserId) -> Result<bool, BotError> {
-    let existing = bot.store.auto_for(to)?;
+async fn offered_by_another(bot: &Bot, to: &UserId, old: &UserId) -> Result<bool, BotError> {
+    let existing = bot.store.auto_for(to).await?;
     Ok(existing.is_some_and(|e| e.old != old && e.expires_at_ms > now_ms()))
 }
 
@@ -162,7 +162,7 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
     let opts = CaptureOptions {
         only: args.only,
         exclude: args.exclude.clone(),
-        skip: bot.store.dm_rooms_of(&ctx.sender).unwrap_or_default(),
+        skip: bot.store.dm_rooms_of(&ctx.sender).await.unwrap_or_default(),
         history,
         pool: bot.engine.pool(),
         max_rooms: config.handoff.max_rooms,
@@ -222,7 +222,7 @@ async fn capture(bot: &Bot, ctx: &Ctx, args: Export) -> Result<(), BotError> {
         };
         // Checked again under the lock: someone else's pending offer is never replaced.
         let records = bot.records.lock().await;
-        if offered_by_another(bot, to, &ctx.sender)? {
+        if offered_by_another(bot, to, &ctx.sender).await? {
             drop(records);
             return bot.reply_n(ctx, 1, offer_taken(to)).await;
         }

@@ -38,7 +38,7 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
 
 pub async fn run(bot: &Bot, ctx: &Ctx, leave: bool, advertise: bool) -> Result<(), BotError> {
     let old = &ctx.sender;
-    let latest = bot.journal.of(old)?.into_iter().rev().find(|t| &t.old == old && t.state == TransferState::Done);
+    let latest = bot.journal.of(old).await?.into_iter().rev().find(|t| &t.old == old && t.state == TransferState::Done);
     let Some(t) = latest else {
         return bot
             .reply(ctx, "`finish` is for the old account after a completed transfer; there is none.".into())
@@ -46,7 +46,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, leave: bool, advertise: bool) -> Result<(
     };
     let mut lines = Vec::new();
     if leave {
-        let steps = bot.journal.room_steps(t.id)?;
+        let steps = bot.journal.room_steps(t.id).await?;
         let (mut left, mut kept) = (0, Vec::new());
         for (room, step) in &steps {
             if *step != RoomStep::Done {

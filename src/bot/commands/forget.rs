@@ -21,7 +21,7 @@ pub fn parse(args: Args) -> Result<Command, CommandError> {
 /// Stops the user's transfers, then deletes every record about them.
 pub async fn run(bot: &Bot, ctx: &Ctx) -> Result<(), BotError> {
     let user = &ctx.sender;
-    let transfers = bot.journal.of(user)?;
+    let transfers = bot.journal.of(user).await?;
     for t in transfers.iter().filter(|t| !t.state.is_finished()) {
         // A running transfer would write its journal again after the records are gone.
         bot.engine.stop(t.id);
@@ -29,7 +29,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx) -> Result<(), BotError> {
     // A reservation of this account's seats takes back the invites not taken (in the background,
     // from what its journal says before it goes).
     for t in transfers.iter().filter(|t| t.old == *user) {
-        if let Err(e) = bot.engine.withdraw_forgotten(t) {
+        if let Err(e) = bot.engine.withdraw_forgotten(t).await {
             tracing::warn!(transfer = t.id, error = %e, "cannot withdraw a forgotten reservation's invites");
         }
     }

@@ -88,7 +88,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
     let requirements =
         Requirements { only: args.only, max_rooms, history: args.history, profile_from_old: args.profile_from_old };
     // Look before using the code up: a dry run, or the same account, leaves it valid.
-    let record = match bot.store.peek_code(&hash, new)? {
+    let record = match bot.store.peek_code(&hash, new).await? {
         Ok(r) => r,
         Err(RedeemError::NotFound) => {
             // Not one of this server's codes: perhaps the code of a bundle file from another server.
@@ -106,7 +106,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
             .reply(ctx, "That code belongs to this same account: its rooms and settings are already here. A new client of the same account only needs to log in.".into())
             .await;
     }
-    let Some(stored) = bot.store.get_bundle(&record.bundle)? else {
+    let Some(stored) = bot.store.get_bundle(&record.bundle).await? else {
         return bot.reply(ctx, "The bundle of this code is gone (deleted with `forget`, or past its retention). Ask for a new one with `export`.".into()).await;
     };
     if args.dry_run {
@@ -121,7 +121,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Import) -> Result<(), BotError> {
         );
         return bot.reply(ctx, text).await;
     }
-    let old_dm = bot.store.dm_rooms_of(&old)?.into_iter().next();
+    let old_dm = bot.store.dm_rooms_of(&old).await?.into_iter().next();
     let entry = Entry {
         old: old.clone(),
         new: new.clone(),

@@ -26,7 +26,7 @@ file into this DM. handoff never sees your passphrase and cannot read the keys; 
 imports the file with the same passphrase.";
 
 pub async fn run(bot: &Bot, ctx: &Ctx) -> Result<(), BotError> {
-    let text = match bot.store.latest_bundle(&ctx.sender)? {
+    let text = match bot.store.latest_bundle(&ctx.sender).await? {
         Some((_, record)) => match &record.bundle.room_keys {
             Some(k) => format!(
                 "Your latest bundle carries a key export: {} bytes of encrypted keys ({} PBKDF2 rounds).",

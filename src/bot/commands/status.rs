@@ -25,7 +25,7 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
     let Some(user) = super::whose(bot, ctx, whom, "see") else {
         return bot.reply(ctx, super::ADMIN_ONLY.into()).await;
     };
-    let Some(t) = bot.journal.latest_of(&user)? else {
+    let Some(t) = bot.journal.latest_of(&user).await? else {
         let text = if user == ctx.sender {
             "You have no transfer yet. Start one with `export` on the old account and `import CODE` on the new one."
                 .to_owned()
@@ -40,8 +40,8 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
     {
         tracing::warn!(transfer = t.id, error = %e, "cannot look at the reserved seats");
     }
-    let t = bot.journal.get(t.id)?.unwrap_or(t);
-    let steps = bot.journal.room_steps(t.id)?;
+    let t = bot.journal.get(t.id).await?.unwrap_or(t);
+    let steps = bot.journal.room_steps(t.id).await?;
     let state = match bot.engine.place(t.id) {
         Some(place) => {
             let ahead = match place.ahead {

@@ -166,7 +166,7 @@ impl Device {
     pub async fn start(config: &Config, hs: &Homeserver, store: &Store) -> Result<Device, DeviceError> {
         let path = config.device_store_path();
         let localpart = &config.appservice.bot.username;
-        let record = match store.device_record()? {
+        let record = match store.device_record().await? {
             Some(bytes) => match serde_json::from_slice::<Record>(&bytes) {
                 Ok(r) => Some(r),
                 Err(e) => {
@@ -346,7 +346,7 @@ impl Device {
         shutdown.spawn(async move {
             let base = this.sync_settings();
             // Where the last stop left the bot (the device's own store may be ahead of it).
-            let mut from = store.device_sync_token().unwrap_or_else(|e| {
+            let mut from = store.device_sync_token().await.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot read where the device's sync stood");
                 None
             });
@@ -570,7 +570,7 @@ async fn new_device(
         created_ms: now_ms(),
         recovery_key,
     };
-    store.forget_device_sync_token()?;
+    store.forget_device_sync_token().await?;
     save(store, &record).await?;
     if path.exists() {
         std::fs::remove_dir_all(path).map_err(|e| crypto_store(path, e))?;

@@ -40,7 +40,7 @@ impl Engine {
             // starts the next one waiting.
             let _entry = RunningEntry { engine: Arc::clone(&engine), id };
             match engine.run(id).await {
-                Ok(()) => engine.watch_if_reserved(id),
+                Ok(()) => engine.watch_if_reserved(id).await,
                 Err(e) => {
                     metrics::transfer_finished(TransferOutcome::Failed);
                     tracing::error!(transfer = id, error = %e, "transfer stopped with an error; it resumes at the next start");
@@ -66,7 +66,7 @@ impl Engine {
     /// Tells a waiting transfer's new account its place, unless it had run once already
     /// (resumed after a restart, it waits quietly: its status message is there).
     async fn tell_waiting(&self, id: u64, place: Place) {
-        let t = match self.journal.get(id) {
+        let t = match self.journal.get(id).await {
             Ok(Some(t)) if t.plan.is_none() => t,
             Ok(_) => return,
             Err(e) => return tracing::warn!(transfer = id, error = %e, "cannot read a waiting transfer"),
@@ -121,9 +121,9 @@ impl Engine {
     }
 
     /// Resumes every transfer that was running when the service stopped.
-    pub fn resume_all(self: &Arc<Self>) -> Result<usize, StoreError> {
+    pub async fn resume_all(self: &Arc<Self>) -> Result<usize, StoreError> {
         let mut n = 0;
-        for t in self.journal.all()? {
+        for t in self.journal.all().await? {
             if t.is_live() {
                 tracing::info!(transfer = t.id, old = %t.old, new = %t.new, "resuming transfer");
                 self.spawn(t.id);

@@ -212,7 +212,7 @@ mod testing {
         /// A transfer from `old` to `@new:example.org` of a bundle that was never stored, journaled.
         pub async fn transfer(&self, old: &str) -> Transfer {
             let old: OwnedUserId = old.try_into().unwrap();
-            let id = self.journal.new_id().unwrap();
+            let id = self.journal.new_id().await.unwrap();
             let t = Transfer::new(
                 id,
                 old.clone(),
@@ -226,19 +226,19 @@ mod testing {
             t
         }
 
-        pub fn state(&self, id: u64) -> TransferState {
-            self.journal.get(id).unwrap().unwrap().state
+        pub async fn state(&self, id: u64) -> TransferState {
+            self.journal.get(id).await.unwrap().unwrap().state
         }
 
         /// Waits (a few seconds at most) until transfer `id` is in `state`.
         pub async fn until(&self, id: u64, state: TransferState) {
             for _ in 0..200 {
-                if self.state(id) == state {
+                if self.state(id).await == state {
                     return;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            panic!("transfer {id} stayed {:?}, not {state:?}", self.state(id));
+            panic!("transfer {id} stayed {:?}, not {state:?}", self.state(id).await);
         }
     }
 }

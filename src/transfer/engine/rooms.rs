@@ -38,7 +38,7 @@ impl Engine {
         plan: &Plan,
         started: Instant,
     ) -> Result<bool, Error> {
-        let steps = self.journal.room_steps(t.id)?;
+        let steps = self.journal.room_steps(t.id).await?;
         // Plan indices of the rooms left to do (indices, not references, keep the futures `Send`).
         let todo: Vec<usize> = (0..plan.rooms.len())
             .filter(|&i| !steps.get(&plan.rooms[i].room_id).is_some_and(RoomStep::is_final))
@@ -384,7 +384,7 @@ mod tests {
         fake.create_room(&waiting.room_id, &old);
         fake.script(Endpoint::Invite, Answer::other_server_away(), None);
         let h = Harness::on(1, fake.appservice().await);
-        let id = h.journal.new_id().unwrap();
+        let id = h.journal.new_id().await.unwrap();
         let bundle_id = BundleId::new(&old, id);
         let dm = "!dm:example.org".try_into().unwrap();
         let t = Transfer::new(id, old.clone(), new.clone(), bundle_id, Default::default(), dm, None);
@@ -407,7 +407,7 @@ mod tests {
         let ((cancelled, ended, tries), asked) = tokio::join!(moving, cancel);
         assert!(!cancelled, "the room had begun: it is interrupted, not left unstarted");
         assert!(ended - asked <= CANCEL_GRACE, "the cancel took {:?}", ended - asked);
-        let steps = h.journal.room_steps(id).unwrap();
+        let steps = h.journal.room_steps(id).await.unwrap();
         assert_eq!(steps.get(&waiting.room_id), Some(&RoomStep::Skipped(SkipReason::Interrupted)));
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(fake.count(Endpoint::Invite), tries, "no attempt after the room ended");
@@ -432,7 +432,7 @@ mod tests {
         }
         fake.invite(&rooms[0].room_id, &old, &new, reason.clone());
         let h = Harness::on(1, fake.appservice().await);
-        let id = h.journal.new_id().unwrap();
+        let id = h.journal.new_id().await.unwrap();
         let bundle_id = BundleId::new(&old, id);
         let dm = "!dm:example.org".try_into().unwrap();
         let mut t = Transfer::new(id, old.clone(), new.clone(), bundle_id, Default::default(), dm, None);
@@ -453,7 +453,7 @@ mod tests {
         };
         let ((cancelled, took), ()) = tokio::join!(moving, inviting);
         assert!(!cancelled);
-        let steps = h.journal.room_steps(id).unwrap();
+        let steps = h.journal.room_steps(id).await.unwrap();
         assert_eq!(steps.get(&rooms[0].room_id), Some(&RoomStep::Done));
         assert_eq!(steps.get(&rooms[1].room_id), Some(&RoomStep::Done), "the paced room was joined");
         assert_eq!(fake.membership(&rooms[1].room_id, &new), Some(ruma::events::room::member::MembershipState::Join));
@@ -495,7 +495,7 @@ mod tests {
         // the other rooms don't take its place in the burst meanwhile.
         fake.script(Endpoint::Invite, Answer::limited(1000), Some(1));
         let h = Harness::on(1, fake.appservice().await);
-        let id = h.journal.new_id().unwrap();
+        let id = h.journal.new_id().await.unwrap();
         let bundle_id = BundleId::new(&old, id);
         let mut t = Transfer::new(
             id,

@@ -50,7 +50,7 @@ impl Engine {
         let started = Instant::now();
         // Its share of the budget is kept for it while it runs, also between two steps.
         let _present = self.budget.enter(id);
-        let mut t = self.journal.get(id)?.ok_or(Error::Missing(id))?;
+        let mut t = self.journal.get(id).await?.ok_or(Error::Missing(id))?;
         // Permission is checked at every start and resume: revoking it stops the transfer.
         let revoked = t.acted_for().into_iter().find(|u| self.config.permission(u) < PermissionLevel::User).cloned();
         if let Some(who) = revoked {
@@ -69,7 +69,7 @@ impl Engine {
             self.reporter.stopped(&t, Stopped::CancelledWaiting).await?;
             return Ok(());
         }
-        let Some(stored) = self.store.get_bundle(&t.bundle)? else {
+        let Some(stored) = self.store.get_bundle(&t.bundle).await? else {
             self.set_state(&mut t, TransferState::Cancelled).await?;
             self.reporter.stopped(&t, Stopped::BundleGone).await?;
             return Ok(());
@@ -179,7 +179,7 @@ impl Engine {
                         t.status_event = Some(status);
                         self.save(&mut t).await?;
                         // What moved before the message was there, shown now.
-                        self.tell_progress(&t, &Progress::new(&plan, &self.journal.room_steps(id)?)).await;
+                        self.tell_progress(&t, &Progress::new(&plan, &self.journal.room_steps(id).await?)).await;
                     }
                     moved?
                 }
@@ -191,7 +191,7 @@ impl Engine {
             }
         }
 
-        let mut t = self.journal.get(id)?.ok_or(Error::Missing(id))?;
+        let mut t = self.journal.get(id).await?.ok_or(Error::Missing(id))?;
         let plan = t.plan.clone().expect("planned above");
         // The report goes out before the final state is stored: a crash in between resumes and
         // posts it again (the reporter posts it once), instead of never.
@@ -200,9 +200,9 @@ impl Engine {
             // then says so; a crash in between does it again at the resume).
             if t.kind == TransferKind::Reserve {
                 self.withdraw_seats(id, Withdrawal::Cancelled).await?;
-                t = self.journal.get(id)?.ok_or(Error::Missing(id))?;
+                t = self.journal.get(id).await?.ok_or(Error::Missing(id))?;
             }
-            let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, true);
+            let report = Report::new(&t, &plan, &self.journal.room_steps(id).await?, true);
             return self.finish_with(&mut t, TransferState::Cancelled, &report).await;
         }
         tracing::info!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "rooms done");
@@ -218,7 +218,7 @@ impl Engine {
             t.account_steps.insert(AccountStep::Remote, outcome);
             self.save(&mut t).await?;
         }
-        let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, false);
+        let report = Report::new(&t, &plan, &self.journal.room_steps(id).await?, false);
         self.finish_with(&mut t, TransferState::Done, &report).await?;
         tracing::info!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "transfer done");
         Ok(())
@@ -272,7 +272,7 @@ mod tests {
         let h = Harness::new(4).await;
         let t = h.transfer("@old:example.org").await;
         h.engine.run(t.id).await.unwrap();
-        assert_eq!(h.state(t.id), TransferState::Cancelled);
+        assert_eq!(h.state(t.id).await, TransferState::Cancelled);
         assert_eq!(h.told.said(), [format!("{} stopped BundleGone", t.id)]);
     }
 
@@ -283,7 +283,7 @@ mod tests {
         let h = Harness::new(4).await;
         let t = h.transfer("@old:elsewhere.org").await;
         h.engine.run(t.id).await.unwrap();
-        assert_eq!(h.state(t.id), TransferState::Cancelled);
+        assert_eq!(h.state(t.id).await, TransferState::Cancelled);
         let said = h.told.said();
         assert!(said.len() == 1 && said[0].contains("Revoked") && said[0].contains("@old:elsewhere.org"), "{said:?}");
     }

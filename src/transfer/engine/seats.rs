@@ -16,12 +16,12 @@ impl Engine {
     /// budget; marked done in the record, so a restart in the middle does the rest. Returns how
     /// many were withdrawn.
     pub async fn withdraw_seats(&self, id: u64, why: Withdrawal) -> Result<usize, Error> {
-        let Some(t) = self.journal.get(id)? else { return Ok(0) };
+        let Some(t) = self.journal.get(id).await? else { return Ok(0) };
         // It acts as the old account: not once that account may no longer use handoff.
         if t.kind != TransferKind::Reserve || t.withdrawn || self.config.permission(&t.old) < PermissionLevel::User {
             return Ok(0);
         }
-        let rooms = watch::withdrawable(&self.journal, &t)?;
+        let rooms = watch::withdrawable(&self.journal, &t).await?;
         let withdrawn = {
             let _slot = self.budget.acquire(id, Class::Normal).await;
             watch::withdraw(&self.acting, Some(&self.journal), &t, &rooms, why).await?
@@ -45,11 +45,11 @@ impl Engine {
     /// `forget` of a reservation: its invites not taken are withdrawn in the background, from
     /// what its journal says now (its records are deleted right after, so nothing is journaled,
     /// and a restart before it is done does not resume it).
-    pub fn withdraw_forgotten(self: &Arc<Self>, t: &Transfer) -> Result<(), Error> {
+    pub async fn withdraw_forgotten(self: &Arc<Self>, t: &Transfer) -> Result<(), Error> {
         if t.kind != TransferKind::Reserve || t.withdrawn || t.taken_up {
             return Ok(());
         }
-        let rooms = watch::withdrawable(&self.journal, t)?;
+        let rooms = watch::withdrawable(&self.journal, t).await?;
         if rooms.is_empty() {
             return Ok(());
         }
@@ -65,8 +65,8 @@ impl Engine {
     }
 
     /// A reservation that just finished: its seats are watched from now on, if any waits.
-    pub(super) fn watch_if_reserved(self: &Arc<Self>, id: u64) {
-        if let Ok(Some(t)) = self.journal.get(id)
+    pub(super) async fn watch_if_reserved(self: &Arc<Self>, id: u64) {
+        if let Ok(Some(t)) = self.journal.get(id).await
             && watch::is_watched(&t)
         {
             self.watch(id);
@@ -119,7 +119,7 @@ impl Engine {
     /// Looks at a watched reservation's seats now (also for `status`); when none waits any more,
     /// tells the old account and stops watching. `None` once it is not watched.
     pub async fn look_at_seats(&self, id: u64) -> Result<Option<watch::Look>, Error> {
-        let Some(t) = self.journal.get(id)?.filter(watch::is_watched) else { return Ok(None) };
+        let Some(t) = self.journal.get(id).await?.filter(watch::is_watched) else { return Ok(None) };
         // It reads as the old account: not once that account may no longer use handoff.
         if self.config.permission(&t.old) < PermissionLevel::User {
             tracing::info!(transfer = id, "seats no longer watched: the old account may no longer use handoff");
@@ -138,7 +138,7 @@ impl Engine {
         if look.waiting > 0 {
             return Ok(Some(look));
         }
-        let report = Report::new(&t, &plan, &self.journal.room_steps(id)?, false);
+        let report = Report::new(&t, &plan, &self.journal.room_steps(id).await?, false);
         tracing::info!(transfer = id, joined = report.moved, "every reserved seat is taken or declined");
         // Nothing was ever reserved (the reservation's report said so): nothing more to say. Said
         // before it is stored otherwise: a crash in between says it again (posted once).
@@ -162,8 +162,8 @@ mod tests {
         let t = h.transfer("@old:example.org").await;
         assert_eq!(h.engine.look_at_seats(t.id).await.unwrap(), None);
         assert_eq!(h.engine.withdraw_seats(t.id, Withdrawal::Cancelled).await.unwrap(), 0);
-        assert!(!h.journal.get(t.id).unwrap().unwrap().withdrawn);
-        h.engine.withdraw_forgotten(&t).unwrap();
+        assert!(!h.journal.get(t.id).await.unwrap().unwrap().withdrawn);
+        h.engine.withdraw_forgotten(&t).await.unwrap();
     }
 
     /// A reservation's withdrawal is marked done in its record once every invite not taken was
@@ -175,7 +175,7 @@ mod tests {
         t.kind = TransferKind::Reserve;
         h.journal.put(&t).await.unwrap();
         assert_eq!(h.engine.withdraw_seats(t.id, Withdrawal::Expired).await.unwrap(), 0);
-        assert!(h.journal.get(t.id).unwrap().unwrap().withdrawn);
+        assert!(h.journal.get(t.id).await.unwrap().unwrap().withdrawn);
         assert_eq!(h.engine.withdraw_seats(t.id, Withdrawal::Expired).await.unwrap(), 0);
     }
 }

@@ -35,7 +35,7 @@ impl Engine {
             world::read_account(&self.acting, &t.new, bundle, &todo).await?
         };
         let plan = t.plan.clone().expect("planned before the account steps");
-        let room_steps = self.journal.room_steps(t.id)?;
+        let room_steps = self.journal.room_steps(t.id).await?;
         let seated: BTreeSet<OwnedRoomId> = plan
             .rooms
             .iter()
