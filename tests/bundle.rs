@@ -120,13 +120,13 @@ async fn export_file_inspect_only_exclude_keys_and_forget() {
     let db = h.sandbox.dir.join("handoff.db");
     {
         let store = handoff::store::Store::open(&db).unwrap();
-        let raw = store.raw_bundle_bytes();
+        let raw = store.raw_bundle_bytes().await.unwrap();
         for needle in ["Fav", "Plain", "@peer:localhost", fav.as_str()] {
             assert!(!raw.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} readable at rest");
         }
         let latest = store.latest_bundle(&alice.id).await.unwrap().unwrap().1;
         assert_eq!(latest.bundle.room_keys.unwrap().armored, element_vector);
-        assert_eq!(store.bundle_count(&alice.id).await, 4);
+        assert_eq!(store.bundle_count(&alice.id).await.unwrap(), 4);
         assert_eq!(store.codes_of(&alice.id).await.unwrap().len(), 4);
     }
     h.start_handoff().await;
@@ -134,9 +134,9 @@ async fn export_file_inspect_only_exclude_keys_and_forget() {
     assert!(forgot.contains("Deleted 4 bundle(s), 4 transfer code(s)"), "{forgot}");
     h.signal_handoff("TERM");
     let store = handoff::store::Store::open(&db).unwrap();
-    assert_eq!(store.bundle_count(&alice.id).await, 0);
+    assert_eq!(store.bundle_count(&alice.id).await.unwrap(), 0);
     assert!(store.codes_of(&alice.id).await.unwrap().is_empty());
-    assert!(store.raw_bundle_bytes().is_empty());
+    assert!(store.raw_bundle_bytes().await.unwrap().is_empty());
 }
 
 /// How a test sends a file.
