@@ -230,7 +230,7 @@ fn spawn_upkeep(shutdown: &Shutdown, store: Store, journal: Journal, retention: 
                 _ = stop.begun() => return,
                 _ = every.tick() => {}
             }
-            match sampled.size_on_disk() {
+            match sampled.size_on_disk().await {
                 Ok(bytes) => metrics::store_size(bytes),
                 Err(e) => tracing::debug!(error = %e, "cannot read the store's size"),
             }

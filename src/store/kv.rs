@@ -68,6 +68,7 @@ pub(super) enum Write {
 #[derive(Clone)]
 pub(super) enum Kv {
     Sled(SledKv),
+    Postgres(PgKv),
 }
 
 impl Kv {
@@ -75,9 +76,14 @@ impl Kv {
         SledKv::open(path).map(Kv::Sled)
     }
 
+    pub(super) async fn connect_postgres(uri: &str, pool_size: usize) -> Result<Kv, StoreError> {
+        PgKv::connect(uri, pool_size).await.map(Kv::Postgres)
+    }
+
     pub(super) async fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Kv::Sled(s) => Ok(s.tree(tree).get(key)?.map(|v| v.to_vec())),
+            Kv::Postgres(p) => p.get(tree, key).await,
         }
     }
 
@@ -87,6 +93,7 @@ impl Kv {
                 s.tree(tree).insert(key, value)?;
                 Ok(())
             }
+            Kv::Postgres(p) => p.insert(tree, key, value).await,
         }
     }
 
@@ -94,6 +101,7 @@ impl Kv {
     pub(super) async fn remove(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Kv::Sled(s) => Ok(s.tree(tree).remove(key)?.map(|v| v.to_vec())),
+            Kv::Postgres(p) => p.remove(tree, key).await,
         }
     }
 
@@ -105,6 +113,7 @@ impl Kv {
                 .scan_prefix(prefix)
                 .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from))
                 .collect(),
+            Kv::Postgres(p) => p.scan(tree, prefix, true).await,
         }
     }
 
@@ -117,12 +126,14 @@ impl Kv {
                 .keys()
                 .map(|k| k.map(|k| k.to_vec()).map_err(StoreError::from))
                 .collect(),
+            Kv::Postgres(p) => Ok(p.scan(tree, prefix, false).await?.into_iter().map(|(k, _)| k).collect()),
         }
     }
 
     pub(super) async fn len(&self, tree: Tree) -> Result<usize, StoreError> {
         match self {
             Kv::Sled(s) => Ok(s.tree(tree).len()),
+            Kv::Postgres(p) => p.len(tree).await,
         }
     }
 
@@ -137,6 +148,7 @@ impl Kv {
     ) -> Result<bool, StoreError> {
         match self {
             Kv::Sled(s) => Ok(s.tree(tree).compare_and_swap(key, old, new)?.is_ok()),
+            Kv::Postgres(p) => p.compare_and_swap(tree, key, old, new).await,
         }
     }
 
@@ -145,6 +157,7 @@ impl Kv {
     pub(super) async fn apply(&self, unless: Option<(Tree, &[u8])>, writes: &[Write]) -> Result<bool, StoreError> {
         match self {
             Kv::Sled(s) => s.apply(unless, writes),
+            Kv::Postgres(p) => p.apply(unless, writes).await,
         }
     }
 
@@ -152,6 +165,7 @@ impl Kv {
     pub(super) async fn generate_id(&self) -> Result<u64, StoreError> {
         match self {
             Kv::Sled(s) => Ok(s.db.generate_id()?),
+            Kv::Postgres(p) => p.generate_id().await,
         }
     }
 
@@ -159,12 +173,15 @@ impl Kv {
     pub(super) async fn durable(&self) -> Result<(), StoreError> {
         match self {
             Kv::Sled(s) => s.durable().await,
+            // Every statement commits before it returns.
+            Kv::Postgres(_) => Ok(()),
         }
     }
 
-    pub(super) fn size_on_disk(&self) -> Result<u64, StoreError> {
+    pub(super) async fn size_on_disk(&self) -> Result<u64, StoreError> {
         match self {
             Kv::Sled(s) => Ok(s.db.size_on_disk()?),
+            Kv::Postgres(p) => p.size().await,
         }
     }
 }
@@ -277,4 +294,215 @@ struct GroupCommit {
     /// The highest number a completed flush covered.
     flushed: AtomicU64,
     lock: tokio::sync::Mutex<()>,
+}
+
+/// The shared engine: one PostgreSQL database, a table per [`Tree`] (`k bytea` primary key,
+/// `v bytea`; bytea orders bytewise, as sled's keys do), IDs from a sequence. A statement is
+/// durable once it returns (it commits; PostgreSQL's `synchronous_commit` is on by default), so
+/// there is nothing to flush.
+#[derive(Clone)]
+pub(super) struct PgKv {
+    pool: deadpool_postgres::Pool,
+}
+
+/// The schema, step by step: a database has applied the first `version` of them
+/// (`handoff_schema`); the others are applied at start-up, in order.
+const MIGRATIONS: &[&str] = &[
+    // 1: a table per tree, and the sequence of IDs.
+    "CREATE TABLE handoff_txns (k bytea PRIMARY KEY, v bytea NOT NULL);
+     CREATE TABLE handoff_dm_rooms (k bytea PRIMARY KEY, v bytea NOT NULL);
+     CREATE TABLE handoff_bundles (k bytea PRIMARY KEY, v bytea NOT NULL);
+     CREATE TABLE handoff_codes (k bytea PRIMARY KEY, v bytea NOT NULL);
+     CREATE TABLE handoff_transfers (k bytea PRIMARY KEY, v bytea NOT NULL);
+     CREATE TABLE handoff_journal (k bytea PRIMARY KEY, v bytea NOT NULL);
+     CREATE TABLE handoff_auto (k bytea PRIMARY KEY, v bytea NOT NULL);
+     CREATE TABLE handoff_dropped_files (k bytea PRIMARY KEY, v bytea NOT NULL);
+     CREATE TABLE handoff_inbox (k bytea PRIMARY KEY, v bytea NOT NULL);
+     CREATE TABLE handoff_inbox_attempts (k bytea PRIMARY KEY, v bytea NOT NULL);
+     CREATE TABLE handoff_meta (k bytea PRIMARY KEY, v bytea NOT NULL);
+     CREATE SEQUENCE handoff_ids;",
+];
+
+/// Held by the transaction that migrates, so two instances starting at once migrate once.
+const MIGRATION_LOCK: i64 = 0x68616e646f6666; // "handoff"
+
+fn table(tree: Tree) -> String {
+    format!("handoff_{}", tree.name())
+}
+
+/// The smallest key after every key that starts with `prefix` (`None`: there is none).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+impl PgKv {
+    async fn connect(uri: &str, pool_size: usize) -> Result<PgKv, StoreError> {
+        let mut config = deadpool_postgres::Config::new();
+        config.url = Some(uri.to_owned());
+        config.pool = Some(deadpool_postgres::PoolConfig::new(pool_size.max(2)));
+        let pool = config
+            .create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)
+            .map_err(|e| StoreError::Connect(e.to_string()))?;
+        let kv = PgKv { pool };
+        kv.migrate().await?;
+        Ok(kv)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|e| StoreError::Connect(e.to_string()))
+    }
+
+    /// Applies the schema steps this database lacks; refuses a database a newer handoff made.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS handoff_schema (version integer NOT NULL)").await?;
+        let version: i32 = match tx.query_opt("SELECT version FROM handoff_schema", &[]).await? {
+            Some(row) => row.get(0),
+            None => {
+                tx.execute("INSERT INTO handoff_schema (version) VALUES (0)", &[]).await?;
+                0
+            }
+        };
+        let known = MIGRATIONS.len() as i32;
+        if version > known {
+            return Err(StoreError::Schema { path: "the PostgreSQL database".into(), found: version as u32 });
+        }
+        for step in &MIGRATIONS[version as usize..] {
+            tx.batch_execute(step).await?;
+        }
+        tx.execute("UPDATE handoff_schema SET version = $1", &[&known]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let sql = format!("SELECT v FROM {} WHERE k = $1", table(tree));
+        Ok(self.client().await?.query_opt(&sql, &[&key]).await?.map(|row| row.get(0)))
+    }
+
+    async fn insert(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let sql =
+            format!("INSERT INTO {} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", table(tree));
+        self.client().await?.execute(&sql, &[&key, &value]).await?;
+        Ok(())
+    }
+
+    async fn remove(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let sql = format!("DELETE FROM {} WHERE k = $1 RETURNING v", table(tree));
+        Ok(self.client().await?.query_opt(&sql, &[&key]).await?.map(|row| row.get(0)))
+    }
+
+    async fn scan(&self, tree: Tree, prefix: &[u8], values: bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let what = if values { "k, v" } else { "k, ''::bytea" };
+        let client = self.client().await?;
+        let rows = match (prefix.is_empty(), prefix_end(prefix)) {
+            (true, _) => client.query(&format!("SELECT {what} FROM {} ORDER BY k", table(tree)), &[]).await?,
+            (false, Some(end)) => {
+                let sql = format!("SELECT {what} FROM {} WHERE k >= $1 AND k < $2 ORDER BY k", table(tree));
+                client.query(&sql, &[&prefix, &end]).await?
+            }
+            (false, None) => {
+                let sql = format!("SELECT {what} FROM {} WHERE k >= $1 ORDER BY k", table(tree));
+                client.query(&sql, &[&prefix]).await?
+            }
+        };
+        Ok(rows.into_iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+
+    async fn len(&self, tree: Tree) -> Result<usize, StoreError> {
+        let row = self.client().await?.query_one(&format!("SELECT count(*) FROM {}", table(tree)), &[]).await?;
+        Ok(row.get::<_, i64>(0) as usize)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        tree: Tree,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let t = table(tree);
+        let client = self.client().await?;
+        let changed = match (old, new) {
+            (None, Some(new)) => {
+                let sql = format!("INSERT INTO {t} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING");
+                client.execute(&sql, &[&key, &new]).await?
+            }
+            (Some(old), Some(new)) => {
+                let sql = format!("UPDATE {t} SET v = $3 WHERE k = $1 AND v = $2");
+                client.execute(&sql, &[&key, &old, &new]).await?
+            }
+            (Some(old), None) => {
+                client.execute(&format!("DELETE FROM {t} WHERE k = $1 AND v = $2"), &[&key, &old]).await?
+            }
+            (None, None) => {
+                let sql = format!("SELECT 1 FROM {t} WHERE k = $1");
+                u64::from(client.query_opt(&sql, &[&key]).await?.is_none())
+            }
+        };
+        Ok(changed == 1)
+    }
+
+    async fn apply(&self, unless: Option<(Tree, &[u8])>, writes: &[Write]) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut claimed = None;
+        if let Some((tree, key)) = unless {
+            // The key the writes claim (a transaction ID): inserted first, so of two instances
+            // taking the same one, only one goes on (the other's insert waits, then finds it).
+            let claim = writes.iter().position(|w| matches!(w, Write::Insert(t, k, _) if *t == tree && k == key));
+            let fresh = match claim.map(|i| &writes[i]) {
+                Some(Write::Insert(_, k, v)) => {
+                    let sql = format!("INSERT INTO {} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING", table(tree));
+                    tx.execute(&sql, &[k, v]).await? == 1
+                }
+                _ => {
+                    let sql = format!("SELECT 1 FROM {} WHERE k = $1 FOR UPDATE", table(tree));
+                    tx.query_opt(&sql, &[&key]).await?.is_none()
+                }
+            };
+            if !fresh {
+                return Ok(false);
+            }
+            claimed = claim;
+        }
+        for (i, write) in writes.iter().enumerate() {
+            if Some(i) == claimed {
+                continue;
+            }
+            match write {
+                Write::Insert(tree, k, v) => {
+                    let sql = format!(
+                        "INSERT INTO {} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+                        table(*tree)
+                    );
+                    tx.execute(&sql, &[k, v]).await?;
+                }
+                Write::Remove(tree, k) => {
+                    tx.execute(&format!("DELETE FROM {} WHERE k = $1", table(*tree)), &[k]).await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn generate_id(&self) -> Result<u64, StoreError> {
+        let row = self.client().await?.query_one("SELECT nextval('handoff_ids')", &[]).await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn size(&self) -> Result<u64, StoreError> {
+        let row = self.client().await?.query_one("SELECT pg_database_size(current_database())", &[]).await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
 }

@@ -61,6 +61,12 @@ pub enum StoreError {
     Unseal(String),
     #[error("a stored record is corrupt: {0}")]
     Corrupt(String),
+    #[error(
+        "cannot reach the PostgreSQL database: {0} (check database.uri, and that the server runs and lets this user in)"
+    )]
+    Connect(String),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
 }
 
 #[derive(Clone)]
@@ -105,9 +111,20 @@ pub struct Forgotten {
 }
 
 impl Store {
+    /// The embedded store at `path` (sled), its key beside it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let kv = Kv::open_sled(path)?;
-        let key_path = key_path_for(path);
+        Store::with_key(kv, key_path_for(path))
+    }
+
+    /// The store in a PostgreSQL database, sealed with the key in `key_path` (made there if it
+    /// is not: every instance sharing the database needs the same one). Migrates its schema.
+    pub async fn connect_postgres(uri: &str, pool_size: usize, key_path: &Path) -> Result<Self, StoreError> {
+        let kv = Kv::connect_postgres(uri, pool_size).await?;
+        Store::with_key(kv, key_path.to_owned())
+    }
+
+    fn with_key(kv: Kv, key_path: PathBuf) -> Result<Self, StoreError> {
         let cipher = XChaCha20Poly1305::new(&load_or_create_key(&key_path)?.into());
         Ok(Store { kv, cipher, key_path })
     }
@@ -241,8 +258,8 @@ impl Store {
     }
 
     /// The database's size on disk, in bytes.
-    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        self.kv.size_on_disk()
+    pub async fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.kv.size_on_disk().await
     }
 
     /// A cheap read, for `/health`.
