@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::registration;
 
 mod federation;
+pub mod postgres;
 pub use federation::{Federation, FederationNames, Side, run_federated};
 
 pub const SYNAPSE_VERSION: &str = "1.163.2";
