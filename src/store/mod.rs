@@ -726,13 +726,62 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::postgres::Postgres;
 
-    #[tokio::test]
-    async fn txns_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
+    /// Where a test's store lives: a sled folder, or a database of a PostgreSQL started for the
+    /// test. [`Db::open`] opens it (again: a restart), its key beside it either way.
+    struct Db {
+        dir: tempfile::TempDir,
+        postgres: Option<(Postgres, String)>,
+    }
+
+    impl Db {
+        fn sled() -> Db {
+            Db { dir: tempfile::tempdir().unwrap(), postgres: None }
+        }
+
+        async fn postgres() -> Db {
+            let dir = tempfile::tempdir().unwrap();
+            let server = Postgres::start(&dir.path().join("pg")).await.unwrap();
+            let uri = server.create_database("handoff").await.unwrap();
+            Db { dir, postgres: Some((server, uri)) }
+        }
+
+        fn path(&self) -> PathBuf {
+            self.dir.path().join("db")
+        }
+
+        fn key_path(&self) -> PathBuf {
+            key_path_for(&self.path())
+        }
+
+        async fn open(&self) -> Store {
+            match &self.postgres {
+                None => Store::open(&self.path()).unwrap(),
+                Some((_, uri)) => Store::connect_postgres(uri, 4, &self.key_path()).await.unwrap(),
+            }
+        }
+    }
+
+    /// The test `$name(db)` on each engine: `$name::sled` and `$name::postgres`.
+    macro_rules! on_both {
+        ($name:ident) => {
+            mod $name {
+                #[tokio::test]
+                async fn sled() {
+                    super::$name(super::Db::sled()).await
+                }
+                #[tokio::test]
+                async fn postgres() {
+                    super::$name(super::Db::postgres().await).await
+                }
+            }
+        };
+    }
+
+    async fn txns_survive_reopen(db: Db) {
         {
-            let store = Store::open(&path).unwrap();
+            let store = db.open().await;
             assert!(!store.txn_seen("1").await.unwrap());
             let numbers = store.accept_txn("1", &[b"{\"a\":1}".to_vec(), b"{}".to_vec()]).await.unwrap().unwrap();
             assert_eq!(numbers.len(), 2);
@@ -741,7 +790,7 @@ mod tests {
             assert_eq!(store.accept_txn("1", &[b"{}".to_vec()]).await.unwrap(), None);
             store.inbox_done(numbers[1]).await.unwrap();
         }
-        let store = Store::open(&path).unwrap();
+        let store = db.open().await;
         assert!(store.txn_seen("1").await.unwrap());
         assert!(!store.txn_seen("2").await.unwrap());
         // The unhandled event survived the restart, sealed at rest.
@@ -751,18 +800,16 @@ mod tests {
         let raw = store.kv.scan(Tree::Inbox, &[]).await.unwrap();
         assert!(!raw.iter().any(|(_, v)| v.windows(5).any(|w| w == b"\"a\":1")));
     }
+    on_both!(txns_survive_reopen);
 
-    #[tokio::test]
-    async fn attempts_count_across_restarts_until_the_event_is_done() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
+    async fn attempts_count_across_restarts_until_the_event_is_done(db: Db) {
         let numbers = {
-            let store = Store::open(&path).unwrap();
+            let store = db.open().await;
             let numbers = store.accept_txn("t", &[b"{}".to_vec(), b"{}".to_vec()]).await.unwrap().unwrap();
             assert_eq!(store.inbox_attempt(numbers[0]).await.unwrap(), 1);
             numbers
         };
-        let store = Store::open(&path).unwrap();
+        let store = db.open().await;
         assert_eq!(store.inbox_attempt(numbers[0]).await.unwrap(), 2, "counted across the restart");
         assert_eq!(store.inbox_attempt(numbers[1]).await.unwrap(), 1, "each event has its own count");
         // A clean stop interrupted the second attempt: it does not count.
@@ -774,6 +821,7 @@ mod tests {
         assert!(store.kv.get(Tree::InboxAttempts, &numbers[0].to_be_bytes()).await.unwrap().is_none());
         assert_eq!(store.inbox().await.unwrap().len(), 1);
     }
+    on_both!(attempts_count_across_restarts_until_the_event_is_done);
 
     /// The child half of the test below: counts an attempt, then is killed by SIGKILL.
     const KILLED_CHILD: &str = "HANDOFF_TEST_KILLED_STORE";
@@ -815,11 +863,8 @@ mod tests {
         assert!(err.contains("another `handoff serve`"), "{err}");
     }
 
-    #[tokio::test]
-    async fn bundles_are_sealed_and_codes_redeem_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let store = Store::open(&path).unwrap();
+    async fn bundles_are_sealed_and_codes_redeem_once(db: Db) {
+        let store = db.open().await;
         let owner = <&UserId>::try_from("@old:x.org").unwrap();
         let newer = <&UserId>::try_from("@new:x.org").unwrap();
         let bundle = crate::bundle::tests::sample();
@@ -832,7 +877,7 @@ mod tests {
             assert!(!raw.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} readable at rest");
         }
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(key_path_for(&path)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(db.key_path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
         let code = crate::code::TransferCode::generate();
@@ -865,11 +910,10 @@ mod tests {
         assert!(!store.claim_code(&code.hash(), &redeemed).await.unwrap(), "a claim of it is refused");
         assert_eq!(store.codes_of(owner).await.unwrap().len(), 1);
     }
+    on_both!(bundles_are_sealed_and_codes_redeem_once);
 
-    #[tokio::test]
-    async fn retention_purges_codes_offers_and_txns() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
+    async fn retention_purges_codes_offers_and_txns(db: Db) {
+        let store = db.open().await;
         let old = now_ms() - 10_000;
         store.accept_txn("t1", &[]).await.unwrap();
         let auto = AutoStart {
@@ -890,11 +934,10 @@ mod tests {
         assert!(!store.txn_seen("t1").await.unwrap());
         assert!(store.autos().await.unwrap().is_empty());
     }
+    on_both!(retention_purges_codes_offers_and_txns);
 
-    #[tokio::test]
-    async fn transfer_records_are_sealed_and_go_with_their_journals() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
+    async fn transfer_records_are_sealed_and_go_with_their_journals(db: Db) {
+        let store = db.open().await;
         let room = <&RoomId>::try_from("!r:x.org").unwrap();
         store.put_transfer(7, b"{\"name\":\"Secret room\"}").await.unwrap();
         store.put_journal_entry(7, room, b"\"done\"").await.unwrap();
@@ -906,11 +949,10 @@ mod tests {
         assert!(store.transfer(7).await.unwrap().is_none());
         assert!(store.journal(7).await.unwrap().is_empty());
     }
+    on_both!(transfer_records_are_sealed_and_go_with_their_journals);
 
-    #[tokio::test]
-    async fn bundles_beyond_the_cap_go_with_their_codes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
+    async fn bundles_beyond_the_cap_go_with_their_codes(db: Db) {
+        let store = db.open().await;
         let owner = <&UserId>::try_from("@old:x.org").unwrap();
         let mut ids = Vec::new();
         for _ in 0..4 {
@@ -934,32 +976,69 @@ mod tests {
         assert!(codes.iter().all(|b| *b == ids[2] || *b == ids[3]));
         assert_eq!(store.trim_bundles(owner, 2).await.unwrap(), 0);
     }
+    on_both!(bundles_beyond_the_cap_go_with_their_codes);
 
-    #[tokio::test]
-    async fn purge_drops_old_bundles_and_a_wrong_key_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
+    async fn purge_drops_old_bundles_and_a_wrong_key_is_reported(db: Db) {
         let owner = <&UserId>::try_from("@old:x.org").unwrap();
         {
-            let store = Store::open(&path).unwrap();
+            let store = db.open().await;
             store.put_bundle(owner, &crate::bundle::tests::sample()).await.unwrap();
             assert_eq!(store.purge(Duration::from_secs(3600)).await.unwrap().bundles, 0);
         }
-        std::fs::write(key_path_for(&path), [7u8; 32]).unwrap();
-        let store = Store::open(&path).unwrap();
+        std::fs::write(db.key_path(), [7u8; 32]).unwrap();
+        let store = db.open().await;
         let err = store.latest_bundle(owner).await.unwrap_err().to_string();
         assert!(err.contains("does not open with the store key"), "{err}");
         assert_eq!(store.purge(Duration::ZERO).await.unwrap().bundles, 1);
     }
+    on_both!(purge_drops_old_bundles_and_a_wrong_key_is_reported);
 
-    #[tokio::test]
-    async fn dm_rooms_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
+    async fn dm_rooms_round_trip(db: Db) {
+        let store = db.open().await;
         let room = <&RoomId>::try_from("!a:x.org").unwrap();
         let user = <&UserId>::try_from("@u:x.org").unwrap();
         assert_eq!(store.dm_room_user(room).await.unwrap(), None);
         store.set_dm_room(room, user).await.unwrap();
         assert_eq!(store.dm_room_user(room).await.unwrap().as_deref(), Some(user));
+    }
+    on_both!(dm_rooms_round_trip);
+
+    /// Two instances on one PostgreSQL take the same transaction from the homeserver at once (a
+    /// retry that reached the other): it is accepted once, its events in the inbox once.
+    #[tokio::test]
+    async fn two_instances_accept_a_transaction_once() {
+        let db = Db::postgres().await;
+        let (a, b) = (db.open().await, db.open().await);
+        let events = [b"{\"n\":1}".to_vec(), b"{\"n\":2}".to_vec()];
+        for round in 0..20 {
+            let txn = format!("t{round}");
+            let (x, y) = tokio::join!(a.accept_txn(&txn, &events), b.accept_txn(&txn, &events));
+            let accepted = [x.unwrap(), y.unwrap()].into_iter().filter(Option::is_some).count();
+            assert_eq!(accepted, 1, "round {round}");
+        }
+        assert_eq!(a.inbox().await.unwrap().len(), 40, "two events per transaction, once each");
+    }
+
+    /// A database that a newer handoff migrated further is refused, not guessed at.
+    #[tokio::test]
+    async fn a_database_newer_than_this_handoff_is_refused() {
+        let db = Db::postgres().await;
+        db.open().await;
+        let Some((_, uri)) = &db.postgres else { unreachable!() };
+        let (client, connection) = tokio_postgres::connect(uri, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client.execute("UPDATE handoff_schema SET version = version + 1", &[]).await.unwrap();
+        let err = Store::connect_postgres(uri, 2, &db.key_path()).await.err().expect("refused").to_string();
+        assert!(err.contains("schema version 2, this handoff knows version 1"), "{err}");
+    }
+
+    /// A bad address says where it looked, and what to check.
+    #[tokio::test]
+    async fn an_unreachable_postgres_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = crate::sandbox::free_port();
+        let uri = format!("postgres://handoff@127.0.0.1:{port}/handoff");
+        let err = Store::connect_postgres(&uri, 2, &dir.path().join("k")).await.err().expect("refused").to_string();
+        assert!(err.contains("cannot reach the PostgreSQL database") && err.contains("database.uri"), "{err}");
     }
 }
