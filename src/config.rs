@@ -111,12 +111,37 @@ impl Default for ActingConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct DatabaseConfig {
+    /// `sled` (embedded, the default) or `postgres`.
+    #[serde(rename = "type")]
+    pub kind: DatabaseType,
+    /// sled's folder. With `postgres`, where the store key (`<path>.key`) and the bot device's
+    /// crypto store (`<path>.device/`) live: on local disk either way.
     pub path: PathBuf,
+    /// `postgres://user:password@host[:port]/database`, or read from `uri_file` (so the password
+    /// need not be in this file).
+    pub uri: Option<Secret>,
+    pub uri_file: Option<PathBuf>,
+    /// Connections to PostgreSQL at most (mautrix's name).
+    pub max_open_conns: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseType {
+    #[default]
+    Sled,
+    Postgres,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { path: PathBuf::from("handoff.db") }
+        Self {
+            kind: DatabaseType::Sled,
+            path: PathBuf::from("handoff.db"),
+            uri: None,
+            uri_file: None,
+            max_open_conns: 10,
+        }
     }
 }
 
@@ -315,6 +340,27 @@ impl Config {
                 ));
             }
         }
+        let db = &self.database;
+        match (db.kind, &db.uri, &db.uri_file) {
+            (DatabaseType::Postgres, None, None) => {
+                return Err("database.uri: `type: postgres` needs `uri: postgres://user:password@host/database` (or `uri_file`)".into());
+            }
+            (DatabaseType::Postgres, Some(_), Some(_)) => {
+                return Err("database.uri and database.uri_file: give one of them, not both".into());
+            }
+            (DatabaseType::Postgres, Some(uri), None)
+                if !(uri.expose().starts_with("postgres://") || uri.expose().starts_with("postgresql://")) =>
+            {
+                return Err("database.uri: expected a postgres:// or postgresql:// URI".into());
+            }
+            (DatabaseType::Sled, Some(_), _) | (DatabaseType::Sled, _, Some(_)) => {
+                return Err("database.uri: set `type: postgres` to use it (the default, sled, keeps `path`)".into());
+            }
+            _ => {}
+        }
+        if db.max_open_conns == 0 {
+            return Err("database.max_open_conns: expected at least 1".into());
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
             return Err(format!(
                 "logging.level: expected error, warn, info, debug, trace or a tracing filter, found {:?}",
@@ -358,6 +404,20 @@ impl Config {
 
     pub fn database_path(&self) -> PathBuf {
         self.base_dir.join(&self.database.path)
+    }
+
+    /// PostgreSQL's URI, from `database.uri` or the file `database.uri_file` names (trimmed).
+    pub fn database_uri(&self) -> Result<Option<Secret>, String> {
+        match (&self.database.uri, &self.database.uri_file) {
+            (Some(uri), _) => Ok(Some(uri.clone())),
+            (None, Some(file)) => {
+                let path = self.base_dir.join(file);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("database.uri_file: cannot read {}: {e}", path.display()))?;
+                Ok(Some(Secret::new(text.trim().to_owned())))
+            }
+            (None, None) => Ok(None),
+        }
     }
 
     /// The bot device's crypto store (a directory of SQLite files), beside the database.
@@ -703,5 +763,32 @@ mod tests {
     fn secrets_do_not_debug_print() {
         let s = Secret::new("supersecret".into());
         assert!(!format!("{s:?}").contains("supersecret"));
+    }
+
+    /// `database.type: postgres` takes a URI (or a file holding it: the password stays out of
+    /// this file); each mistake names its key. The URI never shows in a debug print.
+    #[test]
+    fn postgres_needs_a_uri_and_says_which_key_is_wrong() {
+        let example = include_str!("../bridge-config.yaml");
+        let with = |db: &str| Config::parse(&example.replace("database:\n    path: handoff.db", db));
+        let ok = with("database:\n    type: postgres\n    uri: postgres://handoff:pw@db/handoff").unwrap();
+        assert_eq!(ok.database.kind, DatabaseType::Postgres);
+        assert_eq!(ok.database_uri().unwrap().unwrap().expose(), "postgres://handoff:pw@db/handoff");
+        assert!(!format!("{:?}", ok.database).contains(":pw@"), "the password in a debug print");
+        for (db, key) in [
+            ("database:\n    type: postgres", "database.uri: `type: postgres` needs"),
+            ("database:\n    type: postgres\n    uri: mysql://x", "expected a postgres://"),
+            ("database:\n    uri: postgres://x/y", "set `type: postgres`"),
+            ("database:\n    type: postgres\n    uri: postgres://x/y\n    uri_file: f", "not both"),
+            ("database:\n    type: oracle", "database.type"),
+        ] {
+            let err = with(db).unwrap_err();
+            assert!(err.contains(key), "{db:?}: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db-uri"), "postgres://handoff:pw@db/handoff\n").unwrap();
+        let mut from_file = with("database:\n    type: postgres\n    uri_file: db-uri").unwrap();
+        from_file.base_dir = dir.path().to_owned();
+        assert_eq!(from_file.database_uri().unwrap().unwrap().expose(), "postgres://handoff:pw@db/handoff");
     }
 }

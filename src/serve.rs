@@ -52,7 +52,7 @@ pub async fn run(config: Config) -> Result<()> {
         None
     };
     let config = Arc::new(config);
-    let store = Store::open(&config.database_path())?;
+    let store = open_store(&config).await?;
 
     let address = config.homeserver.address.as_str();
     let http = reqwest::Client::builder()
@@ -335,4 +335,17 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM: finishing the request in flight, then stopping"),
         _ = int.recv() => tracing::info!("SIGINT: finishing the request in flight, then stopping"),
     }
+}
+
+/// The store the config names: sled at `database.path`, or PostgreSQL at `database.uri` (its
+/// schema migrated), sealed with the key at `<database.path>.key` either way.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    Ok(match config.database.kind {
+        crate::config::DatabaseType::Sled => Store::open(&config.database_path())?,
+        crate::config::DatabaseType::Postgres => {
+            let uri = config.database_uri().map_err(anyhow::Error::msg)?.context("database.uri is not set")?;
+            let key = crate::store::key_path_for(&config.database_path());
+            Store::connect_postgres(uri.expose(), config.database.max_open_conns, &key).await?
+        }
+    })
 }
