@@ -3,8 +3,23 @@
 
 mod common;
 
-use common::{Harness, edit, export};
+use common::{Harness, User, edit, eventually, export, memberships, move_notices, with_concurrency};
 use handoff::sandbox::postgres::Postgres;
+use ruma::OwnedRoomId;
+
+/// The database section of the example config, and the same pointed at PostgreSQL's `uri`.
+const SLED: &str = "database:\n    path: handoff.db";
+fn on_postgres(uri: &str) -> String {
+    format!("database:\n    type: postgres\n    path: handoff.db\n    uri: {uri}")
+}
+
+async fn joined(old: &User, new: &User, rooms: &[OwnedRoomId]) -> usize {
+    let mut n = 0;
+    for room in rooms {
+        n += usize::from(memberships(&old.timeline(room).await, &new.id).last().map(String::as_str) == Some("join"));
+    }
+    n
+}
 
 #[tokio::test]
 async fn a_move_with_the_store_on_postgresql_is_kept_there_across_a_restart() {
@@ -45,4 +60,46 @@ async fn a_move_with_the_store_on_postgresql_is_kept_there_across_a_restart() {
     let status = h.ask(&bob, &bdm, "status", "Transfer").await;
     assert!(status.contains("@alice:localhost → @bob:localhost: done"), "{status}");
     assert!(status.contains("6 moved"), "{status}");
+}
+
+/// An install moved from sled into PostgreSQL in the middle of a move (`handoff copy-store`,
+/// after a SIGKILL): `serve` on PostgreSQL resumes the move, and every room gets one invite, one
+/// join and one move notice.
+#[tokio::test]
+async fn a_store_copied_into_postgresql_mid_transfer_resumes_it_once() {
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(&pg_dir.path().join("pg")).await.unwrap();
+    let uri = pg.create_database("handoff").await.unwrap();
+    // One room at a time, so the kill lands mid-transfer.
+    let mut h = Harness::start_with(|c| with_concurrency(c, 1)).await;
+    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+    let rooms = alice.create_rooms(20).await;
+    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
+    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
+    bob.send_text(&bdm, &format!("import {code}")).await;
+    eventually("3 rooms joined", || async { (joined(&alice, &bob, &rooms).await >= 3).then_some(()) }).await;
+    assert!(!h.signal_handoff("KILL").success());
+    let before = joined(&alice, &bob, &rooms).await;
+    assert!(before < rooms.len(), "the kill landed before the end");
+
+    let config = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
+    std::fs::write(&h.sandbox.config_path, edit(config, SLED, &on_postgres(&uri))).unwrap();
+    let out = std::process::Command::new(common::HANDOFF)
+        .args(["copy-store", "-c"])
+        .arg(&h.sandbox.config_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("transfers: 1") && stdout.contains("Copied"), "{stdout}");
+
+    h.start_handoff().await;
+    let report = h.bot_says(&bob, &bdm, 0, "the report", |b| b.contains("rooms moved to")).await;
+    assert!(report.starts_with("20 of 20 rooms moved"), "{report}");
+    assert_eq!(h.log().matches("resuming transfer").count(), 1, "resumed from PostgreSQL");
+    for room in &rooms {
+        let timeline = alice.timeline(room).await;
+        assert_eq!(memberships(&timeline, &bob.id), ["invite", "join"], "{room}");
+        assert_eq!(move_notices(&timeline).len(), 1, "{room}: move notices");
+    }
 }

@@ -41,6 +41,16 @@ enum Cmd {
         #[arg(short, long, default_value = "bridge-config.yaml")]
         config: PathBuf,
     },
+    /// Copy the embedded (sled) store into the PostgreSQL database the config names
+    /// (`database.type: postgres`), which must be empty. Stop `handoff serve` first.
+    CopyStore {
+        /// The config file, naming the PostgreSQL database (and the store key, `<database.path>.key`).
+        #[arg(short, long, default_value = "bridge-config.yaml")]
+        config: PathBuf,
+        /// The sled database to copy (default: `database.path`).
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
     /// Show what a bundle file holds (asks for the transfer code or passphrase).
     Inspect {
         /// The bundle file (`.age`), as the bot sent it with `export --file`.
@@ -109,6 +119,16 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(2, e),
         },
+        Cmd::CopyStore { config, from } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(2, e),
+            };
+            match runtime().block_on(copy_store(&config, from)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, e),
+            }
+        }
         Cmd::Inspect { file, passphrase_file, json, max_work_factor } => match inspect(
             &file,
             passphrase_file.as_deref(),
@@ -132,6 +152,41 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `handoff copy-store`: the sled store into the config's PostgreSQL, every record as it is (sealed
+/// with the same key), so transfers in progress resume there at the next `serve`.
+async fn copy_store(config: &Config, from: Option<PathBuf>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if config.database.kind != crate::config::DatabaseType::Postgres {
+        anyhow::bail!(
+            "set `database.type: postgres` and `database.uri` in the config first: that is where the store goes"
+        );
+    }
+    let from = from.unwrap_or_else(|| config.database_path());
+    // The destination seals with `<database.path>.key`: the source's key must be that one (checked
+    // before anything is made).
+    let (source_key, key) = (crate::store::key_path_for(&from), crate::store::key_path_for(&config.database_path()));
+    let source_bytes =
+        std::fs::read(&source_key).with_context(|| format!("cannot read the store key {}", source_key.display()))?;
+    if std::fs::read(&key).ok() != Some(source_bytes) {
+        anyhow::bail!(
+            "{} and {} differ: the copy stays sealed with the source's key, so database.path must name the source's folder (or copy its .key file there)",
+            source_key.display(),
+            key.display()
+        );
+    }
+    let source = crate::store::Store::open(&from)?;
+    let to = crate::serve::open_store(config).await?;
+    let copied = source.copy_into(&to).await.context("copying the store")?;
+    for (tree, n) in copied {
+        println!("{tree}: {n}");
+    }
+    println!(
+        "Copied {} into PostgreSQL. Start `handoff serve -c` with this config: it resumes every transfer there.",
+        from.display()
+    );
+    Ok(())
 }
 
 fn inspect(

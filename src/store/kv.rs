@@ -178,6 +178,31 @@ impl Kv {
         }
     }
 
+    /// Copies every entry of every tree into `to` (as stored: sealed records stay sealed with the
+    /// same key), and moves `to`'s IDs past every one given here. Returns the entries per tree.
+    pub(super) async fn copy_into(&self, to: &Kv) -> Result<Vec<(Tree, usize)>, StoreError> {
+        let mut copied = Vec::new();
+        for tree in Tree::ALL {
+            let mut n = 0;
+            for (k, v) in self.scan(tree, &[]).await? {
+                // Each engine keeps its own schema version.
+                if tree == Tree::Meta && k == b"schema_version" {
+                    continue;
+                }
+                to.insert(tree, &k, &v).await?;
+                n += 1;
+            }
+            copied.push((tree, n));
+        }
+        let next = self.generate_id().await?;
+        match to {
+            Kv::Postgres(p) => p.ids_from(next).await?,
+            Kv::Sled(s) => while s.db.generate_id()? < next {},
+        }
+        to.durable().await?;
+        Ok(copied)
+    }
+
     pub(super) async fn size_on_disk(&self) -> Result<u64, StoreError> {
         match self {
             Kv::Sled(s) => Ok(s.db.size_on_disk()?),
@@ -499,6 +524,13 @@ impl PgKv {
     async fn generate_id(&self) -> Result<u64, StoreError> {
         let row = self.client().await?.query_one("SELECT nextval('handoff_ids')", &[]).await?;
         Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// The sequence gives `next` or more from now on (never less than it would have).
+    async fn ids_from(&self, next: u64) -> Result<(), StoreError> {
+        let sql = "SELECT setval('handoff_ids', GREATEST($1, (SELECT last_value FROM handoff_ids)))";
+        self.client().await?.execute(sql, &[&(next as i64)]).await?;
+        Ok(())
     }
 
     async fn size(&self) -> Result<u64, StoreError> {

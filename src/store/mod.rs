@@ -65,6 +65,8 @@ pub enum StoreError {
         "cannot reach the PostgreSQL database: {0} (check database.uri, and that the server runs and lets this user in)"
     )]
     Connect(String),
+    #[error("the destination already holds records ({0}): copy into an empty database")]
+    NotEmpty(&'static str),
     #[error("PostgreSQL: {0}")]
     Postgres(#[from] tokio_postgres::Error),
 }
@@ -266,6 +268,19 @@ impl Store {
     pub async fn check(&self) -> Result<(), StoreError> {
         self.kv.get(Tree::Meta, b"health").await?;
         Ok(())
+    }
+
+    /// Copies everything this store keeps into `to` (a new PostgreSQL database, say), which must
+    /// hold nothing yet: records stay sealed with this store's key, which `to` must use too.
+    /// Returns how many entries each kind of record had.
+    pub async fn copy_into(&self, to: &Store) -> Result<Vec<(&'static str, usize)>, StoreError> {
+        for tree in [Tree::Txns, Tree::Inbox, Tree::Bundles, Tree::Codes, Tree::Transfers, Tree::Auto] {
+            if to.kv.len(tree).await? > 0 {
+                return Err(StoreError::NotEmpty(tree.name()));
+            }
+        }
+        let copied = self.kv.copy_into(&to.kv).await?;
+        Ok(copied.into_iter().map(|(tree, n)| (tree.name(), n)).collect())
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
@@ -1040,5 +1055,48 @@ mod tests {
         let uri = format!("postgres://handoff@127.0.0.1:{port}/handoff");
         let err = Store::connect_postgres(&uri, 2, &dir.path().join("k")).await.err().expect("refused").to_string();
         assert!(err.contains("cannot reach the PostgreSQL database") && err.contains("database.uri"), "{err}");
+    }
+
+    /// A sled store copied into PostgreSQL: every record reads there with the same key (a
+    /// transfer with its journal, a bundle, a code, an unhandled inbox event, a DM), the IDs go
+    /// on past the copied ones, and a second copy into the same database is refused.
+    #[tokio::test]
+    async fn a_sled_store_copied_into_postgresql_reads_the_same_there() {
+        let sled = Db::sled();
+        let from = sled.open().await;
+        let owner = <&UserId>::try_from("@old:x.org").unwrap();
+        let room = <&RoomId>::try_from("!r:x.org").unwrap();
+        let bundle = from.put_bundle(owner, &crate::bundle::tests::sample()).await.unwrap();
+        let record = CodeRecord {
+            owner: owner.to_owned(),
+            bundle: bundle.clone(),
+            expires_at_ms: now_ms() + 60_000,
+            bound_to: None,
+            redeemed_by: None,
+        };
+        let code = crate::code::TransferCode::generate();
+        from.put_code(&code.hash(), &record).await.unwrap();
+        let id = from.new_transfer_id().await.unwrap();
+        from.put_transfer(id, b"{\"t\":1}").await.unwrap();
+        from.put_journal_entry(id, room, b"\"done\"").await.unwrap();
+        let numbers = from.accept_txn("t", &[b"{\"e\":1}".to_vec()]).await.unwrap().unwrap();
+        from.set_dm_room(room, owner).await.unwrap();
+
+        let pg = Db::postgres().await;
+        let Some((_, uri)) = &pg.postgres else { unreachable!() };
+        // The same key: the copy is the same records, sealed as they were.
+        let to = Store::connect_postgres(uri, 2, &sled.key_path()).await.unwrap();
+        let copied = from.copy_into(&to).await.unwrap();
+        assert!(copied.contains(&("bundles", 1)) && copied.contains(&("journal", 1)), "{copied:?}");
+        assert_eq!(to.get_bundle(&bundle).await.unwrap().unwrap().owner, owner);
+        assert_eq!(to.peek_code(&code.hash(), owner).await.unwrap().unwrap().bundle, bundle);
+        assert_eq!(to.transfer(id).await.unwrap().unwrap(), b"{\"t\":1}");
+        assert_eq!(to.journal(id).await.unwrap(), vec![(room.to_owned(), b"\"done\"".to_vec())]);
+        assert_eq!(to.inbox().await.unwrap(), vec![(numbers[0], b"{\"e\":1}".to_vec())]);
+        assert!(to.txn_seen("t").await.unwrap());
+        assert_eq!(to.dm_room_user(room).await.unwrap().as_deref(), Some(owner));
+        assert!(to.new_transfer_id().await.unwrap() > id, "IDs go on past the copied ones");
+        let err = from.copy_into(&to).await.unwrap_err().to_string();
+        assert!(err.contains("already holds records"), "{err}");
     }
 }
