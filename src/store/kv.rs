@@ -381,7 +381,10 @@ impl PgKv {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(|e| StoreError::Connect(e.to_string()))
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => StoreError::Connect(super::postgres_says(&e)),
+            e => StoreError::Connect(e.to_string()),
+        })
     }
 
     /// Applies the schema steps this database lacks; refuses a database a newer handoff made.

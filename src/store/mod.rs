@@ -67,8 +67,34 @@ pub enum StoreError {
     Connect(String),
     #[error("the destination already holds records ({0}): copy into an empty database")]
     NotEmpty(&'static str),
-    #[error("PostgreSQL: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Postgres(String),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    /// PostgreSQL's own words (tokio-postgres says only "db error"), and what to do where the
+    /// fix is the admin's.
+    fn from(e: tokio_postgres::Error) -> Self {
+        use tokio_postgres::error::SqlState;
+        let said = postgres_says(&e);
+        StoreError::Postgres(match e.as_db_error().map(|db| db.code()) {
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE) => format!(
+                "{said}: the user in database.uri may not create or use handoff's tables; make it the database's owner (ALTER DATABASE <db> OWNER TO <user>) or GRANT CREATE ON SCHEMA public TO <user>"
+            ),
+            _ => said,
+        })
+    }
+}
+
+/// What PostgreSQL answered, in its own words, or why it could not be asked.
+pub(crate) fn postgres_says(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("PostgreSQL says: {} ({})", db.message(), db.code().code()),
+        None => {
+            let cause = std::error::Error::source(e).map(|s| format!(": {s}")).unwrap_or_default();
+            format!("PostgreSQL: {e}{cause}")
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -1098,5 +1124,26 @@ mod tests {
         assert!(to.new_transfer_id().await.unwrap() > id, "IDs go on past the copied ones");
         let err = from.copy_into(&to).await.unwrap_err().to_string();
         assert!(err.contains("already holds records"), "{err}");
+    }
+
+    /// A user that may connect but not create tables (PostgreSQL 15 and later give no one but
+    /// the owner CREATE on `public`), and a database that does not exist: each says so, and what
+    /// to do.
+    #[tokio::test]
+    async fn postgresql_refusals_say_what_to_do() {
+        let db = Db::postgres().await;
+        let Some((server, uri)) = &db.postgres else { unreachable!() };
+        let (client, connection) = tokio_postgres::connect(uri, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client.batch_execute("CREATE ROLE visitor LOGIN").await.unwrap();
+        let visitor = uri.replacen("postgres@", "visitor@", 1);
+        let err = Store::connect_postgres(&visitor, 2, &db.key_path()).await.err().expect("refused").to_string();
+        assert!(err.contains("permission denied") && err.contains("GRANT CREATE ON SCHEMA public"), "{err}");
+        let missing = server.uri("nowhere");
+        let err = Store::connect_postgres(&missing, 2, &db.key_path()).await.err().expect("refused").to_string();
+        assert!(
+            err.contains("cannot reach the PostgreSQL database") && err.contains("\"nowhere\" does not exist"),
+            "{err}"
+        );
     }
 }
