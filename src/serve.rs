@@ -41,6 +41,19 @@ pub async fn run(config: Config) -> Result<()> {
             config.homeserver.domain
         );
     }
+    // On a database several instances share, one leads: the others wait here, before they
+    // listen anywhere, and the first to ask takes over once the leader's session is gone.
+    let store = open_store(&config).await?;
+    let standing_by = || tracing::info!("another handoff serve leads this database: standing by until it stops");
+    if let Some(lead) = store.lead(&config.appservice.id, standing_by).await? {
+        tracing::info!("leading the database");
+        tokio::spawn(async move {
+            let why = lead.lost().await;
+            // Another instance may lead already: not one more write from this one.
+            tracing::error!(reason = %why, "lost the lead of the database: stopping at once (a standby takes over)");
+            std::process::exit(1);
+        });
+    }
     // Bound and installed first: start-up's own homeserver requests are counted too.
     let metrics_listener = if config.metrics.enabled {
         let listen = config.metrics.listen;
@@ -52,7 +65,6 @@ pub async fn run(config: Config) -> Result<()> {
         None
     };
     let config = Arc::new(config);
-    let store = open_store(&config).await?;
 
     let address = config.homeserver.address.as_str();
     let http = reqwest::Client::builder()

@@ -103,3 +103,66 @@ async fn a_store_copied_into_postgresql_mid_transfer_resumes_it_once() {
         assert_eq!(move_notices(&timeline).len(), 1, "{room}: move notices");
     }
 }
+
+/// A second `handoff serve` that dies with the test.
+struct Standby(std::process::Child);
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Two `handoff serve` on one PostgreSQL, on the same config: the second stands by (it does not
+/// even listen) while the first leads. The leader killed (SIGKILL) in the middle of a move, the
+/// standby takes the lead within seconds and finishes the move: every room one invite, one join,
+/// one move notice, and one report.
+#[tokio::test]
+async fn a_standby_takes_over_a_move_when_the_leader_is_killed() {
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(&pg_dir.path().join("pg")).await.unwrap();
+    let uri = pg.create_database("handoff").await.unwrap();
+    // One room at a time, so the kill lands mid-transfer.
+    let mut h = Harness::start_with(|c| edit(with_concurrency(c, 1), SLED, &on_postgres(&uri))).await;
+    let standby_log = h.sandbox.dir.join("standby.log");
+    let log = std::fs::File::create(&standby_log).unwrap();
+    let _standby = Standby(
+        std::process::Command::new(common::HANDOFF)
+            .args(["serve", "-c"])
+            .arg(&h.sandbox.config_path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let said = |what: &'static str| {
+        let path = standby_log.clone();
+        async move { std::fs::read_to_string(&path).unwrap_or_default().contains(what).then_some(()) }
+    };
+    eventually("the second instance to stand by", || said("standing by until it stops")).await;
+
+    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+    let rooms = alice.create_rooms(20).await;
+    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
+    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
+    bob.send_text(&bdm, &format!("import {code}")).await;
+    eventually("3 rooms joined", || async { (joined(&alice, &bob, &rooms).await >= 3).then_some(()) }).await;
+    assert!(!std::fs::read_to_string(&standby_log).unwrap().contains("leading the database"));
+    assert!(!h.signal_handoff("KILL").success());
+    let killed = std::time::Instant::now();
+    assert!(joined(&alice, &bob, &rooms).await < rooms.len(), "the kill landed before the end");
+
+    eventually("the standby to lead", || said("leading the database")).await;
+    println!("the standby led {:.1?} after the kill", killed.elapsed());
+    let report = h.bot_says(&bob, &bdm, 0, "the report", |b| b.contains("rooms moved to")).await;
+    assert!(report.starts_with("20 of 20 rooms moved"), "{report}");
+    for room in &rooms {
+        let timeline = alice.timeline(room).await;
+        assert_eq!(memberships(&timeline, &bob.id), ["invite", "join"], "{room}");
+        assert_eq!(move_notices(&timeline).len(), 1, "{room}: move notices");
+    }
+    let reports =
+        bob.messages_from(&bdm, &h.bot).await.iter().filter(|m| common::body(m).contains("rooms moved to")).count();
+    assert_eq!(reports, 1, "one report");
+}

@@ -328,6 +328,41 @@ struct GroupCommit {
 #[derive(Clone)]
 pub(super) struct PgKv {
     pool: deadpool_postgres::Pool,
+    /// For the leader's own session, outside the pool ([`PgKv::lead`]).
+    uri: Arc<str>,
+}
+
+/// The lead of a database shared by several instances: held while one session, of its own,
+/// holds a session-level advisory lock. It ends with that session (the process died, or its
+/// connection did), and PostgreSQL gives the lock to the next instance that asks.
+pub struct Leadership {
+    client: tokio_postgres::Client,
+    session: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl Leadership {
+    /// Waits until the lead is lost (the session ended, or stopped answering); says why.
+    pub async fn lost(mut self) -> String {
+        loop {
+            tokio::select! {
+                ended = &mut self.session => {
+                    return match ended {
+                        Ok(Ok(())) => "the database closed the session".into(),
+                        Ok(Err(e)) => super::postgres_says(&e),
+                        Err(e) => e.to_string(),
+                    };
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                    let ping = tokio::time::timeout(std::time::Duration::from_secs(5), self.client.simple_query("SELECT 1"));
+                    match ping.await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return super::postgres_says(&e),
+                        Err(_) => return "the database did not answer for 5 s".into(),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The schema, step by step: a database has applied the first `version` of them
@@ -375,9 +410,41 @@ impl PgKv {
         let pool = config
             .create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)
             .map_err(|e| StoreError::Connect(e.to_string()))?;
-        let kv = PgKv { pool };
+        let kv = PgKv { pool, uri: uri.into() };
         kv.migrate().await?;
         Ok(kv)
+    }
+
+    /// Takes the lead of the database for `key`, waiting (asking every `poll`) while another
+    /// instance holds it; `standing_by` is called once if it has to wait.
+    pub(super) async fn lead(
+        &self,
+        key: i64,
+        poll: std::time::Duration,
+        mut standing_by: impl FnMut(),
+    ) -> Result<Leadership, StoreError> {
+        let mut told = false;
+        loop {
+            let (client, connection) = tokio_postgres::connect(&self.uri, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| StoreError::Connect(super::postgres_says(&e)))?;
+            let session = tokio::spawn(connection);
+            loop {
+                // A session lost while waiting: a new one, and ask again.
+                let Ok(row) = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await else { break };
+                if row.get::<_, bool>(0) {
+                    return Ok(Leadership { client, session });
+                }
+                if !told {
+                    told = true;
+                    standing_by();
+                }
+                tokio::time::sleep(poll).await;
+                if session.is_finished() {
+                    break;
+                }
+            }
+        }
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {

@@ -38,7 +38,11 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::{Bundle, BundleId};
 use crate::code::CodeHash;
 pub use crate::code::{CodeRecord, RedeemError};
+pub use kv::Leadership;
 use kv::{Kv, Tree, Write};
+
+/// How often a standing-by instance asks for the lead.
+const LEAD_POLL: Duration = Duration::from_secs(1);
 
 /// The layout of what the store keeps; a database of another version is refused at open.
 pub(crate) const SCHEMA_VERSION: u32 = 1;
@@ -307,6 +311,21 @@ impl Store {
         }
         let copied = self.kv.copy_into(&to.kv).await?;
         Ok(copied.into_iter().map(|(tree, n)| (tree.name(), n)).collect())
+    }
+
+    /// Takes the lead of a database that several `handoff serve` may share (PostgreSQL), for the
+    /// registration `id`: waits while another instance holds it (`standing_by` is called once
+    /// then). `None` on sled, which one process alone can open anyway.
+    pub async fn lead(&self, id: &str, standing_by: impl FnMut()) -> Result<Option<Leadership>, StoreError> {
+        use sha2::{Digest, Sha256};
+        match &self.kv {
+            Kv::Sled(_) => Ok(None),
+            Kv::Postgres(pg) => {
+                let digest = Sha256::digest(format!("handoff leader {id}").as_bytes());
+                let key = i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+                Ok(Some(pg.lead(key, LEAD_POLL, standing_by).await?))
+            }
+        }
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
