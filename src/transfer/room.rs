@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use super::journal::RoomJournal;
 use super::plan::{Action, Blocked, RoomPlan, Warning};
+use super::world::reservation_reason;
 use super::{ClientProfile, Error, FailReason, RoomStep, SkipReason, Stage, Transfer, TransferKind};
 use crate::budget;
 use crate::bundle::RoomEntry;
@@ -627,12 +628,6 @@ pub async fn membership(
         Err(e) if matches!(e.kind(), Some(ErrorKind::NotFound)) => Ok(None),
         Err(e) => Err(e),
     }
-}
-
-/// The reason of a reservation's invite: also what tells the new account's server that an invite
-/// is `old`'s move ([`super::world::read_new_view`]), not any other invite.
-pub fn reservation_reason(old: &UserId) -> String {
-    format!("{old} is moving to this account (handoff)")
 }
 
 /// The reservation: `old` invites `new`, saying why.

@@ -22,7 +22,6 @@ use serde_json::Value as JsonValue;
 use super::AccountStep;
 use super::merge::AccountWorld;
 use super::plan::{RoomFacts, World};
-use super::room::reservation_reason;
 use crate::budget::{Budget, Class, Party};
 use crate::bundle::Bundle;
 use crate::homeserver::{Homeserver, HsError};
@@ -226,4 +225,10 @@ pub async fn reservation_invites(
         .map(|(room, _)| room)
         .collect();
     Ok((reserved, answer.next_batch))
+}
+
+/// The reason of a reservation's invite: also what tells the new account's server that an invite
+/// is `old`'s move ([`read_new_view`]), not any other invite.
+pub fn reservation_reason(old: &UserId) -> String {
+    format!("{old} is moving to this account (handoff)")
 }

@@ -422,7 +422,7 @@ mod tests {
     async fn received_rooms_wait_for_the_invites_this_server_lets_in_slowly() {
         let fake = Fake::new("example.org");
         let (old, new) = (owned_user_id!("@old:other.org"), owned_user_id!("@new:example.org"));
-        let reason = Some(crate::transfer::room::reservation_reason(&old));
+        let reason = Some(crate::transfer::world::reservation_reason(&old));
         let rooms: Vec<RoomPlan> = ["!burst:other.org", "!paced:other.org", "!never:other.org"]
             .iter()
             .map(|id| room(id, Priority::Normal, RoomKind::Group))
