@@ -13,6 +13,17 @@ fn on_postgres(uri: &str) -> String {
     format!("database:\n    type: postgres\n    path: handoff.db\n    uri: {uri}")
 }
 
+/// alice's 20 rooms on their way to bob (`import` sent), 3 of them joined already.
+async fn move_under_way(h: &Harness) -> (User, User, Vec<OwnedRoomId>, OwnedRoomId) {
+    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+    let rooms = alice.create_rooms(20).await;
+    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
+    let code = export(h, &alice, &adm, "--to @bob:localhost").await;
+    bob.send_text(&bdm, &format!("import {code}")).await;
+    eventually("3 rooms joined", || async { (joined(&alice, &bob, &rooms).await >= 3).then_some(()) }).await;
+    (alice, bob, rooms, bdm)
+}
+
 async fn joined(old: &User, new: &User, rooms: &[OwnedRoomId]) -> usize {
     let mut n = 0;
     for room in rooms {
@@ -72,12 +83,7 @@ async fn a_store_copied_into_postgresql_mid_transfer_resumes_it_once() {
     let uri = pg.create_database("handoff").await.unwrap();
     // One room at a time, so the kill lands mid-transfer.
     let mut h = Harness::start_with(|c| with_concurrency(c, 1)).await;
-    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
-    let rooms = alice.create_rooms(20).await;
-    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
-    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
-    bob.send_text(&bdm, &format!("import {code}")).await;
-    eventually("3 rooms joined", || async { (joined(&alice, &bob, &rooms).await >= 3).then_some(()) }).await;
+    let (alice, bob, rooms, bdm) = move_under_way(&h).await;
     assert!(!h.signal_handoff("KILL").success());
     let before = joined(&alice, &bob, &rooms).await;
     assert!(before < rooms.len(), "the kill landed before the end");
@@ -142,12 +148,7 @@ async fn a_standby_takes_over_a_move_when_the_leader_is_killed() {
     };
     eventually("the second instance to stand by", || said("standing by until it stops")).await;
 
-    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
-    let rooms = alice.create_rooms(20).await;
-    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
-    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
-    bob.send_text(&bdm, &format!("import {code}")).await;
-    eventually("3 rooms joined", || async { (joined(&alice, &bob, &rooms).await >= 3).then_some(()) }).await;
+    let (alice, bob, rooms, bdm) = move_under_way(&h).await;
     assert!(!std::fs::read_to_string(&standby_log).unwrap().contains("leading the database"));
     assert!(!h.signal_handoff("KILL").success());
     let killed = std::time::Instant::now();
