@@ -115,10 +115,16 @@ fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
-/// A long time, in seconds and in minutes or hours.
+/// A time that may be long, in seconds and in minutes or hours.
 fn long(d: Duration) -> String {
     let s = d.as_secs_f64();
-    if s >= 5400.0 { format!("{s:.0} s ({:.1} h)", s / 3600.0) } else { format!("{s:.0} s ({:.1} min)", s / 60.0) }
+    if s < 90.0 {
+        secs(d)
+    } else if s >= 5400.0 {
+        format!("{s:.0} s ({:.1} h)", s / 3600.0)
+    } else {
+        format!("{s:.0} s ({:.1} min)", s / 60.0)
+    }
 }
 
 /// The old account invites `new` into every room, which joins it through `via`, 16 in flight.
@@ -389,7 +395,10 @@ fn every(times: &[Duration], n: usize) -> Option<Duration> {
 /// `a` / `b`, or why not.
 fn ratio(a: Option<Duration>, b: Option<Duration>) -> String {
     match (a, b) {
-        (Some(a), Some(b)) => format!("{:.2}×", a.as_secs_f64() / b.as_secs_f64()),
+        (Some(a), Some(b)) => match a.as_secs_f64() / b.as_secs_f64() {
+            r if r >= 0.5 => format!("{r:.2}×"),
+            r => format!("{r:.4}× (1/{:.0})", 1.0 / r),
+        },
         _ => "- (not every room)".to_owned(),
     }
 }
