@@ -10,20 +10,101 @@
 //!
 //! The old account has N rooms on A: 10 favourites, 3 DMs, the rest group rooms.
 //! Run: `cargo bench --bench cross_server` (N = 500; `HANDOFF_BENCH_ROOMS=100` for a quicker run).
+//!
+//! That run lifts every rate limit: it measures throughput. `HANDOFF_BENCH_LIMITS` runs the move
+//! under Synapse's (N = 50 by default):
+//!
+//! - `raised`: Synapse's defaults on both servers, but B's `rc_invites.per_user` raised, as B's
+//!   admin would for a migration day;
+//! - `default`: Synapse's defaults on both servers.
+//!
+//! There the old account and the baseline's accounts act under their servers' limits, as people at
+//! their clients do (handoff's registrations are exempt, as in production), and the move runs as a
+//! person would: `import CODE` on B as soon as the file is there, while A still reserves. Timed
+//! from the export, by the homeservers' own timestamps: every room's invite (and A's report), every
+//! room's join (and B's report). Baselines, the same invites and joins sent directly: naively (no
+//! request sent twice: how many land) and at the known rate (a refused request sent again when
+//! Synapse's answer says, or after 1/rate, until it lands). Each baseline's account leaves the
+//! rooms after it, so that every run joins over federation.
+//!
+//! Synapse's `rc_invites.per_user` lets one user receive 5 invites, then one per 333 s: four hours
+//! for 50 rooms, on B for handoff's invites and on A as well for the old account's own (a server
+//! also counts the invites it sends to each recipient, local or not); and a user's joins over
+//! federation (`rc_joins.remote`) are 10, then one per 100 s. So these modes scale the rates of
+//! `rc_invites` and `rc_joins` on both servers alike, bursts kept: `HANDOFF_BENCH_INVITE_RATE` is
+//! `rc_invites.per_user`'s (0.03 by default, ten times Synapse's 0.003; 0.003 runs Synapse's own).
+//! Every rate that paces the work scaled alike, the paced part (past the 5th invite) shrinks by
+//! the scale, and the output gives it back at Synapse's rates: an estimate (handoff's probes after
+//! a refusal, 15 s doubling, do not scale). `rc_message` (0.2/s after 10; every invite and join
+//! counts) is not scaled: it paces nothing below about 0.1 invites per second.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::federation::{FederatedHarness, drop_file};
-use common::{User, edit, export_file};
+use common::{Harness, User, body, edit, export_file};
 use futures_util::stream::{self, StreamExt};
 use handoff::sandbox::{RateLimit, Side, lifted};
-use ruma::api::client::membership::{invite_user, join_room_by_id_or_alias, joined_rooms};
-use ruma::{OwnedRoomId, ServerName};
+use ruma::api::client::membership::{invite_user, join_room_by_id_or_alias, joined_rooms, leave_room};
+use ruma::{OwnedRoomId, RoomId, ServerName};
+use serde_json::{Value, json};
 
 const IN_FLIGHT: usize = 16;
+
+/// Synapse's default `rc_invites.per_user` rate (one invite per 333 s), and its burst.
+const SYNAPSE_INVITE_RATE: f64 = 0.003;
+const INVITE_BURST: usize = 5;
+
+/// Which rate limits the two Synapses keep: `HANDOFF_BENCH_LIMITS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Limits {
+    /// Every one lifted (unset).
+    Lifted,
+    /// Synapse's, but B's `rc_invites.per_user` raised (`raised`).
+    Raised,
+    /// Synapse's (`default`).
+    Default,
+}
+
+impl Limits {
+    fn from_env() -> Limits {
+        match std::env::var("HANDOFF_BENCH_LIMITS").as_deref() {
+            Err(_) => Limits::Lifted,
+            Ok("raised") => Limits::Raised,
+            Ok("default") => Limits::Default,
+            Ok(other) => panic!("HANDOFF_BENCH_LIMITS={other}: `raised`, `default`, or unset for none"),
+        }
+    }
+
+    /// The Synapse config (YAML) of `side`, with `rc_invites.per_user` at `rate` where it is kept.
+    fn homeserver_yaml(self, side: Side, rate: f64) -> String {
+        let scale = rate / SYNAPSE_INVITE_RATE;
+        // Synapse's default of each, its rate times the scale (rounded: 0.3 × 10 is not 3 in f64).
+        let at = |per_second: f64, burst: usize| {
+            format!("{{per_second: {}, burst_count: {burst}}}", (per_second * scale * 1e6).round() / 1e6)
+        };
+        let per_user = match (self, side) {
+            // Every rate limit lifted: the move's throughput, which B's limit on the invites one
+            // user receives (5, then one each 333 s) would set alone.
+            (Limits::Lifted, _) => return lifted(RateLimit::ALL),
+            // B's admin raised it for the day, as handoff's message to the old account suggests
+            // (it names the setting): 50 invites land at once, and a few hundred in seconds.
+            (Limits::Raised, Side::B) => "{per_second: 10, burst_count: 1000}".to_owned(),
+            _ => format!("{{per_second: {rate}, burst_count: {INVITE_BURST}}}"),
+        };
+        format!(
+            "rc_invites:\n  per_room: {}\n  per_user: {per_user}\n  per_issuer: {}\nrc_joins:\n  local: {}\n  remote: {}\n",
+            at(0.3, 10),
+            at(0.3, 10),
+            at(0.1, 10),
+            at(0.01, 10),
+        )
+    }
+}
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -32,6 +113,18 @@ fn main() {
 
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
+}
+
+/// A time that may be long, in seconds and in minutes or hours.
+fn long(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 90.0 {
+        secs(d)
+    } else if s >= 5400.0 {
+        format!("{s:.0} s ({:.1} h)", s / 3600.0)
+    } else {
+        format!("{s:.0} s ({:.1} min)", s / 60.0)
+    }
 }
 
 /// The old account invites `new` into every room, which joins it through `via`, 16 in flight.
@@ -52,16 +145,29 @@ async fn direct(old: &User, new: &User, rooms: &[OwnedRoomId], via: &ServerName)
 }
 
 async fn run() {
-    let n: usize = std::env::var("HANDOFF_BENCH_ROOMS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let limits = Limits::from_env();
+    let default_n = if limits == Limits::Lifted { 500 } else { 50 };
+    let n: usize = std::env::var("HANDOFF_BENCH_ROOMS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_n);
+    let rate: f64 = std::env::var("HANDOFF_BENCH_INVITE_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(0.03);
     let quiet = |_, _: &_, c: String| edit(c, "level: \"info,handoff=debug\"", "level: warn");
-    // Every rate limit lifted on both sides: the benchmark measures the move's throughput, which
-    // B's limit on invites one user receives (5, then one each 333 s) would set alone.
-    let mut fh = FederatedHarness::start_with(quiet, &lifted(RateLimit::ALL)).await;
+    let mut fh = FederatedHarness::start_with_homeservers(quiet, |side| limits.homeserver_yaml(side, rate)).await;
+    // Paced, the reservation takes (N - 5) / rate: wait three times that, and an hour at least.
+    let patience = match limits {
+        Limits::Lifted => Duration::from_secs(1800),
+        _ => Duration::from_secs_f64((3.0 * n as f64 / rate).max(3600.0)),
+    };
     for side in [Side::A, Side::B] {
         let h = fh.side_mut(side);
-        h.patience = Duration::from_secs(1800);
+        h.patience = patience;
         h.poll = Duration::from_millis(500);
     }
+    match limits {
+        Limits::Lifted => run_lifted(&fh, n).await,
+        _ => run_limited(&fh, n, limits, rate).await,
+    }
+}
+
+async fn run_lifted(fh: &FederatedHarness, n: usize) {
     let name_a = fh.server_name(Side::A);
     println!("a {n}-room move from {name_a} to {}:", fh.server_name(Side::B));
     let old = fh.a.old_account("old", n, 10, 3).await;
@@ -99,4 +205,352 @@ async fn run() {
         secs(total),
         total.as_secs_f64() / baseline.as_secs_f64()
     );
+}
+
+/// A request refused: `status errcode`, and the wait Synapse asked for, if it did.
+struct Refusal {
+    kind: String,
+    retry_after: Option<Duration>,
+}
+
+/// The URL of the client API path `path` (its segments, percent-encoded here) of `homeserver`.
+fn client_url(homeserver: &str, path: &[&str]) -> reqwest::Url {
+    let mut url = reqwest::Url::parse(homeserver).unwrap();
+    url.path_segments_mut().unwrap().pop_if_empty().extend(["_matrix", "client", "v3"]).extend(path);
+    url
+}
+
+/// POSTs `body` to `url` with `token`. Sent as plain HTTP: a refusal's `retry_after_ms` is what a
+/// client reads.
+async fn post(http: &reqwest::Client, url: reqwest::Url, token: &str, body: Value) -> Result<(), Refusal> {
+    let sent = http.post(url).bearer_auth(token).json(&body).send().await;
+    let resp = match sent {
+        Ok(resp) => resp,
+        Err(e) => return Err(Refusal { kind: format!("no answer ({e})"), retry_after: None }),
+    };
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let answer: Value = resp.json().await.unwrap_or_default();
+    let errcode = answer["errcode"].as_str().unwrap_or("-");
+    let retry_after = answer["retry_after_ms"].as_u64().map(Duration::from_millis);
+    Err(Refusal { kind: format!("{} {errcode}", status.as_u16()), retry_after })
+}
+
+/// What the invites and joins sent directly came to: when each landed (from their start, in
+/// order), and the refusals on the way, by request and kind.
+struct Direct {
+    invited: Vec<Duration>,
+    joined: Vec<Duration>,
+    refused: BTreeMap<String, usize>,
+}
+
+impl Direct {
+    fn refusals(&self) -> String {
+        if self.refused.is_empty() {
+            return "none".to_owned();
+        }
+        let each: Vec<String> = self.refused.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+        each.join(", ")
+    }
+}
+
+/// The old account (on `hs_a`) invites `new` (on `hs_b`) into every room, which joins it through
+/// `via`, 16 in flight, each with its own token; a refused request is sent again after the wait
+/// Synapse asks for, or `retry` without one, until it lands; with no `retry`, never.
+async fn direct_limited(
+    (old, hs_a): (&User, &str),
+    (new, hs_b): (&User, &str),
+    rooms: &[OwnedRoomId],
+    via: &ServerName,
+    retry: Option<Duration>,
+) -> Direct {
+    let http = reqwest::Client::new();
+    let refused = Mutex::new(BTreeMap::new());
+    let start = Instant::now();
+    let landed: Vec<(Option<Duration>, Option<Duration>)> = stream::iter(rooms)
+        .map(|room| {
+            let (http, refused) = (&http, &refused);
+            async move {
+                let invite_url = client_url(hs_a, &["rooms", room.as_str(), "invite"]);
+                let mut join_url = client_url(hs_b, &["join", room.as_str()]);
+                join_url.query_pairs_mut().append_pair("via", via.as_str());
+                let invite = || post(http, invite_url.clone(), &old.token, json!({"user_id": new.id}));
+                let join = || post(http, join_url.clone(), &new.token, json!({}));
+                let invited = landing("invite", invite, retry, refused, start).await;
+                let joined = match invited {
+                    Some(_) => landing("join", join, retry, refused, start).await,
+                    None => None,
+                };
+                (invited, joined)
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    let mut invited: Vec<Duration> = landed.iter().filter_map(|l| l.0).collect();
+    let mut joined: Vec<Duration> = landed.iter().filter_map(|l| l.1).collect();
+    invited.sort();
+    joined.sort();
+    Direct { invited, joined, refused: refused.into_inner().unwrap() }
+}
+
+/// Sends `request` until it lands (see [`direct_limited`]); when it did, from `start`.
+async fn landing<F, Fut>(
+    what: &str,
+    request: F,
+    retry: Option<Duration>,
+    refused: &Mutex<BTreeMap<String, usize>>,
+    start: Instant,
+) -> Option<Duration>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), Refusal>>,
+{
+    loop {
+        let refusal = match request().await {
+            Ok(()) => return Some(start.elapsed()),
+            Err(refusal) => refusal,
+        };
+        *refused.lock().unwrap().entry(format!("{what}: {}", refusal.kind)).or_default() += 1;
+        let fallback = retry?;
+        // Synapse's wait is to the millisecond of its own clock: a little more, so it has passed.
+        let wait = refusal.retry_after.map_or(fallback, |w| w + Duration::from_millis(100));
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// `user` leaves each of `rooms` (exempt again: this is not measured), so that B's server is in
+/// none of them and the next run joins over federation too, as the first did.
+async fn leave_all(user: &User, rooms: &[OwnedRoomId]) {
+    user.exempt().await;
+    let leave = |room: &OwnedRoomId| user.try_send(leave_room::v3::Request::new(room.clone()));
+    stream::iter(rooms).map(leave).buffer_unordered(IN_FLIGHT).count().await;
+}
+
+/// A B account that acts as a person at a client: under B's limits.
+async fn person_on_b(fh: &FederatedHarness, name: &str) -> User {
+    let user = fh.b.user(name).await;
+    user.under_defaults().await;
+    user
+}
+
+/// The homeserver's timestamp of `user`'s first `membership` among `events`, from `start` (unix ms).
+fn stamp(events: &[Value], user: &ruma::UserId, membership: &str, start: u64) -> Option<Duration> {
+    let event = events.iter().find(|e| {
+        e["type"] == "m.room.member" && e["state_key"] == user.as_str() && e["content"]["membership"] == membership
+    })?;
+    Some(Duration::from_millis(event["origin_server_ts"].as_u64()?.saturating_sub(start)))
+}
+
+/// The bot's messages in `dm` past the first `skip`, each with its homeserver's timestamp from
+/// `start` (unix ms).
+async fn bot_messages(h: &Harness, user: &User, dm: &RoomId, skip: usize, start: u64) -> Vec<(Duration, String)> {
+    let msgs = user.messages_from(dm, &h.bot).await;
+    let at = |m: &Value| Duration::from_millis(m["origin_server_ts"].as_u64().unwrap_or(0).saturating_sub(start));
+    msgs.iter().skip(skip).map(|m| (at(m), body(m).to_owned())).collect()
+}
+
+/// The first of `msgs` containing `needle`.
+fn first<'a>(msgs: &'a [(Duration, String)], needle: &str) -> Option<&'a (Duration, String)> {
+    msgs.iter().find(|(_, b)| b.contains(needle))
+}
+
+/// The rooms a report lists as skipped or failed, counted by why ("• room: why" lines).
+fn not_moved(report: &str) -> BTreeMap<&str, usize> {
+    let mut why = BTreeMap::new();
+    for line in report.lines().filter_map(|l| l.strip_prefix("• ")) {
+        *why.entry(line.split_once(": ").map_or(line, |(_, w)| w)).or_default() += 1;
+    }
+    why
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A figure's label and value, aligned.
+fn line(label: &str, value: impl std::fmt::Display) {
+    println!("  {label:<52} {value}");
+}
+
+/// Paced times given back at Synapse's rates: what came past the `burst`'s end, times `scale`.
+struct Extrapolation {
+    burst: Duration,
+    scale: f64,
+}
+
+impl Extrapolation {
+    fn at_synapse(&self, t: Duration) -> Duration {
+        self.burst + t.saturating_sub(self.burst).mul_f64(self.scale)
+    }
+}
+
+/// When the last of `times` came if there are `n`: every one.
+fn every(times: &[Duration], n: usize) -> Option<Duration> {
+    (times.len() == n).then(|| times.iter().max().copied()).flatten()
+}
+
+/// `a` / `b`, or why not.
+fn ratio(a: Option<Duration>, b: Option<Duration>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) => match a.as_secs_f64() / b.as_secs_f64() {
+            r if r >= 0.5 => format!("{r:.2}×"),
+            r => format!("{r:.4}× (1/{:.0})", 1.0 / r),
+        },
+        _ => "- (not every room)".to_owned(),
+    }
+}
+
+/// The interval between landings past the burst (the pace that got through), if there were some.
+fn pace(times: &[Duration]) -> Option<Duration> {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    let past = sorted.len().checked_sub(INVITE_BURST).filter(|&k| k > 0)?;
+    Some((sorted[sorted.len() - 1] - sorted[INVITE_BURST - 1]) / past as u32)
+}
+
+async fn run_limited(fh: &FederatedHarness, n: usize, limits: Limits, rate: f64) {
+    let (name_a, name_b) = (fh.server_name(Side::A), fh.server_name(Side::B));
+    let scale = rate / SYNAPSE_INVITE_RATE;
+    let raised = if limits == Limits::Raised { ", B's rc_invites.per_user raised" } else { "" };
+    println!("a {n}-room move from {name_a} to {name_b}, Synapse's default rate limits on both servers{raised}:");
+    for side in [Side::A, Side::B] {
+        let yaml = limits.homeserver_yaml(side, rate);
+        line(&format!("{side:?}'s Synapse"), yaml.trim_end().replace("\n ", "").replace('\n', "; "));
+    }
+    if scale != 1.0 {
+        println!(
+            "  (the rates of rc_invites and rc_joins are {scale:.1}× Synapse's, the bursts Synapse's; \"at Synapse's\" \
+             below is the time to the {INVITE_BURST}th invite and {scale:.1}× the time past it)"
+        );
+    }
+    let old = fh.a.old_account("old", n, 10, 3).await;
+    // From here the old account is a person at a client, under A's limits (it made its rooms
+    // exempt: 50 at rc_room_creation's default would take 40 minutes).
+    old.user.under_defaults().await;
+    let (hs_a, hs_b) = (fh.a.synapse().url.as_str(), fh.b.synapse().url.as_str());
+    let retry = Duration::from_secs_f64(1.0 / rate);
+
+    // Each baseline invites a new account of its own: the limit on invites counts per recipient.
+    let naive_new = person_on_b(fh, "naive").await;
+    let naive = direct_limited((&old.user, hs_a), (&naive_new, hs_b), &old.rooms, &name_a, None).await;
+    line(
+        "direct, naive (no request sent twice)",
+        format!("{} of {n} invites landed, {} joined", naive.invited.len(), naive.joined.len()),
+    );
+    line("", format!("refused: {}", naive.refusals()));
+    leave_all(&naive_new, &old.rooms).await;
+    let paced_new = person_on_b(fh, "paced").await;
+    let paced = direct_limited((&old.user, hs_a), (&paced_new, hs_b), &old.rooms, &name_a, Some(retry)).await;
+    let (paced_invited, paced_joined) = (every(&paced.invited, n), every(&paced.joined, n));
+    let show = |t: Option<Duration>| t.map_or_else(|| "never".to_owned(), long);
+    line(
+        "direct, at the known rate (refusals sent again)",
+        format!("every room invited {}, joined {}", show(paced_invited), show(paced_joined)),
+    );
+    line("", format!("refused: {}", paced.refusals()));
+    let direct_at = paced.invited.get(INVITE_BURST - 1).map(|&burst| Extrapolation { burst, scale });
+    if let Some(p) = pace(&paced.invited) {
+        line("", format!("past the {INVITE_BURST}th, an invite landed each {}", secs(p)));
+    }
+    if let (Some(x), false) = (&direct_at, paced.refused.is_empty() || scale == 1.0) {
+        let at = |t: Option<Duration>| t.map_or_else(|| "-".to_owned(), |t| long(x.at_synapse(t)));
+        line("", format!("at Synapse's: invited {}, joined {}", at(paced_invited), at(paced_joined)));
+    }
+
+    leave_all(&paced_new, &old.rooms).await;
+    // Every invite and join is an event of rc_message's too (0.2/s after 10: not scaled, and it
+    // paces nothing at these rates): its burst back before the old account sends `export`.
+    tokio::time::sleep(Duration::from_secs(50)).await;
+
+    // handoff, as a person does it: the import asked for as soon as the file is on B, the
+    // reservation still going.
+    let new = person_on_b(fh, "new").await;
+    let skip_a = old.user.messages_from(&old.dm, &fh.a.bot).await.len();
+    let (start, start_ms) = (Instant::now(), unix_ms());
+    let (code, file) = export_file(&fh.a, &old.user, &old.dm, &format!("--to {}", new.id)).await;
+    let exported = start.elapsed();
+    let dm = fh.b.dm_with_bot(&new).await;
+    drop_file(&fh.b, &new, &dm, &file).await;
+    let skip_b = new.messages_from(&dm, &fh.b.bot).await.len();
+    new.send_text(&dm, &format!("import {code}")).await;
+    let asked = start.elapsed();
+    tokio::join!(
+        fh.a.bot_says(&old.user, &old.dm, skip_a, "the reservation's report", |b| b.contains("reserved for")),
+        fh.b.bot_says(&new, &dm, skip_b, "the import's report", |b| b.contains("rooms moved to")),
+    );
+    // When each thing happened, by the homeservers' own timestamps (one machine, one clock).
+    let a_msgs = bot_messages(&fh.a, &old.user, &old.dm, skip_a, start_ms).await;
+    let b_msgs = bot_messages(&fh.b, &new, &dm, skip_b, start_ms).await;
+    let (reserved_at, reserved) = first(&a_msgs, "reserved for").unwrap().clone();
+    let (moved_at, moved) = first(&b_msgs, "rooms moved to").unwrap().clone();
+    let (mut invited, mut joined) = (Vec::new(), Vec::new());
+    for room in &old.rooms {
+        let timeline = old.user.timeline(room).await;
+        invited.extend(stamp(&timeline, &new.id, "invite", start_ms));
+        joined.extend(stamp(&timeline, &new.id, "join", start_ms));
+    }
+    invited.sort();
+    let now_joined = new.send(joined_rooms::v3::Request::new()).await.joined_rooms;
+    let (all_invited, all_joined) = (every(&invited, n), every(&joined, n));
+
+    println!("  handoff, from the export:");
+    line("export --to --file on A (capture)", secs(exported));
+    line("import CODE sent on B (the file there)", secs(asked));
+    if let Some((t, _)) = first(&a_msgs, "limits the invites") {
+        line("A tells the old account B limits the invites", secs(*t));
+    }
+    if let Some((t, _)) = first(&a_msgs, "at full speed again") {
+        line("A tells it invites land at full speed again", secs(*t));
+    }
+    line(&format!("every room invited ({} of {n})", invited.len()), show(all_invited));
+    line("A's report", format!("{}  \"{}\"", long(reserved_at), reserved.lines().next().unwrap_or("")));
+    line(&format!("every room joined ({} of {n})", joined.len()), show(all_joined));
+    line("B's report", format!("{}  \"{}\"", long(moved_at), moved.lines().next().unwrap_or("")));
+    for (why, count) in not_moved(&moved) {
+        line("", format!("{count} not moved: {why}"));
+    }
+    line(
+        "the new account's joined_rooms, of the old rooms",
+        format!("{} of {n}", old.rooms.iter().filter(|r| now_joined.contains(r)).count()),
+    );
+    if let Some(p) = pace(&invited) {
+        line("", format!("past the {INVITE_BURST}th, an invite landed each {}", secs(p)));
+    }
+    let paced_here = first(&a_msgs, "limits the invites").is_some();
+    let handoff_at = invited.get(INVITE_BURST - 1).map(|&burst| Extrapolation { burst, scale });
+    if let (Some(x), true) = (&handoff_at, paced_here && scale != 1.0) {
+        let at = |t: Option<Duration>| t.map_or_else(|| "-".to_owned(), |t| long(x.at_synapse(t)));
+        line(
+            "",
+            format!(
+                "at Synapse's: invited {}, A's report {}, joined {}",
+                at(all_invited),
+                long(x.at_synapse(reserved_at)),
+                at(all_joined)
+            ),
+        );
+    }
+
+    println!("  handoff against the direct run at the known rate:");
+    line("every room invited", ratio(all_invited, paced_invited));
+    line("every room joined", ratio(all_joined, paced_joined));
+    if let (Some(h), Some(d)) = (&handoff_at, &direct_at)
+        && scale != 1.0
+    {
+        // handoff's figures stay as measured where nothing paced them.
+        let back =
+            |x: &Extrapolation, paced: bool, t: Option<Duration>| t.map(|t| if paced { x.at_synapse(t) } else { t });
+        let paced_there = !paced.refused.is_empty();
+        line(
+            "at Synapse's rates: every room invited",
+            ratio(back(h, paced_here, all_invited), back(d, paced_there, paced_invited)),
+        );
+        line(
+            "at Synapse's rates: every room joined",
+            ratio(back(h, paced_here, all_joined), back(d, paced_there, paced_joined)),
+        );
+    }
 }
