@@ -19,6 +19,13 @@
 //!
 //! Run: `cargo bench --bench transfer` (N = 500, 4 paired rounds; `HANDOFF_BENCH_ROOMS=100` and
 //! `HANDOFF_BENCH_ROUNDS=2` for a quicker run; `HANDOFF_BENCH_CRITERION_ONLY=1` for the paired rounds alone).
+//!
+//! On PostgreSQL: `HANDOFF_BENCH_SYNAPSE_DB=postgres` runs every Synapse of the bench on PostgreSQL
+//! (one PostgreSQL 18 for the run, `handoff::sandbox::postgres`, a database per Synapse) instead of
+//! SQLite. `HANDOFF_BENCH_STORE=both` measures handoff's own store instead: the same move of N rooms
+//! with the store on sled and on PostgreSQL (the same server), each on a fresh homeserver with fresh
+//! rooms, in `HANDOFF_BENCH_STORE_ROUNDS` (2) paired rounds alternating which goes first, and prints
+//! the ratio PostgreSQL/sled (target: at most 1.10); the rest of the bench is then skipped.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -31,6 +38,8 @@ use common::{
 };
 use futures_util::stream::{self, StreamExt};
 use handoff::homeserver::Homeserver;
+use handoff::sandbox::postgres::Postgres;
+use handoff::sandbox::{Sandbox, SynapseDatabase, SynapseOptions};
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
 use ruma::api::client::filter::{FilterDefinition, RoomEventFilter, RoomFilter};
 use ruma::api::client::membership::{invite_user, join_room_by_id, joined_rooms};
@@ -52,6 +61,40 @@ const PATIENCE: Duration = Duration::from_secs(900);
 const POLL: Duration = Duration::from_millis(500);
 /// What the project works towards: the first favourite joined this soon after `import`.
 const FIRST_FAVOURITE_TARGET: Duration = Duration::from_secs(1);
+
+/// handoff's store ratio target: PostgreSQL at most this much slower than sled for the same move.
+const STORE_TARGET: f64 = 1.10;
+
+/// The one PostgreSQL of the run, when Synapse or handoff's store is on PostgreSQL.
+static POSTGRES: std::sync::OnceLock<Postgres> = std::sync::OnceLock::new();
+
+/// Which engine handoff's store runs on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Sled,
+    Postgres,
+}
+
+impl Store {
+    fn name(self) -> &'static str {
+        match self {
+            Store::Sled => "sled",
+            Store::Postgres => "PostgreSQL",
+        }
+    }
+}
+
+/// A fresh database on the run's PostgreSQL, with a name of its own: `prefix_N`.
+async fn fresh_database(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!("{prefix}_{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    POSTGRES.get().expect("the run's PostgreSQL").create_database(&name).await.unwrap();
+    name
+}
+
+fn synapse_on_postgres() -> bool {
+    std::env::var("HANDOFF_BENCH_SYNAPSE_DB").is_ok_and(|v| v == "postgres")
+}
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -220,19 +263,49 @@ fn default_concurrency() -> usize {
 /// A fresh Synapse and handoff for each measurement: every figure is taken on a homeserver in
 /// the same state (a database grown by earlier measurements would slow the later ones).
 async fn fresh(concurrency: usize) -> Harness {
+    fresh_on(concurrency, Store::Sled).await
+}
+
+/// Like [`fresh`], with handoff's store on `store` (a fresh database when PostgreSQL), and Synapse
+/// on PostgreSQL when `HANDOFF_BENCH_SYNAPSE_DB=postgres`.
+async fn fresh_on(concurrency: usize, store: Store) -> Harness {
     let metrics_port = handoff::sandbox::free_port();
     // Every rate limit lifted: the benchmark measures handoff's throughput, and its numbers stay
     // comparable with the earlier ones (Synapse's limits on the fixture's users would set them).
     let lifted = handoff::sandbox::lifted(handoff::sandbox::RateLimit::ALL);
-    let mut h = Harness::start_with_homeserver(
-        |c| {
-            let quiet = edit(c, "level: \"info,handoff=debug\"", "level: \"warn,handoff::transfer=info\"");
-            // The bench reads the service's progress from /metrics, never from its log.
-            with_concurrency(with_metrics(quiet, metrics_port), concurrency)
+    let store_uri = match store {
+        Store::Sled => None,
+        Store::Postgres => Some(POSTGRES.get().expect("the run's PostgreSQL").uri(&fresh_database("handoff").await)),
+    };
+    let database = match synapse_on_postgres() {
+        false => SynapseDatabase::Sqlite,
+        true => SynapseDatabase::Postgres {
+            port: POSTGRES.get().expect("the run's PostgreSQL").port,
+            database: fresh_database("synapse").await,
         },
-        &lifted,
+    };
+    let options = SynapseOptions { database, extra: lifted, ..SynapseOptions::default() };
+    let tmp = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::create_as(
+        tmp.path(),
+        |c| {
+            let c = edit(c, "level: info", "level: \"warn,handoff::transfer=info\"");
+            let c = match &store_uri {
+                None => c,
+                Some(uri) => edit(
+                    c,
+                    "database:\n    path: handoff.db",
+                    &format!("database:\n    type: postgres\n    path: handoff.db\n    uri: {uri}"),
+                ),
+            };
+            // The bench reads the service's progress from /metrics, never from its log.
+            with_concurrency(with_metrics(c, metrics_port), concurrency)
+        },
+        options,
     )
-    .await;
+    .await
+    .expect("sandbox starts");
+    let mut h = Harness::serving(sandbox, Some(tmp)).await;
     h.patience = PATIENCE;
     h.poll = POLL;
     h
@@ -296,7 +369,11 @@ struct EngineRun {
 }
 
 async fn engine_run(n: usize, c: usize) -> EngineRun {
-    let h = fresh(c).await;
+    engine_run_on(n, c, Store::Sled).await
+}
+
+async fn engine_run_on(n: usize, c: usize, store: Store) -> EngineRun {
+    let h = fresh_on(c, store).await;
     let old = old_account(&h, "old", n).await;
     engine_on(&h, &old, "new", n, c).await
 }
@@ -452,12 +529,75 @@ fn print_results(n: usize, rounds: usize, paired: &Medians, others: &[EngineRun]
     );
 }
 
+/// handoff's store on sled and on PostgreSQL, the same move of `n` rooms at the default
+/// concurrency, each on a fresh homeserver with fresh rooms, in `rounds` paired rounds alternating
+/// which goes first; prints each round's times and the ratio PostgreSQL/sled.
+async fn store_rounds(n: usize, rounds: usize) {
+    let default = default_concurrency();
+    println!(
+        "\ntransfer ({n} rooms), handoff's store: sled against PostgreSQL, at {default}, {rounds} paired rounds (a fresh homeserver for each move)"
+    );
+    let (mut ratios, mut sled, mut pg) = (vec![], vec![], vec![]);
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [Store::Sled, Store::Postgres] } else { [Store::Postgres, Store::Sled] };
+        let mut took = [Duration::ZERO; 2];
+        for store in order {
+            println!("    {}:", store.name());
+            let r = engine_run_on(n, default, store).await;
+            took[usize::from(store == Store::Postgres)] = Duration::from_secs_f64(n as f64 / r.whole);
+            println!(
+                "    {}: every room joined {:.1} rooms/s, whole transfer {:.1} rooms/s ({:.2} s), service CPU {:.1} ms per room, peak RSS {:.0} MiB",
+                store.name(),
+                r.joined,
+                r.whole,
+                n as f64 / r.whole,
+                r.cpu.as_secs_f64() * 1000.0 / n as f64,
+                r.rss
+            );
+        }
+        let ratio = took[1].as_secs_f64() / took[0].as_secs_f64();
+        println!(
+            "  round {} ({} first): sled {:.2} s, PostgreSQL {:.2} s: PostgreSQL/sled {ratio:.3}",
+            round + 1,
+            order[0].name(),
+            took[0].as_secs_f64(),
+            took[1].as_secs_f64()
+        );
+        ratios.push(ratio);
+        sled.push(took[0]);
+        pg.push(took[1]);
+    }
+    let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+    let met = if mean <= STORE_TARGET { "met" } else { "not met" };
+    println!(
+        "  mean of {rounds} rounds: PostgreSQL/sled {mean:.3} to the report (rounds: {}); medians sled {:.2} s, PostgreSQL {:.2} s; target at most {STORE_TARGET:.2}: {met}",
+        ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", "),
+        median(sled).as_secs_f64(),
+        median(pg).as_secs_f64()
+    );
+}
+
 async fn run() {
     let n = rooms_n();
+    let store_both = std::env::var("HANDOFF_BENCH_STORE").is_ok_and(|v| v == "both");
+    let synapse_db = if synapse_on_postgres() { "PostgreSQL" } else { "SQLite" };
     println!(
-        "handoff benchmark: {n} rooms, Synapse {} on loopback, a fresh homeserver for each figure",
+        "handoff benchmark: {n} rooms, Synapse {} on {synapse_db}, on loopback, a fresh homeserver for each figure",
         handoff::sandbox::SYNAPSE_VERSION
     );
+    // One PostgreSQL for the run (a database for each Synapse and store on it), kept in a folder
+    // that outlives the run's statics; it stops when the process ends.
+    if store_both || synapse_on_postgres() {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let pg = Postgres::start(&dir.join("pg")).await.expect("PostgreSQL starts");
+        println!("PostgreSQL 18 on 127.0.0.1:{} in {}", pg.port, dir.display());
+        let _ = POSTGRES.set(pg);
+    }
+    if store_both {
+        let rounds = std::env::var("HANDOFF_BENCH_STORE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+        store_rounds(n, rounds).await;
+        return;
+    }
 
     // HANDOFF_BENCH_CRITERION_ONLY=1: just the paired rounds.
     let criterion_only = std::env::var_os("HANDOFF_BENCH_CRITERION_ONLY").is_some();

@@ -105,6 +105,7 @@ impl Federation {
                 ca: ca.clone(),
             }),
             extra: homeserver_extra(side),
+            ..SynapseOptions::default()
         };
         let (dir_a, dir_b) = (dir.join(Side::A.lowercase()), dir.join(Side::B.lowercase()));
         let (a, b) = tokio::try_join!(

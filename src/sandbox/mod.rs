@@ -21,6 +21,8 @@ pub use federation::{Federation, FederationNames, Side, run_federated};
 pub const SYNAPSE_VERSION: &str = "1.163.2";
 pub const SERVER_NAME: &str = "localhost";
 pub const SHARED_SECRET: &str = "handoff-sandbox-shared-secret";
+/// Synapse's PostgreSQL driver, installed into its venv beside it.
+const PSYCOPG2: &str = "psycopg2-binary==2.9.11";
 
 /// A folder of handoff's under the user's cache folder (`$XDG_CACHE_HOME` or `~/.cache`).
 pub fn cache_dir(name: &str) -> PathBuf {
@@ -35,14 +37,19 @@ pub fn cache_dir(name: &str) -> PathBuf {
 pub fn venv_dir() -> PathBuf {
     match std::env::var_os("HANDOFF_SYNAPSE_VENV") {
         Some(dir) => PathBuf::from(dir),
-        None => cache_dir(&format!("synapse-{SYNAPSE_VERSION}")),
+        // `-pg`: the venv with psycopg2 has its own folder, so a checkout from before it (whose
+        // stamp differs) does not make the shared one again under the other's running Synapses.
+        None => cache_dir(&format!("synapse-{SYNAPSE_VERSION}-pg")),
     }
 }
 
 /// Installs Synapse into [`venv_dir`] unless it is there; returns the venv's python.
+/// With `psycopg2-binary`, Synapse's PostgreSQL driver ([`SynapseDatabase::Postgres`]).
 pub fn ensure_synapse_installed() -> Result<PathBuf> {
     let requirement = format!("matrix-synapse=={SYNAPSE_VERSION}");
-    ensure_venv(&venv_dir(), SYNAPSE_VERSION, &[&requirement], &format!("Synapse {SYNAPSE_VERSION}"))
+    // The stamp names the driver too: a venv made before it was added is made again.
+    let stamp = format!("{SYNAPSE_VERSION} {PSYCOPG2}");
+    ensure_venv(&venv_dir(), &stamp, &[&requirement, PSYCOPG2], &format!("Synapse {SYNAPSE_VERSION}"))
 }
 
 /// Makes `venv` a virtualenv with `pip install ARGS` done, from PyPI, unless it already holds
@@ -103,7 +110,35 @@ pub fn free_port() -> u16 {
 pub struct SynapseOptions {
     pub server_name: OwnedServerName,
     pub federation: Option<FederationListener>,
+    pub database: SynapseDatabase,
     pub extra: String,
+}
+
+/// Where a Synapse keeps its data: SQLite in its folder (the default), or a PostgreSQL database
+/// on loopback as the superuser `postgres` with trust auth (as [`postgres::Postgres`] starts it),
+/// created `ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0`
+/// ([`postgres::Postgres::create_database`]), as Synapse requires.
+#[derive(Clone, Debug, Default)]
+pub enum SynapseDatabase {
+    #[default]
+    Sqlite,
+    Postgres {
+        port: u16,
+        database: String,
+    },
+}
+
+impl SynapseDatabase {
+    fn yaml(&self, dir: &Path) -> String {
+        match self {
+            SynapseDatabase::Sqlite => {
+                format!("{{name: sqlite3, args: {{database: \"{}/homeserver.db\"}}}}", dir.display())
+            }
+            SynapseDatabase::Postgres { port, database } => format!(
+                "{{name: psycopg2, args: {{user: postgres, host: 127.0.0.1, port: {port}, database: {database:?}, cp_min: 5, cp_max: 10}}}}"
+            ),
+        }
+    }
 }
 
 impl Default for SynapseOptions {
@@ -111,6 +146,7 @@ impl Default for SynapseOptions {
         SynapseOptions {
             server_name: ServerName::parse(SERVER_NAME).expect("a valid server name"),
             federation: None,
+            database: SynapseDatabase::Sqlite,
             extra: String::new(),
         }
     }
@@ -267,7 +303,7 @@ listeners:
     tls: false
     x_forwarded: false
     resources: [{{names: [client], compress: false}}]
-{federation}database: {{name: sqlite3, args: {{database: "{d}/homeserver.db"}}}}
+{federation}database: {database}
 media_store_path: "{d}/media_store"
 signing_key_path: "{d}/signing.key"
 macaroon_secret_key: "sandbox-macaroon-secret"
@@ -280,7 +316,8 @@ suppress_key_server_warning: true
 presence: {{enabled: false}}
 app_service_config_files: [{files}]
 "#,
-        files = files.join(", ")
+        files = files.join(", "),
+        database = options.database.yaml(dir),
     ) + options.extra.as_str()
 }
 
@@ -625,6 +662,26 @@ mod tests {
     fn a_sandbox_synapse_keeps_the_default_rate_limits() {
         let yaml = homeserver_yaml(Path::new("/tmp/x"), 8008, &[], &SynapseOptions::default());
         assert!(!yaml.contains("rc_"), "{yaml}");
+    }
+
+    #[test]
+    fn a_synapse_on_postgresql_is_given_its_database() {
+        let database = SynapseDatabase::Postgres { port: 5433, database: "synapse_1".into() };
+        let options = SynapseOptions { database, ..SynapseOptions::default() };
+        let yaml = homeserver_yaml(Path::new("/tmp/x"), 8008, &[], &options);
+        let parsed: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+        assert_eq!(
+            parsed["database"],
+            serde_json::json!({"name": "psycopg2", "args": {"user": "postgres", "host": "127.0.0.1", "port": 5433,
+                "database": "synapse_1", "cp_min": 5, "cp_max": 10}})
+        );
+        let sqlite: serde_json::Value =
+            serde_norway::from_str(&homeserver_yaml(Path::new("/tmp/x"), 8008, &[], &SynapseOptions::default()))
+                .unwrap();
+        assert_eq!(
+            sqlite["database"],
+            serde_json::json!({"name": "sqlite3", "args": {"database": "/tmp/x/homeserver.db"}})
+        );
     }
 
     #[test]
