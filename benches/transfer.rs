@@ -577,6 +577,15 @@ async fn store_rounds(n: usize, rounds: usize) {
     );
 }
 
+/// A folder removed when the run ends.
+struct RemovedAtEnd(std::path::PathBuf);
+
+impl Drop for RemovedAtEnd {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 async fn run() {
     let n = rooms_n();
     let store_both = std::env::var("HANDOFF_BENCH_STORE").is_ok_and(|v| v == "both");
@@ -585,10 +594,12 @@ async fn run() {
         "handoff benchmark: {n} rooms, Synapse {} on {synapse_db}, on loopback, a fresh homeserver for each figure",
         handoff::sandbox::SYNAPSE_VERSION
     );
-    // One PostgreSQL for the run (a database for each Synapse and store on it), kept in a folder
-    // that outlives the run's statics; it stops when the process ends.
+    // One PostgreSQL for the run (a database for each Synapse and store on it), in a folder that
+    // outlives the run's statics (the server stops when the process ends) and goes at the run's end.
+    let mut _pg_dir = None;
     if store_both || synapse_on_postgres() {
         let dir = tempfile::tempdir().unwrap().keep();
+        _pg_dir = Some(RemovedAtEnd(dir.clone()));
         let pg = Postgres::start(&dir.join("pg")).await.expect("PostgreSQL starts");
         println!("PostgreSQL 18 on 127.0.0.1:{} in {}", pg.port, dir.display());
         let _ = POSTGRES.set(pg);
