@@ -97,6 +97,11 @@ impl DeviceError {
     }
 }
 
+/// How often, and how many times at most, the device's sync signs the device again while it is
+/// not cross-signed ([`Device::sign_if_unsigned`]).
+const RESIGN_EVERY: Duration = Duration::from_secs(10);
+const RESIGNS: u32 = 12;
+
 /// The sealed record of the device, in the store's `meta` tree.
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -351,6 +356,7 @@ impl Device {
                 None
             });
             let mut backoff = Duration::from_secs(1);
+            let (mut signed_at, mut signings) = (Instant::now(), 0);
             loop {
                 let settings = match &from {
                     Some(token) => base.clone().token(token.clone()),
@@ -376,6 +382,13 @@ impl Device {
                 };
                 backoff = Duration::from_secs(1);
                 this.health.lock().expect("lock").last_ok = Some(Instant::now());
+                // A signature that lost its race at start-up is made again, now and then, a few times.
+                if signings < RESIGNS && signed_at.elapsed() >= RESIGN_EVERY {
+                    signed_at = Instant::now();
+                    if this.sign_if_unsigned().await {
+                        signings += 1;
+                    }
+                }
                 let mut taken = true;
                 for (room_id, update) in response.rooms.joined {
                     for event in update.timeline.events {
@@ -528,6 +541,26 @@ impl Device {
         let outcome = sent.as_ref().map_or_else(HsError::outcome, |_| Outcome::Ok);
         metrics::homeserver_request(SEND_ENDPOINT, outcome, start.elapsed());
         Ok(sent?.response.event_id)
+    }
+
+    /// Signs this device with the bot's cross-signing keys where it holds them and the device is
+    /// not signed yet (a signature uploaded at start-up can race the device's own keys, under
+    /// load, and be lost). Whether it tried.
+    async fn sign_if_unsigned(&self) -> bool {
+        let encryption = self.client.encryption();
+        if self.cross_signed().await || !encryption.cross_signing_status().await.is_some_and(|s| s.has_self_signing) {
+            return false;
+        }
+        match encryption.get_own_device().await {
+            Ok(Some(own)) => {
+                match own.verify().await {
+                    Ok(()) => tracing::info!("signed the bot's device again with its cross-signing keys"),
+                    Err(e) => tracing::warn!(error = %e, "cannot sign the bot's device with its cross-signing keys"),
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     async fn cross_signed(&self) -> bool {
