@@ -164,6 +164,7 @@ pub fn awaiting_invites(a: &Awaited, old: &ruma::UserId, joined: usize, total: u
 
 /// What a device-side import's joins take at Synapse's default limits on one account's joins,
 /// for `--dry-run`.
+#[cfg(feature = "e2ee")]
 pub fn joins_at_defaults(joins: &crate::client::pace::Joins, new: &ruma::UserId) -> String {
     use crate::client::pace::{BURST, LOCAL_EVERY, REMOTE_EVERY};
     let server = new.server_name();
@@ -245,6 +246,7 @@ mod tests {
         assert!(text.contains("about one every 5m 33s (about 38m 51s for the 7 waiting)"), "{text}");
     }
 
+    #[cfg(feature = "e2ee")]
     #[test]
     fn a_dry_run_says_what_the_joins_take_at_the_default_limits() {
         use crate::client::pace::Joins;
