@@ -103,8 +103,10 @@ impl Bot {
     /// the queue: the inviter's first bare command may come right behind it, and a bare message
     /// is kept only in a known DM.
     async fn addressed(&self, event: &Raw<AnyTimelineEvent>) -> Option<OwnedUserId> {
-        // Whose DM the event's room is, read before the (synchronous) filter asks.
-        let room = event.get_field::<OwnedRoomId>("room_id").ok().flatten();
+        // Whose DM the event's room is, read before the (synchronous) filter asks: for messages
+        // only, the one kind it asks about (a read per event of a busy room would be wasted).
+        let message = event.get_field::<String>("type").ok().flatten().as_deref() == Some("m.room.message");
+        let room = event.get_field::<OwnedRoomId>("room_id").ok().flatten().filter(|_| message);
         let owner = match &room {
             Some(room) => self.store.dm_room_user(room).await.ok().flatten(),
             None => None,

@@ -184,11 +184,13 @@ impl Kv {
         let mut copied = Vec::new();
         for tree in Tree::ALL {
             let mut n = 0;
-            for (k, v) in self.scan(tree, &[]).await? {
+            // Key by key: one record in memory at a time (a tree of bundles can be large).
+            for k in self.keys(tree, &[]).await? {
                 // Each engine keeps its own schema version.
                 if tree == Tree::Meta && k == b"schema_version" {
                     continue;
                 }
+                let Some(v) = self.get(tree, &k).await? else { continue };
                 to.insert(tree, &k, &v).await?;
                 n += 1;
             }

@@ -245,10 +245,14 @@ impl Store {
 
     /// Events accepted but not handled when the service stopped, oldest first.
     pub async fn inbox(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.numbered(Tree::Inbox, "inbox key").await
+    }
+
+    /// Every sealed record of a tree keyed by a number (inbox events, transfers), opened, in order.
+    async fn numbered(&self, tree: Tree, what: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
-        for (k, sealed) in self.kv.scan(Tree::Inbox, &[]).await? {
-            let number =
-                u64::from_be_bytes(k.as_slice().try_into().map_err(|_| StoreError::Corrupt("inbox key".into()))?);
+        for (k, sealed) in self.kv.scan(tree, &[]).await? {
+            let number = u64::from_be_bytes(k.as_slice().try_into().map_err(|_| StoreError::Corrupt(what.into()))?);
             out.push((number, self.unseal(&k, &sealed)?));
         }
         Ok(out)
@@ -701,13 +705,7 @@ impl Store {
 
     /// Every transfer record, oldest first.
     pub async fn transfers(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let mut out = Vec::new();
-        for (k, sealed) in self.kv.scan(Tree::Transfers, &[]).await? {
-            let id =
-                u64::from_be_bytes(k.as_slice().try_into().map_err(|_| StoreError::Corrupt("transfer key".into()))?);
-            out.push((id, self.unseal(&k, &sealed)?));
-        }
-        Ok(out)
+        self.numbered(Tree::Transfers, "transfer key").await
     }
 
     /// Removes transfer records with their journals, durably.
