@@ -5,11 +5,15 @@
 //!
 //! So the pattern is read, not one error: once invites of this move have landed there and then
 //! two in a row are refused, the lane is *paced*. Its rooms then try one at a time, each at the
-//! lane's next slot: after a refusal a probe that doubles up to [`PROBE_CAP`]; after a landing,
-//! the interval measured between the last two landings, the rate that gets through. A landing
-//! right after another (the limit was raised, or the burst is back) returns the lane to full
-//! speed. A paced room never fails on the `federation_patience` clock: only when nothing has
-//! landed for [`Pace::gave_up`]'s span is the server taken for away.
+//! lane's next slot. After a landing the next room tries at once: a wait longer than the limit's
+//! interval leaves the server's bucket more than one invite, and those land back to back. After a
+//! refusal that follows a landing, the lane waits the rate that gets through (the paced span over
+//! the invites landed in it); after any other refusal, a probe that doubles up to [`PROBE_CAP`].
+//! Only a run of landings longer than any bucket a wait could have filled ([`FULL_AFTER`]) says
+//! the limit was raised and returns the lane to full speed: two in a row are what a wait of the
+//! measured interval leaves when the interval is a little long. A paced room never fails on the
+//! `federation_patience` clock: only when nothing has landed for [`Pace::gave_up`]'s span is the
+//! server taken for away.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +30,9 @@ pub const PROBE_FIRST: Duration = Duration::from_secs(15);
 pub const PROBE_CAP: Duration = Duration::from_secs(345);
 /// Refusals in a row (after a landing) that make a lane paced: one can be a blip.
 const PATTERN: u32 = 2;
+/// Landings in a row, each tried at once after the one before, that return a paced lane to full
+/// speed: twice Synapse's default burst of 5, more than a wait could have let the bucket gather.
+pub const FULL_AFTER: u32 = 10;
 
 /// What a paced lane tells the people it works for, and `status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +41,7 @@ pub struct Paced {
     pub server: OwnedServerName,
     /// Invites of this move that landed there, in all.
     pub landed: usize,
-    /// The interval measured between the last two landings while paced, once known.
+    /// The interval that gets through: the paced span over the invites landed in it, once one has.
     pub every: Option<Duration>,
 }
 
@@ -47,8 +54,8 @@ struct Lane {
     landed: usize,
     last_landed: Option<Instant>,
     refused_in_a_row: u32,
-    /// The interval measured between the last two landings while paced: kept when the lane
-    /// returns to full speed, so a lane paced again starts from it.
+    /// The interval that gets through, measured while paced: kept when the lane returns to full
+    /// speed, so a lane paced again starts from it.
     every: Option<Duration>,
     mode: Mode,
     /// One paced try at a time.
@@ -63,9 +70,11 @@ enum Mode {
         /// When the next try may go.
         next: Instant,
         probe: Duration,
-        /// The last try landed: if the next lands too, the lane is back to full speed.
-        just_landed: bool,
-        /// When the lane turned paced (the span before its first landing counts as one interval).
+        /// Landings since the last refusal: [`FULL_AFTER`] of them end the pacing.
+        run: u32,
+        /// Invites landed since `since`.
+        landed: u32,
+        /// The last landing before the lane turned paced: the paced span starts there.
         since: Instant,
     },
 }
@@ -117,17 +126,18 @@ impl Pace {
     pub fn landed(&self, id: u64, server: &OwnedServerName) {
         self.with(id, server, |lane| {
             let now = Instant::now();
-            let previous = lane.last_landed.replace(now);
+            lane.last_landed = Some(now);
             lane.landed += 1;
             lane.refused_in_a_row = 0;
-            if let Mode::Paced { probe, just_landed, since, .. } = lane.mode {
-                lane.mode = if just_landed {
+            if let Mode::Paced { run, landed, since, .. } = lane.mode {
+                let (run, landed) = (run + 1, landed + 1);
+                lane.every = Some((now - since) / landed);
+                lane.mode = if run >= FULL_AFTER {
                     tracing::info!(transfer = id, server = %lane.server, "invites land again at full speed");
                     Mode::Full
                 } else {
-                    lane.every = Some(now - previous.unwrap_or(since).max(since));
-                    // The next room tries at once: if it lands too, the limit is gone.
-                    Mode::Paced { next: now, probe, just_landed: true, since }
+                    // The next room tries at once: the wait may have left the bucket more.
+                    Mode::Paced { next: now, probe: PROBE_FIRST, run, landed, since }
                 };
             }
             lane.tell();
@@ -145,20 +155,20 @@ impl Pace {
                     tracing::warn!(transfer = id, server = %lane.server, landed = lane.landed, "the other server limits these invites: pacing them");
                     // A lane paced before starts from the interval it measured then.
                     let first = lane.every.unwrap_or(PROBE_FIRST);
-                    lane.mode =
-                        Mode::Paced { next: now + first, probe: first, just_landed: false, since: lane.last_landed.unwrap_or(now) };
+                    let since = lane.last_landed.unwrap_or(now);
+                    lane.mode = Mode::Paced { next: now + first, probe: first, run: 0, landed: 0, since };
                     Verdict::Paced
                 }
                 Mode::Full => Verdict::Away,
                 // A try sent before the lane turned paced.
                 Mode::Paced { .. } if !turn => Verdict::Paced,
-                Mode::Paced { probe, since, just_landed, .. } => {
-                    // After a landing, the measured interval from that landing; else the probe.
+                Mode::Paced { probe, run, landed, since, .. } => {
+                    // After a landing, the interval that gets through; else the probe.
                     let (wait, probe) = match lane.every {
-                        Some(every) if just_landed => (every, probe),
+                        Some(every) if run > 0 => (every, probe),
                         _ => (probe, (probe * 2).min(PROBE_CAP)),
                     };
-                    lane.mode = Mode::Paced { next: now + wait, probe, just_landed: false, since };
+                    lane.mode = Mode::Paced { next: now + wait, probe, run: 0, landed, since };
                     Verdict::Paced
                 }
             };
@@ -287,19 +297,105 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn two_landings_in_a_row_return_to_full_speed() {
+    async fn only_a_run_longer_than_any_burst_returns_to_full_speed() {
         let pace = Pace::default();
         let s = server();
         pace.landed(1, &s);
         pace.refused(1, &s, false);
         pace.refused(1, &s, false);
         assert!(pace.is_paced(1));
-        pace.landed(1, &s);
-        assert!(pace.is_paced(1), "one landing in a paced lane is the rate, not the end of the limit");
+        for n in 1..FULL_AFTER {
+            pace.landed(1, &s);
+            assert!(pace.is_paced(1), "{n} landings in a row are what a long wait leaves in the bucket");
+        }
         pace.landed(1, &s);
         assert!(!pace.is_paced(1));
         assert_eq!(pace.note(1), None);
         assert!(pace.turn(1).await.is_none(), "a full-speed lane has no turns");
+    }
+
+    /// Synapse's limiter (`synapse/api/ratelimiting.py`): a bucket of `burst` that drains at
+    /// `per_second`; an action is allowed while the bucket has room for it.
+    struct Limiter {
+        per_second: f64,
+        burst: f64,
+        count: f64,
+        start: Instant,
+    }
+
+    impl Limiter {
+        fn new(per_second: f64, burst: f64) -> Self {
+            Limiter { per_second, burst, count: 0.0, start: Instant::now() }
+        }
+
+        fn allow(&mut self) -> bool {
+            let now = Instant::now();
+            let performed = self.count - (now - self.start).as_secs_f64() * self.per_second;
+            let performed = performed.max(0.0);
+            let allowed = performed + 1.0 <= self.burst;
+            if allowed {
+                self.count = performed + 1.0;
+                self.start = now;
+            }
+            allowed
+        }
+    }
+
+    /// Sends `rooms` invites through the lane as the engine does (at full speed every waiting
+    /// room at once; paced, one at its turn) to a server with `limiter`. Returns when the last
+    /// landed and how often the lane went back to full speed.
+    async fn reserve(pace: &Pace, limiter: &mut Limiter, rooms: usize) -> (Duration, usize) {
+        let s = server();
+        let start = Instant::now();
+        let (mut left, mut fulls) = (rooms, 0);
+        while left > 0 {
+            match pace.turn(1).await {
+                Some(_turn) => {
+                    if limiter.allow() {
+                        pace.landed(1, &s);
+                        left -= 1;
+                        if !pace.is_paced(1) {
+                            fulls += 1;
+                        }
+                    } else {
+                        pace.refused(1, &s, true);
+                    }
+                }
+                None => {
+                    let waiting = left;
+                    for _ in 0..waiting {
+                        if limiter.allow() {
+                            pace.landed(1, &s);
+                            left -= 1;
+                        } else if pace.refused(1, &s, false) == Verdict::Away {
+                            tokio::time::advance(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            }
+        }
+        (start.elapsed(), fulls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_synapse_s_limiter_the_lane_stays_paced_near_its_rate_and_leaves_it_when_raised() {
+        // Synapse's default `rc_invites.per_user`: 5, then one per 333 s. 40 rooms: the burst,
+        // then 35 at the limit's rate, 35 × 333 s ≈ 3.2 h at best.
+        let pace = Pace::default();
+        let mut limiter = Limiter::new(0.003, 5.0);
+        let (took, fulls) = reserve(&pace, &mut limiter, 40).await;
+        assert_eq!(fulls, 0, "the lane took a wait's leftover for the end of the limit");
+        let best = Duration::from_secs_f64(35.0 / 0.003);
+        assert!(took >= best, "{took:?}: faster than the limit allows?");
+        assert!(took.as_secs_f64() <= best.as_secs_f64() * 1.25, "{took:?} against {best:?} at the limit's rate");
+        let every = pace.note(1).unwrap().every.unwrap();
+        assert!(every.as_secs() >= 300 && every.as_secs() <= 420, "measured {every:?} for one per 333 s");
+        // The server's admin raises the limit: the lane is at full speed again within the run.
+        let mut raised = Limiter::new(10.0, 50.0);
+        let (took, fulls) = reserve(&pace, &mut raised, 40).await;
+        assert_eq!(fulls, 1);
+        assert!(!pace.is_paced(1));
+        assert!(took <= every * 2, "{took:?}: the raised limit was not noticed");
     }
 
     #[tokio::test(start_paused = true)]
