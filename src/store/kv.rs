@@ -236,7 +236,11 @@ impl SledKv {
             Some(v) => {
                 let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0xff; 4]));
                 if found != super::SCHEMA_VERSION {
-                    return Err(StoreError::Schema { path: path.display().to_string(), found });
+                    return Err(StoreError::Schema {
+                        path: path.display().to_string(),
+                        found,
+                        known: super::SCHEMA_VERSION,
+                    });
                 }
             }
         }
@@ -332,6 +336,32 @@ pub(super) struct PgKv {
     pool: deadpool_postgres::Pool,
     /// For the leader's own session, outside the pool ([`PgKv::lead`]).
     uri: Arc<str>,
+    fence: Arc<Fence>,
+}
+
+/// The epoch this instance leads in, once it leads: every write only a leader makes checks it
+/// against the database's in the same statement (`handoff_leader`), so once another instance
+/// has taken the lead (and counted the epoch up), not one more write of this one lands.
+#[derive(Default)]
+struct Fence {
+    /// 0 until this instance leads (a store that does not lead — `copy-store`, a standby's edge,
+    /// the tests — writes unfenced).
+    epoch: std::sync::atomic::AtomicI64,
+    /// Told when a write found another epoch.
+    broken: tokio::sync::Notify,
+}
+
+/// The epoch row, read under a share lock: a new leader's count-up waits for the writes that
+/// hold it, and those that come after see the new epoch.
+const EPOCH: &str = "SELECT epoch FROM handoff_leader FOR SHARE";
+
+impl Tree {
+    /// Whether a write into this tree is a leader's alone, fenced by its epoch. The edge's
+    /// writes are not (either instance takes the homeserver's transactions): transaction IDs,
+    /// new inbox events, the DM rooms that invites name. Taking an event out of the inbox is.
+    fn fenced(self, insert: bool) -> bool {
+        !matches!((self, insert), (Tree::Txns, _) | (Tree::DmRooms, _) | (Tree::Inbox, true))
+    }
 }
 
 /// The lead of a database shared by several instances: held while one session, of its own,
@@ -340,13 +370,23 @@ pub(super) struct PgKv {
 pub struct Leadership {
     client: tokio_postgres::Client,
     session: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    fence: Arc<Fence>,
 }
 
 impl Leadership {
-    /// Waits until the lead is lost (the session ended, or stopped answering); says why.
+    /// The epoch this lead counted up to.
+    pub fn epoch(&self) -> i64 {
+        self.fence.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the lead is lost (the session ended, or stopped answering, or a write found
+    /// that another instance leads now); says why.
     pub async fn lost(mut self) -> String {
         loop {
             tokio::select! {
+                _ = self.fence.broken.notified() => {
+                    return "another instance leads the database now (its epoch is newer): this one's writes are refused".into();
+                }
                 ended = &mut self.session => {
                     return match ended {
                         Ok(Ok(())) => "the database closed the session".into(),
@@ -383,6 +423,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE handoff_inbox_attempts (k bytea PRIMARY KEY, v bytea NOT NULL);
      CREATE TABLE handoff_meta (k bytea PRIMARY KEY, v bytea NOT NULL);
      CREATE SEQUENCE handoff_ids;",
+    // 2: the leader's epoch, counted up by each instance that takes the lead.
+    "CREATE TABLE handoff_leader (one boolean PRIMARY KEY DEFAULT true CHECK (one), epoch bigint NOT NULL);
+     INSERT INTO handoff_leader (epoch) VALUES (0);",
 ];
 
 /// Held by the transaction that migrates, so two instances starting at once migrate once.
@@ -412,7 +455,7 @@ impl PgKv {
         let pool = config
             .create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)
             .map_err(|e| StoreError::Connect(e.to_string()))?;
-        let kv = PgKv { pool, uri: uri.into() };
+        let kv = PgKv { pool, uri: uri.into(), fence: Arc::default() };
         kv.migrate().await?;
         Ok(kv)
     }
@@ -435,7 +478,12 @@ impl PgKv {
                 // A session lost while waiting: a new one, and ask again.
                 let Ok(row) = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await else { break };
                 if row.get::<_, bool>(0) {
-                    return Ok(Leadership { client, session });
+                    // Counted up under the row's lock: it waits for the writes in flight of
+                    // the instance that led before, and fences every one after.
+                    let row =
+                        client.query_one("UPDATE handoff_leader SET epoch = epoch + 1 RETURNING epoch", &[]).await?;
+                    self.fence.epoch.store(row.get(0), Ordering::Relaxed);
+                    return Ok(Leadership { client, session, fence: Arc::clone(&self.fence) });
                 }
                 if !told {
                     told = true;
@@ -471,7 +519,11 @@ impl PgKv {
         };
         let known = MIGRATIONS.len() as i32;
         if version > known {
-            return Err(StoreError::Schema { path: "the PostgreSQL database".into(), found: version as u32 });
+            return Err(StoreError::Schema {
+                path: "the PostgreSQL database".into(),
+                found: version as u32,
+                known: known as u32,
+            });
         }
         for step in &MIGRATIONS[version as usize..] {
             tx.batch_execute(step).await?;
@@ -486,16 +538,53 @@ impl PgKv {
         Ok(self.client().await?.query_opt(&sql, &[&key]).await?.map(|row| row.get(0)))
     }
 
+    /// The epoch a write into `tree` must find (`None`: the write is not fenced).
+    fn fence(&self, tree: Tree, insert: bool) -> Option<i64> {
+        let epoch = self.fence.epoch.load(Ordering::Relaxed);
+        (epoch > 0 && tree.fenced(insert)).then_some(epoch)
+    }
+
+    /// The epoch a fenced statement found: another than `mine` means another instance leads.
+    fn check_epoch(&self, found: Option<i64>, mine: i64) -> Result<(), StoreError> {
+        if found == Some(mine) {
+            return Ok(());
+        }
+        tracing::error!(mine, found, "another handoff serve leads this database now: a write of this one was refused");
+        self.fence.broken.notify_one();
+        Err(StoreError::Fenced)
+    }
+
     async fn insert(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let sql =
-            format!("INSERT INTO {} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", table(tree));
-        self.client().await?.execute(&sql, &[&key, &value]).await?;
-        Ok(())
+        let t = table(tree);
+        let client = self.client().await?;
+        let Some(mine) = self.fence(tree, true) else {
+            let sql = format!("INSERT INTO {t} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v");
+            client.execute(&sql, &[&key, &value]).await?;
+            return Ok(());
+        };
+        // One statement: the write happens only where the epoch is this instance's.
+        let sql = format!(
+            "WITH e AS ({EPOCH}), w AS (INSERT INTO {t} (k, v) SELECT $1, $2 FROM e WHERE e.epoch = $3 \
+             ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v RETURNING 1) SELECT (SELECT epoch FROM e)"
+        );
+        let row = client.query_one(&sql, &[&key, &value, &mine]).await?;
+        self.check_epoch(row.get(0), mine)
     }
 
     async fn remove(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let sql = format!("DELETE FROM {} WHERE k = $1 RETURNING v", table(tree));
-        Ok(self.client().await?.query_opt(&sql, &[&key]).await?.map(|row| row.get(0)))
+        let t = table(tree);
+        let client = self.client().await?;
+        let Some(mine) = self.fence(tree, false) else {
+            let sql = format!("DELETE FROM {t} WHERE k = $1 RETURNING v");
+            return Ok(client.query_opt(&sql, &[&key]).await?.map(|row| row.get(0)));
+        };
+        let sql = format!(
+            "WITH e AS ({EPOCH}), w AS (DELETE FROM {t} WHERE k = $1 AND (SELECT epoch FROM e) = $2 RETURNING v) \
+             SELECT (SELECT epoch FROM e), (SELECT v FROM w)"
+        );
+        let row = client.query_one(&sql, &[&key, &mine]).await?;
+        self.check_epoch(row.get(0), mine)?;
+        Ok(row.get(1))
     }
 
     async fn scan(&self, tree: Tree, prefix: &[u8], values: bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
@@ -529,19 +618,47 @@ impl PgKv {
     ) -> Result<bool, StoreError> {
         let t = table(tree);
         let client = self.client().await?;
-        let changed = match (old, new) {
-            (None, Some(new)) => {
+        let fence = if new.is_some() || old.is_some() { self.fence(tree, old.is_none()) } else { None };
+        // Fenced, the same statement in a `w` that runs only under this instance's epoch.
+        let fenced = |write: &str, guard: &str| {
+            format!(
+                "WITH e AS ({EPOCH}), w AS ({write} {guard} RETURNING 1) SELECT (SELECT epoch FROM e), (SELECT count(*) FROM w)"
+            )
+        };
+        let changed = match (old, new, fence) {
+            (None, Some(new), None) => {
                 let sql = format!("INSERT INTO {t} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING");
                 client.execute(&sql, &[&key, &new]).await?
             }
-            (Some(old), Some(new)) => {
+            (Some(old), Some(new), None) => {
                 let sql = format!("UPDATE {t} SET v = $3 WHERE k = $1 AND v = $2");
                 client.execute(&sql, &[&key, &old, &new]).await?
             }
-            (Some(old), None) => {
+            (Some(old), None, None) => {
                 client.execute(&format!("DELETE FROM {t} WHERE k = $1 AND v = $2"), &[&key, &old]).await?
             }
-            (None, None) => {
+            (None, Some(new), Some(mine)) => {
+                let write = format!("INSERT INTO {t} (k, v) SELECT $1, $2 FROM e WHERE e.epoch = $3");
+                let row = client.query_one(&fenced(&write, "ON CONFLICT (k) DO NOTHING"), &[&key, &new, &mine]).await?;
+                self.check_epoch(row.get(0), mine)?;
+                row.get::<_, i64>(1) as u64
+            }
+            (Some(old), Some(new), Some(mine)) => {
+                let write = format!("UPDATE {t} SET v = $3 WHERE k = $1 AND v = $2");
+                let row = client
+                    .query_one(&fenced(&write, "AND (SELECT epoch FROM e) = $4"), &[&key, &old, &new, &mine])
+                    .await?;
+                self.check_epoch(row.get(0), mine)?;
+                row.get::<_, i64>(1) as u64
+            }
+            (Some(old), None, Some(mine)) => {
+                let write = format!("DELETE FROM {t} WHERE k = $1 AND v = $2");
+                let row =
+                    client.query_one(&fenced(&write, "AND (SELECT epoch FROM e) = $3"), &[&key, &old, &mine]).await?;
+                self.check_epoch(row.get(0), mine)?;
+                row.get::<_, i64>(1) as u64
+            }
+            (None, None, _) => {
                 let sql = format!("SELECT 1 FROM {t} WHERE k = $1");
                 u64::from(client.query_opt(&sql, &[&key]).await?.is_none())
             }
@@ -552,6 +669,15 @@ impl PgKv {
     async fn apply(&self, unless: Option<(Tree, &[u8])>, writes: &[Write]) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        // Fenced if any write is: the epoch row's share lock is held to the commit.
+        let fence = writes.iter().find_map(|w| match w {
+            Write::Insert(tree, ..) => self.fence(*tree, true),
+            Write::Remove(tree, _) => self.fence(*tree, false),
+        });
+        if let Some(mine) = fence {
+            let found = tx.query_opt(EPOCH, &[]).await?.map(|row| row.get(0));
+            self.check_epoch(found, mine)?;
+        }
         let mut claimed = None;
         if let Some((tree, key)) = unless {
             // The key the writes claim (a transaction ID): inserted first, so of two instances

@@ -57,8 +57,10 @@ pub enum StoreError {
     Open { path: String, source: sled::Error },
     #[error("database error: {0}")]
     Sled(#[from] sled::Error),
-    #[error("the database at {path} has schema version {found}, this handoff knows version {SCHEMA_VERSION}")]
-    Schema { path: String, found: u32 },
+    #[error(
+        "the database at {path} has schema version {found}, this handoff knows version {known}: a newer handoff made it (run that one, or restore a backup from before it)"
+    )]
+    Schema { path: String, found: u32, known: u32 },
     #[error("the store key {path}: {message}")]
     Key { path: String, message: String },
     #[error("a sealed record does not open with the store key (was {0} replaced?)")]
@@ -73,6 +75,8 @@ pub enum StoreError {
     NotEmpty(&'static str),
     #[error("{0}")]
     Postgres(String),
+    #[error("another handoff serve leads the database now: this one's writes are refused, and it stops")]
+    Fenced,
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -1077,6 +1081,66 @@ mod tests {
         assert_eq!(a.inbox().await.unwrap().len(), 40, "two events per transaction, once each");
     }
 
+    /// A leader that lost its lead without noticing yet (its lock session ended while it was
+    /// stopped, say) writes nothing once another instance leads: every write a leader alone makes
+    /// is refused by the epoch and says so, while the edge's writes (a transaction from the
+    /// homeserver) still land; the new leader's writes do.
+    #[tokio::test]
+    async fn a_stale_leader_writes_nothing_once_another_leads() {
+        let db = Db::postgres().await;
+        let (a, b) = (db.open().await, db.open().await);
+        let lead_a = a.lead("handoff", || {}).await.unwrap().expect("PostgreSQL has a lead");
+        let room = <&RoomId>::try_from("!r:x.org").unwrap();
+        let id = a.new_transfer_id().await.unwrap();
+        a.put_transfer(id, b"a leads").await.unwrap();
+        a.put_journal_entry(id, room, b"\"invited\"").await.unwrap();
+        let numbers = a.accept_txn("t1", &[b"{}".to_vec()]).await.unwrap().unwrap();
+
+        // a's lock session ends (as when the database stops hearing from it); b takes the lead.
+        let Some((_, uri)) = &db.postgres else { unreachable!() };
+        let (admin, connection) = tokio_postgres::connect(uri, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let killed = admin
+            .query("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted", &[])
+            .await
+            .unwrap();
+        assert_eq!(killed.len(), 1, "the lead is one session's lock");
+        let lead_b =
+            tokio::time::timeout(Duration::from_secs(10), b.lead("handoff", || {})).await.unwrap().unwrap().unwrap();
+        assert_eq!((lead_a.epoch(), lead_b.epoch()), (1, 2));
+
+        // a still believes it leads: each kind of leader write is refused.
+        assert!(matches!(a.put_transfer(id, b"stale").await, Err(StoreError::Fenced)));
+        assert!(matches!(a.put_journal_entry(id, room, b"\"joined\"").await, Err(StoreError::Fenced)));
+        assert!(matches!(a.inbox_done(numbers[0]).await, Err(StoreError::Fenced)), "an event taken out of the inbox");
+        assert!(matches!(a.remove_transfers(&[id]).await, Err(StoreError::Fenced)), "a batch");
+        let code = crate::code::TransferCode::generate();
+        let owner = <&UserId>::try_from("@old:x.org").unwrap();
+        let record = CodeRecord {
+            owner: owner.to_owned(),
+            bundle: BundleId::new(owner, 1),
+            expires_at_ms: now_ms() + 60_000,
+            bound_to: None,
+            redeemed_by: None,
+        };
+        assert!(matches!(a.put_code(&code.hash(), &record).await, Err(StoreError::Fenced)));
+        assert!(matches!(a.claim_code(&code.hash(), &record).await, Err(StoreError::Fenced)), "a compare-and-swap");
+        assert!(matches!(a.inbox_attempt(numbers[0]).await, Err(StoreError::Fenced)));
+        let why = tokio::time::timeout(Duration::from_secs(5), lead_a.lost()).await.expect("a learns it lost the lead");
+        assert!(why.contains("another instance leads"), "{why}");
+        // What a wrote as leader is as it was; the edge's writes still land from either.
+        assert_eq!(b.transfer(id).await.unwrap().unwrap(), b"a leads");
+        assert_eq!(b.journal(id).await.unwrap(), vec![(room.to_owned(), b"\"invited\"".to_vec())]);
+        assert_eq!(b.inbox().await.unwrap().len(), 1);
+        assert!(a.accept_txn("t2", &[b"{}".to_vec()]).await.unwrap().is_some(), "a's edge still takes transactions");
+        assert!(b.peek_code(&code.hash(), owner).await.unwrap().is_err(), "the stale code was not written");
+        // The new leader writes.
+        b.put_transfer(id, b"b leads").await.unwrap();
+        b.inbox_done(numbers[0]).await.unwrap();
+        assert_eq!(a.transfer(id).await.unwrap().unwrap(), b"b leads");
+        drop(lead_b);
+    }
+
     /// A database that a newer handoff migrated further is refused, not guessed at.
     #[tokio::test]
     async fn a_database_newer_than_this_handoff_is_refused() {
@@ -1087,7 +1151,7 @@ mod tests {
         tokio::spawn(connection);
         client.execute("UPDATE handoff_schema SET version = version + 1", &[]).await.unwrap();
         let err = Store::connect_postgres(uri, 2, &db.key_path()).await.err().expect("refused").to_string();
-        assert!(err.contains("schema version 2, this handoff knows version 1"), "{err}");
+        assert!(err.contains("schema version 3, this handoff knows version 2"), "{err}");
     }
 
     /// A bad address says where it looked, and what to check.
