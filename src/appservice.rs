@@ -29,6 +29,7 @@ use subtle::ConstantTimeEq;
 
 use crate::bot::Bot;
 use crate::bot::device::Encryption;
+use crate::bot::intake::Intake;
 use crate::config::Secret;
 use crate::homeserver::{Homeserver, Retry};
 use crate::metrics::{self, Problem};
@@ -41,11 +42,23 @@ pub const MAX_BODY: usize = 16 << 20;
 #[derive(Clone)]
 pub struct AppState {
     pub hs_token: Secret,
-    pub bot: Arc<Bot>,
+    pub role: Role,
     /// What `/health` serves, kept fresh in the background.
     pub health: Arc<Health>,
-    /// The bot's device, for `/health`.
-    pub encryption: Arc<Encryption>,
+}
+
+/// What this instance does with the homeserver's transactions.
+#[derive(Clone)]
+pub enum Role {
+    /// The one instance, or the leader of a database several share: the events go into the inbox
+    /// and their senders' queues.
+    Leader {
+        bot: Arc<Bot>,
+        /// The bot's device, for `/health`.
+        encryption: Arc<Encryption>,
+    },
+    /// A standby of a shared database: the events go into the inbox, where the leader finds them.
+    Standby(Arc<Intake>),
 }
 
 pub fn router(state: AppState) -> Router {
@@ -135,7 +148,11 @@ async fn transaction(State(state): State<AppState>, Path(txn_id): Path<String>, 
         Ok(t) => t,
         Err(resp) => return resp,
     };
-    match state.bot.accept(&txn_id, &txn.events).await {
+    let taken = match &state.role {
+        Role::Leader { bot, .. } => bot.accept(&txn_id, &txn.events).await,
+        Role::Standby(intake) => intake.take(&txn_id, &txn.events).await.map(drop),
+    };
+    match taken {
         Ok(()) => {
             metrics::transaction(txn.events.len(), arrived.elapsed());
             ruma_response(push_events::v1::Response::new())
@@ -160,7 +177,11 @@ async fn query_user(State(state): State<AppState>, Path(user_id): Path<String>, 
         Err(resp) => return resp,
     };
     // The bot is registered at start-up; no other user lives in the exclusive namespace.
-    if query.user_id == state.bot.user_id() {
+    let me = match &state.role {
+        Role::Leader { bot, .. } => bot.user_id(),
+        Role::Standby(intake) => intake.me(),
+    };
+    if query.user_id == me {
         ruma_response(query_user_id::v1::Response::new())
     } else {
         matrix_error(StatusCode::NOT_FOUND, ErrorKind::NotFound, "no such user")
@@ -273,8 +294,9 @@ async fn check(store: &Store, hs: &Homeserver, before: Option<Checked>) -> Check
 }
 
 /// 200 when the store answered and the homeserver took the bot's token at the last check; 503
-/// naming what did not, in a few words. The bot's device is shown, not judged: without it the bot
-/// still serves unencrypted DMs.
+/// naming what did not, in a few words. A standby is healthy too (it takes transactions): `role`
+/// says which it is. The bot's device is shown, not judged: without it the bot still serves
+/// unencrypted DMs.
 async fn health(State(state): State<AppState>) -> Response {
     let last = *state.health.last.read().expect("lock");
     let ok = last.store.is_none() && last.homeserver.is_none();
@@ -284,7 +306,11 @@ async fn health(State(state): State<AppState>) -> Response {
         "store": word(last.store),
         "homeserver": word(last.homeserver),
         "checked_seconds_ago": last.at.elapsed().as_secs(),
-        "encryption": state.encryption.health().await,
+        "role": match state.role { Role::Leader { .. } => "leader", Role::Standby(_) => "standby" },
+        "encryption": match &state.role {
+            Role::Leader { encryption, .. } => encryption.health().await,
+            Role::Standby(_) => serde_json::json!({"state": "standby", "reason": "the leader's device serves"}),
+        },
     });
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()

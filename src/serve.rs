@@ -41,18 +41,34 @@ pub async fn run(config: Config) -> Result<()> {
             config.homeserver.domain
         );
     }
-    // On a database several instances share, one leads: the others wait here, before they
-    // listen anywhere, and the first to ask takes over once the leader's session is gone.
+    // On a database several instances share, one leads: the others stand by here, taking the
+    // homeserver's transactions into the shared inbox (the leader queues them), and the first to
+    // ask takes over once the leader's session is gone.
     let store = open_store(&config).await?;
-    let standing_by = || tracing::info!("another handoff serve leads this database: standing by until it stops");
-    if let Some(lead) = store.lead(&config.appservice.id, standing_by).await? {
-        tracing::info!("leading the database");
+    let mut standby = None;
+    if store.is_shared() {
+        let edge = Standby::start(&config, &store).await?;
+        let standing_by = || {
+            tracing::info!(
+                "another handoff serve leads this database: standing by (taking transactions into the shared inbox) until it stops"
+            )
+        };
+        let lead = tokio::select! {
+            lead = store.lead(&config.appservice.id, standing_by) => lead?,
+            _ = shutdown_signal() => {
+                edge.stop().await;
+                return Ok(());
+            }
+        };
+        let lead = lead.context("a shared database has a lead")?;
+        tracing::info!(epoch = lead.epoch(), "leading the database");
         tokio::spawn(async move {
             let why = lead.lost().await;
             // Another instance may lead already: not one more write from this one.
             tracing::error!(reason = %why, "lost the lead of the database: stopping at once (a standby takes over)");
             std::process::exit(1);
         });
+        standby = Some(edge);
     }
     // Bound and installed first: start-up's own homeserver requests are counted too.
     let metrics_listener = if config.metrics.enabled {
@@ -93,9 +109,7 @@ pub async fn run(config: Config) -> Result<()> {
     // Bound once the device is up: until the server serves, the homeserver's pushes are refused
     // at once (and retried) rather than left hanging.
     let bind = (config.appservice.hostname.as_str(), config.appservice.port.0);
-    let listener = TcpListener::bind(bind).await.with_context(|| {
-        format!("cannot listen on {}:{} (check appservice.hostname and appservice.port)", bind.0, bind.1)
-    })?;
+    let listener = listen(&config, standby.is_some()).await?;
 
     let outbox = Outbox::new(hs.clone(), encryption.device().cloned());
     let journal = Journal::new(store.clone());
@@ -119,6 +133,7 @@ pub async fn run(config: Config) -> Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot check pending offers against the permissions"),
     }
     bot.watch_auto_starts();
+    bot.watch_shared_inbox();
     // Before the server takes new transactions: an event accepted from now on is queued by its
     // transaction alone, never a second time by the replay.
     match bot.replay_inbox().await {
@@ -145,9 +160,8 @@ pub async fn run(config: Config) -> Result<()> {
     let health = appservice::Health::start(store.clone(), hs.clone(), &shutdown).await;
     let state = AppState {
         hs_token: config.appservice.hs_token.clone(),
-        bot: Arc::clone(&bot),
+        role: appservice::Role::Leader { bot: Arc::clone(&bot), encryption: Arc::new(encryption) },
         health,
-        encryption: Arc::new(encryption),
     };
     // Stopped with the main server (below), not on its own: a scrape is never worth waiting for.
     let metrics_server = metrics_listener.map(|(listener, handle)| {
@@ -158,6 +172,10 @@ pub async fn run(config: Config) -> Result<()> {
     let app = appservice::router(state);
     let server =
         tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await });
+    if let Some(edge) = standby.take() {
+        // The leader's server takes the transactions from now on.
+        edge.stop().await;
+    }
 
     let stop_metrics = || {
         if let Some(m) = &metrics_server {
@@ -346,6 +364,78 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: finishing the request in flight, then stopping"),
         _ = int.recv() => tracing::info!("SIGINT: finishing the request in flight, then stopping"),
+    }
+}
+
+/// Listens on `appservice.hostname:port`. `shared`: beside the other instances of a shared
+/// database on this host (`SO_REUSEPORT`: the kernel spreads the homeserver's connections over
+/// every instance that listens, a standby's included, and sends them all to those left when one
+/// stops).
+async fn listen(config: &Config, shared: bool) -> Result<TcpListener> {
+    let (host, port) = (config.appservice.hostname.as_str(), config.appservice.port.0);
+    let cannot = || format!("cannot listen on {host}:{port} (check appservice.hostname and appservice.port)");
+    if !shared {
+        return TcpListener::bind((host, port)).await.with_context(cannot);
+    }
+    let address = tokio::net::lookup_host((host, port)).await.with_context(cannot)?.next().with_context(cannot)?;
+    let socket = if address.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(address).with_context(cannot)?;
+    socket.listen(1024).with_context(cannot)
+}
+
+/// A standby's edge: it takes the homeserver's transactions into the shared inbox while another
+/// instance leads, and answers `/health` as a standby.
+struct Standby {
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    shutdown: Shutdown,
+}
+
+impl Standby {
+    async fn start(config: &Config, store: &Store) -> Result<Standby> {
+        let address = config.homeserver.address.as_str();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("handoff/", env!("CARGO_PKG_VERSION")))
+            .timeout(std::time::Duration::from_secs(60))
+            .build()?;
+        let registration =
+            Homeserver::connect(address, config.appservice.as_token.expose(), http).await.map_err(|e| {
+                anyhow::anyhow!("{e} (check homeserver.address = {address}, and that the homeserver is running)")
+            })?;
+        let listener = listen(config, true).await?;
+        let shutdown = Shutdown::new();
+        let health =
+            appservice::Health::start(store.clone(), registration.as_user(config.bot_user_id()), &shutdown).await;
+        let intake =
+            crate::bot::intake::Intake::new(store.clone(), config.bot_user_id(), config.handoff.command_prefix.clone());
+        let state = AppState {
+            hs_token: config.appservice.hs_token.clone(),
+            role: appservice::Role::Standby(Arc::new(intake)),
+            health,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let app = appservice::router(state);
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        let (host, port) = (&config.appservice.hostname, config.appservice.port.0);
+        tracing::info!(listen = %format!("{host}:{port}"), "taking transactions as a standby");
+        Ok(Standby { server, stop, shutdown })
+    }
+
+    /// Stops taking transactions here (the requests in flight finish).
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        if tokio::time::timeout(STOP_PATIENCE, self.server).await.is_err() {
+            tracing::warn!("the standby's edge did not stop in time");
+        }
+        self.shutdown.stop(STOP_PATIENCE).await;
     }
 }
 

@@ -120,8 +120,9 @@ impl Drop for Standby {
     }
 }
 
-/// Two `handoff serve` on one PostgreSQL, on the same config: the second stands by (it does not
-/// even listen) while the first leads. The leader killed (SIGKILL) in the middle of a move, the
+/// Two `handoff serve` on one PostgreSQL, on the same config: the second stands by (it listens on
+/// the same port beside the leader, and takes the transactions the kernel gives it into the
+/// shared inbox) while the first leads. The leader killed (SIGKILL) in the middle of a move, the
 /// standby takes the lead within seconds and finishes the move: every room one invite, one join,
 /// one move notice, and one report.
 #[tokio::test]
@@ -146,7 +147,7 @@ async fn a_standby_takes_over_a_move_when_the_leader_is_killed() {
         let path = standby_log.clone();
         async move { std::fs::read_to_string(&path).unwrap_or_default().contains(what).then_some(()) }
     };
-    eventually("the second instance to stand by", || said("standing by until it stops")).await;
+    eventually("the second instance to stand by", || said("taking transactions as a standby")).await;
 
     let (alice, bob, rooms, bdm) = move_under_way(&h).await;
     assert!(!std::fs::read_to_string(&standby_log).unwrap().contains("leading the database"));
@@ -166,4 +167,70 @@ async fn a_standby_takes_over_a_move_when_the_leader_is_killed() {
     let reports =
         bob.messages_from(&bdm, &h.bot).await.iter().filter(|m| common::body(m).contains("rooms moved to")).count();
     assert_eq!(reports, 1, "one report");
+}
+
+/// A standby takes the homeserver's transactions too (behind one address, either instance may
+/// get one): what it takes goes into the shared inbox, where the leader finds it and answers.
+/// Here the standby listens on a port of its own, so the transaction goes to it alone; its
+/// `/health` says it stands by, the leader's that it leads.
+#[tokio::test]
+async fn a_command_taken_by_the_standby_is_answered_by_the_leader() {
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(&pg_dir.path().join("pg")).await.unwrap();
+    let uri = pg.create_database("handoff").await.unwrap();
+    let h = Harness::start_with(|c| edit(c, SLED, &on_postgres(&uri))).await;
+    let port = handoff::sandbox::free_port();
+    let config = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
+    let config = edit(config, &format!("port: {}", h.sandbox.handoff_port), &format!("port: {port}"));
+    let standby_config = h.sandbox.dir.join("standby.yaml");
+    std::fs::write(&standby_config, config).unwrap();
+    let standby_log = h.sandbox.dir.join("standby.log");
+    let log = std::fs::File::create(&standby_log).unwrap();
+    let _standby = Standby(
+        std::process::Command::new(common::HANDOFF)
+            .args(["serve", "-c"])
+            .arg(&standby_config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let standby = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let role = |url: String| {
+        let http = http.clone();
+        async move {
+            let health: serde_json::Value = http.get(format!("{url}/health")).send().await.ok()?.json().await.ok()?;
+            health["role"].as_str().map(str::to_owned)
+        }
+    };
+    eventually("the standby's /health", || async { role(standby.clone()).await.filter(|r| r == "standby") }).await;
+    assert_eq!(role(h.handoff_url.clone()).await.as_deref(), Some("leader"));
+
+    let bob = h.user("bob").await;
+    let bdm = h.dm_with_bot(&bob).await;
+    let before = bob.messages_from(&bdm, &h.bot).await.len();
+    // What the homeserver would push: bob's `status` in his DM, in a transaction to the standby.
+    let event = serde_json::json!({
+        "type": "m.room.message",
+        "room_id": bdm,
+        "sender": bob.id,
+        "event_id": "$taken-by-the-standby",
+        "origin_server_ts": handoff::store::now_ms(),
+        "content": {"msgtype": "m.text", "body": "status"},
+    });
+    let sent = http
+        .put(format!("{standby}/_matrix/app/v1/transactions/standby-1"))
+        .bearer_auth(h.config_value("appservice.hs_token"))
+        .json(&serde_json::json!({"events": [event]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 200, "{}", sent.text().await.unwrap());
+    let reply = h.bot_says(&bob, &bdm, before, "the leader's answer", |_| true).await;
+    println!("the leader answered: {reply}");
+    let log = std::fs::read_to_string(&standby_log).unwrap();
+    assert!(!log.contains("leading the database"), "the standby stood by");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(bob.messages_from(&bdm, &h.bot).await.len(), before + 1, "answered once");
 }

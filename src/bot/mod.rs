@@ -9,6 +9,7 @@ pub mod commands;
 mod consent;
 pub mod device;
 pub mod door;
+pub mod intake;
 mod keys;
 pub mod outbox;
 pub mod progress;
@@ -38,6 +39,9 @@ use crate::store::{StoreError, now_ms};
 use commands::Place;
 use device::{Decrypted, Unreadable, is_message};
 use queue::Queued;
+
+/// How often the leader looks for events a standby took into a shared inbox.
+pub const SHARED_INBOX_EVERY: Duration = Duration::from_millis(500);
 pub use state::{Bot, BotError, Ctx, Job};
 
 /// Who an event is for the bot from, as [`addressed`] reads it.
@@ -98,46 +102,19 @@ impl Bot {
         consent::sweep_revoked(self).await
     }
 
-    /// The user an event is addressed by, if the bot acts on it ([`addressed`]); a DM invite of
-    /// the bot is recorded as the inviter's DM as it arrives, not when the invite is handled from
-    /// the queue: the inviter's first bare command may come right behind it, and a bare message
-    /// is kept only in a known DM.
     async fn addressed(&self, event: &Raw<AnyTimelineEvent>) -> Option<OwnedUserId> {
-        // Whose DM the event's room is, read before the (synchronous) filter asks: for messages
-        // only, the one kind it asks about (a read per event of a busy room would be wasted).
-        let message = event.get_field::<String>("type").ok().flatten().as_deref() == Some("m.room.message");
-        let room = event.get_field::<OwnedRoomId>("room_id").ok().flatten().filter(|_| message);
-        let owner = match &room {
-            Some(room) => self.store.dm_room_user(room).await.ok().flatten(),
-            None => None,
-        };
-        let dm_owner = |asked: &RoomId| owner.clone().filter(|_| room.as_deref() == Some(asked));
-        let addressed = addressed(event, &self.user_id, &self.config.handoff.command_prefix, dm_owner)?;
-        if let Some(room) = &addressed.dm_invite
-            && let Err(e) = self.store.set_dm_room(room, &addressed.sender).await
-        {
-            tracing::warn!(error = %e, "cannot record a DM room");
-        }
-        Some(addressed.sender)
+        self.intake.addressed(event).await
     }
 
     /// Accepts a transaction: the events for the bot are stored with the transaction ID in one
-    /// durable write, then queued. A transaction seen before is acknowledged and ignored.
+    /// durable write ([`intake::Intake::take`]), then queued. A transaction seen before is
+    /// acknowledged and ignored.
     pub async fn accept(self: &Arc<Self>, txn_id: &str, events: &[Raw<AnyTimelineEvent>]) -> Result<(), StoreError> {
-        let mut mine: Vec<(OwnedUserId, &Raw<AnyTimelineEvent>)> = Vec::new();
-        for event in events {
-            if let Some(sender) = self.addressed(event).await {
-                mine.push((sender, event));
-            }
-        }
-        let bytes: Vec<Vec<u8>> = mine.iter().map(|(_, e)| e.json().get().as_bytes().to_vec()).collect();
-        let Some(numbers) = self.store.accept_txn(txn_id, &bytes).await? else {
-            tracing::debug!(txn_id, "transaction already handled");
-            return Ok(());
-        };
-        tracing::debug!(txn_id, events = events.len(), for_the_bot = mine.len(), "transaction accepted");
-        for ((sender, event), inbox) in mine.into_iter().zip(numbers) {
-            self.enqueue(sender, Job::Event { inbox, event: event.clone() });
+        // Taken and queued under the intake's lock: the watch of a shared inbox must not find
+        // these events between the two and queue them a second time.
+        let _intake = self.intake_lock.lock().await;
+        for (inbox, sender, event) in self.intake.take(txn_id, events).await?.unwrap_or_default() {
+            self.enqueue(sender, Job::Event { inbox, event });
         }
         Ok(())
     }
@@ -162,6 +139,7 @@ impl Bot {
         let Some(event_id) = event.get_field::<String>("event_id").ok().flatten() else { return Ok(()) };
         let Some(sender) = self.addressed(&event).await else { return Ok(()) };
         let bytes = event.json().get().as_bytes().to_vec();
+        let _intake = self.intake_lock.lock().await;
         let Some(numbers) = self.store.accept_txn(&format!("decrypted-{event_id}"), &[bytes]).await? else {
             tracing::debug!("decrypted event already handled");
             return Ok(());
@@ -187,20 +165,68 @@ impl Bot {
 
     /// Queues the events a previous run accepted but did not handle.
     pub async fn replay_inbox(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let _intake = self.intake_lock.lock().await;
         let pending = self.store.inbox().await?;
         let n = pending.len();
         for (inbox, bytes) in pending {
-            let event = serde_json::from_slice::<Raw<AnyTimelineEvent>>(&bytes).ok();
-            let sender = match &event {
-                Some(e) => self.addressed(e).await,
-                None => None,
-            };
-            match sender {
-                Some(sender) => self.enqueue(sender, Job::Event { inbox, event: event.expect("parsed") }),
-                None => self.store.inbox_done(inbox).await?,
-            }
+            self.queue_stored(inbox, &bytes).await?;
         }
         Ok(n)
+    }
+
+    /// Queues an event read back from the inbox; drops one the bot no longer acts on.
+    async fn queue_stored(self: &Arc<Self>, inbox: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let event = serde_json::from_slice::<Raw<AnyTimelineEvent>>(bytes).ok();
+        let sender = match &event {
+            Some(e) => self.addressed(e).await,
+            None => None,
+        };
+        match (sender, event) {
+            (Some(sender), Some(event)) => self.enqueue(sender, Job::Event { inbox, event }),
+            _ => self.store.inbox_done(inbox).await?,
+        }
+        Ok(())
+    }
+
+    /// On a database several instances share, the events a standby's intake took go into the
+    /// same inbox: the leader looks for them every [`SHARED_INBOX_EVERY`] and queues those it has
+    /// not queued yet.
+    pub fn watch_shared_inbox(self: &Arc<Self>) {
+        if !self.store.is_shared() {
+            return;
+        }
+        let (bot, stop) = (Arc::clone(self), self.shutdown.clone());
+        self.shutdown.spawn(async move {
+            let mut every = tokio::time::interval(SHARED_INBOX_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.begun() => return,
+                    _ = every.tick() => {}
+                }
+                if let Err(e) = bot.queue_from_others().await {
+                    tracing::warn!(error = %e, "cannot read the shared inbox");
+                }
+            }
+        });
+    }
+
+    async fn queue_from_others(self: &Arc<Self>) -> Result<(), StoreError> {
+        let _intake = self.intake_lock.lock().await;
+        let numbers = self.store.inbox_numbers().await?;
+        let new: Vec<u64> = {
+            let mut queued = self.queued.lock().expect("lock");
+            // What left the inbox was handled: forgotten here too, so the set stays its size.
+            queued.retain(|n| numbers.binary_search(n).is_ok());
+            numbers.iter().copied().filter(|n| !queued.contains(n)).collect()
+        };
+        for inbox in new {
+            if let Some(bytes) = self.store.inbox_event(inbox).await? {
+                tracing::debug!(inbox, "an event another instance took");
+                self.queue_stored(inbox, &bytes).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Puts a job in `user`'s queue.
@@ -209,6 +235,11 @@ impl Bot {
             Job::Event { inbox, .. } => Some(*inbox),
             Job::Offer(_) => None,
         };
+        if let Some(n) = inbox
+            && self.store.is_shared()
+        {
+            self.queued.lock().expect("lock").insert(n);
+        }
         let bot = Arc::clone(self);
         let queued = self.queues.push(user.clone(), job, move |job| {
             let bot = Arc::clone(&bot);

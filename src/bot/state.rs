@@ -55,6 +55,13 @@ pub struct Bot {
     /// Inbox events being handled now: a clean stop that interrupts one does not count it as
     /// an attempt that killed the process.
     pub(in crate::bot) in_hand: Mutex<HashSet<u64>>,
+    /// Takes the homeserver's transactions into the inbox.
+    pub(in crate::bot) intake: super::intake::Intake,
+    /// Held while events are taken into the inbox and queued, and while the shared inbox is
+    /// read for events another instance took: each event is queued once.
+    pub(in crate::bot) intake_lock: tokio::sync::Mutex<()>,
+    /// The inbox numbers queued by this process (events waiting or in hand).
+    pub(in crate::bot) queued: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 /// Work in a user's queue.
@@ -83,7 +90,12 @@ impl Bot {
         engine: Arc<Engine>,
         shutdown: Shutdown,
     ) -> Self {
+        let intake =
+            super::intake::Intake::new(store.clone(), config.bot_user_id(), config.handoff.command_prefix.clone());
         Bot {
+            intake,
+            intake_lock: tokio::sync::Mutex::new(()),
+            queued: Mutex::new(Default::default()),
             user_id: config.bot_user_id(),
             config,
             hs: outbox.hs().clone(),

@@ -252,6 +252,30 @@ impl Store {
         self.numbered(Tree::Inbox, "inbox key").await
     }
 
+    /// The numbers of the inbox's events, in order (their events are not read).
+    pub async fn inbox_numbers(&self) -> Result<Vec<u64>, StoreError> {
+        let keys = self.kv.keys(Tree::Inbox, &[]).await?;
+        keys.iter()
+            .map(|k| {
+                k.as_slice().try_into().map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt("inbox key".into()))
+            })
+            .collect()
+    }
+
+    /// One inbox event, opened (`None`: handled since).
+    pub async fn inbox_event(&self, number: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = number.to_be_bytes();
+        match self.kv.get(Tree::Inbox, &key).await? {
+            Some(sealed) => self.unseal(&key, &sealed).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether other processes may use this store at once (PostgreSQL): then one leads.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.kv, Kv::Postgres(_))
+    }
+
     /// Every sealed record of a tree keyed by a number (inbox events, transfers), opened, in order.
     async fn numbered(&self, tree: Tree, what: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
