@@ -45,7 +45,7 @@ pub async fn run(config: Config) -> Result<()> {
     // homeserver's transactions into the shared inbox (the leader queues them), and the first to
     // ask takes over once the leader's session is gone.
     let store = open_store(&config).await?;
-    let mut standby = None;
+    let (mut standby, mut lead_watch) = (None, None);
     if store.is_shared() {
         let edge = Standby::start(&config, &store).await?;
         let standing_by = || {
@@ -62,12 +62,12 @@ pub async fn run(config: Config) -> Result<()> {
         };
         let lead = lead.context("a shared database has a lead")?;
         tracing::info!(epoch = lead.epoch(), "leading the database");
-        tokio::spawn(async move {
+        lead_watch = Some(tokio::spawn(async move {
             let why = lead.lost().await;
             // Another instance may lead already: not one more write from this one.
             tracing::error!(reason = %why, "lost the lead of the database: stopping at once (a standby takes over)");
             std::process::exit(1);
-        });
+        }));
         standby = Some(edge);
     }
     // Bound and installed first: start-up's own homeserver requests are counted too.
@@ -202,6 +202,10 @@ pub async fn run(config: Config) -> Result<()> {
     let unfinished = shutdown.stop(STOP_PATIENCE).await;
     bot.release_in_hand().await;
     let flushed = store.flush().await;
+    // Stopped: the lead ends with the process, and a database that goes first is no news.
+    if let Some(watch) = lead_watch {
+        watch.abort();
+    }
     served.context("server task failed")??;
     flushed?;
     if transfers + unfinished == 0 {
@@ -404,6 +408,8 @@ impl Standby {
             Homeserver::connect(address, config.appservice.as_token.expose(), http).await.map_err(|e| {
                 anyhow::anyhow!("{e} (check homeserver.address = {address}, and that the homeserver is running)")
             })?;
+        // The bot's account, for `/health`'s check (made once; a first start may be a standby's).
+        register_bot(&registration, config).await?;
         let listener = listen(config, true).await?;
         let shutdown = Shutdown::new();
         let health =

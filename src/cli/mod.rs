@@ -77,6 +77,10 @@ enum Cmd {
         /// Two federating Synapses (over TLS, on loopback), each with its own handoff.
         #[arg(long)]
         federated: bool,
+        /// Synapse and handoff on PostgreSQL (one server started in the sandbox's folder), as
+        /// homeservers are deployed; SQLite and sled otherwise.
+        #[arg(long, conflicts_with = "federated")]
+        postgres: bool,
     },
 }
 
@@ -140,11 +144,11 @@ pub fn main() -> ExitCode {
         },
         #[cfg(feature = "e2ee")]
         Cmd::Device(command) => device::main(cli.data_dir, command),
-        Cmd::Sandbox { dir, federated } => {
+        Cmd::Sandbox { dir, federated, postgres } => {
             let _ = init_logging("info", LogFormat::Pretty);
             let run = match federated {
                 true => runtime().block_on(crate::sandbox::run_federated(dir)),
-                false => runtime().block_on(crate::sandbox::run_interactive(dir)),
+                false => runtime().block_on(crate::sandbox::run_interactive(dir, postgres)),
             };
             match run {
                 Ok(()) => ExitCode::SUCCESS,

@@ -628,12 +628,32 @@ impl Synapse {
 }
 
 /// `handoff sandbox`: a Synapse with two test accounts and handoff serving it, until Ctrl-C.
-pub async fn run_interactive(dir: Option<PathBuf>) -> Result<()> {
+pub async fn run_interactive(dir: Option<PathBuf>, on_postgres: bool) -> Result<()> {
     let dir = match dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("handoff-sandbox-{}", std::process::id())),
     };
-    let sandbox = Sandbox::create(&dir, |c| c).await?;
+    // `--postgres`: Synapse and handoff each with a database of one PostgreSQL, as deployed.
+    let mut postgres = None;
+    let sandbox = if on_postgres {
+        std::fs::create_dir_all(&dir)?;
+        let server = postgres::Postgres::start(&dir.join("postgres")).await?;
+        let synapse_db = server.create_database("synapse").await?;
+        let handoff_db = server.create_database("handoff").await?;
+        let database = SynapseDatabase::Postgres { port: server.port, database: "synapse".into() };
+        println!("  PostgreSQL on 127.0.0.1:{}: {synapse_db} (Synapse), {handoff_db} (handoff)", server.port);
+        postgres = Some(server);
+        let options = SynapseOptions { database, ..SynapseOptions::default() };
+        let on_pg = |c: String| {
+            c.replace(
+                "database:\n    path: handoff.db",
+                &format!("database:\n    type: postgres\n    path: handoff.db\n    uri: {handoff_db}"),
+            )
+        };
+        Sandbox::create_as(&dir, on_pg, options).await?
+    } else {
+        Sandbox::create(&dir, |c| c).await?
+    };
     let mut accounts = Vec::new();
     for name in ["alice", "bob"] {
         let (user, _) = sandbox.synapse.register_user(name, name, false).await?;
@@ -651,7 +671,13 @@ pub async fn run_interactive(dir: Option<PathBuf>) -> Result<()> {
     println!("Press Ctrl-C to stop.");
     println!();
     let config = crate::config::Config::load(&sandbox.config_path)?;
-    crate::serve::run(config).await
+    anyhow::ensure!(
+        postgres.is_none() || config.database.kind == crate::config::DatabaseType::Postgres,
+        "the sandbox's config no longer has the `database:` section it points at PostgreSQL"
+    );
+    let served = crate::serve::run(config).await;
+    drop(postgres);
+    served
 }
 
 #[cfg(test)]

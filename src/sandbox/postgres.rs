@@ -417,6 +417,9 @@ fn spawn_stopped_at_exit(mut cmd: Command) -> std::io::Result<Child> {
             Ok(())
         });
     }
+    // Its own process group: a Ctrl-C at the terminal is for the sandbox, which stops handoff
+    // first (its store is here), then the server.
+    cmd.process_group(0);
     let (send, receive) = mpsc::channel();
     spawner.send((cmd, send)).map_err(|_| std::io::Error::other("the PostgreSQL spawner thread has ended"))?;
     receive.recv().map_err(|_| std::io::Error::other("the PostgreSQL spawner thread has ended"))?
