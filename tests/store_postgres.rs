@@ -234,3 +234,69 @@ async fn a_command_taken_by_the_standby_is_answered_by_the_leader() {
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     assert_eq!(bob.messages_from(&bdm, &h.bot).await.len(), before + 1, "answered once");
 }
+
+/// A leader that stops answering without dying (`SIGSTOP`: a frozen VM, a process swapped out)
+/// while its lock session is ended by the database: the standby takes the lead and finishes the
+/// move; the old leader, woken up (`SIGCONT`) with work in hand, writes nothing (the epoch
+/// refuses it), learns it lost the lead and exits; every room one invite, one join, one notice,
+/// and one report.
+#[tokio::test]
+async fn a_stale_leader_woken_up_writes_nothing_and_stops() {
+    let pg_dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(&pg_dir.path().join("pg")).await.unwrap();
+    let uri = pg.create_database("handoff").await.unwrap();
+    let mut h = Harness::start_with(|c| edit(with_concurrency(c, 1), SLED, &on_postgres(&uri))).await;
+    let standby_log = h.sandbox.dir.join("standby.log");
+    let log = std::fs::File::create(&standby_log).unwrap();
+    let _standby = Standby(
+        std::process::Command::new(common::HANDOFF)
+            .args(["serve", "-c"])
+            .arg(&h.sandbox.config_path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let said = |what: &'static str| {
+        let path = standby_log.clone();
+        async move { std::fs::read_to_string(&path).unwrap_or_default().contains(what).then_some(()) }
+    };
+    eventually("the second instance to stand by", || said("taking transactions as a standby")).await;
+
+    let (alice, bob, rooms, bdm) = move_under_way(&h).await;
+    let leader = h.handoff.take().expect("the leader runs");
+    let signal = |name: &str, pid: u32| {
+        assert!(
+            std::process::Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap().success()
+        )
+    };
+    let pid = leader.id();
+    signal("STOP", pid);
+    // The database ends the frozen leader's lock session (as it would once its keepalives fail).
+    let (admin, connection) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let ended = admin
+        .query("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted", &[])
+        .await
+        .unwrap();
+    assert_eq!(ended.len(), 1, "one session holds the lead");
+    eventually("the standby to lead", || said("leading the database")).await;
+    assert!(joined(&alice, &bob, &rooms).await < rooms.len(), "the old leader froze before the end");
+
+    signal("CONT", pid);
+    let leader = std::sync::Mutex::new(leader);
+    let stopped = eventually("the old leader to stop", || async { leader.lock().unwrap().try_wait().unwrap() }).await;
+    assert!(!stopped.success(), "it stops as a leader that lost its lead does");
+    assert!(h.log().contains("lost the lead of the database"), "and says why");
+
+    let report = h.bot_says(&bob, &bdm, 0, "the report", |b| b.contains("rooms moved to")).await;
+    assert!(report.starts_with("20 of 20 rooms moved"), "{report}");
+    for room in &rooms {
+        let timeline = alice.timeline(room).await;
+        assert_eq!(memberships(&timeline, &bob.id), ["invite", "join"], "{room}");
+        assert_eq!(move_notices(&timeline).len(), 1, "{room}: move notices");
+    }
+    let reports =
+        bob.messages_from(&bdm, &h.bot).await.iter().filter(|m| common::body(m).contains("rooms moved to")).count();
+    assert_eq!(reports, 1, "one report");
+}
