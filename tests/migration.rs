@@ -276,7 +276,19 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
         let notices = move_notices(&timeline);
         assert_eq!(notices.len(), 1, "{r}");
         assert_eq!(notices[0]["content"]["org.handoff.move"]["to"], "@bob:localhost");
+        // In the encrypted room, nothing of the move in clear text: the move is marked on the
+        // announcing account's membership (a join that keeps its name), not posted as a message.
+        let kind = if *r == s.encrypted { "m.room.member" } else { "m.room.message" };
+        assert_eq!(notices[0]["type"], kind, "{r}");
     }
+    let encrypted = alice.timeline(&s.encrypted).await;
+    let clear: Vec<&Value> = encrypted.iter().filter(|e| e["type"] == "m.room.message").collect();
+    assert!(clear.is_empty(), "clear-text messages in the encrypted room: {clear:?}");
+    let mark = move_notices(&encrypted)[0];
+    assert_eq!(
+        (mark["content"]["membership"].as_str(), mark["content"]["displayname"].as_str()),
+        (Some("join"), Some("Alice A."))
+    );
     assert!(!joined.contains(&s.banned) && !joined.contains(&s.no_invite));
     // Highest priority first: every favourite was joined before either low-priority room.
     let join_ts = |room: OwnedRoomId| {

@@ -34,6 +34,9 @@ pub enum Endpoint {
     Versions,
     /// `GET /rooms/{room}/state/m.room.member/{user}`
     Member,
+    /// `PUT /rooms/{room}/state/m.room.member/{user}`: one's own membership, as a join that
+    /// changes its content (Synapse takes it as a membership update).
+    SetMember,
     /// `GET /rooms/{room}/state/m.room.power_levels/`
     PowerLevels,
     /// `PUT /rooms/{room}/state/m.room.power_levels/`
@@ -58,7 +61,15 @@ pub enum Endpoint {
 impl Endpoint {
     /// Whether a success changes the homeserver's state.
     fn writes(self) -> bool {
-        matches!(self, Endpoint::SetPowerLevels | Endpoint::Invite | Endpoint::Join | Endpoint::Tag | Endpoint::Send)
+        matches!(
+            self,
+            Endpoint::SetPowerLevels
+                | Endpoint::SetMember
+                | Endpoint::Invite
+                | Endpoint::Join
+                | Endpoint::Tag
+                | Endpoint::Send
+        )
     }
 }
 
@@ -161,6 +172,8 @@ struct Room {
     timeline: Vec<JsonValue>,
     /// Who invited each invitee, the invite's reason, and its place in the server's order.
     invited_by: BTreeMap<OwnedUserId, (OwnedUserId, Option<String>, u64)>,
+    /// Membership contents set beyond the membership itself ([`Endpoint::SetMember`]).
+    member_content: BTreeMap<OwnedUserId, JsonValue>,
 }
 
 /// A refusal: status, `errcode`, message.
@@ -237,6 +250,7 @@ impl Request {
         let endpoint = match (&method, p.as_slice()) {
             (&Method::GET, ["versions"]) => Endpoint::Versions,
             (&Method::GET, ["v3", "rooms", _, "state", "m.room.member", _]) => Endpoint::Member,
+            (&Method::PUT, ["v3", "rooms", _, "state", "m.room.member", _]) => Endpoint::SetMember,
             (&Method::GET, ["v3", "rooms", _, "state", "m.room.power_levels", ""]) => Endpoint::PowerLevels,
             (&Method::PUT, ["v3", "rooms", _, "state", "m.room.power_levels", ""]) => Endpoint::SetPowerLevels,
             (&Method::POST, ["v3", "rooms", _, "invite"]) => Endpoint::Invite,
@@ -345,6 +359,7 @@ impl Fake {
             }),
             timeline: Vec::new(),
             invited_by: BTreeMap::new(),
+            member_content: BTreeMap::new(),
         };
         self.world().rooms.insert(room.to_owned(), room_state);
     }
@@ -564,10 +579,24 @@ impl World {
         match req.endpoint {
             Endpoint::Member => {
                 let target: &UserId = req.path[5].as_str().try_into().map_err(bad_json)?;
-                match room.members.get(target) {
-                    Some(membership) => Ok(json!({"membership": membership})),
-                    None => Err(not_found("Event not found.")),
+                match (room.members.get(target), room.member_content.get(target)) {
+                    (Some(MembershipState::Join), Some(content)) => Ok(content.clone()),
+                    (Some(membership), _) => Ok(json!({"membership": membership})),
+                    (None, _) => Err(not_found("Event not found.")),
                 }
+            }
+            Endpoint::SetMember => {
+                let target: OwnedUserId = req.path[5].as_str().try_into().map_err(bad_json)?;
+                if target != user || req.body["membership"] != "join" {
+                    return Err(forbidden("the fake takes one's own join only"));
+                }
+                room.member_content.insert(target.clone(), req.body.clone());
+                let room_id = room_id.clone();
+                let event_id = self.append(&room_id, user, "m.room.member", req.body.clone());
+                if let Some(event) = self.room_mut(&room_id).timeline.last_mut() {
+                    event["state_key"] = target.as_str().into();
+                }
+                Ok(json!({"event_id": event_id}))
             }
             Endpoint::PowerLevels => Ok(room.power_levels.clone()),
             Endpoint::SetPowerLevels => {

@@ -384,6 +384,8 @@ impl Leadership {
     pub async fn lost(mut self) -> String {
         loop {
             tokio::select! {
+                // First: a refused write says more than the session's end that came with it.
+                biased;
                 _ = self.fence.broken.notified() => {
                     return "another instance leads the database now (its epoch is newer): this one's writes are refused".into();
                 }

@@ -3,6 +3,11 @@
 //! pass 2 finishes the room (carries the rank, applies the tags, posts the move notice). A resumed
 //! stage re-checks the room before acting again (without a journal, every stage is one), and the
 //! notice's transaction ID comes from the move, so nothing happens twice.
+//!
+//! In an end-to-end encrypted room no message of the move goes out in clear text (the service
+//! can't encrypt as a user, and clients flag a clear-text message there): the move is marked on
+//! the announcing account's own membership instead (its `reason`, and the notice's structured
+//! field), which membership events carry unencrypted by design.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -508,7 +513,8 @@ impl RoomWork {
             // Only a notify stage that was started (or any, without a journal) may have posted its
             // notice already.
             let resumed = *from == RoomStep::Started(Stage::Notify) || !self.journal.records();
-            self.notify(t, rid, local_new, resumed).await.map_err(at(Stage::Notify))?;
+            let encrypted = entry.is_some_and(|e| e.encrypted);
+            self.notify(t, rid, local_new, encrypted, resumed).await.map_err(at(Stage::Notify))?;
         }
         Ok(if local_new { RoomStep::Done } else { RoomStep::AwaitingAccept })
     }
@@ -583,8 +589,16 @@ impl RoomWork {
         membership(self.accounts.client(reader)?, reader, room, user).await
     }
 
-    /// Posts the move notice. A resumed stage first looks for one of this move in the room.
-    async fn notify(&self, t: Move<'_>, room: &RoomId, local_new: bool, resumed: bool) -> Result<(), Error> {
+    /// Posts the move notice (in an encrypted room, marks the sender's membership with it). A
+    /// resumed stage first looks for one of this move in the room.
+    async fn notify(
+        &self,
+        t: Move<'_>,
+        room: &RoomId,
+        local_new: bool,
+        encrypted: bool,
+        resumed: bool,
+    ) -> Result<(), Error> {
         let Some(notify) = &self.notify else { return Ok(()) };
         let sender = match notify.sender {
             // The old account of a received bundle is remote: the new one says it moved.
@@ -594,10 +608,14 @@ impl RoomWork {
             _ => t.old,
         };
         let hs = self.accounts.client(sender)?;
+        let notice = Notice { template: &notify.template, id: t.id, old: t.old, new: t.new, profile: t.profile };
+        if encrypted {
+            // Marked once whatever happened before: the mark reads the membership first.
+            return Ok(notice.mark(hs, sender, room).await?);
+        }
         if resumed && notice_exists(hs, sender, room, t.id).await? {
             return Ok(());
         }
-        let notice = Notice { template: &notify.template, id: t.id, old: t.old, new: t.new, profile: t.profile };
         Ok(notice.post(hs, sender, room).await?)
     }
 }
@@ -684,21 +702,60 @@ pub struct Notice<'a> {
 }
 
 impl Notice<'_> {
-    pub async fn post(&self, hs: &Homeserver, sender: &UserId, room: &RoomId) -> Result<(), HsError> {
-        let text = self.template.replace("{old}", self.old.as_str()).replace("{new}", self.new.as_str());
-        let mut content = serde_json::to_value(RoomMessageEventContent::notice_html(text.clone(), to_html(&text)))
-            .expect("content serialises");
-        content[MOVE_FIELD] = json!({
+    fn text(&self) -> String {
+        self.template.replace("{old}", self.old.as_str()).replace("{new}", self.new.as_str())
+    }
+
+    /// The structured field clients and bots read.
+    fn field(&self) -> JsonValue {
+        json!({
             "transfer": self.id,
             "from": self.old,
             "to": self.new,
             "profile": self.profile,
-        });
+        })
+    }
+
+    pub async fn post(&self, hs: &Homeserver, sender: &UserId, room: &RoomId) -> Result<(), HsError> {
+        let text = self.text();
+        let mut content = serde_json::to_value(RoomMessageEventContent::notice_html(text.clone(), to_html(&text)))
+            .expect("content serialises");
+        content[MOVE_FIELD] = self.field();
         let raw = Raw::from_json(serde_json::value::to_raw_value(&content).expect("json"));
         let req = send_message_event::v3::Request::new_raw(
             room.to_owned(),
             format!("handoff-move-{}", self.id).into(),
             MessageLikeEventType::RoomMessage,
+            raw,
+        );
+        hs.send_as(sender, req).await?;
+        Ok(())
+    }
+}
+
+impl Notice<'_> {
+    /// Marks the move on `sender`'s own membership of the room (a join that keeps its name and
+    /// avatar, with the notice's text as its `reason` and the notice's field), unless it is marked
+    /// already: for an encrypted room, where a clear-text message would be flagged.
+    pub async fn mark(&self, hs: &Homeserver, sender: &UserId, room: &RoomId) -> Result<(), HsError> {
+        let req =
+            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomMember, sender.to_string());
+        let current = hs.send_as(sender, req).await?;
+        let mut content: JsonValue =
+            serde_json::from_str(current.event_or_content.get()).map_err(|e| HsError::Protocol(e.to_string()))?;
+        if content[MOVE_FIELD]["transfer"] == self.id {
+            return Ok(());
+        }
+        if content["membership"] != "join" {
+            return Err(HsError::Protocol(format!("{sender} is not in the room to mark the move")));
+        }
+        content["reason"] = self.text().into();
+        content[MOVE_FIELD] = self.field();
+        let raw = Raw::from_json(serde_json::value::to_raw_value(&content).expect("json"));
+        let req = send_state_event::v3::Request::new_raw(
+            room.to_owned(),
+            StateEventType::RoomMember,
+            sender.to_string(),
             raw,
         );
         hs.send_as(sender, req).await?;
@@ -778,10 +835,11 @@ mod tests {
         }
     }
 
-    /// The bundle's entry of the room: a favourite (order 0.25).
+    /// The bundle's entry of the room: a favourite (order 0.25), not encrypted.
     fn entry() -> RoomEntry {
         let mut entry = crate::bundle::tests::sample().rooms.remove(0);
         entry.room_id = room_id();
+        entry.encrypted = false;
         entry
     }
 
@@ -874,6 +932,35 @@ mod tests {
         let by = |endpoint| fake.seen().into_iter().filter(|s| s.endpoint == endpoint).map(|s| s.user).collect();
         let who: [Vec<_>; 3] = [by(Endpoint::Invite), by(Endpoint::Join), by(Endpoint::Send)];
         assert_eq!(who, [vec![Some(old())], vec![Some(new())], vec![Some(old())]]);
+    }
+
+    /// An end-to-end encrypted room: no message of the move goes out (it would be clear text);
+    /// the move is marked on the announcing account's own membership, keeping what it had, and
+    /// once, also when the stage runs again as a resumed one would.
+    #[tokio::test]
+    async fn in_an_encrypted_room_the_move_is_marked_on_the_membership_and_no_message_is_sent() {
+        let fake = homeserver();
+        let work = service(&fake, RoomJournal::Nothing, Duration::from_secs(600)).await;
+        let t = transfer(new(), TransferKind::Move);
+        let room = plan(room_id(), vec![]);
+        let mut encrypted = entry();
+        encrypted.encrypted = true;
+        assert_eq!(work.take_seat(&t, &room, &RoomStep::Pending).await.unwrap(), None);
+        for pass in ["first", "again"] {
+            let end = work.finish(&t, Some(&encrypted), &room, &RoomStep::Started(Stage::Joined)).await.unwrap();
+            assert_eq!(end, RoomStep::Done, "{pass}");
+        }
+        let events = fake.messages(&room_id());
+        assert!(events.iter().all(|ev| ev["type"] != "m.room.message"), "a message in an encrypted room: {events:?}");
+        let marks: Vec<&JsonValue> = events.iter().filter(|ev| ev["content"][MOVE_FIELD]["transfer"] == 1).collect();
+        assert_eq!(marks.len(), 1, "marked once: {events:?}");
+        let mark = marks[0];
+        // The old account announces by default: its own membership, still a join.
+        assert_eq!((mark["type"].as_str(), mark["state_key"].as_str()), (Some("m.room.member"), Some(old().as_str())));
+        assert_eq!(mark["content"]["membership"], "join");
+        assert_eq!(mark["content"][MOVE_FIELD]["to"], new().as_str());
+        assert!(mark["content"]["reason"].as_str().unwrap().contains(new().as_str()), "{mark}");
+        assert_eq!(fake.membership(&room_id(), &new()), Some(MembershipState::Join));
     }
 
     /// A crash right after the homeserver applied any of the move's writes (its answer lost, the
