@@ -28,7 +28,7 @@ use crate::transfer::account::{AccountWork, SETTINGS};
 use crate::transfer::journal::RoomJournal;
 use crate::transfer::merge::AccountWorld;
 use crate::transfer::plan::{self, Plan, Requirements, RoomPlan};
-use crate::transfer::room::{Accounts, Move, OwnSession, Reach, RoomWork};
+use crate::transfer::room::{Accounts, EncryptedNotice, MOVE_FIELD, Move, Notice, OwnSession, Reach, RoomWork};
 use crate::transfer::{
     AccountStep, ClientProfile, Error, FailReason, RoomStep, SkipReason, Stage, TransferKind, world,
 };
@@ -231,7 +231,7 @@ impl<'a> Import<'a> {
 
         progress.rooms(plan.rooms.len(), Joins::of(plan, self.new_user()).at_defaults());
         let (work, t) = (&self.room_work(), self.as_move(self.notice_id()));
-        let rooms: Vec<RoomResult> = stream::iter(&plan.rooms)
+        let mut rooms: Vec<RoomResult> = stream::iter(&plan.rooms)
             .map(|room| async move {
                 let result = self.room(work, t, room).await;
                 progress.room(&result);
@@ -240,6 +240,10 @@ impl<'a> Import<'a> {
             .buffered(IN_FLIGHT)
             .collect()
             .await;
+        if let Some(notify) = &work.notify {
+            progress.step("move notices in encrypted rooms");
+            self.encrypted_notices(notify, t, &mut rooms).await;
+        }
 
         let moved: BTreeSet<OwnedRoomId> =
             rooms.iter().filter(|r| r.outcome == RoomOutcome::Moved).map(|r| r.room_id.clone()).collect();
@@ -319,6 +323,45 @@ impl<'a> Import<'a> {
             arrivals: Default::default(),
             reach: Reach::default(),
             pace: Default::default(),
+            // This device has the account's keys: it sends those notices encrypted, below.
+            encrypted_notice: EncryptedNotice::Caller,
+        }
+    }
+
+    /// The move notice of each moved room that is end-to-end encrypted, sent encrypted by this
+    /// device: the stages leave it (clear text would be flagged there), and this device holds the
+    /// account's keys. A room whose last messages hold it already is left alone; a notice that
+    /// can't be sent is a note of its room.
+    async fn encrypted_notices(&self, notify: &NotifyConfig, t: Move<'_>, rooms: &mut [RoomResult]) {
+        let encrypted = |r: &RoomResult| self.bundle.rooms.iter().any(|e| e.room_id == r.room_id && e.encrypted);
+        let mut todo: Vec<&mut RoomResult> =
+            rooms.iter_mut().filter(|r| r.outcome == RoomOutcome::Moved && encrypted(r)).collect();
+        if todo.is_empty() {
+            return;
+        }
+        let client = &self.session.client;
+        // The rooms just joined, known to this device's client (their members, to encrypt for).
+        let settings = matrix_sdk::config::SyncSettings::default().timeout(Duration::ZERO);
+        if let Err(e) = client.sync_once(settings).await {
+            for r in &mut todo {
+                r.notes.push(format!("the notice was not posted (this device could not sync: {e})"));
+            }
+            return;
+        }
+        let notice = Notice { template: &notify.template, id: t.id, old: t.old, new: t.new, profile: t.profile };
+        let (content, txn_id) = (notice.content(), ruma::OwnedTransactionId::from(notice.txn_id()));
+        for r in todo {
+            let sent = async {
+                let room = client.get_room(&r.room_id).context("this device does not know the room yet")?;
+                if notice_among(&room, t.id).await? {
+                    return Ok(());
+                }
+                room.send_raw("m.room.message", content.clone()).with_transaction_id(&txn_id).await?;
+                anyhow::Ok(())
+            };
+            if let Err(e) = sent.await {
+                r.notes.push(format!("the notice was not posted: {e:#}"));
+            }
         }
     }
 
@@ -375,6 +418,21 @@ impl<'a> Import<'a> {
         id[2..].copy_from_slice(&digest[..6]);
         u64::from_be_bytes(id)
     }
+}
+
+/// Whether the room's last messages, as this device decrypts them, hold the notice of move `id`.
+async fn notice_among(room: &matrix_sdk::Room, id: u64) -> Result<bool> {
+    let mut options = matrix_sdk::room::MessagesOptions::backward();
+    options.limit = 50u32.into();
+    let messages = room.messages(options).await?;
+    Ok(messages.chunk.iter().any(|ev| {
+        ev.raw()
+            .get_field::<serde_json::Value>("content")
+            .ok()
+            .flatten()
+            .and_then(|c| c.get(MOVE_FIELD)?.get("transfer")?.as_u64())
+            == Some(id)
+    }))
 }
 
 /// The old account's access from its own session kept on this device (`handoff login @old`).

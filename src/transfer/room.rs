@@ -59,6 +59,20 @@ pub struct RoomWork {
     pub reach: Reach,
     /// The pace of reservation invites to servers that limit them.
     pub pace: Pace,
+    /// What becomes of the move notice in an end-to-end encrypted room.
+    pub encrypted_notice: EncryptedNotice,
+}
+
+/// What becomes of the move notice in an end-to-end encrypted room, where a clear-text message
+/// would be flagged by every client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EncryptedNotice {
+    /// Marked on the announcing account's membership ([`Notice::mark`]): the service can't
+    /// encrypt as a user.
+    #[default]
+    Mark,
+    /// Left to the caller, which sends it encrypted: the device side, the account's own client.
+    Caller,
 }
 
 /// Whom a room's stages act as, and through which client. Every request that needs another
@@ -610,8 +624,11 @@ impl RoomWork {
         let hs = self.accounts.client(sender)?;
         let notice = Notice { template: &notify.template, id: t.id, old: t.old, new: t.new, profile: t.profile };
         if encrypted {
-            // Marked once whatever happened before: the mark reads the membership first.
-            return Ok(notice.mark(hs, sender, room).await?);
+            return match self.encrypted_notice {
+                // Marked once whatever happened before: the mark reads the membership first.
+                EncryptedNotice::Mark => Ok(notice.mark(hs, sender, room).await?),
+                EncryptedNotice::Caller => Ok(()),
+            };
         }
         if resumed && notice_exists(hs, sender, room, t.id).await? {
             return Ok(());
@@ -716,15 +733,26 @@ impl Notice<'_> {
         })
     }
 
-    pub async fn post(&self, hs: &Homeserver, sender: &UserId, room: &RoomId) -> Result<(), HsError> {
+    /// The notice's `m.room.message` content: its text, and the field clients and bots read.
+    pub fn content(&self) -> JsonValue {
         let text = self.text();
         let mut content = serde_json::to_value(RoomMessageEventContent::notice_html(text.clone(), to_html(&text)))
             .expect("content serialises");
         content[MOVE_FIELD] = self.field();
+        content
+    }
+
+    /// Its transaction ID: the move's, so that a notice sent twice is one.
+    pub fn txn_id(&self) -> String {
+        format!("handoff-move-{}", self.id)
+    }
+
+    pub async fn post(&self, hs: &Homeserver, sender: &UserId, room: &RoomId) -> Result<(), HsError> {
+        let content = self.content();
         let raw = Raw::from_json(serde_json::value::to_raw_value(&content).expect("json"));
         let req = send_message_event::v3::Request::new_raw(
             room.to_owned(),
-            format!("handoff-move-{}", self.id).into(),
+            self.txn_id().into(),
             MessageLikeEventType::RoomMessage,
             raw,
         );
@@ -859,6 +887,7 @@ mod tests {
             arrivals: Arrivals::default(),
             reach: Reach::default(),
             pace: Default::default(),
+            encrypted_notice: EncryptedNotice::Mark,
         }
     }
 
@@ -877,6 +906,7 @@ mod tests {
             arrivals: Arrivals::default(),
             reach: Reach::default(),
             pace: Default::default(),
+            encrypted_notice: EncryptedNotice::Caller,
         }
     }
 

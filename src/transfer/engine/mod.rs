@@ -27,7 +27,7 @@ use super::arrivals::{self, Arrivals};
 use super::journal::{Journal, RoomJournal};
 use super::line::Line;
 use super::progress::Reporter;
-use super::room::{Accounts, RoomWork};
+use super::room::{Accounts, EncryptedNotice, RoomWork};
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::homeserver::{Homeserver, Retry};
@@ -84,6 +84,7 @@ impl Engine {
                 arrivals: Arrivals::default(),
                 reach: Default::default(),
                 pace: Default::default(),
+                encrypted_notice: EncryptedNotice::Mark,
             },
             account: AccountWork { acting: acting.clone() },
             acting,
