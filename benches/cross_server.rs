@@ -5,8 +5,10 @@
 //!   invites the new one into every room), then the file dropped into the new account's DM with B's
 //!   bot and `import CODE` there (B's handoff joins each room through its servers, applies tags,
 //!   DMs and settings, posts the notices); timed from the export to B's report, and in its parts;
-//! - baseline: the same invites and joins sent directly (the old account's and a second new
-//!   account's own tokens, 16 in flight), from one server to the other, for the same rooms.
+//! - baseline: the same invites and joins sent directly (an old account's and a new account's
+//!   own tokens, 16 in flight), from one server to the other, for rooms of their own made alike
+//!   (neither finds B's server in its rooms already), in rounds of alternating order
+//!   (`HANDOFF_BENCH_ROUNDS`, 2 by default), each round's ratio and their mean reported.
 //!
 //! The old account has N rooms on A: 10 favourites, 3 DMs, the rest group rooms.
 //! Run: `cargo bench --bench cross_server` (N = 500; `HANDOFF_BENCH_ROOMS=100` for a quicker run).
@@ -167,17 +169,60 @@ async fn run() {
     }
 }
 
+/// The lifted mode's rounds: `HANDOFF_BENCH_ROUNDS` (2 by default: one in each order).
+fn rounds() -> usize {
+    std::env::var("HANDOFF_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
+}
+
+/// Every rate limit lifted: the move's throughput against the same invites and joins sent
+/// directly. Each side gets rooms of its own, made alike (so neither finds B's server in the
+/// rooms already: every join of both goes over federation), and the order alternates over the
+/// rounds (whichever runs second meets the bigger databases).
 async fn run_lifted(fh: &FederatedHarness, n: usize) {
     let name_a = fh.server_name(Side::A);
     println!("a {n}-room move from {name_a} to {}:", fh.server_name(Side::B));
-    let old = fh.a.old_account("old", n, 10, 3).await;
+    let mut ratios = Vec::new();
+    for round in 0..rounds() {
+        let baseline_first = round % 2 == 0;
+        let (baseline, total) = if baseline_first {
+            let baseline = lifted_baseline(fh, n, round).await;
+            (baseline, lifted_move(fh, n, round).await)
+        } else {
+            let total = lifted_move(fh, n, round).await;
+            (lifted_baseline(fh, n, round).await, total)
+        };
+        let ratio = total.as_secs_f64() / baseline.as_secs_f64();
+        ratios.push(ratio);
+        println!(
+            "  round {} ({} first): invites and joins sent directly {}; handoff's move (reservation + import) {} = {ratio:.2}× the baseline",
+            round + 1,
+            if baseline_first { "baseline" } else { "handoff" },
+            secs(baseline),
+            secs(total),
+        );
+    }
+    let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+    println!(
+        "  mean of {} rounds: handoff's move takes {mean:.2}× the same invites and joins sent directly",
+        ratios.len()
+    );
+}
 
-    let baseline_new = fh.b.user("direct").await;
-    let baseline = direct(&old.user, &baseline_new, &old.rooms, &name_a).await;
-    let joined = baseline_new.send(joined_rooms::v3::Request::new()).await.joined_rooms;
+/// The baseline of a round: a fresh old account's rooms, its invites and a user of B's joins.
+async fn lifted_baseline(fh: &FederatedHarness, n: usize, round: usize) -> Duration {
+    let old = fh.a.old_account(&format!("base{round}"), n, 10, 3).await;
+    let new = fh.b.user(&format!("direct{round}")).await;
+    let took = direct(&old.user, &new, &old.rooms, &fh.server_name(Side::A)).await;
+    let joined = new.send(joined_rooms::v3::Request::new()).await.joined_rooms;
     assert!(old.rooms.iter().all(|r| joined.contains(r)), "the baseline left rooms behind");
+    took
+}
 
-    let new = fh.b.user("new").await;
+/// handoff's move of a round, of another fresh old account of the same shape: the reservation
+/// on A and the import on B, without what the person does between (a DM, a file dropped).
+async fn lifted_move(fh: &FederatedHarness, n: usize, round: usize) -> Duration {
+    let old = fh.a.old_account(&format!("old{round}"), n, 10, 3).await;
+    let new = fh.b.user(&format!("new{round}")).await;
     let start = Instant::now();
     let (code, file) = export_file(&fh.a, &old.user, &old.dm, &format!("--to {}", new.id)).await;
     let exported = start.elapsed();
@@ -192,19 +237,14 @@ async fn run_lifted(fh: &FederatedHarness, n: usize) {
     new.send_text(&dm, &format!("import {code}")).await;
     let report = fh.b.bot_says(&new, &dm, before, "the report", |b| b.contains("rooms moved to")).await;
     let import = imported.elapsed();
-    // The service's own work: what the person does between (a DM, a file dropped) left out.
-    let total = reserve + import;
     assert!(report.starts_with(&format!("{n} of {n} rooms moved")), "{report}");
-
-    println!("  invites and joins sent directly (baseline)   {}", secs(baseline));
-    println!("  export --to --file on A (capture)            {}", secs(exported));
-    println!("  … and every seat reserved from A             {}", secs(reserve));
-    println!("  import CODE on B, to its report              {}", secs(import));
     println!(
-        "  handoff's move (reservation + import)        {}  = {:.2}× the baseline",
-        secs(total),
-        total.as_secs_f64() / baseline.as_secs_f64()
+        "    handoff: export --to --file on A {}; every seat reserved from A {}; import CODE on B, to its report {}",
+        secs(exported),
+        secs(reserve),
+        secs(import)
     );
+    reserve + import
 }
 
 /// A request refused: `status errcode`, and the wait Synapse asked for, if it did.

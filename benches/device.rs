@@ -8,9 +8,10 @@
 //!   matrix-sdk's decryption of it (the floor of an import), and `handoff import` of a bundle that
 //!   carries it into a fresh device of the command line (the real binary, against Synapse on
 //!   loopback: log-in of the store, decryption, the store's writes), as a ratio to that floor;
-//! - a 500-room move on one Synapse: `handoff import --old` on the device side (8 rooms in
-//!   flight) against the service's engine (`export --to`, `import CODE`, at its default
-//!   concurrency), the same old account's rooms into two new accounts, in one run.
+//! - a 500-room move on one Synapse: `handoff import --old` on the device side against the
+//!   service's engine (`export --to`, `import CODE`), both at the default concurrency, two old
+//!   accounts of the same shape into two new accounts, on a fresh Synapse per round, in rounds
+//!   of alternating order (`HANDOFF_BENCH_ROUNDS`, 2 by default), each ratio and their mean.
 //!
 //! Run: `cargo bench --bench device` (`HANDOFF_BENCH_ROOMS=100` and `HANDOFF_BENCH_SESSIONS=2000`
 //! for a quicker run).
@@ -163,46 +164,83 @@ async fn run() {
     drop(h);
 
     println!("a {rooms}-room move on one Synapse:");
+    let rounds = env_or("HANDOFF_BENCH_ROUNDS", 2);
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        let device_first = round % 2 == 0;
+        let (device, service) = move_round(rooms, device_first, p).await;
+        let ratio = device.as_secs_f64() / service.as_secs_f64();
+        ratios.push(ratio);
+        println!(
+            "  round {} ({} first): the service's engine (baseline) {}; `handoff import --old` (device side) {} = {ratio:.2}× the baseline",
+            round + 1,
+            if device_first { "device side" } else { "service" },
+            secs(service),
+            secs(device),
+        );
+    }
+    let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+    println!("  mean of {rounds} rounds: the device side takes {mean:.2}× the service's engine");
+}
+
+/// One round on a fresh Synapse: two old accounts of `rooms` rooms each, one moved by the device
+/// side (`handoff export` then `handoff import --old`), the other by the service (`export --to`,
+/// `import CODE`), in the order given. Returns (device side, service), each from its `import`.
+async fn move_round(rooms: usize, device_first: bool, passphrase_file: &str) -> (Duration, Duration) {
     let h = quiet_harness().await;
     let url = h.synapse().url.clone();
-    let old = h.old_account("old", rooms, 10, 3).await;
+    let (for_device, for_service) =
+        (h.old_account("old1", rooms, 10, 3).await, h.old_account("old2", rooms, 10, 3).await);
     let (by_device, by_service) = (h.user("device").await, h.user("service").await);
     let data = tempfile::tempdir().unwrap();
-    for user in [&old.user, &by_device] {
+    for user in [&for_device.user, &by_device] {
         handoff(
             data.path(),
             &["login", user.id.as_str(), "--homeserver", url.as_str(), "--password-stdin"],
             "password\n",
         );
     }
-    let bundle = work.path().join("old.handoff");
+    let bundle = data.path().join("old.handoff");
     let b = bundle.to_str().unwrap();
-    let as_old = ["export", "--as", old.user.id.as_str(), "--out", b, "--passphrase-file", p];
-    let exported = handoff(data.path(), &as_old, "");
-    let import =
-        ["import", b, "--as", by_device.id.as_str(), "--old", old.user.id.as_str(), "--passphrase-file", p, "--json"];
-    let device = handoff(data.path(), &import, "");
-
-    let code = export(&h, &old.user, &old.dm, &format!("--to {}", by_service.id)).await;
-    let dm = h.dm_with_bot(&by_service).await;
-    let before = by_service.messages_from(&dm, &h.bot).await.len();
-    let start = Instant::now();
-    by_service.send_text(&dm, &format!("import {code}")).await;
+    let as_old = ["export", "--as", for_device.user.id.as_str(), "--out", b, "--passphrase-file", passphrase_file];
+    handoff(data.path(), &as_old, "");
+    let device_side = || {
+        let import = [
+            "import",
+            b,
+            "--as",
+            by_device.id.as_str(),
+            "--old",
+            for_device.user.id.as_str(),
+            "--passphrase-file",
+            passphrase_file,
+            "--json",
+        ];
+        handoff(data.path(), &import, "")
+    };
     let mut h = h;
     h.patience = Duration::from_secs(1800);
     h.poll = Duration::from_millis(500);
-    let report = h.bot_says(&by_service, &dm, before, "the report", |b| b.contains("rooms moved to")).await;
-    let service = start.elapsed();
-    assert!(report.starts_with(&format!("{} of {} rooms moved", rooms, rooms)), "{report}");
+    let service = async {
+        let code = export(&h, &for_service.user, &for_service.dm, &format!("--to {}", by_service.id)).await;
+        let dm = h.dm_with_bot(&by_service).await;
+        let before = by_service.messages_from(&dm, &h.bot).await.len();
+        let start = Instant::now();
+        by_service.send_text(&dm, &format!("import {code}")).await;
+        let report = h.bot_says(&by_service, &dm, before, "the report", |b| b.contains("rooms moved to")).await;
+        assert!(report.starts_with(&format!("{rooms} of {rooms} rooms moved")), "{report}");
+        start.elapsed()
+    };
+    let (device, service) = if device_first {
+        let device = device_side();
+        (device, service.await)
+    } else {
+        let service = service.await;
+        (device_side(), service)
+    };
     let joined = by_device.send(ruma::api::client::membership::joined_rooms::v3::Request::new()).await.joined_rooms;
-    assert!(old.rooms.iter().all(|r| joined.contains(r)), "the device side left rooms behind");
-    println!("  `handoff export` (device side)           {}", secs(exported));
-    println!("  the service's engine (baseline)          {}", secs(service));
-    println!(
-        "  `handoff import --old` (device side)     {}  = {:.2}× the baseline",
-        secs(device),
-        device.as_secs_f64() / service.as_secs_f64()
-    );
+    assert!(for_device.rooms.iter().all(|r| joined.contains(r)), "the device side left rooms behind");
+    (device, service)
 }
 
 /// The decoded length of a key export's body.

@@ -179,7 +179,7 @@ impl Default for HandoffConfig {
             notify: NotifyConfig::default(),
             max_rooms: 1000,
             history_messages: 50,
-            concurrency: Concurrency(16),
+            concurrency: Concurrency(DEFAULT_CONCURRENCY),
             max_transfers: MaxTransfers(32),
             bundle_retention: Duration::from_secs(7 * 24 * 3600),
             federation_patience: Duration::from_secs(10 * 60),
@@ -586,6 +586,9 @@ ranged!(
     /// `handoff.concurrency`: how many rooms are worked on at once.
     Concurrency, "a number of rooms", 1, 64
 );
+
+/// `handoff.concurrency` by default; the device side moves as many rooms at once.
+pub const DEFAULT_CONCURRENCY: usize = 16;
 ranged!(
     /// `handoff.max_transfers`: transfers running at once.
     MaxTransfers, "a number of transfers", 1, 10000

@@ -34,8 +34,9 @@ use crate::transfer::{
 };
 use crate::wording;
 
-/// Rooms in flight at once: one person's account, from their own device.
-const IN_FLIGHT: usize = 8;
+/// Rooms in flight at once: as many as the service's engine by default (on a homeserver that
+/// limits the person's own joins, the limits set the pace either way).
+const IN_FLIGHT: usize = crate::config::DEFAULT_CONCURRENCY;
 
 /// A homeserver that stops answering is waited for a while, then the room is reported as failed
 /// (a second run picks it up): a command line should not wait forever.
