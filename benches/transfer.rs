@@ -428,7 +428,7 @@ async fn engine_on(h: &Harness, old: &OldAccount, target: &str, n: usize, c: usi
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let mid = v.len() / 2;
-    if v.len() % 2 == 0 { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] }
+    if v.len().is_multiple_of(2) { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] }
 }
 
 fn median_time(v: Vec<Duration>) -> Duration {
