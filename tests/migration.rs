@@ -366,6 +366,29 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     assert!(still.contains(&s.no_invite), "stays where nothing moved");
     let name = alice.send(get_profile::v3::Request::new(alice.id.clone())).await;
     assert_eq!(name.get("displayname"), Some(&json!("Alice A. (moved to @bob:localhost)")));
+
+    // What an undo will put back: bob's settings as they were before the merges, kept (sealed)
+    // with the move's record.
+    let mut h = h;
+    h.signal_handoff("TERM");
+    let store = handoff::store::Store::open(&h.sandbox.dir.join("handoff.db")).unwrap();
+    let records = store.transfers().await.unwrap();
+    let moves: Vec<handoff::transfer::Transfer> = records
+        .iter()
+        .map(|(_, bytes)| serde_json::from_slice(bytes).unwrap())
+        .filter(|t: &handoff::transfer::Transfer| t.new == bob.id)
+        .collect();
+    assert_eq!(moves.len(), 1);
+    let before = &moves[0].before.as_ref().expect("the settings before the move").world;
+    assert_eq!(before.display_name.as_deref(), Some("Bob B."));
+    assert_eq!(before.avatar_url, None, "bob had no avatar before");
+    let direct = serde_json::to_value(before.direct.as_ref().unwrap()).unwrap();
+    assert_eq!(direct, json!({own.id.as_str(): [own_dm]}), "bob's own m.direct, none of alice's");
+    let ignored = serde_json::to_value(before.ignored_users.as_ref().unwrap()).unwrap();
+    assert_eq!(ignored["ignored_users"].as_object().unwrap().keys().collect::<Vec<_>>(), ["@bobsenemy:localhost"]);
+    let rules = before.push_rules.as_ref().unwrap();
+    assert!(rules.content.iter().any(|r| r.rule_id == "handoff-test-lunch"), "bob's own rule");
+    assert!(!rules.override_.iter().any(|r| r.rule_id == "org.handoff.old_mentions"), "nothing of the move's yet");
 }
 
 fn check_bundle(b: &Bundle, s: &Setup, alice: &User) {

@@ -166,6 +166,48 @@ pub struct Transfer {
     /// then, each start withdraws them.
     #[serde(default)]
     pub withdrawn: bool,
+    /// The new account's settings as they were right before the move merged into them (its
+    /// `m.direct`, ignored users, push rules, the client settings the bundle carries, its display
+    /// name and avatar): what an undo puts back. Sealed with the record, and gone with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Before>,
+}
+
+/// The new account's settings right before the move merged into them, as its account steps read
+/// them (the profile at the start, the rest after the rooms).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Before {
+    pub world: merge::AccountWorld,
+    /// The settings read so far: `profile`, `direct`, `ignored_users`, `push_rules`, `client_settings`.
+    pub kept: std::collections::BTreeSet<String>,
+}
+
+impl Before {
+    /// Keeps what `steps`, about to merge, read in `world`, unless it was kept already: a resumed
+    /// move reads some settings after their merge (and two steps share the push rules).
+    pub fn keep(&mut self, world: &merge::AccountWorld, steps: &[AccountStep]) {
+        for step in steps {
+            let part = match step {
+                AccountStep::Profile => "profile",
+                AccountStep::Direct => "direct",
+                AccountStep::IgnoredUsers => "ignored_users",
+                AccountStep::PushRules | AccountStep::OldMentions => "push_rules",
+                AccountStep::ClientSettings => "client_settings",
+                AccountStep::RoomKeys | AccountStep::History | AccountStep::Remote => continue,
+            };
+            if !self.kept.insert(part.to_owned()) {
+                continue;
+            }
+            let (w, from) = (&mut self.world, world.clone());
+            match part {
+                "profile" => (w.display_name, w.avatar_url) = (from.display_name, from.avatar_url),
+                "direct" => w.direct = from.direct,
+                "ignored_users" => w.ignored_users = from.ignored_users,
+                "push_rules" => w.push_rules = from.push_rules,
+                _ => w.client_settings = from.client_settings,
+            }
+        }
+    }
 }
 
 impl Transfer {
@@ -198,6 +240,7 @@ impl Transfer {
             taken_up: false,
             dropped: Vec::new(),
             withdrawn: false,
+            before: None,
         }
     }
 
@@ -320,4 +363,33 @@ impl AccountStep {
 pub enum StepOutcome {
     Done(StepDone),
     Failed(StepFailure),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(name: &str) -> merge::AccountWorld {
+        merge::AccountWorld { display_name: Some(name.into()), ..Default::default() }
+    }
+
+    /// Each setting is kept as its step read it first: a resumed move, which reads the settings
+    /// of the steps left after some merged, or a second step of the same setting, changes nothing
+    /// kept.
+    #[test]
+    fn the_settings_before_a_move_are_kept_as_first_read() {
+        let mut before = Before::default();
+        before.keep(&named("Bob B."), &[AccountStep::Profile]);
+        let mut later = named("Alice A.");
+        later.push_rules = Some(ruma::push::Ruleset::default());
+        before.keep(&later, &[AccountStep::Profile, AccountStep::PushRules]);
+        assert_eq!(before.world.display_name.as_deref(), Some("Bob B."), "the profile as read before its merge");
+        assert!(before.world.push_rules.is_some(), "the push rules, read once");
+        let mut merged = later.clone();
+        merged.push_rules = None;
+        before.keep(&merged, &[AccountStep::OldMentions, AccountStep::RoomKeys]);
+        assert!(before.world.push_rules.is_some(), "the mention rule shares the push rules kept before");
+        let kept: Vec<&str> = before.kept.iter().map(String::as_str).collect();
+        assert_eq!(kept, ["profile", "push_rules"]);
+    }
 }

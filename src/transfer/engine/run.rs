@@ -239,10 +239,12 @@ impl Engine {
     /// the stored record back.
     pub(super) async fn save(&self, t: &mut Transfer) -> Result<(), Error> {
         let (plan, status, steps) = (t.plan.clone(), t.status_event.clone(), t.account_steps.clone());
+        let before = t.before.clone();
         let stored = self.journal.update(t.id, |s| {
             s.plan = plan;
             s.status_event = status;
             s.account_steps = steps;
+            s.before = before;
         });
         *t = stored.await?.ok_or(Error::Missing(t.id))?;
         Ok(())

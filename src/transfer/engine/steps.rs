@@ -34,6 +34,9 @@ impl Engine {
             let _slot = self.budget.acquire(t.id, class).await;
             world::read_account(&self.acting, &t.new, bundle, &todo).await?
         };
+        // Kept before these merges write anything: what an undo puts back.
+        t.before.get_or_insert_default().keep(&world, &todo);
+        self.save(t).await?;
         let plan = t.plan.clone().expect("planned before the account steps");
         let room_steps = self.journal.room_steps(t.id).await?;
         let seated: BTreeSet<OwnedRoomId> = plan
