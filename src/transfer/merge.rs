@@ -211,6 +211,11 @@ pub fn profile(world: &AccountWorld, bundle: &Bundle, new: &UserId, from_old: bo
 
 /// A rule of the bundle as a rule to create.
 fn new_rule(rule: &AnyPushRuleRef<'_>) -> Option<NewPushRule> {
+    as_new_rule(rule)
+}
+
+/// A rule as it would be created (to compare a rule with one written).
+pub fn as_new_rule(rule: &AnyPushRuleRef<'_>) -> Option<NewPushRule> {
     let conditional = |r: &ruma::push::ConditionalPushRule| {
         NewConditionalPushRule::new(r.rule_id.clone(), r.conditions.clone(), r.actions.clone())
     };

@@ -22,6 +22,7 @@ pub mod progress;
 pub mod reason;
 pub mod report;
 pub mod room;
+pub mod undo;
 pub mod watch;
 pub mod world;
 

@@ -1,0 +1,433 @@
+//! Taking a move back: what the move wrote into the new account, against what the account holds
+//! now. Each setting the move changed goes back to its value from before the move
+//! ([`super::Before`]) only where it still holds what the move wrote; one the person changed
+//! since is kept, and named. Each room the move joined is left (its rank lowered and its tags
+//! taken off first, the new account's move notice redacted), unless the new account has written
+//! there since, or was there before, or is not there any more.
+//!
+//! Decisions only, from what was read: reading the account and writing the undo are the
+//! engine's. What the move wrote is computed again from the same merges, on the kept settings and
+//! the same bundle: they are pure.
+
+use std::collections::BTreeSet;
+
+use ruma::events::direct::DirectEventContent;
+use ruma::events::ignored_user_list::IgnoredUserListEventContent;
+use ruma::events::room::member::MembershipState;
+use ruma::events::tag::TagName;
+use ruma::push::RuleKind;
+use ruma::{Int, OwnedEventId, OwnedMxcUri, OwnedRoomId, UserId};
+use serde::Serialize;
+use serde_json::Value as JsonValue;
+
+use super::merge::{self, AccountWorld, OLD_MENTIONS_RULE};
+use super::plan::{Action, RoomPlan};
+use super::{AccountStep, Before, RoomStep, StepOutcome, Transfer, TransferKind};
+use crate::bundle::{Bundle, RoomEntry};
+
+/// What becomes of one setting the move wrote.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revert<T> {
+    /// It holds what the move wrote: back to the value before (`None`: the account had none).
+    Restore(Option<T>),
+    /// Changed since the move: kept as it is.
+    Changed,
+}
+
+/// The push rules the move wrote, and what becomes of each.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PushRulesUndo {
+    /// Rules the move added (the old account's, and the rule for mentions of the old ID),
+    /// unchanged since: removed.
+    pub remove: Vec<(RuleKind, String)>,
+    /// Server-default rules the move switched on or off, still so: switched back to this.
+    pub switch_back: Vec<(RuleKind, String, bool)>,
+    /// Rules the move wrote that were changed since: kept.
+    pub changed: Vec<String>,
+}
+
+/// What an undo does to the account's settings: `None` where the move wrote nothing.
+#[derive(Debug, Clone, Default)]
+pub struct SettingsUndo {
+    pub direct: Option<Revert<DirectEventContent>>,
+    pub ignored_users: Option<Revert<IgnoredUserListEventContent>>,
+    pub client_settings: Vec<(String, Revert<JsonValue>)>,
+    pub push_rules: PushRulesUndo,
+    pub display_name: Option<Revert<String>>,
+    pub avatar_url: Option<Revert<OwnedMxcUri>>,
+}
+
+/// Whether two values are the same setting (ruma's account-data types compare as JSON).
+fn same<T: Serialize>(a: &T, b: &T) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// What to do with a setting the move wrote as `wrote`, which the account holds as `now` and
+/// held as `before`.
+fn revert<T: Serialize + Clone>(wrote: Option<T>, now: &Option<T>, before: &Option<T>) -> Option<Revert<T>> {
+    let wrote = wrote?;
+    Some(match now {
+        Some(now) if same(now, &wrote) => Revert::Restore(before.clone()),
+        _ => Revert::Changed,
+    })
+}
+
+/// The settings of move `t` to put back, from the settings kept before it (`before`), its bundle,
+/// the rooms it moved (`moved`: the DMs it marked are among them) and the account as it is now.
+/// Only the steps the move did count.
+pub fn settings(
+    t: &Transfer,
+    before: &Before,
+    bundle: &Bundle,
+    moved: &BTreeSet<OwnedRoomId>,
+    now: &AccountWorld,
+) -> SettingsUndo {
+    let did = |step: AccountStep| matches!(t.account_steps.get(&step), Some(StepOutcome::Done(_)));
+    let was = &before.world;
+    let mut undo = SettingsUndo::default();
+    if did(AccountStep::Direct) {
+        undo.direct = revert(merge::direct(was, bundle, moved).write, &now.direct, &was.direct);
+    }
+    if did(AccountStep::IgnoredUsers) {
+        undo.ignored_users = revert(merge::ignored_users(was, bundle).write, &now.ignored_users, &was.ignored_users);
+    }
+    if did(AccountStep::ClientSettings) {
+        for (kind, wrote) in merge::client_settings(was, bundle).write.unwrap_or_default() {
+            let now = now.client_settings.get(&kind).cloned().flatten();
+            let before = was.client_settings.get(&kind).cloned().flatten();
+            undo.client_settings.push((kind, revert(Some(wrote), &now, &before).expect("written")));
+        }
+    }
+    let rules_now = now.push_rules.clone().unwrap_or_default();
+    let rule_now = |kind: &RuleKind, id: &str| rules_now.iter().find(|r| kind_of(r) == *kind && r.rule_id() == id);
+    if did(AccountStep::PushRules) {
+        let wrote = merge::push_rules(was, bundle);
+        for (rule, enabled) in &wrote.add {
+            let (kind, id) = (rule_kind(rule), rule_id(rule));
+            match rule_now(&kind, &id) {
+                Some(now) if now.enabled() == *enabled && same_rule(&now, rule) => {
+                    undo.push_rules.remove.push((kind, id))
+                }
+                // Removed since: nothing to take back.
+                None => {}
+                Some(_) => undo.push_rules.changed.push(id),
+            }
+        }
+        for (kind, id, enabled) in wrote.switch {
+            match rule_now(&kind, &id) {
+                Some(now) if now.enabled() == enabled => undo.push_rules.switch_back.push((kind, id, !enabled)),
+                _ => undo.push_rules.changed.push(id),
+            }
+        }
+    }
+    let had_mentions =
+        was.push_rules.as_ref().is_some_and(|r| r.override_.iter().any(|r| r.rule_id == OLD_MENTIONS_RULE));
+    if did(AccountStep::OldMentions) && !had_mentions {
+        let wrote = merge::old_mentions(&t.old);
+        match rule_now(&RuleKind::Override, OLD_MENTIONS_RULE) {
+            Some(now) if same_rule(&now, &wrote) => {
+                undo.push_rules.remove.push((RuleKind::Override, OLD_MENTIONS_RULE.to_owned()))
+            }
+            None => {}
+            Some(_) => undo.push_rules.changed.push(OLD_MENTIONS_RULE.to_owned()),
+        }
+    }
+    if did(AccountStep::Profile) {
+        let wrote = merge::profile(was, bundle, &t.new, t.requirements.profile_from_old);
+        undo.display_name = revert(wrote.display_name, &now.display_name, &was.display_name);
+        undo.avatar_url = match t.kind {
+            // A received bundle's avatar was copied to this server under a new address, which the
+            // merge does not know: one the move set is put back unless the account has the one it
+            // had before again.
+            TransferKind::Receive if wrote.avatar_url.is_some() => {
+                (now.avatar_url != was.avatar_url).then(|| Revert::Restore(was.avatar_url.clone()))
+            }
+            _ => revert(wrote.avatar_url, &now.avatar_url, &was.avatar_url),
+        };
+    }
+    undo
+}
+
+fn kind_of(rule: &ruma::push::AnyPushRuleRef<'_>) -> RuleKind {
+    use ruma::push::AnyPushRuleRef::*;
+    match rule {
+        Override(_) => RuleKind::Override,
+        Content(_) => RuleKind::Content,
+        Room(_) => RuleKind::Room,
+        Sender(_) => RuleKind::Sender,
+        Underride(_) => RuleKind::Underride,
+        #[allow(unreachable_patterns)]
+        _ => RuleKind::Override,
+    }
+}
+
+fn rule_kind(rule: &ruma::push::NewPushRule) -> RuleKind {
+    use ruma::push::NewPushRule::*;
+    match rule {
+        Override(_) => RuleKind::Override,
+        Content(_) => RuleKind::Content,
+        Room(_) => RuleKind::Room,
+        Sender(_) => RuleKind::Sender,
+        Underride(_) => RuleKind::Underride,
+        #[allow(unreachable_patterns)]
+        _ => RuleKind::Override,
+    }
+}
+
+fn rule_id(rule: &ruma::push::NewPushRule) -> String {
+    merge::describe(rule)["rule_id"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Whether the account's rule is the one the move wrote (kind, ID, conditions or pattern, actions).
+fn same_rule(now: &ruma::push::AnyPushRuleRef<'_>, wrote: &ruma::push::NewPushRule) -> bool {
+    merge::as_new_rule(now).is_some_and(|n| merge::describe(&n) == merge::describe(wrote))
+}
+
+/// A room the move joined, as the new account has it now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoomNow {
+    pub membership: Option<MembershipState>,
+    /// The new account sent something there since its join (the move's notice aside).
+    pub wrote_since: bool,
+    /// Its power level there, if the room's power levels name it.
+    pub level: Option<Int>,
+    /// Its tags there.
+    pub tags: BTreeSet<TagName>,
+    /// The move's notices there that the new account posted.
+    pub notices: Vec<OwnedEventId>,
+}
+
+/// Why a room the move touched stays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kept {
+    /// The new account was in it before the move.
+    WasMember,
+    /// The move did not seat the new account there.
+    NotMoved,
+    /// The new account is not in it any more.
+    NotThere,
+    /// The new account has written there since the move (`undo --all` leaves it anyway).
+    WroteSince,
+}
+
+/// What an undo does in one room of the move.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoomUndo {
+    /// Leave it, after lowering the rank the move gave (to the room's default), taking off the
+    /// tags the move set, and redacting the move's notices the new account posted.
+    Leave {
+        lower_rank: bool,
+        untag: Vec<TagName>,
+        redact: Vec<OwnedEventId>,
+    },
+    Kept(Kept),
+}
+
+/// What to do in `room`, which the move left at `step`, its bundle entry `entry`, the new account
+/// in it as `now`; `all`: leave it even where the new account wrote since.
+pub fn room(room: &RoomPlan, step: Option<&RoomStep>, entry: Option<&RoomEntry>, now: &RoomNow, all: bool) -> RoomUndo {
+    if room.action == Action::AlreadyJoined {
+        return RoomUndo::Kept(Kept::WasMember);
+    }
+    if room.action != Action::Join || !step.is_some_and(RoomStep::is_seated) {
+        return RoomUndo::Kept(Kept::NotMoved);
+    }
+    if now.membership != Some(MembershipState::Join) {
+        return RoomUndo::Kept(Kept::NotThere);
+    }
+    if now.wrote_since && !all {
+        return RoomUndo::Kept(Kept::WroteSince);
+    }
+    // The rank the move gave, if the room still names it: before the move the account was not
+    // in the room, so it had the room's default.
+    let lower_rank = room.give_level.is_some() && now.level.is_some();
+    let untag = entry.map(|e| e.tags.keys().filter(|t| now.tags.contains(*t)).cloned().collect()).unwrap_or_default();
+    RoomUndo::Leave { lower_rank, untag, redact: now.notices.clone() }
+}
+
+/// The rooms the move seated the new account in (its DMs among them), from its journal.
+pub fn moved(steps: &std::collections::BTreeMap<OwnedRoomId, RoomStep>) -> BTreeSet<OwnedRoomId> {
+    steps
+        .iter()
+        .filter(|(_, s)| matches!(s, RoomStep::Done | RoomStep::AwaitingAccept))
+        .map(|(r, _)| r.clone())
+        .collect()
+}
+
+/// Whether `user` is the account move `t` wrote into, which alone may take it back.
+pub fn may_undo(t: &Transfer, user: &UserId) -> bool {
+    t.new == user && matches!(t.kind, TransferKind::Move | TransferKind::Receive)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ruma::events::tag::TagInfo;
+    use ruma::{owned_room_id, owned_user_id};
+    use serde_json::json;
+
+    use super::*;
+    use crate::bundle::{BundleId, Priority, RoomKind};
+    use crate::transfer::StepDone;
+
+    /// Settings compare as JSON (ruma's account-data types have no `PartialEq`).
+    fn json<T: Serialize>(v: &T) -> JsonValue {
+        serde_json::to_value(v).unwrap()
+    }
+
+    fn done() -> StepOutcome {
+        StepOutcome::Done(StepDone::Merged(String::new()))
+    }
+
+    /// Move 1 of the sample bundle's account into `@new:example.org`, every account step done.
+    fn transfer() -> Transfer {
+        let (old, new) = (owned_user_id!("@old:example.org"), owned_user_id!("@new:example.org"));
+        let mut t = Transfer::new(
+            1,
+            old.clone(),
+            new,
+            BundleId::new(&old, 1),
+            Default::default(),
+            owned_room_id!("!dm:example.org"),
+            None,
+        );
+        for step in [
+            AccountStep::Profile,
+            AccountStep::Direct,
+            AccountStep::IgnoredUsers,
+            AccountStep::PushRules,
+            AccountStep::ClientSettings,
+            AccountStep::OldMentions,
+        ] {
+            t.account_steps.insert(step, done());
+        }
+        t
+    }
+
+    fn ignoring(users: &[&str]) -> IgnoredUserListEventContent {
+        let list = users.iter().map(|u| ((*u).try_into().unwrap(), Default::default())).collect();
+        IgnoredUserListEventContent::new(list)
+    }
+
+    #[test]
+    fn a_setting_as_the_move_left_it_goes_back_and_one_changed_since_is_kept() {
+        let t = transfer();
+        let mut bundle = crate::bundle::tests::sample();
+        bundle.preferences.ignored_users = vec![owned_user_id!("@spam:example.org")];
+        bundle.preferences.client_settings =
+            BTreeMap::from([("im.vector.setting.breadcrumbs".to_owned(), json!({"recent_rooms": []}))]);
+        bundle.profile.display_name = Some("Old Name".into());
+        let mut before = Before::default();
+        before.world.ignored_users = Some(ignoring(&["@mine:example.org"]));
+        before.world.display_name = Some("new".into()); // Synapse's default: the localpart
+        before.world.client_settings.insert("im.vector.setting.breadcrumbs".into(), None);
+        before.kept = ["profile", "direct", "ignored_users", "push_rules", "client_settings"].map(String::from).into();
+        // As the move left them: its merges on what was there.
+        let mut now = before.world.clone();
+        now.ignored_users = merge::ignored_users(&before.world, &bundle).write;
+        now.display_name = Some("Old Name".into());
+        now.client_settings.insert("im.vector.setting.breadcrumbs".into(), Some(json!({"recent_rooms": []})));
+        let undo = settings(&t, &before, &bundle, &BTreeSet::new(), &now);
+        assert_eq!(json(&undo.ignored_users), json(&Some(Revert::Restore(Some(ignoring(&["@mine:example.org"]))))));
+        assert_eq!(undo.display_name, Some(Revert::Restore(Some("new".into()))));
+        assert_eq!(undo.client_settings, [("im.vector.setting.breadcrumbs".to_owned(), Revert::Restore(None))]);
+        assert!(undo.direct.is_none(), "the move marked no DM: nothing to put back");
+
+        // The person changed some since: those are kept.
+        now.ignored_users = Some(ignoring(&["@mine:example.org", "@spam:example.org", "@later:example.org"]));
+        now.display_name = Some("Chosen since".into());
+        let undo = settings(&t, &before, &bundle, &BTreeSet::new(), &now);
+        assert_eq!(json(&undo.ignored_users), json(&Some(Revert::<()>::Changed)));
+        assert_eq!(undo.display_name, Some(Revert::Changed));
+        // A step the move did not do is not taken back.
+        let mut partial = t.clone();
+        partial.account_steps.remove(&AccountStep::IgnoredUsers);
+        assert!(settings(&partial, &before, &bundle, &BTreeSet::new(), &now).ignored_users.is_none());
+    }
+
+    #[test]
+    fn the_push_rules_the_move_added_are_removed_unless_changed_and_its_mention_rule_goes() {
+        let t = transfer();
+        let mut bundle = crate::bundle::tests::sample();
+        // The old account's own rules: two content rules, one of them switched off.
+        let mut old_rules = ruma::push::Ruleset::server_default(&t.old);
+        for (id, pattern, enabled) in [("lunch", "lunch", true), ("dinner", "dinner", false)] {
+            let rule = ruma::push::NewPatternedPushRule::new(id.into(), pattern.into(), vec![]);
+            old_rules.insert(ruma::push::NewPushRule::Content(rule), None, None).unwrap();
+            old_rules.set_enabled(RuleKind::Content, id, enabled).unwrap();
+        }
+        bundle.preferences.push_rules = Some(old_rules);
+        let before = Before::default();
+        let wrote = merge::push_rules(&before.world, &bundle);
+        assert_eq!(wrote.add.len(), 2, "{}", wrote.summary);
+        // Now: the added rules and the mention rule, as the move wrote them.
+        let mut rules = ruma::push::Ruleset::server_default(&t.new);
+        for (rule, enabled) in &wrote.add {
+            rules.insert(rule.clone(), None, None).unwrap();
+            rules.set_enabled(rule_kind(rule), rule_id(rule), *enabled).unwrap();
+        }
+        rules.insert(merge::old_mentions(&t.old), None, None).unwrap();
+        let now = AccountWorld { push_rules: Some(rules.clone()), ..Default::default() };
+        let undo = settings(&t, &before, &bundle, &BTreeSet::new(), &now).push_rules;
+        let removed: Vec<&str> = undo.remove.iter().map(|(_, id)| id.as_str()).collect();
+        assert!(removed.contains(&OLD_MENTIONS_RULE), "{removed:?}");
+        assert_eq!(removed.len(), wrote.add.len() + 1, "{removed:?}");
+        assert!(undo.changed.is_empty());
+
+        // One switched off since: kept, and named.
+        let (first, _) = &wrote.add[0];
+        let id = rule_id(first);
+        let enabled = rules.iter().find(|r| r.rule_id() == id).unwrap().enabled();
+        rules.set_enabled(rule_kind(first), &id, !enabled).unwrap();
+        let now = AccountWorld { push_rules: Some(rules), ..Default::default() };
+        let undo = settings(&t, &before, &bundle, &BTreeSet::new(), &now).push_rules;
+        assert_eq!(undo.changed, std::slice::from_ref(&id));
+        assert!(!undo.remove.iter().any(|(_, r)| *r == id));
+    }
+
+    fn plan(action: Action) -> RoomPlan {
+        RoomPlan {
+            room_id: owned_room_id!("!room:example.org"),
+            via: vec![],
+            name: None,
+            kind: RoomKind::Group,
+            priority: Priority::Normal,
+            action,
+            give_level: Some(Int::from(50)),
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn a_room_the_move_joined_is_left_unless_written_in_or_had_before() {
+        let mut entry = crate::bundle::tests::sample().rooms.remove(0);
+        entry.tags = BTreeMap::from([(TagName::Favorite, TagInfo::default())]);
+        let now = RoomNow {
+            membership: Some(MembershipState::Join),
+            level: Some(Int::from(50)),
+            tags: [TagName::Favorite, TagName::LowPriority].into(),
+            notices: vec!["$notice".try_into().unwrap()],
+            ..Default::default()
+        };
+        let joined = plan(Action::Join);
+        let leave = room(&joined, Some(&RoomStep::Done), Some(&entry), &now, false);
+        let expected = RoomUndo::Leave {
+            lower_rank: true,
+            untag: vec![TagName::Favorite],
+            redact: vec!["$notice".try_into().unwrap()],
+        };
+        assert_eq!(leave, expected, "the low-priority tag is the person's own: it stays");
+        let wrote = RoomNow { wrote_since: true, ..now.clone() };
+        assert_eq!(room(&joined, Some(&RoomStep::Done), Some(&entry), &wrote, false), RoomUndo::Kept(Kept::WroteSince));
+        assert_eq!(room(&joined, Some(&RoomStep::Done), Some(&entry), &wrote, true), expected, "--all");
+        let gone = RoomNow { membership: Some(MembershipState::Leave), ..now.clone() };
+        assert_eq!(room(&joined, Some(&RoomStep::Done), Some(&entry), &gone, false), RoomUndo::Kept(Kept::NotThere));
+        let had = plan(Action::AlreadyJoined);
+        assert_eq!(room(&had, Some(&RoomStep::Done), Some(&entry), &now, true), RoomUndo::Kept(Kept::WasMember));
+        let failed = RoomStep::Failed(crate::transfer::FailReason::Error("x".into()));
+        assert_eq!(room(&joined, Some(&failed), Some(&entry), &now, true), RoomUndo::Kept(Kept::NotMoved));
+    }
+}
