@@ -172,6 +172,11 @@ pub struct Transfer {
     /// name and avatar): what an undo puts back. Sealed with the record, and gone with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub before: Option<Before>,
+    /// Rooms where the rank the plan meant to give was refused when it was given (the power
+    /// levels changed since the plan read them, say), with the homeserver's words: the report
+    /// names them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranks_refused: Vec<(OwnedRoomId, String)>,
 }
 
 /// The new account's settings right before the move merged into them, as its account steps read
@@ -242,6 +247,7 @@ impl Transfer {
             dropped: Vec::new(),
             withdrawn: false,
             before: None,
+            ranks_refused: Vec::new(),
         }
     }
 

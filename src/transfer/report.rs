@@ -53,6 +53,9 @@ impl Report {
                 _ => {}
             }
             report.warnings.extend(r.warnings.iter().map(|w| (label(r), w.clone())));
+            if let Some((_, reason)) = t.ranks_refused.iter().find(|(room, _)| *room == r.room_id) {
+                report.warnings.push((label(r), Warning::RankRefused { reason: reason.clone() }));
+            }
         }
         report
     }
@@ -61,4 +64,54 @@ impl Report {
 /// A room's name, or its ID when it has none.
 pub fn label(r: &RoomPlan) -> String {
     r.name.clone().unwrap_or_else(|| r.room_id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::{owned_room_id, owned_user_id};
+
+    use super::*;
+    use crate::bundle::{BundleId, Priority, RoomKind};
+    use crate::transfer::plan::Action;
+
+    /// A rank the plan meant to give but the homeserver refused at the move is named in the
+    /// report, with the homeserver's words, beside the rooms' planned warnings.
+    #[test]
+    fn a_rank_refused_at_the_move_is_named_in_the_report() {
+        let (old, new) = (owned_user_id!("@old:example.org"), owned_user_id!("@new:example.org"));
+        let mut t = Transfer::new(
+            1,
+            old.clone(),
+            new.clone(),
+            BundleId::new(&old, 1),
+            Default::default(),
+            owned_room_id!("!dm:example.org"),
+            None,
+        );
+        let room = |id: &str, name: &str| RoomPlan {
+            room_id: id.try_into().unwrap(),
+            via: vec![],
+            name: Some(name.into()),
+            kind: RoomKind::Group,
+            priority: Priority::Normal,
+            action: Action::Join,
+            give_level: Some(50.into()),
+            warnings: vec![],
+        };
+        let plan = Plan {
+            old,
+            new,
+            rooms: vec![room("!a:example.org", "Ranked"), room("!b:example.org", "Refused")],
+            unplanned: vec![],
+            left_out: 0,
+        };
+        t.ranks_refused.push((owned_room_id!("!b:example.org"), "M_FORBIDDEN: You don't have permission".into()));
+        let steps = plan.rooms.iter().map(|r| (r.room_id.clone(), RoomStep::Done)).collect();
+        let report = Report::new(&t, &plan, &steps, false);
+        assert_eq!(report.moved, 2, "a refused rank stops no room");
+        assert_eq!(report.warnings.len(), 1);
+        let (label, warning) = &report.warnings[0];
+        assert_eq!(label, "Refused");
+        assert!(warning.explain().contains("could not be given: M_FORBIDDEN"), "{}", warning.explain());
+    }
 }

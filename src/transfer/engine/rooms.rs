@@ -143,9 +143,13 @@ impl Engine {
                 let _slot = self.budget.acquire(t.id, finish_class_of(room)).await;
                 let _flight = RoomInFlight::start();
                 let entry = bundle.rooms.iter().find(|e| e.room_id == room.room_id);
-                let step = match Box::pin(self.rooms.finish(t, entry, room, &from)).await {
+                let finish = Box::pin(self.rooms.finish_stages(t.into(), entry, room, &from)).await;
+                if let Some(refused) = finish.rank {
+                    self.rank_refused(t.id, &room.room_id, &refused).await;
+                }
+                let step = match finish.end {
                     Ok(step) => step,
-                    Err(e) => RoomStep::Failed(FailReason::Error(e.to_string())),
+                    Err((_, e)) => RoomStep::Failed(FailReason::Error(e.to_string())),
                 };
                 self.end_room(t, progress, &room.room_id, &step).await;
             })
@@ -240,6 +244,19 @@ impl Engine {
                     tracing::warn!(transfer = t.id, error = %e, "cannot tell that the rooms wait for their invites");
                 }
             }
+        }
+    }
+
+    /// Keeps, for the report, that the rank the plan meant to give in `room` was refused.
+    async fn rank_refused(&self, id: u64, room: &ruma::RoomId, refused: &crate::homeserver::HsError) {
+        let reason = refused.to_string();
+        let kept = self.journal.update(id, |t| {
+            if !t.ranks_refused.iter().any(|(r, _)| r == room) {
+                t.ranks_refused.push((room.to_owned(), reason));
+            }
+        });
+        if let Err(e) = kept.await {
+            tracing::warn!(transfer = id, error = %e, "cannot keep a refused rank for the report");
         }
     }
 

@@ -200,8 +200,9 @@ impl Engine {
             // then says so; a crash in between does it again at the resume).
             if t.kind == TransferKind::Reserve {
                 self.withdraw_seats(id, Withdrawal::Cancelled).await?;
-                t = self.journal.get(id).await?.ok_or(Error::Missing(id))?;
             }
+            // As stored: the rooms' tasks keep what the report names there (a refused rank).
+            t = self.journal.get(id).await?.ok_or(Error::Missing(id))?;
             let report = Report::new(&t, &plan, &self.journal.room_steps(id).await?, true);
             return self.finish_with(&mut t, TransferState::Cancelled, &report).await;
         }

@@ -126,6 +126,8 @@ pub enum Warning {
     HistoryHidden { visibility: HistoryVisibility },
     /// The old account's rank can't be carried whole.
     RankNotCarried { had: String, gives: Option<Int> },
+    /// The rank the plan meant to give was refused when the move gave it (the homeserver's words).
+    RankRefused { reason: String },
     /// A bundle from another server, and no invite of the old account (the reservation) reached
     /// the new one in any of its rooms: the move is not proven, so no move notice is posted (an
     /// invite, signed by the old account's server, is what shows the old account chose this one).
@@ -144,6 +146,7 @@ impl Warning {
             Warning::RankNotCarried { had, gives: None } => {
                 format!("the old account's rank ({had}) can't be given: it may not change power levels")
             }
+            Warning::RankRefused { reason } => format!("the old account's rank could not be given: {reason}"),
             Warning::Unreserved => {
                 "no invite from the old account reached the new one in any room, so the move is not proven: no move notice is posted".to_owned()
             }
