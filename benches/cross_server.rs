@@ -151,7 +151,10 @@ async fn run() {
     let default_n = if limits == Limits::Lifted { 500 } else { 50 };
     let n: usize = std::env::var("HANDOFF_BENCH_ROOMS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_n);
     let rate: f64 = std::env::var("HANDOFF_BENCH_INVITE_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(0.03);
-    let quiet = |_, _: &_, c: String| edit(c, "level: \"info,handoff=debug\"", "level: warn");
+    // HANDOFF_BENCH_LOG=FILTER: both handoffs log at that level, and rooms B did not move are
+    // looked up in B's log at the end.
+    let level = std::env::var("HANDOFF_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+    let quiet = |_, _: &_, c: String| edit(c, "level: \"info,handoff=debug\"", &format!("level: \"{level}\""));
     let mut fh = FederatedHarness::start_with_homeservers(quiet, |side| limits.homeserver_yaml(side, rate)).await;
     // Paced, the reservation takes (N - 5) / rate: wait three times that, and an hour at least.
     let patience = match limits {
@@ -551,6 +554,15 @@ async fn run_limited(fh: &FederatedHarness, n: usize, limits: Limits, rate: f64)
     line("B's report", format!("{}  \"{}\"", long(moved_at), moved.lines().next().unwrap_or("")));
     for (why, count) in not_moved(&moved) {
         line("", format!("{count} not moved: {why}"));
+    }
+    if std::env::var_os("HANDOFF_BENCH_LOG").is_some() {
+        let log = fh.b.log();
+        for room in old.rooms.iter().filter(|r| !now_joined.contains(r)) {
+            println!("  B's log of {room}, not joined:");
+            for l in log.lines().filter(|l| l.contains(room.as_str())) {
+                println!("    {l}");
+            }
+        }
     }
     line(
         "the new account's joined_rooms, of the old rooms",

@@ -43,6 +43,10 @@ use crate::transfer::pace::{Pace, Verdict};
 /// The field of move notices that clients and bots can read.
 pub const MOVE_FIELD: &str = "org.handoff.move";
 
+/// Joins tried again, 1, 2, 4 and 8 s apart, when the join is refused right after the invite
+/// came: 15 s for the inviting server to store its own invite.
+const JOINS_AFTER_INVITE: u32 = 4;
+
 /// What a room's stages need: who acts, the journal, the notice settings.
 pub struct RoomWork {
     pub accounts: Accounts,
@@ -571,17 +575,30 @@ impl RoomWork {
         let servers = room.via.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
         let awaits = !room.warnings.contains(&Warning::Unreserved) && !self.invites_patience.is_zero();
         let remote = self.accounts.remote(t.new).map_err(Unreached::Refused)?;
-        let mut waited = false;
+        // Joins refused since the invite came: the inviting server may not have its own invite
+        // in the room yet when this one shows it (Synapse sends the invite to the invitee's server
+        // before it stores it), so a join right after is refused for a moment.
+        let mut after_invite: Option<u32> = None;
         loop {
             match self.across(t, &servers, || join(remote, t.new, rid, &room.via)).await {
-                // Forbidden: no invite yet. Once it came, the join is tried once more.
-                Err(Unreached::Refused(e)) if awaits && !waited && matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
-                    tracing::debug!(transfer = t.id, room_id = %rid, "no invite yet: waiting for the reservation");
-                    let reader = self.accounts.client(t.new).map_err(Unreached::Refused)?;
-                    let wait = self.arrivals.wait_for(reader, t.id, t.new, t.old, rid, self.invites_patience);
-                    match budget::away(wait).await {
-                        Arrival::Came => waited = true,
-                        Arrival::Quiet => return Err(Unreached::Refused(e)),
+                // Forbidden: no invite yet. Once it came, the join is tried again a few times.
+                Err(Unreached::Refused(e)) if awaits && matches!(e.kind(), Some(ErrorKind::Forbidden)) => {
+                    match after_invite {
+                        None => {
+                            tracing::debug!(transfer = t.id, room_id = %rid, "no invite yet: waiting for the reservation");
+                            let reader = self.accounts.client(t.new).map_err(Unreached::Refused)?;
+                            let wait = self.arrivals.wait_for(reader, t.id, t.new, t.old, rid, self.invites_patience);
+                            match budget::away(wait).await {
+                                Arrival::Came => after_invite = Some(0),
+                                Arrival::Quiet => return Err(Unreached::Refused(e)),
+                            }
+                        }
+                        Some(tries) if tries < JOINS_AFTER_INVITE => {
+                            tracing::debug!(transfer = t.id, room_id = %rid, tries, "the invite came, the join is refused yet");
+                            budget::away(tokio::time::sleep(Duration::from_secs(1 << tries))).await;
+                            after_invite = Some(tries + 1);
+                        }
+                        Some(_) => return Err(Unreached::Refused(e)),
                     }
                 }
                 joined => return joined,

@@ -490,6 +490,48 @@ mod tests {
         assert!(said[1].ends_with(", 1 awaiting invites at a measured rate"), "{said:?}");
     }
 
+    /// The invite shows at this server a moment before the inviting server has it in the room
+    /// (Synapse sends it to the invitee's server first): the join right after it came is refused
+    /// for a moment, and the room is joined on a later try, not skipped as uninvited.
+    #[tokio::test(start_paused = true)]
+    async fn a_join_refused_just_after_the_invite_came_is_tried_again() {
+        let fake = Fake::new("example.org");
+        let (old, new) = (owned_user_id!("@old:other.org"), owned_user_id!("@new:example.org"));
+        let reason = Some(crate::transfer::world::reservation_reason(&old));
+        let rooms: Vec<RoomPlan> = ["!burst:other.org", "!late:other.org"]
+            .iter()
+            .map(|id| room(id, Priority::Normal, RoomKind::Group))
+            .collect();
+        for r in &rooms {
+            fake.create_room(&r.room_id, &old);
+        }
+        fake.invite(&rooms[0].room_id, &old, &new, reason.clone());
+        let h = Harness::on(1, fake.appservice().await);
+        let id = h.journal.new_id().await.unwrap();
+        let dm = "!dm:example.org".try_into().unwrap();
+        let mut t = Transfer::new(id, old.clone(), new.clone(), BundleId::new(&old, id), Default::default(), dm, None);
+        t.kind = TransferKind::Receive;
+        h.journal.put(&t).await.unwrap();
+        let plan = Plan { old: old.clone(), new: new.clone(), rooms: rooms.clone(), unplanned: vec![], left_out: 0 };
+        let bundle = crate::bundle::tests::sample();
+        let moving = h.engine.move_rooms(&t, &bundle, &plan, Instant::now());
+        let inviting = async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            // The late room's invite shows here; the next two joins are refused all the same.
+            let refused = Answer::Error(
+                http::StatusCode::FORBIDDEN,
+                serde_json::json!({"errcode": "M_FORBIDDEN", "error": "You are not invited to this room."}),
+            );
+            fake.script(Endpoint::Join, refused, Some(2));
+            fake.invite(&rooms[1].room_id, &old, &new, reason.clone());
+        };
+        let (moved, ()) = tokio::join!(moving, inviting);
+        assert!(!moved.unwrap());
+        let steps = h.journal.room_steps(id).await.unwrap();
+        assert_eq!(steps.get(&rooms[1].room_id), Some(&RoomStep::Done), "joined on a later try");
+        assert_eq!(fake.membership(&rooms[1].room_id, &new), Some(ruma::events::room::member::MembershipState::Join));
+    }
+
     /// A reservation to a server that lets one user receive 2 invites at once: the favourite and
     /// the DM are the ones inside the burst, whatever order the rooms come in and however long
     /// their invites take, and the others still get their seats (paced).
