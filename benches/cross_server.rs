@@ -557,6 +557,8 @@ async fn run_limited(fh: &FederatedHarness, n: usize, limits: Limits, rate: f64)
     }
     if std::env::var_os("HANDOFF_BENCH_LOG").is_some() {
         let log = fh.b.log();
+        let again = log.lines().filter(|l| l.contains("the join is refused yet")).count();
+        println!("  B's joins refused just after their invite came, tried again: {again}");
         for room in old.rooms.iter().filter(|r| !now_joined.contains(r)) {
             println!("  B's log of {room}, not joined:");
             for l in log.lines().filter(|l| l.contains(room.as_str())) {
