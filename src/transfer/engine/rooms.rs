@@ -72,6 +72,10 @@ impl Engine {
         // none yet, the room its user waits for. It goes before everyone's other first rooms,
         // and while it waits or is in flight the others' work keeps only a few slots (`Budget`).
         let opening = todo.first().copied().filter(|_| progress.seated.load(Ordering::Relaxed) == 0);
+        if opening.is_none() {
+            // Seated before (a resumed transfer, a later part): nothing to wait for.
+            opened.notify_one();
+        }
         let seat_class = |index: usize| {
             if Some(index) == opening { Class::Opening } else { class_of(&plan.rooms[index]) }
         };
