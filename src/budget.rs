@@ -4,10 +4,10 @@
 //! DMs; then seats in other rooms, then in low-priority ones; then finishing those), and
 //! round-robin across the parties (transfers, captures) waiting in a class, so no user's
 //! important rooms wait behind another user's ordinary ones, and a large transfer does not
-//! starve a small one. While any transfer is opening (its start or its first seat waits or is
-//! in flight), the other work keeps only a few slots ([`State::opening_cap`]): a homeserver
-//! answers a request sooner the fewer it is serving, and the opening ones are what a user who
-//! has just sent `import` waits for.
+//! starve a small one. While any transfer is opening (from its start to its first seat), the
+//! other work keeps only a few slots ([`State::opening_cap`]): a homeserver answers a request
+//! sooner the fewer it is serving, and the opening ones are what a user who has just sent
+//! `import` waits for.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
