@@ -1,15 +1,20 @@
 //! The one budget of work in flight against the homeserver (`handoff.concurrency`), shared by
 //! every capture, planning read and transfer, and served fairly: by priority class first (each
-//! transfer's start, up to the reads that plan its first rooms; favourites and DMs; then seats in other rooms,
-//! then in low-priority ones; then finishing those), and round-robin across the parties
-//! (transfers, captures) waiting in a class, so no user's important rooms wait behind another
-//! user's ordinary ones, and a large transfer does not starve a small one.
+//! transfer's start, up to the reads that plan its first rooms; its first seat; favourites and
+//! DMs; then seats in other rooms, then in low-priority ones; then finishing those), and
+//! round-robin across the parties (transfers, captures) waiting in a class, so no user's
+//! important rooms wait behind another user's ordinary ones, and a large transfer does not
+//! starve a small one. While any transfer is opening (from its start to its first seat), the
+//! other work keeps only a few slots ([`State::opening_cap`]): a homeserver answers a request
+//! sooner the fewer it is serving, and the opening ones are what a user who has just sent
+//! `import` waits for.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// A priority class; lower is served first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -18,19 +23,26 @@ pub enum Class {
     /// rooms. A few quick requests that every one of its first moves waits for, so no other
     /// transfer's moves hold them up.
     Start = 0,
+    /// A transfer's first seat (its first favourite, or its first room if it has none): the room
+    /// the user who just sent `import` waits for. With the start, the opening of a transfer.
+    Opening = 1,
     /// Favourites and DMs, their seat and their finish; a transfer's last account steps: what a
     /// person needs first on a new device.
-    First = 1,
+    First = 2,
     /// Taking the seat in other rooms (invite, join).
-    Normal = 2,
+    Normal = 3,
     /// Taking the seat in low-priority rooms.
-    Low = 3,
+    Low = 4,
     /// Finishing the rooms of the two classes above (rank, tags, notice): once seated a room is
     /// usable, so every transfer's seats come before anyone's finishing, as in one transfer alone.
-    Finishing = 4,
+    Finishing = 5,
 }
 
-const CLASSES: usize = 5;
+const CLASSES: usize = 6;
+
+/// The classes of a transfer's opening: while work of these waits or is in flight, the other
+/// classes keep at most [`State::opening_cap`] slots.
+const OPENING: std::ops::Range<usize> = 0..Class::First as usize;
 
 /// Who is waiting: a transfer, or a capture (any number that tells parties apart).
 pub type Party = u64;
@@ -44,8 +56,12 @@ struct State {
     free: usize,
     /// Slots held, by party (only parties holding some).
     held: HashMap<Party, usize>,
+    /// Slots held, by class.
+    held_in: [usize; CLASSES],
     /// Parties present for a while (a running transfer), whether they hold or wait this moment.
     present: HashMap<Party, usize>,
+    /// Transfers opening ([`Budget::opening`]), since when.
+    opening: HashMap<Party, Instant>,
     /// Per class, each party's waiters in arrival order.
     waiting: [BTreeMap<Party, VecDeque<oneshot::Sender<Slot>>>; CLASSES],
     /// Per class, the party served last: the next turn goes to the party after it.
@@ -57,6 +73,7 @@ struct State {
 pub struct Slot {
     budget: Arc<Budget>,
     party: Party,
+    class: Class,
 }
 
 impl Budget {
@@ -67,7 +84,9 @@ impl Budget {
                 size,
                 free: size,
                 held: HashMap::new(),
+                held_in: [0; CLASSES],
                 present: HashMap::new(),
+                opening: HashMap::new(),
                 waiting: Default::default(),
                 last: [None; CLASSES],
             }),
@@ -109,6 +128,23 @@ impl Budget {
         Presence { budget: Arc::clone(self), party }
     }
 
+    /// Marks `party` (a transfer) as opening until the guard is dropped: from its start to its
+    /// first seat, the gaps between its steps included, the other work keeps only a few slots
+    /// ([`State::opening_cap`]). For [`OPENING_MAX`] at most, and not while its first seat waits
+    /// for another server ([`away`]): a seat that waits is not what the homeserver is busy with.
+    pub fn opening(self: &Arc<Self>, party: Party) -> Opening {
+        self.state.lock().expect("budget lock").opening.insert(party, Instant::now());
+        Opening { budget: Arc::clone(self), party }
+    }
+
+    /// `party` is no longer opening: the rest gets its slots back.
+    fn opened(self: &Arc<Self>, party: Party) {
+        let mut state = self.state.lock().expect("budget lock");
+        if state.opening.remove(&party).is_some() {
+            state.dispatch(self);
+        }
+    }
+
     /// How many slots there are in all (for how much work one party puts in line at once).
     pub fn size(&self) -> usize {
         self.state.lock().expect("budget lock").size
@@ -123,10 +159,10 @@ impl Budget {
     }
 
     /// A slot of `party` came back: hand it to the next waiter in turn, or keep it free.
-    fn release(self: &Arc<Self>, party: Party) {
+    fn release(self: &Arc<Self>, party: Party, class: Class) {
         let mut state = self.state.lock().expect("budget lock");
         state.free += 1;
-        state.give_back(party);
+        state.give_back(party, class);
         state.dispatch(self);
     }
 }
@@ -150,7 +186,16 @@ struct Lease {
 /// work goes on meanwhile, then takes a slot again (in its turn) before returning. Outside a
 /// held piece of work it is `wait` alone.
 pub async fn away<F: Future>(wait: F) -> F::Output {
-    let given = LEASE.try_with(|l| l.slot.lock().expect("lease lock").take().is_some()).unwrap_or(false);
+    let given = LEASE
+        .try_with(|l| {
+            let given = l.slot.lock().expect("lease lock").take().is_some();
+            if given && l.class == Class::Opening {
+                // A first seat that waits holds nobody back meanwhile.
+                l.budget.opened(l.party);
+            }
+            given
+        })
+        .unwrap_or(false);
     let out = wait.await;
     if given {
         take_again().await;
@@ -184,6 +229,15 @@ impl State {
             parties.extend(class.keys());
         }
         parties
+    }
+
+    /// The most slots the work outside the opening classes may hold while a transfer opens: a
+    /// quarter of the budget (at least one). The homeserver, which answers a request later the
+    /// more it is serving, then serves the opening work (a few quick reads, one seat per
+    /// transfer) with fewer others; the rest of the budget comes back once every transfer that
+    /// was opening has its first seat. Measured by `cargo bench --bench crowd` (`docs/scale.md`).
+    fn opening_cap(&self) -> usize {
+        (self.size / 4).max(1)
     }
 
     fn held_by(&self, party: Party) -> usize {
@@ -222,17 +276,20 @@ impl State {
             self.last[class] = Some(party);
             self.free -= 1;
             *self.held.entry(party).or_default() += 1;
-            if let Err(slot) = tx.send(Slot { budget: Arc::clone(budget), party }) {
+            self.held_in[class] += 1;
+            let class = CLASS_OF[class];
+            if let Err(slot) = tx.send(Slot { budget: Arc::clone(budget), party, class }) {
                 // The waiter gave up (its task was cancelled): the slot is taken back here,
                 // without its drop releasing it a second time (this lock is held).
                 std::mem::forget(slot);
                 self.free += 1;
-                self.give_back(party);
+                self.give_back(party, class);
             }
         }
     }
 
-    fn give_back(&mut self, party: Party) {
+    fn give_back(&mut self, party: Party, class: Class) {
+        self.held_in[class as usize] -= 1;
         if let Some(n) = self.held.get_mut(&party) {
             *n -= 1;
             if *n == 0 {
@@ -247,10 +304,19 @@ impl State {
         // Who shares the budget does not change while one waiter is picked: counted once.
         let present = self.parties();
         let share = self.size.div_ceil(present.len().max(1));
+        let opening = OPENING.into_iter().any(|c| self.held_in[c] > 0 || !self.waiting[c].is_empty())
+            || self.opening.values().any(|since| since.elapsed() < OPENING_MAX);
         for class in 0..CLASSES {
             let parties = &self.waiting[class];
             if parties.is_empty() {
                 continue;
+            }
+            // While a transfer opens, the rest keeps a few slots (this class and all below).
+            if opening
+                && class >= OPENING.end
+                && self.held_in[OPENING.end..].iter().sum::<usize>() >= self.opening_cap()
+            {
+                return None;
             }
             // The parties after the one served last, then from the start round to it.
             let from = self.last[class].map_or(0, |last| last.saturating_add(1));
@@ -268,6 +334,23 @@ impl std::fmt::Debug for Budget {
         f.debug_struct("Budget").field("size", &self.size()).finish_non_exhaustive()
     }
 }
+
+/// A transfer opening ([`Budget::opening`]).
+#[must_use = "the transfer counts as opening only while this is held"]
+pub struct Opening {
+    budget: Arc<Budget>,
+    party: Party,
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        self.budget.opened(self.party);
+    }
+}
+
+/// The longest a transfer counts as opening ([`Budget::opening`]): a first seat that takes
+/// longer (a homeserver slow for other reasons) gives the rest its slots back.
+pub const OPENING_MAX: Duration = Duration::from_secs(10);
 
 /// A party's presence among those sharing the budget ([`Budget::enter`]).
 #[must_use = "the party counts as present only while this is held"]
@@ -292,9 +375,13 @@ impl Drop for Presence {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.budget.release(self.party);
+        self.budget.release(self.party, self.class);
     }
 }
+
+/// A class from its index.
+const CLASS_OF: [Class; CLASSES] =
+    [Class::Start, Class::Opening, Class::First, Class::Normal, Class::Low, Class::Finishing];
 
 #[cfg(test)]
 mod tests {
@@ -373,7 +460,8 @@ mod tests {
             }));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(served.lock().unwrap().len(), 2, "transfer 1 holds its share, no more");
+        // While transfer 2 starts, the other work keeps a quarter of the budget (1 of 4).
+        assert_eq!(served.lock().unwrap().len(), 1, "transfer 1 holds a quarter, no more");
         // Between two steps it holds nothing for a moment: its share is still kept for it.
         drop(start);
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -389,6 +477,50 @@ mod tests {
         // rounds of slots, not one at a time.
         let times: Vec<_> = served.lock().unwrap().iter().map(|(_, at)| *at).collect();
         assert!(times[5].duration_since(times[0]) <= Duration::from_millis(200), "{times:?}");
+    }
+
+    /// While a transfer opens (its start, then its first seat, wait or are in flight), the other
+    /// work keeps a quarter of the budget (2 of 8): transfer 1's rooms, which held 7 slots, get
+    /// no more than 2 back as they end. Once transfer 2's first seat is taken, the rest comes back.
+    #[tokio::test(start_paused = true)]
+    async fn while_a_transfer_opens_the_rest_keeps_a_quarter_of_the_budget() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let budget = Budget::new(8);
+        let (_one, _two) = (budget.enter(1), budget.enter(2));
+        let held = Arc::new(AtomicUsize::new(0));
+        let mut rooms = Vec::new();
+        for _ in 0..40 {
+            let (budget, held) = (Arc::clone(&budget), Arc::clone(&held));
+            rooms.push(tokio::spawn(async move {
+                let _slot = budget.acquire(1, Class::First).await;
+                held.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                held.fetch_sub(1, Ordering::SeqCst);
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Before: its share (4), and more while a slot stays free for transfer 2.
+        assert_eq!(held.load(Ordering::SeqCst), 7);
+        let opening = budget.opening(2);
+        let start = tokio::time::timeout(Duration::ZERO, budget.acquire(2, Class::Start)).await;
+        let start = start.expect("transfer 2's start waited");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(held.load(Ordering::SeqCst), 2, "while transfer 2 starts");
+        drop(start);
+        // Between two of its steps it still opens.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(held.load(Ordering::SeqCst), 2, "between transfer 2's start and its first seat");
+        let seat = tokio::time::timeout(Duration::ZERO, budget.acquire(2, Class::Opening)).await;
+        let seat = seat.expect("transfer 2's first seat waited");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(held.load(Ordering::SeqCst), 2, "while transfer 2 takes its first seat");
+        drop(seat);
+        drop(opening);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(held.load(Ordering::SeqCst), 7, "after it");
+        for r in rooms {
+            r.await.unwrap();
+        }
     }
 
     /// A room that waits (for another server, say) gives its slot back for the wait: the only

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use futures_util::stream::{self, StreamExt};
 use ruma::OwnedRoomId;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Engine;
@@ -30,14 +31,18 @@ enum Seat {
 
 impl Engine {
     /// Moves the planned rooms that are not finished: pass 1 seats them all, pass 2 finishes the
-    /// seated ones. Returns whether a cancel stopped pass 1.
+    /// seated ones. Returns whether a cancel stopped pass 1. `opened` is told once the
+    /// transfer's first seat has ended (however it ended), or at once if there is none to take.
     pub(super) async fn move_rooms(
         &self,
         t: &Transfer,
         bundle: &Bundle,
         plan: &Plan,
         started: Instant,
+        opened: &Notify,
     ) -> Result<bool, Error> {
+        // Told when this returns, if the opening seat did not tell it before.
+        let _opened = Opened(opened);
         let steps = self.journal.room_steps(t.id).await?;
         // Plan indices of the rooms left to do (indices, not references, keep the futures `Send`).
         let todo: Vec<usize> = (0..plan.rooms.len())
@@ -63,6 +68,17 @@ impl Engine {
             tokio::sync::watch::channel(if remote_reservation { todo.iter().filter(|i| first(i)).count() } else { 0 })
                 .0;
         let gate = &gate;
+        // The transfer's opening seat: its first room (a favourite, if it has any) while it has
+        // none yet, the room its user waits for. It goes before everyone's other first rooms,
+        // and while it waits or is in flight the others' work keeps only a few slots (`Budget`).
+        let opening = todo.first().copied().filter(|_| progress.seated.load(Ordering::Relaxed) == 0);
+        if opening.is_none() {
+            // Seated before (a resumed transfer, a later part): nothing to wait for.
+            opened.notify_one();
+        }
+        let seat_class = |index: usize| {
+            if Some(index) == opening { Class::Opening } else { class_of(&plan.rooms[index]) }
+        };
 
         // Pass 1, seats: every room's invite and join, highest priority first, so the new account
         // is in its rooms as early as the homeserver allows.
@@ -71,6 +87,7 @@ impl Engine {
                 let room = &plan.rooms[index];
                 let from = steps.get(&room.room_id).cloned().unwrap_or(RoomStep::Pending);
                 let _opens = (remote_reservation && first(&index)).then(|| Opens(gate));
+                let _opened = (Some(index) == opening).then(|| Opened(opened));
                 // Seated before a restart: straight to pass 2, without taking a slot.
                 if from.is_seated() {
                     return Seat::Taken(index, from);
@@ -81,12 +98,14 @@ impl Engine {
                     biased;
                     slot = async {
                         let _ = gate.subscribe().wait_for(|firsts| *firsts == 0 || first(&index)).await;
-                        self.budget.acquire(t.id, class_of(room)).await
+                        self.budget.acquire(t.id, seat_class(index)).await
                     } => Some(slot),
                     _ = stop.cancelled() => None,
                 };
                 let seat = match slot {
-                    Some(slot) if !stop.is_cancelled() => Box::pin(self.take_seat(t, room, &from, slot, stop)).await,
+                    Some(slot) if !stop.is_cancelled() => {
+                        Box::pin(self.take_seat(t, room, &from, slot, seat_class(index), stop)).await
+                    }
                     _ => {
                         self.end_room(t, progress, &room.room_id, &RoomStep::Skipped(SkipReason::NotStarted)).await;
                         return Seat::NotStarted;
@@ -98,7 +117,7 @@ impl Engine {
                         RoomStep::Skipped(SkipReason::Interrupted)
                     }
                     Some(Ok(None)) => {
-                        tracing::debug!(transfer = t.id, class = ?class_of(room), elapsed_ms = started.elapsed().as_millis() as u64, "room seated");
+                        tracing::debug!(transfer = t.id, class = ?seat_class(index), elapsed_ms = started.elapsed().as_millis() as u64, "room seated");
                         metrics::room_seated();
                         progress.seated.fetch_add(1, Ordering::Relaxed);
                         self.tell_progress(t, progress).await;
@@ -169,9 +188,10 @@ impl Engine {
         room: &RoomPlan,
         from: &RoomStep,
         slot: Slot,
+        class: Class,
         stop: &CancellationToken,
     ) -> Option<Result<Option<RoomStep>, Error>> {
-        let seat = self.budget.lend(slot, class_of(room), async {
+        let seat = self.budget.lend(slot, class, async {
             let _flight = RoomInFlight::start();
             // Boxed: the seat's future is large, and this one nests it in several more.
             Box::pin(self.rooms.take_seat(t, room, from)).await
@@ -274,6 +294,15 @@ struct Opens<'a>(&'a tokio::sync::watch::Sender<usize>);
 impl Drop for Opens<'_> {
     fn drop(&mut self) {
         self.0.send_modify(|firsts| *firsts -= 1);
+    }
+}
+
+/// Tells a transfer's status message that its opening seat has ended (or that there was none).
+struct Opened<'a>(&'a Notify);
+
+impl Drop for Opened<'_> {
+    fn drop(&mut self) {
+        self.0.notify_one();
     }
 }
 
@@ -391,6 +420,79 @@ mod tests {
         assert_eq!((p.seated.into_inner(), p.done.into_inner(), p.total), (2, 2, 5));
     }
 
+    /// A transfer's first seat (its favourite, before its DM) is its opening: while it is in
+    /// flight (its invite not answered at first), another transfer's work, which asks for every
+    /// slot over and over, keeps a quarter of the budget; once the seat is taken it gets more.
+    #[tokio::test(start_paused = true)]
+    async fn others_keep_a_quarter_of_the_budget_while_a_transfer_takes_its_first_seat() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        let fake = Fake::new("example.org");
+        let (old, new) = (owned_user_id!("@old:example.org"), owned_user_id!("@new:example.org"));
+        let rooms = vec![
+            room("!favourite:example.org", Priority::High, RoomKind::Group),
+            room("!dm:example.org", Priority::Normal, RoomKind::Dm),
+        ];
+        for r in &rooms {
+            fake.create_room(&r.room_id, &old);
+        }
+        fake.script(Endpoint::Invite, Answer::Silent, Some(1));
+        let h = Harness::on(1, fake.appservice().await);
+        let id = h.journal.new_id().await.unwrap();
+        let bundle_id = BundleId::new(&old, id);
+        let dm = "!d:example.org".try_into().unwrap();
+        let t = Transfer::new(id, old.clone(), new.clone(), bundle_id, Default::default(), dm, None);
+        h.journal.put(&t).await.unwrap();
+        let plan = Plan { old, new: new.clone(), rooms: rooms.clone(), unplanned: vec![], left_out: 0 };
+        let bundle = crate::bundle::tests::sample();
+        let budget = Arc::clone(&h.engine.budget);
+        let size = budget.size();
+
+        let (held, most, done) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let others = async {
+            // Once the first seat is in flight, another transfer asks for every slot, again and again.
+            while fake.count(Endpoint::Invite) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let mut tasks = Vec::new();
+            for _ in 0..size {
+                let (budget, held, most, done) =
+                    (Arc::clone(&budget), Arc::clone(&held), Arc::clone(&most), Arc::clone(&done));
+                tasks.push(tokio::spawn(async move {
+                    while !done.load(Ordering::SeqCst) {
+                        let _slot = budget.acquire(0, Class::First).await;
+                        most.fetch_max(held.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        held.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let during = (most.swap(0, Ordering::SeqCst), fake.membership(&rooms[0].room_id, &new));
+            while fake.count(Endpoint::Join) < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            most.store(0, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after = most.load(Ordering::SeqCst);
+            done.store(true, Ordering::SeqCst);
+            for task in tasks {
+                task.await.unwrap();
+            }
+            (during, after)
+        };
+        let opened = Notify::new();
+        let moving = h.engine.move_rooms(&t, &bundle, &plan, Instant::now(), &opened);
+        let (moved, ((during, joined), after)) = tokio::join!(moving, others);
+        assert!(!moved.unwrap());
+        assert_eq!(joined, None, "the first seat was in flight");
+        assert_eq!(during, size / 4, "the most the other transfer held while the first seat was in flight");
+        assert!(after > size / 4, "the most it held once the seat was taken: {after}");
+        let steps = h.journal.room_steps(id).await.unwrap();
+        assert!(rooms.iter().all(|r| steps.get(&r.room_id) == Some(&RoomStep::Done)), "{steps:?}");
+    }
+
     /// A cancel ends a room that waits for another server (the new account's, answering 502
     /// to every invite) within the grace, journaled as interrupted, with no attempt after it.
     #[tokio::test(start_paused = true)]
@@ -410,7 +512,7 @@ mod tests {
         let bundle = crate::bundle::tests::sample();
 
         let moving = async {
-            let cancelled = h.engine.move_rooms(&t, &bundle, &plan, Instant::now()).await.unwrap();
+            let cancelled = h.engine.move_rooms(&t, &bundle, &plan, Instant::now(), &Notify::new()).await.unwrap();
             (cancelled, tokio::time::Instant::now(), fake.count(Endpoint::Invite))
         };
         // Once the room is waiting (it tried again), well within the patience (ten minutes).
@@ -461,7 +563,7 @@ mod tests {
         let paced = Duration::from_secs(300);
         let start = tokio::time::Instant::now();
         let moving = async {
-            let cancelled = h.engine.move_rooms(&t, &bundle, &plan, Instant::now()).await.unwrap();
+            let cancelled = h.engine.move_rooms(&t, &bundle, &plan, Instant::now(), &Notify::new()).await.unwrap();
             (cancelled, start.elapsed())
         };
         let inviting = async {
@@ -570,7 +672,7 @@ mod tests {
         let plan = Plan { old, new: new.clone(), rooms: rooms.clone(), unplanned: vec![], left_out: 0 };
         let bundle = crate::bundle::tests::sample();
 
-        assert!(!h.engine.move_rooms(&t, &bundle, &plan, Instant::now()).await.unwrap());
+        assert!(!h.engine.move_rooms(&t, &bundle, &plan, Instant::now(), &Notify::new()).await.unwrap());
         let invited: Vec<String> = fake
             .seen()
             .into_iter()

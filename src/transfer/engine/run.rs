@@ -50,6 +50,9 @@ impl Engine {
         let started = Instant::now();
         // Its share of the budget is kept for it while it runs, also between two steps.
         let _present = self.budget.enter(id);
+        // And from its start to its first seat, the others' work keeps only a few slots, so the
+        // homeserver answers what its user waits for sooner (dropped by `announce` below).
+        let opening = self.budget.opening(id);
         let mut t = self.journal.get(id).await?.ok_or(Error::Missing(id))?;
         // Permission is checked at every start and resume: revoking it stops the transfer.
         let revoked = t.acted_for().into_iter().find(|u| self.config.permission(u) < PermissionLevel::User).cloned();
@@ -114,12 +117,18 @@ impl Engine {
                 _ => Ok(None),
             }
         };
+        // Told once the transfer's first seat has ended.
+        let opened = tokio::sync::Notify::new();
         let announce = async {
+            opened.notified().await;
+            drop(opening);
             if snapshot.status_event.is_some() {
                 return Ok(None);
             }
             let total = snapshot.plan.as_ref().map_or(0, Plan::total);
-            let _slot = self.budget.acquire(id, Class::Start).await;
+            // After the first seat, with the favourites: under load a message takes as long as a
+            // seat, and the user who waits for that room has the import's answer already.
+            let _slot = self.budget.acquire(id, Class::First).await;
             let status = self.reporter.started(&snapshot, Counts { seated: 0, done: 0, total }).await?;
             tracing::debug!(transfer = id, elapsed_ms = started.elapsed().as_millis() as u64, "status message posted");
             Ok::<_, Error>(Some(status))
@@ -143,9 +152,8 @@ impl Engine {
         let (first_world, profiled) = tokio::join!(read_first, profile);
         profiled?;
         let mut first_world = first_world?.zip(first_part);
-        // The status message goes out while the first rooms move: the user has the import's
-        // answer already, and under load a message takes as long as a seat. (Progress before it
-        // is there is not shown; the next edit shows it.)
+        // The status message goes out once the first room is seated, while the other first rooms
+        // move. (Progress before it is there is not shown; the next edit shows it.)
         let mut announce = Some(announce);
 
         let mut cancelled = false;
@@ -174,7 +182,7 @@ impl Engine {
             let plan = t.plan.clone().expect("planned above");
             let moved = match announce.take() {
                 Some(announce) => {
-                    let (moved, status) = tokio::join!(self.move_rooms(&t, &bundle, &plan, started), announce);
+                    let (moved, status) = tokio::join!(self.move_rooms(&t, &bundle, &plan, started, &opened), announce);
                     if let Some(status) = status? {
                         t.status_event = Some(status);
                         self.save(&mut t).await?;
@@ -183,7 +191,7 @@ impl Engine {
                     }
                     moved?
                 }
-                None => self.move_rooms(&t, &bundle, &plan, started).await?,
+                None => self.move_rooms(&t, &bundle, &plan, started, &opened).await?,
             };
             cancelled |= moved;
             if cancelled || plan.unplanned.is_empty() || self.cancel_requested(id) {
