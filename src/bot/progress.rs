@@ -18,6 +18,7 @@ use crate::transfer::pace::Paced;
 use crate::transfer::plan::Warning;
 use crate::transfer::progress::{Counts, Delivery, Place, Reporter, RoomHistory, Stopped};
 use crate::transfer::report::Report;
+use crate::transfer::undo::UndoReport;
 use crate::transfer::{ClientProfile, PATIENT, StepOutcome, Transfer, TransferKind};
 use crate::wording;
 
@@ -230,6 +231,24 @@ impl Reporter for ChatReporter {
         Box::pin(async move {
             let text = taken_up_text(t, report);
             self.post(&t.new_dm, &format!("taken-up-{}", t.id), &text).await?;
+            Ok(())
+        })
+    }
+
+    fn undoing<'a>(&'a self, t: &'a Transfer) -> BoxFuture<'a, Result<OwnedEventId, HsError>> {
+        Box::pin(async move {
+            let text = format!(
+                "Undoing your move from {}: leaving the rooms it joined, then putting your settings back…",
+                t.old
+            );
+            self.post(&t.new_dm, &format!("undo-{}", t.id), &text).await
+        })
+    }
+
+    fn undone<'a>(&'a self, t: &'a Transfer, report: &'a UndoReport) -> BoxFuture<'a, Result<(), HsError>> {
+        Box::pin(async move {
+            let text = super::commands::undo::report_text(t, report);
+            self.post(&t.new_dm, &format!("undone-{}", t.id), &text).await?;
             Ok(())
         })
     }

@@ -31,6 +31,18 @@ pub enum BotError {
     Store(#[from] StoreError),
 }
 
+impl From<crate::transfer::Error> for BotError {
+    fn from(e: crate::transfer::Error) -> Self {
+        match e {
+            crate::transfer::Error::Hs(e) => BotError::Homeserver(e),
+            crate::transfer::Error::Store(e) => BotError::Store(e),
+            missing @ crate::transfer::Error::Missing(_) => {
+                BotError::Homeserver(HsError::Protocol(missing.to_string()))
+            }
+        }
+    }
+}
+
 pub struct Bot {
     pub(in crate::bot) config: Arc<Config>,
     pub(in crate::bot) user_id: OwnedUserId,

@@ -143,7 +143,12 @@ impl AccountWork {
         merged.map(StepDone::Merged)
     }
 
-    async fn set_global_data(&self, user: &UserId, kind: &str, content: &impl Serialize) -> Result<(), Error> {
+    pub(crate) async fn set_global_data(
+        &self,
+        user: &UserId,
+        kind: &str,
+        content: &impl Serialize,
+    ) -> Result<(), Error> {
         let json = serde_json::value::to_raw_value(content).map_err(|e| HsError::Protocol(e.to_string()))?;
         let req = set_global_account_data::v3::Request::new_raw(user.to_owned(), kind.into(), Raw::from_json(json));
         self.acting.send_as(user, req).await?;

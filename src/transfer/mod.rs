@@ -177,6 +177,56 @@ pub struct Transfer {
     /// names them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ranks_refused: Vec<(OwnedRoomId, String)>,
+    /// The move being taken back (`undo`), or taken back: journaled step by step like the move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo: Option<Undoing>,
+}
+
+/// An undo of a move, as journaled: each room's step is written before and after it runs, so a
+/// restarted service resumes it and nothing is left or redacted twice.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Undoing {
+    /// `undo --all`: rooms the new account wrote in since the move are left too.
+    pub all: bool,
+    /// Every step ran and the report was posted.
+    pub finished: bool,
+    pub started_at_ms: u64,
+    /// The message edited as rooms are left.
+    #[serde(default)]
+    pub status_event: Option<OwnedEventId>,
+    pub rooms: BTreeMap<OwnedRoomId, UndoRoom>,
+    /// The settings, once put back: what went back and what was kept.
+    #[serde(default)]
+    pub settings: Option<SettingsUndone>,
+}
+
+/// One room's undo step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "step", content = "detail")]
+pub enum UndoRoom {
+    /// Started: a resumed undo reads the room again before going on.
+    Started,
+    /// Left, with the move's notices there redacted. `rank_kept`: the rank the move gave could
+    /// not be lowered first (why).
+    Left { rank_kept: Option<String>, redacted: usize },
+    /// Kept, and why.
+    Kept(undo::Kept),
+    /// Not left: the homeserver's words.
+    Failed(String),
+}
+
+impl UndoRoom {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, UndoRoom::Started)
+    }
+}
+
+/// The settings an undo put back, kept (changed since the move) and could not put back, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingsUndone {
+    pub restored: Vec<String>,
+    pub kept: Vec<String>,
+    pub failed: Vec<String>,
 }
 
 /// The new account's settings right before the move merged into them, as its account steps read
@@ -248,6 +298,7 @@ impl Transfer {
             withdrawn: false,
             before: None,
             ranks_refused: Vec::new(),
+            undo: None,
         }
     }
 

@@ -9,6 +9,7 @@ use super::Transfer;
 use super::arrivals::Awaited;
 use super::pace::Paced;
 use super::report::Report;
+use super::undo::UndoReport;
 use crate::bundle::HistoryMessage;
 use crate::homeserver::HsError;
 
@@ -97,4 +98,14 @@ pub trait Reporter: Send + Sync {
     }
     /// A reservation's new account has taken (or declined) every seat: the move is complete.
     fn taken_up<'a>(&'a self, t: &'a Transfer, report: &'a Report) -> BoxFuture<'a, Result<(), HsError>>;
+    /// An undo of the move starts: returns the message its report follows.
+    fn undoing<'a>(&'a self, t: &'a Transfer) -> BoxFuture<'a, Result<OwnedEventId, HsError>> {
+        let _ = t;
+        Box::pin(async { Err(HsError::Protocol("this reporter does not report undos".into())) })
+    }
+    /// The undo ended: what went back and what was kept.
+    fn undone<'a>(&'a self, t: &'a Transfer, report: &'a UndoReport) -> BoxFuture<'a, Result<(), HsError>> {
+        let _ = (t, report);
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -17,12 +17,14 @@ use ruma::events::room::member::MembershipState;
 use ruma::events::tag::TagName;
 use ruma::push::RuleKind;
 use ruma::{Int, OwnedEventId, OwnedMxcUri, OwnedRoomId, UserId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value as JsonValue;
 
 use super::merge::{self, AccountWorld, OLD_MENTIONS_RULE};
 use super::plan::{Action, RoomPlan};
-use super::{AccountStep, Before, RoomStep, StepOutcome, Transfer, TransferKind};
+use super::{
+    AccountStep, Before, RoomStep, SettingsUndone, StepOutcome, Transfer, TransferKind, TransferState, UndoRoom,
+};
 use crate::bundle::{Bundle, RoomEntry};
 
 /// What becomes of one setting the move wrote.
@@ -199,7 +201,7 @@ pub struct RoomNow {
 }
 
 /// Why a room the move touched stays.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kept {
     /// The new account was in it before the move.
@@ -254,6 +256,96 @@ pub fn moved(steps: &std::collections::BTreeMap<OwnedRoomId, RoomStep>) -> BTree
         .filter(|(_, s)| matches!(s, RoomStep::Done | RoomStep::AwaitingAccept))
         .map(|(r, _)| r.clone())
         .collect()
+}
+
+/// What an undo would do now: each room of the move the new account was seated in (with its
+/// name, if it has one), and its settings (`None`: the move's bundle is gone, so what it wrote
+/// can't be told apart from the person's own).
+#[derive(Debug, Clone, Default)]
+pub struct UndoPlan {
+    pub rooms: Vec<(OwnedRoomId, Option<String>, RoomUndo)>,
+    pub settings: Option<SettingsUndo>,
+}
+
+impl UndoPlan {
+    /// The rooms it would leave.
+    pub fn leaving(&self) -> usize {
+        self.rooms.iter().filter(|(_, _, r)| matches!(r, RoomUndo::Leave { .. })).count()
+    }
+}
+
+/// What an undo did, from its journal, for the report.
+#[derive(Debug, Clone, Default)]
+pub struct UndoReport {
+    pub left: Vec<OwnedRoomId>,
+    /// Move notices redacted.
+    pub redacted: usize,
+    /// Rooms left where the rank the move gave could not be lowered first, and why.
+    pub rank_kept: Vec<(OwnedRoomId, String)>,
+    pub kept: Vec<(OwnedRoomId, Kept)>,
+    pub failed: Vec<(OwnedRoomId, String)>,
+    pub settings: SettingsUndone,
+}
+
+/// The report of the undo journaled on `t`.
+pub fn report(t: &Transfer) -> UndoReport {
+    let mut r = UndoReport::default();
+    let Some(undo) = &t.undo else { return r };
+    for (room, step) in &undo.rooms {
+        match step {
+            UndoRoom::Left { rank_kept, redacted } => {
+                r.left.push(room.clone());
+                r.redacted += redacted;
+                if let Some(why) = rank_kept {
+                    r.rank_kept.push((room.clone(), why.clone()));
+                }
+            }
+            // Kept because it was never moved: not worth a line.
+            UndoRoom::Kept(Kept::NotMoved) => {}
+            UndoRoom::Kept(why) => r.kept.push((room.clone(), why.clone())),
+            UndoRoom::Failed(why) => r.failed.push((room.clone(), why.clone())),
+            UndoRoom::Started => r.failed.push((room.clone(), "not finished".into())),
+        }
+    }
+    r.settings = undo.settings.clone().unwrap_or_default();
+    r
+}
+
+/// Why `t` can't be undone by `user` now, if it can't.
+pub fn refusal(t: &Transfer, user: &UserId, retention: std::time::Duration) -> Option<Refusal> {
+    if !may_undo(t, user) {
+        return Some(Refusal::NotYours);
+    }
+    if t.is_live() || t.state == TransferState::AwaitingApproval {
+        return Some(Refusal::Running);
+    }
+    if t.state == TransferState::Denied || t.plan.is_none() {
+        return Some(Refusal::NothingDone);
+    }
+    if crate::store::now_ms().saturating_sub(t.created_at_ms) > retention.as_millis() as u64 {
+        return Some(Refusal::Expired);
+    }
+    match &t.undo {
+        Some(u) if u.finished => Some(Refusal::Undone),
+        Some(_) => Some(Refusal::Undoing),
+        None => None,
+    }
+}
+
+/// Why an undo is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Only the account the move wrote into may take it back.
+    NotYours,
+    /// The move is still running (or waits for approval): `cancel` it first.
+    Running,
+    /// The move never ran.
+    NothingDone,
+    /// Past `handoff.bundle_retention`.
+    Expired,
+    Undone,
+    /// An undo of it is running.
+    Undoing,
 }
 
 /// Whether `user` is the account move `t` wrote into, which alone may take it back.

@@ -16,6 +16,7 @@ pub mod help;
 pub mod import;
 pub mod keys;
 pub mod status;
+pub mod undo;
 
 use std::sync::Arc;
 
@@ -47,6 +48,7 @@ pub enum Command {
         leave: bool,
         advertise: bool,
     },
+    Undo(undo::Undo),
 }
 
 impl Command {
@@ -65,6 +67,7 @@ impl Command {
             Command::Status(_) => &status::SPEC,
             Command::Cancel(_) => &cancel::SPEC,
             Command::Finish { .. } => &finish::SPEC,
+            Command::Undo(_) => &undo::SPEC,
         }
     }
 }
@@ -97,6 +100,7 @@ pub const COMMANDS: &[Spec] = &[
     status::SPEC,
     cancel::SPEC,
     finish::SPEC,
+    undo::SPEC,
     forget::SPEC,
 ];
 
@@ -152,6 +156,7 @@ fn parse_command(text: &str) -> Result<Command, CommandError> {
         "status" => status::parse(args),
         "cancel" => cancel::parse(args),
         "finish" => finish::parse(args),
+        "undo" => undo::parse(args),
         _ => Err(CommandError::Unknown { closest: closest(&name), given: name }),
     }
 }
@@ -209,6 +214,7 @@ async fn handle(bot: &Bot, ctx: &Ctx, command: Command) -> Result<(), BotError> 
         Command::Status(whom) => status::run(bot, ctx, whom).await,
         Command::Cancel(whom) => cancel::run(bot, ctx, whom).await,
         Command::Finish { leave, advertise } => finish::run(bot, ctx, leave, advertise).await,
+        Command::Undo(args) => undo::run(bot, ctx, args).await,
     }
 }
 

@@ -133,6 +133,10 @@ impl Engine {
             } else if t.kind == TransferKind::Reserve && t.state == TransferState::Cancelled && !t.withdrawn {
                 self.withdraw_later(t.id, Withdrawal::Cancelled);
             }
+            if t.undo.as_ref().is_some_and(|u| !u.finished) {
+                tracing::info!(transfer = t.id, new = %t.new, "resuming the undo of a move");
+                self.spawn_undo(t.id);
+            }
         }
         Ok(n)
     }

@@ -15,6 +15,9 @@ mod rooms;
 mod run;
 mod seats;
 mod steps;
+mod undo;
+
+pub use undo::begin as begin_undo;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -616,7 +616,8 @@ mod tests {
         h.journal.put(&t).await.unwrap();
         let plan = Plan { old: old.clone(), new: new.clone(), rooms: rooms.clone(), unplanned: vec![], left_out: 0 };
         let bundle = crate::bundle::tests::sample();
-        let moving = h.engine.move_rooms(&t, &bundle, &plan, Instant::now(), &Notify::new());
+        let opened = Notify::new();
+        let moving = h.engine.move_rooms(&t, &bundle, &plan, Instant::now(), &opened);
         let inviting = async {
             tokio::time::sleep(Duration::from_secs(60)).await;
             // The late room's invite shows here; the next two joins are refused all the same.

@@ -1,0 +1,196 @@
+//! `undo [--dry-run] [--all]`: on the account a move wrote into, take the move back: leave the
+//! rooms it joined (rank lowered, tags off, its notices redacted) and put back the settings it
+//! changed, each only where it still holds what the move wrote.
+
+use super::{Args, Command, CommandError, Spec};
+use crate::bot::state::{Bot, BotError, Ctx};
+use crate::config::PermissionLevel;
+use crate::transfer::undo::{self, Kept, Refusal, Revert, RoomUndo, UndoPlan, UndoReport};
+use crate::transfer::{Transfer, engine};
+
+pub const SPEC: Spec = Spec {
+    name: "undo",
+    usage: "undo [--dry-run] [--all]",
+    summary: "on the new account: take your last move back (leave the rooms it joined, put your settings back); --dry-run shows what would change, --all leaves rooms you wrote in since too",
+    anywhere: false,
+    permission: PermissionLevel::User,
+    runs_long: true,
+};
+
+/// `undo`'s arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Undo {
+    pub dry_run: bool,
+    pub all: bool,
+}
+
+pub fn parse(mut args: Args) -> Result<Command, CommandError> {
+    let dry_run = args.flag("--dry-run");
+    let all = args.flag("--all");
+    args.finish().map_err(|message| CommandError::Usage { command: SPEC.name, usage: SPEC.usage, message })?;
+    Ok(Command::Undo(Undo { dry_run, all }))
+}
+
+pub async fn run(bot: &Bot, ctx: &Ctx, args: Undo) -> Result<(), BotError> {
+    let user = &ctx.sender;
+    // The account a move wrote into, and only it: an admin can't take someone else's move back.
+    let latest = bot.journal.of(user).await?.into_iter().rev().find(|t| undo::may_undo(t, user));
+    let Some(t) = latest else {
+        return bot.reply(ctx, "You have no move into this account to undo.".into()).await;
+    };
+    if let Some(refusal) = undo::refusal(&t, user, bot.config.handoff.bundle_retention) {
+        return bot.reply(ctx, refusal_text(&t, refusal)).await;
+    }
+    if args.dry_run {
+        let plan = bot.engine.undo_plan(&t, args.all).await?;
+        return bot.reply(ctx, plan_text(&t, &plan)).await;
+    }
+    // Recorded under the records' lock, so two `undo`s (or an `undo` and a restart) start one.
+    let records = bot.records.lock().await;
+    let mut refused = None;
+    bot.journal
+        .update(t.id, |t| {
+            refused = undo::refusal(t, user, bot.config.handoff.bundle_retention);
+            if refused.is_none() {
+                t.undo = Some(engine::begin_undo(args.all));
+            }
+        })
+        .await?;
+    drop(records);
+    if let Some(refusal) = refused {
+        return bot.reply(ctx, refusal_text(&t, refusal)).await;
+    }
+    tracing::info!(transfer = t.id, user = %user, all = args.all, "undo asked");
+    bot.engine.spawn_undo(t.id);
+    Ok(())
+}
+
+fn refusal_text(t: &Transfer, refusal: Refusal) -> String {
+    match refusal {
+        Refusal::NotYours => "Only the account a move wrote into can undo it.".into(),
+        Refusal::Running => "Your move is still running: `cancel` it first, then `undo` what it did.".into(),
+        Refusal::NothingDone => "Your last move changed nothing: there is nothing to undo.".into(),
+        Refusal::Expired => {
+            "Your last move is older than this server keeps moves (`handoff.bundle_retention`): it can't be undone any more.".into()
+        }
+        Refusal::Undone => format!("Your move from {} was undone already.", t.old),
+        Refusal::Undoing => format!("Your move from {} is being undone: its report follows here.", t.old),
+    }
+}
+
+fn name<'a>(t: &'a Transfer, room: &'a ruma::RoomId) -> String {
+    let named = t.plan.as_ref().and_then(|p| p.rooms.iter().find(|r| r.room_id == room)).and_then(|r| r.name.clone());
+    named.unwrap_or_else(|| room.to_string())
+}
+
+fn kept_text(why: &Kept) -> &'static str {
+    match why {
+        Kept::WasMember => "you were in it before the move",
+        Kept::NotMoved => "the move did not join it",
+        Kept::NotThere => "you are not in it any more",
+        Kept::WroteSince => "you have written there since the move (`undo --all` leaves it anyway)",
+    }
+}
+
+/// `undo --dry-run`: what an undo would do now.
+fn plan_text(t: &Transfer, plan: &UndoPlan) -> String {
+    let mut out = format!(
+        "Undoing your move from {} would leave {} room(s) it joined (taking off the tags it set, redacting its notices, lowering the rank it gave first).",
+        t.old,
+        plan.leaving()
+    );
+    let kept: Vec<String> = plan
+        .rooms
+        .iter()
+        .filter_map(|(room, named, what)| match what {
+            RoomUndo::Kept(Kept::NotMoved) | RoomUndo::Leave { .. } => None,
+            RoomUndo::Kept(why) => {
+                Some(format!("• {}: {}", named.clone().unwrap_or_else(|| room.to_string()), kept_text(why)))
+            }
+        })
+        .collect();
+    if !kept.is_empty() {
+        out.push_str(&format!("\n\nRooms that would stay:\n{}", kept.join("\n")));
+    }
+    match &plan.settings {
+        None => out.push_str("\n\nYour settings would stay as they are: the move's bundle is gone, so what it wrote can't be told apart from your own."),
+        Some(s) => {
+            let (mut back, mut kept) = (Vec::new(), Vec::new());
+            let mut sort = |what: String, r: bool| if r { back.push(what) } else { kept.push(what) };
+            if let Some(r) = &s.direct {
+                sort("your DM list (m.direct)".into(), matches!(r, Revert::Restore(_)));
+            }
+            if let Some(r) = &s.ignored_users {
+                sort("ignored users".into(), matches!(r, Revert::Restore(_)));
+            }
+            for (kind, r) in &s.client_settings {
+                sort(format!("client setting {kind}"), matches!(r, Revert::Restore(_)));
+            }
+            for (_, id) in &s.push_rules.remove {
+                sort(format!("push rule {id} (removed)"), true);
+            }
+            for (_, id, _) in &s.push_rules.switch_back {
+                sort(format!("push rule {id} (switched back)"), true);
+            }
+            for id in &s.push_rules.changed {
+                sort(format!("push rule {id}"), false);
+            }
+            if let Some(r) = &s.display_name {
+                sort("display name".into(), matches!(r, Revert::Restore(_)));
+            }
+            if let Some(r) = &s.avatar_url {
+                sort("avatar".into(), matches!(r, Revert::Restore(_)));
+            }
+            if !back.is_empty() {
+                out.push_str(&format!("\n\nSettings that would go back to what you had before: {}.", back.join(", ")));
+            }
+            if !kept.is_empty() {
+                out.push_str(&format!("\n\nSettings you changed since the move, which would stay: {}.", kept.join(", ")));
+            }
+        }
+    }
+    out.push_str("\n\nNothing was changed. Send `undo` to do it.");
+    out
+}
+
+/// The report of an undo, for the new account's DM.
+pub fn report_text(t: &Transfer, r: &UndoReport) -> String {
+    let mut out = format!(
+        "Your move from {} is undone: left {} room(s), redacted {} move notice(s).",
+        t.old,
+        r.left.len(),
+        r.redacted
+    );
+    let s = &r.settings;
+    if !s.restored.is_empty() {
+        out.push_str(&format!("\n\nPut back as you had them before the move: {}.", s.restored.join(", ")));
+    }
+    if !s.kept.is_empty() {
+        out.push_str(&format!("\n\nKept, changed since the move: {}.", s.kept.join(", ")));
+    }
+    if !s.failed.is_empty() {
+        out.push_str(&format!("\n\nCould not put back: {}.", s.failed.join(", ")));
+    }
+    if !r.kept.is_empty() {
+        out.push_str("\n\nRooms you stay in:");
+        for (room, why) in &r.kept {
+            out.push_str(&format!("\n• {}: {}", name(t, room), kept_text(why)));
+        }
+    }
+    if !r.rank_kept.is_empty() {
+        out.push_str(
+            "\n\nLeft, but the rank the move gave stays in the room's power levels (a room admin can remove it):",
+        );
+        for (room, why) in &r.rank_kept {
+            out.push_str(&format!("\n• {}: {why}", name(t, room)));
+        }
+    }
+    if !r.failed.is_empty() {
+        out.push_str("\n\nNot left:");
+        for (room, why) in &r.failed {
+            out.push_str(&format!("\n• {}: {why}", name(t, room)));
+        }
+    }
+    out.push_str("\n\nMessages you sent in the rooms are not deleted.");
+    out
+}
