@@ -30,7 +30,7 @@ use crate::homeserver::{Homeserver, HsError};
 use crate::store::now_ms;
 use crate::transfer::account::SETTINGS;
 use crate::transfer::room::MOVE_FIELD;
-use crate::transfer::undo::{self, Revert, RoomNow, RoomUndo, SettingsUndo, UndoPlan};
+use crate::transfer::undo::{self, Kept, Revert, RoomNow, RoomUndo, SettingsUndo, UndoPlan};
 use crate::transfer::{Error, SettingsUndone, Transfer, TransferKind, UndoRoom, Undoing, world};
 
 /// The pages of the new account's own messages read back per room to find the move's notices
@@ -114,14 +114,11 @@ impl Engine {
                 let (room, _, what) = &rooms[i];
                 let _slot = self.budget.acquire(id, Class::Normal).await;
                 let step = match what {
-                    RoomUndo::Kept(why) => {
-                        // A room this undo had started to leave and has left: it is done.
-                        if undoing.rooms.get(room) == Some(&UndoRoom::Started) {
-                            UndoRoom::Left { rank_kept: None, redacted: 0 }
-                        } else {
-                            UndoRoom::Kept(why.clone())
-                        }
+                    // A room this undo had started to leave, and left before it was stopped.
+                    RoomUndo::Kept(Kept::NotThere) if undoing.rooms.get(room) == Some(&UndoRoom::Started) => {
+                        UndoRoom::Left { rank_kept: None, redacted: 0 }
                     }
+                    RoomUndo::Kept(why) => UndoRoom::Kept(why.clone()),
                     RoomUndo::Leave { lower_rank, untag, redact } => {
                         self.journal
                             .update(id, |t| {
@@ -260,10 +257,15 @@ impl Engine {
                         set_profile_field::v3::Request::new(new.clone(), ProfileFieldValue::DisplayName(name.clone()));
                     Some(hs.send_as(new, req).await.map(drop))
                 }
-                Revert::Restore(None) => {
-                    let req = delete_profile_field::v3::Request::new(new.clone(), ProfileFieldName::DisplayName);
-                    Some(hs.send_as(new, req).await.map(drop))
-                }
+                Revert::Restore(None) => Some(
+                    clear_profile_field(
+                        hs,
+                        new,
+                        ProfileFieldName::DisplayName,
+                        ProfileFieldValue::DisplayName(String::new()),
+                    )
+                    .await,
+                ),
             };
             note("display name".into(), outcome);
         }
@@ -275,10 +277,10 @@ impl Engine {
                         set_profile_field::v3::Request::new(new.clone(), ProfileFieldValue::AvatarUrl(url.clone()));
                     Some(hs.send_as(new, req).await.map(drop))
                 }
-                Revert::Restore(None) => {
-                    let req = delete_profile_field::v3::Request::new(new.clone(), ProfileFieldName::AvatarUrl);
-                    Some(hs.send_as(new, req).await.map(drop))
-                }
+                Revert::Restore(None) => Some(
+                    clear_profile_field(hs, new, ProfileFieldName::AvatarUrl, ProfileFieldValue::AvatarUrl("".into()))
+                        .await,
+                ),
             };
             note("avatar".into(), outcome);
         }
@@ -306,6 +308,22 @@ fn hs_error(e: Error) -> HsError {
     match e {
         Error::Hs(e) => e,
         other => HsError::Protocol(other.to_string()),
+    }
+}
+
+/// Takes a profile field off: by deleting it, or (a homeserver without the deletion, such as
+/// Synapse for the display name and avatar) by setting it empty, which it reads as none.
+async fn clear_profile_field(
+    hs: &Homeserver,
+    user: &UserId,
+    field: ProfileFieldName,
+    empty: ProfileFieldValue,
+) -> Result<(), HsError> {
+    match hs.send_as(user, delete_profile_field::v3::Request::new(user.to_owned(), field)).await {
+        Err(e) if matches!(e.kind(), Some(ErrorKind::Unrecognized)) => {
+            hs.send_as(user, set_profile_field::v3::Request::new(user.to_owned(), empty)).await.map(drop)
+        }
+        done => done.map(drop),
     }
 }
 
@@ -379,8 +397,9 @@ async fn room_now(hs: &Homeserver, t: &Transfer, room: &OwnedRoomId) -> Result<R
                 continue;
             }
             match event["type"].as_str() {
-                // Its joins, the move's mark, profile changes, and redactions are not writing.
-                Some("m.room.member" | "m.room.redaction") => {}
+                // Its joins, the move's mark, profile changes, and what an undo stopped midway
+                // wrote (redactions, its own rank lowered) are not the person writing.
+                Some("m.room.member" | "m.room.redaction" | "m.room.power_levels") => {}
                 Some("m.room.message") if event["content"][MOVE_FIELD]["transfer"] == t.id => {
                     if let Ok(id) = serde_json::from_value(event["event_id"].clone()) {
                         now.notices.push(id);
