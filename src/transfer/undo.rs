@@ -285,6 +285,9 @@ pub struct UndoReport {
     pub kept: Vec<(OwnedRoomId, Kept)>,
     pub failed: Vec<(OwnedRoomId, String)>,
     pub settings: SettingsUndone,
+    /// The move's notices were posted as the old account (`handoff.notify.sender: old`): its
+    /// messages, which only it may take back.
+    pub notices_by_old: bool,
 }
 
 /// The report of the undo journaled on `t`.
@@ -478,6 +481,40 @@ mod tests {
         let undo = settings(&t, &before, &bundle, &BTreeSet::new(), &now).push_rules;
         assert_eq!(undo.changed, std::slice::from_ref(&id));
         assert!(!undo.remove.iter().any(|(_, r)| *r == id));
+    }
+
+    /// Only the account moved into may undo, once the move ended, within the retention, once.
+    #[test]
+    fn an_undo_is_refused_to_others_while_running_after_retention_and_twice() {
+        let week = std::time::Duration::from_secs(7 * 24 * 3600);
+        let mut t = transfer();
+        t.plan = Some(crate::transfer::plan::Plan {
+            old: t.old.clone(),
+            new: t.new.clone(),
+            rooms: vec![],
+            unplanned: vec![],
+            left_out: 0,
+        });
+        assert_eq!(refusal(&t, &t.new.clone(), week), Some(Refusal::Running), "a new record runs");
+        t.state = TransferState::Done;
+        assert_eq!(refusal(&t, &t.new.clone(), week), None);
+        assert_eq!(refusal(&t, &t.old.clone(), week), Some(Refusal::NotYours), "not the old account");
+        let admin = ruma::owned_user_id!("@admin:example.org");
+        assert_eq!(refusal(&t, &admin, week), Some(Refusal::NotYours), "nor an admin");
+        let mut reserve = t.clone();
+        reserve.kind = TransferKind::Reserve;
+        assert_eq!(
+            refusal(&reserve, &t.new.clone(), week),
+            Some(Refusal::NotYours),
+            "a reservation writes nothing here"
+        );
+        let mut old = t.clone();
+        old.created_at_ms -= week.as_millis() as u64 + 1;
+        assert_eq!(refusal(&old, &t.new.clone(), week), Some(Refusal::Expired));
+        t.undo = Some(crate::transfer::Undoing::default());
+        assert_eq!(refusal(&t, &t.new.clone(), week), Some(Refusal::Undoing));
+        t.undo.as_mut().unwrap().finished = true;
+        assert_eq!(refusal(&t, &t.new.clone(), week), Some(Refusal::Undone));
     }
 
     fn plan(action: Action) -> RoomPlan {

@@ -191,6 +191,9 @@ pub fn report_text(t: &Transfer, r: &UndoReport) -> String {
             out.push_str(&format!("\n• {}: {why}", name(t, room)));
         }
     }
+    if r.notices_by_old {
+        out.push_str(&format!("\n\nThe move notices were posted as {}: they are its messages, and stay.", t.old));
+    }
     out.push_str("\n\nMessages you sent in the rooms are not deleted.");
     out
 }

@@ -159,7 +159,9 @@ impl Engine {
             self.journal.update(id, |t| set_undo(t, |u| u.settings = Some(done))).await?;
         }
         let t = self.journal.get(id).await?.ok_or(Error::Missing(id))?;
-        let report = undo::report(&t);
+        let mut report = undo::report(&t);
+        report.notices_by_old =
+            t.kind == TransferKind::Move && self.config.handoff.notify.sender == crate::config::NotifySender::Old;
         self.reporter.undone(&t, &report).await?;
         self.journal.update(id, |t| set_undo(t, |u| u.finished = true)).await?;
         tracing::info!(transfer = id, left = report.left.len(), kept = report.kept.len(), "move undone");
