@@ -367,6 +367,18 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     let name = alice.send(get_profile::v3::Request::new(alice.id.clone())).await;
     assert_eq!(name.get("displayname"), Some(&json!("Alice A. (moved to @bob:localhost)")));
 
+    // The old account's `undo` takes `finish` back: the hosted room is invite-only, so it needs an
+    // invite first (said, with whom to ask); its name loses the "moved to".
+    let un = h.ask(&alice, &adm, "undo", "room(s) you left with `finish --leave`").await;
+    assert!(un.contains("Rejoined 0 of the 1 room(s)") && un.contains("Hosted: "), "{un}");
+    assert!(un.contains("ask a member, such as @bob:localhost, to invite you"), "{un}");
+    let name = alice.send(get_profile::v3::Request::new(alice.id.clone())).await;
+    assert_eq!(name.get("displayname"), Some(&json!("Alice A.")));
+    bob.invite(&s.peer_room, &alice.id).await;
+    h.ask(&alice, &adm, "undo", "Rejoined 1 of the 1 room(s)").await;
+    let back: Vec<OwnedRoomId> = alice.send(joined_rooms::v3::Request::new()).await.joined_rooms;
+    assert!(back.contains(&s.peer_room), "alice is back in the hosted room");
+
     // What an undo will put back: bob's settings as they were before the merges, kept (sealed)
     // with the move's record.
     let mut h = h;

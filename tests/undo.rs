@@ -101,6 +101,17 @@ async fn a_move_is_undone_once_even_when_killed_midway_and_what_the_user_changed
         "the kill landed after the undo ended: make it slower ({left_before_restart} left)"
     );
     assert!(h.log().contains("resuming the undo of a move"), "the restart resumed it");
+    // Its progress, on one message edited as rooms are done.
+    let said: Vec<String> = bob.messages_from(&bdm, &h.bot).await.iter().map(|m| common::body(m).to_owned()).collect();
+    let status = said.iter().filter(|b| b.starts_with("Undoing your move from @alice:localhost: leaving")).count();
+    assert_eq!(status, 1, "one status message, posted once across the restart: {said:?}");
+    let edits: Vec<String> = bob
+        .timeline(&bdm)
+        .await
+        .iter()
+        .filter_map(|e| e["content"]["m.new_content"]["body"].as_str().map(str::to_owned))
+        .collect();
+    assert!(edits.iter().any(|b| b.contains("16 of 16 rooms done")), "{edits:?}");
 
     // Bob's rooms are what he had, and the room he wrote in.
     let mut expected = bob_had.clone();

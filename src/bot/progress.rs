@@ -52,8 +52,29 @@ impl ChatReporter {
 
     async fn edit_status(&self, t: &Transfer, text: &str) -> Result<(), HsError> {
         let Some(status) = &t.status_event else { return Ok(()) };
+        self.edit(t, status, text).await
+    }
+
+    /// Whether transfer `id`'s status is due an edit (at most every [`EDIT_EVERY`], less often
+    /// with many reporting; always the last one).
+    fn due(&self, id: u64, done: usize, total: usize) -> bool {
+        let mut last = self.last_edit.lock().expect("lock");
+        let reporting = last.len() + usize::from(!last.contains_key(&id));
+        let every = EDIT_EVERY.max(EDITS_IN_ALL_EVERY * reporting as u32);
+        let at = last.entry(id).or_insert_with(|| Instant::now() - every);
+        let due = done == total || at.elapsed() >= every;
+        if due {
+            *at = Instant::now();
+        }
+        if done == total {
+            last.remove(&id);
+        }
+        due
+    }
+
+    async fn edit(&self, t: &Transfer, status: &ruma::EventId, text: &str) -> Result<(), HsError> {
         let content = RoomMessageEventContent::notice_html(text.to_owned(), to_html(text))
-            .make_replacement(ReplacementMetadata::new(status.clone(), None));
+            .make_replacement(ReplacementMetadata::new(status.to_owned(), None));
         // Edits are not deduplicated on purpose: each carries newer progress.
         self.send(&t.new_dm, &format!("edit-{}-{}", t.id, rand::random::<u64>()), content).await?;
         Ok(())
@@ -107,21 +128,7 @@ impl Reporter for ChatReporter {
 
     fn progress<'a>(&'a self, t: &'a Transfer, c: Counts) -> BoxFuture<'a, Result<(), HsError>> {
         Box::pin(async move {
-            let due = {
-                let mut last = self.last_edit.lock().expect("lock");
-                let reporting = last.len() + usize::from(!last.contains_key(&t.id));
-                let every = EDIT_EVERY.max(EDITS_IN_ALL_EVERY * reporting as u32);
-                let at = last.entry(t.id).or_insert_with(|| Instant::now() - every);
-                let due = c.done == c.total || at.elapsed() >= every;
-                if due {
-                    *at = Instant::now();
-                }
-                if c.done == c.total {
-                    last.remove(&t.id);
-                }
-                due
-            };
-            if !due {
+            if !self.due(t.id, c.done, c.total) {
                 return Ok(());
             }
             let joined = if t.kind == TransferKind::Reserve { "invited" } else { "joined" };
@@ -242,6 +249,21 @@ impl Reporter for ChatReporter {
                 t.old
             );
             self.post(&t.new_dm, &format!("undo-{}", t.id), &text).await
+        })
+    }
+
+    fn undo_progress<'a>(&'a self, t: &'a Transfer, done: usize, total: usize) -> BoxFuture<'a, Result<(), HsError>> {
+        Box::pin(async move {
+            let Some(status) = t.undo.as_ref().and_then(|u| u.status_event.as_ref()) else { return Ok(()) };
+            if !self.due(t.id, done, total) {
+                return Ok(());
+            }
+            let text = format!(
+                "Undoing your move from {}: {done} of {total} rooms done\n{}",
+                t.old,
+                progress_bar(done, total)
+            );
+            self.edit(t, status, &text).await
         })
     }
 

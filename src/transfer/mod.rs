@@ -177,6 +177,10 @@ pub struct Transfer {
     /// names them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ranks_refused: Vec<(OwnedRoomId, String)>,
+    /// Rooms the old account left with `finish --leave` and has not rejoined: what its own `undo`
+    /// rejoins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_at_finish: Vec<OwnedRoomId>,
     /// The move being taken back (`undo`), or taken back: journaled step by step like the move.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub undo: Option<Undoing>,
@@ -299,6 +303,7 @@ impl Transfer {
             before: None,
             ranks_refused: Vec::new(),
             undo: None,
+            left_at_finish: Vec::new(),
         }
     }
 

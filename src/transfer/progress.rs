@@ -103,6 +103,11 @@ pub trait Reporter: Send + Sync {
         let _ = t;
         Box::pin(async { Err(HsError::Protocol("this reporter does not report undos".into())) })
     }
+    /// A room of the undo is done (an implementation may skip some: the last one always comes).
+    fn undo_progress<'a>(&'a self, t: &'a Transfer, done: usize, total: usize) -> BoxFuture<'a, Result<(), HsError>> {
+        let _ = (t, done, total);
+        Box::pin(async { Ok(()) })
+    }
     /// The undo ended: what went back and what was kept.
     fn undone<'a>(&'a self, t: &'a Transfer, report: &'a UndoReport) -> BoxFuture<'a, Result<(), HsError>> {
         let _ = (t, report);

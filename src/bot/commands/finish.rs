@@ -57,6 +57,14 @@ pub async fn run(bot: &Bot, ctx: &Ctx, leave: bool, advertise: bool) -> Result<(
                     let mut req = leave_room::v3::Request::new(room.clone());
                     req.reason = Some(format!("moved to {}", t.new));
                     bot.acting.send_as(old, req).await?;
+                    // For the old account's `undo`, which rejoins what it left.
+                    bot.journal
+                        .update(t.id, |t| {
+                            if !t.left_at_finish.contains(room) {
+                                t.left_at_finish.push(room.clone());
+                            }
+                        })
+                        .await?;
                     left += 1;
                 }
                 Ok(false) => kept.push(room.to_string()),

@@ -2,6 +2,9 @@
 //! rooms it joined (rank lowered, tags off, its notices redacted) and put back the settings it
 //! changed, each only where it still holds what the move wrote.
 
+use ruma::api::client::profile::{get_profile, set_profile_field};
+use ruma::profile::ProfileFieldValue;
+
 use super::{Args, Command, CommandError, Spec};
 use crate::bot::state::{Bot, BotError, Ctx};
 use crate::config::PermissionLevel;
@@ -11,7 +14,7 @@ use crate::transfer::{Transfer, engine};
 pub const SPEC: Spec = Spec {
     name: "undo",
     usage: "undo [--dry-run] [--all]",
-    summary: "on the new account: take your last move back (leave the rooms it joined, put your settings back); --dry-run shows what would change, --all leaves rooms you wrote in since too",
+    summary: "on the new account: take your last move back (leave the rooms it joined, put your settings back); --dry-run shows what would change, --all leaves rooms you wrote in since too; on the old account after `finish --leave`: rejoin the rooms it left",
     anywhere: false,
     permission: PermissionLevel::User,
     runs_long: true,
@@ -33,8 +36,16 @@ pub fn parse(mut args: Args) -> Result<Command, CommandError> {
 
 pub async fn run(bot: &Bot, ctx: &Ctx, args: Undo) -> Result<(), BotError> {
     let user = &ctx.sender;
+    let records = bot.journal.of(user).await?;
+    // The old account of a move it left rooms of with `finish --leave`, later than any move into
+    // it: its `undo` rejoins them.
+    let into = records.iter().rev().find(|t| undo::may_undo(t, user)).map(|t| t.id);
+    let left = records.iter().rev().find(|t| &t.old == user && !t.left_at_finish.is_empty());
+    if let Some(t) = left.filter(|t| into.is_none_or(|id| t.id > id)) {
+        return rejoin(bot, ctx, t, args.dry_run).await;
+    }
     // The account a move wrote into, and only it: an admin can't take someone else's move back.
-    let latest = bot.journal.of(user).await?.into_iter().rev().find(|t| undo::may_undo(t, user));
+    let latest = records.into_iter().rev().find(|t| undo::may_undo(t, user));
     let Some(t) = latest else {
         return bot.reply(ctx, "You have no move into this account to undo.".into()).await;
     };
@@ -63,6 +74,65 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Undo) -> Result<(), BotError> {
     tracing::info!(transfer = t.id, user = %user, all = args.all, "undo asked");
     bot.engine.spawn_undo(t.id);
     Ok(())
+}
+
+/// The old account's `undo` after `finish --leave`: rejoins by ID the rooms it left, through
+/// its own server, the new account's and the servers the bundle names; takes the "moved to" off
+/// its display name if `finish --advertise` put it there.
+async fn rejoin(bot: &Bot, ctx: &Ctx, t: &Transfer, dry_run: bool) -> Result<(), BotError> {
+    let old = &t.old;
+    if dry_run {
+        let names: Vec<String> = t.left_at_finish.iter().map(|r| name(t, r)).collect();
+        let text = format!(
+            "Undoing `finish --leave` would rejoin the {} room(s) you left: {}.\n\nNothing was changed. Send `undo` to do it.",
+            names.len(),
+            names.join(", ")
+        );
+        return bot.reply(ctx, text).await;
+    }
+    let bundle = bot.store.get_bundle(&t.bundle).await?.map(|b| b.bundle);
+    let (mut rejoined, mut not) = (Vec::new(), Vec::new());
+    for room in &t.left_at_finish {
+        let mut via = vec![old.server_name().to_owned()];
+        if t.new.server_name() != old.server_name() {
+            via.push(t.new.server_name().to_owned());
+        }
+        if let Some(entry) = bundle.as_ref().and_then(|b| b.rooms.iter().find(|e| &e.room_id == room)) {
+            for server in &entry.via {
+                if !via.contains(server) {
+                    via.push(server.clone());
+                }
+            }
+        }
+        match crate::transfer::room::join(&bot.acting, old, room, &via).await {
+            Ok(()) => rejoined.push(room.clone()),
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => not.push(format!("• {}: {e}", name(t, room))),
+        }
+    }
+    // What is still left waits for the next `undo` (after an invite, say).
+    bot.journal.update(t.id, |t| t.left_at_finish.retain(|r| !rejoined.contains(r))).await?;
+    let mut text = format!(
+        "Rejoined {} of the {} room(s) you left with `finish --leave`.",
+        rejoined.len(),
+        t.left_at_finish.len()
+    );
+    if !not.is_empty() {
+        text.push_str(&format!(
+            "\n\nNot rejoined (a room that needs an invite now: ask a member, such as {}, to invite you, then send `undo` again):\n{}",
+            t.new,
+            not.join("\n")
+        ));
+    }
+    // `finish --advertise`'s "moved to" comes off the display name.
+    let profile = bot.acting.send_as(old, get_profile::v3::Request::new(old.clone())).await?;
+    let shown = profile.get("displayname").and_then(serde_json::Value::as_str).unwrap_or_default();
+    if let Some(base) = shown.strip_suffix(&format!(" (moved to {})", t.new)) {
+        let req = set_profile_field::v3::Request::new(old.clone(), ProfileFieldValue::DisplayName(base.to_owned()));
+        bot.acting.send_as(old, req).await?;
+        text.push_str(&format!("\n\nYour display name is “{base}” again."));
+    }
+    bot.reply(ctx, text).await
 }
 
 fn refusal_text(t: &Transfer, refusal: Refusal) -> String {

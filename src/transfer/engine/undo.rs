@@ -134,13 +134,20 @@ impl Engine {
                         }
                     }
                 };
-                self.journal
+                let t = self
+                    .journal
                     .update(id, |t| {
                         set_undo(t, |u| {
                             u.rooms.insert(room.clone(), step);
                         })
                     })
                     .await?;
+                if let Some(t) = t {
+                    let done = t.undo.as_ref().map_or(0, |u| u.rooms.values().filter(|s| s.is_final()).count());
+                    if let Err(e) = self.reporter.undo_progress(&t, done, rooms.len()).await {
+                        tracing::debug!(transfer = id, error = %e, "cannot show the undo's progress");
+                    }
+                }
                 Ok::<_, Error>(())
             })
             .buffer_unordered(self.budget.size());
