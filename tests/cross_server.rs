@@ -310,6 +310,24 @@ async fn a_move_to_another_server_is_imported_there_with_the_file_and_the_code()
     let again = fh.b.ask(&newbie, &new_dm, &format!("import {code}"), "already used").await;
     assert!(again.contains("ask for a new one"), "{again}");
     assert_eq!(move_notices(&newbie.timeline(&favourite).await).len(), 1, "still one notice");
+
+    // The new account takes the move back on B: it leaves every room it joined, as the old
+    // account's server sees it, its notices redacted, and its settings go back to what it had.
+    let undone = fh.b.ask(&newbie, &new_dm, "undo", "is undone").await;
+    assert!(undone.contains("left 18 room(s)"), "{undone}");
+    for room in &rooms {
+        eventually("the leave to reach A", || async {
+            (alice.membership_of(room, &newbie.id).await["membership"] == "leave").then_some(())
+        })
+        .await;
+    }
+    let notices = move_notices(&alice.timeline(&favourite).await).len();
+    assert_eq!(notices, 0, "the notice in the favourite is redacted, as A sees it");
+    let direct = newbie.account_data("m.direct").await;
+    assert!(direct.is_none() || direct == Some(json!({})), "newbie had no DMs: {direct:?}");
+    let profile = newbie.send(ruma::api::client::profile::get_profile::v3::Request::new(newbie.id.clone())).await;
+    assert_eq!(profile.get("displayname"), Some(&json!("newbie")), "its own name again");
+    assert_eq!(profile.get("avatar_url"), None, "no avatar, as before");
     println!("whole test: {:.1?}", started.elapsed());
 }
 

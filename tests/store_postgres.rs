@@ -179,6 +179,17 @@ async fn a_command_taken_by_the_standby_is_answered_by_the_leader() {
     let pg = Postgres::start(&pg_dir.path().join("pg")).await.unwrap();
     let uri = pg.create_database("handoff").await.unwrap();
     let h = Harness::start_with(|c| edit(c, SLED, &on_postgres(&uri))).await;
+    let http = reqwest::Client::new();
+    let role = |url: String| {
+        let http = http.clone();
+        async move {
+            let health: serde_json::Value = http.get(format!("{url}/health")).send().await.ok()?.json().await.ok()?;
+            health["role"].as_str().map(str::to_owned)
+        }
+    };
+    // It answers `/health` before it has taken the lead (a moment, longer on a loaded machine):
+    // the second one starts once it leads.
+    eventually("the first to lead", || async { role(h.handoff_url.clone()).await.filter(|r| r == "leader") }).await;
     let port = handoff::sandbox::free_port();
     let config = std::fs::read_to_string(&h.sandbox.config_path).unwrap();
     let config = edit(config, &format!("port: {}", h.sandbox.handoff_port), &format!("port: {port}"));
@@ -196,14 +207,6 @@ async fn a_command_taken_by_the_standby_is_answered_by_the_leader() {
             .unwrap(),
     );
     let standby = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    let role = |url: String| {
-        let http = http.clone();
-        async move {
-            let health: serde_json::Value = http.get(format!("{url}/health")).send().await.ok()?.json().await.ok()?;
-            health["role"].as_str().map(str::to_owned)
-        }
-    };
     eventually("the standby's /health", || async { role(standby.clone()).await.filter(|r| r == "standby") }).await;
     assert_eq!(role(h.handoff_url.clone()).await.as_deref(), Some("leader"));
 

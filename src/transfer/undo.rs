@@ -242,9 +242,10 @@ pub fn room(room: &RoomPlan, step: Option<&RoomStep>, entry: Option<&RoomEntry>,
     if now.wrote_since && !all {
         return RoomUndo::Kept(Kept::WroteSince);
     }
-    // The rank the move gave, if the room still names it: before the move the account was not
-    // in the room, so it had the room's default.
-    let lower_rank = room.give_level.is_some() && now.level.is_some();
+    // The rank the move gave, if the room still gives it that (one changed since, by a room
+    // admin, is theirs): before the move the account was not in the room, so it had the room's
+    // default.
+    let lower_rank = room.give_level.is_some() && now.level == room.give_level;
     let untag = entry.map(|e| e.tags.keys().filter(|t| now.tags.contains(*t)).cloned().collect()).unwrap_or_default();
     RoomUndo::Leave { lower_rank, untag, redact: now.notices.clone() }
 }
@@ -552,6 +553,12 @@ mod tests {
         let wrote = RoomNow { wrote_since: true, ..now.clone() };
         assert_eq!(room(&joined, Some(&RoomStep::Done), Some(&entry), &wrote, false), RoomUndo::Kept(Kept::WroteSince));
         assert_eq!(room(&joined, Some(&RoomStep::Done), Some(&entry), &wrote, true), expected, "--all");
+        let promoted = RoomNow { level: Some(Int::from(100)), ..now.clone() };
+        let RoomUndo::Leave { lower_rank, .. } = room(&joined, Some(&RoomStep::Done), Some(&entry), &promoted, false)
+        else {
+            panic!("left")
+        };
+        assert!(!lower_rank, "a rank a room admin gave since is theirs to take back");
         let gone = RoomNow { membership: Some(MembershipState::Leave), ..now.clone() };
         assert_eq!(room(&joined, Some(&RoomStep::Done), Some(&entry), &gone, false), RoomUndo::Kept(Kept::NotThere));
         let had = plan(Action::AlreadyJoined);
