@@ -153,6 +153,7 @@ async fn a_move_is_undone_once_even_when_killed_midway_and_what_the_user_changed
     assert_eq!(profile.get("displayname"), Some(&json!("Bob B.")));
     assert_eq!(profile.get("avatar_url"), None, "bob had no avatar before the move");
 
-    // Once is all.
+    // Once is all; `status` says it.
     h.ask(&bob, &bdm, "undo", "was undone already").await;
+    h.ask(&bob, &bdm, "status", "Undone (`undo`)").await;
 }

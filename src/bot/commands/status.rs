@@ -54,6 +54,13 @@ pub async fn run(bot: &Bot, ctx: &Ctx, whom: Option<OwnedUserId>) -> Result<(), 
         None => state_text(t.state).to_owned(),
     };
     let mut text = format!("Transfer {} → {}: {state}", t.old, t.new);
+    if let Some(undo) = &t.undo {
+        let done = undo.rooms.values().filter(|s| s.is_final()).count();
+        text.push_str(&match undo.finished {
+            true => "\nUndone (`undo`): its report is in the new account's DM.".to_owned(),
+            false => format!("\nBeing undone (`undo`): {done} room(s) done so far."),
+        });
+    }
     if let Some(plan) = &t.plan {
         let count =
             |f: &dyn Fn(&RoomStep) -> bool| plan.rooms.iter().filter(|r| steps.get(&r.room_id).is_some_and(f)).count();
