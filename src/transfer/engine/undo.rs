@@ -258,40 +258,32 @@ impl Engine {
         for id in &s.push_rules.changed {
             note(format!("push rule {id}"), None);
         }
-        if let Some(r) = &s.display_name {
-            let outcome = match r {
-                Revert::Changed => None,
-                Revert::Restore(Some(name)) => {
-                    let req =
-                        set_profile_field::v3::Request::new(new.clone(), ProfileFieldValue::DisplayName(name.clone()));
+        // The profile's two fields alike: set back, or taken off where the account had none.
+        let profile = [
+            (
+                s.display_name.as_ref().map(|r| map(r, |n| ProfileFieldValue::DisplayName(n.clone()))),
+                ProfileFieldName::DisplayName,
+                ProfileFieldValue::DisplayName(String::new()),
+                "display name",
+            ),
+            (
+                s.avatar_url.as_ref().map(|r| map(r, |u| ProfileFieldValue::AvatarUrl(u.clone()))),
+                ProfileFieldName::AvatarUrl,
+                ProfileFieldValue::AvatarUrl("".into()),
+                "avatar",
+            ),
+        ];
+        for (revert, field, empty, label) in profile {
+            let outcome = match revert {
+                None => continue,
+                Some(Revert::Changed) => None,
+                Some(Revert::Restore(Some(value))) => {
+                    let req = set_profile_field::v3::Request::new(new.clone(), value);
                     Some(hs.send_as(new, req).await.map(drop))
                 }
-                Revert::Restore(None) => Some(
-                    clear_profile_field(
-                        hs,
-                        new,
-                        ProfileFieldName::DisplayName,
-                        ProfileFieldValue::DisplayName(String::new()),
-                    )
-                    .await,
-                ),
+                Some(Revert::Restore(None)) => Some(clear_profile_field(hs, new, field, empty).await),
             };
-            note("display name".into(), outcome);
-        }
-        if let Some(r) = &s.avatar_url {
-            let outcome = match r {
-                Revert::Changed => None,
-                Revert::Restore(Some(url)) => {
-                    let req =
-                        set_profile_field::v3::Request::new(new.clone(), ProfileFieldValue::AvatarUrl(url.clone()));
-                    Some(hs.send_as(new, req).await.map(drop))
-                }
-                Revert::Restore(None) => Some(
-                    clear_profile_field(hs, new, ProfileFieldName::AvatarUrl, ProfileFieldValue::AvatarUrl("".into()))
-                        .await,
-                ),
-            };
-            note("avatar".into(), outcome);
+            note(label.into(), outcome);
         }
         done
     }
@@ -306,6 +298,14 @@ where
     match r {
         Revert::Restore(value) => Some(write(value.as_ref()).await),
         Revert::Changed => None,
+    }
+}
+
+/// The same decision about another form of the value.
+fn map<T, U>(r: &Revert<T>, f: impl FnOnce(&T) -> U) -> Revert<U> {
+    match r {
+        Revert::Restore(value) => Revert::Restore(value.as_ref().map(f)),
+        Revert::Changed => Revert::Changed,
     }
 }
 
