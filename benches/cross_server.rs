@@ -2,9 +2,10 @@
 //! loopback (the test bed of `tests/federation.rs`), against a baseline from the same run:
 //!
 //! - handoff: `export --to @new:B --file` on A (A's handoff reserves the seats: the old account
-//!   invites the new one into every room), then the file dropped into the new account's DM with B's
-//!   bot and `import CODE` there (B's handoff joins each room through its servers, applies tags,
-//!   DMs and settings, posts the notices); timed from the export to B's report, and in its parts;
+//!   invites the new one into every room), and as soon as the file is there, dropped into the new
+//!   account's DM with B's bot and `import CODE` sent, while A still reserves (B's handoff joins
+//!   each room through its servers as its invite comes, applies tags, DMs and settings, posts the
+//!   notices); timed from the export to the later of A's and B's reports, and in its parts;
 //! - baseline: the same invites and joins sent directly (an old account's and a new account's
 //!   own tokens, 16 in flight), from one server to the other, for rooms of their own made alike
 //!   (neither finds B's server in its rooms already), in rounds of alternating order
