@@ -102,11 +102,11 @@ pub fn settings(
         }
     }
     let rules_now = now.push_rules.clone().unwrap_or_default();
-    let rule_now = |kind: &RuleKind, id: &str| rules_now.iter().find(|r| kind_of(r) == *kind && r.rule_id() == id);
+    let rule_now = |kind: &RuleKind, id: &str| rules_now.get(kind.clone(), id);
     if did(AccountStep::PushRules) {
         let wrote = merge::push_rules(was, bundle);
         for (rule, enabled) in &wrote.add {
-            let (kind, id) = (rule_kind(rule), rule_id(rule));
+            let (kind, id) = (rule.kind(), rule.rule_id().to_owned());
             match rule_now(&kind, &id) {
                 Some(now) if now.enabled() == *enabled && same_rule(&now, rule) => {
                     undo.push_rules.remove.push((kind, id))
@@ -149,36 +149,6 @@ pub fn settings(
         };
     }
     undo
-}
-
-fn kind_of(rule: &ruma::push::AnyPushRuleRef<'_>) -> RuleKind {
-    use ruma::push::AnyPushRuleRef::*;
-    match rule {
-        Override(_) => RuleKind::Override,
-        Content(_) => RuleKind::Content,
-        Room(_) => RuleKind::Room,
-        Sender(_) => RuleKind::Sender,
-        Underride(_) => RuleKind::Underride,
-        #[allow(unreachable_patterns)]
-        _ => RuleKind::Override,
-    }
-}
-
-fn rule_kind(rule: &ruma::push::NewPushRule) -> RuleKind {
-    use ruma::push::NewPushRule::*;
-    match rule {
-        Override(_) => RuleKind::Override,
-        Content(_) => RuleKind::Content,
-        Room(_) => RuleKind::Room,
-        Sender(_) => RuleKind::Sender,
-        Underride(_) => RuleKind::Underride,
-        #[allow(unreachable_patterns)]
-        _ => RuleKind::Override,
-    }
-}
-
-fn rule_id(rule: &ruma::push::NewPushRule) -> String {
-    merge::describe(rule)["rule_id"].as_str().unwrap_or_default().to_owned()
 }
 
 /// Whether the account's rule is the one the move wrote (kind, ID, conditions or pattern, actions).
@@ -390,14 +360,7 @@ mod tests {
             owned_room_id!("!dm:example.org"),
             None,
         );
-        for step in [
-            AccountStep::Profile,
-            AccountStep::Direct,
-            AccountStep::IgnoredUsers,
-            AccountStep::PushRules,
-            AccountStep::ClientSettings,
-            AccountStep::OldMentions,
-        ] {
+        for step in crate::transfer::account::SETTINGS {
             t.account_steps.insert(step, done());
         }
         t
@@ -463,7 +426,7 @@ mod tests {
         let mut rules = ruma::push::Ruleset::server_default(&t.new);
         for (rule, enabled) in &wrote.add {
             rules.insert(rule.clone(), None, None).unwrap();
-            rules.set_enabled(rule_kind(rule), rule_id(rule), *enabled).unwrap();
+            rules.set_enabled(rule.kind(), rule.rule_id(), *enabled).unwrap();
         }
         rules.insert(merge::old_mentions(&t.old), None, None).unwrap();
         let now = AccountWorld { push_rules: Some(rules.clone()), ..Default::default() };
@@ -475,9 +438,9 @@ mod tests {
 
         // One switched off since: kept, and named.
         let (first, _) = &wrote.add[0];
-        let id = rule_id(first);
+        let id = first.rule_id().to_owned();
         let enabled = rules.iter().find(|r| r.rule_id() == id).unwrap().enabled();
-        rules.set_enabled(rule_kind(first), &id, !enabled).unwrap();
+        rules.set_enabled(first.kind(), &id, !enabled).unwrap();
         let now = AccountWorld { push_rules: Some(rules), ..Default::default() };
         let undo = settings(&t, &before, &bundle, &BTreeSet::new(), &now).push_rules;
         assert_eq!(undo.changed, std::slice::from_ref(&id));
