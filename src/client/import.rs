@@ -266,7 +266,7 @@ impl<'a> Import<'a> {
     }
 
     async fn account_world(&self, steps: &[AccountStep]) -> Result<AccountWorld> {
-        world::read_account(&self.new, self.new_user(), self.bundle, steps)
+        world::read_account(&self.new, self.new_user(), self.bundle.preferences.client_settings.keys(), steps)
             .await
             .with_context(|| format!("cannot read the settings of {}", self.new_user()))
     }

@@ -21,6 +21,7 @@ pub mod plan;
 pub mod progress;
 pub mod reason;
 pub mod report;
+pub mod revert;
 pub mod room;
 pub mod undo;
 pub mod watch;

@@ -22,6 +22,7 @@ use serde_json::Value as JsonValue;
 
 use super::merge::{self, AccountWorld, OLD_MENTIONS_RULE};
 use super::plan::{Action, RoomPlan};
+use super::room::Move;
 use super::{
     AccountStep, Before, RoomStep, SettingsUndone, StepOutcome, Transfer, TransferKind, TransferState, UndoRoom,
 };
@@ -60,6 +61,45 @@ pub struct SettingsUndo {
     pub avatar_url: Option<Revert<OwnedMxcUri>>,
 }
 
+impl SettingsUndo {
+    /// The settings by name: those that would go back to what the account had before the move,
+    /// and those changed since, which would stay.
+    pub fn names(&self) -> (Vec<String>, Vec<String>) {
+        let (mut back, mut kept) = (Vec::new(), Vec::new());
+        let mut sort = |what: String, restore: bool| if restore { back.push(what) } else { kept.push(what) };
+        if let Some(r) = &self.direct {
+            sort("your DM list (m.direct)".into(), restores(r));
+        }
+        if let Some(r) = &self.ignored_users {
+            sort("ignored users".into(), restores(r));
+        }
+        for (kind, r) in &self.client_settings {
+            sort(format!("client setting {kind}"), restores(r));
+        }
+        for (_, id) in &self.push_rules.remove {
+            sort(format!("push rule {id} (removed)"), true);
+        }
+        for (_, id, _) in &self.push_rules.switch_back {
+            sort(format!("push rule {id} (switched back)"), true);
+        }
+        for id in &self.push_rules.changed {
+            sort(format!("push rule {id}"), false);
+        }
+        if let Some(r) = &self.display_name {
+            sort("display name".into(), restores(r));
+        }
+        if let Some(r) = &self.avatar_url {
+            sort("avatar".into(), restores(r));
+        }
+        (back, kept)
+    }
+}
+
+/// Whether a setting goes back.
+fn restores<T>(r: &Revert<T>) -> bool {
+    matches!(r, Revert::Restore(_))
+}
+
 /// Whether two values are the same setting (ruma's account-data types compare as JSON).
 fn same<T: Serialize>(a: &T, b: &T) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
@@ -75,85 +115,151 @@ fn revert<T: Serialize + Clone>(wrote: Option<T>, now: &Option<T>, before: &Opti
     })
 }
 
-/// The settings of move `t` to put back, from the settings kept before it (`before`), its bundle,
-/// the rooms it moved (`moved`: the DMs it marked are among them) and the account as it is now.
-/// Only the steps the move did count.
-pub fn settings(
-    t: &Transfer,
-    before: &Before,
-    bundle: &Bundle,
-    moved: &BTreeSet<OwnedRoomId>,
-    now: &AccountWorld,
-) -> SettingsUndo {
-    let did = |step: AccountStep| matches!(t.account_steps.get(&step), Some(StepOutcome::Done(_)));
-    let was = &before.world;
-    let mut undo = SettingsUndo::default();
-    if did(AccountStep::Direct) {
-        undo.direct = revert(merge::direct(was, bundle, moved).write, &now.direct, &was.direct);
+/// What a move wrote into the account's settings: the service computes it again from the
+/// settings kept before the move and its bundle ([`Wrote::of`]); the device side records it as it
+/// imports.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Wrote {
+    #[serde(default)]
+    pub direct: Option<DirectEventContent>,
+    #[serde(default)]
+    pub ignored_users: Option<IgnoredUserListEventContent>,
+    #[serde(default)]
+    pub client_settings: Vec<(String, JsonValue)>,
+    /// The push rules it added (the old account's, and the one for mentions of the old ID).
+    #[serde(default)]
+    pub push_rules: Vec<RuleWrote>,
+    /// The server-default rules it switched on (`true`) or off.
+    #[serde(default)]
+    pub switched: Vec<(RuleKind, String, bool)>,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub avatar: Option<AvatarWrote>,
+}
+
+/// A push rule a move added, as it wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleWrote {
+    pub kind: RuleKind,
+    pub id: String,
+    /// Its conditions or pattern and actions ([`merge::describe`]).
+    pub rule: JsonValue,
+    pub enabled: bool,
+}
+
+impl RuleWrote {
+    fn new(rule: &ruma::push::NewPushRule, enabled: bool) -> RuleWrote {
+        RuleWrote { kind: rule.kind(), id: rule.rule_id().to_owned(), rule: merge::describe(rule), enabled }
     }
-    if did(AccountStep::IgnoredUsers) {
-        undo.ignored_users = revert(merge::ignored_users(was, bundle).write, &now.ignored_users, &was.ignored_users);
-    }
-    if did(AccountStep::ClientSettings) {
-        for (kind, wrote) in merge::client_settings(was, bundle).write.unwrap_or_default() {
-            let now = now.client_settings.get(&kind).cloned().flatten();
-            let before = was.client_settings.get(&kind).cloned().flatten();
-            undo.client_settings.push((kind, revert(Some(wrote), &now, &before).expect("written")));
+}
+
+/// The avatar a move set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AvatarWrote {
+    Url(OwnedMxcUri),
+    /// Copied from another server under a new address, which the merge does not know: put back
+    /// unless the account has the one it had before again.
+    Copied,
+}
+
+impl Wrote {
+    /// What move `m` wrote, from the settings it merged into (`was`), its bundle and the rooms it
+    /// moved (`moved`: the DMs it marked are among them): the same merges again, for the steps
+    /// it did (`did`).
+    pub fn of(
+        m: Move<'_>,
+        profile_from_old: bool,
+        did: impl Fn(AccountStep) -> bool,
+        was: &AccountWorld,
+        bundle: &Bundle,
+        moved: &BTreeSet<OwnedRoomId>,
+    ) -> Wrote {
+        let mut wrote = Wrote::default();
+        if did(AccountStep::Direct) {
+            wrote.direct = merge::direct(was, bundle, moved).write;
         }
+        if did(AccountStep::IgnoredUsers) {
+            wrote.ignored_users = merge::ignored_users(was, bundle).write;
+        }
+        if did(AccountStep::ClientSettings) {
+            wrote.client_settings = merge::client_settings(was, bundle).write.unwrap_or_default().into_iter().collect();
+        }
+        if did(AccountStep::PushRules) {
+            let rules = merge::push_rules(was, bundle);
+            wrote.push_rules = rules.add.iter().map(|(rule, enabled)| RuleWrote::new(rule, *enabled)).collect();
+            wrote.switched = rules.switch;
+        }
+        let had_mentions =
+            was.push_rules.as_ref().is_some_and(|r| r.override_.iter().any(|r| r.rule_id == OLD_MENTIONS_RULE));
+        if did(AccountStep::OldMentions) && !had_mentions {
+            wrote.push_rules.push(RuleWrote::new(&merge::old_mentions(m.old), true));
+        }
+        if did(AccountStep::Profile) {
+            let profile = merge::profile(was, bundle, m.new, profile_from_old);
+            wrote.display_name = profile.display_name;
+            wrote.avatar = profile.avatar_url.map(|url| match m.kind {
+                TransferKind::Receive => AvatarWrote::Copied,
+                _ => AvatarWrote::Url(url),
+            });
+        }
+        wrote
+    }
+
+    /// What the service's move `t` wrote, with the settings kept before it.
+    pub fn of_transfer(t: &Transfer, before: &Before, bundle: &Bundle, moved: &BTreeSet<OwnedRoomId>) -> Wrote {
+        let did = |step| matches!(t.account_steps.get(&step), Some(StepOutcome::Done(_)));
+        Wrote::of(Move::from(t), t.requirements.profile_from_old, did, &before.world, bundle, moved)
+    }
+}
+
+/// What to put back of what a move wrote (`wrote`), over settings that were `was` before it and
+/// are `now`.
+pub fn settings(wrote: &Wrote, was: &AccountWorld, now: &AccountWorld) -> SettingsUndo {
+    let mut undo = SettingsUndo {
+        direct: revert(wrote.direct.clone(), &now.direct, &was.direct),
+        ignored_users: revert(wrote.ignored_users.clone(), &now.ignored_users, &was.ignored_users),
+        display_name: revert(wrote.display_name.clone(), &now.display_name, &was.display_name),
+        ..Default::default()
+    };
+    for (kind, wrote) in &wrote.client_settings {
+        let now = now.client_settings.get(kind).cloned().flatten();
+        let before = was.client_settings.get(kind).cloned().flatten();
+        undo.client_settings.push((kind.clone(), revert(Some(wrote.clone()), &now, &before).expect("written")));
     }
     let rules_now = now.push_rules.clone().unwrap_or_default();
-    let rule_now = |kind: &RuleKind, id: &str| rules_now.get(kind.clone(), id);
-    if did(AccountStep::PushRules) {
-        let wrote = merge::push_rules(was, bundle);
-        for (rule, enabled) in &wrote.add {
-            let (kind, id) = (rule.kind(), rule.rule_id().to_owned());
-            match rule_now(&kind, &id) {
-                Some(now) if now.enabled() == *enabled && same_rule(&now, rule) => {
-                    undo.push_rules.remove.push((kind, id))
-                }
-                // Removed since: nothing to take back.
-                None => {}
-                Some(_) => undo.push_rules.changed.push(id),
+    for rule in &wrote.push_rules {
+        match rules_now.get(rule.kind.clone(), &rule.id) {
+            Some(now) if now.enabled() == rule.enabled && same_rule(&now, &rule.rule) => {
+                undo.push_rules.remove.push((rule.kind.clone(), rule.id.clone()))
             }
-        }
-        for (kind, id, enabled) in wrote.switch {
-            match rule_now(&kind, &id) {
-                Some(now) if now.enabled() == enabled => undo.push_rules.switch_back.push((kind, id, !enabled)),
-                _ => undo.push_rules.changed.push(id),
-            }
-        }
-    }
-    let had_mentions =
-        was.push_rules.as_ref().is_some_and(|r| r.override_.iter().any(|r| r.rule_id == OLD_MENTIONS_RULE));
-    if did(AccountStep::OldMentions) && !had_mentions {
-        let wrote = merge::old_mentions(&t.old);
-        match rule_now(&RuleKind::Override, OLD_MENTIONS_RULE) {
-            Some(now) if same_rule(&now, &wrote) => {
-                undo.push_rules.remove.push((RuleKind::Override, OLD_MENTIONS_RULE.to_owned()))
-            }
+            // Removed since: nothing to take back.
             None => {}
-            Some(_) => undo.push_rules.changed.push(OLD_MENTIONS_RULE.to_owned()),
+            Some(_) => undo.push_rules.changed.push(rule.id.clone()),
         }
     }
-    if did(AccountStep::Profile) {
-        let wrote = merge::profile(was, bundle, &t.new, t.requirements.profile_from_old);
-        undo.display_name = revert(wrote.display_name, &now.display_name, &was.display_name);
-        undo.avatar_url = match t.kind {
-            // A received bundle's avatar was copied to this server under a new address, which the
-            // merge does not know: one the move set is put back unless the account has the one it
-            // had before again.
-            TransferKind::Receive if wrote.avatar_url.is_some() => {
-                (now.avatar_url != was.avatar_url).then(|| Revert::Restore(was.avatar_url.clone()))
+    for (kind, id, enabled) in &wrote.switched {
+        match rules_now.get(kind.clone(), id) {
+            Some(now) if now.enabled() == *enabled => {
+                undo.push_rules.switch_back.push((kind.clone(), id.clone(), !enabled))
             }
-            _ => revert(wrote.avatar_url, &now.avatar_url, &was.avatar_url),
-        };
+            _ => undo.push_rules.changed.push(id.clone()),
+        }
     }
+    undo.avatar_url = match &wrote.avatar {
+        None => None,
+        Some(AvatarWrote::Url(url)) => revert(Some(url.clone()), &now.avatar_url, &was.avatar_url),
+        Some(AvatarWrote::Copied) => {
+            (now.avatar_url != was.avatar_url).then(|| Revert::Restore(was.avatar_url.clone()))
+        }
+    };
     undo
 }
 
 /// Whether the account's rule is the one the move wrote (kind, ID, conditions or pattern, actions).
-fn same_rule(now: &ruma::push::AnyPushRuleRef<'_>, wrote: &ruma::push::NewPushRule) -> bool {
-    merge::as_new_rule(now).is_some_and(|n| merge::describe(&n) == merge::describe(wrote))
+fn same_rule(now: &ruma::push::AnyPushRuleRef<'_>, wrote: &JsonValue) -> bool {
+    merge::as_new_rule(now).is_some_and(|n| merge::describe(&n) == *wrote)
 }
 
 /// A room the move joined, as the new account has it now.
@@ -184,6 +290,18 @@ pub enum Kept {
     WroteSince,
 }
 
+impl Kept {
+    /// Why, for the person.
+    pub fn text(&self) -> &'static str {
+        match self {
+            Kept::WasMember => "you were in it before the move",
+            Kept::NotMoved => "the move did not join it",
+            Kept::NotThere => "you are not in it any more",
+            Kept::WroteSince => "you have written there since the move (`undo --all` leaves it anyway)",
+        }
+    }
+}
+
 /// What an undo does in one room of the move.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RoomUndo {
@@ -197,13 +315,46 @@ pub enum RoomUndo {
     Kept(Kept),
 }
 
-/// What to do in `room`, which the move left at `step`, its bundle entry `entry`, the new account
-/// in it as `now`; `all`: leave it even where the new account wrote since.
-pub fn room(room: &RoomPlan, step: Option<&RoomStep>, entry: Option<&RoomEntry>, now: &RoomNow, all: bool) -> RoomUndo {
-    if room.action == Action::AlreadyJoined {
+/// What a move did in one room, as its undo needs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomMoved {
+    pub room_id: OwnedRoomId,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The new account was in the room before the move.
+    pub was_member: bool,
+    /// The move seated the new account there.
+    pub seated: bool,
+    /// The rank the move gave.
+    #[serde(default)]
+    pub give_level: Option<Int>,
+    /// The tags the move set.
+    #[serde(default)]
+    pub tags: Vec<TagName>,
+}
+
+impl RoomMoved {
+    /// The room as `plan` planned it, the move left it at `step`, and its bundle entry (`None`:
+    /// the bundle is gone, so no tags are known) set its tags.
+    pub fn of(plan: &RoomPlan, step: Option<&RoomStep>, entry: Option<&RoomEntry>) -> RoomMoved {
+        RoomMoved {
+            room_id: plan.room_id.clone(),
+            name: plan.name.clone(),
+            was_member: plan.action == Action::AlreadyJoined,
+            seated: plan.action == Action::Join && step.is_some_and(RoomStep::is_seated),
+            give_level: plan.give_level,
+            tags: entry.map(|e| e.tags.keys().cloned().collect()).unwrap_or_default(),
+        }
+    }
+}
+
+/// What to do in a room the move touched (`moved`), the new account in it as `now`; `all`: leave
+/// it even where the new account wrote since.
+pub fn room(moved: &RoomMoved, now: &RoomNow, all: bool) -> RoomUndo {
+    if moved.was_member {
         return RoomUndo::Kept(Kept::WasMember);
     }
-    if room.action != Action::Join || !step.is_some_and(RoomStep::is_seated) {
+    if !moved.seated {
         return RoomUndo::Kept(Kept::NotMoved);
     }
     if now.membership != Some(MembershipState::Join) {
@@ -215,8 +366,8 @@ pub fn room(room: &RoomPlan, step: Option<&RoomStep>, entry: Option<&RoomEntry>,
     // The rank the move gave, if the room still gives it that (one changed since, by a room
     // admin, is theirs): before the move the account was not in the room, so it had the room's
     // default.
-    let lower_rank = room.give_level.is_some() && now.level == room.give_level;
-    let untag = entry.map(|e| e.tags.keys().filter(|t| now.tags.contains(*t)).cloned().collect()).unwrap_or_default();
+    let lower_rank = moved.give_level.is_some() && now.level == moved.give_level;
+    let untag = moved.tags.iter().filter(|t| now.tags.contains(*t)).cloned().collect();
     RoomUndo::Leave { lower_rank, untag, redact: now.notices.clone() }
 }
 
@@ -246,7 +397,7 @@ impl UndoPlan {
 }
 
 /// What an undo did, from its journal, for the report.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct UndoReport {
     pub left: Vec<OwnedRoomId>,
     /// Move notices redacted.
@@ -263,8 +414,12 @@ pub struct UndoReport {
 
 /// The report of the undo journaled on `t`.
 pub fn report(t: &Transfer) -> UndoReport {
+    t.undo.as_ref().map(report_of).unwrap_or_default()
+}
+
+/// The report of an undo, from its journal.
+pub fn report_of(undo: &super::Undoing) -> UndoReport {
     let mut r = UndoReport::default();
-    let Some(undo) = &t.undo else { return r };
     for (room, step) in &undo.rooms {
         match step {
             UndoRoom::Left { rank_kept, redacted } => {
@@ -389,7 +544,7 @@ mod tests {
         now.ignored_users = merge::ignored_users(&before.world, &bundle).write;
         now.display_name = Some("Old Name".into());
         now.client_settings.insert("im.vector.setting.breadcrumbs".into(), Some(json!({"recent_rooms": []})));
-        let undo = settings(&t, &before, &bundle, &BTreeSet::new(), &now);
+        let undo = settings(&Wrote::of_transfer(&t, &before, &bundle, &BTreeSet::new()), &before.world, &now);
         assert_eq!(json(&undo.ignored_users), json(&Some(Revert::Restore(Some(ignoring(&["@mine:example.org"]))))));
         assert_eq!(undo.display_name, Some(Revert::Restore(Some("new".into()))));
         assert_eq!(undo.client_settings, [("im.vector.setting.breadcrumbs".to_owned(), Revert::Restore(None))]);
@@ -398,13 +553,14 @@ mod tests {
         // The person changed some since: those are kept.
         now.ignored_users = Some(ignoring(&["@mine:example.org", "@spam:example.org", "@later:example.org"]));
         now.display_name = Some("Chosen since".into());
-        let undo = settings(&t, &before, &bundle, &BTreeSet::new(), &now);
+        let undo = settings(&Wrote::of_transfer(&t, &before, &bundle, &BTreeSet::new()), &before.world, &now);
         assert_eq!(json(&undo.ignored_users), json(&Some(Revert::<()>::Changed)));
         assert_eq!(undo.display_name, Some(Revert::Changed));
         // A step the move did not do is not taken back.
         let mut partial = t.clone();
         partial.account_steps.remove(&AccountStep::IgnoredUsers);
-        assert!(settings(&partial, &before, &bundle, &BTreeSet::new(), &now).ignored_users.is_none());
+        let wrote = Wrote::of_transfer(&partial, &before, &bundle, &BTreeSet::new());
+        assert!(settings(&wrote, &before.world, &now).ignored_users.is_none());
     }
 
     #[test]
@@ -430,7 +586,8 @@ mod tests {
         }
         rules.insert(merge::old_mentions(&t.old), None, None).unwrap();
         let now = AccountWorld { push_rules: Some(rules.clone()), ..Default::default() };
-        let undo = settings(&t, &before, &bundle, &BTreeSet::new(), &now).push_rules;
+        let undo =
+            settings(&Wrote::of_transfer(&t, &before, &bundle, &BTreeSet::new()), &before.world, &now).push_rules;
         let removed: Vec<&str> = undo.remove.iter().map(|(_, id)| id.as_str()).collect();
         assert!(removed.contains(&OLD_MENTIONS_RULE), "{removed:?}");
         assert_eq!(removed.len(), wrote.add.len() + 1, "{removed:?}");
@@ -442,7 +599,8 @@ mod tests {
         let enabled = rules.iter().find(|r| r.rule_id() == id).unwrap().enabled();
         rules.set_enabled(first.kind(), &id, !enabled).unwrap();
         let now = AccountWorld { push_rules: Some(rules), ..Default::default() };
-        let undo = settings(&t, &before, &bundle, &BTreeSet::new(), &now).push_rules;
+        let undo =
+            settings(&Wrote::of_transfer(&t, &before, &bundle, &BTreeSet::new()), &before.world, &now).push_rules;
         assert_eq!(undo.changed, std::slice::from_ref(&id));
         assert!(!undo.remove.iter().any(|(_, r)| *r == id));
     }
@@ -506,7 +664,7 @@ mod tests {
             ..Default::default()
         };
         let joined = plan(Action::Join);
-        let leave = room(&joined, Some(&RoomStep::Done), Some(&entry), &now, false);
+        let leave = room(&RoomMoved::of(&joined, Some(&RoomStep::Done), Some(&entry)), &now, false);
         let expected = RoomUndo::Leave {
             lower_rank: true,
             untag: vec![TagName::Favorite],
@@ -514,19 +672,32 @@ mod tests {
         };
         assert_eq!(leave, expected, "the low-priority tag is the person's own: it stays");
         let wrote = RoomNow { wrote_since: true, ..now.clone() };
-        assert_eq!(room(&joined, Some(&RoomStep::Done), Some(&entry), &wrote, false), RoomUndo::Kept(Kept::WroteSince));
-        assert_eq!(room(&joined, Some(&RoomStep::Done), Some(&entry), &wrote, true), expected, "--all");
+        assert_eq!(
+            room(&RoomMoved::of(&joined, Some(&RoomStep::Done), Some(&entry)), &wrote, false),
+            RoomUndo::Kept(Kept::WroteSince)
+        );
+        assert_eq!(room(&RoomMoved::of(&joined, Some(&RoomStep::Done), Some(&entry)), &wrote, true), expected, "--all");
         let promoted = RoomNow { level: Some(Int::from(100)), ..now.clone() };
-        let RoomUndo::Leave { lower_rank, .. } = room(&joined, Some(&RoomStep::Done), Some(&entry), &promoted, false)
+        let RoomUndo::Leave { lower_rank, .. } =
+            room(&RoomMoved::of(&joined, Some(&RoomStep::Done), Some(&entry)), &promoted, false)
         else {
             panic!("left")
         };
         assert!(!lower_rank, "a rank a room admin gave since is theirs to take back");
         let gone = RoomNow { membership: Some(MembershipState::Leave), ..now.clone() };
-        assert_eq!(room(&joined, Some(&RoomStep::Done), Some(&entry), &gone, false), RoomUndo::Kept(Kept::NotThere));
+        assert_eq!(
+            room(&RoomMoved::of(&joined, Some(&RoomStep::Done), Some(&entry)), &gone, false),
+            RoomUndo::Kept(Kept::NotThere)
+        );
         let had = plan(Action::AlreadyJoined);
-        assert_eq!(room(&had, Some(&RoomStep::Done), Some(&entry), &now, true), RoomUndo::Kept(Kept::WasMember));
+        assert_eq!(
+            room(&RoomMoved::of(&had, Some(&RoomStep::Done), Some(&entry)), &now, true),
+            RoomUndo::Kept(Kept::WasMember)
+        );
         let failed = RoomStep::Failed(crate::transfer::FailReason::Error("x".into()));
-        assert_eq!(room(&joined, Some(&failed), Some(&entry), &now, true), RoomUndo::Kept(Kept::NotMoved));
+        assert_eq!(
+            room(&RoomMoved::of(&joined, Some(&failed), Some(&entry)), &now, true),
+            RoomUndo::Kept(Kept::NotMoved)
+        );
     }
 }

@@ -23,7 +23,6 @@ use super::AccountStep;
 use super::merge::AccountWorld;
 use super::plan::{RoomFacts, World};
 use crate::budget::{Budget, Class, Party};
-use crate::bundle::Bundle;
 use crate::homeserver::{Homeserver, HsError};
 
 /// Reads each room's state as `old`, one read per slot of the shared budget (as `party`'s work of
@@ -100,10 +99,10 @@ pub async fn room_facts(
 
 /// The new account's account data that the merges of `steps` need (`merge`), read as that
 /// account; what no step needs is left out.
-pub async fn read_account(
+pub async fn read_account<'k>(
     hs: &Homeserver,
     user: &UserId,
-    bundle: &Bundle,
+    client_settings: impl IntoIterator<Item = &'k String>,
     steps: &[AccountStep],
 ) -> Result<AccountWorld, HsError> {
     let needs = |step: AccountStep| steps.contains(&step);
@@ -120,7 +119,7 @@ pub async fn read_account(
             .and_then(|v| serde_json::from_value(v.get("global")?.clone()).ok());
     }
     if needs(AccountStep::ClientSettings) {
-        for kind in bundle.preferences.client_settings.keys() {
+        for kind in client_settings {
             world.client_settings.insert(kind.clone(), global_data(hs, user, kind.clone()).await?);
         }
     }

@@ -8,7 +8,7 @@ use ruma::profile::ProfileFieldValue;
 use super::{Args, Command, CommandError, Spec};
 use crate::bot::state::{Bot, BotError, Ctx};
 use crate::config::PermissionLevel;
-use crate::transfer::undo::{self, Kept, Refusal, Revert, RoomUndo, UndoPlan, UndoReport};
+use crate::transfer::undo::{self, Kept, Refusal, RoomUndo, UndoPlan, UndoReport};
 use crate::transfer::{Transfer, engine};
 
 pub const SPEC: Spec = Spec {
@@ -153,15 +153,6 @@ fn name<'a>(t: &'a Transfer, room: &'a ruma::RoomId) -> String {
     named.unwrap_or_else(|| room.to_string())
 }
 
-fn kept_text(why: &Kept) -> &'static str {
-    match why {
-        Kept::WasMember => "you were in it before the move",
-        Kept::NotMoved => "the move did not join it",
-        Kept::NotThere => "you are not in it any more",
-        Kept::WroteSince => "you have written there since the move (`undo --all` leaves it anyway)",
-    }
-}
-
 /// `undo --dry-run`: what an undo would do now.
 fn plan_text(t: &Transfer, plan: &UndoPlan) -> String {
     let mut out = format!(
@@ -175,7 +166,7 @@ fn plan_text(t: &Transfer, plan: &UndoPlan) -> String {
         .filter_map(|(room, named, what)| match what {
             RoomUndo::Kept(Kept::NotMoved) | RoomUndo::Leave { .. } => None,
             RoomUndo::Kept(why) => {
-                Some(format!("• {}: {}", named.clone().unwrap_or_else(|| room.to_string()), kept_text(why)))
+                Some(format!("• {}: {}", named.clone().unwrap_or_else(|| room.to_string()), why.text()))
             }
         })
         .collect();
@@ -185,32 +176,7 @@ fn plan_text(t: &Transfer, plan: &UndoPlan) -> String {
     match &plan.settings {
         None => out.push_str("\n\nYour settings would stay as they are: the move's bundle is gone, so what it wrote can't be told apart from your own."),
         Some(s) => {
-            let (mut back, mut kept) = (Vec::new(), Vec::new());
-            let mut sort = |what: String, r: bool| if r { back.push(what) } else { kept.push(what) };
-            if let Some(r) = &s.direct {
-                sort("your DM list (m.direct)".into(), matches!(r, Revert::Restore(_)));
-            }
-            if let Some(r) = &s.ignored_users {
-                sort("ignored users".into(), matches!(r, Revert::Restore(_)));
-            }
-            for (kind, r) in &s.client_settings {
-                sort(format!("client setting {kind}"), matches!(r, Revert::Restore(_)));
-            }
-            for (_, id) in &s.push_rules.remove {
-                sort(format!("push rule {id} (removed)"), true);
-            }
-            for (_, id, _) in &s.push_rules.switch_back {
-                sort(format!("push rule {id} (switched back)"), true);
-            }
-            for id in &s.push_rules.changed {
-                sort(format!("push rule {id}"), false);
-            }
-            if let Some(r) = &s.display_name {
-                sort("display name".into(), matches!(r, Revert::Restore(_)));
-            }
-            if let Some(r) = &s.avatar_url {
-                sort("avatar".into(), matches!(r, Revert::Restore(_)));
-            }
+            let (back, kept) = s.names();
             if !back.is_empty() {
                 out.push_str(&format!("\n\nSettings that would go back to what you had before: {}.", back.join(", ")));
             }
@@ -244,7 +210,7 @@ pub fn report_text(t: &Transfer, r: &UndoReport) -> String {
     if !r.kept.is_empty() {
         out.push_str("\n\nRooms you stay in:");
         for (room, why) in &r.kept {
-            out.push_str(&format!("\n• {}: {}", name(t, room), kept_text(why)));
+            out.push_str(&format!("\n• {}: {}", name(t, room), why.text()));
         }
     }
     if !r.rank_kept.is_empty() {

@@ -32,7 +32,7 @@ impl Engine {
         // move the user sees (the profile, the DMs): one slot of a high `class` at a time.
         let world = {
             let _slot = self.budget.acquire(t.id, class).await;
-            world::read_account(&self.acting, &t.new, bundle, &todo).await?
+            world::read_account(&self.acting, &t.new, bundle.preferences.client_settings.keys(), &todo).await?
         };
         // Kept before these merges write anything: what an undo puts back.
         t.before.get_or_insert_default().keep(&world, &todo);
