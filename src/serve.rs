@@ -45,10 +45,11 @@ pub async fn run(config: Config) -> Result<()> {
     // homeserver's transactions into the shared inbox (the leader queues them), and the first to
     // ask takes over once the leader's session is gone.
     let store = open_store(&config).await?;
-    let (mut standby, mut lead_watch) = (None, None);
+    let (mut standby, mut lead_watch, mut took_over) = (None, None, false);
     if store.is_shared() {
         let edge = Standby::start(&config, &store).await?;
         let standing_by = || {
+            took_over = true;
             tracing::info!(
                 "another handoff serve leads this database: standing by (taking transactions into the shared inbox) until it stops"
             )
@@ -182,7 +183,14 @@ pub async fn run(config: Config) -> Result<()> {
             m.abort();
         }
     };
-    if let Err(e) = ping(&hs, &config).await {
+    if took_over {
+        // The instance that led before may still listen beside this one (frozen, or on its way
+        // out), and the kernel may hand it the homeserver's ping, which it never answers. A
+        // failed ping here says nothing of the config (the leader before checked it), and
+        // stopping for it would leave no instance at all: the takeover neither waits for it
+        // nor stops for it.
+        ping_after_takeover(&shutdown, hs.clone(), Arc::clone(&config));
+    } else if let Err(e) = ping(&hs, &config).await {
         server.abort();
         stop_metrics();
         return Err(e);
@@ -359,6 +367,42 @@ async fn ping(hs: &Homeserver, config: &Config) -> Result<()> {
             bail!("ping to the homeserver failed ({e}): {advice}")
         }
     }
+}
+
+/// How many times a takeover's ping is tried, and how long apart.
+const TAKEOVER_PINGS: u32 = 5;
+const TAKEOVER_PING_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`ping`] after a takeover, in the background: tried until it succeeds ([`TAKEOVER_PINGS`]
+/// times at most, a new connection each time), and a warning if it never does. A ping that the
+/// kernel gives the old leader's listener fails when that process exits, or after the
+/// homeserver's timeout while it is frozen.
+fn ping_after_takeover(shutdown: &Shutdown, hs: Homeserver, config: Arc<Config>) {
+    let stop = shutdown.clone();
+    shutdown.spawn(async move {
+        for attempt in 1..=TAKEOVER_PINGS {
+            let failed = tokio::select! {
+                _ = stop.begun() => return,
+                pinged = ping(&hs, &config) => match pinged {
+                    Ok(()) => return,
+                    Err(e) => e,
+                },
+            };
+            if attempt == TAKEOVER_PINGS {
+                tracing::warn!(
+                    error = %failed,
+                    attempts = attempt,
+                    "the homeserver's pings did not reach this instance since it took the lead (the instance that led before may still be listening on the same port); going on"
+                );
+                return;
+            }
+            tracing::debug!(error = %failed, attempt, "the homeserver's ping after the takeover failed; trying again");
+            tokio::select! {
+                _ = stop.begun() => return,
+                _ = tokio::time::sleep(TAKEOVER_PING_PAUSE) => {}
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {
