@@ -1,6 +1,6 @@
 //! `undo` against a real Synapse: a move taken back by the account it wrote into, read through the
 //! client-server API as the people in it see it; a SIGKILL in the middle of the undo, then a
-//! restart, does nothing twice; and who may not undo.
+//! restart, does nothing twice; and who may not undo. The device side's `handoff undo` too.
 
 mod common;
 
@@ -156,4 +156,144 @@ async fn a_move_is_undone_once_even_when_killed_midway_and_what_the_user_changed
     // Once is all; `status` says it.
     h.ask(&bob, &bdm, "undo", "was undone already").await;
     h.ask(&bob, &bdm, "status", "Undone (`undo`)").await;
+}
+
+/// Account data that reads as absent (`None`, or the empty object an undo writes where there was
+/// none: account data can't be deleted) compares as absent.
+fn or_empty(v: Option<Value>) -> Value {
+    v.filter(|v| v.as_object().is_none_or(|o| !o.is_empty())).unwrap_or(Value::Null)
+}
+
+/// The device side: `handoff import` records what it wrote in the account's folder, and
+/// `handoff undo` takes it back with the same rules as the bot's `undo`.
+#[tokio::test]
+async fn the_device_side_undoes_its_last_import_and_keeps_what_changed_since() {
+    const PASSWORD: &str = "correct horse battery staple";
+    let h = Harness::start().await;
+    let url = h.synapse().url.clone();
+    let (alice, bob) = (h.user_with_password("alice", PASSWORD).await, h.user_with_password("bob", PASSWORD).await);
+    let carol = h.user("carol").await;
+
+    // alice's account: a favourite, two more rooms, a DM with carol, a room bob is in already,
+    // an ignored user, a keyword rule, a client setting and a display name.
+    let plans = alice.create_room("Plans").await;
+    alice.tag(&plans, "m.favourite", Some(0.5)).await;
+    let (chat, square) = (alice.create_room("Chat").await, alice.create_room("Square").await);
+    let dm = alice.dms_with(&[&carol]).await.remove(0);
+    let shared = alice.create_room("Shared").await;
+    alice.invite(&shared, &bob.id).await;
+    bob.join(&shared).await;
+    alice.set_account_data("m.ignored_user_list", json!({"ignored_users": {"@troll:localhost": {}}})).await;
+    let deploy = NewPatternedPushRule::new("handoff-test-deploy".into(), "deploy".into(), vec![Action::Notify]);
+    alice.send(set_pushrule::v3::Request::new(NewPushRule::Content(deploy))).await;
+    alice.set_account_data("im.vector.setting.integration_provisioning", json!({"enabled": false})).await;
+    alice
+        .send(set_profile_field::v3::Request::new(alice.id.clone(), ProfileFieldValue::DisplayName("Alice A.".into())))
+        .await;
+    bob.set_account_data("m.ignored_user_list", json!({"ignored_users": {"@bobsenemy:localhost": {}}})).await;
+    // bob's account as it was, read through the client-server API.
+    let had = joined(&bob).await;
+    let bob_name = bob.send(get_profile::v3::Request::new(bob.id.clone())).await.get("displayname").cloned();
+    let (direct, ignored) = (bob.account_data("m.direct").await, bob.account_data("m.ignored_user_list").await);
+    let rules_before = rules(&bob).await;
+
+    // Both accounts logged in on this device; alice's bundle exported, then imported into bob.
+    let data = tempfile::tempdir().unwrap();
+    let cli = |args: &[&str], stdin: &str| common::device_cli(data.path(), args, stdin);
+    for user in [&alice.id, &bob.id] {
+        let (status, _, err) =
+            cli(&["login", user.as_str(), "--homeserver", url.as_str(), "--password-stdin"], &format!("{PASSWORD}\n"));
+        assert!(status.success(), "{err}");
+    }
+    let pass = data.path().join("passphrase");
+    std::fs::write(&pass, "bundle passphrase\n").unwrap();
+    let (pass, file) = (pass.to_str().unwrap().to_owned(), data.path().join("alice.handoff"));
+    let file = file.to_str().unwrap();
+    let (status, _, err) = cli(&["export", "--as", "@alice:localhost", "--out", file, "--passphrase-file", &pass], "");
+    assert!(status.success(), "{err}");
+
+    // Nothing imported yet: nothing to undo.
+    let (status, _, err) = cli(&["undo", "--as", "@bob:localhost"], "");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("no import into @bob:localhost is recorded on this device"), "{err}");
+
+    let import = ["import", file, "--as", "@bob:localhost", "--passphrase-file", &pass, "--old", "@alice:localhost"];
+    let (status, out, err) = cli(&[&import[..], &["--profile-from-old"]].concat(), "");
+    assert!(status.success(), "{out}{err}");
+    let moved = [&plans, &chat, &square, &dm];
+    let now = joined(&bob).await;
+    assert!(moved.iter().all(|r| now.contains(*r)), "{out}");
+    assert!(bob.tags(&plans).await.contains_key(&TagName::Favorite));
+    assert!(has_rule(&rules(&bob).await, "content", "handoff-test-deploy"));
+    assert!(power_of(&alice, &plans, &bob.id).await.is_some(), "the import carried alice's rank");
+
+    // Since the import, bob wrote in one room and changed the client setting: both his.
+    bob.send_text(&chat, "my own words, after the import").await;
+    bob.set_account_data("im.vector.setting.integration_provisioning", json!({"enabled": true})).await;
+
+    // The dry run says what would change, and changes nothing.
+    let (status, out, err) = cli(&["undo", "--as", "@bob:localhost", "--dry-run", "--json"], "");
+    assert!(status.success(), "{err}");
+    let plan: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let undo_of = |room: &RoomId| {
+        let rooms = plan["rooms"].as_array().unwrap();
+        rooms.iter().find(|r| r["room_id"] == room.as_str()).map(|r| (r["undo"].clone(), r["why"].clone()))
+    };
+    for room in [&plans, &square, &dm] {
+        assert_eq!(undo_of(room), Some((json!("leave"), Value::Null)), "{room}: {plan:#}");
+    }
+    assert_eq!(undo_of(&chat), Some((json!("keep"), json!("wrote_since"))), "{plan:#}");
+    assert_eq!(undo_of(&shared), Some((json!("keep"), json!("was_member"))), "{plan:#}");
+    let settings = &plan["settings"];
+    assert!(
+        settings["keep"].as_array().unwrap().iter().any(|s| s.as_str().unwrap().contains("integration")),
+        "{plan:#}"
+    );
+    assert!(settings["restore"].as_array().unwrap().contains(&json!("display name")), "{plan:#}");
+    assert_eq!(joined(&bob).await, now, "the dry run left nothing");
+
+    let (status, out, err) = cli(&["undo", "--as", "@bob:localhost"], "");
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("left 3 room(s), redacted 3 move notice(s)"), "{out}");
+    assert!(out.contains("stays: Chat (you have written there since the move (--all leaves it anyway))"), "{out}");
+    assert!(
+        out.contains("Kept, changed since the import: client setting im.vector.setting.integration_provisioning"),
+        "{out}"
+    );
+
+    // bob's rooms are those he had, and the one he wrote in.
+    let mut expected = had.clone();
+    expected.insert(chat.clone());
+    assert_eq!(joined(&bob).await, expected, "{out}");
+    for room in [&plans, &square, &dm] {
+        let timeline = alice.timeline(room).await;
+        assert_eq!(memberships(&timeline, &bob.id).last().map(String::as_str), Some("leave"), "{room}");
+        assert!(move_notices(&timeline).is_empty(), "{room}: a notice left");
+        let redactions = timeline.iter().filter(|e| e["type"] == "m.room.redaction").count();
+        assert_eq!(redactions, 1, "{room}");
+        assert_eq!(power_of(&alice, room, &bob.id).await, None, "{room}: the rank the import gave");
+    }
+    assert!(!bob.tags(&plans).await.contains_key(&TagName::Favorite), "the import's tag taken off");
+    // Every setting the import wrote is back as it was, but the one bob changed since.
+    assert_eq!(or_empty(bob.account_data("m.direct").await), or_empty(direct));
+    assert_eq!(bob.account_data("m.ignored_user_list").await, ignored);
+    let rules_now = rules(&bob).await;
+    assert!(!has_rule(&rules_now, "content", "handoff-test-deploy"));
+    assert!(!has_rule(&rules_now, "override", "org.handoff.old_mentions"));
+    assert_eq!(rules_now, rules_before, "push rules as they were");
+    assert_eq!(bob.send(get_profile::v3::Request::new(bob.id.clone())).await.get("displayname").cloned(), bob_name);
+    assert_eq!(
+        bob.account_data("im.vector.setting.integration_provisioning").await,
+        Some(json!({"enabled": true})),
+        "bob's own change since the import stays"
+    );
+
+    // Once only; and what the record keeps is sealed.
+    let (status, _, err) = cli(&["undo", "--as", "@bob:localhost"], "");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("was undone already"), "{err}");
+    let record = std::fs::read(data.path().join("accounts/@bob:localhost/last-import.sealed")).unwrap();
+    for needle in ["bobsenemy", "troll", "handoff-test-deploy", plans.as_str()] {
+        assert!(!record.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} readable in the record");
+    }
 }

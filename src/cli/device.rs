@@ -1,4 +1,4 @@
-//! The device side's commands: `login`, `logout`, `export`, `import`. Each works as a Matrix
+//! The device side's commands: `login`, `logout`, `export`, `import`, `undo`. Each works as a Matrix
 //! client of the person's own account ([`Session`]); its error is one line and exit code 1.
 //!
 //! Secrets (passwords, passphrases, tokens, recovery keys) are asked without echo at a terminal,
@@ -20,10 +20,13 @@ use crate::bundle::{Bundle, Only};
 use crate::client::import::{Import, ImportOptions, ImportReport, Progress, RoomOutcome, RoomResult};
 use crate::client::pace::{Joins, TimeLeft};
 use crate::client::session::{self, Credential, Session};
+use crate::client::undo::DeviceUndo;
 use crate::client::{self, ExportOptions, room_keys};
 use crate::config::{LogFormat, Secret};
 use crate::homeserver::RateLimited;
+use crate::transfer::UndoRoom;
 use crate::transfer::plan::Requirements;
+use crate::transfer::undo::{Kept, RoomUndo};
 
 /// An import that finished with rooms or settings it could not move.
 const INCOMPLETE: u8 = 3;
@@ -144,6 +147,29 @@ pub enum Command {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=22))]
         max_work_factor: Option<u8>,
     },
+    /// Take back the last `handoff import` into an account logged in here: leave the rooms it
+    /// joined (its tags taken off, its notices redacted, the rank it gave lowered first) and put
+    /// back the settings it changed, each only where it still holds what the import wrote.
+    #[command(after_help = "Exit codes: 0 undone; 1 an error (run it again: it goes on where it stopped); \
+        3 finished, but some rooms could not be left (listed: run it again to retry them).")]
+    Undo {
+        /// The account imported into (needed when more than one is logged in here).
+        #[arg(long = "as")]
+        as_user: Option<OwnedUserId>,
+        /// Show what would change, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also leave the rooms the account wrote in since the import.
+        #[arg(long)]
+        all: bool,
+        /// The old account is logged in here too: where the new account may not lower the rank the
+        /// import gave it, the old one takes it back.
+        #[arg(long)]
+        old: Option<OwnedUserId>,
+        /// Print what would change (with --dry-run) or what was done as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn main(data_dir: Option<PathBuf>, command: Command) -> ExitCode {
@@ -217,6 +243,9 @@ pub fn main(data_dir: Option<PathBuf>, command: Command) -> ExitCode {
                     json,
                 };
                 import.run(&data).await
+            }
+            Command::Undo { as_user, dry_run, all, old, json } => {
+                undo(&data, as_user.as_deref(), dry_run, all, old.as_deref(), json).await
             }
         }
     };
@@ -650,4 +679,108 @@ fn time_left(left: Duration) -> String {
         s if s < 60 => format!("(about {s}s left)"),
         s => format!("(about {} left)", humantime::format_duration(Duration::from_secs(s / 60 * 60))),
     }
+}
+
+/// `handoff undo`: the last import into the account, taken back.
+async fn undo(
+    data: &Path,
+    as_user: Option<&UserId>,
+    dry_run: bool,
+    all: bool,
+    old: Option<&UserId>,
+    json: bool,
+) -> Result<ExitCode> {
+    let session = Session::open(data, as_user).await?;
+    let old = match old {
+        Some(user) => Some(client::import::old_from_session(&Session::open(data, Some(user)).await?).await?),
+        None => None,
+    };
+    let undo = DeviceUndo::open(&session, old).await?;
+    let record = undo.record();
+    let plan = undo.plan(all).await?;
+    let name = |room: &ruma::RoomId| {
+        let named = record.rooms.get(room).and_then(|r| r.name.clone());
+        named.unwrap_or_else(|| room.to_string())
+    };
+    let (back, kept) = plan.settings.as_ref().map(|s| s.names()).unwrap_or_default();
+    if dry_run {
+        if json {
+            let rooms: Vec<serde_json::Value> = plan
+                .rooms
+                .iter()
+                .map(|(room, named, what)| match what {
+                    RoomUndo::Leave { .. } => serde_json::json!({"room_id": room, "name": named, "undo": "leave"}),
+                    RoomUndo::Kept(why) => {
+                        serde_json::json!({"room_id": room, "name": named, "undo": "keep", "why": why})
+                    }
+                })
+                .collect();
+            let settings = serde_json::json!({"restore": back, "keep": kept});
+            let out = serde_json::json!({"old": record.old, "new": record.new, "rooms": rooms, "settings": settings});
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "Undoing the import from {} into {} would leave {} room(s) it joined (taking off the tags it set, redacting its notices, lowering the rank it gave first).",
+            record.old,
+            record.new,
+            plan.leaving()
+        );
+        for (room, _, what) in &plan.rooms {
+            if let RoomUndo::Kept(why) = what
+                && *why != Kept::NotMoved
+            {
+                println!("  stays: {} ({})", name(room), why.text().replace("`undo --all`", "--all"));
+            }
+        }
+        if !back.is_empty() {
+            println!("Settings that would go back to what you had before: {}.", back.join(", "));
+        }
+        if !kept.is_empty() {
+            println!("Settings you changed since the import, which would stay: {}.", kept.join(", "));
+        }
+        println!("Nothing was changed (--dry-run).");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let shown = !json && std::io::stderr().is_terminal();
+    let report = undo
+        .run(&plan, all, |room, step| {
+            if shown && let UndoRoom::Left { .. } = step {
+                eprintln!("left {}", name(room));
+            }
+        })
+        .await?;
+    if json {
+        let out = serde_json::json!({"old": record.old, "new": record.new, "report": report});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "Undid the import from {} into {}: left {} room(s), redacted {} move notice(s).",
+            record.old,
+            record.new,
+            report.left.len(),
+            report.redacted
+        );
+        let s = &report.settings;
+        if !s.restored.is_empty() {
+            println!("Put back as you had them before the import: {}.", s.restored.join(", "));
+        }
+        if !s.kept.is_empty() {
+            println!("Kept, changed since the import: {}.", s.kept.join(", "));
+        }
+        if !s.failed.is_empty() {
+            println!("Could not put back: {}.", s.failed.join(", "));
+        }
+        for (room, why) in &report.kept {
+            println!("  stays: {} ({})", name(room), why.text().replace("`undo --all`", "--all"));
+        }
+        for (room, why) in &report.rank_kept {
+            println!("  left {}, but the rank the import gave stays in its power levels: {why}", name(room));
+        }
+        for (room, why) in &report.failed {
+            println!("  not left: {}: {why} (run `handoff undo` again to retry)", name(room));
+        }
+        println!("Messages you sent in the rooms are not deleted.");
+    }
+    Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(INCOMPLETE) })
 }

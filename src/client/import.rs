@@ -4,7 +4,8 @@
 //!
 //! There is no journal here: every step is one a second run finds done and leaves alone (a join
 //! of a room the account is in, a tag that is set, a merge that adds nothing, a notice that is
-//! already there), so an import that stopped half-way is simply run again.
+//! already there), so an import that stopped half-way is simply run again. What it wrote is
+//! recorded in the account's folder as it goes ([`super::undo::Recording`]), for `handoff undo`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use super::pace::Joins;
 use super::room_keys;
+use super::undo::Recording;
 use crate::budget::{Budget, Class};
 use crate::bundle::Bundle;
 use crate::client::session::Session;
@@ -29,6 +31,7 @@ use crate::transfer::journal::RoomJournal;
 use crate::transfer::merge::AccountWorld;
 use crate::transfer::plan::{self, Plan, Requirements, RoomPlan};
 use crate::transfer::room::{Accounts, EncryptedNotice, MOVE_FIELD, Move, Notice, OwnSession, Reach, RoomWork};
+use crate::transfer::undo::{RoomMoved, Wrote};
 use crate::transfer::{
     AccountStep, ClientProfile, Error, FailReason, RoomStep, SkipReason, Stage, TransferKind, world,
 };
@@ -224,17 +227,26 @@ impl<'a> Import<'a> {
     pub async fn run(&self, plan: &Plan, progress: &dyn Progress) -> Result<ImportReport> {
         let room_keys = self.room_keys(progress).await?;
         let world = self.account_world(&SETTINGS).await?;
+        let t = self.as_move(self.notice_id());
+        // What it writes is recorded from here, before its first write, for `handoff undo`.
+        let recording = Recording::begin(self.session, t.id, &self.bundle.source.user_id, &world)?;
         let account = AccountWork { acting: self.new.clone() };
-        let mut settings = Vec::new();
+        let (mut settings, mut done) = (Vec::new(), Vec::new());
         let none = BTreeSet::new();
         progress.step("profile");
-        settings.push(self.setting(&account, AccountStep::Profile, &none, &world).await?);
+        settings.push(self.setting(&account, AccountStep::Profile, &none, &world, &mut done).await?);
 
         progress.rooms(plan.rooms.len(), Joins::of(plan, self.new_user()).at_defaults());
-        let (work, t) = (&self.room_work(), self.as_move(self.notice_id()));
+        let (work, recording) = (&self.room_work(), &recording);
         let mut rooms: Vec<RoomResult> = stream::iter(&plan.rooms)
             .map(|room| async move {
-                let result = self.room(work, t, room).await;
+                let mut result = self.room(work, t, room).await;
+                let in_room = result.outcome == RoomOutcome::Moved;
+                let entry = self.bundle.rooms.iter().find(|e| e.room_id == room.room_id);
+                let moved = RoomMoved::of(room, in_room.then_some(&RoomStep::Done), entry);
+                if let Err(e) = recording.update(|r| r.room(moved, in_room)) {
+                    result.notes.push(format!("not recorded for `handoff undo`: {e:#}"));
+                }
                 progress.room(&result);
                 result
             })
@@ -253,8 +265,13 @@ impl<'a> Import<'a> {
                 continue;
             }
             progress.step(step.name());
-            settings.push(self.setting(&account, *step, &moved, &world).await?);
+            settings.push(self.setting(&account, *step, &moved, &world, &mut done).await?);
         }
+        let profile_from_old = self.options.requirements.profile_from_old;
+        recording.update(|r| {
+            r.done.extend(done);
+            r.wrote = Wrote::of(t, profile_from_old, |s| r.done.contains(&s), &r.before, self.bundle, &r.moved);
+        })?;
         Ok(ImportReport {
             old: self.bundle.source.user_id.clone(),
             new: self.new_user().to_owned(),
@@ -277,11 +294,15 @@ impl<'a> Import<'a> {
         step: AccountStep,
         moved: &BTreeSet<OwnedRoomId>,
         world: &AccountWorld,
+        done: &mut Vec<AccountStep>,
     ) -> Result<SettingResult> {
         let setting = step.setting(&self.options.requirements).expect("SETTINGS are settings");
         let old = &self.bundle.source.user_id;
         let (ok, detail) = match account.apply(setting, old, self.new_user(), self.bundle, moved, world).await {
-            Ok(done) => (true, done.to_string()),
+            Ok(wrote) => {
+                done.push(step);
+                (true, wrote.to_string())
+            }
             Err(Error::Hs(e)) => (false, e.to_string()),
             Err(e) => return Err(e.into()),
         };

@@ -10,5 +10,6 @@ pub mod import;
 pub mod pace;
 pub mod room_keys;
 pub mod session;
+pub mod undo;
 
 pub use export::{ExportOptions, Exported, export, read_room_keys};

@@ -56,6 +56,8 @@ pub struct Session {
     pub device_id: OwnedDeviceId,
     pub homeserver: HttpUrl,
     access_token: Secret,
+    /// The passphrase of this session's stores, which also seals what handoff keeps beside them.
+    passphrase: Secret,
     /// This account's folder on this device.
     dir: PathBuf,
 }
@@ -168,6 +170,7 @@ impl Session {
                 device_id,
                 homeserver: homeserver.clone(),
                 access_token,
+                passphrase: passphrase.clone(),
                 dir: dir.clone(),
             })
         };
@@ -205,6 +208,7 @@ impl Session {
             device_id: saved.device_id,
             homeserver: saved.homeserver,
             access_token: saved.access_token,
+            passphrase: saved.passphrase,
             dir,
         })
     }
@@ -263,6 +267,20 @@ impl Session {
     /// This account's folder on this device (mode 0700).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// A key for what handoff keeps in this account's folder beside the session (what an import
+    /// wrote, for `handoff undo`), from the stores' passphrase: a file copied off the folder
+    /// alone reads as noise.
+    pub fn sealing_key(&self, purpose: &str) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        Sha256::new()
+            .chain_update(b"handoff device key\0")
+            .chain_update(purpose.as_bytes())
+            .chain_update([0])
+            .chain_update(self.passphrase.expose().as_bytes())
+            .finalize()
+            .into()
     }
 
     /// Ends the session on the homeserver (which deletes this device) and removes its folder.

@@ -165,7 +165,12 @@ impl Harness {
     /// acts as them through its registration, which this changes nothing for). Before the device
     /// side acts with its token, [`User::under_defaults`].
     pub async fn user(&self, localpart: &str) -> User {
-        let (user_id, token) = self.synapse().register_user(localpart, "password", false).await.unwrap();
+        self.user_with_password(localpart, "password").await
+    }
+
+    /// [`Harness::user`] with that password (for the device side's `handoff login`).
+    pub async fn user_with_password(&self, localpart: &str, password: &str) -> User {
+        let (user_id, token) = self.synapse().register_user(localpart, password, false).await.unwrap();
         let mut user = User::new(&self.synapse().url, user_id, token).await;
         user.admin = Some(self.admin.clone());
         user.exempt().await;
