@@ -424,7 +424,21 @@ async fn import_moves_the_account_and_the_keys_that_decrypt_its_history() {
         }
     }
 
-    // This homeserver doesn't let sessions make login tokens: said, and no file written.
+    // `handoff undo` takes both runs of the import back: every room left, the notice this device
+    // sent encrypted redacted too (told by the ID it recorded), bob's own name back.
+    let (status, out, err) = handoff(data.path(), &["undo", "--as", "@bob:localhost"], "");
+    assert!(status.success(), "{out}{err}");
+    let now = joined(&bob).await;
+    for room in [&private, &public, &dm, &secret] {
+        assert!(!now.contains(room), "{room} still joined: {out}");
+    }
+    for room in [&private, &public, &dm, &secret] {
+        let timeline = alice.whole_timeline(room).await;
+        let redactions = timeline.iter().filter(|e| e["type"] == "m.room.redaction" && e["sender"] == bob.id.as_str());
+        assert_eq!(redactions.count(), 1, "{room}: its move notice redacted once: {out}");
+    }
+    assert_eq!(display_name(&bob).await, Some(Value::from("Bob B.")), "{out}");
+
     let other = work.path().join("token.handoff");
     let (status, _, err) = handoff(
         data.path(),

@@ -255,7 +255,7 @@ impl<'a> Import<'a> {
             .await;
         if let Some(notify) = &work.notify {
             progress.step("move notices in encrypted rooms");
-            self.encrypted_notices(notify, t, &mut rooms).await;
+            self.encrypted_notices(notify, t, &mut rooms, recording).await;
         }
 
         let moved: BTreeSet<OwnedRoomId> =
@@ -354,7 +354,13 @@ impl<'a> Import<'a> {
     /// device: the stages leave it (clear text would be flagged there), and this device holds the
     /// account's keys. A room whose last messages hold it already is left alone; a notice that
     /// can't be sent is a note of its room.
-    async fn encrypted_notices(&self, notify: &NotifyConfig, t: Move<'_>, rooms: &mut [RoomResult]) {
+    async fn encrypted_notices(
+        &self,
+        notify: &NotifyConfig,
+        t: Move<'_>,
+        rooms: &mut [RoomResult],
+        recording: &Recording,
+    ) {
         let encrypted = |r: &RoomResult| self.bundle.rooms.iter().any(|e| e.room_id == r.room_id && e.encrypted);
         let mut todo: Vec<&mut RoomResult> =
             rooms.iter_mut().filter(|r| r.outcome == RoomOutcome::Moved && encrypted(r)).collect();
@@ -378,7 +384,13 @@ impl<'a> Import<'a> {
                 if notice_among(&room, t.id).await? {
                     return Ok(());
                 }
-                room.send_raw("m.room.message", content.clone()).with_transaction_id(&txn_id).await?;
+                let sent = room.send_raw("m.room.message", content.clone()).with_transaction_id(&txn_id).await?;
+                // Encrypted, it is told from the account's own messages only by its ID.
+                recording.update(|rec| {
+                    if let Some(moved) = rec.rooms.get_mut(&r.room_id) {
+                        moved.notices.push(sent.response.event_id);
+                    }
+                })?;
                 anyhow::Ok(())
             };
             if let Err(e) = sent.await {

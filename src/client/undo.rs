@@ -237,7 +237,7 @@ impl<'a> DeviceUndo<'a> {
                 let reverter = &reverter;
                 async move {
                     let now = match m.seated {
-                        true => reverter.room_now(&m.room_id).await?,
+                        true => reverter.room_now(&m.room_id, &m.notices).await?,
                         false => Default::default(),
                     };
                     Ok::<_, HsError>((m.room_id.clone(), m.name.clone(), undo::room(m, &now, all)))

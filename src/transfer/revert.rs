@@ -16,7 +16,7 @@ use ruma::events::StateEventType;
 use ruma::events::room::member::MembershipState;
 use ruma::events::room::power_levels::RoomPowerLevelsEventContent;
 use ruma::profile::{ProfileFieldName, ProfileFieldValue};
-use ruma::{Int, OwnedRoomId, RoomId, UInt, UserId};
+use ruma::{Int, OwnedEventId, OwnedRoomId, RoomId, UInt, UserId};
 use serde_json::{Value as JsonValue, json};
 
 use super::account::AccountWork;
@@ -46,7 +46,9 @@ pub struct Reverter<'a> {
 impl Reverter<'_> {
     /// The new account in `room` as it is now: its membership, rank and tags, the move's notices it
     /// posted there, and whether it wrote anything else since the move began.
-    pub async fn room_now(&self, room: &OwnedRoomId) -> Result<RoomNow, HsError> {
+    /// `sent`: the move's notices there that can't be told by their content (sent encrypted by
+    /// the device side, which recorded their IDs).
+    pub async fn room_now(&self, room: &OwnedRoomId, sent: &[OwnedEventId]) -> Result<RoomNow, HsError> {
         let (hs, new) = (self.hs, self.new);
         let mut now = RoomNow::default();
         let state = |kind: StateEventType, key: String| {
@@ -94,6 +96,9 @@ impl Reverter<'_> {
                         if let Ok(id) = serde_json::from_value(event["event_id"].clone()) {
                             now.notices.push(id);
                         }
+                    }
+                    _ if sent.iter().any(|id| event["event_id"] == id.as_str()) => {
+                        now.notices.extend(serde_json::from_value(event["event_id"].clone()).ok());
                     }
                     _ => now.wrote_since = true,
                 }

@@ -331,6 +331,9 @@ pub struct RoomMoved {
     /// The tags the move set.
     #[serde(default)]
     pub tags: Vec<TagName>,
+    /// Its notices there that only their IDs tell (the device side's, sent encrypted).
+    #[serde(default)]
+    pub notices: Vec<OwnedEventId>,
 }
 
 impl RoomMoved {
@@ -344,6 +347,7 @@ impl RoomMoved {
             seated: plan.action == Action::Join && step.is_some_and(RoomStep::is_seated),
             give_level: plan.give_level,
             tags: entry.map(|e| e.tags.keys().cloned().collect()).unwrap_or_default(),
+            notices: vec![],
         }
     }
 }

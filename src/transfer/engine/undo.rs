@@ -32,7 +32,7 @@ impl Engine {
             .map(|i| async move {
                 let room = &rooms[i];
                 let _slot = self.budget.acquire(t.id, Class::Normal).await;
-                let now = self.reverter(t).room_now(&room.room_id).await?;
+                let now = self.reverter(t).room_now(&room.room_id, &[]).await?;
                 let entry = bundle_ref.as_ref().and_then(|b| b.rooms.iter().find(|e| e.room_id == room.room_id));
                 let what = undo::room(&RoomMoved::of(room, steps_ref.get(&room.room_id), entry), &now, all);
                 Ok::<_, HsError>((room.room_id.clone(), room.name.clone(), what))
