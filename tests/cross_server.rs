@@ -340,7 +340,7 @@ async fn level_of(reader: &User, room: &RoomId, user: &ruma::UserId) -> Option<i
 }
 
 #[tokio::test]
-async fn a_reservation_gives_the_rank_only_after_the_join_and_cancel_takes_back_the_invites() {
+async fn a_reservation_gives_the_rank_only_after_the_join_and_undo_takes_back_the_invites() {
     let started = Instant::now();
     let fh = FederatedHarness::start().await;
     let name_a = fh.server_name(Side::A);
@@ -381,8 +381,12 @@ async fn a_reservation_gives_the_rank_only_after_the_join_and_cancel_takes_back_
         assert_eq!(level_of(&alice, room, &newbie.id).await, None, "{room}: a rank without a join");
     }
 
-    // `cancel` takes back the invites not taken; the joined room keeps the new account and its rank.
-    let cancelled = fh.a.ask(&alice, &dm, "cancel", "reservation").await;
+    // `undo` (as `cancel`) takes back the invites not taken; the joined room keeps the new account
+    // and its rank. Its dry run changes nothing.
+    let dry = fh.a.ask(&alice, &dm, "undo --dry-run", "Nothing was changed").await;
+    assert!(dry.contains("would withdraw the invites it has not taken yet"), "{dry}");
+    assert_eq!(count_membership(&alice, &own, &newbie.id, "invite").await, own.len(), "the dry run withdrew");
+    let cancelled = fh.a.ask(&alice, &dm, "undo", "reservation").await;
     assert!(cancelled.contains("invites not taken yet are being withdrawn"), "{cancelled}");
     eventually("the invites withdrawn", || async {
         (count_membership(&alice, &own, &newbie.id, "leave").await == own.len()).then_some(())

@@ -1,6 +1,7 @@
 //! `undo [--dry-run] [--all]`: on the account a move wrote into, take the move back: leave the
 //! rooms it joined (rank lowered, tags off, its notices redacted) and put back the settings it
-//! changed, each only where it still holds what the move wrote.
+//! changed, each only where it still holds what the move wrote. On the old account: rejoin the
+//! rooms `finish --leave` left, or withdraw a reservation's invites not taken yet.
 
 use ruma::api::client::profile::{get_profile, set_profile_field};
 use ruma::profile::ProfileFieldValue;
@@ -9,7 +10,7 @@ use super::{Args, Command, CommandError, Spec};
 use crate::bot::state::{Bot, BotError, Ctx};
 use crate::config::PermissionLevel;
 use crate::transfer::undo::{self, Kept, Refusal, RoomUndo, UndoPlan, UndoReport};
-use crate::transfer::{Transfer, engine};
+use crate::transfer::{Transfer, engine, watch};
 
 pub const SPEC: Spec = Spec {
     name: "undo",
@@ -43,6 +44,18 @@ pub async fn run(bot: &Bot, ctx: &Ctx, args: Undo) -> Result<(), BotError> {
     let left = records.iter().rev().find(|t| &t.old == user && !t.left_at_finish.is_empty());
     if let Some(t) = left.filter(|t| into.is_none_or(|id| t.id > id)) {
         return rejoin(bot, ctx, t, args.dry_run).await;
+    }
+    // The old account's last transfer, a reservation for an account on another server whose
+    // seats still wait: its undo withdraws the invites not taken yet, as `cancel` does.
+    if let Some(t) = records.last().filter(|t| &t.old == user && watch::is_watched(t)) {
+        if args.dry_run {
+            let text = format!(
+                "Undoing your reservation for {} would withdraw the invites it has not taken yet. Rooms it has joined keep it (its own server's `undo`, on that account, leaves them).\n\nNothing was changed. Send `undo` to do it.",
+                t.new
+            );
+            return bot.reply(ctx, text).await;
+        }
+        return super::cancel::run(bot, ctx, None).await;
     }
     // The account a move wrote into, and only it: an admin can't take someone else's move back.
     let latest = records.into_iter().rev().find(|t| undo::may_undo(t, user));
