@@ -15,7 +15,7 @@ use crate::transfer::{Transfer, engine, watch};
 pub const SPEC: Spec = Spec {
     name: "undo",
     usage: "undo [--dry-run] [--all]",
-    summary: "on the new account: take your last move back (leave the rooms it joined, put your settings back); --dry-run shows what would change, --all leaves rooms you wrote in since too; on the old account after `finish --leave`: rejoin the rooms it left",
+    summary: "on the new account: take your last move back (leave the rooms it joined, put your settings back); --dry-run shows what would change, --all leaves rooms you wrote in since too; on the old account after `finish --leave`: rejoin the rooms it left; after `export --to` another server: withdraw the invites not taken yet",
     anywhere: false,
     permission: PermissionLevel::User,
     runs_long: true,
