@@ -692,7 +692,10 @@ async fn undo(
 ) -> Result<ExitCode> {
     let session = Session::open(data, as_user).await?;
     let old = match old {
-        Some(user) => Some(client::import::old_from_session(&Session::open(data, Some(user)).await?).await?),
+        Some(user) => {
+            let old = client::import::old_from_session(&Session::open(data, Some(user)).await?).await?;
+            Some((old.user, old.hs))
+        }
         None => None,
     };
     let undo = DeviceUndo::open(&session, old).await?;

@@ -17,7 +17,6 @@ use futures_util::stream::{self, StreamExt};
 use ruma::{OwnedRoomId, OwnedUserId};
 use serde::{Deserialize, Serialize};
 
-use super::import::OldAccount;
 use super::session::Session;
 use crate::homeserver::{Homeserver, HsError};
 use crate::store::now_ms;
@@ -188,8 +187,8 @@ pub fn refusal(record: Option<&Record>, user: &ruma::UserId) -> Option<String> {
 pub struct DeviceUndo<'a> {
     hs: Homeserver,
     recording: Recording,
-    /// The old account, when logged in here too: it may take back the rank it gave.
-    old: Option<OldAccount>,
+    /// The old account and its client, when logged in here too: it may take back the rank it gave.
+    old: Option<(OwnedUserId, Homeserver)>,
     _session: &'a Session,
 }
 
@@ -197,15 +196,15 @@ pub struct DeviceUndo<'a> {
 const IN_FLIGHT: usize = crate::config::DEFAULT_CONCURRENCY;
 
 impl<'a> DeviceUndo<'a> {
-    pub async fn open(session: &'a Session, old: Option<OldAccount>) -> Result<DeviceUndo<'a>> {
+    pub async fn open(session: &'a Session, old: Option<(OwnedUserId, Homeserver)>) -> Result<DeviceUndo<'a>> {
         let records = Records::of(session);
         let record = records.load()?;
         if let Some(why) = refusal(record.as_ref(), &session.user_id) {
             bail!("{why}");
         }
         let record = record.expect("refused without one");
-        if let Some(old) = &old {
-            anyhow::ensure!(old.user == record.old, "the import was from {}, not {}", record.old, old.user);
+        if let Some((user, _)) = &old {
+            anyhow::ensure!(*user == record.old, "the import was from {}, not {user}", record.old);
         }
         let hs = session.homeserver().await.with_context(|| format!("cannot reach {}", session.homeserver))?;
         Ok(DeviceUndo { hs, recording: Recording { records, record: Mutex::new(record) }, old, _session: session })
@@ -222,7 +221,7 @@ impl<'a> DeviceUndo<'a> {
             old: &r.old,
             move_id: r.id,
             since_ms: r.started_at_ms,
-            old_rank: self.old.as_ref().map(|o| (&o.hs, &*o.user)),
+            old_rank: self.old.as_ref().map(|(user, hs)| (hs, &**user)),
         }
     }
 
