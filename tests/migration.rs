@@ -129,6 +129,14 @@ async fn populate(h: &Harness, alice: &User, bob: &User) -> Setup {
     })
     .await;
     alice.join(&peer_room).await;
+    // One where alice moderates (50) but may not change power levels (100, Synapse's default): her
+    // rank can't be given, which the report names with the reason.
+    let moderated = room(&host, "Moderated", |r| {
+        r.invite = vec![alice.id.clone()];
+        r.power_level_content_override = Some(raw(json!({"users": {alice.id.as_str(): 50}, "invite": 0})));
+    })
+    .await;
+    alice.join(&moderated).await;
     // One where alice may not invite.
     let no_invite = room(&host, "No invites", |r| {
         r.invite = vec![alice.id.clone()];
@@ -195,7 +203,14 @@ async fn populate(h: &Harness, alice: &User, bob: &User) -> Setup {
     all.extend(dms.values().cloned());
     all.push(space.clone());
     all.extend(children.iter().cloned());
-    all.extend([restricted.clone(), encrypted.clone(), public.clone(), peer_room.clone(), no_invite.clone()]);
+    all.extend([
+        restricted.clone(),
+        encrypted.clone(),
+        public.clone(),
+        peer_room.clone(),
+        no_invite.clone(),
+        moderated,
+    ]);
     all.extend([banned.clone(), joined_history.clone(), mentions_only.clone(), muted.clone(), history_room.clone()]);
     all.extend(fillers);
     Setup {
@@ -263,6 +278,8 @@ async fn a_whole_account_is_captured_and_moved_field_by_field() {
     assert!(report.contains("No invites: the old account may not invite there"), "{report}");
     assert!(report.contains("Banned: the new account is banned there"), "{report}");
     assert!(report.contains("Joined history: history visibility is `joined`"), "{report}");
+    let refused = "Moderated: the old account's rank (power level 50) can't be given: it may not change power levels";
+    assert!(report.contains(refused), "{report}");
     // What bob had of his own is kept, and named with the old value and how to take it.
     let kept = "profile: avatar set; kept your own display name (the old one was \"Alice A.\"): use --profile-from-old to take it";
     assert!(report.contains(kept), "{report}");
