@@ -82,8 +82,10 @@ impl Record {
         if in_room {
             self.moved.insert(room.room_id.clone());
         }
-        match self.rooms.get(&room.room_id) {
-            Some(had) if had.seated || had.was_member => {}
+        match self.rooms.get_mut(&room.room_id) {
+            // A rank a later run (with the old account's access) gave is the import's too.
+            Some(had) if had.seated => had.give_level = had.give_level.or(room.give_level),
+            Some(had) if had.was_member => {}
             _ => {
                 self.rooms.insert(room.room_id.clone(), room);
             }
@@ -323,5 +325,52 @@ impl<'a> DeviceUndo<'a> {
 fn set_undo(r: &mut Record, change: impl FnOnce(&mut Undoing)) {
     if let Some(u) = r.undo.as_mut() {
         change(u);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::{Int, owned_room_id, owned_user_id};
+
+    use super::*;
+
+    fn moved(seated: bool, was_member: bool, level: Option<i64>) -> RoomMoved {
+        RoomMoved {
+            room_id: owned_room_id!("!r:example.org"),
+            name: None,
+            was_member,
+            seated,
+            give_level: level.map(|l| Int::new(l).unwrap()),
+            tags: vec![],
+            notices: vec![],
+        }
+    }
+
+    /// A second run of the same import finds the account in the rooms the first seated it in: they
+    /// stay the import's (to leave), with a rank the second run gave; a room the account was in
+    /// before the first run stays its own.
+    #[test]
+    fn a_second_run_keeps_what_the_first_seated() {
+        let (old, new) = (owned_user_id!("@old:example.org"), owned_user_id!("@new:example.org"));
+        let mut r = Record::new(1, old, new, AccountWorld::default());
+        r.room(moved(true, false, None), true);
+        r.room(moved(false, true, Some(50)), true);
+        let room = &r.rooms[&owned_room_id!("!r:example.org")];
+        assert!(room.seated && !room.was_member);
+        assert_eq!(room.give_level, Some(Int::from(50)));
+
+        let mut r =
+            Record::new(1, owned_user_id!("@old:example.org"), owned_user_id!("@new:example.org"), Default::default());
+        r.room(moved(false, false, None), false);
+        r.room(moved(true, false, None), true);
+        assert!(r.rooms[&owned_room_id!("!r:example.org")].seated, "a room failed, then seated by the next run");
+        r.room(moved(false, true, None), true);
+        assert!(r.rooms[&owned_room_id!("!r:example.org")].seated);
+
+        let mut r =
+            Record::new(1, owned_user_id!("@old:example.org"), owned_user_id!("@new:example.org"), Default::default());
+        r.room(moved(false, true, None), true);
+        r.room(moved(true, false, Some(50)), true);
+        assert!(r.rooms[&owned_room_id!("!r:example.org")].was_member, "the account's own room stays its own");
     }
 }
