@@ -238,8 +238,10 @@ impl<'a> Import<'a> {
 
         progress.rooms(plan.rooms.len(), Joins::of(plan, self.new_user()).at_defaults());
         let (work, recording) = (&self.room_work(), &recording);
-        let mut rooms: Vec<RoomResult> = stream::iter(&plan.rooms)
-            .map(|room| async move {
+        // Unordered: a room that waits (another server, a rate limit) holds one slot, not the
+        // rooms behind it; they start in the plan's order all the same, and are put back in it.
+        let mut rooms: Vec<(usize, RoomResult)> = stream::iter(plan.rooms.iter().enumerate())
+            .map(|(i, room)| async move {
                 let mut result = self.room(work, t, room).await;
                 let in_room = result.outcome == RoomOutcome::Moved;
                 let entry = self.bundle.rooms.iter().find(|e| e.room_id == room.room_id);
@@ -248,11 +250,13 @@ impl<'a> Import<'a> {
                     result.notes.push(format!("not recorded for `handoff undo`: {e:#}"));
                 }
                 progress.room(&result);
-                result
+                (i, result)
             })
-            .buffered(IN_FLIGHT)
+            .buffer_unordered(IN_FLIGHT)
             .collect()
             .await;
+        rooms.sort_by_key(|(i, _)| *i);
+        let mut rooms: Vec<RoomResult> = rooms.into_iter().map(|(_, r)| r).collect();
         if let Some(notify) = &work.notify {
             progress.step("move notices in encrypted rooms");
             self.encrypted_notices(notify, t, &mut rooms, recording).await;
@@ -268,7 +272,7 @@ impl<'a> Import<'a> {
             settings.push(self.setting(&account, *step, &moved, &world, &mut done).await?);
         }
         let profile_from_old = self.options.requirements.profile_from_old;
-        recording.update(|r| {
+        recording.update_durably(|r| {
             r.done.extend(done);
             r.wrote = Wrote::of(t, profile_from_old, |s| r.done.contains(&s), &r.before, self.bundle, &r.moved);
         })?;

@@ -128,15 +128,22 @@ impl Records {
         Ok(Some(record))
     }
 
-    /// Writes `record` in place of the last (whole, or not at all).
+    /// Writes `record` in place of the last (whole, or not at all), on the disk itself before it
+    /// returns.
     pub fn save(&self, record: &Record) -> Result<()> {
+        self.write(record, true)
+    }
+
+    /// Writes `record` in place of the last; `durable`: on the disk itself before it returns
+    /// (else a process that stops keeps it, a machine that loses power may not).
+    fn write(&self, record: &Record, durable: bool) -> Result<()> {
         let json = serde_json::to_vec(record)?;
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
         let mut sealed = nonce.to_vec();
         sealed.extend(self.cipher.encrypt(&nonce, json.as_slice()).map_err(|_| anyhow::anyhow!("cannot seal"))?);
         let mut file = crate::registration::private_file_beside(&self.path)?;
         std::io::Write::write_all(&mut file, &sealed)
-            .and_then(|_| file.as_file().sync_all())
+            .and_then(|_| if durable { file.as_file().sync_all() } else { Ok(()) })
             .with_context(|| format!("cannot write {}", self.path.display()))?;
         file.persist(&self.path).map_err(|e| anyhow::anyhow!("cannot write {}: {}", self.path.display(), e.error))?;
         Ok(())
@@ -160,8 +167,16 @@ impl Recording {
         Ok(Recording { records, record: Mutex::new(record) })
     }
 
-    /// Changes the record and saves it.
+    /// Changes the record and saves it, as each room ends: not synced to the disk each time
+    /// (hundreds of rooms), but each write whole.
     pub fn update(&self, change: impl FnOnce(&mut Record)) -> Result<()> {
+        let mut record = self.record.lock().expect("the record's lock");
+        change(&mut record);
+        self.records.write(&record, false)
+    }
+
+    /// The same, on the disk itself before it returns (the import's or the undo's end).
+    pub fn update_durably(&self, change: impl FnOnce(&mut Record)) -> Result<()> {
         let mut record = self.record.lock().expect("the record's lock");
         change(&mut record);
         self.records.save(&record)
@@ -305,11 +320,12 @@ impl<'a> DeviceUndo<'a> {
                 Some(settings) => reverter.put_back(settings).await,
                 None => SettingsUndone::default(),
             };
-            self.recording.update(|r| set_undo(r, |u| u.settings = Some(done)))?;
+            self.recording.update_durably(|r| set_undo(r, |u| u.settings = Some(done)))?;
         }
         // With rooms it could not leave, the undo is not over: the next run tries them again.
-        self.recording
-            .update(|r| set_undo(r, |u| u.finished = !u.rooms.values().any(|s| matches!(s, UndoRoom::Failed(_)))))?;
+        self.recording.update_durably(|r| {
+            set_undo(r, |u| u.finished = !u.rooms.values().any(|s| matches!(s, UndoRoom::Failed(_))))
+        })?;
         Ok(undo::report_of(self.record().undo.as_ref().expect("begun")))
     }
 
