@@ -213,6 +213,9 @@ impl Kv {
     }
 }
 
+/// How long opening a sled store waits for the lock of one closed just before.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The embedded engine: one sled database, a tree per [`Tree`].
 #[derive(Clone)]
 pub(super) struct SledKv {
@@ -223,11 +226,22 @@ pub(super) struct SledKv {
 
 impl SledKv {
     fn open(path: &Path) -> Result<SledKv, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(64 << 20)
-            .open()
-            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        // The file lock of a store closed just now (in this process, or one that is exiting) is
+        // let go when its last background flush ends: wait for that a little, not for a second
+        // process that holds the store open (it is still refused, after the wait).
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+        let db = loop {
+            match sled::Config::new().path(path).cache_capacity(64 << 20).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                opened => {
+                    break opened.map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+                }
+            }
+        };
         let meta = db.open_tree(Tree::Meta.name())?;
         match meta.get("schema_version")? {
             None => {
