@@ -11,8 +11,6 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use futures_util::stream::{self, StreamExt};
 use ruma::{OwnedRoomId, OwnedUserId};
 use serde::{Deserialize, Serialize};
@@ -20,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::session::Session;
 use crate::homeserver::{Homeserver, HsError};
 use crate::store::now_ms;
+use crate::store::seal::Sealer;
 use crate::transfer::account::SETTINGS;
 use crate::transfer::merge::AccountWorld;
 use crate::transfer::revert::Reverter;
@@ -96,15 +95,12 @@ impl Record {
 /// The record kept in one account's folder.
 pub struct Records {
     path: PathBuf,
-    cipher: XChaCha20Poly1305,
+    sealer: Sealer,
 }
 
 impl Records {
     pub fn of(session: &Session) -> Records {
-        Records {
-            path: session.dir().join(RECORD_FILE),
-            cipher: XChaCha20Poly1305::new(&session.sealing_key(RECORD_KEY).into()),
-        }
+        Records { path: session.dir().join(RECORD_FILE), sealer: Sealer::new(&session.sealing_key(RECORD_KEY)) }
     }
 
     /// The last import's record, if any.
@@ -116,11 +112,7 @@ impl Records {
         };
         let damaged =
             || anyhow::anyhow!("{} is damaged (or not this session's): it can't be read", self.path.display());
-        if sealed.len() < 24 {
-            return Err(damaged());
-        }
-        let (nonce, body) = sealed.split_at(24);
-        let json = self.cipher.decrypt(XNonce::from_slice(nonce), body).map_err(|_| damaged())?;
+        let json = self.sealer.open(b"", &sealed).ok_or_else(damaged)?;
         let record: Record = serde_json::from_slice(&json).map_err(|_| damaged())?;
         if record.version > RECORD_VERSION {
             bail!("{} was written by a newer handoff: use that one to undo", self.path.display());
@@ -138,9 +130,7 @@ impl Records {
     /// (else a process that stops keeps it, a machine that loses power may not).
     fn write(&self, record: &Record, durable: bool) -> Result<()> {
         let json = serde_json::to_vec(record)?;
-        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let mut sealed = nonce.to_vec();
-        sealed.extend(self.cipher.encrypt(&nonce, json.as_slice()).map_err(|_| anyhow::anyhow!("cannot seal"))?);
+        let sealed = self.sealer.seal(b"", &json);
         let mut file = crate::registration::private_file_beside(&self.path)?;
         std::io::Write::write_all(&mut file, &sealed)
             .and_then(|_| if durable { file.as_file().sync_all() } else { Ok(()) })

@@ -26,12 +26,13 @@
 //! `<database.path>.key`, mode 0600. Without it the sealed bundles can't be read.
 
 mod kv;
+pub mod seal;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chacha20poly1305::XChaCha20Poly1305;
+use chacha20poly1305::aead::{KeyInit, OsRng};
 use ruma::{OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
@@ -108,7 +109,7 @@ pub(crate) fn postgres_says(e: &tokio_postgres::Error) -> String {
 #[derive(Clone)]
 pub struct Store {
     kv: Kv,
-    cipher: XChaCha20Poly1305,
+    cipher: seal::Sealer,
     key_path: PathBuf,
 }
 
@@ -161,7 +162,7 @@ impl Store {
     }
 
     fn with_key(kv: Kv, key_path: PathBuf) -> Result<Self, StoreError> {
-        let cipher = XChaCha20Poly1305::new(&load_or_create_key(&key_path)?.into());
+        let cipher = seal::Sealer::new(&load_or_create_key(&key_path)?);
         Ok(Store { kv, cipher, key_path })
     }
 
@@ -404,20 +405,14 @@ impl Store {
 /// Bundles and codes.
 impl Store {
     fn seal(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
-        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let mut out = nonce.to_vec();
-        out.extend(self.cipher.encrypt(&nonce, Payload { msg: plain, aad }).expect("encryption in memory"));
-        out
+        self.cipher.seal(aad, plain)
     }
 
     fn unseal(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
         if sealed.len() < 24 {
             return Err(StoreError::Corrupt("sealed record too short".into()));
         }
-        let (nonce, ct) = sealed.split_at(24);
-        self.cipher
-            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
-            .map_err(|_| StoreError::Unseal(self.key_path.display().to_string()))
+        self.cipher.open(aad, sealed).ok_or_else(|| StoreError::Unseal(self.key_path.display().to_string()))
     }
 
     async fn write_bundle(&self, id: &BundleId, record: &StoredBundle) -> Result<(), StoreError> {
