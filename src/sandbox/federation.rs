@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ruma::{OwnedServerName, ServerName};
 
-use super::{FederationListener, Sandbox, SynapseOptions, ensure_synapse_installed, run_command};
+use super::{FederationListener, Sandbox, SynapseOptions, ensure_synapse_installed, free_port_on, run_command};
 
 /// One of the two homeservers of a [`Federation`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,14 +132,6 @@ impl Federation {
             Side::B => &mut self.b,
         }
     }
-}
-
-/// A port nobody listens on right now at `host` (any loopback address can be bound on Linux).
-fn free_port_on(host: std::net::Ipv4Addr) -> u16 {
-    std::net::TcpListener::bind((host, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port on {host}: {e}"))
 }
 
 /// Writes a throwaway CA (`ca.pem`; its key is never written) and, for each side, a certificate

@@ -96,12 +96,42 @@ pub fn run_command(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now at 127.0.0.1; see [`free_port_on`].
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    free_port_on(std::net::Ipv4Addr::LOCALHOST)
+}
+
+/// A port nobody listens on right now at `host` (any loopback address can be bound on Linux),
+/// to be listened on a few seconds later by a process started meanwhile.
+///
+/// Why not the kernel's pick (`bind(:0)`): that comes from the ephemeral range, the one every
+/// outgoing connection takes its source port from, so in the seconds before the server binds
+/// it a client connection of another test (or of Synapse) may take it ("Address already in
+/// use", seen in CI). The ports handed here lie below that range, and one process never hands
+/// the same one twice.
+pub fn free_port_on(host: std::net::Ipv4Addr) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let below = ephemeral_low().max(LOWEST + 1_000);
+    let span = below - LOWEST;
+    // Two processes (test binaries, benches) start at different places of the span.
+    let _ = NEXT.compare_exchange(0, 1 + rand::random_range(0..span), Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let port = (LOWEST + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if std::net::TcpListener::bind((host, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {host} below the ephemeral range")
+}
+
+/// The low end of the kernel's ephemeral port range (Linux; 32768, its default, elsewhere).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// What a Synapse is started as: its server name, whether it federates, and YAML appended to
