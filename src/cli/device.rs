@@ -733,7 +733,7 @@ async fn undo(
             if let RoomUndo::Kept(why) = what
                 && *why != Kept::NotMoved
             {
-                println!("  stays: {} ({})", name(room), why.text().replace("`undo --all`", "--all"));
+                println!("  stays: {} ({})", name(room), why.text("--all"));
             }
         }
         if !back.is_empty() {
@@ -775,7 +775,7 @@ async fn undo(
             println!("Could not put back: {}.", s.failed.join(", "));
         }
         for (room, why) in &report.kept {
-            println!("  stays: {} ({})", name(room), why.text().replace("`undo --all`", "--all"));
+            println!("  stays: {} ({})", name(room), why.text("--all"));
         }
         for (room, why) in &report.rank_kept {
             println!("  left {}, but the rank the import gave stays in its power levels: {why}", name(room));

@@ -22,7 +22,7 @@ use crate::store::seal::Sealer;
 use crate::transfer::account::SETTINGS;
 use crate::transfer::merge::AccountWorld;
 use crate::transfer::revert::Reverter;
-use crate::transfer::undo::{self, Kept, RoomMoved, RoomUndo, UndoPlan, UndoReport, Wrote};
+use crate::transfer::undo::{self, RoomMoved, UndoPlan, UndoReport, Wrote};
 use crate::transfer::{AccountStep, SettingsUndone, UndoRoom, Undoing, world};
 
 /// The record's file in the account's folder.
@@ -283,18 +283,11 @@ impl<'a> DeviceUndo<'a> {
             .map(|(room, _, what)| {
                 let (reverter, undoing, progress) = (&reverter, &undoing, &progress);
                 async move {
-                    let step = match what {
-                        // A room this undo had started to leave, and left before it was stopped.
-                        RoomUndo::Kept(Kept::NotThere) if undoing.rooms.get(room) == Some(&UndoRoom::Started) => {
-                            UndoRoom::Left { rank_kept: None, redacted: 0 }
-                        }
-                        RoomUndo::Kept(why) => UndoRoom::Kept(why.clone()),
-                        RoomUndo::Leave { lower_rank, untag, redact } => {
+                    let step = match what.settled(undoing.rooms.get(room)) {
+                        Some(step) => step,
+                        None => {
                             self.set_room(room, UndoRoom::Started)?;
-                            match reverter.leave(room, *lower_rank, untag, redact).await {
-                                Ok(step) => step,
-                                Err(e) => UndoRoom::Failed(e.to_string()),
-                            }
+                            reverter.carry_out(room, what).await.unwrap_or_else(|e| UndoRoom::Failed(e.to_string()))
                         }
                     };
                     progress(room, &step);

@@ -21,7 +21,7 @@ use serde_json::{Value as JsonValue, json};
 
 use super::account::AccountWork;
 use super::room::MOVE_FIELD;
-use super::undo::{Revert, RoomNow, SettingsUndo};
+use super::undo::{Revert, RoomNow, RoomUndo, SettingsUndo};
 use super::{Error, SettingsUndone, UndoRoom};
 use crate::homeserver::{Homeserver, HsError};
 
@@ -111,8 +111,16 @@ impl Reverter<'_> {
         Ok(now)
     }
 
+    /// Does what `what` says in `room`: [`Self::leave`] it, or nothing where the room is kept.
+    pub async fn carry_out(&self, room: &RoomId, what: &RoomUndo) -> Result<UndoRoom, HsError> {
+        match what {
+            RoomUndo::Leave { lower_rank, untag, redact } => self.leave(room, *lower_rank, untag, redact).await,
+            RoomUndo::Kept(why) => Ok(UndoRoom::Kept(why.clone())),
+        }
+    }
+
     /// Leaves `room` as the new account: its tags off, its notices redacted, its rank lowered.
-    pub async fn leave(
+    async fn leave(
         &self,
         room: &RoomId,
         lower_rank: bool,

@@ -291,13 +291,14 @@ pub enum Kept {
 }
 
 impl Kept {
-    /// Why, for the person.
-    pub fn text(&self) -> &'static str {
+    /// Why, for the person; `all` is how they ask to leave such a room anyway where they are
+    /// (the bot's "`undo --all`", the command line's "--all").
+    pub fn text(&self, all: &str) -> String {
         match self {
-            Kept::WasMember => "you were in it before the move",
-            Kept::NotMoved => "the move did not join it",
-            Kept::NotThere => "you are not in it any more",
-            Kept::WroteSince => "you have written there since the move (`undo --all` leaves it anyway)",
+            Kept::WasMember => "you were in it before the move".into(),
+            Kept::NotMoved => "the move did not join it".into(),
+            Kept::NotThere => "you are not in it any more".into(),
+            Kept::WroteSince => format!("you have written there since the move ({all} leaves it anyway)"),
         }
     }
 }
@@ -313,6 +314,22 @@ pub enum RoomUndo {
         redact: Vec<OwnedEventId>,
     },
     Kept(Kept),
+}
+
+impl RoomUndo {
+    /// The step this room comes to without a write, given the step an earlier run of the same
+    /// undo recorded (`before`): kept, or left already by a run stopped between its leave and
+    /// the record of it. `None`: leave it now (recorded as started first, then
+    /// [`super::revert::Reverter::carry_out`]).
+    pub fn settled(&self, before: Option<&UndoRoom>) -> Option<UndoRoom> {
+        match self {
+            RoomUndo::Kept(Kept::NotThere) if before == Some(&UndoRoom::Started) => {
+                Some(UndoRoom::Left { rank_kept: None, redacted: 0 })
+            }
+            RoomUndo::Kept(why) => Some(UndoRoom::Kept(why.clone())),
+            RoomUndo::Leave { .. } => None,
+        }
+    }
 }
 
 /// What a move did in one room, as its undo needs it.

@@ -179,7 +179,7 @@ fn plan_text(t: &Transfer, plan: &UndoPlan) -> String {
         .filter_map(|(room, named, what)| match what {
             RoomUndo::Kept(Kept::NotMoved) | RoomUndo::Leave { .. } => None,
             RoomUndo::Kept(why) => {
-                Some(format!("• {}: {}", named.clone().unwrap_or_else(|| room.to_string()), why.text()))
+                Some(format!("• {}: {}", named.clone().unwrap_or_else(|| room.to_string()), why.text("`undo --all`")))
             }
         })
         .collect();
@@ -223,7 +223,7 @@ pub fn report_text(t: &Transfer, r: &UndoReport) -> String {
     if !r.kept.is_empty() {
         out.push_str("\n\nRooms you stay in:");
         for (room, why) in &r.kept {
-            out.push_str(&format!("\n• {}: {}", name(t, room), why.text()));
+            out.push_str(&format!("\n• {}: {}", name(t, room), why.text("`undo --all`")));
         }
     }
     if !r.rank_kept.is_empty() {

@@ -14,7 +14,7 @@ use crate::homeserver::HsError;
 use crate::store::now_ms;
 use crate::transfer::account::SETTINGS;
 use crate::transfer::revert::Reverter;
-use crate::transfer::undo::{self, Kept, RoomMoved, RoomUndo, UndoPlan, Wrote};
+use crate::transfer::undo::{self, RoomMoved, UndoPlan, Wrote};
 use crate::transfer::{Error, SettingsUndone, Transfer, TransferKind, UndoRoom, Undoing, world};
 
 impl Engine {
@@ -95,13 +95,9 @@ impl Engine {
             .map(|i| async move {
                 let (room, _, what) = &rooms[i];
                 let _slot = self.budget.acquire(id, Class::Normal).await;
-                let step = match what {
-                    // A room this undo had started to leave, and left before it was stopped.
-                    RoomUndo::Kept(Kept::NotThere) if undoing.rooms.get(room) == Some(&UndoRoom::Started) => {
-                        UndoRoom::Left { rank_kept: None, redacted: 0 }
-                    }
-                    RoomUndo::Kept(why) => UndoRoom::Kept(why.clone()),
-                    RoomUndo::Leave { lower_rank, untag, redact } => {
+                let step = match what.settled(undoing.rooms.get(room)) {
+                    Some(step) => step,
+                    None => {
                         self.journal
                             .update(id, |t| {
                                 set_undo(t, |u| {
@@ -109,7 +105,7 @@ impl Engine {
                                 })
                             })
                             .await?;
-                        match self.reverter(t).leave(room, *lower_rank, untag, redact).await {
+                        match self.reverter(t).carry_out(room, what).await {
                             Ok(step) => step,
                             Err(e) if e.is_transient() => return Err(Error::Hs(e)),
                             Err(e) => UndoRoom::Failed(e.to_string()),
