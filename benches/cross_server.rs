@@ -6,10 +6,13 @@
 //!   account's DM with B's bot and `import CODE` sent, while A still reserves (B's handoff joins
 //!   each room through its servers as its invite comes, applies tags, DMs and settings, posts the
 //!   notices); timed from the export to the later of A's and B's reports, and in its parts;
-//! - baseline: the same invites and joins sent directly (an old account's and a new account's
-//!   own tokens, 16 in flight), from one server to the other, for rooms of their own made alike
-//!   (neither finds B's server in its rooms already), in rounds of alternating order
-//!   (`HANDOFF_BENCH_ROUNDS`, 2 by default), each round's ratio and their mean reported.
+//! - baselines, with an old account's and a new account's own tokens, 16 rooms in flight, from one
+//!   server to the other: the same invites and joins sent directly (against which the move's
+//!   every room joined is set, by B's own timestamps of the joins), and the same writes sent
+//!   directly (invite, join, the old account raising the new one's power level, one notice by the
+//!   new account: against which the move's end is set); each part on rooms of its own made alike
+//!   (none finds B's server in its rooms already), in rounds of alternating order
+//!   (`HANDOFF_BENCH_ROUNDS`, 2 by default), each round's rates and their mean reported.
 //!
 //! The old account has N rooms on A: 10 favourites, 3 DMs, the rest group rooms.
 //! Run: `cargo bench --bench cross_server` (N = 500; `HANDOFF_BENCH_ROOMS=100` for a quicker run).
@@ -49,10 +52,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::federation::{FederatedHarness, drop_file};
-use common::{Harness, User, body, edit, export_file};
+use common::{Harness, User, body, edit, export_file, raw};
 use futures_util::stream::{self, StreamExt};
 use handoff::sandbox::{RateLimit, Side, lifted};
 use ruma::api::client::membership::{invite_user, join_room_by_id_or_alias, joined_rooms, leave_room};
+use ruma::api::client::message::send_message_event;
+use ruma::api::client::state::{get_state_event_for_key, send_state_event};
+use ruma::events::StateEventType;
+use ruma::events::room::message::RoomMessageEventContent;
 use ruma::{OwnedRoomId, RoomId, ServerName};
 use serde_json::{Value, json};
 
@@ -133,14 +140,44 @@ fn long(d: Duration) -> String {
 /// The old account invites `new` into every room, which joins it through `via`, 16 in flight.
 async fn direct(old: &User, new: &User, rooms: &[OwnedRoomId], via: &ServerName) -> Duration {
     let start = Instant::now();
-    stream::iter(rooms)
-        .map(|room| async move {
-            let who = invite_user::v3::InviteUserId::new(new.id.clone()).into();
-            old.send(invite_user::v3::Request::new(room.clone(), who)).await;
-            let mut join = join_room_by_id_or_alias::v3::Request::new(room.clone().into());
-            join.via = vec![via.to_owned()];
-            new.send(join).await;
-        })
+    stream::iter(rooms).map(|room| seat(old, new, room, via)).buffer_unordered(IN_FLIGHT).count().await;
+    start.elapsed()
+}
+
+/// The old account invites `new` into `room`, which joins it through `via`.
+async fn seat(old: &User, new: &User, room: &RoomId, via: &ServerName) {
+    let who = invite_user::v3::InviteUserId::new(new.id.clone()).into();
+    old.send(invite_user::v3::Request::new(room.to_owned(), who)).await;
+    let mut join = join_room_by_id_or_alias::v3::Request::new(room.to_owned().into());
+    join.via = vec![via.to_owned()];
+    new.send(join).await;
+}
+
+/// The writes a move to another server makes in each room, sent directly, 16 rooms in flight: the
+/// seat, then the old account (on A) re-reads the power levels and gives `new` 150 (a room version
+/// 12 creator's highest grantable level, as the move gives there), and `new` (on B) posts one
+/// notice, as the receiving side does.
+async fn direct_writes(old: &User, new: &User, rooms: &[OwnedRoomId], via: &ServerName) -> Duration {
+    let start = Instant::now();
+    let room_writes = async |i: usize, room: &OwnedRoomId| {
+        seat(old, new, room, via).await;
+        let read =
+            get_state_event_for_key::v3::Request::new(room.clone(), StateEventType::RoomPowerLevels, String::new());
+        let mut levels: Value = serde_json::from_str(old.send(read).await.event_or_content.get()).unwrap();
+        levels["users"][new.id.as_str()] = 150.into();
+        old.send(send_state_event::v3::Request::new_raw(
+            room.clone(),
+            StateEventType::RoomPowerLevels,
+            String::new(),
+            raw(levels),
+        ))
+        .await;
+        let notice = RoomMessageEventContent::notice_plain(format!("{} has moved to {}", old.id, new.id));
+        new.send(send_message_event::v3::Request::new(room.clone(), format!("bench-{i}").into(), &notice).unwrap())
+            .await;
+    };
+    stream::iter(rooms.iter().enumerate())
+        .map(|(i, room)| room_writes(i, room))
         .buffer_unordered(IN_FLIGHT)
         .count()
         .await;
@@ -178,59 +215,99 @@ fn rounds() -> usize {
     std::env::var("HANDOFF_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
 }
 
-/// Every rate limit lifted: the move's throughput against the same invites and joins sent
-/// directly. Each side gets rooms of its own, made alike (so neither finds B's server in the
-/// rooms already: every join of both goes over federation), and the order alternates over the
-/// rounds (whichever runs second meets the bigger databases).
+/// Every rate limit lifted: the move's throughput against the same work sent directly. Each part
+/// gets rooms of its own, made alike (so none finds B's server in the rooms already: every join
+/// goes over federation), and the order alternates over the rounds (whichever runs last meets the
+/// bigger databases).
 async fn run_lifted(fh: &FederatedHarness, n: usize) {
     let name_a = fh.server_name(Side::A);
     println!("a {n}-room move from {name_a} to {}:", fh.server_name(Side::B));
-    let mut ratios = Vec::new();
+    let mut rates = Vec::new();
     for round in 0..rounds() {
         let baseline_first = round % 2 == 0;
-        let (baseline, total) = if baseline_first {
-            let baseline = lifted_baseline(fh, n, round).await;
-            (baseline, lifted_move(fh, n, round).await)
+        let (seats, writes, moved) = if baseline_first {
+            let seats = lifted_baseline(fh, n, round, Work::Seats).await;
+            let writes = lifted_baseline(fh, n, round, Work::Writes).await;
+            (seats, writes, lifted_move(fh, n, round).await)
         } else {
-            let total = lifted_move(fh, n, round).await;
-            (lifted_baseline(fh, n, round).await, total)
+            let moved = lifted_move(fh, n, round).await;
+            let seats = lifted_baseline(fh, n, round, Work::Seats).await;
+            (seats, lifted_baseline(fh, n, round, Work::Writes).await, moved)
         };
-        let ratio = total.as_secs_f64() / baseline.as_secs_f64();
-        ratios.push(ratio);
+        // Rates as a share of the baseline's: the baseline's time over the move's.
+        let rate = |base: Duration, took: Duration| base.as_secs_f64() / took.as_secs_f64();
+        let round_rates = [rate(seats, moved.joined), rate(writes, moved.end), rate(seats, moved.end)];
         println!(
-            "  round {} ({} first): invites and joins sent directly {}; handoff's move (reservation + import) {} = {ratio:.2}× the baseline",
+            "  round {} ({} first): every room joined {} against the invites and joins sent directly {} = {:.2} of their rate; \
+             the end {} against the same writes sent directly {} = {:.2} of their rate ({:.2} of the invites and joins')",
             round + 1,
-            if baseline_first { "baseline" } else { "handoff" },
-            secs(baseline),
-            secs(total),
+            if baseline_first { "baselines" } else { "handoff" },
+            secs(moved.joined),
+            secs(seats),
+            round_rates[0],
+            secs(moved.end),
+            secs(writes),
+            round_rates[1],
+            round_rates[2],
         );
+        rates.push(round_rates);
     }
-    let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+    let mean = |i: usize| rates.iter().map(|r| r[i]).sum::<f64>() / rates.len() as f64;
     println!(
-        "  mean of {} rounds: handoff's move takes {mean:.2}× the same invites and joins sent directly",
-        ratios.len()
+        "  mean of {} rounds: every room joined at {:.2} of the rate of the invites and joins sent directly; \
+         the end at {:.2} of the same writes sent directly ({:.2} of the invites and joins alone)",
+        rates.len(),
+        mean(0),
+        mean(1),
+        mean(2),
     );
 }
 
-/// The baseline of a round: a fresh old account's rooms, its invites and a user of B's joins.
-async fn lifted_baseline(fh: &FederatedHarness, n: usize, round: usize) -> Duration {
-    let old = fh.a.old_account(&format!("base{round}"), n, 10, 3).await;
-    let new = fh.b.user(&format!("direct{round}")).await;
-    let took = direct(&old.user, &new, &old.rooms, &fh.server_name(Side::A)).await;
+/// What a baseline sends directly.
+#[derive(Clone, Copy)]
+enum Work {
+    /// The invites and joins.
+    Seats,
+    /// Every write the move makes in a room: [`direct_writes`].
+    Writes,
+}
+
+/// A baseline of a round: a fresh old account's rooms, and a user of B's.
+async fn lifted_baseline(fh: &FederatedHarness, n: usize, round: usize, work: Work) -> Duration {
+    let tag = match work {
+        Work::Seats => "seats",
+        Work::Writes => "writes",
+    };
+    let old = fh.a.old_account(&format!("base{tag}{round}"), n, 10, 3).await;
+    let new = fh.b.user(&format!("direct{tag}{round}")).await;
+    let via = fh.server_name(Side::A);
+    let took = match work {
+        Work::Seats => direct(&old.user, &new, &old.rooms, &via).await,
+        Work::Writes => direct_writes(&old.user, &new, &old.rooms, &via).await,
+    };
     let joined = new.send(joined_rooms::v3::Request::new()).await.joined_rooms;
     assert!(old.rooms.iter().all(|r| joined.contains(r)), "the baseline left rooms behind");
     took
 }
 
+/// A move's times from the export (without what the person does between export and import).
+struct Moved {
+    /// To the new account's last join, by B's timestamps.
+    joined: Duration,
+    /// To the later of A's and B's reports.
+    end: Duration,
+}
+
 /// handoff's move of a round, of another fresh old account of the same shape, as a person makes
 /// it: `export --to --file` on A, and as soon as the file is there, `import` on B, while A still
-/// reserves (B's rooms wait for their invites). The time is from the export to the later of A's
-/// and B's reports, without what the person does between (a DM, a file dropped).
-async fn lifted_move(fh: &FederatedHarness, n: usize, round: usize) -> Duration {
+/// reserves (B's rooms wait for their invites). The times are from the export, without what the
+/// person does between (a DM, a file dropped).
+async fn lifted_move(fh: &FederatedHarness, n: usize, round: usize) -> Moved {
     let old = fh.a.old_account(&format!("old{round}"), n, 10, 3).await;
     let new = fh.b.user(&format!("new{round}")).await;
     let dm = fh.b.dm_with_bot(&new).await;
     let start = Instant::now();
+    let since = unix_ms();
     let (code, file) = export_file(&fh.a, &old.user, &old.dm, &format!("--to {}", new.id)).await;
     let exported = start.elapsed();
     let paused = Instant::now();
@@ -250,10 +327,17 @@ async fn lifted_move(fh: &FederatedHarness, n: usize, round: usize) -> Duration 
     let ((reserved, reserve), (report, import)) = tokio::join!(reserving, importing);
     assert!(reserved.starts_with(&format!("{n} of {n} rooms reserved")), "{reserved}");
     assert!(report.starts_with(&format!("{n} of {n} rooms moved")), "{report}");
+    let mut joins = Vec::new();
+    for room in &old.rooms {
+        let at = stamp(&new.timeline(room).await, &new.id, "join", since);
+        joins.push(at.unwrap_or_else(|| panic!("no join of the new account in {room}")));
+    }
+    let joined = joins.into_iter().max().unwrap_or_default().saturating_sub(between);
     println!(
-        "    handoff: export --to --file on A {}; every seat reserved (A's report) {}; B's report {} (from the export; the file dropped on B in between, {} not counted)",
+        "    handoff: export --to --file on A {}; every seat reserved (A's report) {}; every room joined {}; B's report {} (from the export; the file dropped on B in between, {} not counted)",
         secs(exported),
         secs(reserve - between),
+        secs(joined),
         secs(import - between),
         secs(between)
     );
@@ -265,7 +349,7 @@ async fn lifted_move(fh: &FederatedHarness, n: usize, round: usize) -> Duration 
             println!("    {side}'s log: {}", kept.display());
         }
     }
-    reserve.max(import) - between
+    Moved { joined, end: reserve.max(import) - between }
 }
 
 /// A request refused: `status errcode`, and the wait Synapse asked for, if it did.
