@@ -88,6 +88,10 @@ fn handoff(data: &Path, args: &[&str], stdin: &str) -> Duration {
     let (status, out, err) = common::device_cli(data, args, stdin);
     let took = start.elapsed();
     assert!(status.success(), "handoff {args:?}: {out}{err}");
+    // HANDOFF_LOG=debug: the device side's log (each stage of an import timed).
+    if std::env::var_os("HANDOFF_LOG").is_some() {
+        eprint!("{err}");
+    }
     took
 }
 

@@ -173,7 +173,9 @@ pub enum Command {
 }
 
 pub fn main(data_dir: Option<PathBuf>, command: Command) -> ExitCode {
-    let _ = init_logging("warn", LogFormat::Pretty);
+    // HANDOFF_LOG: a log filter for the device side (`debug` times each stage of an import).
+    let level = std::env::var("HANDOFF_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = init_logging(&level, LogFormat::Pretty);
     let work = async move {
         let data = session::data_dir(data_dir)?;
         match command {
@@ -424,6 +426,7 @@ struct ImportCmd {
 
 impl ImportCmd {
     async fn run(self, data: &Path) -> Result<ExitCode> {
+        let started = std::time::Instant::now();
         let bytes = std::fs::read(&self.file).with_context(|| format!("cannot read {}", self.file.display()))?;
         let passphrase =
             secret("Passphrase (or transfer code) of the bundle: ", self.passphrase_file.as_deref(), false, {
@@ -476,8 +479,10 @@ impl ImportCmd {
             recovery_key,
             key_passphrases,
         };
+        tracing::debug!(ms = started.elapsed().as_millis(), "the bundle opened and the sessions ready");
         let import = Import::new(&session, &bundle, options).await?;
         let plan = import.plan().await?;
+        tracing::debug!(ms = started.elapsed().as_millis(), "planned");
         if self.dry_run {
             if self.json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures_util::stream::{self, StreamExt};
@@ -225,7 +225,10 @@ impl<'a> Import<'a> {
     /// Runs the plan: the room keys first (a wrong passphrase or recovery key stops here, before
     /// anything changed), then the profile, the rooms (highest priority first), the settings.
     pub async fn run(&self, plan: &Plan, progress: &dyn Progress) -> Result<ImportReport> {
+        let clock = Instant::now();
+        let took = |what: &str| tracing::debug!(ms = clock.elapsed().as_millis(), "import: {what}");
         let room_keys = self.room_keys(progress).await?;
+        took("room keys");
         let world = self.account_world(&SETTINGS).await?;
         let t = self.as_move(self.notice_id());
         // What it writes is recorded from here, before its first write, for `handoff undo`.
@@ -236,6 +239,7 @@ impl<'a> Import<'a> {
         progress.step("profile");
         settings.push(self.setting(&account, AccountStep::Profile, &none, &world, &mut done).await?);
 
+        took("settings read, profile");
         progress.rooms(plan.rooms.len(), Joins::of(plan, self.new_user()).at_defaults());
         let (work, recording) = (&self.room_work(), &recording);
         // Unordered: a room that waits (another server, a rate limit) holds one slot, not the
@@ -257,9 +261,11 @@ impl<'a> Import<'a> {
             .await;
         rooms.sort_by_key(|(i, _)| *i);
         let mut rooms: Vec<RoomResult> = rooms.into_iter().map(|(_, r)| r).collect();
+        took("rooms");
         if let Some(notify) = &work.notify {
             progress.step("move notices in encrypted rooms");
             self.encrypted_notices(notify, t, &mut rooms, recording).await;
+            took("notices in encrypted rooms");
         }
 
         let moved: BTreeSet<OwnedRoomId> =
@@ -271,6 +277,7 @@ impl<'a> Import<'a> {
             progress.step(step.name());
             settings.push(self.setting(&account, *step, &moved, &world, &mut done).await?);
         }
+        took("settings");
         let profile_from_old = self.options.requirements.profile_from_old;
         recording.update_durably(|r| {
             r.done.extend(done);
