@@ -242,17 +242,21 @@ impl<'a> Import<'a> {
         took("settings read, profile");
         progress.rooms(plan.rooms.len(), Joins::of(plan, self.new_user()).at_defaults());
         let (work, recording) = (&self.room_work(), &recording);
+        // Two passes, as the service's engine: every room's seat first (the account is in its
+        // rooms as early as the homeserver allows), then the rank, tags and notice of each.
         // Unordered: a room that waits (another server, a rate limit) holds one slot, not the
         // rooms behind it; they start in the plan's order all the same, and are put back in it.
         let mut rooms: Vec<(usize, RoomResult)> = stream::iter(plan.rooms.iter().enumerate())
             .map(|(i, room)| async move {
-                let mut result = self.room(work, t, room).await;
+                let mut result = self.seat(work, t, room).await;
                 let in_room = result.outcome == RoomOutcome::Moved;
+                // Recorded once seated: an import stopped before the second pass is undone too.
                 let entry = self.bundle.rooms.iter().find(|e| e.room_id == room.room_id);
                 let moved = RoomMoved::of(room, in_room.then_some(&RoomStep::Done), entry);
                 if let Err(e) = recording.update(|r| r.room(moved, in_room)) {
                     result.notes.push(format!("not recorded for `handoff undo`: {e:#}"));
                 }
+                // The bar counts seats (what a rate limit paces); the second pass changes no outcome.
                 progress.room(&result);
                 (i, result)
             })
@@ -260,8 +264,21 @@ impl<'a> Import<'a> {
             .collect()
             .await;
         rooms.sort_by_key(|(i, _)| *i);
+        took("rooms joined");
+        progress.step("ranks, tags and notices");
+        let mut rooms: Vec<(usize, RoomResult)> = stream::iter(rooms)
+            .map(|(i, mut result)| async move {
+                if result.outcome == RoomOutcome::Moved {
+                    self.finish(work, t, &plan.rooms[i], &mut result).await;
+                }
+                (i, result)
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        rooms.sort_by_key(|(i, _)| *i);
         let mut rooms: Vec<RoomResult> = rooms.into_iter().map(|(_, r)| r).collect();
-        took("rooms");
+        took("rooms finished");
         if let Some(notify) = &work.notify {
             progress.step("move notices in encrypted rooms");
             self.encrypted_notices(notify, t, &mut rooms, recording).await;
@@ -417,9 +434,9 @@ impl<'a> Import<'a> {
         Move { id, old: &self.bundle.source.user_id, new: self.new_user(), kind, profile: ClientProfile::Desktop }
     }
 
-    /// One room through the stages: the reservation (with the old account's access), the join by
-    /// ID, then the rank, the tags and the notice, whose failures are notes (the seat is taken).
-    async fn room(&self, work: &RoomWork, t: Move<'_>, room: &RoomPlan) -> RoomResult {
+    /// A room's seat: the reservation (with the old account's access) and the join by ID. Its
+    /// outcome is `Moved` when the account is in the room for [`Self::finish`].
+    async fn seat(&self, work: &RoomWork, t: Move<'_>, room: &RoomPlan) -> RoomResult {
         let mut result = RoomResult {
             room_id: room.room_id.clone(),
             name: room.name.clone(),
@@ -433,8 +450,12 @@ impl<'a> Import<'a> {
         };
         if let Some(step) = ended {
             result.outcome = RoomOutcome::from(step);
-            return result;
         }
+        result
+    }
+
+    /// A seated room's rank, tags and notice, whose failures are notes (the seat is taken).
+    async fn finish(&self, work: &RoomWork, t: Move<'_>, room: &RoomPlan, result: &mut RoomResult) {
         let entry = self.bundle.rooms.iter().find(|e| e.room_id == room.room_id);
         let finish = work.finish_stages(t, entry, room, &RoomStep::Started(Stage::Joined)).await;
         if let Some(e) = finish.rank {
@@ -447,7 +468,6 @@ impl<'a> Import<'a> {
                 _ => e.to_string(),
             });
         }
-        result
     }
 
     /// The move's number, the same on every run of this bundle into this account (48 bits: a JSON
