@@ -160,16 +160,18 @@ impl Recording {
     /// Changes the record and saves it, as each room ends: not synced to the disk each time
     /// (hundreds of rooms), but each write whole.
     pub fn update(&self, change: impl FnOnce(&mut Record)) -> Result<()> {
-        let mut record = self.record.lock().expect("the record's lock");
-        change(&mut record);
-        self.records.write(&record, false)
+        self.apply(change, false)
     }
 
     /// The same, on the disk itself before it returns (the import's or the undo's end).
     pub fn update_durably(&self, change: impl FnOnce(&mut Record)) -> Result<()> {
+        self.apply(change, true)
+    }
+
+    fn apply(&self, change: impl FnOnce(&mut Record), durable: bool) -> Result<()> {
         let mut record = self.record.lock().expect("the record's lock");
         change(&mut record);
-        self.records.save(&record)
+        self.records.write(&record, durable)
     }
 
     pub fn record(&self) -> Record {

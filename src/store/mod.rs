@@ -409,7 +409,8 @@ impl Store {
     }
 
     fn unseal(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
-        if sealed.len() < 24 {
+        // Told apart from a wrong key: a row cut short is damage, not the key file's fault.
+        if sealed.len() < seal::NONCE {
             return Err(StoreError::Corrupt("sealed record too short".into()));
         }
         self.cipher.open(aad, sealed).ok_or_else(|| StoreError::Unseal(self.key_path.display().to_string()))

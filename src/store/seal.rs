@@ -6,7 +6,7 @@ use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 /// The nonce's length, before each sealed value.
-const NONCE: usize = 24;
+pub const NONCE: usize = 24;
 
 #[derive(Clone)]
 pub struct Sealer(XChaCha20Poly1305);
