@@ -97,9 +97,12 @@ fn handoff(data: &Path, args: &[&str], stdin: &str) -> Duration {
 
 /// A harness at log level `warn`, every rate limit lifted: the benchmark measures the device side's
 /// throughput, which Synapse's limits on its joins (10, then one each 10 s) would set alone.
+/// With `HANDOFF_LOG` set, the service logs its transfers' stages too (printed after each round).
 async fn quiet_harness() -> Harness {
     let lifted = handoff::sandbox::lifted(handoff::sandbox::RateLimit::ALL);
-    Harness::start_with_homeserver(|c| common::edit(c, "level: \"info,handoff=debug\"", "level: warn"), &lifted).await
+    let level = if std::env::var_os("HANDOFF_LOG").is_some() { "\"warn,handoff::transfer=info\"" } else { "warn" };
+    let level = format!("level: {level}");
+    Harness::start_with_homeserver(|c| common::edit(c, "level: \"info,handoff=debug\"", &level), &lifted).await
 }
 
 async fn run() {
@@ -242,6 +245,11 @@ async fn move_round(rooms: usize, device_first: bool, passphrase_file: &str) -> 
         let service = service.await;
         (device_side(), service)
     };
+    if std::env::var_os("HANDOFF_LOG").is_some() {
+        // The service's stages, beside the device side's (its log has only these at this level).
+        let stages = ["planned", "rooms joined", "rooms done", "transfer done"];
+        h.log().lines().filter(|l| stages.iter().any(|s| l.contains(s))).for_each(|l| eprintln!("service: {l}"));
+    }
     let joined = by_device.send(ruma::api::client::membership::joined_rooms::v3::Request::new()).await.joined_rooms;
     assert!(for_device.rooms.iter().all(|r| joined.contains(r)), "the device side left rooms behind");
     (device, service)

@@ -30,7 +30,9 @@ use crate::transfer::account::{AccountWork, SETTINGS};
 use crate::transfer::journal::RoomJournal;
 use crate::transfer::merge::AccountWorld;
 use crate::transfer::plan::{self, Plan, Requirements, RoomPlan};
-use crate::transfer::room::{Accounts, EncryptedNotice, MOVE_FIELD, Move, Notice, OwnSession, Reach, RoomWork};
+use crate::transfer::room::{
+    Accounts, EncryptedNotice, MOVE_FIELD, Move, Notice, OwnSession, Reach, RoomWork, unjournaled,
+};
 use crate::transfer::undo::{RoomMoved, Wrote};
 use crate::transfer::{
     AccountStep, ClientProfile, Error, FailReason, RoomStep, SkipReason, Stage, TransferKind, world,
@@ -443,7 +445,7 @@ impl<'a> Import<'a> {
             outcome: RoomOutcome::Moved,
             notes: vec![],
         };
-        let ended = match work.take_seat(t, room, &RoomStep::Pending).await {
+        let ended = match work.take_seat(t, room, &unjournaled(room).0).await {
             Ok(None) => None,
             Ok(Some(step)) => Some(step),
             Err(e) => Some(RoomStep::Failed(FailReason::Error(e.to_string()))),
@@ -457,7 +459,8 @@ impl<'a> Import<'a> {
     /// A seated room's rank, tags and notice, whose failures are notes (the seat is taken).
     async fn finish(&self, work: &RoomWork, t: Move<'_>, room: &RoomPlan, result: &mut RoomResult) {
         let entry = self.bundle.rooms.iter().find(|e| e.room_id == room.room_id);
-        let finish = work.finish_stages(t, entry, room, &RoomStep::Started(Stage::Joined)).await;
+        let announced = unjournaled(room).1;
+        let finish = work.finish_stages(t, entry, room, &RoomStep::Started(Stage::Joined), announced).await;
         if let Some(e) = finish.rank {
             result.notes.push(format!("the rank was not carried: {e}"));
         }

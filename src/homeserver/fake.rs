@@ -174,6 +174,8 @@ struct Room {
     invited_by: BTreeMap<OwnedUserId, (OwnedUserId, Option<String>, u64)>,
     /// Membership contents set beyond the membership itself ([`Endpoint::SetMember`]).
     member_content: BTreeMap<OwnedUserId, JsonValue>,
+    /// How many membership events each user's invites and joins made.
+    member_events: BTreeMap<OwnedUserId, usize>,
 }
 
 /// A refusal: status, `errcode`, message.
@@ -360,6 +362,7 @@ impl Fake {
             timeline: Vec::new(),
             invited_by: BTreeMap::new(),
             member_content: BTreeMap::new(),
+            member_events: BTreeMap::new(),
         };
         self.world().rooms.insert(room.to_owned(), room_state);
     }
@@ -411,6 +414,11 @@ impl Fake {
         let mut world = self.world();
         world.down = false;
         world.crash = None;
+    }
+
+    /// How many membership events `user`'s invites and joins into `room` made through the API.
+    pub fn member_events(&self, room: &RoomId, user: &UserId) -> usize {
+        self.world().rooms.get(room).and_then(|r| r.member_events.get(user).copied()).unwrap_or(0)
     }
 
     pub fn membership(&self, room: &RoomId, user: &UserId) -> Option<MembershipState> {
@@ -637,12 +645,17 @@ impl World {
                         format!("Can't connect to server {}", invitee.server_name()),
                     ));
                 }
+                let reason = req.body["reason"].as_str().map(str::to_owned);
+                let same = |(by, why, _): &(OwnedUserId, Option<String>, u64)| by == user && *why == reason;
                 match room.members.get(&invitee) {
                     Some(MembershipState::Join) => Err(forbidden(format!("{invitee} is already in the room."))),
                     Some(MembershipState::Ban) => Err(forbidden(format!("{invitee} is banned from the room"))),
+                    // The same invite again (same inviter, same reason): Synapse answers with the
+                    // first and makes no event (`update_membership_locked`).
+                    Some(MembershipState::Invite) if room.invited_by.get(&invitee).is_some_and(same) => Ok(json!({})),
                     _ => {
                         self.events += 1;
-                        let reason = req.body["reason"].as_str().map(str::to_owned);
+                        *room.member_events.entry(invitee.clone()).or_default() += 1;
                         room.invited_by.insert(invitee.clone(), (user.to_owned(), reason, self.events));
                         room.members.insert(invitee, MembershipState::Invite);
                         Ok(json!({}))
@@ -713,13 +726,15 @@ impl World {
             return Err(not_found(format!("No known servers (via {:?})", req.param("via"))));
         };
         match room.members.get(user) {
-            Some(MembershipState::Join) => {}
+            // Joined already: the same join again, no event (as Synapse).
+            Some(MembershipState::Join) => return Ok(json!({"room_id": room_id})),
             Some(MembershipState::Ban) => return Err(forbidden("You are banned from the room")),
             Some(MembershipState::Invite) => {}
             _ if room.public => {}
             _ => return Err(forbidden("You are not invited to this room.")),
         }
         room.members.insert(user.to_owned(), MembershipState::Join);
+        *room.member_events.entry(user.to_owned()).or_default() += 1;
         Ok(json!({"room_id": room_id}))
     }
 }

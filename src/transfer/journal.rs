@@ -192,7 +192,8 @@ impl Journal {
 #[derive(Clone)]
 pub enum RoomJournal {
     Sled(Journal),
-    /// Records nothing, so every stage may have run before: each re-checks the room first.
+    /// Records nothing: its caller plans each run from what the homeserver says then, and tells
+    /// the stages which rooms an earlier run may have touched (the device side).
     Nothing,
 }
 
@@ -203,11 +204,6 @@ impl RoomJournal {
             RoomJournal::Sled(journal) => journal.set_room_step(id, room, step).await,
             RoomJournal::Nothing => Ok(()),
         }
-    }
-
-    /// Whether a step not journaled was surely never started (what lets a fresh stage skip its checks).
-    pub fn records(&self) -> bool {
-        matches!(self, RoomJournal::Sled(_))
     }
 }
 

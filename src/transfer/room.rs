@@ -158,6 +158,30 @@ impl<'a> From<&'a Transfer> for Move<'a> {
     }
 }
 
+/// Whether a room may hold this move's notice already, from a run that stopped after posting it:
+/// only then are its last messages read before the notice goes out (a read Synapse serves slowly,
+/// one per room).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announced {
+    /// No run of this move posted its notice here (its journal, or the caller, knows).
+    No,
+    Maybe,
+}
+
+/// Where a room's stages start for a caller without a journal (the device side), which plans every
+/// run from what the homeserver says right before: a room the plan found the new account outside
+/// of starts afresh, as the engine's fresh rooms do (an invite an earlier run sent, sent again by
+/// the same account with the same reason, is the same invite to Synapse), and holds no notice of
+/// this move (unless the account left it since: then the notice's transaction ID, the same from
+/// the same device on every run, is answered with the first notice for a day). One it found the
+/// account in may be an earlier run's: each stage re-checks it, the notice is looked for.
+pub fn unjournaled(room: &RoomPlan) -> (RoomStep, Announced) {
+    match room.action {
+        Action::Join => (RoomStep::Pending, Announced::No),
+        _ => (RoomStep::Started(Stage::Invite), Announced::Maybe),
+    }
+}
+
 /// How pass 2 went: the room's final step, or the stage that stopped it with its error; and the
 /// rank's error, which stops no room.
 #[derive(Debug)]
@@ -348,10 +372,16 @@ impl RoomWork {
         Ok(self.journal.set_room_step(t.id, room, &RoomStep::Started(stage)).await?)
     }
 
+    /// Whether the notice stage from `from` may have run before: journaled as started.
+    pub fn announced(from: &RoomStep) -> Announced {
+        if *from == RoomStep::Started(Stage::Notify) { Announced::Maybe } else { Announced::No }
+    }
+
     /// Whether a stage from `from` may have run before, and so re-checks the room first: one
-    /// journaled as started, or any without a journal.
-    fn resumed(&self, from: &RoomStep) -> bool {
-        matches!(from, RoomStep::Started(_)) || !self.journal.records()
+    /// started (journaled so, or said so by a caller without a journal). `Pending`: the plan's
+    /// reads, made right before, are what the room is.
+    fn resumed(from: &RoomStep) -> bool {
+        matches!(from, RoomStep::Started(_))
     }
 
     /// Pass 1: reserve (the old account invites) and join. `None` when the new account has its
@@ -374,7 +404,7 @@ impl RoomWork {
             return self.join_received(t, room, from).await;
         }
         let local_new = self.accounts.acts_for(t.new) && t.kind == TransferKind::Move;
-        let resumed = self.resumed(from);
+        let resumed = Self::resumed(from);
         // The invite and the join reach another homeserver when the accounts' servers differ (the
         // service acts as the old account only on its own server).
         let other_server = t.new.server_name() != t.old.server_name();
@@ -455,19 +485,21 @@ impl RoomWork {
         room: &RoomPlan,
         from: &RoomStep,
     ) -> Result<RoomStep, Error> {
-        self.finish_stages(t.into(), entry, room, from).await.end.map_err(|(_, e)| e)
+        self.finish_stages(t.into(), entry, room, from, RoomWork::announced(from)).await.end.map_err(|(_, e)| e)
     }
 
-    /// Pass 2, saying which stage stopped it and whether the rank was carried.
+    /// Pass 2, saying which stage stopped it and whether the rank was carried; `announced` says
+    /// whether the room may hold the notice already.
     pub async fn finish_stages(
         &self,
         t: Move<'_>,
         entry: Option<&RoomEntry>,
         room: &RoomPlan,
         from: &RoomStep,
+        announced: Announced,
     ) -> Finish {
         let mut rank = None;
-        let end = self.finish_steps(t, entry, room, from, &mut rank).await;
+        let end = self.finish_steps(t, entry, room, from, announced, &mut rank).await;
         Finish { end, rank }
     }
 
@@ -477,6 +509,7 @@ impl RoomWork {
         entry: Option<&RoomEntry>,
         room: &RoomPlan,
         from: &RoomStep,
+        announced: Announced,
         rank: &mut Option<HsError>,
     ) -> Result<RoomStep, (Stage, Error)> {
         let rid = &room.room_id;
@@ -528,11 +561,8 @@ impl RoomWork {
             };
         if announce && !from.completed(Stage::Notify) {
             self.started(t, rid, Stage::Notify).await.map_err(at(Stage::Notify))?;
-            // Only a notify stage that was started (or any, without a journal) may have posted its
-            // notice already.
-            let resumed = *from == RoomStep::Started(Stage::Notify) || !self.journal.records();
             let encrypted = entry.is_some_and(|e| e.encrypted);
-            self.notify(t, rid, local_new, encrypted, resumed).await.map_err(at(Stage::Notify))?;
+            self.notify(t, rid, local_new, encrypted, announced).await.map_err(at(Stage::Notify))?;
         }
         Ok(if local_new { RoomStep::Done } else { RoomStep::AwaitingAccept })
     }
@@ -547,7 +577,7 @@ impl RoomWork {
             // A resumed join re-checks first; the new account reads its own membership (a room it
             // is not in answers forbidden).
             let joined =
-                self.resumed(from) && matches!(self.reads(t.new, rid, t.new).await, Ok(Some(MembershipState::Join)));
+                Self::resumed(from) && matches!(self.reads(t.new, rid, t.new).await, Ok(Some(MembershipState::Join)));
             if !joined {
                 match self.join_through(t, room).await {
                     Ok(()) => {}
@@ -620,15 +650,15 @@ impl RoomWork {
         membership(self.accounts.client(reader)?, reader, room, user).await
     }
 
-    /// Posts the move notice (in an encrypted room, marks the sender's membership with it). A
-    /// resumed stage first looks for one of this move in the room.
+    /// Posts the move notice (in an encrypted room, marks the sender's membership with it). Where
+    /// it may be there already, it is looked for first.
     async fn notify(
         &self,
         t: Move<'_>,
         room: &RoomId,
         local_new: bool,
         encrypted: bool,
-        resumed: bool,
+        announced: Announced,
     ) -> Result<(), Error> {
         let Some(notify) = &self.notify else { return Ok(()) };
         let sender = match notify.sender {
@@ -647,7 +677,7 @@ impl RoomWork {
                 EncryptedNotice::Caller => Ok(()),
             };
         }
-        if resumed && notice_exists(hs, sender, room, t.id).await? {
+        if announced == Announced::Maybe && notice_exists(hs, sender, room, t.id).await? {
             return Ok(());
         }
         Ok(notice.post(hs, sender, room).await?)
@@ -1039,17 +1069,32 @@ mod tests {
         }
     }
 
-    /// The device side: its own sessions, no journal, so every stage re-checks the room. A
-    /// second run finds everything done and asks nothing twice; no identity is asserted.
+    /// A room through both passes as the device side runs it, without a journal: planned from
+    /// what the homeserver says right before (the new account in the room or not), each stage
+    /// starting where [`unjournaled`] says.
+    async fn run_unjournaled(fake: &Fake, work: &RoomWork, t: Move<'_>) -> RoomStep {
+        let mut room = plan(room_id(), vec![]);
+        if fake.membership(&room_id(), t.new) == Some(MembershipState::Join) {
+            room.action = Action::AlreadyJoined;
+        }
+        let (from, announced) = unjournaled(&room);
+        if let Some(end) = work.take_seat(t, &room, &from).await.unwrap() {
+            return end;
+        }
+        let from = RoomStep::Started(Stage::Joined);
+        work.finish_stages(t, Some(&entry()), &room, &from, announced).await.end.unwrap()
+    }
+
+    /// The device side: its own sessions, no journal. A second run, planned again, finds
+    /// everything done and asks nothing twice; no identity is asserted.
     #[tokio::test]
     async fn the_device_side_run_twice_without_a_journal_does_nothing_twice() {
         let fake = homeserver();
         let work = device(&fake, Some(&old()), &new(), Duration::from_secs(600)).await;
         let (old, new) = (old(), new());
         let t = Move { id: 1, old: &old, new: &new, kind: TransferKind::Move, profile: ClientProfile::Desktop };
-        let room = plan(room_id(), vec![]);
         for run_ in ["first run", "second run"] {
-            assert_eq!(run(&work, t, &room, RoomStep::Pending).await, RoomStep::Done, "{run_}");
+            assert_eq!(run_unjournaled(&fake, &work, t).await, RoomStep::Done, "{run_}");
             assert_moved(&fake, &new, run_);
         }
         let asked = [Endpoint::Invite, Endpoint::Join, Endpoint::SetPowerLevels, Endpoint::Send].map(|e| fake.count(e));
@@ -1058,6 +1103,32 @@ mod tests {
         assert!(seen.iter().all(|s| s.query.iter().all(|(k, _)| k != "user_id")), "an identity was asserted");
         let sent = seen.iter().find(|s| s.endpoint == Endpoint::Send).unwrap();
         assert_eq!(sent.user.as_ref(), Some(&new), "the new account says it moved");
+        // The first run read nothing of the room it had planned; the second looked before acting.
+        assert_eq!(fake.count(Endpoint::Messages), 1, "the notice looked for once, by the second run");
+    }
+
+    /// The device side stopped right after the homeserver applied any of its writes (its answer
+    /// lost), then run again, planned again: the room ends moved with one invite, one join, one
+    /// rank and one notice.
+    #[tokio::test]
+    async fn the_device_side_stopped_after_any_write_and_run_again_does_nothing_twice() {
+        for crash in 1..=5 {
+            let fake = homeserver();
+            let work = device(&fake, Some(&old()), &new(), Duration::from_secs(600)).await;
+            let (old, new) = (old(), new());
+            let t = Move { id: 1, old: &old, new: &new, kind: TransferKind::Move, profile: ClientProfile::Desktop };
+            let crashed = fake.crash_after(crash);
+            tokio::select! {
+                end = run_unjournaled(&fake, &work, t) => panic!("no crash at write {crash}: {end:?}"),
+                _ = crashed.notified() => {}
+            }
+            fake.restart();
+            let why = format!("stopped after write {crash}");
+            assert_eq!(run_unjournaled(&fake, &work, t).await, RoomStep::Done, "{why}");
+            assert_moved(&fake, &new, &why);
+            assert_eq!(fake.member_events(&room_id(), &new), 2, "{why}: one invite and one join");
+            assert_eq!(fake.count(Endpoint::SetPowerLevels), 1, "{why}: power levels set");
+        }
     }
 
     /// The new account's server (a reservation's invitee) away for the whole patience, whether it
