@@ -2,9 +2,11 @@
 //! planner, the merges and the room stages the service uses ([`RoomWork`]), acting through this
 //! device's sessions.
 //!
-//! There is no journal here: every step is one a second run finds done and leaves alone (a join
-//! of a room the account is in, a tag that is set, a merge that adds nothing, a notice that is
-//! already there), so an import that stopped half-way is simply run again. What it wrote is
+//! There is no journal here: each run plans from what the homeserver says then, and a room it
+//! finds the account in is re-checked at every step ([`unjournaled`]), so a second run finds done
+//! what the first did and leaves it alone (a join of a room the account is in, a tag that is set,
+//! a merge that adds nothing, a notice that is already there): an import that stopped half-way is
+//! simply run again. What it wrote is
 //! recorded in the account's folder as it goes ([`super::undo::Recording`]), for `handoff undo`.
 
 use std::collections::BTreeSet;
@@ -359,8 +361,8 @@ impl<'a> Import<'a> {
         Ok(Some(room_keys::Imported { imported: result.imported_count, total: result.total_count, backed_up }))
     }
 
-    /// The service's room stages, acting through this device's sessions, with no journal: every
-    /// stage re-checks the room, so a second run does nothing twice.
+    /// The service's room stages, acting through this device's sessions, with no journal: a room
+    /// an earlier run may have touched is re-checked, so a second run does nothing twice.
     fn room_work(&self) -> RoomWork {
         let old = self.options.old.as_ref().map(|o| OwnSession::new(o.user.clone(), o.hs.clone()));
         RoomWork {

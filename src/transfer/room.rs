@@ -1,8 +1,9 @@
 //! One room's stages, from wherever its journal says it got to, for the service and the device
 //! side alike. Pass 1 takes the new account's seat (the old account invites, the new one joins);
 //! pass 2 finishes the room (carries the rank, applies the tags, posts the move notice). A resumed
-//! stage re-checks the room before acting again (without a journal, every stage is one), and the
-//! notice's transaction ID comes from the move, so nothing happens twice.
+//! stage re-checks the room before acting again (without a journal, one in a room an earlier run
+//! may have touched: [`unjournaled`]), and the notice's transaction ID comes from the move, so
+//! nothing happens twice.
 //!
 //! In an end-to-end encrypted room no message of the move goes out in clear text (the service
 //! can't encrypt as a user, and clients flag a clear-text message there): the move is marked on
