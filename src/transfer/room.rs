@@ -454,7 +454,15 @@ impl RoomWork {
         // 2. Join: a local new account is joined by the service; a remote one accepts from its client.
         if !from.completed(Stage::Join) && local_new {
             self.started(t, rid, Stage::Join).await?;
-            if !resumed || self.membership(t.old, rid, t.new).await? != Some(MembershipState::Join) {
+            // As the invite: a fresh room is as the plan read it, a resumed one is read again. (A
+            // join into a room the account is in is not nothing: Synapse fills in the global display
+            // name and avatar, and a per-room one set since is replaced by a new member event.)
+            let joined = match room.action {
+                _ if resumed => self.membership(t.old, rid, t.new).await? == Some(MembershipState::Join),
+                Action::AlreadyJoined => true,
+                _ => false,
+            };
+            if !joined {
                 if !other_server {
                     // The old account is in the room, so its server (the new one's) is too: no via
                     // servers needed.
@@ -1010,6 +1018,24 @@ mod tests {
         let by = |endpoint| fake.seen().into_iter().filter(|s| s.endpoint == endpoint).map(|s| s.user).collect();
         let who: [Vec<_>; 3] = [by(Endpoint::Invite), by(Endpoint::Join), by(Endpoint::Send)];
         assert_eq!(who, [vec![Some(old())], vec![Some(new())], vec![Some(old())]]);
+    }
+
+    /// A room the plan found the new account in already: not invited nor joined again (a join
+    /// would put the global display name back over a per-room one), still ranked, tagged and
+    /// announced.
+    #[tokio::test]
+    async fn a_room_the_account_is_in_already_is_not_joined_again() {
+        let fake = homeserver();
+        fake.set_membership(&room_id(), &new(), MembershipState::Join);
+        let dir = tempfile::tempdir().unwrap();
+        let journal = RoomJournal::Sled(Journal::new(Store::open(&dir.path().join("db")).unwrap()));
+        let work = service(&fake, journal, Duration::from_secs(600)).await;
+        let t = transfer(new(), TransferKind::Move);
+        let mut room = plan(room_id(), vec![]);
+        room.action = Action::AlreadyJoined;
+        assert_eq!(run(&work, (&t).into(), &room, RoomStep::Pending).await, RoomStep::Done);
+        assert_moved(&fake, &new(), "moved");
+        assert_eq!([Endpoint::Invite, Endpoint::Join].map(|e| fake.count(e)), [0, 0], "invites, joins asked");
     }
 
     /// An end-to-end encrypted room: no message of the move goes out (it would be clear text);
