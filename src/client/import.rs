@@ -2,12 +2,11 @@
 //! planner, the merges and the room stages the service uses ([`RoomWork`]), acting through this
 //! device's sessions.
 //!
-//! There is no journal here: each run plans from what the homeserver says then, and a room it
-//! finds the account in is re-checked at every step ([`unjournaled`]), so a second run finds done
-//! what the first did and leaves it alone (a join of a room the account is in, a tag that is set,
-//! a merge that adds nothing, a notice that is already there): an import that stopped half-way is
-//! simply run again. What it wrote is
-//! recorded in the account's folder as it goes ([`super::undo::Recording`]), for `handoff undo`.
+//! There is no journal here: each run plans from what the homeserver says then, so a second run
+//! finds done what the first did and leaves it alone (a room the account is in is not joined
+//! again, a rank given is not given again, a tag that is set, a merge that adds nothing, a notice
+//! that is there already: [`unjournaled`]): an import that stopped half-way is simply run again.
+//! What it wrote is recorded in the account's folder as it goes ([`super::undo::Recording`]), for `handoff undo`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -361,8 +360,8 @@ impl<'a> Import<'a> {
         Ok(Some(room_keys::Imported { imported: result.imported_count, total: result.total_count, backed_up }))
     }
 
-    /// The service's room stages, acting through this device's sessions, with no journal: a room
-    /// an earlier run may have touched is re-checked, so a second run does nothing twice.
+    /// The service's room stages, acting through this device's sessions, with no journal: each run's
+    /// plan says what an earlier one did, so a second run does nothing twice.
     fn room_work(&self) -> RoomWork {
         let old = self.options.old.as_ref().map(|o| OwnSession::new(o.user.clone(), o.hs.clone()));
         RoomWork {
@@ -447,7 +446,7 @@ impl<'a> Import<'a> {
             outcome: RoomOutcome::Moved,
             notes: vec![],
         };
-        let ended = match work.take_seat(t, room, &unjournaled(room).0).await {
+        let ended = match work.take_seat(t, room, &RoomStep::Pending).await {
             Ok(None) => None,
             Ok(Some(step)) => Some(step),
             Err(e) => Some(RoomStep::Failed(FailReason::Error(e.to_string()))),
@@ -461,8 +460,7 @@ impl<'a> Import<'a> {
     /// A seated room's rank, tags and notice, whose failures are notes (the seat is taken).
     async fn finish(&self, work: &RoomWork, t: Move<'_>, room: &RoomPlan, result: &mut RoomResult) {
         let entry = self.bundle.rooms.iter().find(|e| e.room_id == room.room_id);
-        let announced = unjournaled(room).1;
-        let finish = work.finish_stages(t, entry, room, &RoomStep::Started(Stage::Joined), announced).await;
+        let finish = work.finish_stages(t, entry, room, &RoomStep::Started(Stage::Joined), unjournaled(room)).await;
         if let Some(e) = finish.rank {
             result.notes.push(format!("the rank was not carried: {e}"));
         }

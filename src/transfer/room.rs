@@ -1,8 +1,8 @@
 //! One room's stages, from wherever its journal says it got to, for the service and the device
 //! side alike. Pass 1 takes the new account's seat (the old account invites, the new one joins);
 //! pass 2 finishes the room (carries the rank, applies the tags, posts the move notice). A resumed
-//! stage re-checks the room before acting again (without a journal, one in a room an earlier run
-//! may have touched: [`unjournaled`]), and the notice's transaction ID comes from the move, so
+//! stage re-checks the room before acting again (without a journal, the plan read right before says
+//! what the room is: [`unjournaled`]), and the notice's transaction ID comes from the move, so
 //! nothing happens twice.
 //!
 //! In an end-to-end encrypted room no message of the move goes out in clear text (the service
@@ -169,18 +169,16 @@ pub enum Announced {
     Maybe,
 }
 
-/// Where a room's stages start for a caller without a journal (the device side), which plans every
-/// run from what the homeserver says right before: a room the plan found the new account outside
-/// of starts afresh, as the engine's fresh rooms do (an invite an earlier run sent, sent again by
-/// the same account with the same reason, is the same invite to Synapse), and holds no notice of
-/// this move (unless the account left it since: then the notice's transaction ID, the same from
-/// the same device on every run, is answered with the first notice for a day). One it found the
-/// account in may be an earlier run's: each stage re-checks it, the notice is looked for.
-pub fn unjournaled(room: &RoomPlan) -> (RoomStep, Announced) {
-    match room.action {
-        Action::Join => (RoomStep::Pending, Announced::No),
-        _ => (RoomStep::Started(Stage::Invite), Announced::Maybe),
-    }
+/// Whether a room may hold this move's notice, for a caller without a journal (the device side),
+/// which plans every run from what the homeserver says right before and starts every room from
+/// that plan as the engine starts its fresh ones (`Pending`: an invite an earlier run sent, sent
+/// again by the same account with the same reason, is the same invite to Synapse; a room the
+/// account is in is neither invited to nor joined again). A room the plan found the account outside
+/// of holds no notice of this move (unless the account left it since: then the notice's
+/// transaction ID, the same from the same device on every run, is answered with the first notice
+/// for a day); one it found the account in may be an earlier run's, and the notice is looked for.
+pub fn unjournaled(room: &RoomPlan) -> Announced {
+    if room.action == Action::Join { Announced::No } else { Announced::Maybe }
 }
 
 /// How pass 2 went: the room's final step, or the stage that stopped it with its error; and the
@@ -1098,14 +1096,14 @@ mod tests {
 
     /// A room through both passes as the device side runs it, without a journal: planned from
     /// what the homeserver says right before (the new account in the room or not), each stage
-    /// starting where [`unjournaled`] says.
+    /// looking for its notice where [`unjournaled`] says.
     async fn run_unjournaled(fake: &Fake, work: &RoomWork, t: Move<'_>) -> RoomStep {
         let mut room = plan(room_id(), vec![]);
         if fake.membership(&room_id(), t.new) == Some(MembershipState::Join) {
             room.action = Action::AlreadyJoined;
         }
-        let (from, announced) = unjournaled(&room);
-        if let Some(end) = work.take_seat(t, &room, &from).await.unwrap() {
+        let announced = unjournaled(&room);
+        if let Some(end) = work.take_seat(t, &room, &RoomStep::Pending).await.unwrap() {
             return end;
         }
         let from = RoomStep::Started(Stage::Joined);
