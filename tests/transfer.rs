@@ -421,3 +421,42 @@ async fn many_users_at_once_wait_their_turn_told_their_place_and_all_move_once()
     }
     assert!(!h.log().contains("panicked"), "{}", h.log());
 }
+
+/// A room the new account is in already is neither invited to nor joined again: a join there
+/// would put the account's global name back over the one it set for that room.
+#[tokio::test]
+async fn a_room_the_new_account_is_in_keeps_the_name_it_has_there() {
+    use ruma::api::client::state::{get_state_event_for_key, send_state_event};
+    use ruma::events::StateEventType;
+    use ruma::profile::ProfileFieldValue;
+    let h = Harness::start().await;
+    let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+    // A name of bob's own (the move keeps it), and another for the room he shares with alice.
+    let name = ProfileFieldValue::DisplayName("Bob B.".into());
+    bob.send(ruma::api::client::profile::set_profile_field::v3::Request::new(bob.id.clone(), name)).await;
+    let rooms = alice.create_rooms(2).await;
+    alice.invite(&rooms[0], &bob.id).await;
+    bob.join(&rooms[0]).await;
+    let own = serde_json::json!({"membership": "join", "displayname": "Bob, in this room"});
+    let req = send_state_event::v3::Request::new_raw(
+        rooms[0].clone(),
+        "m.room.member".into(),
+        bob.id.to_string(),
+        common::raw(own),
+    );
+    bob.send(req).await;
+    let (adm, bdm) = (h.dm_with_bot(&alice).await, h.dm_with_bot(&bob).await);
+    let code = export(&h, &alice, &adm, "--to @bob:localhost").await;
+    let report = h.ask(&bob, &bdm, &format!("import {code}"), "rooms moved to @bob:localhost").await;
+    assert!(report.starts_with("2 of 2 rooms moved"), "{report}");
+
+    let req =
+        get_state_event_for_key::v3::Request::new(rooms[0].clone(), StateEventType::RoomMember, bob.id.to_string());
+    let member: serde_json::Value = serde_json::from_str(alice.send(req).await.event_or_content.get()).unwrap();
+    assert_eq!(member["displayname"], "Bob, in this room", "{member}");
+    let m = memberships(&alice, &rooms[0], &bob.id).await;
+    assert_eq!(m, ["invite", "join", "join"], "the invite, the join, the name: nothing of the move");
+    // The other room moved as any: invited, joined, announced once.
+    assert_moved_once(&alice, &bob, &rooms[1..]).await;
+    assert_eq!(move_notices(&alice.timeline(&rooms[0]).await).len(), 1, "announced in the shared room too");
+}
