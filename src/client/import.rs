@@ -6,7 +6,8 @@
 //! finds done what the first did and leaves it alone (a room the account is in is not joined
 //! again, a rank given is not given again, a tag that is set, a merge that adds nothing, a notice
 //! that is there already: [`unjournaled`]): an import that stopped half-way is simply run again.
-//! What it wrote is recorded in the account's folder as it goes ([`super::undo::Recording`]), for `handoff undo`.
+//! What it wrote is recorded in the account's folder as it goes ([`super::undo::Recording`]),
+//! for `handoff undo`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -192,8 +192,8 @@ impl Journal {
 #[derive(Clone)]
 pub enum RoomJournal {
     Sled(Journal),
-    /// Records nothing: its caller plans each run from what the homeserver says then, and tells
-    /// the stages which rooms an earlier run may have touched (the device side).
+    /// Records nothing: its caller (the device side) plans each run from what the homeserver says
+    /// then, and tells the stages where an earlier run's notice may be ([`super::room::unjournaled`]).
     Nothing,
 }
 
