@@ -5,7 +5,7 @@
 //! There is no journal here: each run plans from what the homeserver says then, so a second run
 //! finds done what the first did and leaves it alone (a room the account is in is not joined
 //! again, a rank given is not given again, a tag that is set, a merge that adds nothing, a notice
-//! that is there already: [`unjournaled`]): an import that stopped half-way is simply run again.
+//! that is there already: [`Announced::planned`]): an import that stopped half-way is simply run again.
 //! What it wrote is recorded in the account's folder as it goes ([`super::undo::Recording`]),
 //! for `handoff undo`.
 
@@ -33,7 +33,7 @@ use crate::transfer::journal::RoomJournal;
 use crate::transfer::merge::AccountWorld;
 use crate::transfer::plan::{self, Plan, Requirements, RoomPlan};
 use crate::transfer::room::{
-    Accounts, EncryptedNotice, MOVE_FIELD, Move, Notice, OwnSession, Reach, RoomWork, unjournaled,
+    Accounts, Announced, EncryptedNotice, MOVE_FIELD, Move, Notice, OwnSession, Reach, RoomWork,
 };
 use crate::transfer::undo::{RoomMoved, Wrote};
 use crate::transfer::{
@@ -461,7 +461,8 @@ impl<'a> Import<'a> {
     /// A seated room's rank, tags and notice, whose failures are notes (the seat is taken).
     async fn finish(&self, work: &RoomWork, t: Move<'_>, room: &RoomPlan, result: &mut RoomResult) {
         let entry = self.bundle.rooms.iter().find(|e| e.room_id == room.room_id);
-        let finish = work.finish_stages(t, entry, room, &RoomStep::Started(Stage::Joined), unjournaled(room)).await;
+        let finish =
+            work.finish_stages(t, entry, room, &RoomStep::Started(Stage::Joined), Announced::planned(room)).await;
         if let Some(e) = finish.rank {
             result.notes.push(format!("the rank was not carried: {e}"));
         }

@@ -193,7 +193,7 @@ impl Journal {
 pub enum RoomJournal {
     Sled(Journal),
     /// Records nothing: its caller (the device side) plans each run from what the homeserver says
-    /// then, and tells the stages where an earlier run's notice may be ([`super::room::unjournaled`]).
+    /// then, and tells the stages where an earlier run's notice may be ([`super::room::Announced::planned`]).
     Nothing,
 }
 

@@ -2,7 +2,7 @@
 //! side alike. Pass 1 takes the new account's seat (the old account invites, the new one joins);
 //! pass 2 finishes the room (carries the rank, applies the tags, posts the move notice). A resumed
 //! stage re-checks the room before acting again (without a journal, the plan read right before says
-//! what the room is: [`unjournaled`]), and the notice's transaction ID comes from the move, so
+//! what the room is: [`Announced::planned`]), and the notice's transaction ID comes from the move, so
 //! nothing happens twice.
 //!
 //! In an end-to-end encrypted room no message of the move goes out in clear text (the service
@@ -169,16 +169,23 @@ pub enum Announced {
     Maybe,
 }
 
-/// Whether a room may hold this move's notice, for a caller without a journal (the device side),
-/// which plans every run from what the homeserver says right before and starts every room from
-/// that plan as the engine starts its fresh ones (`Pending`: an invite an earlier run sent, sent
-/// again by the same account with the same reason, is the same invite to Synapse; a room the
-/// account is in is neither invited to nor joined again). A room the plan found the account outside
-/// of holds no notice of this move (unless the account left it since: then the notice's
-/// transaction ID, the same from the same device on every run, is answered with the first notice
-/// for a day); one it found the account in may be an earlier run's, and the notice is looked for.
-pub fn unjournaled(room: &RoomPlan) -> Announced {
-    if room.action == Action::Join { Announced::No } else { Announced::Maybe }
+impl Announced {
+    /// From a journal: only a notice stage journaled as started may have posted it.
+    pub fn journaled(from: &RoomStep) -> Announced {
+        if *from == RoomStep::Started(Stage::Notify) { Announced::Maybe } else { Announced::No }
+    }
+
+    /// For a caller without a journal (the device side), which plans every run from what the
+    /// homeserver says right before and starts every room from that plan as the engine starts its
+    /// fresh ones (`Pending`: an invite an earlier run sent, sent again by the same account with
+    /// the same reason, is the same invite to Synapse; a room the account is in is neither invited
+    /// to nor joined again). A room the plan found the account outside of holds no notice of this
+    /// move (unless the account left it since: then the notice's transaction ID, the same from the
+    /// same device on every run, is answered with the first notice for a day); one it found the
+    /// account in may be an earlier run's, and the notice is looked for.
+    pub fn planned(room: &RoomPlan) -> Announced {
+        if room.action == Action::Join { Announced::No } else { Announced::Maybe }
+    }
 }
 
 /// How pass 2 went: the room's final step, or the stage that stopped it with its error; and the
@@ -371,11 +378,6 @@ impl RoomWork {
         Ok(self.journal.set_room_step(t.id, room, &RoomStep::Started(stage)).await?)
     }
 
-    /// Whether the notice stage from `from` may have run before: journaled as started.
-    pub fn announced(from: &RoomStep) -> Announced {
-        if *from == RoomStep::Started(Stage::Notify) { Announced::Maybe } else { Announced::No }
-    }
-
     /// Whether a stage from `from` may have run before, and so re-checks the room first: one
     /// started (journaled so, or said so by a caller without a journal). `Pending`: the plan's
     /// reads, made right before, are what the room is.
@@ -411,13 +413,7 @@ impl RoomWork {
         // 1. Reserve: the old account invites the new one (checked against the room first).
         if !from.completed(Stage::Invite) {
             self.started(t, rid, Stage::Invite).await?;
-            // Fresh rooms were read when planning; a resumed stage re-checks the room first.
-            let membership = match room.action {
-                _ if resumed => self.membership(t.old, rid, t.new).await?,
-                Action::AlreadyJoined => Some(MembershipState::Join),
-                _ => None,
-            };
-            match membership {
+            match self.new_membership(t, room, resumed).await? {
                 Some(MembershipState::Join) | Some(MembershipState::Invite) => {}
                 Some(MembershipState::Ban) => return Ok(Some(RoomStep::Skipped(SkipReason::Blocked(Blocked::Banned)))),
                 _ => {
@@ -452,15 +448,9 @@ impl RoomWork {
         // 2. Join: a local new account is joined by the service; a remote one accepts from its client.
         if !from.completed(Stage::Join) && local_new {
             self.started(t, rid, Stage::Join).await?;
-            // As the invite: a fresh room is as the plan read it, a resumed one is read again. (A
-            // join into a room the account is in is not nothing: Synapse fills in the global display
-            // name and avatar, and a per-room one set since is replaced by a new member event.)
-            let joined = match room.action {
-                _ if resumed => self.membership(t.old, rid, t.new).await? == Some(MembershipState::Join),
-                Action::AlreadyJoined => true,
-                _ => false,
-            };
-            if !joined {
+            // A join into a room the account is in is not nothing: Synapse fills in the global
+            // display name and avatar, and a per-room one set since is replaced by a new member event.
+            if self.new_membership(t, room, resumed).await? != Some(MembershipState::Join) {
                 if !other_server {
                     // The old account is in the room, so its server (the new one's) is too: no via
                     // servers needed.
@@ -492,7 +482,7 @@ impl RoomWork {
         room: &RoomPlan,
         from: &RoomStep,
     ) -> Result<RoomStep, Error> {
-        self.finish_stages(t.into(), entry, room, from, RoomWork::announced(from)).await.end.map_err(|(_, e)| e)
+        self.finish_stages(t.into(), entry, room, from, Announced::journaled(from)).await.end.map_err(|(_, e)| e)
     }
 
     /// Pass 2, saying which stage stopped it and whether the rank was carried; `announced` says
@@ -641,6 +631,21 @@ impl RoomWork {
                 joined => return joined,
             }
         }
+    }
+
+    /// The new account's membership of a room as a stage takes it: fresh rooms were read when
+    /// planning; a resumed stage re-checks the room first (as the old account sees it).
+    async fn new_membership(
+        &self,
+        t: Move<'_>,
+        room: &RoomPlan,
+        resumed: bool,
+    ) -> Result<Option<MembershipState>, Error> {
+        Ok(match room.action {
+            _ if resumed => self.membership(t.old, &room.room_id, t.new).await?,
+            Action::AlreadyJoined => Some(MembershipState::Join),
+            _ => None,
+        })
     }
 
     async fn membership(
@@ -1096,13 +1101,13 @@ mod tests {
 
     /// A room through both passes as the device side runs it, without a journal: planned from
     /// what the homeserver says right before (the new account in the room or not), each stage
-    /// looking for its notice where [`unjournaled`] says.
+    /// looking for its notice where [`Announced::planned`] says.
     async fn run_unjournaled(fake: &Fake, work: &RoomWork, t: Move<'_>) -> RoomStep {
         let mut room = plan(room_id(), vec![]);
         if fake.membership(&room_id(), t.new) == Some(MembershipState::Join) {
             room.action = Action::AlreadyJoined;
         }
-        let announced = unjournaled(&room);
+        let announced = Announced::planned(&room);
         if let Some(end) = work.take_seat(t, &room, &RoomStep::Pending).await.unwrap() {
             return end;
         }

@@ -17,7 +17,7 @@ use crate::metrics::{self, RoomInFlight, RoomOutcome};
 use crate::transfer::arrivals::SAY_AFTER;
 use crate::transfer::plan::{Plan, RoomPlan};
 use crate::transfer::progress::Counts;
-use crate::transfer::room::RoomWork;
+use crate::transfer::room::Announced;
 use crate::transfer::{Error, FailReason, RoomStep, SkipReason, Stage, Transfer, TransferKind};
 
 /// How pass 1 left a room.
@@ -164,7 +164,7 @@ impl Engine {
                 let _flight = RoomInFlight::start();
                 let entry = bundle.rooms.iter().find(|e| e.room_id == room.room_id);
                 let finish =
-                    Box::pin(self.rooms.finish_stages(t.into(), entry, room, &from, RoomWork::announced(&from))).await;
+                    Box::pin(self.rooms.finish_stages(t.into(), entry, room, &from, Announced::journaled(&from))).await;
                 if let Some(refused) = finish.rank {
                     self.rank_refused(t.id, &room.room_id, &refused).await;
                 }
